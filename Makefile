@@ -1,0 +1,46 @@
+# kubegate — every target does its own setup on a fresh Debian machine (root, registries only).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export PATH := $(HOME)/.local/bin:$(PATH)
+UV ?= uv
+VCSIM := .kubegate/bin/vcsim
+GO_PACKAGES := golang-go golang-github-vmware-govmomi-dev
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test lint down uv go-deps
+
+help:
+	@echo "make demo   start the local stack (Temporal + vCenter simulator + workers) and run the story"
+	@echo "make test   run the whole test suite (unit, integration, replay)"
+	@echo "make lint   ruff + mypy"
+	@echo "make down   stop what 'make demo' started"
+
+uv:
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+go-deps:
+	@if ! command -v go >/dev/null 2>&1 || [ ! -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then \
+	  echo "installing $(GO_PACKAGES) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_PACKAGES) >/dev/null; \
+	fi
+
+$(VCSIM): go-deps $(wildcard tools/vcsim/*.go) tools/vcsim/build.sh
+	@bash tools/vcsim/build.sh $(VCSIM)
+
+setup: uv go-deps
+	@$(UV) sync --frozen --quiet
+	@$(MAKE) --no-print-directory $(VCSIM)
+
+demo: setup
+	@$(UV) run --frozen bash scripts/demo.sh
+
+test: setup
+	@$(UV) run --frozen pytest $(PYTEST_ARGS)
+
+lint: setup
+	@$(UV) run --frozen ruff check .
+	@$(UV) run --frozen ruff format --check .
+	@$(UV) run --frozen mypy
+
+down: uv
+	@$(UV) run --frozen kubegate dev down

@@ -1,0 +1,487 @@
+"""Preflight checks of a cloud account and placement; run on the gateway agent.
+
+Each activity reports what it found as CheckResults instead of raising: a failed check is
+an answer, not an error. Only a secret the agent cannot open, or a bug, raises.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from pyVmomi import vim
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.vsphere.faults import classify
+from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_mixed
+from activities.vsphere.session import SessionPool, VSphereSession, request_meter
+from domain import errors
+from domain.account import VCenterCredentials
+from domain.preflight import (
+    CheckBatch,
+    CheckResult,
+    CheckStatus,
+    ConnectionBatch,
+    InventoryBatch,
+    ObjectChecksRequest,
+    PreflightRequest,
+    skipped,
+    version_supported,
+)
+from domain.privileges import DISPLAY_NAME, ROLE_OF_OBJECT, all_privilege_ids, privilege_ids
+from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
+
+PASS, WARN, FAIL = CheckStatus.PASS, CheckStatus.WARN, CheckStatus.FAIL
+
+#: What each placement role must be in vSphere, and how to say it.
+_EXPECTED_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
+    "datacenter": (("Datacenter",), "datacenter"),
+    "compute_cluster": (("ClusterComputeResource",), "compute cluster"),
+    "resource_pool": (("ResourcePool",), "resource pool"),
+    "datastore": (("Datastore",), "datastore"),
+    "network": (
+        ("Network", "DistributedVirtualPortgroup", "OpaqueNetwork"),
+        "network or port group",
+    ),
+    "folder": (("Folder",), "VM folder"),
+    "template": (("VirtualMachine",), "VM template"),
+}
+
+
+class PreflightActivities:
+    """The preflight activities of one gateway agent (its key opens sealed passwords)."""
+
+    def __init__(self, key: AgentKey, sessions: SessionPool) -> None:
+        self.key = key
+        self.sessions = sessions
+
+    def password(self, credentials: VCenterCredentials) -> str:
+        try:
+            return self.key.open(credentials.password, PASSWORD_PURPOSE)
+        except SealError as exc:
+            raise ApplicationError(
+                f"cannot open the sealed vCenter password: {exc}; seal it again to this "
+                "gateway's current key",
+                type=errors.SECRET_UNREADABLE,
+                non_retryable=True,
+            ) from None
+
+    def _run(self, credentials: VCenterCredentials, call: Any) -> Any:
+        return self.sessions.run(
+            credentials.endpoint, credentials.username, self.password(credentials), call
+        )
+
+    @activity.defn(name="preflight_connection")
+    def connection(self, request: PreflightRequest) -> ConnectionBatch:
+        """vCenter reachable, certificate trusted, login works, version supported."""
+        creds = request.credentials
+        endpoint = creds.endpoint
+        batch = ConnectionBatch()
+        results = batch.results
+        try:
+            with socket.create_connection((endpoint.server, endpoint.port), timeout=10):
+                pass
+        except OSError as exc:
+            results.append(
+                CheckResult(
+                    check="vcenter.reachable",
+                    title="vCenter reachable",
+                    status=FAIL,
+                    object=endpoint.address,
+                    detail=classify(exc, f"connect to {endpoint.address}").message,
+                    remedy="check the address and port, DNS, and that the gateway's network "
+                    "may reach vCenter",
+                )
+            )
+            results += _skip_rest(["vcenter.tls", "vcenter.login", "vcenter.version"])
+            return batch
+        results.append(
+            CheckResult(
+                check="vcenter.reachable",
+                title="vCenter reachable",
+                status=PASS,
+                object=endpoint.address,
+                detail="TCP connection accepted",
+            )
+        )
+        with request_meter() as meter:
+            try:
+                session: VSphereSession = self._run(creds, lambda s: s)
+            except ApplicationError:
+                raise
+            except Exception as exc:
+                results += _login_failure(exc, creds)
+                batch.vcenter_requests = meter[0]
+                return batch
+        batch.vcenter_requests = meter[0]
+        results.append(_tls_result(creds))
+        results.append(
+            CheckResult(
+                check="vcenter.login",
+                title="Login",
+                status=PASS,
+                object=f"user {creds.username}",
+                detail=f"logged in to {endpoint.address}",
+            )
+        )
+        about = session.content.about
+        batch.facts.version, batch.facts.build = about.version or "", about.build or ""
+        batch.facts.full_name = about.fullName or ""
+        batch.facts.logged_in = True
+        results.append(_version_result(about))
+        return batch
+
+    @activity.defn(name="preflight_inventory")
+    def inventory(self, request: PreflightRequest) -> InventoryBatch:
+        """Every placement object exists and is of the right kind; the template is a template."""
+        assert request.placement is not None
+        paths = request.placement.inventory_paths()
+        batch = InventoryBatch()
+
+        def check(session: VSphereSession) -> None:
+            objects: dict[str, Any] = {}
+            for role, path in paths.items():
+                obj = find_by_path(session, path)
+                kinds, word = _EXPECTED_TYPES[role]
+                if obj is None:
+                    batch.results.append(_missing(role, word, path))
+                elif obj._wsdlName not in kinds:
+                    batch.results.append(
+                        CheckResult(
+                            check=f"exists.{role}",
+                            title=f"{word.capitalize()} exists",
+                            status=FAIL,
+                            object=path,
+                            detail=f"{path} is a {obj._wsdlName}, not a {word}",
+                            remedy=f"name a {word} in placement.{role}",
+                        )
+                    )
+                else:
+                    objects[role] = obj
+            extra: list[tuple[Any, list[str]]] = []
+            if "folder" in objects:
+                extra.append((objects["folder"], ["childType"]))
+            if "template" in objects:
+                extra.append((objects["template"], ["config.template"]))
+            props = retrieve_mixed(session, extra) if extra else {}
+            for role, obj in objects.items():
+                batch.results.append(_exists_result(role, paths[role], props.get(ref(obj), {})))
+                if batch.results[-1].status is PASS:
+                    batch.found[role] = ref(obj)
+
+        with request_meter() as meter:
+            self._guarded(request.credentials, check, batch)
+        batch.vcenter_requests = meter[0]
+        return batch
+
+    @activity.defn(name="preflight_privileges")
+    def privileges(self, request: ObjectChecksRequest) -> CheckBatch:
+        """The user holds the root-level role on root and datacenter, the cluster role below."""
+        batch = CheckBatch()
+        paths = {"root": "/", **request.placement.inventory_paths()}
+        user = request.credentials.username
+
+        def check(session: VSphereSession) -> None:
+            entities = {"root": session.content.rootFolder}
+            for role, value in request.found.items():
+                if role in ROLE_OF_OBJECT:
+                    entities[role] = from_ref(session, value)
+            granted = _granted(session, list(entities.values()))
+            for role, entity in entities.items():
+                role_name = ROLE_OF_OBJECT[role]
+                have = granted.get(ref(entity), set())
+                missing = [p for p in privilege_ids(role_name) if p not in have]
+                batch.results.append(_privilege_result(role, paths[role], role_name, user, missing))
+
+        with request_meter() as meter:
+            self._guarded(request.credentials, check, batch)
+        batch.vcenter_requests = meter[0]
+        return batch
+
+    @activity.defn(name="preflight_hosts")
+    def hosts(self, request: ObjectChecksRequest) -> CheckBatch:
+        """NTP configured on every host of the cluster; the datastore mounted on all of them."""
+        batch = CheckBatch()
+        found = request.found
+
+        def check(session: VSphereSession) -> None:
+            cluster = from_ref(session, found["compute_cluster"])
+            wanted: list[tuple[Any, list[str]]] = [(cluster, ["host"])]
+            datastore = from_ref(session, found["datastore"]) if "datastore" in found else None
+            if datastore is not None:
+                wanted.append((datastore, ["host", "name"]))
+            props = retrieve_mixed(session, wanted)
+            hosts = list(props.get(ref(cluster), {}).get("host") or [])
+            host_props = retrieve(
+                session,
+                hosts,
+                ["name", "config.dateTimeInfo.ntpConfig.server", "runtime.connectionState"],
+            )
+            names = {ref(h): host_props.get(ref(h), {}).get("name", h._moId) for h in hosts}
+            if not hosts:
+                batch.results.append(
+                    CheckResult(
+                        check="hosts.present",
+                        title="Hosts in the compute cluster",
+                        status=FAIL,
+                        object=request.placement.compute_cluster,
+                        detail="the compute cluster has no hosts",
+                        remedy="add hosts to the cluster",
+                    )
+                )
+            for host in hosts:
+                batch.results.append(_ntp_result(names[ref(host)], host_props.get(ref(host), {})))
+            if datastore is not None:
+                ds = props.get(ref(datastore), {})
+                batch.results.append(_shared_storage_result(ds, hosts, names))
+
+        with request_meter() as meter:
+            self._guarded(request.credentials, check, batch)
+        batch.vcenter_requests = meter[0]
+        return batch
+
+    def _guarded(self, creds: VCenterCredentials, check: Any, batch: CheckBatch) -> None:
+        """Run a check; a vCenter failure becomes one failed result instead of an error."""
+        try:
+            self._run(creds, check)
+        except ApplicationError:
+            raise
+        except Exception as exc:
+            error = classify(exc, activity.info().activity_type)
+            batch.results.append(
+                CheckResult(
+                    check=f"{activity.info().activity_type}.error",
+                    title="vCenter request",
+                    status=FAIL,
+                    object=creds.endpoint.address,
+                    detail=error.message,
+                    remedy="see docs/vsphere-errors.md for this error type: " + (error.type or ""),
+                )
+            )
+
+
+def _granted(session: VSphereSession, entities: list[Any]) -> dict[str, set[str]]:
+    """One request: which of our privileges the session's user holds on each entity."""
+    answers = session.content.authorizationManager.HasPrivilegeOnEntities(
+        entity=entities, sessionId=session.key, privId=all_privilege_ids()
+    )
+    return {
+        ref(answer.entity): {p.privId for p in answer.privAvailability or [] if p.isGranted}
+        for answer in answers or []
+    }
+
+
+def _skip_rest(checks: list[str]) -> list[CheckResult]:
+    titles = {
+        "vcenter.tls": "Certificate trusted",
+        "vcenter.login": "Login",
+        "vcenter.version": "vCenter version",
+    }
+    return [skipped(c, titles[c], "not checked: an earlier check failed") for c in checks]
+
+
+def _login_failure(exc: Exception, creds: VCenterCredentials) -> list[CheckResult]:
+    error = classify(exc, f"log in to {creds.endpoint.address}")
+    address = creds.endpoint.address
+    if error.type == errors.TLS_VERIFICATION_FAILED:
+        return [
+            CheckResult(
+                check="vcenter.tls",
+                title="Certificate trusted",
+                status=FAIL,
+                object=address,
+                detail=error.message,
+                remedy="set vcenter.thumbprint to the SHA-256 thumbprint vCenter shows, or "
+                "install the vCenter CA on the gateway",
+            ),
+            *_skip_rest(["vcenter.login", "vcenter.version"]),
+        ]
+    tls = _tls_result(creds)
+    if error.type == errors.INVALID_CREDENTIALS:
+        detail = f"vCenter refused the user name or password of {creds.username}"
+        remedy = "check vcenter.username and the password; the account may also be locked"
+    else:
+        detail, remedy = error.message, "see docs/vsphere-errors.md"
+    return [
+        tls,
+        CheckResult(
+            check="vcenter.login",
+            title="Login",
+            status=FAIL,
+            object=f"user {creds.username}",
+            detail=detail,
+            remedy=remedy,
+        ),
+        *_skip_rest(["vcenter.version"]),
+    ]
+
+
+def _tls_result(creds: VCenterCredentials) -> CheckResult:
+    endpoint = creds.endpoint
+    if endpoint.insecure:
+        return CheckResult(
+            check="vcenter.tls",
+            title="Certificate trusted",
+            status=WARN,
+            object=endpoint.address,
+            detail="certificate not verified (insecure: true)",
+            remedy="pin vcenter.thumbprint or install the vCenter CA, then drop insecure",
+        )
+    how = "pinned thumbprint matches" if endpoint.thumbprint else "certificate chain verified"
+    return CheckResult(
+        check="vcenter.tls",
+        title="Certificate trusted",
+        status=PASS,
+        object=endpoint.address,
+        detail=how,
+    )
+
+
+def _version_result(about: Any) -> CheckResult:
+    shown = f"{about.fullName or about.version} (build {about.build})"
+    if about.apiType != "VirtualCenter":
+        return CheckResult(
+            check="vcenter.version",
+            title="vCenter version",
+            status=FAIL,
+            object=shown,
+            detail=f"this endpoint is a {about.apiType}, not a vCenter Server",
+            remedy="point the account at the vCenter Server that manages the hosts",
+        )
+    if version_supported(about.version or "", about.build or ""):
+        return CheckResult(
+            check="vcenter.version",
+            title="vCenter version",
+            status=PASS,
+            object=shown,
+            detail="6.7 Update 3 or later",
+        )
+    return CheckResult(
+        check="vcenter.version",
+        title="vCenter version",
+        status=FAIL,
+        object=shown,
+        detail=f"vCenter {about.version} build {about.build} is older than 6.7 Update 3",
+        remedy="upgrade vCenter to 6.7 Update 3 or later",
+    )
+
+
+def _missing(role: str, word: str, path: str) -> CheckResult:
+    return CheckResult(
+        check=f"exists.{role}",
+        title=f"{word.capitalize()} exists",
+        status=FAIL,
+        object=path,
+        detail=f"no {word} at {path}",
+        remedy=f"create it, or correct placement.{role}",
+    )
+
+
+def _exists_result(role: str, path: str, props: dict[str, Any]) -> CheckResult:
+    word = _EXPECTED_TYPES[role][1]
+    title = f"{word.capitalize()} exists"
+    if role == "folder" and "VirtualMachine" not in list(props.get("childType") or []):
+        return CheckResult(
+            check="exists.folder",
+            title=title,
+            status=FAIL,
+            object=path,
+            detail=f"{path} is not a VM folder",
+            remedy="name a folder under the datacenter's VM folder in placement.folder",
+        )
+    if role == "template" and not props.get("config.template"):
+        return CheckResult(
+            check="exists.template",
+            title=title,
+            status=FAIL,
+            object=path,
+            detail=f"{path} is a virtual machine, not a template",
+            remedy="mark it as a template (Template > Convert to Template)",
+        )
+    return CheckResult(check=f"exists.{role}", title=title, status=PASS, object=path)
+
+
+def _privilege_result(
+    role: str, path: str, role_name: str, user: str, missing: list[str]
+) -> CheckResult:
+    kind = "vCenter root" if role == "root" else _EXPECTED_TYPES[role][1]
+    title = f"Privileges on {kind}"
+    if not missing:
+        return CheckResult(
+            check=f"privileges.{role}",
+            title=title,
+            status=PASS,
+            object=path,
+            detail=f"all {len(privilege_ids(role_name))} privileges of the {role_name} role",
+        )
+    listed = ", ".join(f"{p} ({DISPLAY_NAME[p]})" for p in missing)
+    return CheckResult(
+        check=f"privileges.{role}",
+        title=title,
+        status=FAIL,
+        object=path,
+        detail=f"{user} lacks {len(missing)} privilege(s) on {kind} {path}: {listed}",
+        remedy=f"add them to the {role_name} role assigned to {user} on {path}"
+        + (" (with propagation)" if role_name == "cluster" else ""),
+    )
+
+
+def _ntp_result(name: str, props: dict[str, Any]) -> CheckResult:
+    servers = [s for s in props.get("config.dateTimeInfo.ntpConfig.server") or [] if s]
+    state = props.get("runtime.connectionState")
+    if state is not None and state != vim.HostSystem.ConnectionState.connected:
+        return CheckResult(
+            check="hosts.ntp",
+            title="NTP on host",
+            status=WARN,
+            object=f"host {name}",
+            detail=f"host is {state}; its NTP settings cannot be trusted",
+            remedy="reconnect the host",
+        )
+    if not servers:
+        return CheckResult(
+            check="hosts.ntp",
+            title="NTP on host",
+            status=FAIL,
+            object=f"host {name}",
+            detail="no NTP server configured",
+            remedy="configure NTP on the host (Configure > System > Time Configuration) "
+            "and start the NTP service",
+        )
+    return CheckResult(
+        check="hosts.ntp",
+        title="NTP on host",
+        status=PASS,
+        object=f"host {name}",
+        detail="NTP servers: " + ", ".join(servers),
+    )
+
+
+def _shared_storage_result(
+    ds: dict[str, Any], hosts: list[Any], names: dict[str, str]
+) -> CheckResult:
+    ds_name = ds.get("name", "datastore")
+    mounted = set()
+    for mount in ds.get("host") or []:
+        info = mount.mountInfo
+        if info is None or (info.accessible is not False and info.mounted is not False):
+            mounted.add(ref(mount.key))
+    absent = sorted(names[ref(h)] for h in hosts if ref(h) not in mounted)
+    if absent:
+        return CheckResult(
+            check="storage.shared",
+            title="Datastore shared by all hosts",
+            status=FAIL,
+            object=f"datastore {ds_name}",
+            detail=f"not mounted or not accessible on: {', '.join(absent)}",
+            remedy="mount the datastore on every host of the compute cluster "
+            "(shared storage such as vSAN, NFS or VMFS on a SAN)",
+        )
+    return CheckResult(
+        check="storage.shared",
+        title="Datastore shared by all hosts",
+        status=PASS,
+        object=f"datastore {ds_name}",
+        detail=f"mounted on all {len(hosts)} hosts",
+    )

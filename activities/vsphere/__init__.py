@@ -1,0 +1,1 @@
+"""vSphere access: sessions, inventory reads, task waits and fault classification."""

@@ -1,0 +1,79 @@
+"""Inventory reads: lookups by inventory path and batched property-collector reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pyVmomi import VmomiSupport, vmodl
+
+from activities.vsphere.session import VSphereSession
+
+
+def ref(obj: Any) -> str:
+    """A managed object as 'Type:id' (e.g. 'ClusterComputeResource:domain-c7')."""
+    return f"{obj._wsdlName}:{obj._moId}"
+
+
+def from_ref(session: VSphereSession, value: str) -> Any:
+    """The managed object a 'Type:id' string names, bound to the session."""
+    type_name, _, moid = value.partition(":")
+    return VmomiSupport.GetWsdlType("urn:vim25", type_name)(moid, session.stub)
+
+
+def find_by_path(session: VSphereSession, path: str) -> Any | None:
+    """One request: the object at an inventory path like '/DC0/host/DC0_C0', or None."""
+    return session.content.searchIndex.FindByInventoryPath(path)
+
+
+def retrieve(
+    session: VSphereSession, objects: Iterable[Any], paths: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Read the same property paths of many objects of one type in one round trip.
+
+    Returns {ref: {path: value}}; unset properties are absent.
+    """
+    objects = list(objects)
+    if not objects:
+        return {}
+    spec = vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=o, skip=False) for o in objects],
+        propSet=[
+            vmodl.query.PropertyCollector.PropertySpec(type=type(objects[0]), pathSet=list(paths))
+        ],
+    )
+    return retrieve_spec(session, spec)
+
+
+def retrieve_mixed(
+    session: VSphereSession, requests: Sequence[tuple[Any, Sequence[str]]]
+) -> dict[str, dict[str, Any]]:
+    """Read different properties of objects of different types in one round trip."""
+    by_type: dict[type, set[str]] = {}
+    for obj, paths in requests:
+        by_type.setdefault(type(obj), set()).update(paths)
+    spec = vmodl.query.PropertyCollector.FilterSpec(
+        objectSet=[
+            vmodl.query.PropertyCollector.ObjectSpec(obj=o, skip=False) for o, _ in requests
+        ],
+        propSet=[
+            vmodl.query.PropertyCollector.PropertySpec(type=t, pathSet=sorted(p))
+            for t, p in by_type.items()
+        ],
+    )
+    return retrieve_spec(session, spec)
+
+
+def retrieve_spec(
+    session: VSphereSession, spec: vmodl.query.PropertyCollector.FilterSpec
+) -> dict[str, dict[str, Any]]:
+    collector = session.content.propertyCollector
+    result = collector.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+    found: dict[str, dict[str, Any]] = {}
+    while result is not None:
+        for item in result.objects or []:
+            found[ref(item.obj)] = {p.name: p.val for p in item.propSet or []}
+        if not result.token:
+            break
+        result = collector.ContinueRetrievePropertiesEx(result.token)
+    return found

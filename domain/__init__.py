@@ -1,0 +1,1 @@
+"""Pure, deterministic code: specs, states, rules. Safe to import inside workflows."""

@@ -1,0 +1,30 @@
+"""Stable error types carried by non-retryable ApplicationErrors (DESIGN §5).
+
+Users and scripts match on these strings; never rename one.
+"""
+
+from __future__ import annotations
+
+INVALID_CREDENTIALS = "InvalidCredentials"
+MISSING_PRIVILEGE = "MissingPrivilege"
+OBJECT_NOT_FOUND = "ObjectNotFound"
+TLS_VERIFICATION_FAILED = "TlsVerificationFailed"
+VCENTER_UNREACHABLE = "VCenterUnreachable"
+VCENTER_BUSY = "VCenterBusy"
+INVALID_SPEC = "InvalidSpec"
+INVALID_STATE = "InvalidState"
+TASK_FAILED = "TaskFailed"
+SECRET_UNREADABLE = "SecretUnreadable"
+UNSUPPORTED_VERSION = "UnsupportedVersion"
+VCENTER_FAULT = "VCenterFault"
+
+#: Error types that retrying cannot fix; passed to every RetryPolicy.
+NON_RETRYABLE = [
+    INVALID_CREDENTIALS,
+    MISSING_PRIVILEGE,
+    OBJECT_NOT_FOUND,
+    TLS_VERIFICATION_FAILED,
+    INVALID_SPEC,
+    SECRET_UNREADABLE,
+    UNSUPPORTED_VERSION,
+]

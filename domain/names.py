@@ -1,0 +1,30 @@
+"""Names shared by every process: task queues, workflow ids, search attributes."""
+
+from __future__ import annotations
+
+import re
+
+from temporalio.common import SearchAttributeKey
+
+CONTROL_TASK_QUEUE = "kubegate-control"
+
+KIND = SearchAttributeKey.for_keyword("KubegateKind")
+STATUS = SearchAttributeKey.for_keyword("KubegateStatus")
+GATEWAY = SearchAttributeKey.for_keyword("KubegateGateway")
+SEARCH_ATTRIBUTES = (KIND, STATUS, GATEWAY)
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def is_dns_label(value: str) -> bool:
+    """True if value is a lower-case RFC 1123 label (1-63 chars)."""
+    return bool(_DNS_LABEL.match(value))
+
+
+def gateway_task_queue(gateway: str) -> str:
+    """The task queue a gateway's agent polls; all vSphere work for it runs there."""
+    return f"kubegate-gateway-{gateway}"
+
+
+def preflight_workflow_id(request_id: str) -> str:
+    return f"preflight/{request_id}"

@@ -1,0 +1,277 @@
+"""The kubegate command.
+
+Exit codes: 0 success; 1 the request ran and failed (e.g. a check failed) or kubegate could
+not carry it out; 2 bad input (nothing was started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+import uuid
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+from temporalio.client import WorkflowFailureError
+
+from domain import names
+from domain.account import CloudAccountSpec, VCenterAccess
+from domain.preflight import CheckStatus, PreflightReport
+from starters.client import KubegateClient, KubegateError
+from starters.settings import Settings
+
+app = typer.Typer(
+    help="kubegate: Kubernetes clusters on vSphere through private cloud gateways.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+account_app = typer.Typer(
+    help="Cloud accounts: vCenter credentials a gateway uses.", no_args_is_help=True
+)
+dev_app = typer.Typer(
+    help="The local stack: Temporal, vCenter simulator, workers.", no_args_is_help=True
+)
+worker_app = typer.Typer(help="Run worker processes.", no_args_is_help=True)
+gateway_app = typer.Typer(help="Private cloud gateways.", no_args_is_help=True)
+app.add_typer(account_app, name="account")
+app.add_typer(dev_app, name="dev")
+app.add_typer(worker_app, name="worker")
+app.add_typer(gateway_app, name="gateway")
+
+M = TypeVar("M", bound=BaseModel)
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+
+
+def main() -> None:
+    app()
+
+
+def _bad_input(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _failed(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(EXIT_FAILED)
+
+
+def load_spec(path: Path, model: type[M]) -> M:
+    """Read a YAML spec; bad input exits 2 naming the field and the rule."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        _bad_input(f"{path}: no such file")
+    except yaml.YAMLError as exc:
+        _bad_input(f"{path}: not valid YAML: {exc}")
+    if not isinstance(data, dict):
+        _bad_input(f"{path}: expected a mapping of fields at the top level")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: {exc.error_count()} invalid field(s)"]
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
+        _bad_input("\n".join(lines))
+
+
+def read_password(access: VCenterAccess, base: Path) -> str:
+    """The password from the account file's source, or a prompt; never echoed."""
+    if access.password:
+        return access.password
+    if access.password_env:
+        value = os.environ.get(access.password_env)
+        if not value:
+            _bad_input(
+                f"vcenter.password_env: environment variable {access.password_env} is not set"
+            )
+        return value
+    if access.password_file:
+        path = Path(access.password_file)
+        path = path if path.is_absolute() else base / path
+        try:
+            return path.read_text().splitlines()[0]
+        except (OSError, IndexError):
+            _bad_input(f"vcenter.password_file: cannot read a password from {path}")
+    if sys.stdin.isatty():
+        return getpass.getpass(f"Password for {access.username}: ")
+    _bad_input("vcenter: give one of password, password_env or password_file")
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except KubegateError as exc:
+        _failed(str(exc))
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        _failed(f"{getattr(cause, 'message', None) or cause}")
+    except RuntimeError as exc:
+        if "connect" in str(exc).lower():
+            _failed(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
+        raise
+
+
+# -- account --------------------------------------------------------------------------------
+
+
+@account_app.command("validate")
+def account_validate(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cloud account YAML.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Run the preflight checks of a cloud account and its placement on its gateway."""
+    spec = load_spec(file, CloudAccountSpec)
+    password = read_password(spec.vcenter, file.parent)
+    workflow_id = names.preflight_workflow_id(str(uuid.uuid4()))
+
+    async def run() -> PreflightReport:
+        client = await KubegateClient.connect()
+        return await client.validate_account(spec, password, workflow_id=workflow_id)
+
+    if output is Output.table:
+        err.print(f"preflight {workflow_id} on gateway {spec.gateway} …", highlight=False)
+    report: PreflightReport = _run(run())
+    if output is Output.json:
+        data = report.model_dump(mode="json")
+        data["passed"] = report.passed
+        data["workflow_id"] = workflow_id
+        out.print_json(json.dumps(data))
+    else:
+        print_report(report, workflow_id)
+    raise typer.Exit(0 if report.passed else EXIT_FAILED)
+
+
+_STYLE = {
+    CheckStatus.PASS: "green",
+    CheckStatus.WARN: "yellow",
+    CheckStatus.FAIL: "bold red",
+    CheckStatus.SKIPPED: "dim",
+}
+
+
+def print_report(report: PreflightReport, workflow_id: str) -> None:
+    table = Table(
+        title=f"Preflight of {report.account} — {report.username} @ {report.server}",
+        show_lines=False,
+        expand=False,
+    )
+    for column in ("status", "check", "object", "detail", "remedy"):
+        table.add_column(column, overflow="fold")
+    for r in report.results:
+        style = _STYLE[r.status]
+        table.add_row(f"[{style}]{r.status.value}[/{style}]", r.title, r.object, r.detail, r.remedy)
+    out.print(table)
+    verdict = "[green]passed[/green]" if report.passed else "[bold red]failed[/bold red]"
+    out.print(
+        f"{verdict}: {report.count(CheckStatus.PASS)} passed, {report.count(CheckStatus.WARN)} "
+        f"warnings, {report.count(CheckStatus.FAIL)} failed, "
+        f"{report.count(CheckStatus.SKIPPED)} skipped; {report.vcenter_requests} vCenter requests",
+        highlight=False,
+    )
+    out.print(
+        f"workflow: {workflow_id} ({Settings().ui_address}/namespaces/"
+        f"{Settings().temporal_namespace}/workflows)",
+        highlight=False,
+    )
+
+
+# -- dev ------------------------------------------------------------------------------------
+
+
+@dev_app.command("up")
+def dev_up() -> None:
+    """Start the local stack (idempotent)."""
+    from starters.dev import DevStack, DevStackError
+
+    stack = DevStack()
+    try:
+        outcome = asyncio.run(stack.up())
+    except DevStackError as exc:
+        _failed(str(exc))
+    for name, state in outcome:
+        out.print(f"{name:15} {state}", highlight=False)
+    settings = stack.settings
+    out.print(
+        f"Temporal      {settings.temporal_address}  (namespace {settings.temporal_namespace})"
+    )
+    out.print(f"Web UI        {settings.ui_address}")
+    out.print(
+        f"vCenter sim   https://{settings.vcsim_address}/sdk  thumbprint {stack.thumbprint()}"
+    )
+    out.print(f"account file  {stack.account_file}")
+    out.print("stop with     make down  (or kubegate dev down)")
+
+
+@dev_app.command("down")
+def dev_down() -> None:
+    """Stop the processes `dev up` started."""
+    from starters.dev import DevStack
+
+    for name, state in DevStack().down():
+        out.print(f"{name:15} {state}", highlight=False)
+
+
+@dev_app.command("status")
+def dev_status(output: OutputOption = Output.table) -> None:
+    """Show which components of the local stack run."""
+    from starters.dev import DevStack
+
+    rows = DevStack().status()
+    if output is Output.json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table()
+    for column in ("component", "state", "pid", "address", "log"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+@worker_app.command("control")
+def worker_control() -> None:
+    """Run the control worker (all workflows)."""
+    from workers import control
+
+    control.main()
+
+
+@gateway_app.command("agent")
+def gateway_agent(name: Annotated[str, typer.Argument(help="Gateway name.")]) -> None:
+    """Run a gateway agent: polls the gateway's task queue and talks to its vCenter."""
+    if not names.is_dns_label(name):
+        _bad_input(f"NAME: {name!r} must be a DNS label")
+    from workers import gateway_agent as agent
+
+    agent.main(name)
+
+
+if __name__ == "__main__":
+    main()

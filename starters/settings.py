@@ -1,0 +1,59 @@
+"""Settings from the environment (KUBEGATE_*), shared by the CLI, workers and tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every value can be set as KUBEGATE_<NAME>, e.g. KUBEGATE_TEMPORAL_ADDRESS."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBEGATE_", extra="ignore")
+
+    home: Path = Field(default=Path(".kubegate"), description="State, logs and keys.")
+    temporal_address: str = Field(default="127.0.0.1:7233", description="Temporal frontend.")
+    temporal_namespace: str = Field(default="default")
+    temporal_tls: bool = Field(default=False, description="Use TLS to reach Temporal.")
+    temporal_tls_ca: Path | None = Field(default=None, description="CA bundle (PEM).")
+    temporal_tls_cert: Path | None = Field(default=None, description="Client cert for mTLS.")
+    temporal_tls_key: Path | None = Field(default=None, description="Client key for mTLS.")
+    temporal_tls_server_name: str | None = Field(default=None)
+    temporal_api_key: str | None = Field(default=None, description="API key (Temporal Cloud).")
+    ui_port: int = Field(default=8233, description="Temporal Web UI port of the dev stack.")
+    vcsim_address: str = Field(default="127.0.0.1:8989", description="Simulator listen address.")
+    vcsim_binary: Path | None = Field(
+        default=None, description="Simulator binary; default <home>/bin/vcsim."
+    )
+    vcsim_options: str = Field(
+        default="-clusters 2 -hosts 3 -ntp 0.pool.ntp.org,1.pool.ntp.org",
+        description="Flags for the dev simulator's inventory (see tools/vcsim/README.md).",
+    )
+    gateway: str = Field(default="local", description="Gateway the dev stack's agent serves.")
+    agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
+
+    @property
+    def ui_address(self) -> str:
+        host = self.temporal_address.rsplit(":", 1)[0]
+        return f"http://{host}:{self.ui_port}"
+
+    def agent_dir(self, gateway: str) -> Path:
+        return self.home / "agents" / gateway
+
+    def agent_key_path(self, gateway: str) -> Path:
+        return self.agent_dir(gateway) / "agent.key"
+
+    def agent_public_key_path(self, gateway: str) -> Path:
+        return self.agent_dir(gateway) / "agent.pub"
+
+
+def tool_path(name: str) -> Path:
+    """A binary installed beside this Python (temporal, temporal-test-server)."""
+    return Path(sys.executable).parent / name
+
+
+def vcsim_binary(settings: Settings) -> Path:
+    return settings.vcsim_binary or settings.home / "bin" / "vcsim"

@@ -1,0 +1,116 @@
+"""Session fixtures: a real vcsim, a real Temporal dev server, the real workers in-process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.vsphere.session import SessionPool
+from domain.names import SEARCH_ATTRIBUTES
+from domain.privileges import CLUSTER_ROLE
+from starters.client import KubegateClient
+from starters.settings import Settings, tool_path
+from tests.support import Vcsim, grant_roles
+from workers.control import build_worker
+from workers.gateway_agent import build_agent, load_key
+
+GATEWAY = "test"
+
+#: Users the shared simulator accepts besides the administrator.
+RESTRICTED = ("restricted@vsphere.local", "restricted-pw-7f3a")
+OPERATOR = ("operator@vsphere.local", "operator-pw-91c2")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kubegate")
+
+
+@pytest.fixture(scope="session")
+def vcsim(workdir: Path) -> Iterator[Vcsim]:
+    """The shared simulator: 2 clusters x 3 hosts; DC0_C1_H1 has no NTP; LocalOnly on one host."""
+    sim = Vcsim(
+        workdir,
+        args=[
+            "-clusters",
+            "2",
+            "-hosts",
+            "3",
+            "-ntp",
+            "0.pool.ntp.org,1.pool.ntp.org",
+            "-no-ntp-host",
+            "DC0_C1_H1",
+            "-local-datastore",
+            "LocalOnly@DC0_C0_H0",
+            "-users",
+            f"{RESTRICTED[0]}:{RESTRICTED[1]},{OPERATOR[0]}:{OPERATOR[1]}",
+        ],
+    ).start()
+    yield sim
+    sim.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(tool_path("temporal")),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def settings(workdir: Path, temporal: WorkflowEnvironment) -> Settings:
+    return Settings(
+        home=workdir / "home",
+        temporal_address=temporal.client.service_client.config.target_host,
+        gateway=GATEWAY,
+    )
+
+
+@pytest_asyncio.fixture(scope="session")
+async def sessions(temporal: WorkflowEnvironment, settings: Settings) -> AsyncIterator[SessionPool]:
+    """The control worker and the gateway agent of gateway 'test', running in this process."""
+    key = load_key(settings, GATEWAY)
+    pool = SessionPool()
+    executor = ThreadPoolExecutor(max_workers=16)
+    control = build_worker(temporal.client)
+    agent = build_agent(temporal.client, GATEWAY, key, pool, executor)
+    async with control, agent:
+        yield pool
+    pool.close_all()
+    executor.shutdown()
+
+
+@pytest_asyncio.fixture
+async def kubegate(
+    temporal: WorkflowEnvironment, settings: Settings, sessions: SessionPool
+) -> KubegateClient:
+    return KubegateClient(temporal.client, settings)
+
+
+@pytest.fixture(scope="session")
+def restricted_user(vcsim: Vcsim) -> tuple[str, str]:
+    """A user whose cluster role lacks VirtualMachine.Provisioning.Clone."""
+    grant_roles(
+        vcsim,
+        RESTRICTED[0],
+        [p for p, _ in CLUSTER_ROLE if p != "VirtualMachine.Provisioning.Clone"],
+    )
+    return RESTRICTED
+
+
+@pytest.fixture(scope="session")
+def operator_user(vcsim: Vcsim) -> tuple[str, str]:
+    """A non-administrator holding exactly the documented roles."""
+    grant_roles(vcsim, OPERATOR[0], [p for p, _ in CLUSTER_ROLE])
+    return OPERATOR

@@ -1,0 +1,137 @@
+"""The vSphere access layer against the simulator: sessions, task waits, faults."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from pyVmomi import vim
+
+from activities.vsphere.faults import classify
+from activities.vsphere.inventory import find_by_path, ref, retrieve
+from activities.vsphere.session import SessionPool, VSphereSession, open_session, request_meter
+from activities.vsphere.tasks import wait_for_task
+from domain import errors
+from domain.account import VCenterEndpoint
+from tests.support import ADMIN, TEMPLATE, Vcsim
+
+pytestmark = pytest.mark.integration
+
+
+def endpoint(sim: Vcsim) -> VCenterEndpoint:
+    return VCenterEndpoint(server=sim.address, thumbprint=sim.thumbprint)
+
+
+def test_sessions_are_reused_and_renewed_after_expiry(vcsim: Vcsim) -> None:
+    pool = SessionPool(check_after=0.0)
+    try:
+        first = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        again = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        assert again is first and pool.logins == 1
+
+        # vCenter ends the session behind our back (idle timeout, admin action)
+        admin = vcsim.connect()
+        admin.content.sessionManager.TerminateSession([first.key])
+        vcsim.disconnect(admin)
+
+        renewed = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        assert renewed is not first and pool.logins == 2
+        assert renewed.content.sessionManager.currentSession.userName.lower().startswith(
+            "administrator"
+        )
+    finally:
+        pool.close_all()
+
+
+def test_not_authenticated_during_a_call_logs_in_again(vcsim: Vcsim) -> None:
+    pool = SessionPool(check_after=3600.0)  # never checks proactively
+    try:
+        first = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        admin = vcsim.connect()
+        admin.content.sessionManager.TerminateSession([first.key])
+        vcsim.disconnect(admin)
+
+        def read_user(session: VSphereSession) -> str:
+            current = session.content.sessionManager.currentSession
+            if current is None:  # what vCenter answers for an ended session
+                raise vim.fault.NotAuthenticated()
+            return str(current.userName)
+
+        assert pool.run(endpoint(vcsim), ADMIN, vcsim.password, read_user)
+        assert pool.logins == 2
+    finally:
+        pool.close_all()
+
+
+def test_close_all_logs_out(vcsim: Vcsim) -> None:
+    pool = SessionPool()
+    session = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+    pool.close_all()
+    admin = vcsim.connect()
+    try:
+        keys = {s.key for s in admin.content.sessionManager.sessionList or []}
+    finally:
+        vcsim.disconnect(admin)
+    assert session.key not in keys
+
+
+def test_requests_are_counted(vcsim: Vcsim) -> None:
+    with request_meter() as meter:
+        session = open_session(endpoint(vcsim), ADMIN, vcsim.password)
+    try:
+        assert meter[0] == 3  # version discovery, RetrieveServiceContent, Login
+        with request_meter() as meter:
+            hosts = find_by_path(session, "/DC0/host/DC0_C0")
+            assert hosts is not None
+            retrieve(session, [hosts], ["name", "host"])
+        assert meter[0] == 2
+    finally:
+        session.logout()
+
+
+def test_wrong_password_is_classified_as_invalid_credentials(vcsim: Vcsim) -> None:
+    with pytest.raises(vim.fault.InvalidLogin) as info:
+        open_session(endpoint(vcsim), ADMIN, "not-the-password")
+    error = classify(info.value, "log in")
+    assert error.type == errors.INVALID_CREDENTIALS and error.non_retryable
+    assert "not-the-password" not in error.message
+
+
+def clone(session: VSphereSession, name: str) -> Any:
+    template = find_by_path(session, f"/DC0/vm/{TEMPLATE}")
+    folder = find_by_path(session, "/DC0/vm")
+    pool = find_by_path(session, "/DC0/host/DC0_C0/Resources")
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool), powerOn=False, template=False)
+    return template.CloneVM_Task(folder=folder, name=name, spec=spec)
+
+
+def test_wait_for_task_heartbeats_with_the_task_reference(workdir: Any) -> None:
+    sim = Vcsim(workdir, args=["-method-delay", "CloneVM_Task=1500"]).start()
+    session = open_session(endpoint(sim), ADMIN, sim.password)
+    try:
+        beats: list[tuple[str, int]] = []
+        task = clone(session, f"vm-{uuid.uuid4().hex[:6]}")
+        vm = wait_for_task(session, task, lambda r, p: beats.append((r, p)), max_wait_seconds=1)
+
+        assert ref(vm).startswith("VirtualMachine:")
+        assert len(beats) >= 2, beats  # the clone took 1.5 s, each wait at most 1 s
+        assert {r for r, _ in beats} == {f"Task:{task._moId}"}
+        props = retrieve(session, [vm], ["config.template", "name"])
+        assert props[ref(vm)]["config.template"] is False
+    finally:
+        session.logout()
+        sim.stop()
+
+
+def test_a_failed_task_raises_its_fault_for_classification(vcsim: Vcsim) -> None:
+    session = open_session(endpoint(vcsim), ADMIN, vcsim.password)
+    try:
+        vm = wait_for_task(session, clone(session, f"vm-{uuid.uuid4().hex[:6]}"), lambda *_: None)
+        with pytest.raises(vim.fault.InvalidPowerState) as info:
+            wait_for_task(session, vm.PowerOffVM_Task(), lambda *_: None)  # already off
+        error = classify(info.value, "power off")
+        assert error.type == errors.INVALID_STATE and not error.non_retryable
+        wait_for_task(session, vm.Destroy_Task(), lambda *_: None)
+    finally:
+        session.logout()

@@ -1,0 +1,30 @@
+"""Every stored history replays against today's workflow code (determinism guard).
+
+Record new histories with: KUBEGATE_RECORD_HISTORIES=1 make test PYTEST_ARGS=tests/integration
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from tests.support import HISTORIES
+from workers.control import WORKFLOWS
+
+FILES = sorted(HISTORIES.glob("*.json"))
+
+
+def test_histories_are_stored() -> None:
+    names = {f.stem for f in FILES}
+    assert {"preflight_passed", "preflight_wrong_password", "preflight_missing_template"} <= names
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+async def test_history_replays(path: Path) -> None:
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(history)

@@ -1,0 +1,175 @@
+"""Test support: start real vcsim processes and talk to them with pyvmomi (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim
+
+from domain.privileges import ROOT_LEVEL_ROLE
+
+ROOT = Path(__file__).resolve().parent.parent
+VCSIM = Path(os.environ.get("KUBEGATE_VCSIM_BINARY", ROOT / ".kubegate" / "bin" / "vcsim"))
+ADMIN = "administrator@vsphere.local"
+
+TEMPLATE = "templates/ubuntu-2204-kube-v1.30"
+PLACEMENT = {
+    "datacenter": "DC0",
+    "compute_cluster": "DC0_C0",
+    "resource_pool": "Resources",
+    "datastore": "LocalDS_0",
+    "network": "VM Network",
+    "folder": "",
+    "template": TEMPLATE,
+}
+
+
+def ensure_vcsim_built() -> Path:
+    if not VCSIM.exists():
+        subprocess.run(["bash", str(ROOT / "tools" / "vcsim" / "build.sh"), str(VCSIM)], check=True)
+    return VCSIM
+
+
+@dataclass
+class Vcsim:
+    """A running simulator started with its own flags."""
+
+    workdir: Path
+    args: list[str] = field(default_factory=list)
+    password: str = "admin-password-for-tests"
+    process: subprocess.Popen[bytes] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> Vcsim:
+        ready = self.workdir / f"vcsim-{id(self)}.json"
+        ready.unlink(missing_ok=True)
+        argv = [
+            str(ensure_vcsim_built()),
+            "-listen",
+            "127.0.0.1:0",
+            "-username",
+            ADMIN,
+            "-password",
+            self.password,
+            "-ready-file",
+            str(ready),
+            *self.args,
+        ]
+        log = open(self.workdir / f"vcsim-{id(self)}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vcsim did not start: {argv}")
+            time.sleep(0.05)
+        self.info = json.loads(ready.read_text())
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.info['port']}"
+
+    @property
+    def thumbprint(self) -> str:
+        return str(self.info["thumbprint_sha256"])
+
+    def connect(self, user: str = ADMIN, password: str | None = None) -> Any:
+        """An independent pyvmomi connection, for checking vCenter behind kubegate's back."""
+        context = ssl._create_unverified_context()  # noqa: S323 - test simulator
+        return SmartConnect(
+            host="127.0.0.1",
+            port=int(self.info["port"]),
+            user=user,
+            pwd=password or self.password,
+            sslContext=context,
+        )
+
+    @staticmethod
+    def disconnect(si: Any) -> None:
+        Disconnect(si)
+
+
+def grant_roles(sim: Vcsim, user: str, cluster_privileges: list[str]) -> None:
+    """Give user the root-level role on root and DC0, and a cluster role on the placement."""
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        auth = content.authorizationManager
+        suffix = user.split("@")[0]
+        root_role = auth.AddAuthorizationRole(
+            f"kubegate-root-{suffix}", [p for p, _ in ROOT_LEVEL_ROLE]
+        )
+        cluster_role = auth.AddAuthorizationRole(f"kubegate-cluster-{suffix}", cluster_privileges)
+        find = content.searchIndex.FindByInventoryPath
+
+        def grant(path: str, role: int, propagate: bool) -> None:
+            entity = content.rootFolder if path == "/" else find(path)
+            assert entity is not None, path
+            auth.SetEntityPermissions(
+                entity,
+                [
+                    vim.AuthorizationManager.Permission(
+                        principal=user, group=False, roleId=role, propagate=propagate
+                    )
+                ],
+            )
+
+        grant("/", root_role, False)
+        grant("/DC0", root_role, False)
+        for path in (
+            "/DC0/host/DC0_C0",
+            "/DC0/host/DC0_C0/Resources",
+            "/DC0/datastore/LocalDS_0",
+            "/DC0/network/VM Network",
+            "/DC0/vm",
+            f"/DC0/vm/{TEMPLATE}",
+        ):
+            grant(path, cluster_role, True)
+    finally:
+        sim.disconnect(si)
+
+
+def history_text(history: Any) -> str:
+    """A workflow history as text with every payload decoded, for searching it for secrets."""
+    import base64
+
+    raw = history.to_json()
+    decoded: list[str] = [raw]
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "data" in node and "metadata" in node and isinstance(node["data"], str):
+                decoded.append(base64.b64decode(node["data"]).decode("utf-8", errors="replace"))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(raw))
+    return "\n".join(decoded)
+
+
+HISTORIES = ROOT / "tests" / "replay" / "histories"
+
+
+async def record_history(client: Any, workflow_id: str, name: str) -> None:
+    """With KUBEGATE_RECORD_HISTORIES=1, store a run's history for the replay tests."""
+    if os.environ.get("KUBEGATE_RECORD_HISTORIES") != "1":
+        return
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    HISTORIES.mkdir(parents=True, exist_ok=True)
+    (HISTORIES / f"{name}.json").write_text(history.to_json())

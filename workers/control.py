@@ -1,0 +1,38 @@
+"""The control worker: hosts every workflow and the activities that need no vCenter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from domain.names import CONTROL_TASK_QUEUE
+from starters.client import connect
+from starters.settings import Settings
+from workers.run import run_until_signalled
+from workflows.preflight import PreflightWorkflow
+
+WORKFLOWS = [PreflightWorkflow]
+
+
+def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:
+    """The control worker on its task queue (tests pass their own queue)."""
+    return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=[])
+
+
+async def serve(settings: Settings | None = None) -> None:
+    client = await connect(settings)
+    worker = build_worker(client)
+    logging.getLogger("kubegate").info("control worker polling %s", CONTROL_TASK_QUEUE)
+    await run_until_signalled(worker)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

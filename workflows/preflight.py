@@ -1,0 +1,127 @@
+"""PreflightWorkflow: checks a cloud account and placement on the gateway's agent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+with workflow.unsafe.imports_passed_through():
+    from activities.preflight import PreflightActivities
+    from domain import errors, names
+    from domain.preflight import (
+        CheckBatch,
+        CheckResult,
+        CheckStatus,
+        ObjectChecksRequest,
+        PreflightReport,
+        PreflightRequest,
+        skipped,
+    )
+
+_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_attempts=3,
+    non_retryable_error_types=errors.NON_RETRYABLE,
+)
+
+
+@workflow.defn(name="PreflightWorkflow")
+class PreflightWorkflow:
+    """Connection, version, inventory, privileges, NTP and shared storage, in that order."""
+
+    def __init__(self) -> None:
+        self._results: list[CheckResult] = []
+        self._phase = "starting"
+
+    @workflow.run
+    async def run(self, request: PreflightRequest) -> PreflightReport:
+        queue = names.gateway_task_queue(request.gateway)
+        requests = 0
+
+        async def step(method: Any, arg: Any, summary: str) -> CheckBatch:
+            nonlocal requests
+            self._phase = summary
+            self._show(request)
+            batch: CheckBatch = await workflow.execute_activity_method(
+                method,
+                arg,
+                task_queue=queue,
+                start_to_close_timeout=timedelta(seconds=90),
+                schedule_to_start_timeout=timedelta(minutes=2),
+                retry_policy=_RETRY,
+                summary=summary,
+            )
+            requests += batch.vcenter_requests
+            self._results += batch.results
+            return batch
+
+        connection = await step(
+            PreflightActivities.connection,
+            request,
+            f"Connect to {request.credentials.endpoint.address} as {request.credentials.username}",
+        )
+        failed = any(r.status is CheckStatus.FAIL for r in connection.results)
+        if request.placement is not None and failed:
+            self._results += [
+                skipped("placement", "Placement checks", "not checked: cannot log in to vCenter")
+            ]
+        elif request.placement is not None:
+            inventory = await step(
+                PreflightActivities.inventory,
+                request,
+                f"Find placement objects in datacenter {request.placement.datacenter}",
+            )
+            found = getattr(inventory, "found", {})
+            objects = ObjectChecksRequest(
+                credentials=request.credentials, placement=request.placement, found=found
+            )
+            await step(
+                PreflightActivities.privileges,
+                objects,
+                f"Check privileges of {request.credentials.username}",
+            )
+            if "compute_cluster" in found:
+                await step(
+                    PreflightActivities.hosts,
+                    objects,
+                    f"Check NTP and shared storage on {request.placement.compute_cluster}",
+                )
+            else:
+                self._results.append(
+                    skipped("hosts", "NTP and shared storage", "not checked: no compute cluster")
+                )
+
+        report = PreflightReport(
+            account=request.account,
+            gateway=request.gateway,
+            server=request.credentials.endpoint.address,
+            username=request.credentials.username,
+            results=self._results,
+            vcenter_requests=requests,
+        )
+        self._phase = "passed" if report.passed else "failed"
+        workflow.upsert_search_attributes(
+            [names.STATUS.value_set("Passed" if report.passed else "Failed")]
+        )
+        self._show(request)
+        return report
+
+    @workflow.query
+    def results(self) -> list[CheckResult]:
+        """Results so far, while the checks run."""
+        return self._results
+
+    def _show(self, request: PreflightRequest) -> None:
+        """Current details for the Web UI: phase and a results table."""
+        lines = [
+            f"## Preflight of `{request.account}` — {self._phase}",
+            "",
+            "| check | status | object | detail |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in self._results:
+            lines.append(f"| {r.title} | {r.status.value} | {r.object} | {r.detail} |")
+        workflow.set_current_details("\n".join(lines))
