@@ -16,7 +16,8 @@ help:
 	@echo "make down   stop what 'make demo' started"
 
 uv:
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv \
+	  || python3 -m pip install --quiet --break-system-packages uv
 
 go-deps:
 	@if ! command -v go >/dev/null 2>&1 || [ ! -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ]; then \

@@ -150,7 +150,7 @@ class PreflightActivities:
                     batch.results.append(
                         CheckResult(
                             check=f"exists.{role}",
-                            title=f"{word.capitalize()} exists",
+                            title=f"{_capital(word)} exists",
                             status=FAIL,
                             object=path,
                             detail=f"{path} is a {obj._wsdlName}, not a {word}",
@@ -272,6 +272,10 @@ def _granted(session: VSphereSession, entities: list[Any]) -> dict[str, set[str]
     }
 
 
+def _capital(word: str) -> str:
+    return word[:1].upper() + word[1:]
+
+
 def _skip_rest(checks: list[str]) -> list[CheckResult]:
     titles = {
         "vcenter.tls": "Certificate trusted",
@@ -339,7 +343,7 @@ def _tls_result(creds: VCenterCredentials) -> CheckResult:
 
 
 def _version_result(about: Any) -> CheckResult:
-    shown = f"{about.fullName or about.version} (build {about.build})"
+    shown = about.fullName or f"vCenter {about.version} build {about.build}"
     if about.apiType != "VirtualCenter":
         return CheckResult(
             check="vcenter.version",
@@ -370,7 +374,7 @@ def _version_result(about: Any) -> CheckResult:
 def _missing(role: str, word: str, path: str) -> CheckResult:
     return CheckResult(
         check=f"exists.{role}",
-        title=f"{word.capitalize()} exists",
+        title=f"{_capital(word)} exists",
         status=FAIL,
         object=path,
         detail=f"no {word} at {path}",
@@ -380,7 +384,7 @@ def _missing(role: str, word: str, path: str) -> CheckResult:
 
 def _exists_result(role: str, path: str, props: dict[str, Any]) -> CheckResult:
     word = _EXPECTED_TYPES[role][1]
-    title = f"{word.capitalize()} exists"
+    title = f"{_capital(word)} exists"
     if role == "folder" and "VirtualMachine" not in list(props.get("childType") or []):
         return CheckResult(
             check="exists.folder",

@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import sys
+import urllib.parse
 import uuid
 from enum import StrEnum
 from pathlib import Path
@@ -179,11 +180,13 @@ def print_report(report: PreflightReport, workflow_id: str) -> None:
         show_lines=False,
         expand=False,
     )
-    for column in ("status", "check", "object", "detail", "remedy"):
+    with_remedy = any(r.remedy for r in report.results)
+    for column in ("status", "check", "object", "detail", *(["remedy"] if with_remedy else [])):
         table.add_column(column, overflow="fold")
     for r in report.results:
         style = _STYLE[r.status]
-        table.add_row(f"[{style}]{r.status.value}[/{style}]", r.title, r.object, r.detail, r.remedy)
+        row = [f"[{style}]{r.status.value}[/{style}]", r.title, r.object, r.detail]
+        table.add_row(*row, *([r.remedy] if with_remedy else []))
     out.print(table)
     verdict = "[green]passed[/green]" if report.passed else "[bold red]failed[/bold red]"
     out.print(
@@ -193,10 +196,16 @@ def print_report(report: PreflightReport, workflow_id: str) -> None:
         highlight=False,
     )
     out.print(
-        f"workflow: {workflow_id} ({Settings().ui_address}/namespaces/"
-        f"{Settings().temporal_namespace}/workflows)",
+        f"workflow: {workflow_link(workflow_id)}",
         highlight=False,
     )
+
+
+def workflow_link(workflow_id: str) -> str:
+    """The Web UI page of a workflow's latest run."""
+    settings = Settings()
+    quoted = urllib.parse.quote(workflow_id, safe="")
+    return f"{settings.ui_address}/namespaces/{settings.temporal_namespace}/workflows/{quoted}"
 
 
 # -- dev ------------------------------------------------------------------------------------

@@ -1,18 +1,6 @@
 """The one way to reach Temporal (`connect`) and the typed client the CLI is built on.
 
-Programmatic use::
-
-    import asyncio
-    from starters.client import KubegateClient
-    from domain.account import CloudAccountSpec
-
-    async def main() -> None:
-        kg = await KubegateClient.connect()
-        spec = CloudAccountSpec.model_validate(yaml.safe_load(open("account.yaml")))
-        report = await kg.validate_account(spec, password="...")
-        print(report.passed)
-
-    asyncio.run(main())
+Programmatic use: see docs/client.md and examples/validate_account.py.
 """
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ class Vcsim:
             self.password,
             "-ready-file",
             str(ready),
+            "-watch-pid",
+            str(os.getpid()),
             *self.args,
         ]
         log = open(self.workdir / f"vcsim-{id(self)}.log", "wb")  # noqa: SIM115

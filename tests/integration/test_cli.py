@@ -176,3 +176,31 @@ async def test_unset_password_env_exits_2(
 
     assert code == 2
     assert "vcenter.password_env" in output
+
+
+async def test_the_python_client_example_runs(
+    vcsim: Vcsim, settings: Settings, sessions: Any, tmp_path: Path
+) -> None:
+    path = account_file(tmp_path, vcsim, "unused")
+    data = yaml.safe_load(path.read_text())
+    del data["vcenter"]["password_file"]
+    data["vcenter"]["password_env"] = "EXAMPLE_VCENTER_PASSWORD"
+    path.write_text(yaml.safe_dump(data))
+    env = {
+        **os.environ,
+        "KUBEGATE_HOME": str(settings.home),
+        "KUBEGATE_TEMPORAL_ADDRESS": settings.temporal_address,
+        "EXAMPLE_VCENTER_PASSWORD": vcsim.password,
+    }
+    example = Path(__file__).resolve().parents[2] / "examples" / "validate_account.py"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(example),
+        str(path),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output = (await process.communicate())[0].decode()
+    assert process.returncode == 0, output
+    assert "passed=True" in output
