@@ -25,7 +25,7 @@ go-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_PACKAGES) >/dev/null; \
 	fi
 
-$(VCSIM): go-deps $(wildcard tools/vcsim/*.go) tools/vcsim/build.sh
+$(VCSIM): $(wildcard tools/vcsim/*.go) tools/vcsim/build.sh | go-deps
 	@bash tools/vcsim/build.sh $(VCSIM)
 
 setup: uv go-deps

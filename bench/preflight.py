@@ -41,7 +41,7 @@ async def main(hosts: int, runs: int) -> None:
     try:
         key = load_key(settings, "bench")
         with ThreadPoolExecutor(8) as executor:
-            agent = build_agent(env.client, "bench", key, pool, executor)
+            agent = build_agent(env.client, "bench", key, pool, executor, 8)
             async with build_worker(env.client), agent:
                 client = KubegateClient(env.client, settings)
                 spec = CloudAccountSpec.model_validate(

@@ -89,22 +89,21 @@ class DevStack:
         """Stop the processes `up` started, newest first."""
         outcome = []
         for name in reversed(self._names()):
-            pid = self._pid(name)
-            if pid is None:
+            pidfile = self.pids / f"{name}.pid"
+            if not pidfile.exists():
                 continue
-            if self._matches(name, pid):
+            pid = self._pid(name)
+            if pid is not None:
                 _terminate(pid)
-                outcome.append((name, "stopped"))
-            else:
-                outcome.append((name, "not running"))
-            (self.pids / f"{name}.pid").unlink(missing_ok=True)
+            outcome.append((name, "stopped" if pid is not None else "not running"))
+            pidfile.unlink(missing_ok=True)
         return outcome
 
     def status(self) -> list[dict[str, str]]:
         rows = []
         for component in self.components("-"):
             pid = self._pid(component.name)
-            alive = pid is not None and self._matches(component.name, pid)
+            alive = pid is not None
             rows.append(
                 {
                     "component": component.name,
@@ -192,31 +191,24 @@ class DevStack:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        (self.pids / f"{component.name}.pid").write_text(f"{process.pid}\n")
+        # pid and kernel start time: together they name this process even after pid reuse
+        (self.pids / f"{component.name}.pid").write_text(
+            f"{process.pid} {_start_time(process.pid)}\n"
+        )
         return process
 
     def _pid(self, name: str) -> int | None:
+        """The pid `up` recorded for a component, if that process still runs."""
         try:
-            return int((self.pids / f"{name}.pid").read_text().split()[0])
-        except (FileNotFoundError, ValueError, IndexError):
+            pid, started = (self.pids / f"{name}.pid").read_text().split()[:2]
+        except (FileNotFoundError, ValueError):
             return None
+        if _zombie(int(pid)) or _start_time(int(pid)) != started:
+            return None
+        return int(pid)
 
     def _alive(self, name: str) -> bool:
-        pid = self._pid(name)
-        return pid is not None and self._matches(name, pid)
-
-    def _matches(self, name: str, pid: int) -> bool:
-        """The pid is alive and still runs the command we started (pids get reused)."""
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            return False
-        wanted = {c.name: c.argv for c in self.components("-")}[name]
-        actual = {a.decode(errors="replace") for a in cmdline}
-        return set(wanted) - {"-"} <= actual
+        return self._pid(name) is not None
 
     async def _wait_ready(
         self, component: Component, process: subprocess.Popen[bytes], timeout: float
@@ -338,3 +330,11 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""

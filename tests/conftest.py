@@ -84,7 +84,7 @@ async def sessions(temporal: WorkflowEnvironment, settings: Settings) -> AsyncIt
     pool = SessionPool()
     executor = ThreadPoolExecutor(max_workers=16)
     control = build_worker(temporal.client)
-    agent = build_agent(temporal.client, GATEWAY, key, pool, executor)
+    agent = build_agent(temporal.client, GATEWAY, key, pool, executor, 16)
     async with control, agent:
         yield pool
     pool.close_all()

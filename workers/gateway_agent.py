@@ -40,6 +40,7 @@ def build_agent(
     key: AgentKey,
     sessions: SessionPool,
     executor: ThreadPoolExecutor,
+    max_concurrent: int,
     task_queue: str | None = None,
 ) -> Worker:
     """The agent's worker: every vSphere activity, on the gateway's task queue."""
@@ -54,7 +55,7 @@ def build_agent(
             preflight.hosts,
         ],
         activity_executor=executor,
-        max_concurrent_activities=executor._max_workers,
+        max_concurrent_activities=max_concurrent,
     )
 
 
@@ -64,7 +65,7 @@ async def serve(gateway: str, settings: Settings | None = None) -> None:
     client = await connect(settings)
     sessions = SessionPool()
     with ThreadPoolExecutor(max_workers=settings.agent_threads) as executor:
-        worker = build_agent(client, gateway, key, sessions, executor)
+        worker = build_agent(client, gateway, key, sessions, executor, settings.agent_threads)
         log.info(
             "gateway agent %s polling %s (key %s)", gateway, gateway_task_queue(gateway), key.key_id
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -43,8 +44,6 @@ class PreflightWorkflow:
 
         async def step(method: Any, arg: Any, summary: str) -> CheckBatch:
             nonlocal requests
-            self._phase = summary
-            self._show(request)
             batch: CheckBatch = await workflow.execute_activity_method(
                 method,
                 arg,
@@ -55,41 +54,49 @@ class PreflightWorkflow:
                 summary=summary,
             )
             requests += batch.vcenter_requests
-            self._results += batch.results
             return batch
 
+        endpoint, user = request.credentials.endpoint, request.credentials.username
+        self._phase = "connecting"
+        self._show(request)
         connection = await step(
-            PreflightActivities.connection,
-            request,
-            f"Connect to {request.credentials.endpoint.address} as {request.credentials.username}",
+            PreflightActivities.connection, request, f"Connect to {endpoint.address} as {user}"
         )
+        self._results += connection.results
         failed = any(r.status is CheckStatus.FAIL for r in connection.results)
-        if request.placement is not None and failed:
-            self._results += [
+        placement = request.placement
+        if placement is not None and failed:
+            self._results.append(
                 skipped("placement", "Placement checks", "not checked: cannot log in to vCenter")
-            ]
-        elif request.placement is not None:
+            )
+        elif placement is not None:
+            self._phase = "finding placement objects"
+            self._show(request)
             inventory = await step(
                 PreflightActivities.inventory,
                 request,
-                f"Find placement objects in datacenter {request.placement.datacenter}",
+                f"Find placement objects in datacenter {placement.datacenter}",
             )
+            self._results += inventory.results
             found = getattr(inventory, "found", {})
             objects = ObjectChecksRequest(
-                credentials=request.credentials, placement=request.placement, found=found
+                credentials=request.credentials, placement=placement, found=found
             )
-            await step(
-                PreflightActivities.privileges,
-                objects,
-                f"Check privileges of {request.credentials.username}",
-            )
+            self._phase = "checking privileges, NTP and shared storage"
+            self._show(request)
+            # independent checks: run them at the same time, report in a fixed order
+            checks = [step(PreflightActivities.privileges, objects, f"Check privileges of {user}")]
             if "compute_cluster" in found:
-                await step(
-                    PreflightActivities.hosts,
-                    objects,
-                    f"Check NTP and shared storage on {request.placement.compute_cluster}",
+                checks.append(
+                    step(
+                        PreflightActivities.hosts,
+                        objects,
+                        f"Check NTP and shared storage on {placement.compute_cluster}",
+                    )
                 )
-            else:
+            for batch in await asyncio.gather(*checks):
+                self._results += batch.results
+            if "compute_cluster" not in found:
                 self._results.append(
                     skipped("hosts", "NTP and shared storage", "not checked: no compute cluster")
                 )

@@ -163,7 +163,10 @@ class SessionPool:
 
     @staticmethod
     def _key(endpoint: VCenterEndpoint, username: str, password: str) -> tuple[str, int, str, str]:
-        digest = hashlib.sha256(f"{endpoint.thumbprint}|{password}".encode()).hexdigest()
+        # the trust settings are part of the key: a session opened without verification
+        # must never serve a caller who asked for it
+        trust = f"{endpoint.thumbprint}|{endpoint.insecure}"
+        digest = hashlib.sha256(f"{trust}|{password}".encode()).hexdigest()
         return (endpoint.server.lower(), endpoint.port, username.lower(), digest)
 
     def get(self, endpoint: VCenterEndpoint, username: str, password: str) -> VSphereSession:

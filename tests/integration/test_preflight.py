@@ -266,3 +266,18 @@ async def test_gateway_without_agent_is_refused_before_starting(
     (key_dir / "agent.pub").write_text(settings.agent_public_key_path(GATEWAY).read_text())
     with pytest.raises(KubegateError, match="no agent of gateway 'nobody'"):
         await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
+
+
+async def test_without_placement_only_access_is_checked(
+    vcsim: Vcsim, kubegate: KubegateClient
+) -> None:
+    account = spec(vcsim).model_copy(update={"placement": None})
+    report = await kubegate.validate_account(account, vcsim.password)
+
+    assert report.passed
+    assert [r.check for r in report.results] == [
+        "vcenter.reachable",
+        "vcenter.tls",
+        "vcenter.login",
+        "vcenter.version",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from typing import Any
 
@@ -107,7 +108,7 @@ def clone(session: VSphereSession, name: str) -> Any:
 
 
 def test_wait_for_task_heartbeats_with_the_task_reference(workdir: Any) -> None:
-    sim = Vcsim(workdir, args=["-method-delay", "CloneVM_Task=1500"]).start()
+    sim = Vcsim(workdir, args=["-task-delay", "CloneVM_Task=1500"]).start()
     session = open_session(endpoint(sim), ADMIN, sim.password)
     try:
         beats: list[tuple[str, int]] = []
@@ -135,3 +136,16 @@ def test_a_failed_task_raises_its_fault_for_classification(vcsim: Vcsim) -> None
         wait_for_task(session, vm.Destroy_Task(), lambda *_: None)
     finally:
         session.logout()
+
+
+def test_trust_settings_separate_cached_sessions(vcsim: Vcsim) -> None:
+    pool = SessionPool()
+    try:
+        insecure = VCenterEndpoint(server=vcsim.address, insecure=True)
+        opened = pool.get(insecure, ADMIN, vcsim.password)
+        assert pool.get(insecure, ADMIN, vcsim.password) is opened
+        # the same server and user, but verification asked for: no reuse, and it fails
+        with pytest.raises(ssl.SSLError):
+            pool.get(VCenterEndpoint(server=vcsim.address), ADMIN, vcsim.password)
+    finally:
+        pool.close_all()

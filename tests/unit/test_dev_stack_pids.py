@@ -1,0 +1,35 @@
+"""`dev down` stops only processes `dev up` started: a reused pid is left alone."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from starters.dev import DevStack, _start_time
+from starters.settings import Settings
+
+
+def test_down_leaves_a_process_whose_start_time_differs(tmp_path: Path) -> None:
+    stack = DevStack(Settings(home=tmp_path))
+    stack.pids.mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        # a stale pid file naming a pid that now belongs to another process
+        (stack.pids / "vcsim.pid").write_text(f"{stranger.pid} 1\n")
+        assert {r["component"]: r["state"] for r in stack.status()}["vcsim"] == "stopped"
+        assert stack.down() == [("vcsim", "not running")]
+        assert stranger.poll() is None
+        assert not (stack.pids / "vcsim.pid").exists()
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_down_stops_the_process_it_recorded(tmp_path: Path) -> None:
+    stack = DevStack(Settings(home=tmp_path))
+    stack.pids.mkdir(parents=True)
+    ours = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    (stack.pids / "vcsim.pid").write_text(f"{ours.pid} {_start_time(ours.pid)}\n")
+    assert {r["component"]: r["state"] for r in stack.status()}["vcsim"] == "running"
+    assert stack.down() == [("vcsim", "stopped")]
+    assert ours.wait(5) is not None
