@@ -28,3 +28,7 @@ def gateway_task_queue(gateway: str) -> str:
 
 def preflight_workflow_id(request_id: str) -> str:
     return f"preflight/{request_id}"
+
+
+def ippool_workflow_id(gateway: str, pool: str) -> str:
+    return f"ippool/{gateway}/{pool}"

@@ -14,10 +14,13 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 	"github.com/vmware/govmomi/vim25/xml"
 )
@@ -27,20 +30,23 @@ import (
 //   - serves /sdk/vimServiceVersions.xml for the configured apiVersion with prior versions,
 //   - completes CloneVM_Task where vcsim 0.24 falls short (placement, customization, powerOn,
 //     device sharing between template and clone),
+//   - makes the tasks of -task-delay methods asynchronous and serves CancelTask for them,
 //   - checks basic auth credentials on the REST endpoints.
 type frontHandler struct {
 	next        http.Handler
 	users       *userTable
 	sim         *simState
+	delays      *taskDelayer
 	versionsXML []byte
 	typeFunc    func(string) (reflect.Type, bool)
 }
 
-func newFrontHandler(next http.Handler, users *userTable, sim *simState, apiVersion string) http.Handler {
+func newFrontHandler(next http.Handler, users *userTable, sim *simState, delays *taskDelayer, apiVersion string) http.Handler {
 	return &frontHandler{
 		next:        next,
 		users:       users,
 		sim:         sim,
+		delays:      delays,
 		versionsXML: serviceVersionsXML(apiVersion),
 		typeFunc:    types.TypeFunc(),
 	}
@@ -134,14 +140,23 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
+	var method string
+	var this types.ManagedObjectReference
+	if h.delays.active() {
+		method, this = soapCall(body)
+		if method == "CancelTask" && h.delays.owns(this) {
+			h.serveCancelTask(w, r, this)
+			return
+		}
+	}
 	var clone *types.CloneVM_Task
 	if bytes.Contains(body, []byte("Login")) || bytes.Contains(body, []byte("CloneVM_Task")) {
-		if method, err := simulator.UnmarshalBody(h.typeFunc, body); err == nil {
-			switch req := method.Body.(type) {
+		if call, err := simulator.UnmarshalBody(h.typeFunc, body); err == nil {
+			switch req := call.Body.(type) {
 			case *types.Login:
 				if !h.users.valid(req.UserName, req.Password) {
 					// Let vcsim answer with its own InvalidLogin fault (it rejects empty passwords).
-					body = []byte(fmt.Sprintf(invalidLoginEnvelope, xmlEscape(method.This.Value), xmlEscape(req.UserName)))
+					body = []byte(fmt.Sprintf(invalidLoginEnvelope, xmlEscape(call.This.Value), xmlEscape(req.UserName)))
 				}
 			case *types.CloneVM_Task:
 				clone = req
@@ -151,30 +166,184 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 	r.Body = ioutil.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 
-	if clone == nil {
+	if method == "Logout" {
+		key := ""
+		if c, err := r.Cookie(soap.SessionCookieName); err == nil {
+			key = c.Value
+		}
+		h.next.ServeHTTP(w, r)
+		if key != "" {
+			forgetSessionCollectors(key)
+		}
+		return
+	}
+
+	if method == "FindByInventoryPath" || method == "FindChild" {
+		h.serveLookup(w, r, body)
+		return
+	}
+
+	delay := h.delays.delayFor(method)
+	if clone == nil && delay <= 0 {
 		h.next.ServeHTTP(w, r)
 		return
 	}
 
-	source := types.ManagedObjectReference{}
-	var saved []types.BaseVirtualDevice
-	if vm, ok := simulator.Map.Get(clone.This).(*simulator.VirtualMachine); ok {
-		source = vm.Self
-		simulator.Map.WithLock(vm, func() { saved = copyDevices(vm.Config.Hardware.Device) })
+	var around func(taskExecute, *simulator.Task) (types.AnyType, types.BaseMethodFault)
+	if clone != nil {
+		around = cloneDevicesFix(clone.This)
+		method, this = "CloneVM_Task", clone.This
+	}
+	arm := h.delays.arm(method, this, delay, around)
+	if clone != nil && delay > 0 {
+		// The clone is made when the delayed task executes: finish it right after, before
+		// the task reports success.
+		arm.after = func(res types.AnyType, fault types.BaseMethodFault) {
+			if vmRef, ok := res.(types.ManagedObjectReference); ok && fault == nil {
+				h.sim.finishClone(clone, vmRef)
+			}
+		}
 	}
 
 	rec := httptest.NewRecorder()
 	h.next.ServeHTTP(rec, r)
-	if rec.Code == http.StatusOK {
-		if ref := taskRefFromResponse(rec.Body.Bytes()); ref != nil {
-			h.sim.afterClone(clone, source, saved, *ref)
+	h.delays.disarm(arm)
+	out := arm.rewrite(rec.Body.Bytes())
+	if clone != nil && delay <= 0 && rec.Code == http.StatusOK {
+		if ref := taskRefFromResponse(out); ref != nil {
+			h.sim.afterClone(clone, *ref)
 		}
 	}
 	for k, v := range rec.Header() {
 		w.Header()[k] = v
 	}
+	w.Header().Del("Content-Length")
 	w.WriteHeader(rec.Code)
-	_, _ = w.Write(rec.Body.Bytes())
+	_, _ = w.Write(out)
+}
+
+// inventoryMu orders SearchIndex lookups (shared) and the work of CloneVM_Task (exclusive).
+var inventoryMu sync.RWMutex
+
+// serveLookup serves a SearchIndex lookup (only with -task-delay). vcsim 0.24 puts a new VM
+// into its folder before it has a name and fills it in without the folder's lock (createVM
+// sets the name last), while FindChild reads the children without their locks: a lookup that
+// walks the folder meanwhile races and panics ("... does not have a Name"; the client loses
+// its connection). Delayed tasks create VMs while clients poll FindByInventoryPath, so lookups
+// wait for clones in progress (inventoryMu), and are retried if a VM created some other way
+// (CreateVM_Task, RegisterVM_Task) makes them panic: nothing was written or changed yet.
+func (h *frontHandler) serveLookup(w http.ResponseWriter, r *http.Request, body []byte) {
+	for attempt := 1; ; attempt++ {
+		r.Body = ioutil.NopCloser(bytes.NewReader(body))
+		rec := httptest.NewRecorder()
+		x := catch(func() {
+			inventoryMu.RLock()
+			defer inventoryMu.RUnlock()
+			h.next.ServeHTTP(rec, r)
+		})
+		if x == nil {
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(rec.Code)
+			_, _ = w.Write(rec.Body.Bytes())
+			return
+		}
+		if attempt >= 200 || !strings.Contains(fmt.Sprint(x), "does not have a Name") {
+			panic(x)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// soapCall returns the method name and _this of a SOAP request (empty if it can't be parsed).
+func soapCall(body []byte) (string, types.ManagedObjectReference) {
+	var this types.ManagedObjectReference
+	dec := xml.NewDecoder(bytes.NewReader(body))
+	inBody, method, inThis := false, "", false
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return method, this
+		}
+		switch t := tok.(type) {
+		case xml.StartElement:
+			switch {
+			case !inBody:
+				inBody = t.Name.Local == "Body"
+			case method == "":
+				method = t.Name.Local
+			case t.Name.Local == "_this":
+				inThis = true
+				for _, attr := range t.Attr {
+					if attr.Name.Local == "type" {
+						this.Type = attr.Value
+					}
+				}
+			default:
+				return method, this
+			}
+		case xml.CharData:
+			if inThis {
+				this.Value += strings.TrimSpace(string(t))
+			}
+		case xml.EndElement:
+			if inThis {
+				return method, this
+			}
+			if method != "" && t.Name.Local == method {
+				return method, this
+			}
+		}
+	}
+}
+
+const soapEnvelopeHead = `<?xml version="1.0" encoding="UTF-8"?>` + "\n" +
+	`<soapenv:Envelope xmlns:soapenc="http://schemas.xmlsoap.org/soap/encoding/" ` +
+	`xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" xmlns:xsd="http://www.w3.org/2001/XMLSchema" ` +
+	`xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><soapenv:Body>`
+
+const soapEnvelopeTail = `</soapenv:Body></soapenv:Envelope>`
+
+const currentTimeEnvelope = `<?xml version="1.0" encoding="UTF-8"?>` +
+	`<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body>` +
+	`<CurrentTime xmlns="urn:vim25"><_this type="ServiceInstance">ServiceInstance</_this></CurrentTime>` +
+	`</soapenv:Body></soapenv:Envelope>`
+
+// serveCancelTask answers CancelTask on a delayed task (vcsim 0.24 has no CancelTask).
+func (h *frontHandler) serveCancelTask(w http.ResponseWriter, r *http.Request, ref types.ManagedObjectReference) {
+	// Let vcsim check the session (and apply -delay): a harmless call with the same cookies.
+	probe := r.Clone(r.Context())
+	probe.Body = ioutil.NopCloser(strings.NewReader(currentTimeEnvelope))
+	probe.ContentLength = int64(len(currentTimeEnvelope))
+	rec := httptest.NewRecorder()
+	h.next.ServeHTTP(rec, probe)
+	if rec.Code != http.StatusOK {
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.Code)
+		_, _ = w.Write(rec.Body.Bytes())
+		return
+	}
+
+	msg, fault := h.delays.cancelTask(ref)
+	var b bytes.Buffer
+	b.WriteString(soapEnvelopeHead)
+	code := http.StatusOK
+	if fault != nil {
+		code = http.StatusInternalServerError
+		kind := reflect.TypeOf(fault).Elem().Name()
+		fmt.Fprintf(&b, `<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring>%s</faultstring>`+
+			`<detail><%sFault xmlns="urn:vim25" xsi:type="%s"></%sFault></detail></soapenv:Fault>`,
+			xmlEscape(msg), kind, kind, kind)
+	} else {
+		b.WriteString(`<CancelTaskResponse xmlns="urn:vim25"></CancelTaskResponse>`)
+	}
+	b.WriteString(soapEnvelopeTail)
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	w.WriteHeader(code)
+	_, _ = w.Write(b.Bytes())
 }
 
 var taskRefRE = regexp.MustCompile(`<returnval type="Task">([^<]+)</returnval>`)
@@ -242,63 +411,95 @@ func containsRef(refs []types.ManagedObjectReference, ref types.ManagedObjectRef
 	return false
 }
 
-// afterClone fixes up the VM created by vcsim's CloneVM_Task.
-func (s *simState) afterClone(req *types.CloneVM_Task, source types.ManagedObjectReference, saved []types.BaseVirtualDevice, taskRef types.ManagedObjectReference) {
-	task, ok := simulator.Map.Get(taskRef).(*simulator.Task)
-	if !ok || task.Info.State != types.TaskInfoStateSuccess {
-		return
+// cloneDevicesFix returns the "around" hook of a CloneVM_Task's work. vcsim copies the
+// source's device objects by pointer (so the clone and the source share them, the source's
+// disk loses its file name and MACs are duplicated): the hook snapshots the source's devices,
+// runs the clone, gives the clone its own devices (with new MAC addresses) and restores the
+// source's. It runs with the source locked (as vcsim runs the task), so that concurrent clones
+// of one source neither race nor snapshot each other's half-done state.
+func cloneDevicesFix(source types.ManagedObjectReference) func(taskExecute, *simulator.Task) (types.AnyType, types.BaseMethodFault) {
+	return func(execute taskExecute, t *simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		src, _ := simulator.Map.Get(source).(*simulator.VirtualMachine)
+		var saved []types.BaseVirtualDevice
+		if src != nil && src.Config != nil {
+			saved = copyDevices(src.Config.Hardware.Device)
+		}
+		inventoryMu.Lock() // see serveLookup
+		res, fault := execute(t)
+		inventoryMu.Unlock()
+		if vmRef, ok := res.(types.ManagedObjectReference); ok && fault == nil && saved != nil {
+			if vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine); ok {
+				swapCloneDevices(src, vm, saved)
+			}
+		}
+		return res, fault
 	}
-	vmRef, ok := task.Info.Result.(types.ManagedObjectReference)
+}
+
+// swapCloneDevices: see cloneDevicesFix. The caller holds src's lock.
+func swapCloneDevices(src, vm *simulator.VirtualMachine, saved []types.BaseVirtualDevice) {
+	srcMACs := map[string]bool{}
+	for _, d := range saved {
+		if c, ok := d.(types.BaseVirtualEthernetCard); ok {
+			srcMACs[strings.ToLower(c.GetVirtualEthernetCard().MacAddress)] = true
+		}
+	}
+	simulator.Map.WithLock(vm, func() {
+		devices := copyDevices(vm.Config.Hardware.Device)
+		if devices == nil {
+			return
+		}
+		guestNet := append([]types.GuestNicInfo(nil), vm.Guest.Net...)
+		for _, d := range devices {
+			c, ok := d.(types.BaseVirtualEthernetCard)
+			if !ok {
+				continue
+			}
+			card := c.GetVirtualEthernetCard()
+			if srcMACs[strings.ToLower(card.MacAddress)] {
+				card.MacAddress = randomMAC()
+				card.AddressType = string(types.VirtualEthernetCardMacTypeGenerated)
+			}
+			for i := range guestNet {
+				if guestNet[i].DeviceConfigId == card.Key {
+					guestNet[i].MacAddress = card.MacAddress
+				}
+			}
+		}
+		simulator.Map.Update(vm, []types.PropertyChange{
+			{Name: "config.hardware.device", Val: devices},
+			{Name: "guest.net", Val: guestNet},
+		})
+	})
+	simulator.Map.Update(src, []types.PropertyChange{{Name: "config.hardware.device", Val: saved}})
+}
+
+// afterClone finishes the VM created by vcsim's (synchronous) CloneVM_Task.
+func (s *simState) afterClone(req *types.CloneVM_Task, taskRef types.ManagedObjectReference) {
+	task, ok := simulator.Map.Get(taskRef).(*simulator.Task)
 	if !ok {
 		return
 	}
+	var state types.TaskInfoState
+	var result types.AnyType
+	simulator.Map.WithLock(task, func() { state, result = task.Info.State, task.Info.Result })
+	if state != types.TaskInfoStateSuccess {
+		return
+	}
+	if vmRef, ok := result.(types.ManagedObjectReference); ok {
+		s.finishClone(req, vmRef)
+	}
+}
+
+// finishClone does what vcsim's CloneVM_Task leaves out (placement, customization, powerOn),
+// once the clone exists. No locks are held.
+func (s *simState) finishClone(req *types.CloneVM_Task, vmRef types.ManagedObjectReference) {
 	vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine)
 	if !ok {
 		return
 	}
 
-	// 1. vcsim copies the source's device objects by pointer: give the clone its own devices
-	//    (with new MAC addresses) and restore the source's.
-	if src, ok := simulator.Map.Get(source).(*simulator.VirtualMachine); ok && saved != nil {
-		srcMACs := map[string]bool{}
-		for _, d := range saved {
-			if c, ok := d.(types.BaseVirtualEthernetCard); ok {
-				srcMACs[strings.ToLower(c.GetVirtualEthernetCard().MacAddress)] = true
-			}
-		}
-		simulator.Map.WithLock(vm, func() {
-			devices := copyDevices(vm.Config.Hardware.Device)
-			if devices == nil {
-				return
-			}
-			guestNet := append([]types.GuestNicInfo(nil), vm.Guest.Net...)
-			for _, d := range devices {
-				c, ok := d.(types.BaseVirtualEthernetCard)
-				if !ok {
-					continue
-				}
-				card := c.GetVirtualEthernetCard()
-				if srcMACs[strings.ToLower(card.MacAddress)] {
-					card.MacAddress = randomMAC()
-					card.AddressType = string(types.VirtualEthernetCardMacTypeGenerated)
-				}
-				for i := range guestNet {
-					if guestNet[i].DeviceConfigId == card.Key {
-						guestNet[i].MacAddress = card.MacAddress
-					}
-				}
-			}
-			simulator.Map.Update(vm, []types.PropertyChange{
-				{Name: "config.hardware.device", Val: devices},
-				{Name: "guest.net", Val: guestNet},
-			})
-		})
-		simulator.Map.WithLock(src, func() {
-			simulator.Map.Update(src, []types.PropertyChange{{Name: "config.hardware.device", Val: saved}})
-		})
-	}
-
-	// 2. Placement: vcsim keeps the source's host even when the pool is in another cluster,
+	// 1. Placement: vcsim keeps the source's host even when the pool is in another cluster,
 	//    and ignores spec.location.host.
 	var target *types.ManagedObjectReference
 	if h := req.Spec.Location.Host; h != nil {
@@ -320,7 +521,7 @@ func (s *simState) afterClone(req *types.CloneVM_Task, source types.ManagedObjec
 	ctx := context.Background()
 	obj := object.NewVirtualMachine(s.client, vmRef)
 
-	// 3. Guest customization given in the clone spec (vcsim 0.24 ignores it).
+	// 2. Guest customization given in the clone spec (vcsim 0.24 ignores it).
 	if req.Spec.Customization != nil {
 		t, err := obj.Customize(ctx, *req.Spec.Customization)
 		if err == nil {
@@ -331,7 +532,7 @@ func (s *simState) afterClone(req *types.CloneVM_Task, source types.ManagedObjec
 		}
 	}
 
-	// 4. spec.powerOn (vcsim 0.24 ignores it).
+	// 3. spec.powerOn (vcsim 0.24 ignores it).
 	if req.Spec.PowerOn {
 		t, err := obj.PowerOn(ctx)
 		if err == nil {

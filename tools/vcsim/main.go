@@ -73,6 +73,7 @@ type options struct {
 	LocalDatastores listFlag
 	Delay           int
 	MethodDelay     string
+	TaskDelay       string
 	Jitter          float64
 	Template        string
 	DHCP            string
@@ -110,7 +111,8 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.Var(&o.LocalDatastores, "local-datastore", "NAME@HOSTNAME: extra datastore mounted on that host only (repeatable or comma list)")
 	fs.IntVar(&o.Delay, "delay", 0, "delay in ms added to every SOAP method")
 	fs.StringVar(&o.MethodDelay, "method-delay", "", "per-method delays in ms, e.g. \"CloneVM_Task=800,ReconfigVM_Task=100\"")
-	fs.Float64Var(&o.Jitter, "jitter", 0, "delay jitter as coefficient of variation (stddev/mean)")
+	fs.StringVar(&o.TaskDelay, "task-delay", "", "per-method task run time in ms: the task is returned running and completes after it, e.g. \"CloneVM_Task=1500,PowerOnVM_Task=200\" (\"*=MS\": every *_Task method)")
+	fs.Float64Var(&o.Jitter, "jitter", 0, "delay jitter as coefficient of variation (stddev/mean), also applied to -task-delay")
 	fs.StringVar(&o.Template, "template", "ubuntu-2204-kube-v1.30", "name of the VM template created in /DC0/vm/templates (empty: none)")
 	fs.StringVar(&o.DHCP, "dhcp", "", "DHCP ranges per network, e.g. \"VM Network=10.20.0.100-10.20.0.199,DC0_DVPG0=10.21.0.100-10.21.0.199\"")
 	fs.Var(&o.ExtraPrivileges, "extra-privileges", "additional privilege ids to add to privilegeList and the Admin role (repeatable or comma list)")
@@ -268,20 +270,21 @@ func deriveAPIVersion(version string) string {
 }
 
 type readyInfo struct {
-	URL              string   `json:"url"`
-	Host             string   `json:"host"`
-	Port             int      `json:"port"`
-	TLS              bool     `json:"tls"`
-	ThumbprintSHA256 *string  `json:"thumbprint_sha256"`
-	ThumbprintSHA1   *string  `json:"thumbprint_sha1"`
-	Version          string   `json:"version"`
-	Build            string   `json:"build"`
-	APIVersion       string   `json:"api_version"`
-	Username         string   `json:"username"`
-	Users            []string `json:"users"`
-	Template         string   `json:"template,omitempty"`
-	CertFile         string   `json:"cert_file,omitempty"`
-	PID              int      `json:"pid"`
+	URL              string         `json:"url"`
+	Host             string         `json:"host"`
+	Port             int            `json:"port"`
+	TLS              bool           `json:"tls"`
+	ThumbprintSHA256 *string        `json:"thumbprint_sha256"`
+	ThumbprintSHA1   *string        `json:"thumbprint_sha1"`
+	Version          string         `json:"version"`
+	Build            string         `json:"build"`
+	APIVersion       string         `json:"api_version"`
+	Username         string         `json:"username"`
+	Users            []string       `json:"users"`
+	Template         string         `json:"template,omitempty"`
+	TaskDelay        map[string]int `json:"task_delay"`
+	CertFile         string         `json:"cert_file,omitempty"`
+	PID              int            `json:"pid"`
 }
 
 func writeFileAtomic(path string, data []byte) error {
@@ -348,6 +351,10 @@ func run(args []string) error {
 	if err != nil {
 		return err
 	}
+	taskDelay, err := parseTaskDelay(o.TaskDelay)
+	if err != nil {
+		return err
+	}
 	users, err := newUserTable(o)
 	if err != nil {
 		return err
@@ -385,6 +392,13 @@ func run(args []string) error {
 
 	dhcp.install()
 
+	delays := newTaskDelayer(taskDelay, o.Jitter)
+	delays.install()
+	if delays.active() {
+		installWaitCollector()
+		log.Printf("task delays: %s", delays.describe())
+	}
+
 	// Delays start only now, so that building the inventory is not slowed down.
 	sim.model.DelayConfig.Delay = o.Delay
 	sim.model.DelayConfig.MethodDelay = methodDelay
@@ -409,7 +423,7 @@ func run(args []string) error {
 	}
 
 	server := svc.NewServer()
-	server.Config.Handler = newFrontHandler(server.Config.Handler, users, sim, o.APIVersion)
+	server.Config.Handler = newFrontHandler(server.Config.Handler, users, sim, delays, o.APIVersion)
 	server.Config.ErrorLog = log.New(os.Stderr, "vcsim http: ", log.LstdFlags)
 
 	addr := server.Listener.Addr().(*net.TCPAddr)
@@ -441,6 +455,7 @@ func run(args []string) error {
 		Username:   o.Username,
 		Users:      users.names,
 		Template:   sim.templatePath,
+		TaskDelay:  delays.copyDelays(),
 		CertFile:   o.CertOut,
 		PID:        os.Getpid(),
 	}

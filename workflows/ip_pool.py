@@ -1,0 +1,182 @@
+"""IpPoolWorkflow: the state of record of one IP pool and every allocation from it."""
+
+from __future__ import annotations
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from domain import errors, names
+    from domain.ipam import (
+        AllocateRequest,
+        AllocateResult,
+        AllocationsPage,
+        AllocationsQuery,
+        IpPoolInput,
+        IpPoolSpec,
+        OutOfAddresses,
+        PoolAllocator,
+        PoolClaimed,
+        PoolStatus,
+        ReleaseRequest,
+        ReleaseResult,
+    )
+
+
+@workflow.defn(name="IpPoolWorkflow")
+class IpPoolWorkflow:
+    """An entity: lives until deleted, continues as new before its history grows large.
+
+    Update handlers are synchronous, so each runs to completion before the next starts:
+    no two requests ever see the same free address.
+    """
+
+    @workflow.init
+    def __init__(self, input: IpPoolInput) -> None:
+        self.input = input
+        self.pool = PoolAllocator.restore(input.spec, input.snapshot)
+        self.created_at = input.created_at or workflow.now()
+        self.deleting = False
+
+    @workflow.run
+    async def run(self, input: IpPoolInput) -> PoolStatus:
+        self._publish()
+        await workflow.wait_condition(lambda: self.deleting or self._history_large())
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        if self.deleting:
+            return self.status()
+        workflow.continue_as_new(
+            IpPoolInput(
+                spec=self.input.spec,
+                snapshot=self.pool.snapshot(),
+                created_at=self.created_at,
+                continue_as_new_after=self.input.continue_as_new_after,
+            )
+        )
+
+    def _history_large(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self.input.continue_as_new_after
+        )
+
+    # -- allocate ---------------------------------------------------------------------------
+
+    @workflow.update
+    def allocate(self, request: AllocateRequest) -> AllocateResult:
+        """Addresses for the owner's slots; the same owner and slot always get the same one."""
+        addresses = self.pool.allocate(request.owner, request.slots, workflow.now())
+        self._publish()
+        spec = self.pool.spec
+        return AllocateResult(
+            pool=spec.name,
+            addresses=addresses,
+            prefix=spec.prefix_length,
+            network_gateway=spec.network_gateway,
+            nameservers=spec.nameservers,
+            search_domains=spec.search_domains,
+        )
+
+    @allocate.validator
+    def _validate_allocate(self, request: AllocateRequest) -> None:
+        self._refuse_if_deleting()
+        try:
+            self.pool.check_allocate(request.owner, request.slots)
+        except OutOfAddresses as exc:
+            raise ApplicationError(
+                str(exc), type=errors.OUT_OF_ADDRESSES, non_retryable=True
+            ) from None
+        except PoolClaimed as exc:
+            raise ApplicationError(
+                str(exc), type=errors.POOL_RESTRICTED, non_retryable=True
+            ) from None
+        except ValueError as exc:
+            raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
+
+    # -- release ----------------------------------------------------------------------------
+
+    @workflow.update
+    def release(self, request: ReleaseRequest) -> ReleaseResult:
+        """Give back the owner's addresses (all, or the named slots); repeating it is a no-op."""
+        released = self.pool.release(request.owner, request.slots)
+        self._publish()
+        return ReleaseResult(released=released)
+
+    @release.validator
+    def _validate_release(self, request: ReleaseRequest) -> None:
+        if not request.owner:
+            raise ApplicationError("owner: required", type=errors.INVALID_SPEC, non_retryable=True)
+
+    # -- delete -----------------------------------------------------------------------------
+
+    @workflow.update
+    def delete(self) -> PoolStatus:
+        """End the pool. Refused while any address is allocated."""
+        self.deleting = True
+        return self.status()
+
+    @delete.validator
+    def _validate_delete(self) -> None:
+        if self.pool.used:
+            owners = ", ".join(self.pool.owners()[:5])
+            more = (
+                "" if len(self.pool.owners()) <= 5 else f" and {len(self.pool.owners()) - 5} more"
+            )
+            raise ApplicationError(
+                f"pool {self.pool.spec.name} still has {self.pool.used} allocated address(es), "
+                f"held by {owners}{more}; release them first",
+                type=errors.POOL_IN_USE,
+                non_retryable=True,
+            )
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @workflow.query
+    def definition(self) -> IpPoolSpec:
+        return self.pool.spec
+
+    @workflow.query
+    def status(self) -> PoolStatus:
+        return PoolStatus(
+            spec=self.pool.spec,
+            capacity=self.pool.capacity,
+            used=self.pool.used,
+            free=self.pool.free,
+            owners=self.pool.owners(),
+            claimed_by=self.pool.claimed_by,
+            created_at=self.created_at,
+            deleting=self.deleting,
+        )
+
+    @workflow.query
+    def allocations(self, query: AllocationsQuery) -> AllocationsPage:
+        every = self.pool.allocations(query.owner)
+        return AllocationsPage(
+            allocations=every[query.offset : query.offset + query.limit], total=len(every)
+        )
+
+    def _refuse_if_deleting(self) -> None:
+        if self.deleting:
+            raise ApplicationError(
+                f"pool {self.pool.spec.name} is being deleted",
+                type=errors.POOL_NOT_FOUND,
+                non_retryable=True,
+            )
+
+    def _publish(self) -> None:
+        """Search attributes and a one-line state for the Web UI."""
+        spec = self.pool.spec
+        workflow.upsert_search_attributes(
+            [
+                names.KIND.value_set("ippool"),
+                names.GATEWAY.value_set(spec.gateway),
+                names.STATUS.value_set("Active"),
+            ]
+        )
+        workflow.set_current_details(
+            f"## IP pool `{spec.name}` ({spec.describe_range()})\n\n"
+            f"{self.pool.used} of {self.pool.capacity} addresses allocated, "
+            f"{self.pool.free} free; {len(self.pool.owners())} owner(s)"
+            + (f"; restricted to {self.pool.claimed_by}" if self.pool.claimed_by else "")
+        )
