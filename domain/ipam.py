@@ -122,10 +122,10 @@ class IpPoolSpec(BaseModel):
 
     @property
     def network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-        """The node network: the subnet, or gateway/prefix for a range."""
+        """The node network: the subnet, or first/prefix for a range."""
         if self.subnet is not None:
             return ipaddress.ip_network(self.subnet)
-        return ipaddress.ip_network(f"{self.network_gateway}/{self.prefix}", strict=False)
+        return ipaddress.ip_network(f"{self.first}/{self.prefix}", strict=False)
 
     @property
     def prefix_length(self) -> int:
@@ -282,7 +282,7 @@ class PoolAllocator:
     def release(self, owner: str, slots: list[str] | None = None) -> list[str]:
         """Give back the owner's addresses (all, or the named slots); returns those released."""
         held = self._by_owner.get(owner, {})
-        names = list(held) if slots is None else [s for s in slots if s in held]
+        names = list(held) if slots is None else [s for s in dict.fromkeys(slots) if s in held]
         released = []
         for slot in names:
             offset, _ = held.pop(slot)
@@ -424,3 +424,25 @@ class ReleaseAddresses(PoolRef, ReleaseRequest):
 
 class ListAddresses(PoolRef, AllocationsQuery):
     """Input of the list_addresses activity."""
+
+
+class AllocateBatch(BaseModel):
+    """Many callers' allocation requests, sent to the pool as one update."""
+
+    requests: list[AllocateRequest]
+
+
+class AllocateOutcome(BaseModel):
+    """One request's answer in a batch: a result, or the error it would have raised."""
+
+    result: AllocateResult | None = None
+    error_type: str | None = None
+    error: str | None = None
+
+
+class AllocateBatchResult(BaseModel):
+    outcomes: list[AllocateOutcome]
+
+
+#: largest batch the pool accepts in one update
+MAX_BATCH = 200

@@ -7,22 +7,155 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, TLSConfig
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.client import (
+    Client,
+    TLSConfig,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain import names
 from domain.account import CloudAccountSpec, VCenterCredentials, VCenterEndpoint
+from domain.ipam import (
+    MAX_BATCH,
+    AllocateBatch,
+    AllocateBatchResult,
+    AllocateRequest,
+    AllocateResult,
+    Allocation,
+    AllocationsPage,
+    AllocationsQuery,
+    IpPoolInput,
+    IpPoolSpec,
+    PoolStatus,
+    ReleaseRequest,
+    ReleaseResult,
+)
 from domain.preflight import PreflightReport, PreflightRequest
 from domain.sealing import PASSWORD_PURPOSE, seal
 from starters.settings import Settings
+from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
+
+T = TypeVar("T")
+
+#: the server refuses updates beyond its in-flight limit per workflow (default 10)
+_BUSY = RPCStatusCode.RESOURCE_EXHAUSTED
+#: updates this process keeps in flight per workflow, below the server's limit
+UPDATES_IN_FLIGHT = 8
+_gates: dict[tuple[int, str], asyncio.Semaphore] = {}
+
+
+async def send_update(
+    workflow_id: str, call: Callable[[], Awaitable[T]], patience: float = 60.0
+) -> T:
+    """Send an update to a workflow, at most UPDATES_IN_FLIGHT at a time from this process.
+
+    If the server still refuses it for a passing reason (too many updates in flight from
+    other processes, or the run closed under it by continue-as-new), back off (jittered,
+    20 ms doubling to 1 s) and try again for up to `patience` seconds. Only for idempotent
+    updates, as every IP pool update is.
+    """
+    loop = asyncio.get_running_loop()
+    gate = _gates.setdefault((id(loop), workflow_id), asyncio.Semaphore(UPDATES_IN_FLIGHT))
+    deadline = loop.time() + patience
+    delay = 0.02
+    while True:
+        async with gate:
+            try:
+                return await call()
+            except RPCError as exc:
+                passing = exc.status == _BUSY or "update was aborted" in str(exc)
+                if not passing or loop.time() > deadline:
+                    raise
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 1.0)
+
+
+class AllocationBatcher:
+    """Coalesces one process's concurrent allocations from a pool into batch updates.
+
+    While a batch is in flight, new requests wait and go together in the next one; at most
+    `senders` batches are in flight. Each caller gets its own result, or its own
+    ApplicationError with the pool's error type.
+    """
+
+    senders_max = 2
+
+    def __init__(self, handle: WorkflowHandle[Any, Any]) -> None:
+        self.handle = handle
+        self.pending: list[tuple[AllocateRequest, asyncio.Future[AllocateResult]]] = []
+        self.senders = 0
+
+    @classmethod
+    def of(cls, handle: WorkflowHandle[Any, Any]) -> AllocationBatcher:
+        key = (id(asyncio.get_running_loop()), handle.id)
+        batcher = _batchers.get(key)
+        if batcher is None:
+            batcher = _batchers[key] = cls(handle)
+        return batcher
+
+    async def allocate(self, request: AllocateRequest) -> AllocateResult:
+        future: asyncio.Future[AllocateResult] = asyncio.get_running_loop().create_future()
+        self.pending.append((request, future))
+        if self.senders < self.senders_max:
+            self.senders += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+                update = AllocateBatch(requests=[request for request, _ in batch])
+                try:
+                    result: AllocateBatchResult = await send_update(
+                        self.handle.id,
+                        lambda u=update: self.handle.execute_update(  # type: ignore[misc]
+                            IpPoolWorkflow.allocate_batch, u
+                        ),
+                    )
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), outcome in zip(batch, result.outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if outcome.result is not None:
+                        future.set_result(outcome.result)
+                    else:
+                        future.set_exception(
+                            ApplicationError(
+                                outcome.error or "allocation refused",
+                                type=outcome.error_type,
+                                non_retryable=True,
+                            )
+                        )
+        finally:
+            self.senders -= 1
+
+
+_batchers: dict[tuple[int, str], AllocationBatcher] = {}
+_background: set[asyncio.Task[None]] = set()
 
 
 class KubegateError(Exception):
@@ -141,3 +274,151 @@ class KubegateClient:
                 ]
             ),
         )
+
+    # -- IP pools -------------------------------------------------------------------------------
+
+    def pool_handle(self, gateway: str, pool: str) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(names.ippool_workflow_id(gateway, pool))
+
+    async def list_pools(self, gateway: str | None = None) -> list[PoolStatus]:
+        """Every live pool (of one gateway, or all), with free and used counts."""
+        query = "KubegateKind = 'ippool' AND ExecutionStatus = 'Running'"
+        if gateway:
+            query += f" AND KubegateGateway = '{gateway}'"
+        handles = [
+            self.client.get_workflow_handle(execution.id)
+            async for execution in self.client.list_workflows(query)
+        ]
+        statuses = await asyncio.gather(
+            *(h.query(IpPoolWorkflow.status) for h in handles), return_exceptions=True
+        )
+        found = [s for s in statuses if isinstance(s, PoolStatus)]
+        return sorted(found, key=lambda s: (s.spec.gateway, s.spec.name))
+
+    async def create_pool(
+        self,
+        spec: IpPoolSpec,
+        *,
+        task_queue: str = names.CONTROL_TASK_QUEUE,
+        continue_as_new_after: int | None = None,
+    ) -> PoolStatus:
+        """Start the pool's workflow; refused if it exists or overlaps a pool of its gateway.
+
+        The overlap check reads the gateway's live pools; two overlapping pools created at
+        the same instant are not caught (the gateway workflow will own this list).
+        """
+        for other in await self.list_pools(spec.gateway):
+            if other.spec.name == spec.name:
+                raise KubegateError(f"IP pool {spec.name} of gateway {spec.gateway} already exists")
+            if spec.overlaps(other.spec):
+                raise KubegateError(
+                    f"IP pool {spec.name} ({spec.describe_range()}) overlaps pool "
+                    f"{other.spec.name} ({other.spec.describe_range()}) of gateway {spec.gateway}"
+                )
+        try:
+            handle = await self.client.start_workflow(
+                IpPoolWorkflow.run,
+                IpPoolInput(spec=spec)
+                if continue_as_new_after is None
+                else IpPoolInput(spec=spec, continue_as_new_after=continue_as_new_after),
+                id=names.ippool_workflow_id(spec.gateway, spec.name),
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                static_summary=f"IP pool {spec.name} ({spec.describe_range()}) of gateway "
+                f"{spec.gateway}",
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "ippool"),
+                        SearchAttributePair(names.STATUS, "Active"),
+                        SearchAttributePair(names.GATEWAY, spec.gateway),
+                    ]
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise KubegateError(
+                f"IP pool {spec.name} of gateway {spec.gateway} already exists"
+            ) from None
+        status: PoolStatus = await handle.query(IpPoolWorkflow.status)
+        return status
+
+    async def pool_status(self, gateway: str, pool: str) -> PoolStatus:
+        try:
+            status: PoolStatus = await self.pool_handle(gateway, pool).query(IpPoolWorkflow.status)
+        except RPCError as exc:
+            raise self._pool_error(exc, gateway, pool) from None
+        if status.deleting:  # a closed pool still answers queries by replay
+            raise KubegateError(f"IP pool {pool} of gateway {gateway} does not exist (deleted)")
+        return status
+
+    async def pool_allocations(
+        self, gateway: str, pool: str, owner: str | None = None, limit: int = 100_000
+    ) -> list[Allocation]:
+        handle = self.pool_handle(gateway, pool)
+        out: list[Allocation] = []
+        try:
+            while True:
+                page: AllocationsPage = await handle.query(
+                    IpPoolWorkflow.allocations,
+                    AllocationsQuery(owner=owner, offset=len(out), limit=min(limit, 5_000)),
+                )
+                out += page.allocations
+                if not page.allocations or len(out) >= min(page.total, limit):
+                    return out
+        except RPCError as exc:
+            raise self._pool_error(exc, gateway, pool) from None
+
+    async def allocate(
+        self, gateway: str, pool: str, owner: str, slots: list[str]
+    ) -> AllocateResult:
+        """Allocate directly (tools, tests); workflows use the allocate_addresses activity."""
+        try:
+            request = AllocateRequest(owner=owner, slots=slots)
+            batcher = AllocationBatcher.of(self.pool_handle(gateway, pool))
+            result = await batcher.allocate(request)
+        except ApplicationError as exc:
+            raise KubegateError(exc.message) from None
+        except WorkflowUpdateFailedError as exc:
+            raise KubegateError(_cause(exc)) from None
+        except RPCError as exc:
+            raise self._pool_error(exc, gateway, pool) from None
+        return result
+
+    async def release(
+        self, gateway: str, pool: str, owner: str, slots: list[str] | None = None
+    ) -> ReleaseResult:
+        try:
+            handle = self.pool_handle(gateway, pool)
+            request = ReleaseRequest(owner=owner, slots=slots)
+            result: ReleaseResult = await send_update(
+                handle.id, lambda: handle.execute_update(IpPoolWorkflow.release, request)
+            )
+        except WorkflowUpdateFailedError as exc:
+            raise KubegateError(_cause(exc)) from None
+        except RPCError as exc:
+            raise self._pool_error(exc, gateway, pool) from None
+        return result
+
+    async def delete_pool(self, gateway: str, pool: str) -> PoolStatus:
+        """End the pool; refused (with the owners named) while addresses are allocated."""
+        handle = self.pool_handle(gateway, pool)
+        try:
+            await send_update(handle.id, lambda: handle.execute_update(IpPoolWorkflow.delete))
+            status: PoolStatus = await handle.result()
+        except WorkflowUpdateFailedError as exc:
+            raise KubegateError(_cause(exc)) from None
+        except RPCError as exc:
+            raise self._pool_error(exc, gateway, pool) from None
+        return status
+
+    @staticmethod
+    def _pool_error(exc: RPCError, gateway: str, pool: str) -> Exception:
+        if exc.status == RPCStatusCode.NOT_FOUND or "workflow execution already completed" in str(
+            exc
+        ):
+            return KubegateError(f"IP pool {pool} of gateway {gateway} does not exist")
+        return exc
+
+
+def _cause(exc: WorkflowUpdateFailedError) -> str:
+    cause = exc.cause
+    return str(getattr(cause, "message", None) or cause)

@@ -8,18 +8,26 @@ import logging
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.ipam import IpamActivities
 from domain.names import CONTROL_TASK_QUEUE
 from starters.client import connect
 from starters.settings import Settings
 from workers.run import run_until_signalled
+from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
-WORKFLOWS = [PreflightWorkflow]
+WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow]
 
 
 def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:
     """The control worker on its task queue (tests pass their own queue)."""
-    return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=[])
+    ipam = IpamActivities(client)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=[ipam.allocate_addresses, ipam.release_addresses, ipam.list_addresses],
+    )
 
 
 async def serve(settings: Settings | None = None) -> None:

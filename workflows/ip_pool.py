@@ -8,6 +8,10 @@ from temporalio.exceptions import ApplicationError
 with workflow.unsafe.imports_passed_through():
     from domain import errors, names
     from domain.ipam import (
+        MAX_BATCH,
+        AllocateBatch,
+        AllocateBatchResult,
+        AllocateOutcome,
         AllocateRequest,
         AllocateResult,
         AllocationsPage,
@@ -21,6 +25,10 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRequest,
         ReleaseResult,
     )
+
+
+#: continue as new well before the server's per-run update limit (2,000 by default)
+MAX_UPDATES_PER_RUN = 1_000
 
 
 @workflow.defn(name="IpPoolWorkflow")
@@ -37,13 +45,22 @@ class IpPoolWorkflow:
         self.pool = PoolAllocator.restore(input.spec, input.snapshot)
         self.created_at = input.created_at or workflow.now()
         self.deleting = False
+        self.updates = 0  # handled in this run; the server caps updates per run (2,000)
 
     @workflow.run
     async def run(self, input: IpPoolInput) -> PoolStatus:
+        workflow.upsert_search_attributes(
+            [
+                names.KIND.value_set("ippool"),
+                names.GATEWAY.value_set(input.spec.gateway),
+                names.STATUS.value_set("Active"),
+            ]
+        )
         self._publish()
         await workflow.wait_condition(lambda: self.deleting or self._history_large())
         await workflow.wait_condition(workflow.all_handlers_finished)
         if self.deleting:
+            workflow.upsert_search_attributes([names.STATUS.value_set("Deleted")])
             return self.status()
         workflow.continue_as_new(
             IpPoolInput(
@@ -59,6 +76,7 @@ class IpPoolWorkflow:
         return (
             info.is_continue_as_new_suggested()
             or info.get_current_history_length() >= self.input.continue_as_new_after
+            or self.updates >= MAX_UPDATES_PER_RUN
         )
 
     # -- allocate ---------------------------------------------------------------------------
@@ -66,8 +84,42 @@ class IpPoolWorkflow:
     @workflow.update
     def allocate(self, request: AllocateRequest) -> AllocateResult:
         """Addresses for the owner's slots; the same owner and slot always get the same one."""
-        addresses = self.pool.allocate(request.owner, request.slots, workflow.now())
+        self.updates += 1
+        result = self._allocate(request)
         self._publish()
+        return result
+
+    @allocate.validator
+    def _validate_allocate(self, request: AllocateRequest) -> None:
+        self._refuse_if_deleting()
+        self._check(request)
+
+    @workflow.update
+    def allocate_batch(self, batch: AllocateBatch) -> AllocateBatchResult:
+        """Several callers' requests in one update; each gets its own result or error."""
+        self.updates += 1
+        outcomes = []
+        for request in batch.requests:
+            try:
+                self._check(request)
+                outcomes.append(AllocateOutcome(result=self._allocate(request)))
+            except ApplicationError as exc:
+                outcomes.append(AllocateOutcome(error_type=exc.type, error=exc.message))
+        self._publish()
+        return AllocateBatchResult(outcomes=outcomes)
+
+    @allocate_batch.validator
+    def _validate_batch(self, batch: AllocateBatch) -> None:
+        self._refuse_if_deleting()
+        if not 1 <= len(batch.requests) <= MAX_BATCH:
+            raise ApplicationError(
+                f"requests: between 1 and {MAX_BATCH} per batch",
+                type=errors.INVALID_SPEC,
+                non_retryable=True,
+            )
+
+    def _allocate(self, request: AllocateRequest) -> AllocateResult:
+        addresses = self.pool.allocate(request.owner, request.slots, workflow.now())
         spec = self.pool.spec
         return AllocateResult(
             pool=spec.name,
@@ -78,9 +130,8 @@ class IpPoolWorkflow:
             search_domains=spec.search_domains,
         )
 
-    @allocate.validator
-    def _validate_allocate(self, request: AllocateRequest) -> None:
-        self._refuse_if_deleting()
+    def _check(self, request: AllocateRequest) -> None:
+        """What allocate would refuse, as the ApplicationError callers see."""
         try:
             self.pool.check_allocate(request.owner, request.slots)
         except OutOfAddresses as exc:
@@ -99,6 +150,7 @@ class IpPoolWorkflow:
     @workflow.update
     def release(self, request: ReleaseRequest) -> ReleaseResult:
         """Give back the owner's addresses (all, or the named slots); repeating it is a no-op."""
+        self.updates += 1
         released = self.pool.release(request.owner, request.slots)
         self._publish()
         return ReleaseResult(released=released)
@@ -165,15 +217,8 @@ class IpPoolWorkflow:
             )
 
     def _publish(self) -> None:
-        """Search attributes and a one-line state for the Web UI."""
+        """A one-line state for the Web UI (search attributes are set once, at start)."""
         spec = self.pool.spec
-        workflow.upsert_search_attributes(
-            [
-                names.KIND.value_set("ippool"),
-                names.GATEWAY.value_set(spec.gateway),
-                names.STATUS.value_set("Active"),
-            ]
-        )
         workflow.set_current_details(
             f"## IP pool `{spec.name}` ({spec.describe_range()})\n\n"
             f"{self.pool.used} of {self.pool.capacity} addresses allocated, "
