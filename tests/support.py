@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,3 +177,26 @@ async def record_history(client: Any, workflow_id: str, name: str) -> None:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
     (HISTORIES / f"{name}.json").write_text(history.to_json())
+
+
+async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
+    """Run the CLI without blocking the event loop that hosts the workers."""
+    env = {
+        **os.environ,
+        "KUBEGATE_HOME": str(settings.home),
+        "KUBEGATE_TEMPORAL_ADDRESS": settings.temporal_address,
+        "COLUMNS": "250",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "starters.cli",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    output, _ = await process.communicate(stdin)
+    assert process.returncode is not None
+    return process.returncode, output.decode()

@@ -15,32 +15,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from starters.settings import Settings
 from tests.conftest import GATEWAY
-from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim
+from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim, run_cli
 
 pytestmark = pytest.mark.integration
-
-
-async def kubegate(settings: Settings, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
-    """Run the CLI without blocking the event loop that hosts the workers."""
-    env = {
-        **os.environ,
-        "KUBEGATE_HOME": str(settings.home),
-        "KUBEGATE_TEMPORAL_ADDRESS": settings.temporal_address,
-        "COLUMNS": "250",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "starters.cli",
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-    )
-    output, _ = await process.communicate(stdin)
-    assert process.returncode is not None
-    return process.returncode, output.decode()
 
 
 def account_file(tmp_path: Path, sim: Vcsim, pw: str, **vcenter: Any) -> Path:
@@ -66,7 +43,7 @@ def account_file(tmp_path: Path, sim: Vcsim, pw: str, **vcenter: Any) -> Path:
 async def test_validate_prints_a_table_and_exits_0(
     vcsim: Vcsim, settings: Settings, sessions: Any, tmp_path: Path
 ) -> None:
-    code, output = await kubegate(
+    code, output = await run_cli(
         settings, "account", "validate", "-f", str(account_file(tmp_path, vcsim, vcsim.password))
     )
 
@@ -79,7 +56,7 @@ async def test_validate_prints_a_table_and_exits_0(
 async def test_validate_json_is_machine_readable(
     vcsim: Vcsim, settings: Settings, sessions: Any, tmp_path: Path
 ) -> None:
-    code, output = await kubegate(
+    code, output = await run_cli(
         settings,
         "account",
         "validate",
@@ -100,7 +77,7 @@ async def test_failed_check_exits_1_and_never_prints_the_password(
     vcsim: Vcsim, settings: Settings, sessions: Any, tmp_path: Path
 ) -> None:
     wrong = "Wr0ng-but-s3cret"
-    code, output = await kubegate(
+    code, output = await run_cli(
         settings, "account", "validate", "-f", str(account_file(tmp_path, vcsim, wrong))
     )
 
@@ -118,7 +95,7 @@ async def test_restricted_user_fails_naming_the_privilege_and_object(
 ) -> None:
     user, password = restricted_user
     path = account_file(tmp_path, vcsim, password, username=user)
-    code, output = await kubegate(settings, "account", "validate", "-o", "json", "-f", str(path))
+    code, output = await run_cli(settings, "account", "validate", "-o", "json", "-f", str(path))
 
     assert code == 1
     report = json.loads(output)
@@ -148,7 +125,7 @@ async def test_bad_input_exits_2_naming_the_field_and_starts_nothing(
 ) -> None:
     before = (await temporal.client.count_workflows()).count
     path = account_file(tmp_path, vcsim, "pw", **change)
-    code, output = await kubegate(settings, "account", "validate", "-f", str(path))
+    code, output = await run_cli(settings, "account", "validate", "-f", str(path))
 
     assert code == 2, output
     assert expected in output
@@ -156,11 +133,11 @@ async def test_bad_input_exits_2_naming_the_field_and_starts_nothing(
 
 
 async def test_missing_file_and_bad_yaml_exit_2(settings: Settings, tmp_path: Path) -> None:
-    code, output = await kubegate(settings, "account", "validate", "-f", str(tmp_path / "nope"))
+    code, output = await run_cli(settings, "account", "validate", "-f", str(tmp_path / "nope"))
     assert code == 2 and "no such file" in output
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: [unclosed\n")
-    code, output = await kubegate(settings, "account", "validate", "-f", str(broken))
+    code, output = await run_cli(settings, "account", "validate", "-f", str(broken))
     assert code == 2 and "not valid YAML" in output
 
 
@@ -172,7 +149,7 @@ async def test_unset_password_env_exits_2(
     del data["vcenter"]["password_file"]
     data["vcenter"]["password_env"] = "KUBEGATE_TEST_UNSET_VARIABLE"
     path.write_text(yaml.safe_dump(data))
-    code, output = await kubegate(settings, "account", "validate", "-f", str(path))
+    code, output = await run_cli(settings, "account", "validate", "-f", str(path))
 
     assert code == 2
     assert "vcenter.password_env" in output

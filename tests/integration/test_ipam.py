@@ -24,6 +24,7 @@ from domain.ipam import (
     ReleaseAddresses,
 )
 from starters.client import KubegateClient, KubegateError
+from tests.support import record_history
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +61,7 @@ async def test_allocate_release_and_reuse(kubegate: KubegateClient) -> None:
     await kubegate.release(gw, "pool-a", "cluster/a")
     later = await kubegate.allocate(gw, "pool-a", "cluster/b", ["n0", "n1", "n2"])
     assert set(later.addresses.values()) == set(first.addresses.values())  # they came back
+    await record_history(kubegate.client, kubegate.pool_handle(gw, "pool-a").id, "ippool_live")
 
 
 async def test_fifty_concurrent_allocators_get_distinct_addresses(
@@ -126,6 +128,7 @@ async def test_delete_is_refused_while_allocations_exist(kubegate: KubegateClien
         await kubegate.delete_pool(gw, "pool-a")
     await kubegate.release(gw, "pool-a", "cluster/a")
     await kubegate.delete_pool(gw, "pool-a")
+    await record_history(kubegate.client, kubegate.pool_handle(gw, "pool-a").id, "ippool_deleted")
     with pytest.raises(KubegateError, match="does not exist"):
         await kubegate.pool_status(gw, "pool-a")
     assert (await kubegate.create_pool(pool_spec(gw))).used == 0  # the name is free again

@@ -20,7 +20,13 @@ FILES = sorted(HISTORIES.glob("*.json"))
 
 def test_histories_are_stored() -> None:
     names = {f.stem for f in FILES}
-    assert {"preflight_passed", "preflight_wrong_password", "preflight_missing_template"} <= names
+    assert {
+        "preflight_passed",
+        "preflight_wrong_password",
+        "preflight_missing_template",
+        "ippool_live",
+        "ippool_deleted",
+    } <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
