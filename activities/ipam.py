@@ -55,9 +55,15 @@ class IpamActivities:
             update = ReleaseRequest(owner=request.owner, slots=request.slots)
             handle = self._pool(request)
             result: ReleaseResult = await send_update(
-                handle.id, lambda: handle.execute_update(IpPoolWorkflow.release, update)
+                handle.id,
+                lambda: handle.execute_update(IpPoolWorkflow.release, update),
+                client=self.client,
             )
-        except (WorkflowUpdateFailedError, RPCError) as exc:
+        except RPCError as exc:
+            if _pool_gone(exc):  # delete treats "not found" as done (DESIGN §5)
+                return ReleaseResult(released=[])
+            _reraise(exc, request)
+        except WorkflowUpdateFailedError as exc:
             _reraise(exc, request)
         return result
 
@@ -73,6 +79,10 @@ class IpamActivities:
         return page
 
 
+def _pool_gone(exc: RPCError) -> bool:
+    return exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc)
+
+
 def _reraise(exc: Exception, ref: PoolRef) -> NoReturn:
     """Carry the pool's own error type to the caller; a missing pool is permanent."""
     if isinstance(exc, WorkflowUpdateFailedError) and isinstance(exc.cause, ApplicationError):
@@ -80,7 +90,7 @@ def _reraise(exc: Exception, ref: PoolRef) -> NoReturn:
         raise ApplicationError(
             cause.message, type=cause.type, non_retryable=cause.non_retryable
         ) from None
-    if isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND:
+    if isinstance(exc, RPCError) and _pool_gone(exc):
         raise ApplicationError(
             f"IP pool {ref.pool} of gateway {ref.gateway} does not exist",
             type=errors.POOL_NOT_FOUND,

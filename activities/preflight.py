@@ -107,7 +107,8 @@ class PreflightActivities:
         )
         with request_meter() as meter:
             try:
-                session: VSphereSession = self._run(creds, lambda s: s)
+                # a real login: a cached session would survive a changed password
+                session = self.sessions.renew(creds.endpoint, creds.username, self.password(creds))
             except ApplicationError:
                 raise
             except Exception as exc:

@@ -68,8 +68,15 @@ class VCenterEndpoint(BaseModel):
 
     @model_validator(mode="after")
     def _split_port_and_check_trust(self) -> VCenterEndpoint:
-        host, sep, port = self.server.rpartition(":")
-        if sep and port.isdigit() and "]" not in port:
+        if self.server.startswith("["):  # [IPv6] or [IPv6]:port
+            host, _, rest = self.server[1:].partition("]")
+            self.server = host
+            if rest.startswith(":") and rest[1:].isdigit():
+                self.port = int(rest[1:])
+        elif self.server.count(":") == 1:  # host:port (a bare IPv6 address has several)
+            host, _, port = self.server.partition(":")
+            if not port.isdigit():
+                raise ValueError(f"server: port {port!r} is not a number")
             self.server, self.port = host, int(port)
         if self.thumbprint and self.insecure:
             raise ValueError(
@@ -79,7 +86,8 @@ class VCenterEndpoint(BaseModel):
 
     @property
     def address(self) -> str:
-        return f"{self.server}:{self.port}"
+        host = f"[{self.server}]" if ":" in self.server else self.server
+        return f"{host}:{self.port}"
 
 
 class VCenterCredentials(BaseModel):

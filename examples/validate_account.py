@@ -31,4 +31,8 @@ async def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1])))
+    code = asyncio.run(main(sys.argv[1]))
+    sys.stdout.flush()
+    # end without interpreter teardown: the Temporal client's native threads can abort it
+    # (temporalio/sdk-python#300) and turn this exit code into SIGABRT
+    os._exit(code)

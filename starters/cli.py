@@ -7,10 +7,13 @@ not carry it out; 2 bad input (nothing was started).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
+import logging
 import os
 import sys
+import traceback
 import urllib.parse
 import uuid
 from enum import StrEnum
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
 
 from domain import names
 from domain.account import CloudAccountSpec, VCenterAccess
@@ -71,7 +75,30 @@ OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or j
 
 
 def main() -> None:
-    app()
+    """Run the command and exit with its code.
+
+    The process ends with os._exit once the command is done: the Temporal client's native
+    threads can abort interpreter finalization (temporalio/sdk-python#300), which would turn
+    a finished command's exit code into SIGABRT.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush what was written and end the process without interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _bad_input(message: str) -> NoReturn:
@@ -90,8 +117,14 @@ def load_spec(path: Path, model: type[M]) -> M:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         _bad_input(f"{path}: no such file")
+    except OSError as exc:
+        _bad_input(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})")
     except yaml.YAMLError as exc:
-        _bad_input(f"{path}: not valid YAML: {exc}")
+        # never the parser's snippet of the line: it may be the password
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        _bad_input(f"{path}: not valid YAML{where}: {problem}")
     if not isinstance(data, dict):
         _bad_input(f"{path}: expected a mapping of fields at the top level")
     try:
@@ -100,7 +133,8 @@ def load_spec(path: Path, model: type[M]) -> M:
         lines = [f"{path}: {exc.error_count()} invalid field(s)"]
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}")
+            hint = " (quote it in YAML)" if e["type"] == "string_type" else ""
+            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}{hint}")
         _bad_input("\n".join(lines))
 
 
@@ -135,9 +169,14 @@ def _run(coro: Any) -> Any:
     except WorkflowFailureError as exc:
         cause = exc.cause
         _failed(f"{getattr(cause, 'message', None) or cause}")
+    except RPCError as exc:
+        _failed(f"Temporal refused the request ({exc.status.name}): {exc.message}")
     except RuntimeError as exc:
         if "connect" in str(exc).lower():
-            _failed(f"cannot reach Temporal at {Settings().temporal_address}: {exc}")
+            _failed(
+                f"cannot reach Temporal at {Settings().temporal_address}: start it "
+                "(kubegate dev up) or set KUBEGATE_TEMPORAL_ADDRESS"
+            )
         raise
 
 

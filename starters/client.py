@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import random
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -56,11 +59,17 @@ T = TypeVar("T")
 _BUSY = RPCStatusCode.RESOURCE_EXHAUSTED
 #: updates this process keeps in flight per workflow, below the server's limit
 UPDATES_IN_FLIGHT = 8
-_gates: dict[tuple[int, str], asyncio.Semaphore] = {}
+#: per event loop (weakly: a closed loop takes its state with it), per (client, workflow id)
+_gates: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[int, str], asyncio.Semaphore]
+] = weakref.WeakKeyDictionary()
 
 
 async def send_update(
-    workflow_id: str, call: Callable[[], Awaitable[T]], patience: float = 60.0
+    workflow_id: str,
+    call: Callable[[], Awaitable[T]],
+    patience: float = 60.0,
+    client: object = None,
 ) -> T:
     """Send an update to a workflow, at most UPDATES_IN_FLIGHT at a time from this process.
 
@@ -70,7 +79,8 @@ async def send_update(
     updates, as every IP pool update is.
     """
     loop = asyncio.get_running_loop()
-    gate = _gates.setdefault((id(loop), workflow_id), asyncio.Semaphore(UPDATES_IN_FLIGHT))
+    gates = _gates.setdefault(loop, {})
+    gate = gates.setdefault((id(client), workflow_id), asyncio.Semaphore(UPDATES_IN_FLIGHT))
     deadline = loop.time() + patience
     delay = 0.02
     while True:
@@ -85,65 +95,85 @@ async def send_update(
         delay = min(delay * 2, 1.0)
 
 
+@dataclass(eq=False)
+class _Waiting:
+    request: AllocateRequest
+    future: asyncio.Future[AllocateResult]
+
+
 class AllocationBatcher:
     """Coalesces one process's concurrent allocations from a pool into batch updates.
 
     While a batch is in flight, new requests wait and go together in the next one; at most
-    `senders` batches are in flight. Each caller gets its own result, or its own
+    `senders_max` batches are in flight. Each caller gets its own result, or its own
     ApplicationError with the pool's error type.
+
+    A caller cancelled before its request was sent withdraws it. One cancelled after it was
+    sent waits (up to `settle_seconds`) until the batch lands before the cancellation
+    completes, so a release the caller's workflow sends next cannot be overtaken by it.
     """
 
     senders_max = 2
+    settle_seconds = 60.0
 
     def __init__(self, handle: WorkflowHandle[Any, Any]) -> None:
         self.handle = handle
-        self.pending: list[tuple[AllocateRequest, asyncio.Future[AllocateResult]]] = []
+        self.pending: list[_Waiting] = []
         self.senders = 0
 
     @classmethod
     def of(cls, handle: WorkflowHandle[Any, Any]) -> AllocationBatcher:
-        key = (id(asyncio.get_running_loop()), handle.id)
-        batcher = _batchers.get(key)
+        batchers = _batchers.setdefault(asyncio.get_running_loop(), {})
+        key = (id(handle._client), handle.id)
+        batcher = batchers.get(key)
         if batcher is None:
-            batcher = _batchers[key] = cls(handle)
+            batcher = batchers[key] = cls(handle)
         return batcher
 
     async def allocate(self, request: AllocateRequest) -> AllocateResult:
-        future: asyncio.Future[AllocateResult] = asyncio.get_running_loop().create_future()
-        self.pending.append((request, future))
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(request, loop.create_future())
+        self.pending.append(waiting)
         if self.senders < self.senders_max:
             self.senders += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
+            task = loop.create_task(self._drain())
             _background.add(task)
             task.add_done_callback(_background.discard)
-        return await future
+        try:
+            return await asyncio.shield(waiting.future)
+        except asyncio.CancelledError:
+            if waiting in self.pending:
+                self.pending.remove(waiting)  # never sent
+            elif not waiting.future.done():
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(waiting.future), self.settle_seconds)
+            raise
 
     async def _drain(self) -> None:
         try:
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-                update = AllocateBatch(requests=[request for request, _ in batch])
+                update = AllocateBatch(requests=[w.request for w in batch])
                 try:
                     result: AllocateBatchResult = await send_update(
                         self.handle.id,
                         lambda u=update: self.handle.execute_update(  # type: ignore[misc]
                             IpPoolWorkflow.allocate_batch, u
                         ),
+                        client=self.handle._client,
                     )
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
+                except Exception as exc:
+                    for w in batch:
+                        if not w.future.done():
+                            w.future.set_exception(exc)
                     continue
-                for (_, future), outcome in zip(batch, result.outcomes, strict=True):
-                    if future.done():
+                for w, outcome in zip(batch, result.outcomes, strict=True):
+                    if w.future.done():
                         continue
                     if outcome.result is not None:
-                        future.set_result(outcome.result)
+                        w.future.set_result(outcome.result)
                     else:
-                        future.set_exception(
+                        w.future.set_exception(
                             ApplicationError(
                                 outcome.error or "allocation refused",
                                 type=outcome.error_type,
@@ -154,7 +184,9 @@ class AllocationBatcher:
             self.senders -= 1
 
 
-_batchers: dict[tuple[int, str], AllocationBatcher] = {}
+_batchers: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[int, str], AllocationBatcher]
+] = weakref.WeakKeyDictionary()
 _background: set[asyncio.Task[None]] = set()
 
 
@@ -280,19 +312,37 @@ class KubegateClient:
     def pool_handle(self, gateway: str, pool: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(names.ippool_workflow_id(gateway, pool))
 
-    async def list_pools(self, gateway: str | None = None) -> list[PoolStatus]:
-        """Every live pool (of one gateway, or all), with free and used counts."""
+    async def list_pools(
+        self, gateway: str | None = None, strict: bool = False
+    ) -> list[PoolStatus]:
+        """Every live pool (of one gateway, or all), with free and used counts.
+
+        A pool that does not answer is left out, or with strict=True raises KubegateError.
+        """
         query = "KubegateKind = 'ippool' AND ExecutionStatus = 'Running'"
         if gateway:
+            if not names.is_dns_label(gateway):
+                raise KubegateError(f"gateway {gateway!r}: must be a DNS label")
             query += f" AND KubegateGateway = '{gateway}'"
         handles = [
             self.client.get_workflow_handle(execution.id)
             async for execution in self.client.list_workflows(query)
         ]
         statuses = await asyncio.gather(
-            *(h.query(IpPoolWorkflow.status) for h in handles), return_exceptions=True
+            *(h.query(IpPoolWorkflow.status, rpc_timeout=timedelta(seconds=10)) for h in handles),
+            return_exceptions=True,
         )
         found = [s for s in statuses if isinstance(s, PoolStatus)]
+        if strict and len(found) < len(handles):
+            silent = [
+                h.id
+                for h, s in zip(handles, statuses, strict=True)
+                if not isinstance(s, PoolStatus)
+            ]
+            raise KubegateError(
+                f"cannot read IP pool(s) {', '.join(silent)} (is the control worker running?); "
+                "refusing to decide on overlaps without them"
+            )
         return sorted(found, key=lambda s: (s.spec.gateway, s.spec.name))
 
     async def create_pool(
@@ -307,7 +357,7 @@ class KubegateClient:
         The overlap check reads the gateway's live pools; two overlapping pools created at
         the same instant are not caught (the gateway workflow will own this list).
         """
-        for other in await self.list_pools(spec.gateway):
+        for other in await self.list_pools(spec.gateway, strict=True):
             if other.spec.name == spec.name:
                 raise KubegateError(f"IP pool {spec.name} of gateway {spec.gateway} already exists")
             if spec.overlaps(other.spec):
@@ -390,7 +440,9 @@ class KubegateClient:
             handle = self.pool_handle(gateway, pool)
             request = ReleaseRequest(owner=owner, slots=slots)
             result: ReleaseResult = await send_update(
-                handle.id, lambda: handle.execute_update(IpPoolWorkflow.release, request)
+                handle.id,
+                lambda: handle.execute_update(IpPoolWorkflow.release, request),
+                client=self.client,
             )
         except WorkflowUpdateFailedError as exc:
             raise KubegateError(_cause(exc)) from None
@@ -402,7 +454,9 @@ class KubegateClient:
         """End the pool; refused (with the owners named) while addresses are allocated."""
         handle = self.pool_handle(gateway, pool)
         try:
-            await send_update(handle.id, lambda: handle.execute_update(IpPoolWorkflow.delete))
+            await send_update(
+                handle.id, lambda: handle.execute_update(IpPoolWorkflow.delete), client=self.client
+            )
             status: PoolStatus = await handle.result()
         except WorkflowUpdateFailedError as exc:
             raise KubegateError(_cause(exc)) from None

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
+import hmac
+import http.client
 import ssl
 import threading
 import time
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyVim import connect as pyvim_connect
-from pyVmomi import vim
+from pyVmomi import Security, vim
 from pyVmomi.SoapAdapter import SoapStubAdapter
 from pyVmomi.VmomiSupport import GetServiceVersions
 
@@ -87,12 +90,34 @@ class VSphereSession:
 
 
 def ssl_context(endpoint: VCenterEndpoint) -> ssl.SSLContext:
-    """Verifying context, or an unverified one only when the user asked for insecure."""
+    """CA verification by default; none when insecure, or when a pinned thumbprint replaces it
+    (then PinnedHTTPSConnection checks the certificate on every connection)."""
     context = ssl.create_default_context()
-    if endpoint.insecure:
+    if endpoint.insecure or endpoint.thumbprint:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """An HTTPS connection that accepts only a certificate with the pinned thumbprint.
+
+    pyVmomi checks a pinned thumbprint only on a session's first connection and then leaves
+    its shared context verifying nothing; this checks every connection the session opens.
+    """
+
+    def __init__(self, *args: Any, pin: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pin = pin.replace(":", "").lower()
+
+    def connect(self) -> None:
+        super().connect()
+        der = self.sock.getpeercert(binary_form=True) or b""
+        algorithm = hashlib.sha1 if len(self.pin) == 40 else hashlib.sha256
+        actual = algorithm(der).hexdigest()
+        if not hmac.compare_digest(actual, self.pin):
+            self.close()
+            raise Security.ThumbprintMismatchException(self.pin, actual)
 
 
 def open_session(
@@ -100,11 +125,8 @@ def open_session(
 ) -> VSphereSession:
     """Connect and log in. Raises pyVmomi faults, ssl errors or OSError (see faults.classify)."""
     context = ssl_context(endpoint)
-    # Version discovery is a plain GET; with a pinned thumbprint the certificate is checked
-    # on the SOAP connection below, so the discovery itself may skip CA verification.
-    discovery_context = context
-    if endpoint.thumbprint:
-        discovery_context = ssl._create_unverified_context()  # noqa: S323
+    # Version discovery is a plain GET of the version list; with a pinned thumbprint it runs
+    # unverified, and every SOAP connection below checks the pin.
     find_version = getattr(pyvim_connect, "__FindSupportedVersion")
     version = find_version(
         "https",
@@ -112,7 +134,7 @@ def open_session(
         endpoint.port,
         "/sdk",
         _PREFERRED_VERSIONS,
-        discovery_context,
+        context,
         None,
         80,
         None,
@@ -125,9 +147,13 @@ def open_session(
         path="/sdk",
         version=version,
         sslContext=context,
-        thumbprint=endpoint.thumbprint,
         httpConnectionTimeout=timeout,
     )
+    if endpoint.thumbprint:
+        # pyVmomi calls scheme(host=, port=, context=, timeout=) for each new connection
+        stub.scheme = functools.partial(  # type: ignore[assignment]
+            PinnedHTTPSConnection, pin=endpoint.thumbprint
+        )
     session = VSphereSession(endpoint=endpoint, username=username, stub=stub, content=None, key="")
     session.requests = 1  # the version discovery
     _meter_add(1)
@@ -186,9 +212,30 @@ class SessionPool:
             session.last_used = time.monotonic()
             return session
 
-    def forget(self, endpoint: VCenterEndpoint, username: str, password: str) -> None:
+    def renew(self, endpoint: VCenterEndpoint, username: str, password: str) -> VSphereSession:
+        """Log in now, whatever is cached (a cached session outlives a password change);
+        the new session replaces the cached one, which is logged out."""
+        key = self._key(endpoint, username, password)
         with self._guard:
-            self._sessions.pop(self._key(endpoint, username, password), None)
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            session = open_session(endpoint, username, password, self.timeout)
+            self.logins += 1
+            old = self._sessions.get(key)
+            self._sessions[key] = session
+        if old is not None:
+            old.logout()
+        return session
+
+    def forget(
+        self, endpoint: VCenterEndpoint, username: str, password: str, failed: VSphereSession
+    ) -> None:
+        """Drop the cached session if it is still the one that failed (another thread may
+        already have replaced it with a fresh one)."""
+        key = self._key(endpoint, username, password)
+        with self._guard:
+            if self._sessions.get(key) is failed:
+                del self._sessions[key]
 
     def run(
         self,
@@ -202,7 +249,7 @@ class SessionPool:
         try:
             return call(session)
         except vim.fault.NotAuthenticated:
-            self.forget(endpoint, username, password)
+            self.forget(endpoint, username, password, session)
             return call(self.get(endpoint, username, password))
 
     def close_all(self) -> None:

@@ -181,3 +181,25 @@ async def test_the_python_client_example_runs(
     output = (await process.communicate())[0].decode()
     assert process.returncode == 0, output
     assert "passed=True" in output
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["password: S3cr3t: pa55", 'password: "S3cr3t-pa55', "password: [S3cr3t-pa55"],
+)
+async def test_a_yaml_error_never_prints_the_password(
+    settings: Settings, tmp_path: Path, line: str
+) -> None:
+    path = tmp_path / "account.yaml"
+    path.write_text(
+        f"name: x\ngateway: {GATEWAY}\nvcenter:\n  server: vc\n  username: u\n  {line}\n"
+    )
+    code, output = await run_cli(settings, "account", "validate", "-f", str(path))
+    assert code == 2, output
+    assert "not valid YAML at line" in output
+    assert "S3cr3t" not in output
+
+
+async def test_a_directory_instead_of_a_file_exits_2(settings: Settings, tmp_path: Path) -> None:
+    code, output = await run_cli(settings, "account", "validate", "-f", str(tmp_path))
+    assert code == 2 and "cannot read it" in output

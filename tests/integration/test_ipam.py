@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 from activities.ipam import IpamActivities
 from domain.ipam import (
     AllocateAddresses,
+    AllocateRequest,
     AllocateResult,
     IpPoolSpec,
     ListAddresses,
@@ -25,6 +26,7 @@ from domain.ipam import (
 )
 from starters.client import KubegateClient, KubegateError
 from tests.support import record_history
+from workflows.ip_pool import IpPoolWorkflow
 
 pytestmark = pytest.mark.integration
 
@@ -215,8 +217,12 @@ async def test_worker_restart_mid_stream_loses_and_duplicates_nothing(
         return got
 
     streams = asyncio.gather(*(stream(n) for n in range(5)))
-    while done < 60:  # noqa: ASYNC110 - waiting for the stream to be well under way
-        await asyncio.sleep(0.01)
+
+    async def under_way() -> None:
+        while done < 60:  # noqa: ASYNC110 - waiting for the stream to be well under way
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(under_way(), 60)
     await first.shutdown()  # the only worker of the pool goes away mid-stream
     await first_run
     await asyncio.sleep(0.5)
@@ -294,3 +300,58 @@ async def test_workflows_allocate_and_release_through_the_activities(
     )
     assert len(released.released) == 2
     assert (await kubegate.pool_status(gw, "pool-a")).used == 38
+
+
+async def test_a_cancelled_queued_allocation_is_never_sent(
+    kubegate: KubegateClient, temporal: WorkflowEnvironment
+) -> None:
+    from workers.control import build_worker
+
+    gw = unique_gateway()
+    queue = f"ipam-cancel-{uuid.uuid4().hex[:6]}"
+    async with build_worker(temporal.client, task_queue=queue):
+        await kubegate.create_pool(pool_spec(gw), task_queue=queue)
+    # no worker now: the first two batches wait in flight, the third request waits queued
+    first = asyncio.create_task(kubegate.allocate(gw, "pool-a", "cluster/a", ["vip"]))
+    await asyncio.sleep(0.3)
+    second = asyncio.create_task(kubegate.allocate(gw, "pool-a", "cluster/b", ["vip"]))
+    await asyncio.sleep(0.3)
+    queued = asyncio.create_task(kubegate.allocate(gw, "pool-a", "cluster/x", ["vip"]))
+    await asyncio.sleep(0.3)
+    queued.cancel()  # e.g. the cluster was aborted
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    release = asyncio.create_task(kubegate.release(gw, "pool-a", "cluster/x"))
+    async with build_worker(temporal.client, task_queue=queue):
+        await asyncio.wait_for(asyncio.gather(first, second, release), 60)
+        await asyncio.sleep(0.5)  # anything still queued would land now
+        status = await kubegate.pool_status(gw, "pool-a")
+    assert status.owners == ["cluster/a", "cluster/b"]  # nothing leaked to cluster/x
+
+
+async def test_concurrent_updates_across_continue_as_new_lose_nothing(
+    kubegate: KubegateClient,
+) -> None:
+    from starters.client import send_update
+
+    gw = unique_gateway()
+    await kubegate.create_pool(
+        pool_spec(gw, subnet="10.55.0.0/22", network_gateway="10.55.0.1"),
+        continue_as_new_after=40,
+    )
+    handle = kubegate.pool_handle(gw, "pool-a")
+    first_run = (await handle.describe()).run_id
+
+    async def one(i: int) -> str:
+        request = AllocateRequest(owner=f"cluster/r{i}", slots=["vip"])
+        result: AllocateResult = await send_update(
+            handle.id, lambda: handle.execute_update(IpPoolWorkflow.allocate, request)
+        )
+        return result.addresses["vip"]
+
+    # plain updates, not batched: many runs end while updates are in flight
+    addresses = await asyncio.gather(*(one(i) for i in range(150)))
+    assert len(set(addresses)) == 150
+    assert (await handle.describe()).run_id != first_run
+    stored = await kubegate.pool_allocations(gw, "pool-a")
+    assert {a.address for a in stored} == set(addresses)

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 import uuid
 from typing import Any
 
 import pytest
-from pyVmomi import vim
+from pyVmomi import Security, vim
 
 from activities.vsphere.faults import classify
 from activities.vsphere.inventory import find_by_path, ref, retrieve
-from activities.vsphere.session import SessionPool, VSphereSession, open_session, request_meter
+from activities.vsphere.session import (
+    PinnedHTTPSConnection,
+    SessionPool,
+    VSphereSession,
+    open_session,
+    request_meter,
+    ssl_context,
+)
 from activities.vsphere.tasks import wait_for_task
 from domain import errors
 from domain.account import VCenterEndpoint
@@ -147,5 +155,59 @@ def test_trust_settings_separate_cached_sessions(vcsim: Vcsim) -> None:
         # the same server and user, but verification asked for: no reuse, and it fails
         with pytest.raises(ssl.SSLError):
             pool.get(VCenterEndpoint(server=vcsim.address), ADMIN, vcsim.password)
+    finally:
+        pool.close_all()
+
+
+def test_pinned_thumbprint_is_checked_on_every_new_connection(vcsim: Vcsim) -> None:
+    session = open_session(endpoint(vcsim), ADMIN, vcsim.password)
+    try:
+        assert session.content.rootFolder.name  # works through the pinned connection
+        # as if the server's certificate changed (a man in the middle): new connections
+        # must refuse it, not only the session's first one
+        session.stub.DropConnections()
+        session.stub.scheme = functools.partial(PinnedHTTPSConnection, pin="ab" * 32)
+        with pytest.raises(Security.ThumbprintMismatchException):
+            _ = session.content.rootFolder.name
+    finally:
+        session.stub.scheme = functools.partial(PinnedHTTPSConnection, pin=vcsim.thumbprint)
+        session.logout()
+
+
+def test_pin_is_checked_even_for_a_certificate_a_ca_would_accept(vcsim: Vcsim) -> None:
+    # with a pin, CA verification is replaced by the pin, never skipped for it
+    context = ssl_context(endpoint(vcsim))
+    assert context.verify_mode == ssl.CERT_NONE
+    wrong = VCenterEndpoint(server=vcsim.address, thumbprint="cd" * 32)
+    with pytest.raises(Security.ThumbprintMismatchException):
+        open_session(wrong, ADMIN, vcsim.password)
+
+
+def test_renew_logs_in_now_and_replaces_the_cached_session(vcsim: Vcsim) -> None:
+    pool = SessionPool()
+    try:
+        first = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        renewed = pool.renew(endpoint(vcsim), ADMIN, vcsim.password)
+        assert renewed is not first and pool.logins == 2
+        assert pool.get(endpoint(vcsim), ADMIN, vcsim.password) is renewed
+        admin = vcsim.connect()
+        try:
+            keys = {s.key for s in admin.content.sessionManager.sessionList or []}
+        finally:
+            vcsim.disconnect(admin)
+        assert first.key not in keys and renewed.key in keys  # the old one was logged out
+        with pytest.raises(vim.fault.InvalidLogin):
+            pool.renew(endpoint(vcsim), ADMIN, "a-rotated-password")
+    finally:
+        pool.close_all()
+
+
+def test_forget_keeps_a_session_another_thread_already_renewed(vcsim: Vcsim) -> None:
+    pool = SessionPool()
+    try:
+        stale = pool.get(endpoint(vcsim), ADMIN, vcsim.password)
+        fresh = pool.renew(endpoint(vcsim), ADMIN, vcsim.password)
+        pool.forget(endpoint(vcsim), ADMIN, vcsim.password, stale)
+        assert pool.get(endpoint(vcsim), ADMIN, vcsim.password) is fresh
     finally:
         pool.close_all()

@@ -51,6 +51,9 @@ def test_good_spec_parses_with_defaults() -> None:
         ("https://vc.example.com/sdk", "vc.example.com", 443),
         ("vc.example.com:8443", "vc.example.com", 8443),
         (" 10.0.0.5 ", "10.0.0.5", 443),
+        ("fd00::10", "fd00::10", 443),
+        ("[fd00::10]:8443", "fd00::10", 8443),
+        ("https://[fd00::10]/", "fd00::10", 443),
     ],
 )
 def test_server_is_normalised(server: str, host: str, port: int) -> None:
