@@ -61,13 +61,14 @@ def test_not_authenticated_during_a_call_logs_in_again(vcsim: Vcsim) -> None:
         admin.content.sessionManager.TerminateSession([first.key])
         vcsim.disconnect(admin)
 
-        def read_user(session: VSphereSession) -> str:
-            current = session.content.sessionManager.currentSession
-            if current is None:  # what vCenter answers for an ended session
-                raise vim.fault.NotAuthenticated()
-            return str(current.userName)
+        def find_cluster(session: VSphereSession) -> str:
+            # vCenter answers a request on the ended session with a NotAuthenticated fault
+            cluster = find_by_path(session, "/DC0/host/DC0_C0")
+            return ref(cluster)
 
-        assert pool.run(endpoint(vcsim), ADMIN, vcsim.password, read_user)
+        assert pool.run(endpoint(vcsim), ADMIN, vcsim.password, find_cluster).startswith(
+            "ClusterComputeResource:"
+        )
         assert pool.logins == 2
     finally:
         pool.close_all()
