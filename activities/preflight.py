@@ -7,7 +7,7 @@ an answer, not an error. Only a secret the agent cannot open, or a bug, raises.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, TypeVar
 
 from pyVmomi import vim
 from temporalio import activity
@@ -33,6 +33,7 @@ from domain.privileges import DISPLAY_NAME, ROLE_OF_OBJECT, all_privilege_ids, p
 from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
 
 PASS, WARN, FAIL = CheckStatus.PASS, CheckStatus.WARN, CheckStatus.FAIL
+B = TypeVar("B", bound=CheckBatch)
 
 #: What each placement role must be in vSphere, and how to say it.
 _EXPECTED_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -171,10 +172,7 @@ class PreflightActivities:
                 if batch.results[-1].status is PASS:
                     batch.found[role] = ref(obj)
 
-        with request_meter() as meter:
-            self._guarded(request.credentials, check, batch)
-        batch.vcenter_requests = meter[0]
-        return batch
+        return self._guarded(request.credentials, check, batch)
 
     @activity.defn(name="preflight_privileges")
     def privileges(self, request: ObjectChecksRequest) -> CheckBatch:
@@ -195,10 +193,7 @@ class PreflightActivities:
                 missing = [p for p in privilege_ids(role_name) if p not in have]
                 batch.results.append(_privilege_result(role, paths[role], role_name, user, missing))
 
-        with request_meter() as meter:
-            self._guarded(request.credentials, check, batch)
-        batch.vcenter_requests = meter[0]
-        return batch
+        return self._guarded(request.credentials, check, batch)
 
     @activity.defn(name="preflight_hosts")
     def hosts(self, request: ObjectChecksRequest) -> CheckBatch:
@@ -237,29 +232,32 @@ class PreflightActivities:
                 ds = props.get(ref(datastore), {})
                 batch.results.append(_shared_storage_result(ds, hosts, names))
 
+        return self._guarded(request.credentials, check, batch)
+
+    def _guarded(self, creds: VCenterCredentials, check: Any, batch: B) -> B:
+        """Run a check, counting its vCenter requests; a vCenter failure becomes one failed
+        result instead of an error."""
         with request_meter() as meter:
-            self._guarded(request.credentials, check, batch)
+            try:
+                self._run(creds, check)
+            except ApplicationError:
+                raise
+            except Exception as exc:
+                batch.results.append(self._failure(creds, exc))
         batch.vcenter_requests = meter[0]
         return batch
 
-    def _guarded(self, creds: VCenterCredentials, check: Any, batch: CheckBatch) -> None:
-        """Run a check; a vCenter failure becomes one failed result instead of an error."""
-        try:
-            self._run(creds, check)
-        except ApplicationError:
-            raise
-        except Exception as exc:
-            error = classify(exc, activity.info().activity_type)
-            batch.results.append(
-                CheckResult(
-                    check=f"{activity.info().activity_type}.error",
-                    title="vCenter request",
-                    status=FAIL,
-                    object=creds.endpoint.address,
-                    detail=error.message,
-                    remedy="see docs/vsphere-errors.md for this error type: " + (error.type or ""),
-                )
-            )
+    @staticmethod
+    def _failure(creds: VCenterCredentials, exc: Exception) -> CheckResult:
+        error = classify(exc, activity.info().activity_type)
+        return CheckResult(
+            check=f"{activity.info().activity_type}.error",
+            title="vCenter request",
+            status=FAIL,
+            object=creds.endpoint.address,
+            detail=error.message,
+            remedy="see docs/vsphere-errors.md for this error type: " + (error.type or ""),
+        )
 
 
 def _granted(session: VSphereSession, entities: list[Any]) -> dict[str, set[str]]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from domain.names import is_dns_label
+from domain.names import DnsLabel
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -193,16 +193,9 @@ class CloudAccountSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Account name, a DNS label.")
-    gateway: str = Field(description="Gateway whose agent reaches this vCenter.")
+    name: DnsLabel = Field(description="Account name, a DNS label.")
+    gateway: DnsLabel = Field(description="Gateway whose agent reaches this vCenter.")
     vcenter: VCenterAccess
     placement: Placement | None = Field(
         default=None, description="Placement to check; without it only access is checked."
     )
-
-    @field_validator("name", "gateway")
-    @classmethod
-    def _dns_label(cls, value: str) -> str:
-        if not is_dns_label(value):
-            raise ValueError("must be a DNS label: lower-case letters, digits and '-', 1-63 chars")
-        return value

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from domain.names import is_dns_label
+from domain.names import DnsLabel
 
 #: Largest pool: a /16 of IPv4 (or the same number of IPv6 addresses).
 MAX_POOL_ADDRESSES = 65_536
@@ -34,8 +34,8 @@ class IpPoolSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(description="Pool name, a DNS label; unique per gateway.")
-    gateway: str = Field(description="The gateway the pool is linked to.")
+    name: DnsLabel = Field(description="Pool name, a DNS label; unique per gateway.")
+    gateway: DnsLabel = Field(description="The gateway the pool is linked to.")
     kind: Literal["range", "subnet"] = Field(
         description="'range': first..last addresses; 'subnet': every host address of a CIDR."
     )
@@ -51,13 +51,6 @@ class IpPoolSpec(BaseModel):
     restrict_to_single_cluster: bool = Field(
         default=False, description="Reserve the pool for the first cluster that allocates."
     )
-
-    @field_validator("name", "gateway")
-    @classmethod
-    def _dns_label(cls, value: str) -> str:
-        if not is_dns_label(value):
-            raise ValueError("must be a DNS label: lower-case letters, digits and '-', 1-63 chars")
-        return value
 
     @field_validator("first", "last", "network_gateway")
     @classmethod

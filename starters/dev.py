@@ -27,6 +27,17 @@ from domain import names
 from starters.settings import Settings, tool_path, vcsim_binary
 
 SIM_USER = "administrator@vsphere.local"
+SIM_TEMPLATE = "templates/ubuntu-2204-kube-v1.30"
+#: A placement that exists in the simulator's default inventory.
+SIM_PLACEMENT = {
+    "datacenter": "DC0",
+    "compute_cluster": "DC0_C0",
+    "resource_pool": "Resources",
+    "datastore": "LocalDS_0",
+    "network": "VM Network",
+    "folder": "",
+    "template": SIM_TEMPLATE,
+}
 
 
 class DevStackError(Exception):
@@ -291,15 +302,7 @@ class DevStack:
                 "password_file": str(self.password_file),
                 "thumbprint": self.thumbprint(),
             },
-            "placement": {
-                "datacenter": "DC0",
-                "compute_cluster": "DC0_C0",
-                "resource_pool": "Resources",
-                "datastore": "LocalDS_0",
-                "network": "VM Network",
-                "folder": "",
-                "template": "templates/ubuntu-2204-kube-v1.30",
-            },
+            "placement": SIM_PLACEMENT,
         }
         self.account_file.write_text(yaml.safe_dump(account, sort_keys=False))
 

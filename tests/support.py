@@ -17,21 +17,14 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim
 
 from domain.privileges import ROOT_LEVEL_ROLE
+from starters.dev import SIM_PLACEMENT, SIM_TEMPLATE
 
 ROOT = Path(__file__).resolve().parent.parent
 VCSIM = Path(os.environ.get("KUBEGATE_VCSIM_BINARY", ROOT / ".kubegate" / "bin" / "vcsim"))
 ADMIN = "administrator@vsphere.local"
 
-TEMPLATE = "templates/ubuntu-2204-kube-v1.30"
-PLACEMENT = {
-    "datacenter": "DC0",
-    "compute_cluster": "DC0_C0",
-    "resource_pool": "Resources",
-    "datastore": "LocalDS_0",
-    "network": "VM Network",
-    "folder": "",
-    "template": TEMPLATE,
-}
+TEMPLATE = SIM_TEMPLATE
+PLACEMENT = SIM_PLACEMENT
 
 
 def ensure_vcsim_built() -> Path:
