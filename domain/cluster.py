@@ -1,0 +1,280 @@
+"""Cluster specs: profile, placement, node pools; and the node plan derived from them.
+
+Pure and deterministic: the cluster workflow imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from domain.names import DnsLabel, is_dns_label
+
+#: Profile layers, in the order they must appear.
+LAYER_ORDER = ("os", "kubernetes", "network", "storage", "addon")
+REQUIRED_LAYERS = ("os", "kubernetes", "network")
+
+_SSH_KEY = re.compile(
+    r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/=]+"
+)
+_TAG = re.compile(r"^[A-Za-z0-9_.:/=+-]{1,128}$")
+
+
+class Pack(BaseModel):
+    """One layer's content: a named, versioned pack and its values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DnsLabel = Field(description="Pack name, e.g. 'ubuntu', 'kubernetes', 'cni-calico'.")
+    version: str = Field(min_length=1, max_length=64, description="Pack version, e.g. '1.30.4'.")
+    values: dict[str, Any] = Field(default_factory=dict, description="The pack's settings.")
+
+
+class ProfileLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layer: Literal["os", "kubernetes", "network", "storage", "addon"]
+    pack: Pack
+
+
+class ClusterProfile(BaseModel):
+    """Ordered layers: os, kubernetes, network, then optional storage, then add-ons."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DnsLabel = Field(description="Profile name.")
+    version: str = Field(default="1.0.0", description="Profile version.")
+    layers: list[ProfileLayer] = Field(min_length=3, description="Layers, in order.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClusterProfile:
+        kinds: list[str] = [layer.layer for layer in self.layers]
+        for required in REQUIRED_LAYERS:
+            if kinds.count(required) != 1:
+                raise ValueError(f"layers: needs exactly one '{required}' layer")
+        if kinds.count("storage") > 1:
+            raise ValueError("layers: at most one 'storage' layer")
+        ranks = [LAYER_ORDER.index(kind) for kind in kinds]
+        if ranks != sorted(ranks):
+            raise ValueError("layers: order must be os, kubernetes, network, storage, add-ons")
+        names = [layer.pack.name for layer in self.layers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"layers: pack names must be unique ({', '.join(duplicates)})")
+        return self
+
+    def pack(self, layer: str) -> Pack | None:
+        return next((entry.pack for entry in self.layers if entry.layer == layer), None)
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> ClusterProfile:
+        """A copy whose pack values are deep-merged with the overrides (keyed by pack name)."""
+        unknown = sorted(set(overrides) - {entry.pack.name for entry in self.layers})
+        if unknown:
+            raise ValueError(f"overrides: no pack named {', '.join(unknown)} in the profile")
+        merged = self.model_copy(deep=True)
+        for entry in merged.layers:
+            if entry.pack.name in overrides:
+                entry.pack.values = deep_merge(entry.pack.values, overrides[entry.pack.name])
+        return merged
+
+
+class ProfileFile(BaseModel):
+    """A profile kept in its own YAML file, resolved by the CLI before anything starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(min_length=1, description="Path of the profile YAML, relative to the spec.")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else in the override replaces the base value."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class PlacementDomain(BaseModel):
+    """Where a share of a pool's nodes run: one compute cluster and its storage and network."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compute_cluster: str = Field(min_length=1, description="Compute cluster in the datacenter.")
+    datastore: str = Field(min_length=1, description="Datastore for the nodes' disks.")
+    network: str = Field(min_length=1, description="Network or port group of the nodes.")
+    resource_pool: str = Field(default="Resources", description="Resource pool in the cluster.")
+    ip_pool: DnsLabel | None = Field(
+        default=None, description="IP pool of the gateway (static addressing only)."
+    )
+
+
+class ClusterPlacement(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    datacenter: str = Field(min_length=1, description="Datacenter of the nodes.")
+    folder: str = Field(default="", description="VM folder; the cluster gets a folder inside it.")
+    ssh_keys: list[str] = Field(default_factory=list, description="Public keys for the nodes.")
+    ntp_servers: list[str] = Field(default_factory=list, description="NTP servers for the nodes.")
+    ip_allocation: Literal["static", "dhcp"] = Field(description="Node addressing.")
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not _SSH_KEY.match(key.strip()):
+                raise ValueError(f"entry {i} is not an OpenSSH public key ('ssh-ed25519 AAAA…')")
+        return [k.strip() for k in keys]
+
+
+Cpu = Annotated[int, Field(ge=1, le=768, description="vCPUs per node.")]
+MemoryGb = Annotated[int, Field(ge=2, le=24_576, description="Memory per node in GB.")]
+DiskGb = Annotated[int, Field(ge=20, le=62_000, description="Disk per node in GB (grows only).")]
+
+
+class ControlPlanePool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: Literal[1, 3, 5] = Field(description="Control-plane nodes: 1, 3 or 5 (etcd quorum).")
+    allow_worker_capability: bool = Field(
+        default=False, description="Let workloads run on control-plane nodes."
+    )
+    cpu: Cpu = 2
+    memory_gb: MemoryGb = 4
+    disk_gb: DiskGb = 40
+    placement: list[PlacementDomain] = Field(description="Exactly one placement domain.")
+
+    @field_validator("placement")
+    @classmethod
+    def _one_domain(cls, domains: list[PlacementDomain]) -> list[PlacementDomain]:
+        if len(domains) != 1:
+            raise ValueError("the control-plane pool takes exactly one placement domain")
+        return domains
+
+
+class WorkerPool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: DnsLabel = Field(description="Pool name, e.g. 'general' or 'large'.")
+    size: int = Field(ge=0, le=500, description="Number of nodes.")
+    cpu: Cpu = 4
+    memory_gb: MemoryGb = 8
+    disk_gb: DiskGb = 60
+    placement: list[PlacementDomain] = Field(
+        min_length=1, description="Placement domains; nodes go round-robin over them, in order."
+    )
+
+
+class ClusterSpec(BaseModel):
+    """A cluster as the user writes it (cluster.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DnsLabel = Field(description="Cluster name, a DNS label.")
+    description: str = Field(default="", max_length=1024)
+    tags: list[str] = Field(default_factory=list, description="Tags (not propagated to VMs).")
+    profile: ClusterProfile | ProfileFile = Field(description="Inline profile, or {file: PATH}.")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Pack values to change, keyed by pack name."
+    )
+    cloud_account: DnsLabel = Field(description="Cloud account whose gateway runs the cluster.")
+    placement: ClusterPlacement
+    control_plane: ControlPlanePool
+    workers: list[WorkerPool] = Field(default_factory=list)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not _TAG.match(tag):
+                raise ValueError(f"tag {tag!r}: 1-128 letters, digits or _.:/=+-")
+        return tags
+
+    @model_validator(mode="after")
+    def _rules(self) -> ClusterSpec:
+        names = [pool.name for pool in self.workers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"workers: pool names must be unique ({', '.join(duplicates)})")
+        if "cp" in names:
+            raise ValueError("workers: 'cp' is the control plane's name; choose another")
+        for pool in self.workers:
+            longest = node_name(self.name, pool.name, max(pool.size - 1, 0))
+            if not is_dns_label(longest):
+                raise ValueError(
+                    f"workers.{pool.name}: node name {longest!r} is not a DNS label "
+                    "(shorten the cluster or pool name)"
+                )
+        static = self.placement.ip_allocation == "static"
+        for where, domain in self.domains():
+            if static and domain.ip_pool is None:
+                raise ValueError(f"{where}.ip_pool: required with static IP allocation")
+            if not static and domain.ip_pool is not None:
+                raise ValueError(f"{where}.ip_pool: not allowed with DHCP (remove it)")
+        if isinstance(self.profile, ClusterProfile):
+            self.profile.with_overrides(self.overrides)  # refuses unknown packs
+        return self
+
+    def domains(self) -> list[tuple[str, PlacementDomain]]:
+        """Every placement domain with its field path."""
+        out = [
+            (f"control_plane.placement.{i}", d) for i, d in enumerate(self.control_plane.placement)
+        ]
+        for pool in self.workers:
+            out += [(f"workers.{pool.name}.placement.{i}", d) for i, d in enumerate(pool.placement)]
+        return out
+
+    def effective_profile(self) -> ClusterProfile:
+        """The profile with the cluster's overrides merged in (needs an inline profile)."""
+        if not isinstance(self.profile, ClusterProfile):
+            raise ValueError("profile: a file reference must be resolved before use")
+        return self.profile.with_overrides(self.overrides)
+
+
+def node_name(cluster: str, pool: str, index: int) -> str:
+    return f"{cluster}-{pool}-{index}"
+
+
+class NodePlan(BaseModel):
+    """One node as planned: its name, pool, size and placement domain."""
+
+    name: str
+    pool: str
+    index: int
+    control_plane: bool
+    cpu: int
+    memory_gb: int
+    disk_gb: int
+    domain_index: int
+    domain: PlacementDomain
+
+
+def plan_nodes(spec: ClusterSpec) -> list[NodePlan]:
+    """Every node of the cluster; a pool's nodes go round-robin over its domains, in order."""
+    pools: list[tuple[str, bool, ControlPlanePool | WorkerPool, int]] = [
+        ("cp", True, spec.control_plane, spec.control_plane.size)
+    ]
+    pools += [(pool.name, False, pool, pool.size) for pool in spec.workers]
+    plan = []
+    for pool_name, control_plane, pool, size in pools:
+        for index in range(size):
+            domain_index = index % len(pool.placement)
+            plan.append(
+                NodePlan(
+                    name=node_name(spec.name, pool_name, index),
+                    pool=pool_name,
+                    index=index,
+                    control_plane=control_plane,
+                    cpu=pool.cpu,
+                    memory_gb=pool.memory_gb,
+                    disk_gb=pool.disk_gb,
+                    domain_index=domain_index,
+                    domain=pool.placement[domain_index],
+                )
+            )
+    return plan
