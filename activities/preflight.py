@@ -22,7 +22,6 @@ from domain.preflight import (
     CheckBatch,
     CheckResult,
     CheckStatus,
-    ConnectionBatch,
     InventoryBatch,
     ObjectChecksRequest,
     PreflightRequest,
@@ -74,11 +73,11 @@ class PreflightActivities:
         )
 
     @activity.defn(name="preflight_connection")
-    def connection(self, request: PreflightRequest) -> ConnectionBatch:
+    def connection(self, request: PreflightRequest) -> CheckBatch:
         """vCenter reachable, certificate trusted, login works, version supported."""
         creds = request.credentials
         endpoint = creds.endpoint
-        batch = ConnectionBatch()
+        batch = CheckBatch()
         results = batch.results
         try:
             with socket.create_connection((endpoint.server, endpoint.port), timeout=10):
@@ -127,11 +126,7 @@ class PreflightActivities:
                 detail=f"logged in to {endpoint.address}",
             )
         )
-        about = session.content.about
-        batch.facts.version, batch.facts.build = about.version or "", about.build or ""
-        batch.facts.full_name = about.fullName or ""
-        batch.facts.logged_in = True
-        results.append(_version_result(about))
+        results.append(_version_result(session.content.about))
         return batch
 
     @activity.defn(name="preflight_inventory")

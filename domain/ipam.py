@@ -223,9 +223,6 @@ class PoolAllocator:
     def owners(self) -> list[str]:
         return sorted(self._by_owner)
 
-    def addresses_of(self, owner: str) -> dict[str, str]:
-        return {slot: self._address(o) for slot, (o, _) in self._by_owner.get(owner, {}).items()}
-
     def allocations(self, owner: str | None = None) -> list[Allocation]:
         owners = [owner] if owner is not None else sorted(self._by_owner)
         return [

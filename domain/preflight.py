@@ -40,24 +40,11 @@ class PreflightRequest(BaseModel):
     placement: Placement | None = None
 
 
-class ConnectionFacts(BaseModel):
-    """What the connection check learned, for later checks."""
-
-    version: str = ""
-    build: str = ""
-    full_name: str = ""
-    logged_in: bool = False
-
-
 class CheckBatch(BaseModel):
     """Results of one preflight activity."""
 
     results: list[CheckResult] = Field(default_factory=list)
     vcenter_requests: int = 0
-
-
-class ConnectionBatch(CheckBatch):
-    facts: ConnectionFacts = Field(default_factory=ConnectionFacts)
 
 
 class InventoryBatch(CheckBatch):

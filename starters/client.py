@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import TaskQueueType
@@ -214,10 +215,8 @@ async def connect(settings: Settings | None = None) -> Client:
     )
 
 
-def _read(path: object) -> bytes | None:
-    from pathlib import Path
-
-    return Path(str(path)).read_bytes() if path else None
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
 
 
 class KubegateClient:
