@@ -1,0 +1,148 @@
+"""Requests and results of the VM activities (run on the gateway agent).
+
+Pure models: the cluster workflow builds the requests; activities/vsphere/vm.py acts on them.
+Managed objects travel as 'Type:id' strings (activities.vsphere.inventory.ref / from_ref).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from domain.account import SealedSecret, VCenterCredentials
+from domain.bootstrap import NodeBootstrap, NodeNetwork
+
+#: Namespace of the deterministic instance UUIDs of nodes.
+NODE_UUID_NAMESPACE = uuid.UUID("5b0d7c1e-3f38-4b8e-9a43-7c1b2e6f0d11")
+
+#: extraConfig keys that mark a VM as owned by a cluster (read back by the sweep).
+MARK_CLUSTER = "kubegate.cluster"
+MARK_POOL = "kubegate.pool"
+MARK_NODE = "kubegate.node"
+
+
+def instance_uuid(cluster_id: str, node: str, generation: int = 0) -> str:
+    """The instance UUID a node's VM gets: the same on every attempt, unique per cluster."""
+    return str(uuid.uuid5(NODE_UUID_NAMESPACE, f"{cluster_id}/{node}/{generation}"))
+
+
+class OwnerMark(BaseModel):
+    """Who owns a VM; written into the VM (extraConfig keys + annotation) at clone time."""
+
+    cluster_id: str = Field(description="Workflow id of the cluster, e.g. 'cluster/demo'.")
+    pool: str = Field(description="Node pool ('cp' for the control plane).")
+    node: str = Field(description="Node name (= VM name).")
+
+
+class FolderRequest(BaseModel):
+    credentials: VCenterCredentials
+    datacenter: str = Field(description="Datacenter name or path, e.g. 'DC0'.")
+    parent: str = Field(default="", description="Parent folder below the datacenter's VM folder.")
+    name: str = Field(description="The cluster's own folder name.")
+
+
+class FolderResult(BaseModel):
+    ref: str = Field(description="'Folder:group-v…' of the cluster folder.")
+    path: str = Field(description="Inventory path, e.g. '/DC0/vm/demo'.")
+    created: bool = False
+    vcenter_requests: int = 0
+
+
+class PlacementRequest(BaseModel):
+    """Resolve a template and placement domains to managed object refs (one round of finds)."""
+
+    credentials: VCenterCredentials
+    datacenter: str
+    template: str = Field(description="Template path below the datacenter's VM folder.")
+    #: (compute_cluster, resource_pool, datastore, network) names per domain, as in the spec
+    domains: list[tuple[str, str, str, str]]
+
+
+class DomainRefs(BaseModel):
+    compute_cluster: str
+    resource_pool: str
+    datastore: str
+    network: str
+
+
+class PlacementRefs(BaseModel):
+    template: str
+    domains: list[DomainRefs]
+    vcenter_requests: int = 0
+
+
+class CreateVmRequest(BaseModel):
+    """Everything needed to create one node's VM, idempotently."""
+
+    credentials: VCenterCredentials
+    name: str = Field(description="VM name = node name = hostname.")
+    instance_uuid: str = Field(description="Deterministic; find-before-create uses it.")
+    owner: OwnerMark
+    template: str = Field(description="Template ref.")
+    folder: str = Field(description="Cluster folder ref.")
+    domain: DomainRefs
+    cpu: int
+    memory_mb: int
+    disk_gb: int
+    network: NodeNetwork
+    #: cloud-init inputs (no secrets); the activity renders guestinfo.* from them and the
+    #: cluster secrets, which are sealed to the agent's key and opened only on the agent.
+    bootstrap: NodeBootstrap | None = None
+    secrets: SealedSecret | None = None
+    power_on: bool = True
+
+
+class VmInfo(BaseModel):
+    """A node's VM as vCenter reports it."""
+
+    ref: str
+    name: str
+    instance_uuid: str
+    host: str = ""
+    power_state: str = ""
+    address: str | None = None
+    hostname: str | None = None
+    vcenter_requests: int = 0
+
+
+class ReadinessRequest(BaseModel):
+    """Wait until every listed VM reports its expected address (None: any) and hostname."""
+
+    credentials: VCenterCredentials
+    mode: Literal["guest", "kubernetes"] = "guest"
+    #: (vm ref, expected hostname, expected address or None for DHCP)
+    nodes: list[tuple[str, str, str | None]]
+    vip: str | None = None
+    timeout_seconds: int = 1800
+
+
+class ReadinessResult(BaseModel):
+    nodes: list[VmInfo]
+    vcenter_requests: int = 0
+
+
+class DestroyVmRequest(BaseModel):
+    """Remove one node's VM (and its disks); not found = done."""
+
+    credentials: VCenterCredentials
+    name: str
+    instance_uuid: str
+    folder: str | None = None
+    #: vCenter tasks that may still be creating it (from heartbeats); cancelled and awaited first
+    tasks: list[str] = Field(default_factory=list)
+
+
+class DestroyResult(BaseModel):
+    destroyed: list[str] = Field(default_factory=list, description="Refs of VMs destroyed.")
+    vcenter_requests: int = 0
+
+
+class SweepRequest(BaseModel):
+    """Find (and destroy, unless dry_run) every VM carrying the cluster's ownership mark."""
+
+    credentials: VCenterCredentials
+    datacenter: str
+    cluster_id: str
+    dry_run: bool = False
