@@ -9,12 +9,12 @@ from __future__ import annotations
 import socket
 from typing import Any, TypeVar
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.vsphere.faults import classify
-from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_mixed
+from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve_mixed, retrieve_spec
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from domain import errors
 from domain.account import VCenterCredentials
@@ -105,10 +105,16 @@ class PreflightActivities:
                 detail="TCP connection accepted",
             )
         )
+        logins = self.sessions.logins
         with request_meter() as meter:
             try:
-                # a real login: a cached session would survive a changed password
-                session = self.sessions.renew(creds.endpoint, creds.username, self.password(creds))
+                password = self.password(creds)
+                if request.fresh_login:
+                    # a real login: a cached session would survive a changed password
+                    session = self.sessions.renew(creds.endpoint, creds.username, password)
+                else:
+                    # the cluster's preflight: reuse the session other activities are using
+                    session = self.sessions.get(creds.endpoint, creds.username, password)
             except ApplicationError:
                 raise
             except Exception as exc:
@@ -123,7 +129,9 @@ class PreflightActivities:
                 title="Login",
                 status=PASS,
                 object=f"user {creds.username}",
-                detail=f"logged in to {endpoint.address}",
+                detail=f"logged in to {endpoint.address}"
+                if self.sessions.logins != logins
+                else f"reused this gateway's session on {endpoint.address}",
             )
         )
         results.append(_version_result(session.content.about))
@@ -131,14 +139,21 @@ class PreflightActivities:
 
     @activity.defn(name="preflight_inventory")
     def inventory(self, request: PreflightRequest) -> InventoryBatch:
-        """Every placement object exists and is of the right kind; the template is a template."""
+        """Every placement object exists and is of the right kind; the template is a template.
+
+        Each distinct inventory path of all placements is looked up once.
+        """
         assert request.placement is not None
-        paths = request.placement.inventory_paths()
+        primary = request.placement.inventory_paths()
+        roles: dict[str, str] = {}  # path -> role, in check order
+        for placement in request.placements():
+            for role, path in placement.inventory_paths().items():
+                roles.setdefault(path, role)
         batch = InventoryBatch()
 
         def check(session: VSphereSession) -> None:
             objects: dict[str, Any] = {}
-            for role, path in paths.items():
+            for path, role in roles.items():
                 obj = find_by_path(session, path)
                 kinds, word = _EXPECTED_TYPES[role]
                 if obj is None:
@@ -155,77 +170,97 @@ class PreflightActivities:
                         )
                     )
                 else:
-                    objects[role] = obj
-            extra: list[tuple[Any, list[str]]] = []
-            if "folder" in objects:
-                extra.append((objects["folder"], ["childType"]))
-            if "template" in objects:
-                extra.append((objects["template"], ["config.template"]))
-            props = retrieve_mixed(session, extra) if extra else {}
-            for role, obj in objects.items():
-                batch.results.append(_exists_result(role, paths[role], props.get(ref(obj), {})))
+                    objects[path] = obj
+            extra: dict[str, tuple[Any, list[str]]] = {}
+            for path, obj in objects.items():
+                if roles[path] in _EXTRA_PROPERTIES:
+                    extra.setdefault(ref(obj), (obj, _EXTRA_PROPERTIES[roles[path]]))
+            props = retrieve_mixed(session, list(extra.values())) if extra else {}
+            for path, obj in objects.items():
+                role = roles[path]
+                batch.results.append(_exists_result(role, path, props.get(ref(obj), {})))
                 if batch.results[-1].status is PASS:
-                    batch.found[role] = ref(obj)
+                    batch.refs[path] = ref(obj)
+            batch.found = {r: batch.refs[p] for r, p in primary.items() if p in batch.refs}
 
         return self._guarded(request.credentials, check, batch)
 
     @activity.defn(name="preflight_privileges")
     def privileges(self, request: ObjectChecksRequest) -> CheckBatch:
-        """The user holds the root-level role on root and datacenter, the cluster role below."""
+        """The user holds the root-level role on root and datacenter, the cluster role below;
+        one request for every distinct object of every placement."""
         batch = CheckBatch()
-        paths = {"root": "/", **request.placement.inventory_paths()}
         user = request.credentials.username
 
         def check(session: VSphereSession) -> None:
-            entities = {"root": session.content.rootFolder}
-            for role, value in request.found.items():
+            entities: dict[str, tuple[str, Any]] = {"/": ("root", session.content.rootFolder)}
+            for path, (role, value) in request.objects().items():
                 if role in ROLE_OF_OBJECT:
-                    entities[role] = from_ref(session, value)
-            granted = _granted(session, list(entities.values()))
-            for role, entity in entities.items():
+                    entities[path] = (role, from_ref(session, value))
+            distinct = {ref(e): e for _, e in entities.values()}
+            granted = _granted(session, list(distinct.values()))
+            for path, (role, entity) in entities.items():
                 role_name = ROLE_OF_OBJECT[role]
                 have = granted.get(ref(entity), set())
                 missing = [p for p in privilege_ids(role_name) if p not in have]
-                batch.results.append(_privilege_result(role, paths[role], role_name, user, missing))
+                batch.results.append(_privilege_result(role, path, role_name, user, missing))
 
         return self._guarded(request.credentials, check, batch)
 
     @activity.defn(name="preflight_hosts")
     def hosts(self, request: ObjectChecksRequest) -> CheckBatch:
-        """NTP configured on every host of the cluster; the datastore mounted on all of them."""
+        """NTP configured on every host of each compute cluster; each placement's datastore
+        mounted on all hosts of its cluster. One property read for all of it."""
         batch = CheckBatch()
-        found = request.found
+        objects = request.objects()
+        pairs: list[tuple[str, str | None]] = []  # (cluster path, datastore path or None)
+        shown: dict[str, str] = {}  # cluster path -> its name as the placement gives it
+        for placement in [request.placement, *request.more_placements]:
+            paths = placement.inventory_paths()
+            if paths["compute_cluster"] not in objects:
+                continue
+            datastore = paths["datastore"] if paths["datastore"] in objects else None
+            shown.setdefault(paths["compute_cluster"], placement.compute_cluster)
+            if (paths["compute_cluster"], datastore) not in pairs:
+                pairs.append((paths["compute_cluster"], datastore))
+        # with several clusters, say which one a host or a datastore result is about
+        qualify = len(shown) > 1
 
         def check(session: VSphereSession) -> None:
-            cluster = from_ref(session, found["compute_cluster"])
-            wanted: list[tuple[Any, list[str]]] = [(cluster, ["host"])]
-            datastore = from_ref(session, found["datastore"]) if "datastore" in found else None
-            if datastore is not None:
-                wanted.append((datastore, ["host", "name"]))
-            props = retrieve_mixed(session, wanted)
-            hosts = list(props.get(ref(cluster), {}).get("host") or [])
-            host_props = retrieve(
-                session,
-                hosts,
-                ["name", "config.dateTimeInfo.ntpConfig.server", "runtime.connectionState"],
-            )
-            names = {ref(h): host_props.get(ref(h), {}).get("name", h._moId) for h in hosts}
-            if not hosts:
-                batch.results.append(
-                    CheckResult(
-                        check="hosts.present",
-                        title="Hosts in the compute cluster",
-                        status=FAIL,
-                        object=request.placement.compute_cluster,
-                        detail="the compute cluster has no hosts",
-                        remedy="add hosts to the cluster",
+            cluster_objs = {c: from_ref(session, objects[c][1]) for c in shown}
+            ds_objs = {d: from_ref(session, objects[d][1]) for _, d in pairs if d is not None}
+            spec = _hosts_spec(list(cluster_objs.values()), list(ds_objs.values()))
+            props = retrieve_spec(session, spec)
+            hosts_of: dict[str, list[Any]] = {}
+            for path, cluster in cluster_objs.items():
+                hosts = list(props.get(ref(cluster), {}).get("host") or [])
+                hosts_of[path] = hosts
+                names = _host_names(hosts, props)
+                where = f" (compute cluster {shown[path]})" if qualify else ""
+                if not hosts:
+                    batch.results.append(
+                        CheckResult(
+                            check="hosts.present",
+                            title="Hosts in the compute cluster",
+                            status=FAIL,
+                            object=shown[path],
+                            detail="the compute cluster has no hosts",
+                            remedy="add hosts to the cluster",
+                        )
                     )
-                )
-            for host in hosts:
-                batch.results.append(_ntp_result(names[ref(host)], host_props.get(ref(host), {})))
-            if datastore is not None:
-                ds = props.get(ref(datastore), {})
-                batch.results.append(_shared_storage_result(ds, hosts, names))
+                for host in hosts:
+                    result = _ntp_result(names[ref(host)], props.get(ref(host), {}))
+                    result.object += where
+                    batch.results.append(result)
+            for cluster_path, ds_path in pairs:
+                if ds_path is None:
+                    continue
+                hosts = hosts_of[cluster_path]
+                ds = props.get(ref(ds_objs[ds_path]), {})
+                result = _shared_storage_result(ds, hosts, _host_names(hosts, props))
+                if qualify:
+                    result.object += f" for compute cluster {shown[cluster_path]}"
+                batch.results.append(result)
 
         return self._guarded(request.credentials, check, batch)
 
@@ -253,6 +288,40 @@ class PreflightActivities:
             detail=error.message,
             remedy="see docs/vsphere-errors.md for this error type: " + (error.type or ""),
         )
+
+
+#: Properties the inventory check reads of some roles (one request for all of them).
+_EXTRA_PROPERTIES: dict[str, list[str]] = {
+    "folder": ["childType"],
+    "template": ["config.template"],
+}
+
+_HOST_PROPERTIES = ["name", "config.dateTimeInfo.ntpConfig.server", "runtime.connectionState"]
+
+
+def _hosts_spec(
+    clusters: list[Any], datastores: list[Any]
+) -> vmodl.query.PropertyCollector.FilterSpec:
+    """One property read: each cluster's hosts and their NTP settings and connection state
+    (through a traversal), each datastore's name and host mounts."""
+    to_hosts = vmodl.query.PropertyCollector.TraversalSpec(
+        name="cluster-hosts", type=vim.ClusterComputeResource, path="host", skip=False
+    )
+    spec = vmodl.query.PropertyCollector
+    objects = [spec.ObjectSpec(obj=c, skip=False, selectSet=[to_hosts]) for c in clusters]
+    objects += [spec.ObjectSpec(obj=d, skip=False) for d in datastores]
+    return spec.FilterSpec(
+        objectSet=objects,
+        propSet=[
+            spec.PropertySpec(type=vim.ClusterComputeResource, pathSet=["host"]),
+            spec.PropertySpec(type=vim.HostSystem, pathSet=_HOST_PROPERTIES),
+            spec.PropertySpec(type=vim.Datastore, pathSet=["host", "name"]),
+        ],
+    )
+
+
+def _host_names(hosts: list[Any], props: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {ref(h): props.get(ref(h), {}).get("name", h._moId) for h in hosts}
 
 
 def _granted(session: VSphereSession, entities: list[Any]) -> dict[str, set[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from domain.account import Placement, VCenterCredentials
 
@@ -38,6 +38,32 @@ class PreflightRequest(BaseModel):
     gateway: str = Field(description="Gateway whose agent runs the checks.")
     credentials: VCenterCredentials
     placement: Placement | None = None
+    more_placements: list[Placement] = Field(
+        default_factory=list,
+        description="Further placements (placement domains) in the same datacenter, checked in "
+        "the same pass; each distinct object once.",
+    )
+    fresh_login: bool = Field(
+        default=True,
+        description="Log in anew for the Login check (and log out the worker's cached session); "
+        "False reuses the cached session.",
+    )
+
+    @model_validator(mode="after")
+    def _same_datacenter(self) -> PreflightRequest:
+        if self.more_placements and self.placement is None:
+            raise ValueError("more_placements: needs placement as well")
+        for i, extra in enumerate(self.more_placements):
+            if self.placement is not None and extra.datacenter != self.placement.datacenter:
+                raise ValueError(
+                    f"more_placements.{i}.datacenter: must be the datacenter of placement "
+                    f"({self.placement.datacenter!r}), not {extra.datacenter!r}"
+                )
+        return self
+
+    def placements(self) -> list[Placement]:
+        """The placement followed by more_placements (empty without placement)."""
+        return [self.placement, *self.more_placements] if self.placement else []
 
 
 class CheckBatch(BaseModel):
@@ -48,8 +74,10 @@ class CheckBatch(BaseModel):
 
 
 class InventoryBatch(CheckBatch):
-    #: role (datacenter, compute_cluster, …) -> managed object id, for the objects found
+    #: role (datacenter, compute_cluster, …) -> 'Type:id', for the objects of `placement` found
     found: dict[str, str] = Field(default_factory=dict)
+    #: inventory path -> 'Type:id', for every object found of every placement
+    refs: dict[str, str] = Field(default_factory=dict)
 
 
 class ObjectChecksRequest(BaseModel):
@@ -58,6 +86,21 @@ class ObjectChecksRequest(BaseModel):
     credentials: VCenterCredentials
     placement: Placement
     found: dict[str, str]
+    more_placements: list[Placement] = Field(default_factory=list)
+    #: inventory path -> 'Type:id' over all placements; empty means: use `found` only
+    refs: dict[str, str] = Field(default_factory=dict)
+
+    def objects(self) -> dict[str, tuple[str, str]]:
+        """Every distinct object found: inventory path -> (role, 'Type:id'), in check order."""
+        out: dict[str, tuple[str, str]] = {}
+        if not self.refs:
+            paths = self.placement.inventory_paths()
+            return {paths[role]: (role, value) for role, value in self.found.items()}
+        for placement in [self.placement, *self.more_placements]:
+            for role, path in placement.inventory_paths().items():
+                if path in self.refs and path not in out:
+                    out[path] = (role, self.refs[path])
+        return out
 
 
 class PreflightReport(BaseModel):
@@ -69,6 +112,15 @@ class PreflightReport(BaseModel):
     username: str
     results: list[CheckResult]
     vcenter_requests: int = Field(description="vCenter API requests the checks made.")
+    refs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Inventory path -> 'Type:id' of every placement object found, for reuse.",
+    )
+
+    def refs_of(self, placement: Placement) -> dict[str, str]:
+        """role -> 'Type:id' of the objects of one checked placement that were found."""
+        paths = placement.inventory_paths()
+        return {role: self.refs[path] for role, path in paths.items() if path in self.refs}
 
     @property
     def passed(self) -> bool:

@@ -31,10 +31,15 @@ _RETRY = RetryPolicy(
 
 @workflow.defn(name="PreflightWorkflow")
 class PreflightWorkflow:
-    """Connection, version, inventory, privileges, NTP and shared storage, in that order."""
+    """Connection, version, inventory, privileges, NTP and shared storage, in that order.
+
+    With more_placements, each distinct object of all placements is checked once, in the same
+    activities as a single placement (no extra workflow commands).
+    """
 
     def __init__(self) -> None:
         self._results: list[CheckResult] = []
+        self._refs: dict[str, str] = {}
         self._phase = "starting"
 
     @workflow.run
@@ -79,24 +84,36 @@ class PreflightWorkflow:
             )
             self._results += inventory.results
             found = getattr(inventory, "found", {})
+            refs = getattr(inventory, "refs", {})
             objects = ObjectChecksRequest(
-                credentials=request.credentials, placement=placement, found=found
+                credentials=request.credentials,
+                placement=placement,
+                found=found,
+                more_placements=request.more_placements,
+                refs=refs,
             )
+            # the compute clusters found; with one placement, exactly as before more_placements
+            clusters = [placement.compute_cluster] if "compute_cluster" in found else []
+            for more in request.more_placements:
+                path = more.inventory_paths()["compute_cluster"]
+                if path in refs and more.compute_cluster not in clusters:
+                    clusters.append(more.compute_cluster)
             self._phase = "checking privileges, NTP and shared storage"
             self._show(request)
             # independent checks: run them at the same time, report in a fixed order
             checks = [step(PreflightActivities.privileges, objects, f"Check privileges of {user}")]
-            if "compute_cluster" in found:
+            if clusters:
                 checks.append(
                     step(
                         PreflightActivities.hosts,
                         objects,
-                        f"Check NTP and shared storage on {placement.compute_cluster}",
+                        f"Check NTP and shared storage on {', '.join(clusters)}",
                     )
                 )
             for batch in await asyncio.gather(*checks):
                 self._results += batch.results
-            if "compute_cluster" not in found:
+            self._refs = refs
+            if not clusters:
                 self._results.append(
                     skipped("hosts", "NTP and shared storage", "not checked: no compute cluster")
                 )
@@ -108,6 +125,7 @@ class PreflightWorkflow:
             username=request.credentials.username,
             results=self._results,
             vcenter_requests=requests,
+            refs=self._refs,
         )
         self._phase = "passed" if report.passed else "failed"
         workflow.upsert_search_attributes(
