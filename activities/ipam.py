@@ -22,6 +22,7 @@ from domain.ipam import (
     AllocationsQuery,
     ListAddresses,
     PoolRef,
+    PoolStatus,
     ReleaseAddresses,
     ReleaseRequest,
     ReleaseResult,
@@ -66,6 +67,15 @@ class IpamActivities:
         except WorkflowUpdateFailedError as exc:
             _reraise(exc, request)
         return result
+
+    @activity.defn(name="describe_pool")
+    async def describe_pool(self, request: PoolRef) -> PoolStatus:
+        """The pool's definition and usage; a missing pool is a permanent error."""
+        try:
+            status: PoolStatus = await self._pool(request).query(IpPoolWorkflow.status)
+        except RPCError as exc:
+            _reraise(exc, request)
+        return status
 
     @activity.defn(name="list_addresses")
     async def list_addresses(self, request: ListAddresses) -> AllocationsPage:

@@ -44,3 +44,7 @@ def preflight_workflow_id(request_id: str) -> str:
 
 def ippool_workflow_id(gateway: str, pool: str) -> str:
     return f"ippool/{gateway}/{pool}"
+
+
+def cluster_workflow_id(cluster: str) -> str:
+    return f"cluster/{cluster}"

@@ -146,3 +146,11 @@ class SweepRequest(BaseModel):
     datacenter: str
     cluster_id: str
     dry_run: bool = False
+
+
+class SweepResult(BaseModel):
+    """The VMs found carrying a cluster's mark, and those destroyed."""
+
+    vms: list[VmInfo] = Field(default_factory=list)
+    destroyed: list[str] = Field(default_factory=list)
+    vcenter_requests: int = 0

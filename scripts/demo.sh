@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 echo "== kubegate dev up"
 kubegate dev up
 echo
-echo "== kubegate account validate -f .kubegate/dev-account.yaml"
+echo "== kubegate account validate -f .kubegate/accounts/dev.yaml"
 status=0
-kubegate account validate -f .kubegate/dev-account.yaml || status=$?
+kubegate account validate -f .kubegate/accounts/dev.yaml || status=$?
 echo
 echo "== kubegate ippool create -f examples/ippool.yaml"
 if kubegate ippool get lab-pool --gateway local >/dev/null 2>&1; then

@@ -30,9 +30,11 @@ from temporalio.service import RPCError
 
 from domain import names
 from domain.account import CloudAccountSpec, VCenterAccess
+from domain.cluster import ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
+from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary
 from domain.preflight import CheckStatus, PreflightReport
-from starters.client import KubegateClient, KubegateError
+from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.settings import Settings
 
 app = typer.Typer(
@@ -164,6 +166,8 @@ def read_password(access: VCenterAccess, base: Path) -> str:
 def _run(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
+    except RequestRefused as exc:
+        _bad_input(str(exc))
     except KubegateError as exc:
         _failed(str(exc))
     except WorkflowFailureError as exc:
@@ -468,3 +472,309 @@ def gateway_agent(name: Annotated[str, typer.Argument(help="Gateway name.")]) ->
 
 if __name__ == "__main__":
     main()
+
+
+# -- cluster --------------------------------------------------------------------------------
+
+cluster_app = typer.Typer(
+    help="Kubernetes clusters: deploy, watch, change and delete.", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
+
+NameArg = Annotated[str, typer.Argument(help="Cluster name.")]
+WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Follow until it is done.")]
+
+
+def load_cluster(path: Path) -> ClusterSpec:
+    """A cluster spec with its profile file resolved (relative to the spec); exits 2 if bad."""
+    spec = load_spec(path, ClusterSpec)
+    if isinstance(spec.profile, ProfileFile):
+        profile_path = Path(spec.profile.file)
+        if not profile_path.is_absolute():
+            profile_path = path.parent / profile_path
+        profile = load_spec(profile_path, ClusterProfile)
+        data = spec.model_dump(mode="json")
+        data["profile"] = profile.model_dump(mode="json")
+        try:
+            spec = ClusterSpec.model_validate(data)
+        except ValidationError as exc:
+            _bad_input(
+                "\n".join(
+                    [f"{path}: {exc.error_count()} invalid field(s)"]
+                    + [
+                        f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
+                        f"{e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()
+                    ]
+                )
+            )
+    return spec
+
+
+def _cluster_account(client: KubegateClient, spec: ClusterSpec, account: Path | None) -> Any:
+    path = account or client.settings.account_path(spec.cloud_account)
+    if not path.exists():
+        _bad_input(
+            f"cloud_account: no account file for {spec.cloud_account!r} at {path} "
+            "(pass --account FILE)"
+        )
+    account_spec = load_spec(path, CloudAccountSpec)
+    password = read_password(account_spec.vcenter, path.parent)
+    try:
+        return client.cluster_account(account_spec, password, spec)
+    except KubegateError as exc:
+        _bad_input(str(exc))
+
+
+def _progress(state: ClusterState) -> None:
+    step = state.current_step()
+    where = f" — {step.title} ({step.state.value})" if step else ""
+    detail = f": {step.detail}" if step and step.detail else ""
+    err.print(f"{state.status.value}{where}{detail}", highlight=False)
+    if step and step.error:
+        err.print(f"  error: {step.error}", highlight=False)
+
+
+def _follow(client: KubegateClient, name: str, done: Any) -> ClusterState:
+    async def run() -> ClusterState:
+        return await client.wait_cluster(name, done, on_change=_progress)
+
+    state: ClusterState = _run(run())
+    return state
+
+
+def _settled(state: ClusterState) -> bool:
+    return state.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED, ClusterStatus.DELETED)
+
+
+def _state_json(state: ClusterState) -> str:
+    return state.model_dump_json(exclude={"spec"})
+
+
+@cluster_app.command("deploy")
+def cluster_deploy(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cluster YAML.")],
+    account: Annotated[
+        Path | None,
+        typer.Option(help="Cloud account YAML (default: <home>/accounts/<cloud_account>.yaml)."),
+    ] = None,
+    readiness: Annotated[
+        str, typer.Option(help="guest (VMware Tools report address and hostname) or kubernetes.")
+    ] = "guest",
+    wait: WaitOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Deploy a cluster from its spec; with --wait, follow each step until Running or Failed."""
+    if readiness not in ("guest", "kubernetes"):
+        _bad_input("--readiness: guest or kubernetes")
+    spec = load_cluster(file)
+
+    async def start() -> tuple[KubegateClient, ClusterState]:
+        client = await KubegateClient.connect()
+        cluster_account = _cluster_account(client, spec, account)
+        return client, await client.deploy_cluster(spec, cluster_account, readiness=readiness)
+
+    client, state = _run(start())
+    if not wait:
+        if output is Output.json:
+            out.print_json(_state_json(state))
+        else:
+            out.print(f"cluster {spec.name}: {state.status.value}", highlight=False)
+        return
+    state = _follow(client, spec.name, _settled)
+    _show_cluster(state, output, describe=True)
+    if state.status is not ClusterStatus.RUNNING:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _get(name: str) -> tuple[KubegateClient, ClusterState]:
+    async def run() -> tuple[KubegateClient, ClusterState]:
+        client = await KubegateClient.connect()
+        return client, await client.cluster_state(name)
+
+    result: tuple[KubegateClient, ClusterState] = _run(run())
+    return result
+
+
+@cluster_app.command("get")
+def cluster_get(name: NameArg, output: OutputOption = Output.table) -> None:
+    """A cluster's status, current step and nodes count."""
+    _, state = _get(name)
+    _show_cluster(state, output, describe=False)
+
+
+@cluster_app.command("describe")
+def cluster_describe(name: NameArg, output: OutputOption = Output.table) -> None:
+    """A cluster's step history (with durations) and its nodes."""
+    _, state = _get(name)
+    _show_cluster(state, output, describe=True)
+
+
+@cluster_app.command("list")
+def cluster_list(
+    gateway: GatewayOption = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include deleted clusters.")] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Clusters with their status and current step."""
+
+    async def run() -> list[ClusterSummary]:
+        client = await KubegateClient.connect()
+        return await client.list_clusters(gateway, include_deleted=all_)
+
+    rows: list[ClusterSummary] = _run(run())
+    if output is Output.json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+        return
+    table = Table()
+    for column in ("name", "status", "gateway", "nodes", "step"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, row.status, row.gateway, str(row.nodes), row.step)
+    out.print(table)
+
+
+@cluster_app.command("abort")
+def cluster_abort(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Stop a provisioning cluster and remove everything it created."""
+    client, state = _update(name, lambda c: c.abort_cluster(name))
+    if wait:
+        state = _follow(client, name, lambda s: s.status is ClusterStatus.DELETED)
+    _show_cluster(state, output, describe=wait)
+
+
+@cluster_app.command("delete")
+def cluster_delete(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Delete a Running or Failed cluster: its VMs, addresses and folder."""
+    client, state = _update(name, lambda c: c.delete_cluster(name))
+    if wait:
+        state = _follow(client, name, lambda s: s.status is ClusterStatus.DELETED)
+    _show_cluster(state, output, describe=wait)
+
+
+@cluster_app.command("retry")
+def cluster_retry(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Run a Failed cluster's steps again."""
+    client, state = _update(name, lambda c: c.retry_cluster(name))
+    if wait:
+        state = _follow(
+            client,
+            name,
+            lambda s: (
+                s.status in (ClusterStatus.RUNNING, ClusterStatus.DELETED)
+                or (s.status is ClusterStatus.FAILED and s.steps[-1].state.value != "running")
+            ),
+        )
+    _show_cluster(state, output, describe=wait)
+
+
+def _update(name: str, call: Any) -> tuple[KubegateClient, Any]:
+    async def run() -> tuple[KubegateClient, Any]:
+        client = await KubegateClient.connect()
+        return client, await call(client)
+
+    result: tuple[KubegateClient, Any] = _run(run())  # a refusal exits 2
+    return result
+
+
+def _change(name: str, call: Any, output: Output) -> None:
+    _, result = _update(name, call)
+    _, state = _get(name)
+    if output is Output.json:
+        out.print_json(
+            json.dumps(
+                {
+                    "change": result.model_dump(mode="json"),
+                    "cluster": json.loads(_state_json(state)),
+                }
+            )
+        )
+        return
+    added = ", ".join(result.added) or "none"
+    removed = ", ".join(result.removed) or "none"
+    out.print(
+        f"cluster {name}: {state.status.value}; added {added}; removed {removed}", highlight=False
+    )
+
+
+@cluster_app.command("scale")
+def cluster_scale(
+    name: NameArg,
+    pool: Annotated[str, typer.Argument(help="Worker pool name.")],
+    size: Annotated[int, typer.Option("--size", help="New number of nodes.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Resize a worker pool (down removes the newest nodes first); waits until done."""
+    if size < 0:
+        _bad_input("--size: must be 0 or more")
+    _change(name, lambda c: c.scale_pool(name, pool, size), output)
+
+
+@cluster_app.command("add-pool")
+def cluster_add_pool(
+    name: NameArg,
+    file: Annotated[Path, typer.Option("--file", "-f", help="Worker pool YAML.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Add a worker pool; waits until its nodes are ready."""
+    pool = load_spec(file, WorkerPool)
+    _change(name, lambda c: c.add_pool(name, pool), output)
+
+
+@cluster_app.command("remove-pool")
+def cluster_remove_pool(
+    name: NameArg,
+    pool: Annotated[str, typer.Argument(help="Worker pool name.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Remove a worker pool: its VMs and addresses."""
+    _change(name, lambda c: c.remove_pool(name, pool), output)
+
+
+def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
+    if output is Output.json:
+        out.print_json(_state_json(state))
+        return
+    step = state.current_step()
+    out.print(
+        f"cluster {state.name}  status {state.status.value}"
+        + (f" ({state.reason})" if state.reason and state.status is ClusterStatus.DELETED else "")
+        + f"  gateway {state.gateway}  nodes {len(state.nodes)}"
+        + (f"  VIP {state.vip}" if state.vip else ""),
+        highlight=False,
+    )
+    if step is not None:
+        out.print(f"step: {step.title} ({step.state.value})", highlight=False)
+    if state.error:
+        out.print(f"[red]error:[/red] {state.error}", highlight=False)
+    if not describe:
+        return
+    steps = Table(title="Steps")
+    for column in ("step", "state", "started", "seconds", "attempts", "objects / error"):
+        steps.add_column(column)
+    for s in state.steps:
+        seconds = f"{s.seconds:.1f}" if s.seconds is not None else ""
+        started = s.started.strftime("%H:%M:%S") if s.started else ""
+        objects = s.error or ", ".join(s.objects[:4]) + (" …" if len(s.objects) > 4 else "")
+        steps.add_row(s.title, s.state.value, started, seconds, str(s.attempts), objects)
+    out.print(steps)
+    nodes = Table(title="Nodes")
+    for column in ("name", "pool", "domain", "VM", "address", "power", "phase"):
+        nodes.add_column(column)
+    for n in state.nodes:
+        nodes.add_row(
+            n.name,
+            n.pool,
+            f"{n.domain_index}: {n.compute_cluster}",
+            n.vm or "",
+            n.address or "",
+            n.power_state,
+            n.phase,
+        )
+    out.print(nodes)

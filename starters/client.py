@@ -31,8 +31,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from domain import names
+from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterCredentials, VCenterEndpoint
+from domain.cluster import ClusterSpec, WorkerPool
 from domain.ipam import (
     MAX_BATCH,
     AllocateBatch,
@@ -48,9 +49,23 @@ from domain.ipam import (
     ReleaseRequest,
     ReleaseResult,
 )
+from domain.lifecycle import (
+    AddPoolRequest,
+    ChangeResult,
+    ClusterAccount,
+    ClusterInput,
+    ClusterState,
+    ClusterStatus,
+    ClusterSummary,
+    DeleteRequest,
+    RemovePoolRequest,
+    ScaleRequest,
+    Timing,
+)
 from domain.preflight import PreflightReport, PreflightRequest
 from domain.sealing import PASSWORD_PURPOSE, seal
 from starters.settings import Settings
+from workflows.cluster import ClusterWorkflow
 from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
@@ -195,6 +210,10 @@ class KubegateError(Exception):
     """A request kubegate refused or could not carry out; the message says why."""
 
 
+class RequestRefused(KubegateError):
+    """The request was refused before anything started (wrong state, invalid change)."""
+
+
 async def connect(settings: Settings | None = None) -> Client:
     """Connect to Temporal with the project's data converter and TLS settings."""
     settings = settings or Settings()
@@ -305,6 +324,214 @@ class KubegateClient:
                 ]
             ),
         )
+
+    # -- clusters -------------------------------------------------------------------------------
+
+    def cluster_account(
+        self, account: CloudAccountSpec, password: str, spec: ClusterSpec
+    ) -> ClusterAccount:
+        """The cluster's cloud account with the password sealed to its gateway's agent.
+
+        The template comes from the profile's os pack (`values.template`), else from the
+        account's placement.
+        """
+        if account.name != spec.cloud_account:
+            raise KubegateError(
+                f"cloud_account: the cluster names {spec.cloud_account!r} but the account file "
+                f"is {account.name!r}"
+            )
+        os_pack = spec.effective_profile().pack("os")
+        template = (os_pack.values.get("template") if os_pack else None) or (
+            account.placement.template if account.placement else None
+        )
+        if not isinstance(template, str) or not template.strip("/"):
+            raise KubegateError(
+                "profile os pack values.template: name the VM template to clone (or set "
+                "placement.template in the cloud account)"
+            )
+        endpoint = VCenterEndpoint.model_validate(
+            account.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+        )
+        return ClusterAccount(
+            name=account.name,
+            gateway=account.gateway,
+            credentials=self.seal_credentials(
+                account.gateway, endpoint, account.vcenter.username, password
+            ),
+            template=template.strip("/"),
+        )
+
+    def cluster_handle(self, name: str) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(names.cluster_workflow_id(name))
+
+    async def deploy_cluster(
+        self,
+        spec: ClusterSpec,
+        account: ClusterAccount,
+        *,
+        readiness: str = "guest",
+        timing: Timing | None = None,
+        task_queue: str = names.CONTROL_TASK_QUEUE,
+    ) -> ClusterState:
+        """Start the cluster's workflow; refused if a cluster of that name is not deleted."""
+        if not await self.agent_is_polling(account.gateway):
+            raise KubegateError(
+                f"no agent of gateway {account.gateway!r} is connected (task queue "
+                f"{names.gateway_task_queue(account.gateway)} has no pollers): start it first"
+            )
+        request = ClusterInput(
+            spec=spec, account=account, readiness=readiness, timing=timing or Timing()
+        )
+        try:
+            handle = await self.client.start_workflow(
+                ClusterWorkflow.run,
+                request,
+                id=names.cluster_workflow_id(spec.name),
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                static_summary=f"Cluster {spec.name} on gateway {account.gateway}",
+                static_details=spec.description,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "cluster"),
+                        SearchAttributePair(names.STATUS, ClusterStatus.PROVISIONING.value),
+                        SearchAttributePair(names.GATEWAY, account.gateway),
+                    ]
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise KubegateError(f"cluster {spec.name} already exists") from None
+        state: ClusterState = await handle.query(ClusterWorkflow.state_query)
+        return state
+
+    async def cluster_state(self, name: str) -> ClusterState:
+        """The cluster's state (also of a deleted cluster, while its history is kept)."""
+        if not names.is_dns_label(name):
+            raise KubegateError(f"cluster {name!r}: must be a DNS label")
+        try:
+            state: ClusterState = await self.cluster_handle(name).query(ClusterWorkflow.state_query)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise KubegateError(f"cluster {name} does not exist") from None
+            raise
+        return state
+
+    async def list_clusters(
+        self, gateway: str | None = None, include_deleted: bool = False
+    ) -> list[ClusterSummary]:
+        query = "KubegateKind = 'cluster'"
+        if not include_deleted:
+            query += " AND ExecutionStatus = 'Running'"
+        if gateway:
+            if not names.is_dns_label(gateway):
+                raise KubegateError(f"gateway {gateway!r}: must be a DNS label")
+            query += f" AND KubegateGateway = '{gateway}'"
+        ids = [e.id async for e in self.client.list_workflows(query)]
+        states = await asyncio.gather(
+            *(
+                self.client.get_workflow_handle(i).query(
+                    ClusterWorkflow.state_query, rpc_timeout=timedelta(seconds=10)
+                )
+                for i in dict.fromkeys(ids)
+            ),
+            return_exceptions=True,
+        )
+        out = []
+        for state in states:
+            if isinstance(state, ClusterState):
+                step = state.current_step()
+                out.append(
+                    ClusterSummary(
+                        name=state.name,
+                        status=state.status.value,
+                        gateway=state.gateway,
+                        nodes=len(state.nodes),
+                        step=step.title if step else "",
+                    )
+                )
+        return sorted(out, key=lambda c: c.name)
+
+    async def _cluster_update(self, name: str, update: Any, *args: Any) -> Any:
+        handle = self.cluster_handle(name)
+        try:
+            return await send_update(
+                handle.id, lambda: handle.execute_update(update, *args), client=self.client
+            )
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type in (
+                errors.INVALID_STATE,
+                errors.INVALID_SPEC,
+            ):
+                raise RequestRefused(cause.message) from None
+            raise KubegateError(_cause(exc)) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
+                raise RequestRefused(f"cluster {name} does not exist (or is deleted)") from None
+            raise
+
+    async def abort_cluster(self, name: str) -> ClusterState:
+        """Stop a provisioning cluster; it removes what it made and ends Deleted (aborted)."""
+        state: ClusterState = await self._cluster_update(name, ClusterWorkflow.abort)
+        return state
+
+    async def delete_cluster(self, name: str) -> ClusterState:
+        """Start deleting a Running or Failed cluster."""
+        state: ClusterState = await self._cluster_update(
+            name, ClusterWorkflow.delete, DeleteRequest()
+        )
+        return state
+
+    async def retry_cluster(self, name: str) -> ClusterState:
+        state: ClusterState = await self._cluster_update(name, ClusterWorkflow.retry)
+        return state
+
+    async def scale_pool(self, name: str, pool: str, size: int) -> ChangeResult:
+        result: ChangeResult = await self._cluster_update(
+            name, ClusterWorkflow.scale, ScaleRequest(pool=pool, size=size)
+        )
+        return result
+
+    async def add_pool(self, name: str, pool: WorkerPool) -> ChangeResult:
+        result: ChangeResult = await self._cluster_update(
+            name, ClusterWorkflow.add_pool, AddPoolRequest(pool=pool)
+        )
+        return result
+
+    async def remove_pool(self, name: str, pool: str) -> ChangeResult:
+        result: ChangeResult = await self._cluster_update(
+            name, ClusterWorkflow.remove_pool, RemovePoolRequest(pool=pool)
+        )
+        return result
+
+    async def wait_cluster(
+        self,
+        name: str,
+        done: Callable[[ClusterState], bool],
+        on_change: Callable[[ClusterState], None] | None = None,
+        timeout: float = 3600.0,
+        interval: float = 0.5,
+    ) -> ClusterState:
+        """Poll the cluster's state until done(state); on_change sees every new step."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        last: tuple[Any, ...] = ()
+        while True:
+            state = await self.cluster_state(name)
+            step = state.current_step()
+            mark = (
+                state.status,
+                len(state.steps),
+                step.state if step else None,
+                step.detail if step else None,
+            )
+            if on_change is not None and mark != last:
+                on_change(state)
+                last = mark
+            if done(state):
+                return state
+            if asyncio.get_running_loop().time() > deadline:
+                raise KubegateError(f"cluster {name} still {state.status} after {timeout:.0f}s")
+            await asyncio.sleep(interval)
 
     # -- IP pools -------------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class DevStack:
         self.logs = self.home / "logs"
         self.vcsim_ready_file = self.home / "vcsim.json"
         self.password_file = self.home / "vcsim-password"
-        self.account_file = self.home / "dev-account.yaml"
+        self.account_file = self.home / "accounts" / "dev.yaml"
 
     # -- public ---------------------------------------------------------------------------
 
@@ -304,6 +304,7 @@ class DevStack:
             },
             "placement": SIM_PLACEMENT,
         }
+        self.account_file.parent.mkdir(parents=True, exist_ok=True)
         self.account_file.write_text(yaml.safe_dump(account, sort_keys=False))
 
 

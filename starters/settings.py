@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         host = self.temporal_address.rsplit(":", 1)[0]
         return f"http://{host}:{self.ui_port}"
 
+    def account_path(self, name: str) -> Path:
+        """Where `cluster deploy` looks for a cloud account file by default."""
+        return self.home / "accounts" / f"{name}.yaml"
+
     def agent_dir(self, gateway: str) -> Path:
         return self.home / "agents" / gateway
 

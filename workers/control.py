@@ -13,10 +13,11 @@ from domain.names import CONTROL_TASK_QUEUE
 from starters.client import connect
 from starters.settings import Settings
 from workers.run import run_until_signalled
+from workflows.cluster import ClusterWorkflow
 from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
-WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow]
+WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow]
 
 
 def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:
@@ -26,7 +27,12 @@ def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=[ipam.allocate_addresses, ipam.release_addresses, ipam.list_addresses],
+        activities=[
+            ipam.allocate_addresses,
+            ipam.release_addresses,
+            ipam.list_addresses,
+            ipam.describe_pool,
+        ],
     )
 
 

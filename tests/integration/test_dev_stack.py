@@ -61,7 +61,7 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         logs = tmp_path / "home" / "logs"
         assert (logs / "gateway-agent.log").exists()
 
-        account = tmp_path / "home" / "dev-account.yaml"
+        account = tmp_path / "home" / "accounts" / "dev.yaml"
         check = kubegate("account", "validate", "-f", str(account))
         assert check.returncode == 0, check.stdout + check.stderr
         assert "passed" in check.stdout

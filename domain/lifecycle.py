@@ -1,0 +1,171 @@
+"""Cluster lifecycle state: status, step history, nodes, and the messages that change them.
+
+Pure models: ClusterWorkflow keeps one ClusterState and returns it from its queries.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from domain.account import SealedSecret, VCenterCredentials
+from domain.bootstrap import NodeNetwork
+from domain.cluster import ClusterSpec, WorkerPool
+
+
+class ClusterStatus(StrEnum):
+    QUEUED = "Queued"
+    PROVISIONING = "Provisioning"
+    RUNNING = "Running"
+    UPDATING = "Updating"
+    DELETING = "Deleting"
+    DELETED = "Deleted"
+    FAILED = "Failed"
+
+
+class StepState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class Step(BaseModel):
+    """One step of a lifecycle as it happened."""
+
+    name: str = Field(description="Stable id, e.g. 'create-vms'.")
+    title: str = Field(description="What the step does, in words.")
+    state: StepState = StepState.RUNNING
+    started: datetime | None = None
+    ended: datetime | None = None
+    attempts: int = Field(default=0, description="Activity attempts the step took.")
+    error: str | None = None
+    objects: list[str] = Field(default_factory=list, description="vSphere objects touched.")
+    detail: str = ""
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started is None or self.ended is None:
+            return None
+        return (self.ended - self.started).total_seconds()
+
+
+NodePhase = Literal["planned", "creating", "created", "ready", "deleting", "deleted", "failed"]
+
+
+class Node(BaseModel):
+    """A node of the cluster and its VM."""
+
+    name: str
+    pool: str
+    index: int
+    control_plane: bool
+    domain_index: int
+    compute_cluster: str
+    ip_pool: str | None = None
+    instance_uuid: str
+    phase: NodePhase = "planned"
+    vm: str | None = Field(default=None, description="'VirtualMachine:vm-…' once it exists.")
+    host: str = ""
+    address: str | None = None
+    power_state: str = ""
+    #: vCenter tasks the node's create activity was last waiting on (for abort)
+    tasks: list[str] = Field(default_factory=list)
+
+
+class ClusterAccount(BaseModel):
+    """The cloud account a cluster runs on, resolved by the client before the start."""
+
+    name: str
+    gateway: str
+    credentials: VCenterCredentials
+    template: str = Field(description="VM template path below the datacenter's VM folder.")
+
+
+class Timing(BaseModel):
+    """Activity timeouts; tests shorten the heartbeat timeout to see crashes sooner."""
+
+    heartbeat_seconds: int = Field(default=60, ge=2)
+    create_vm_minutes: int = Field(default=60, ge=1)
+    readiness_minutes: int = Field(default=30, ge=1)
+
+
+class ClusterInput(BaseModel):
+    """Input of ClusterWorkflow (also carries the state across continue-as-new)."""
+
+    spec: ClusterSpec = Field(description="The cluster, its profile resolved inline.")
+    account: ClusterAccount
+    readiness: Literal["guest", "kubernetes"] = "guest"
+    timing: Timing = Field(default_factory=Timing)
+    #: carried across continue-as-new
+    state: ClusterState | None = None
+    secrets: SealedSecret | None = None
+
+
+class ClusterState(BaseModel):
+    """Everything the cluster workflow knows; returned by its `state` query."""
+
+    name: str
+    status: ClusterStatus = ClusterStatus.QUEUED
+    reason: str = ""
+    error: str | None = None
+    spec: ClusterSpec
+    account: str
+    gateway: str
+    readiness: str = "guest"
+    vip: str | None = None
+    folder: str | None = Field(default=None, description="Inventory path of the folder.")
+    folder_ref: str | None = None
+    #: per IP pool: prefix, gateway and name servers of its network (static addressing)
+    networks: dict[str, NodeNetwork] = Field(default_factory=dict)
+    steps: list[Step] = Field(default_factory=list)
+    nodes: list[Node] = Field(default_factory=list)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    vcenter_requests: int = 0
+
+    def current_step(self) -> Step | None:
+        running = [s for s in self.steps if s.state is StepState.RUNNING]
+        return running[-1] if running else (self.steps[-1] if self.steps else None)
+
+
+class ClusterSummary(BaseModel):
+    """One line of `cluster list`."""
+
+    name: str
+    status: str
+    gateway: str
+    nodes: int
+    step: str = ""
+
+
+class ScaleRequest(BaseModel):
+    pool: str = Field(description="Worker pool name, or 'cp' for the control plane.")
+    size: int = Field(ge=0, le=500)
+
+
+class AddPoolRequest(BaseModel):
+    pool: WorkerPool
+
+
+class RemovePoolRequest(BaseModel):
+    pool: str
+
+
+class DeleteRequest(BaseModel):
+    reason: str = "deleted"
+
+
+class ChangeResult(BaseModel):
+    """What a day-2 change did."""
+
+    status: str
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+
+
+ClusterInput.model_rebuild()

@@ -1,0 +1,425 @@
+"""Cluster lifecycle end to end: real simulator, real Temporal, the real workflow and agent.
+
+What kubegate did is checked behind its back with an independent pyvmomi connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import ipaddress
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVmomi import vim
+from temporalio.testing import WorkflowEnvironment
+
+from domain.account import CloudAccountSpec
+from domain.cluster import ClusterSpec, WorkerPool
+from domain.ipam import IpPoolSpec
+from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from domain.vm import MARK_CLUSTER
+from starters.client import KubegateClient, KubegateError, RequestRefused
+from tests.conftest import GATEWAY
+from tests.support import ADMIN, TEMPLATE, Vcsim, history_text, record_history
+
+pytestmark = pytest.mark.integration
+
+NTP = "0.pool.ntp.org,1.pool.ntp.org"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGf0Kq7b1QbbxF8kS0Fq4m6wVv6vXQ0Vq3n9m2c4Zt1a test"
+FAST = Timing(heartbeat_seconds=5)
+
+
+@pytest.fixture(scope="module")
+def sim(workdir: Path) -> Iterator[Vcsim]:
+    """A simulator every host of which keeps time, with DHCP on the distributed port group."""
+    sim = Vcsim(
+        workdir,
+        args=[
+            "-clusters",
+            "2",
+            "-hosts",
+            "3",
+            "-ntp",
+            NTP,
+            "-dhcp",
+            "DC0_DVPG0=10.61.0.100-10.61.0.199",
+        ],
+    ).start()
+    yield sim
+    sim.stop()
+
+
+def account(sim: Vcsim, name: str = "lab", gateway: str = GATEWAY) -> CloudAccountSpec:
+    return CloudAccountSpec.model_validate(
+        {
+            "name": name,
+            "gateway": gateway,
+            "vcenter": {"server": sim.address, "username": ADMIN, "thumbprint": sim.thumbprint},
+        }
+    )
+
+
+PROFILE: dict[str, Any] = {
+    "name": "ubuntu-k8s",
+    "layers": [
+        {
+            "layer": "os",
+            "pack": {"name": "ubuntu", "version": "22.04", "values": {"template": TEMPLATE}},
+        },
+        {
+            "layer": "kubernetes",
+            "pack": {
+                "name": "kubernetes",
+                "version": "1.30.4",
+                "values": {"pod_cidr": "172.16.0.0/16", "service_cidr": "10.96.0.0/12"},
+            },
+        },
+        {
+            "layer": "network",
+            "pack": {"name": "cni-calico", "version": "3.28.0", "values": {"mtu": 1400}},
+        },
+    ],
+}
+
+
+def domain(cluster: str, pool: str | None, network: str = "VM Network") -> dict[str, Any]:
+    out = {"compute_cluster": cluster, "datastore": "LocalDS_0", "network": network}
+    if pool is not None:
+        out["ip_pool"] = pool
+    return out
+
+
+def static_spec(name: str, pool: str) -> ClusterSpec:
+    """3 control-plane nodes on DC0_C0; 'general' over both clusters; 'large' on DC0_C1."""
+    return ClusterSpec.model_validate(
+        {
+            "name": name,
+            "profile": PROFILE,
+            "overrides": {"cni-calico": {"mtu": 1380}},
+            "cloud_account": "lab",
+            "placement": {
+                "datacenter": "DC0",
+                "ssh_keys": [KEY],
+                "ntp_servers": ["0.pool.ntp.org"],
+                "ip_allocation": "static",
+            },
+            "control_plane": {
+                "size": 3,
+                "cpu": 2,
+                "memory_gb": 4,
+                "disk_gb": 40,
+                "placement": [domain("DC0_C0", pool)],
+            },
+            "workers": [
+                {
+                    "name": "general",
+                    "size": 2,
+                    "cpu": 4,
+                    "memory_gb": 8,
+                    "disk_gb": 60,
+                    "placement": [domain("DC0_C0", pool), domain("DC0_C1", pool)],
+                },
+                {
+                    "name": "large",
+                    "size": 1,
+                    "cpu": 8,
+                    "memory_gb": 16,
+                    "disk_gb": 100,
+                    "placement": [domain("DC0_C1", pool)],
+                },
+            ],
+        }
+    )
+
+
+async def make_pool(
+    kubegate: KubegateClient, name: str, third: int, gateway: str = GATEWAY
+) -> IpPoolSpec:
+    spec = IpPoolSpec.model_validate(
+        {
+            "name": name,
+            "gateway": gateway,
+            "kind": "range",
+            "first": f"10.{third}.0.10",
+            "last": f"10.{third}.0.250",
+            "prefix": 24,
+            "network_gateway": f"10.{third}.0.1",
+            "nameservers": ["10.0.0.53"],
+        }
+    )
+    await kubegate.create_pool(spec)
+    return spec
+
+
+async def deploy(
+    kubegate: KubegateClient, sim: Vcsim, spec: ClusterSpec, gateway: str = GATEWAY
+) -> ClusterState:
+    acct = kubegate.cluster_account(account(sim, gateway=gateway), sim.password, spec)
+    return await kubegate.deploy_cluster(spec, acct, timing=FAST)
+
+
+async def until(kubegate: KubegateClient, name: str, *statuses: ClusterStatus) -> ClusterState:
+    return await kubegate.wait_cluster(name, lambda s: s.status in statuses, timeout=300)
+
+
+# -- independent view of vCenter ------------------------------------------------------------
+
+
+def owned_vms(sim: Vcsim, cluster_id: str) -> list[Any]:
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(
+            content.rootFolder, [vim.VirtualMachine], True
+        )
+        found = []
+        for vm in view.view:
+            marks = {o.key: o.value for o in (vm.config.extraConfig or [])} if vm.config else {}
+            if marks.get(MARK_CLUSTER) == cluster_id:
+                found.append(vm)
+        view.Destroy()
+        return found
+    finally:
+        Vcsim.disconnect(si)
+
+
+def vm_facts(vm: Any) -> dict[str, Any]:
+    disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
+    extra = {o.key: o.value for o in vm.config.extraConfig or []}
+    return {
+        "name": vm.name,
+        "cpu": vm.config.hardware.numCPU,
+        "memory_mb": vm.config.hardware.memoryMB,
+        "disk_gb": disks[0].capacityInKB // (1024 * 1024),
+        "cluster": vm.runtime.host.parent.name,
+        "datastores": sorted(ds.name for ds in vm.datastore),
+        "networks": sorted(n.name for n in vm.network),
+        "pool": vm.resourcePool.name,
+        "folder": vm.parent.name,
+        "ip": vm.guest.ipAddress,
+        "hostname": vm.guest.hostName,
+        "power": str(vm.runtime.powerState),
+        "uuid": vm.config.instanceUuid,
+        "extra": extra,
+    }
+
+
+def datastore_files(sim: Vcsim, name: str) -> list[str]:
+    """Every file path on every datastore whose path mentions the name."""
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
+        found: list[str] = []
+        for ds in view.view:
+            task = ds.browser.SearchDatastoreSubFolders_Task(f"[{ds.name}]")
+            while task.info.state not in ("success", "error"):
+                pass
+            for result in task.info.result or []:
+                for f in result.file or []:
+                    path = f"{result.folderPath}{f.path}"
+                    if name in path:
+                        found.append(path)
+        view.Destroy()
+        return found
+    finally:
+        Vcsim.disconnect(si)
+
+
+def decode(value: str) -> str:
+    return gzip.decompress(base64.b64decode(value)).decode()
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
+    sim: Vcsim, kubegate: KubegateClient, temporal: WorkflowEnvironment
+) -> None:
+    pool = await make_pool(kubegate, "cl-static", 51)
+    spec = static_spec("alpha", pool.name)
+    await deploy(kubegate, sim, spec)
+    state = await until(kubegate, "alpha", ClusterStatus.RUNNING, ClusterStatus.FAILED)
+    assert state.status is ClusterStatus.RUNNING, state.error
+
+    steps = [s.name for s in state.steps]
+    assert steps == [
+        "validate",
+        "preflight",
+        "folder",
+        "addresses",
+        "bootstrap",
+        "create-vms",
+        "readiness",
+    ]
+    assert all(s.state.value == "done" and s.started and s.ended for s in state.steps)
+
+    vms = {vm.name: vm_facts(vm) for vm in owned_vms(sim, "cluster/alpha")}
+    expected = {
+        "alpha-cp-0": (2, 4, 40, "DC0_C0"),
+        "alpha-cp-1": (2, 4, 40, "DC0_C0"),
+        "alpha-cp-2": (2, 4, 40, "DC0_C0"),
+        "alpha-general-0": (4, 8, 60, "DC0_C0"),
+        "alpha-general-1": (4, 8, 60, "DC0_C1"),  # round-robin over the two domains
+        "alpha-large-0": (8, 16, 100, "DC0_C1"),
+    }
+    assert sorted(vms) == sorted(expected)
+    first, last = ipaddress.ip_address("10.51.0.10"), ipaddress.ip_address("10.51.0.250")
+    addresses = []
+    for name, (cpu, mem, disk, cluster) in expected.items():
+        facts = vms[name]
+        assert (facts["cpu"], facts["memory_mb"], facts["disk_gb"]) == (cpu, mem * 1024, disk)
+        assert facts["cluster"] == cluster
+        assert facts["datastores"] == ["LocalDS_0"]
+        assert facts["networks"] == ["VM Network"]
+        assert facts["folder"] == "alpha"
+        assert facts["power"] == "poweredOn"
+        assert facts["hostname"] == name
+        assert first <= ipaddress.ip_address(facts["ip"]) <= last
+        addresses.append(facts["ip"])
+        node = next(n for n in state.nodes if n.name == name)
+        assert node.address == facts["ip"] and node.vm and node.instance_uuid == facts["uuid"]
+        # bootstrap data: present, decodable, for this node
+        extra = facts["extra"]
+        assert extra["guestinfo.userdata.encoding"] == "gzip+base64"
+        userdata = decode(extra["guestinfo.userdata"])
+        assert userdata.startswith("#cloud-config")
+        metadata = json.loads(decode(extra["guestinfo.metadata"]))
+        assert metadata["local-hostname"] == name
+        assert KEY.split()[1] in userdata
+    assert len(set(addresses)) == len(addresses)
+    assert state.vip is not None and state.vip not in addresses
+    allocations = await kubegate.pool_allocations(GATEWAY, pool.name, owner="cluster/alpha")
+    assert sorted(a.address for a in allocations) == sorted([*addresses, state.vip])
+
+    # secrets never in the history; the password neither
+    history = await temporal.client.get_workflow_handle("cluster/alpha").fetch_history()
+    text = history_text(history)
+    assert sim.password not in text
+    assert "BEGIN EC PRIVATE KEY" not in text and "BEGIN PRIVATE KEY" not in text
+    assert "BEGIN RSA PRIVATE KEY" not in text
+
+    # wrong-state requests are refused
+    with pytest.raises(RequestRefused, match="use delete"):
+        await kubegate.abort_cluster("alpha")
+    with pytest.raises(KubegateError, match="already exists"):
+        await deploy(kubegate, sim, spec)
+
+    await kubegate.delete_cluster("alpha")
+    state = await until(kubegate, "alpha", ClusterStatus.DELETED)
+    assert state.reason == "deleted"
+    await record_history(temporal.client, "cluster/alpha", "cluster_deployed_deleted")
+    assert owned_vms(sim, "cluster/alpha") == []
+    assert datastore_files(sim, "alpha-") == []
+    assert await kubegate.pool_allocations(GATEWAY, pool.name, owner="cluster/alpha") == []
+    si = sim.connect()
+    try:
+        assert si.content.searchIndex.FindByInventoryPath("/DC0/vm/alpha") is None
+    finally:
+        Vcsim.disconnect(si)
+
+
+async def test_dhcp_cluster_scale_add_and_remove_pools(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    spec = ClusterSpec.model_validate(
+        {
+            "name": "beta",
+            "profile": PROFILE,
+            "cloud_account": "lab",
+            "placement": {"datacenter": "DC0", "ip_allocation": "dhcp"},
+            "control_plane": {"size": 1, "placement": [domain("DC0_C0", None, "DC0_DVPG0")]},
+            "workers": [
+                {"name": "w", "size": 1, "placement": [domain("DC0_C1", None, "DC0_DVPG0")]}
+            ],
+        }
+    )
+    await deploy(kubegate, sim, spec)
+    state = await until(kubegate, "beta", ClusterStatus.RUNNING, ClusterStatus.FAILED)
+    assert state.status is ClusterStatus.RUNNING, state.error
+    dhcp = ipaddress.ip_network("10.61.0.0/24")
+    for node in state.nodes:
+        assert node.address and ipaddress.ip_address(node.address) in dhcp
+
+    result = await kubegate.scale_pool("beta", "w", 3)
+    assert result.added == ["beta-w-1", "beta-w-2"]
+    big = WorkerPool.model_validate(
+        {
+            "name": "big",
+            "size": 1,
+            "cpu": 8,
+            "memory_gb": 16,
+            "placement": [domain("DC0_C1", None, "DC0_DVPG0")],
+        }
+    )
+    result = await kubegate.add_pool("beta", big)
+    assert result.added == ["beta-big-0"]
+    facts = {vm.name: vm_facts(vm) for vm in owned_vms(sim, "cluster/beta")}
+    assert sorted(facts) == ["beta-big-0", "beta-cp-0", "beta-w-0", "beta-w-1", "beta-w-2"]
+    assert (facts["beta-big-0"]["cpu"], facts["beta-big-0"]["memory_mb"]) == (8, 16384)
+
+    result = await kubegate.scale_pool("beta", "w", 1)  # newest first
+    assert result.removed == ["beta-w-1", "beta-w-2"]
+    result = await kubegate.remove_pool("beta", "big")
+    assert result.removed == ["beta-big-0"]
+    assert sorted(vm.name for vm in owned_vms(sim, "cluster/beta")) == ["beta-cp-0", "beta-w-0"]
+
+    with pytest.raises(RequestRefused, match="no worker pool named 'nope'"):
+        await kubegate.scale_pool("beta", "nope", 2)
+    with pytest.raises(RequestRefused, match="control plane"):
+        await kubegate.scale_pool("beta", "cp", 3)
+    bad = big.model_copy(update={"name": "w"})
+    with pytest.raises(RequestRefused, match="exists"):
+        await kubegate.add_pool("beta", bad)
+    static_pool = big.model_copy(
+        update={"name": "stat", "placement": [big.placement[0].model_copy(update={"ip_pool": "x"})]}
+    )
+    with pytest.raises(RequestRefused, match=r"workers\.stat\.placement\.0\.ip_pool"):
+        await kubegate.add_pool("beta", static_pool)
+
+    await kubegate.delete_cluster("beta")
+    await until(kubegate, "beta", ClusterStatus.DELETED)
+    assert owned_vms(sim, "cluster/beta") == []
+    assert datastore_files(sim, "beta-") == []
+
+
+async def test_failed_preflight_names_the_problem_and_delete_cleans_up(
+    vcsim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """The shared simulator's DC0_C1_H1 keeps no time: the preflight fails, the cluster too."""
+    pool = await make_pool(kubegate, "cl-fail", 52)
+    spec = static_spec("gamma", pool.name)
+    await deploy(kubegate, vcsim, spec)
+    state = await until(kubegate, "gamma", ClusterStatus.RUNNING, ClusterStatus.FAILED)
+    assert state.status is ClusterStatus.FAILED
+    failed = state.steps[-1]
+    assert failed.name == "preflight" and failed.state.value == "failed"
+    assert "DC0_C1_H1" in (failed.error or "")
+    with pytest.raises(RequestRefused, match="changes need Running"):
+        await kubegate.scale_pool("gamma", "general", 1)
+    await kubegate.delete_cluster("gamma")
+    state = await until(kubegate, "gamma", ClusterStatus.DELETED)
+    assert owned_vms(vcsim, "cluster/gamma") == []
+    assert await kubegate.pool_allocations(GATEWAY, pool.name) == []
+
+
+async def test_deploying_cluster_refuses_delete(sim: Vcsim, kubegate: KubegateClient) -> None:
+    pool = await make_pool(kubegate, "cl-refuse", 53)
+    spec = static_spec("delta", pool.name)
+    await deploy(kubegate, sim, spec)
+    with pytest.raises(RequestRefused, match="use abort"):
+        await kubegate.delete_cluster("delta")
+    await kubegate.abort_cluster("delta")
+    state = await until(kubegate, "delta", ClusterStatus.DELETED)
+    assert state.reason == "aborted"
+    assert owned_vms(sim, "cluster/delta") == []
+    assert await kubegate.pool_allocations(GATEWAY, pool.name) == []
+
+
+def test_unique_names() -> None:
+    assert uuid.uuid4() != uuid.uuid4()

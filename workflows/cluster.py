@@ -1,0 +1,1047 @@
+"""ClusterWorkflow: one cluster's whole life, from deploy to delete (an entity workflow)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    ChildWorkflowError,
+    FailureError,
+    TimeoutError,
+)
+from temporalio.workflow import ActivityCancellationType
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from domain import errors, names
+    from domain.account import Placement, SealedSecret
+    from domain.bootstrap import (
+        NodeBootstrap,
+        NodeNetwork,
+        RenderRequest,
+        RenderResult,
+        SecretsRequest,
+    )
+    from domain.cluster import ClusterProfile, ClusterSpec, NodePlan, WorkerPool, plan_nodes
+    from domain.ipam import (
+        AllocateAddresses,
+        AllocateResult,
+        AllocationsPage,
+        ListAddresses,
+        PoolRef,
+        PoolStatus,
+        ReleaseAddresses,
+        ReleaseResult,
+    )
+    from domain.lifecycle import (
+        AddPoolRequest,
+        ChangeResult,
+        ClusterInput,
+        ClusterState,
+        ClusterStatus,
+        DeleteRequest,
+        Node,
+        RemovePoolRequest,
+        ScaleRequest,
+        Step,
+        StepState,
+    )
+    from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.vm import (
+        CreateVmRequest,
+        DestroyResult,
+        DestroyVmRequest,
+        DomainRefs,
+        FolderRequest,
+        FolderResult,
+        OwnerMark,
+        PlacementRefs,
+        PlacementRequest,
+        ReadinessRequest,
+        ReadinessResult,
+        SweepRequest,
+        SweepResult,
+        VmInfo,
+        instance_uuid,
+    )
+    from workflows.preflight import PreflightWorkflow
+
+T = TypeVar("T")
+
+_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=8,
+    non_retryable_error_types=errors.NON_RETRYABLE,
+)
+
+PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
+
+
+class StepFailed(Exception):
+    """A step ended in error; the cluster goes to Failed with this message."""
+
+
+@workflow.defn(name="ClusterWorkflow")
+class ClusterWorkflow:
+    """Provision, change and delete one cluster; every step recorded in its state."""
+
+    @workflow.init
+    def __init__(self, input: ClusterInput) -> None:
+        self.input = input
+        spec = input.spec
+        self.state = input.state or ClusterState(
+            name=spec.name,
+            spec=spec,
+            account=input.account.name,
+            gateway=input.account.gateway,
+            readiness=input.readiness,
+        )
+        self.secrets: SealedSecret | None = input.secrets
+        self.refs: PlacementRefs | None = None
+        self.lock = asyncio.Lock()
+        self.deleting: DeleteRequest | None = None
+        self.retrying = False
+        self.aborting = False
+        self.provisioning: asyncio.Task[None] | None = None
+        self.current: Step | None = None
+
+    # -- run ------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: ClusterInput) -> ClusterState:
+        if self.state.created_at is None:
+            self.state.created_at = workflow.now()
+        self._publish()
+        if self.state.status in PROVISIONING_STATES and not await self._provision():
+            return self.state
+        while True:
+            await workflow.wait_condition(
+                lambda: (
+                    self.deleting is not None
+                    or self.retrying
+                    or (workflow.info().is_continue_as_new_suggested() and not self.lock.locked())
+                )
+            )
+            if self.deleting is not None:
+                break
+            if self.retrying:
+                self.retrying = False
+                if not await self._provision():
+                    return self.state
+                continue
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            workflow.continue_as_new(
+                ClusterInput(
+                    spec=self.state.spec,
+                    account=self.input.account,
+                    readiness=self.input.readiness,
+                    timing=self.input.timing,
+                    state=self.state,
+                    secrets=self.secrets,
+                )
+            )
+        async with self.lock:
+            await self._teardown(self.deleting.reason)
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.state
+
+    async def _provision(self) -> bool:
+        """Deploy (or retry a failed deploy); False when it was aborted (the cluster is gone)."""
+        self._set_status(ClusterStatus.PROVISIONING)
+        self.provisioning = asyncio.create_task(self._deploy_steps())
+        try:
+            await self.provisioning
+        except asyncio.CancelledError:
+            # abort, or the workflow itself was cancelled: remove everything made so far
+            self.aborting = True
+            await self._teardown("aborted")
+            return False
+        except StepFailed as exc:
+            self.state.error = str(exc)
+            self._set_status(ClusterStatus.FAILED)
+            return True
+        finally:
+            self.provisioning = None
+        self.state.error = None
+        self._set_status(ClusterStatus.RUNNING)
+        return True
+
+    async def _deploy_steps(self) -> None:
+        await self._step("validate", "Validate the spec and plan the nodes", self._validate)
+        await self._step("preflight", "Check vCenter, placement and privileges", self._preflight)
+        await self._step("folder", "Create the cluster's VM folder", self._folder)
+        await self._converge(deploy=True)
+
+    # -- steps ----------------------------------------------------------------------------
+
+    async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
+        step = Step(name=name, title=title, started=workflow.now())
+        self.state.steps.append(step)
+        self.current = step
+        self._publish()
+        try:
+            await body(step)
+            step.state = StepState.DONE
+        except asyncio.CancelledError:
+            step.state = StepState.CANCELLED
+            step.error = "aborted"
+            raise
+        except (FailureError, StepFailed) as exc:
+            step.state = StepState.FAILED
+            step.error = _message(exc)
+            raise StepFailed(f"{title}: {step.error}") from None
+        finally:
+            step.ended = workflow.now()
+            self._publish()
+
+    async def _validate(self, step: Step) -> None:
+        spec = self.state.spec
+        try:
+            ClusterSpec.model_validate(spec.model_dump(mode="json"))
+            spec.effective_profile()
+        except (ValidationError, ValueError) as exc:
+            raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
+        self._plan(plan_nodes(spec))
+        needed: dict[str, int] = {}
+        for node in self.state.nodes:
+            if node.ip_pool is not None:
+                needed[node.ip_pool] = needed.get(node.ip_pool, 0) + 1
+        vip_pool = spec.control_plane.placement[0].ip_pool
+        if vip_pool is not None:
+            needed[vip_pool] = needed.get(vip_pool, 0) + 1
+        statuses = await self._all(
+            [
+                self._control(
+                    "describe_pool",
+                    PoolRef(gateway=self.state.gateway, pool=pool),
+                    PoolStatus,
+                    f"Check IP pool {pool}",
+                )
+                for pool in sorted(needed)
+            ]
+        )
+        owner = self._owner()
+        for pool, status in zip(sorted(needed), statuses, strict=True):
+            held = needed[pool] if owner in status.owners else 0
+            if status.free + held < needed[pool]:
+                raise ApplicationError(
+                    f"IP pool {pool} has {status.free} free addresses; the cluster needs "
+                    f"{needed[pool]}",
+                    type=errors.OUT_OF_ADDRESSES,
+                    non_retryable=True,
+                )
+        step.detail = f"{len(self.state.nodes)} nodes planned"
+        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in sorted(needed)]
+
+    async def _preflight(self, step: Step) -> None:
+        account = self.input.account
+        placements = self._placements()
+        request = PreflightRequest(
+            account=account.name,
+            gateway=account.gateway,
+            credentials=account.credentials,
+            placement=placements[0],
+            more_placements=placements[1:],
+            fresh_login=False,
+        )
+        child_id = f"{workflow.info().workflow_id}/preflight/{len(self.state.steps)}"
+        report: PreflightReport = await workflow.execute_child_workflow(
+            PreflightWorkflow.run,
+            request,
+            id=child_id,
+            task_queue=workflow.info().task_queue,
+            static_summary=f"Preflight of cluster {self.state.name}",
+        )
+        self.state.vcenter_requests += report.vcenter_requests
+        step.objects = [child_id]
+        failed = [r for r in report.results if r.status is CheckStatus.FAIL]
+        if failed:
+            raise ApplicationError(
+                "; ".join(f"{r.title} ({r.object}): {r.detail}" for r in failed[:5]),
+                type=errors.INVALID_SPEC,
+                non_retryable=True,
+            )
+        self.refs = self._refs_from(report.refs, placements)
+        step.detail = f"{len(report.results)} checks passed"
+
+    async def _folder(self, step: Step) -> None:
+        spec = self.state.spec
+        result = await self._agent(
+            "vm_ensure_folder",
+            FolderRequest(
+                credentials=self.input.account.credentials,
+                datacenter=spec.placement.datacenter,
+                parent=spec.placement.folder,
+                name=spec.name,
+            ),
+            FolderResult,
+            f"Create folder {spec.name} in {spec.placement.datacenter}",
+        )
+        self.state.folder, self.state.folder_ref = result.path, result.ref
+        step.objects = [result.ref]
+        step.detail = result.path
+
+    async def _converge(self, deploy: bool) -> None:
+        """Make vCenter match the spec: remove extra nodes, then add and start missing ones."""
+        wanted = plan_nodes(self.state.spec)
+        names_wanted = {plan.name for plan in wanted}
+        extra = [n for n in self.state.nodes if n.name not in names_wanted]
+        if extra:
+            extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
+            await self._step(
+                "remove-nodes",
+                f"Remove {len(extra)} node(s)",
+                lambda step: self._remove_nodes(step, extra),
+            )
+        self._plan(wanted)
+        await self._step("addresses", "Allocate addresses", self._addresses)
+        await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
+        await self._step("create-vms", "Create VMs", self._create_vms)
+        await self._step("readiness", f"Wait for readiness ({self.input.readiness})", self._ready)
+        del deploy
+
+    async def _addresses(self, step: Step) -> None:
+        owner = self._owner()
+        slots: dict[str, list[str]] = {}
+        cp_pool = self.state.spec.control_plane.placement[0].ip_pool
+        if cp_pool is not None:
+            slots.setdefault(cp_pool, []).append("vip")
+        for node in self.state.nodes:
+            if node.ip_pool is not None:
+                slots.setdefault(node.ip_pool, []).append(node.name)
+        if not slots:
+            step.state = StepState.SKIPPED
+            step.detail = "DHCP: nodes get their addresses from the network"
+            return
+        pools = sorted(slots)
+        results = await self._all(
+            [
+                self._control(
+                    "allocate_addresses",
+                    AllocateAddresses(
+                        gateway=self.state.gateway, pool=pool, owner=owner, slots=slots[pool]
+                    ),
+                    AllocateResult,
+                    f"Allocate {len(slots[pool])} address(es) from {pool}",
+                    cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )
+                for pool in pools
+            ]
+        )
+        for pool, result in zip(pools, results, strict=True):
+            self.state.networks[pool] = NodeNetwork(
+                mode="static",
+                prefix=result.prefix,
+                gateway=result.network_gateway,
+                nameservers=result.nameservers,
+                search_domains=result.search_domains,
+            )
+            if "vip" in result.addresses:
+                self.state.vip = result.addresses["vip"]
+        addresses = {slot: a for r in results for slot, a in r.addresses.items()}
+        for node in self.state.nodes:
+            node.address = addresses.get(node.name, node.address)
+        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
+        step.detail = (f"VIP {self.state.vip}, " if self.state.vip else "") + ", ".join(
+            f"{n.name} {n.address}" for n in self.state.nodes if n.address
+        )
+
+    async def _bootstrap(self, step: Step) -> None:
+        if self.secrets is None:
+            self.secrets = await self._agent(
+                "bootstrap_secrets",
+                SecretsRequest(cluster=self.state.name),
+                SealedSecret,
+                "Generate the cluster's CA, bootstrap token and certificate key",
+            )
+        pending = [n for n in self.state.nodes if n.phase in ("planned", "failed")]
+        renderable = [self._bootstrap_of(n) for n in pending]
+        inputs = [b for b in renderable if b is not None]
+        if inputs:
+            result = await self._agent(
+                "bootstrap_render",
+                RenderRequest(nodes=inputs, secrets=self.secrets),
+                RenderResult,
+                f"Render cloud-init for {len(inputs)} node(s)",
+            )
+            step.objects = [f"{d.hostname} sha256:{d.digest[:12]}" for d in result.nodes]
+        later = len(renderable) - len(inputs)
+        step.detail = f"{len(inputs)} rendered (secrets sealed to the agent)" + (
+            f"; {later} rendered at creation (join endpoint known once the first node is ready)"
+            if later
+            else ""
+        )
+
+    async def _create_vms(self, step: Step) -> None:
+        pending = [n for n in self.state.nodes if n.phase != "ready"]
+        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
+        if first is not None and first.phase != "ready":
+            step.detail = f"creating {first.name}, the first control-plane node"
+            self._publish()
+            await self._create_nodes([first])
+            await self._wait_ready([first])
+            pending = [n for n in pending if n is not first]
+        if pending:
+            step.detail = f"creating {len(pending)} node(s) concurrently"
+            self._publish()
+            await self._create_nodes(pending)
+        step.objects = [n.vm for n in self.state.nodes if n.vm]
+        step.detail = f"{len(step.objects)} VMs"
+
+    async def _ready(self, step: Step) -> None:
+        waiting = [n for n in self.state.nodes if n.phase != "ready"]
+        if waiting:
+            await self._wait_ready(waiting)
+        step.detail = f"{len(self.state.nodes)} nodes ready"
+        step.objects = [n.vm for n in self.state.nodes if n.vm]
+
+    # -- nodes ----------------------------------------------------------------------------
+
+    def _plan(self, plan: Sequence[NodePlan]) -> None:
+        """Add planned nodes that are not known yet (existing nodes keep their state)."""
+        known = {n.name for n in self.state.nodes}
+        for p in plan:
+            if p.name in known:
+                continue
+            self.state.nodes.append(
+                Node(
+                    name=p.name,
+                    pool=p.pool,
+                    index=p.index,
+                    control_plane=p.control_plane,
+                    domain_index=p.domain_index,
+                    compute_cluster=p.domain.compute_cluster,
+                    ip_pool=p.domain.ip_pool,
+                    instance_uuid=instance_uuid(self._owner(), p.name),
+                )
+            )
+
+    def _plan_of(self, node: Node) -> NodePlan:
+        return next(p for p in plan_nodes(self.state.spec) if p.name == node.name)
+
+    def _bootstrap_of(self, node: Node) -> NodeBootstrap | None:
+        spec = self.state.spec
+        profile: ClusterProfile = spec.effective_profile()
+        kube = profile.pack("kubernetes")
+        values = kube.values if kube else {}
+        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
+        first_address = first.address if first else None
+        if node.control_plane and node.index == 0:
+            role = "init"
+        elif node.control_plane:
+            role = "join-control-plane"
+        else:
+            role = "worker"
+        if role != "init" and self.state.vip is None and first_address is None:
+            return None  # DHCP: the join endpoint is the first node's address, not known yet
+        network = (
+            self.state.networks[node.ip_pool].model_copy(update={"address": node.address})
+            if node.ip_pool is not None
+            else NodeNetwork(mode="dhcp")
+        )
+        return NodeBootstrap(
+            cluster=spec.name,
+            hostname=node.name,
+            instance_id=node.instance_uuid,
+            role=role,
+            network=network,
+            ssh_keys=spec.placement.ssh_keys,
+            ntp_servers=spec.placement.ntp_servers,
+            vip=self.state.vip,
+            first_control_plane=first_address,
+            kubernetes_version=kube.version if kube else "",
+            pod_cidr=str(values.get("pod_cidr", "192.168.0.0/16")),
+            service_cidr=str(values.get("service_cidr", "10.96.0.0/12")),
+            allow_worker_capability=spec.control_plane.allow_worker_capability,
+            packs=[(layer.layer, layer.pack) for layer in profile.layers],
+        )
+
+    async def _create_nodes(self, nodes: Sequence[Node]) -> None:
+        await self._all([self._create_node(n) for n in nodes])
+
+    async def _create_node(self, node: Node) -> None:
+        plan = self._plan_of(node)
+        refs = await self._placement_refs()
+        bootstrap = self._bootstrap_of(node)
+        node.phase = "creating"
+        self._publish()
+        request = CreateVmRequest(
+            credentials=self.input.account.credentials,
+            name=node.name,
+            instance_uuid=node.instance_uuid,
+            owner=OwnerMark(cluster_id=self._owner(), pool=node.pool, node=node.name),
+            template=refs.template,
+            folder=self.state.folder_ref or "",
+            domain=refs.domains[self._domain_key(plan)],
+            cpu=plan.cpu,
+            memory_mb=plan.memory_gb * 1024,
+            disk_gb=plan.disk_gb,
+            network=bootstrap.network if bootstrap else NodeNetwork(mode="dhcp"),
+            bootstrap=bootstrap,
+            secrets=self.secrets,
+        )
+        try:
+            info = await self._agent(
+                "vm_create",
+                request,
+                VmInfo,
+                f"Create VM {node.name} in {node.compute_cluster}"
+                + (f" ({node.address})" if node.address else ""),
+                timeout=timedelta(minutes=self.input.timing.create_vm_minutes),
+                heartbeat=True,
+            )
+        except ActivityError as exc:
+            node.tasks = sorted(set(node.tasks) | set(_task_refs(exc)))
+            node.phase = "failed"
+            raise
+        except asyncio.CancelledError:
+            node.phase = "failed"
+            raise
+        node.vm, node.host, node.power_state = info.ref, info.host, info.power_state
+        node.phase = "created"
+        self._publish()
+
+    async def _wait_ready(self, nodes: Sequence[Node]) -> None:
+        result = await self._agent(
+            "vm_wait_ready",
+            ReadinessRequest(
+                credentials=self.input.account.credentials,
+                mode=self.input.readiness,
+                nodes=[(n.vm or "", n.name, n.address) for n in nodes],
+                vip=self.state.vip,
+                timeout_seconds=self.input.timing.readiness_minutes * 60,
+            ),
+            ReadinessResult,
+            f"Wait for {', '.join(n.name for n in nodes)} ({self.input.readiness})"
+            if len(nodes) <= 3
+            else f"Wait for {len(nodes)} nodes ({self.input.readiness})",
+            timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
+            heartbeat=True,
+        )
+        by_ref = {info.ref: info for info in result.nodes}
+        for node in nodes:
+            info = by_ref.get(node.vm or "")
+            if info is not None:
+                node.address = node.address or info.address
+                node.power_state = info.power_state
+                node.host = info.host or node.host
+            node.phase = "ready"
+        self._publish()
+
+    async def _remove_nodes(self, step: Step, nodes: Sequence[Node]) -> None:
+        await self._destroy_nodes(nodes)
+        slots: dict[str, list[str]] = {}
+        for node in nodes:
+            if node.ip_pool is not None:
+                slots.setdefault(node.ip_pool, []).append(node.name)
+        await self._all(
+            [
+                self._control(
+                    "release_addresses",
+                    ReleaseAddresses(
+                        gateway=self.state.gateway, pool=pool, owner=self._owner(), slots=names_
+                    ),
+                    ReleaseResult,
+                    f"Release {len(names_)} address(es) to {pool}",
+                )
+                for pool, names_ in sorted(slots.items())
+            ]
+        )
+        removed = {n.name for n in nodes}
+        step.objects = [n.vm for n in nodes if n.vm]
+        step.detail = ", ".join(sorted(removed))
+        self.state.nodes = [n for n in self.state.nodes if n.name not in removed]
+
+    async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
+        for node in nodes:
+            node.phase = "deleting"
+        self._publish()
+        results = await self._all(
+            [
+                self._agent(
+                    "vm_destroy",
+                    DestroyVmRequest(
+                        credentials=self.input.account.credentials,
+                        name=node.name,
+                        instance_uuid=node.instance_uuid,
+                        folder=self.state.folder_ref,
+                        tasks=node.tasks,
+                    ),
+                    DestroyResult,
+                    f"Power off and destroy {node.name}",
+                    heartbeat=True,
+                )
+                for node in nodes
+            ]
+        )
+        for node in nodes:
+            node.phase = "deleted"
+            node.power_state = ""
+        return [ref for r in results for ref in r.destroyed]
+
+    # -- teardown (abort and delete) ------------------------------------------------------
+
+    async def _teardown(self, reason: str) -> None:
+        self._set_status(ClusterStatus.DELETING)
+        nodes = list(self.state.nodes)
+        await self._step(
+            "delete-vms",
+            "Power off and destroy every node",
+            lambda step: self._delete_vms(step, nodes),
+        )
+        await self._step("release", "Release addresses", self._release_all)
+        await self._step("remove-folder", "Remove the cluster's folder", self._remove_folder)
+        self.state.reason = reason
+        self._set_status(ClusterStatus.DELETED)
+
+    async def _delete_vms(self, step: Step, nodes: Sequence[Node]) -> None:
+        destroyed = await self._destroy_nodes(nodes)
+        sweep = await self._agent(
+            "vm_sweep",
+            SweepRequest(
+                credentials=self.input.account.credentials,
+                datacenter=self.state.spec.placement.datacenter,
+                cluster_id=self._owner(),
+            ),
+            SweepResult,
+            "Find and destroy any VM still marked as this cluster's",
+            heartbeat=True,
+        )
+        destroyed += sweep.destroyed
+        step.objects = destroyed
+        step.detail = f"{len(destroyed)} VM(s) destroyed"
+
+    async def _release_all(self, step: Step) -> None:
+        pools = sorted({d.ip_pool for _, d in self.state.spec.domains() if d.ip_pool is not None})
+        if not pools:
+            step.state = StepState.SKIPPED
+            step.detail = "DHCP: no addresses held"
+            return
+        owner = self._owner()
+        await self._all(
+            [
+                self._control(
+                    "release_addresses",
+                    ReleaseAddresses(gateway=self.state.gateway, pool=pool, owner=owner),
+                    ReleaseResult,
+                    f"Release every address of {owner} in {pool}",
+                )
+                for pool in pools
+            ]
+        )
+        left = await self._all(
+            [
+                self._control(
+                    "list_addresses",
+                    ListAddresses(gateway=self.state.gateway, pool=pool, owner=owner, limit=10),
+                    AllocationsPage,
+                    f"Confirm {pool} holds nothing for {owner}",
+                    not_found_ok=True,
+                )
+                for pool in pools
+            ]
+        )
+        held = [a.address for page in left if page is not None for a in page.allocations]
+        if held:
+            raise ApplicationError(f"addresses still held after release: {', '.join(held)}")
+        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
+        step.detail = f"released in {len(pools)} pool(s); none left"
+        self.state.vip = None
+        for node in self.state.nodes:
+            node.address = None
+
+    async def _remove_folder(self, step: Step) -> None:
+        spec = self.state.spec
+        await self._agent(
+            "vm_remove_folder",
+            FolderRequest(
+                credentials=self.input.account.credentials,
+                datacenter=spec.placement.datacenter,
+                parent=spec.placement.folder,
+                name=spec.name,
+            ),
+            FolderResult,
+            f"Remove folder {spec.name}",
+        )
+        step.objects = [self.state.folder_ref] if self.state.folder_ref else []
+
+    # -- updates --------------------------------------------------------------------------
+
+    @workflow.update
+    async def abort(self) -> ClusterState:
+        """Stop provisioning and remove everything created so far; returns at once."""
+        self.aborting = True
+        if self.provisioning is not None:
+            self.provisioning.cancel()
+        return self.state
+
+    @abort.validator
+    def _abort_allowed(self) -> None:
+        if self.state.status not in PROVISIONING_STATES or self.aborting:
+            hint = "use delete" if self.state.status in _DELETABLE else "nothing to abort"
+            raise _invalid_state(f"cluster {self.state.name} is {self.state.status}: {hint}")
+
+    @workflow.update
+    async def delete(self, request: DeleteRequest) -> ClusterState:
+        """Start deleting a running or failed cluster; returns at once."""
+        self.deleting = request
+        return self.state
+
+    @delete.validator
+    def _delete_allowed(self, request: DeleteRequest) -> None:
+        status = self.state.status
+        if status in PROVISIONING_STATES:
+            raise _invalid_state(f"cluster {self.state.name} is {status}: use abort")
+        if status not in _DELETABLE or self.deleting is not None:
+            raise _invalid_state(f"cluster {self.state.name} is {status}: cannot delete now")
+
+    @workflow.update
+    async def retry(self) -> ClusterState:
+        """Run a failed cluster's steps again (each is idempotent); returns at once."""
+        self.retrying = True
+        return self.state
+
+    @retry.validator
+    def _retry_allowed(self) -> None:
+        if self.state.status is not ClusterStatus.FAILED or self.retrying:
+            raise _invalid_state(
+                f"cluster {self.state.name} is {self.state.status}: only a "
+                "Failed cluster can be retried"
+            )
+
+    @workflow.update
+    async def scale(self, request: ScaleRequest) -> ChangeResult:
+        """Resize a worker pool; down removes the newest nodes first."""
+        spec = self._changed_spec(scale=request)
+        return await self._change(spec, f"Scale {request.pool} to {request.size}")
+
+    @scale.validator
+    def _scale_ok(self, request: ScaleRequest) -> None:
+        self._require_running()
+        self._changed_spec(scale=request)
+
+    @workflow.update
+    async def add_pool(self, request: AddPoolRequest) -> ChangeResult:
+        spec = self._changed_spec(add=request.pool)
+        return await self._change(spec, f"Add worker pool {request.pool.name}")
+
+    @add_pool.validator
+    def _add_ok(self, request: AddPoolRequest) -> None:
+        self._require_running()
+        self._changed_spec(add=request.pool)
+
+    @workflow.update
+    async def remove_pool(self, request: RemovePoolRequest) -> ChangeResult:
+        spec = self._changed_spec(remove=request.pool)
+        return await self._change(spec, f"Remove worker pool {request.pool}")
+
+    @remove_pool.validator
+    def _remove_ok(self, request: RemovePoolRequest) -> None:
+        self._require_running()
+        self._changed_spec(remove=request.pool)
+
+    @workflow.query
+    def state_query(self) -> ClusterState:
+        return self.state
+
+    async def _change(self, spec: ClusterSpec, title: str) -> ChangeResult:
+        async with self.lock:
+            self._require_running()
+            before = {n.name for n in self.state.nodes}
+            self.state.spec = spec
+            self._set_status(ClusterStatus.UPDATING, title)
+            try:
+                await self._converge(deploy=False)
+            except StepFailed as exc:
+                self.state.error = str(exc)
+                self._set_status(ClusterStatus.FAILED)
+                raise ApplicationError(str(exc), type="ChangeFailed") from None
+            self.state.error = None
+            self._set_status(ClusterStatus.RUNNING)
+            after = {n.name for n in self.state.nodes}
+            return ChangeResult(
+                status=self.state.status,
+                added=sorted(after - before),
+                removed=sorted(before - after),
+            )
+
+    def _require_running(self) -> None:
+        if self.state.status is not ClusterStatus.RUNNING or self.deleting is not None:
+            raise _invalid_state(
+                f"cluster {self.state.name} is {self.state.status}: changes need Running"
+            )
+
+    def _changed_spec(
+        self,
+        scale: ScaleRequest | None = None,
+        add: WorkerPool | None = None,
+        remove: str | None = None,
+    ) -> ClusterSpec:
+        """The spec after a change, validated; ApplicationError naming the field otherwise."""
+        data = self.state.spec.model_dump(mode="json")
+        pools: list[dict[str, Any]] = data["workers"]
+        names_ = [p["name"] for p in pools]
+        if scale is not None:
+            if scale.pool == "cp":
+                raise _invalid_spec("pool: the control plane's size is fixed at deploy (1, 3 or 5)")
+            if scale.pool not in names_:
+                raise _invalid_spec(f"pool: no worker pool named {scale.pool!r}")
+            pools[names_.index(scale.pool)]["size"] = scale.size
+        if add is not None:
+            if add.name in names_:
+                raise _invalid_spec(f"pool.name: a worker pool named {add.name!r} exists")
+            pools.append(add.model_dump(mode="json"))
+        if remove is not None:
+            if remove not in names_:
+                raise _invalid_spec(f"pool: no worker pool named {remove!r}")
+            del pools[names_.index(remove)]
+        try:
+            return ClusterSpec.model_validate(data)
+        except ValidationError as exc:
+            raise _invalid_spec(_validation_text(exc)) from None
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _owner(self) -> str:
+        return names.cluster_workflow_id(self.state.name)
+
+    def _placements(self) -> list[Placement]:
+        spec = self.state.spec
+        out: list[Placement] = []
+        for domain in self._distinct_domains():
+            out.append(
+                Placement(
+                    datacenter=spec.placement.datacenter,
+                    compute_cluster=domain[0],
+                    resource_pool=domain[1],
+                    datastore=domain[2],
+                    network=domain[3],
+                    folder=spec.placement.folder,
+                    template=self.input.account.template,
+                )
+            )
+        return out
+
+    def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
+        seen: list[tuple[str, str, str, str]] = []
+        for _, d in self.state.spec.domains():
+            key = (d.compute_cluster, d.resource_pool, d.datastore, d.network)
+            if key not in seen:
+                seen.append(key)
+        return seen
+
+    def _domain_key(self, plan: NodePlan) -> int:
+        d = plan.domain
+        return self._distinct_domains().index(
+            (d.compute_cluster, d.resource_pool, d.datastore, d.network)
+        )
+
+    def _refs_from(self, refs: dict[str, str], placements: list[Placement]) -> PlacementRefs | None:
+        """Placement refs from the preflight's findings; None if any is missing."""
+        domains: list[DomainRefs] = []
+        template = ""
+        for placement in placements:
+            paths = placement.inventory_paths()
+            try:
+                domains.append(
+                    DomainRefs(
+                        compute_cluster=refs[paths["compute_cluster"]],
+                        resource_pool=refs[paths["resource_pool"]],
+                        datastore=refs[paths["datastore"]],
+                        network=refs[paths["network"]],
+                    )
+                )
+                template = refs[paths["template"]]
+            except KeyError:
+                return None
+        return PlacementRefs(template=template, domains=domains)
+
+    async def _placement_refs(self) -> PlacementRefs:
+        if self.refs is None or len(self.refs.domains) != len(self._distinct_domains()):
+            self.refs = await self._agent(
+                "vm_resolve_placement",
+                PlacementRequest(
+                    credentials=self.input.account.credentials,
+                    datacenter=self.state.spec.placement.datacenter,
+                    template=self.input.account.template,
+                    domains=self._distinct_domains(),
+                ),
+                PlacementRefs,
+                "Find the template and placement objects",
+            )
+        return self.refs
+
+    async def _all(self, coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+        """Run concurrently; on the first failure cancel the rest and wait for them."""
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await workflow.wait(tasks)
+            raise
+
+    async def _agent(
+        self,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        summary: str,
+        timeout: timedelta = timedelta(minutes=5),
+        heartbeat: bool = False,
+    ) -> T:
+        result: T = await workflow.execute_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            task_queue=names.gateway_task_queue(self.state.gateway),
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=(
+                timedelta(seconds=self.input.timing.heartbeat_seconds) if heartbeat else None
+            ),
+            retry_policy=_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=summary,
+        )
+        self.state.vcenter_requests += int(getattr(result, "vcenter_requests", 0) or 0)
+        self._attempted(result)
+        return result
+
+    async def _control(
+        self,
+        activity: str,
+        arg: Any,
+        result_type: type[T],
+        summary: str,
+        cancellation: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
+        not_found_ok: bool = False,
+    ) -> T:
+        try:
+            result: T = await workflow.execute_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                task_queue=names.CONTROL_TASK_QUEUE,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=_RETRY,
+                cancellation_type=cancellation,
+                summary=summary,
+            )
+            self._attempted(result)
+            return result
+        except ActivityError as exc:
+            cause = exc.cause
+            if (
+                not_found_ok
+                and isinstance(cause, ApplicationError)
+                and cause.type == errors.POOL_NOT_FOUND
+            ):
+                return None  # type: ignore[return-value]
+            raise
+
+    def _attempted(self, result: Any) -> None:
+        """Count the attempts the step's activities took (results carry `attempt`)."""
+        if self.current is not None:
+            attempt = int(getattr(result, "attempt", 1) or 1)
+            self.current.attempts = max(self.current.attempts, attempt)
+
+    def _set_status(self, status: ClusterStatus, detail: str = "") -> None:
+        self.state.status = status
+        self.state.updated_at = workflow.now()
+        if detail:
+            self.state.reason = detail
+        self._publish()
+
+    def _publish(self) -> None:
+        """Search attributes and the Web UI's current details."""
+        workflow.upsert_search_attributes(
+            [
+                names.KIND.value_set("cluster"),
+                names.STATUS.value_set(self.state.status.value),
+                names.GATEWAY.value_set(self.state.gateway),
+            ]
+        )
+        workflow.set_current_details(render_details(self.state))
+
+
+_DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+
+
+def render_details(state: ClusterState) -> str:
+    """Markdown for the Web UI: status, steps with durations, nodes."""
+    step = state.current_step()
+    lines = [
+        f"## Cluster `{state.name}` — {state.status.value}",
+        "",
+        f"Current step: **{step.title if step else '-'}**"
+        + (f" — {step.detail}" if step and step.detail else ""),
+    ]
+    if state.error:
+        lines += ["", f"Error: {state.error}"]
+    lines += [
+        "",
+        "| step | state | seconds | attempts | error |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s in state.steps:
+        secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
+        lines.append(f"| {s.title} | {s.state.value} | {secs} | {s.attempts} | {s.error or ''} |")
+    lines += ["", "| node | pool | VM | address | phase |", "| --- | --- | --- | --- | --- |"]
+    for n in state.nodes:
+        lines.append(f"| {n.name} | {n.pool} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
+    return "\n".join(lines)
+
+
+def _task_refs(exc: BaseException) -> list[str]:
+    """vCenter task refs from an activity failure's last heartbeat details."""
+    found: list[str] = []
+    cause = exc.cause if isinstance(exc, ActivityError) else None
+    details: Sequence[Any] = ()
+    if isinstance(cause, TimeoutError):
+        details = cause.last_heartbeat_details
+    elif isinstance(cause, CancelledError):
+        details = cause.details
+    for item in details:
+        values = item.values() if isinstance(item, dict) else [item]
+        for value in values:
+            if isinstance(value, str) and value.startswith("Task:"):
+                found.append(value)
+    return found
+
+
+def _message(exc: BaseException) -> str:
+    """The innermost useful message of a failure chain."""
+    while isinstance(exc, ActivityError | ChildWorkflowError) and exc.cause is not None:
+        exc = exc.cause
+    if isinstance(exc, TimeoutError):
+        return f"timed out ({exc.type.name.lower() if exc.type else 'timeout'})"
+    return getattr(exc, "message", None) or str(exc)
+
+
+def _invalid_state(message: str) -> ApplicationError:
+    return ApplicationError(message, type=errors.INVALID_STATE, non_retryable=True)
+
+
+def _invalid_spec(message: str) -> ApplicationError:
+    return ApplicationError(message, type=errors.INVALID_SPEC, non_retryable=True)
+
+
+def _validation_text(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error["loc"])
+        parts.append(f"{path}: {error['msg']}" if path else error["msg"])
+    return "; ".join(parts)
