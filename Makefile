@@ -7,7 +7,7 @@ VCSIM := .kubegate/bin/vcsim
 GO_PACKAGES := golang-go golang-github-vmware-govmomi-dev
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test lint down uv go-deps
+.PHONY: help setup demo test lint down uv go-deps cloud-init
 
 help:
 	@echo "make demo   start the local stack (Temporal + vCenter simulator + workers) and run the story"
@@ -25,10 +25,19 @@ go-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(GO_PACKAGES) >/dev/null; \
 	fi
 
+# Debian's cloud-init validates the rendered user-data in the tests (its schema, its VMware
+# datasource). Installed fresh, it is disabled at boot so it cannot reconfigure this machine.
+cloud-init:
+	@if ! /usr/bin/python3 -c 'import cloudinit.config.schema' >/dev/null 2>&1; then \
+	  echo "installing cloud-init with apt-get (disabled at boot)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cloud-init >/dev/null \
+	  && { [ -e /etc/cloud/cloud-init.disabled ] || touch /etc/cloud/cloud-init.disabled; }; \
+	fi
+
 $(VCSIM): $(wildcard tools/vcsim/*.go) tools/vcsim/build.sh | go-deps
 	@bash tools/vcsim/build.sh $(VCSIM)
 
-setup: uv go-deps
+setup: uv go-deps cloud-init
 	@$(UV) sync --frozen --quiet
 	@$(MAKE) --no-print-directory $(VCSIM)
 

@@ -1,0 +1,136 @@
+"""Bootstrap activities of the gateway agent: generate a cluster's secrets, render nodes.
+
+Secrets are generated here, sealed to the agent's own key at once, and opened only here;
+workflow history holds the sealed form and content-free digests, never the plaintext.
+generate_secrets() uses randomness and the clock: workflows must not call it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import string
+from secrets import choice, token_hex
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from domain import errors
+from domain.account import SealedSecret
+from domain.bootstrap import (
+    SECRETS_PURPOSE,
+    ClusterSecrets,
+    RenderRequest,
+    RenderResult,
+    SecretsRequest,
+    rendered,
+)
+from domain.sealing import AgentKey, SealError, seal
+
+_TOKEN_ALPHABET = string.ascii_lowercase + string.digits
+CA_VALIDITY = datetime.timedelta(days=3650)
+
+
+def _token_part(length: int) -> str:
+    return "".join(choice(_TOKEN_ALPHABET) for _ in range(length))
+
+
+def generate_ca() -> tuple[str, str]:
+    """A self-signed Kubernetes CA (RSA 2048, CN=kubernetes, 10 years): (cert PEM, key PEM)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert_pem, key_pem
+
+
+def generate_secrets() -> ClusterSecrets:
+    """Fresh secrets for a cluster: bootstrap token, certificate key, CA. Not deterministic."""
+    cert_pem, key_pem = generate_ca()
+    return ClusterSecrets(
+        bootstrap_token=f"{_token_part(6)}.{_token_part(16)}",
+        certificate_key=token_hex(32),
+        ca_cert_pem=cert_pem,
+        ca_key_pem=key_pem,
+    )
+
+
+class BootstrapActivities:
+    """The bootstrap activities of one gateway agent (its key seals and opens the secrets)."""
+
+    def __init__(self, key: AgentKey) -> None:
+        self.key = key
+
+    @activity.defn(name="bootstrap_secrets")
+    def secrets(self, request: SecretsRequest) -> SealedSecret:
+        """Generate the cluster's secrets and seal them to this agent's key.
+
+        A retry generates new ones; harmless, as only the recorded result is ever used.
+        """
+        sealed = seal(generate_secrets().model_dump_json(), self.key.public_bytes, SECRETS_PURPOSE)
+        activity.logger.info("generated secrets of cluster %s (sealed)", request.cluster)
+        return sealed
+
+    def open(self, sealed: SealedSecret) -> ClusterSecrets:
+        """The cluster's secrets; SecretUnreadable when this agent cannot open them."""
+        try:
+            return ClusterSecrets.model_validate_json(self.key.open(sealed, SECRETS_PURPOSE))
+        except SealError as exc:
+            problem = str(exc)
+        except ValidationError:  # its message would quote the secrets: say less
+            problem = "the opened bundle is not a cluster secrets document"
+        raise ApplicationError(
+            f"cluster secrets cannot be used by this agent: {problem}",
+            type=errors.SECRET_UNREADABLE,
+            non_retryable=True,
+        )
+
+    @activity.defn(name="bootstrap_render")
+    def render(self, request: RenderRequest) -> RenderResult:
+        """Render every node's guestinfo entries; return digests and sizes, no content."""
+        secrets = self.open(request.secrets)
+        summaries = []
+        for node in request.nodes:
+            try:
+                _, summary = rendered(node, secrets)
+            except ValueError as exc:
+                raise ApplicationError(
+                    f"node {node.hostname}: {exc}", type=errors.INVALID_SPEC, non_retryable=True
+                ) from None
+            summaries.append(summary)
+        return RenderResult(nodes=summaries)
