@@ -470,10 +470,6 @@ def gateway_agent(name: Annotated[str, typer.Argument(help="Gateway name.")]) ->
     agent.main(name)
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- cluster --------------------------------------------------------------------------------
 
 cluster_app = typer.Typer(
@@ -778,3 +774,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
             n.phase,
         )
     out.print(nodes)
+
+
+if __name__ == "__main__":
+    main()

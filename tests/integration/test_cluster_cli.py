@@ -1,0 +1,160 @@
+"""`kubegate cluster …`: bad specs refused with their field path, and the commands end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from starters.client import KubegateClient
+from starters.settings import Settings
+from tests.conftest import GATEWAY
+from tests.integration.test_cluster import PROFILE, domain, make_pool, sim  # noqa: F401
+from tests.support import ADMIN, Vcsim, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def base(pool: str = "p") -> dict[str, Any]:
+    return {
+        "name": "cli",
+        "profile": PROFILE,
+        "cloud_account": "cliacct",
+        "placement": {"datacenter": "DC0", "ip_allocation": "static"},
+        "control_plane": {"size": 1, "placement": [domain("DC0_C0", pool)]},
+        "workers": [{"name": "w", "size": 1, "placement": [domain("DC0_C1", pool)]}],
+    }
+
+
+def changed(path: str, value: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    data = json.loads(json.dumps(data or base()))
+    keys = path.split(".")
+    node: Any = data
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+BAD: list[tuple[str, dict[str, Any], str]] = [
+    ("name", changed("name", "Bad_Name"), "name: must be a DNS label"),
+    ("cp size", changed("control_plane.size", 2), "control_plane.size"),
+    (
+        "cp two domains",
+        changed("control_plane.placement", [domain("DC0_C0", "p"), domain("DC0_C1", "p")]),
+        "control_plane.placement: ",
+    ),
+    (
+        "static without pool",
+        changed("workers.0.placement", [domain("DC0_C1", None)]),
+        "workers.w.placement.0.ip_pool: required with static",
+    ),
+    (
+        "dhcp with pool",
+        changed("placement.ip_allocation", "dhcp"),
+        "control_plane.placement.0.ip_pool: not allowed with DHCP",
+    ),
+    ("unknown pack", {**base(), "overrides": {"cni-cilium": {"x": 1}}}, "no pack named cni-cilium"),
+    (
+        "layers out of order",
+        changed(
+            "profile.layers", [PROFILE["layers"][1], PROFILE["layers"][0], PROFILE["layers"][2]]
+        ),
+        "layers: order must be",
+    ),
+    (
+        "duplicate pools",
+        changed("workers", [base()["workers"][0], base()["workers"][0]]),
+        "pool names must be unique",
+    ),
+    ("bad ssh key", changed("placement.ssh_keys", ["not-a-key"]), "placement.ssh_keys"),
+    ("tiny memory", changed("workers.0.memory_gb", 1), "workers.0.memory_gb"),
+    ("unknown field", {**base(), "colour": "blue"}, "colour: Extra inputs are not permitted"),
+    (
+        "profile file missing",
+        {**base(), "profile": {"file": "nope.yaml"}},
+        "nope.yaml: no such file",
+    ),
+]
+
+
+@pytest.mark.parametrize("data,expected", [(d, e) for _, d, e in BAD], ids=[n for n, _, _ in BAD])
+async def test_bad_spec_is_refused_with_its_field(
+    settings: Settings, tmp_path: Path, data: dict[str, Any], expected: str
+) -> None:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path))
+    assert code == 2, output
+    assert expected in output, output
+    assert "Traceback" not in output
+
+
+def write_account(settings: Settings, sim_: Vcsim) -> None:
+    accounts = settings.home / "accounts"
+    accounts.mkdir(parents=True, exist_ok=True)
+    (accounts / "cliacct.pw").write_text(sim_.password + "\n")
+    (accounts / "cliacct.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "cliacct",
+                "gateway": GATEWAY,
+                "vcenter": {
+                    "server": sim_.address,
+                    "username": ADMIN,
+                    "password_file": "cliacct.pw",
+                    "thumbprint": sim_.thumbprint,
+                },
+            }
+        )
+    )
+
+
+async def test_deploy_describe_scale_delete_through_the_cli(
+    sim: Vcsim,  # noqa: F811
+    settings: Settings,
+    kubegate: KubegateClient,
+    tmp_path: Path,
+) -> None:
+    await make_pool(kubegate, "cli-pool", 81)
+    write_account(settings, sim)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(base("cli-pool")))
+
+    code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path), "--wait")
+    assert code == 0, output
+    assert "Create VMs" in output and "cli-cp-0" in output and "Running" in output
+    assert sim.password not in output
+
+    code, output = await run_cli(settings, "cluster", "describe", "cli", "-o", "json")
+    assert code == 0, output
+    described = json.loads(output)
+    assert described["status"] == "Running"
+    assert [n["name"] for n in described["nodes"]] == ["cli-cp-0", "cli-w-0"]
+    assert all(s["ended"] for s in described["steps"])
+
+    code, output = await run_cli(settings, "cluster", "list", "-o", "json")
+    assert code == 0 and "cli" in [c["name"] for c in json.loads(output)], output
+
+    code, output = await run_cli(settings, "cluster", "abort", "cli")
+    assert code == 2 and "use delete" in output, output
+    code, output = await run_cli(settings, "cluster", "scale", "cli", "nope", "--size", "2")
+    assert code == 2 and "no worker pool named 'nope'" in output, output
+
+    code, output = await run_cli(settings, "cluster", "scale", "cli", "w", "--size", "2")
+    assert code == 0 and "added cli-w-1" in output, output
+
+    code, output = await run_cli(settings, "cluster", "delete", "cli", "--wait")
+    assert code == 0, output
+    assert "Deleted" in output
+    code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")
+    assert json.loads(output)["status"] == "Deleted"
+    code, output = await run_cli(settings, "cluster", "get", "nope")
+    assert code == 1 and "does not exist" in output, output

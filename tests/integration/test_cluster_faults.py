@@ -1,0 +1,211 @@
+"""Abort at several points and an agent killed mid-deploy, on a simulator whose clones take time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.testing import WorkflowEnvironment
+
+from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from starters.client import KubegateClient
+from starters.settings import Settings
+from tests.conftest import GATEWAY
+from tests.integration.test_cluster import (
+    NTP,
+    account,
+    datastore_files,
+    make_pool,
+    owned_vms,
+    static_spec,
+)
+from tests.support import Vcsim, record_history
+
+pytestmark = pytest.mark.integration
+
+CLONE_MS = 2500
+
+
+@pytest.fixture(scope="module")
+def slow(workdir: Path) -> Iterator[Vcsim]:
+    """Clones take 2.5 s and can be cancelled, as in a real vCenter."""
+    sim = Vcsim(
+        workdir,
+        args=[
+            "-clusters",
+            "2",
+            "-hosts",
+            "3",
+            "-ntp",
+            NTP,
+            "-task-delay",
+            f"CloneVM_Task={CLONE_MS}",
+        ],
+    ).start()
+    yield sim
+    sim.stop()
+
+
+async def deploy(
+    kubegate: KubegateClient, sim: Vcsim, name: str, pool: str, gateway: str = GATEWAY
+) -> None:
+    spec = static_spec(name, pool)
+    acct = kubegate.cluster_account(account(sim, gateway=gateway), sim.password, spec)
+    await kubegate.deploy_cluster(spec, acct, timing=Timing(heartbeat_seconds=3))
+
+
+async def wait_for(kubegate: KubegateClient, name: str, what: str, check: object) -> ClusterState:
+    return await kubegate.wait_cluster(name, check, timeout=120, interval=0.1)  # type: ignore[arg-type]
+
+
+async def assert_nothing_left(kubegate: KubegateClient, sim: Vcsim, name: str, pool: str) -> None:
+    state = await kubegate.wait_cluster(
+        name, lambda s: s.status is ClusterStatus.DELETED, timeout=120
+    )
+    assert state.reason == "aborted"
+    # a clone still running in vCenter would land after the abort: wait past its delay
+    await asyncio.sleep(CLONE_MS / 1000 + 1)
+    assert owned_vms(sim, f"cluster/{name}") == []
+    assert datastore_files(sim, f"{name}-") == []
+    si = sim.connect()
+    try:
+        assert si.content.searchIndex.FindByInventoryPath(f"/DC0/vm/{name}") is None
+    finally:
+        Vcsim.disconnect(si)
+    assert await kubegate.pool_allocations(GATEWAY, pool, owner=f"cluster/{name}") == []
+
+
+async def test_abort_before_vm_creation(slow: Vcsim, kubegate: KubegateClient) -> None:
+    pool = await make_pool(kubegate, "ab-before", 71)
+    await deploy(kubegate, slow, "ab-before", pool.name)
+    await kubegate.abort_cluster("ab-before")
+    await assert_nothing_left(kubegate, slow, "ab-before", pool.name)
+
+
+async def test_abort_during_first_clone(
+    slow: Vcsim, kubegate: KubegateClient, temporal: WorkflowEnvironment
+) -> None:
+    pool = await make_pool(kubegate, "ab-during", 72)
+    await deploy(kubegate, slow, "ab-during", pool.name)
+    await wait_for(
+        kubegate,
+        "ab-during",
+        "cp-0 cloning",
+        lambda s: any(n.name == "ab-during-cp-0" and n.phase == "creating" for n in s.nodes),
+    )
+    await asyncio.sleep(0.5)  # the clone task is in flight in vCenter
+    await kubegate.abort_cluster("ab-during")
+    await assert_nothing_left(kubegate, slow, "ab-during", pool.name)
+    state = await kubegate.cluster_state("ab-during")
+    create = next(s for s in state.steps if s.name == "create-vms")
+    assert create.state.value == "cancelled"
+    await record_history(temporal.client, "cluster/ab-during", "cluster_aborted")
+
+
+async def test_abort_after_first_node_while_others_clone(
+    slow: Vcsim, kubegate: KubegateClient
+) -> None:
+    pool = await make_pool(kubegate, "ab-after", 73)
+    await deploy(kubegate, slow, "ab-after", pool.name)
+    await wait_for(
+        kubegate,
+        "ab-after",
+        "second phase cloning",
+        lambda s: (
+            any(n.name == "ab-after-cp-0" and n.phase == "ready" for n in s.nodes)
+            and any(n.phase == "creating" for n in s.nodes)
+        ),
+    )
+    assert len(owned_vms(slow, "cluster/ab-after")) == 1
+    await asyncio.sleep(0.5)
+    await kubegate.abort_cluster("ab-after")
+    await assert_nothing_left(kubegate, slow, "ab-after", pool.name)
+
+
+# -- the gateway agent killed with SIGKILL in the middle of a deployment --------------------
+
+
+class AgentProcess:
+    """A gateway agent in its own process, so it can be killed like a crashed one."""
+
+    def __init__(self, settings: Settings, gateway: str) -> None:
+        self.settings, self.gateway = settings, gateway
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBEGATE_HOME": str(self.settings.home),
+            "KUBEGATE_TEMPORAL_ADDRESS": self.settings.temporal_address,
+        }
+        log = open(self.settings.home / f"agent-{self.gateway}.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "starters.cli", "gateway", "agent", self.gateway],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest_asyncio.fixture
+async def crash_agent(settings: Settings, kubegate: KubegateClient) -> AsyncIterator[AgentProcess]:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    agent = AgentProcess(settings, "crash")
+    agent.start()
+    assert await kubegate.agent_is_polling("crash", wait=30)
+    yield agent
+    agent.stop()
+
+
+async def test_agent_killed_mid_deploy_resumes_without_duplicates(
+    slow: Vcsim, kubegate: KubegateClient, crash_agent: AgentProcess
+) -> None:
+    pool = await make_pool(kubegate, "crash-pool", 74, gateway="crash")
+    spec = static_spec("crashy", pool.name)
+    acct = kubegate.cluster_account(account(slow, gateway="crash"), slow.password, spec)
+    await kubegate.deploy_cluster(spec, acct, timing=Timing(heartbeat_seconds=3))
+    await wait_for(
+        kubegate,
+        "crashy",
+        "second phase cloning",
+        lambda s: sum(n.phase == "creating" for n in s.nodes) >= 3,
+    )
+    await asyncio.sleep(0.8)  # clones in flight in vCenter
+    crash_agent.kill()
+    await asyncio.sleep(1)
+    crash_agent.start()
+
+    state = await kubegate.wait_cluster(
+        "crashy",
+        lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED),
+        timeout=180,
+    )
+    assert state.status is ClusterStatus.RUNNING, state.error
+    vms = owned_vms(slow, "cluster/crashy")
+    names = sorted(vm.name for vm in vms)
+    assert names == sorted(n.name for n in state.nodes)  # each node exactly once
+    assert len({vm.config.instanceUuid for vm in vms}) == len(vms)
+    create = next(s for s in state.steps if s.name == "create-vms")
+    assert create.attempts >= 2  # the retry after the crash is visible in the step history
+
+    await kubegate.delete_cluster("crashy")
+    await kubegate.wait_cluster("crashy", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
+    assert owned_vms(slow, "cluster/crashy") == []
+    assert await kubegate.pool_allocations("crash", pool.name) == []
