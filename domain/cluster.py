@@ -9,7 +9,14 @@ import copy
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    field_validator,
+    model_validator,
+)
 
 from domain.names import DnsLabel, is_dns_label
 
@@ -148,6 +155,11 @@ class ControlPlanePool(BaseModel):
     memory_gb: MemoryGb = 4
     disk_gb: DiskGb = 40
     placement: list[PlacementDomain] = Field(description="Exactly one placement domain.")
+    vip: IPvAnyAddress | None = Field(
+        default=None,
+        description="Control-plane endpoint with DHCP (kube-vip holds it); with static "
+        "addressing it comes from the IP pool.",
+    )
 
     @field_validator("placement")
     @classmethod
@@ -216,6 +228,13 @@ class ClusterSpec(BaseModel):
                 raise ValueError(f"{where}.ip_pool: required with static IP allocation")
             if not static and domain.ip_pool is not None:
                 raise ValueError(f"{where}.ip_pool: not allowed with DHCP (remove it)")
+        if static and self.control_plane.vip is not None:
+            raise ValueError("control_plane.vip: with static addressing it comes from the IP pool")
+        if not static and self.control_plane.size > 1 and self.control_plane.vip is None:
+            raise ValueError(
+                "control_plane.vip: required with DHCP and more than one control-plane node "
+                "(the nodes join through it; kube-vip holds it)"
+            )
         if isinstance(self.profile, ClusterProfile):
             self.profile.with_overrides(self.overrides)  # refuses unknown packs
         return self

@@ -321,6 +321,8 @@ class ClusterWorkflow:
             if node.ip_pool is not None:
                 slots.setdefault(node.ip_pool, []).append(node.name)
         if not slots:
+            fixed = self.state.spec.control_plane.vip
+            self.state.vip = str(fixed) if fixed is not None else None
             step.state = StepState.SKIPPED
             step.detail = "DHCP: nodes get their addresses from the network"
             return

@@ -137,7 +137,14 @@ def test_dhcp_refuses_ip_pools_and_accepts_none() -> None:
     ]:
         for domain in domain_list:
             domain.pop("ip_pool", None)
+    assert "control_plane.vip: required with DHCP" in errors_of(data)
+    data["control_plane"]["vip"] = "10.9.0.5"
     assert ClusterSpec.model_validate(data).placement.ip_allocation == "dhcp"
+
+
+def test_static_refuses_a_fixed_vip() -> None:
+    data = changed("control_plane.vip", "10.9.0.5")
+    assert "control_plane.vip: with static addressing it comes from the IP pool" in errors_of(data)
 
 
 @pytest.mark.parametrize(
