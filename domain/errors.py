@@ -33,3 +33,6 @@ POOL_RESTRICTED = "PoolRestricted"
 POOL_NOT_FOUND = "PoolNotFound"
 POOL_IN_USE = "PoolInUse"
 NON_RETRYABLE += [OUT_OF_ADDRESSES, POOL_RESTRICTED, POOL_NOT_FOUND, POOL_IN_USE]
+
+#: vm_wait_ready gave up waiting (retryable: the workflow decides how long to keep trying).
+NOT_READY = "NotReady"

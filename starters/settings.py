@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     )
     gateway: str = Field(default="local", description="Gateway the dev stack's agent serves.")
     agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
+    max_ops_per_host: int = Field(
+        default=8, ge=1, description="Concurrent VM operations per ESXi host (vCenter: 8-16 units)."
+    )
+    max_ops_per_datastore: int = Field(
+        default=128, ge=1, description="Concurrent clones per datastore (vCenter's limit: 128)."
+    )
 
     @property
     def ui_address(self) -> str:

@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 
 from activities.preflight import PreflightActivities
 from activities.vsphere.session import SessionPool
+from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue
 from domain.sealing import AgentKey
 from starters.client import connect
@@ -42,9 +43,18 @@ def build_agent(
     executor: ThreadPoolExecutor,
     max_concurrent: int,
     task_queue: str | None = None,
+    *,
+    max_ops_per_host: int = 8,
+    max_ops_per_datastore: int = 128,
 ) -> Worker:
     """The agent's worker: every vSphere activity, on the gateway's task queue."""
     preflight = PreflightActivities(key, sessions)
+    vms = VmActivities(
+        key,
+        sessions,
+        max_ops_per_host=max_ops_per_host,
+        max_ops_per_datastore=max_ops_per_datastore,
+    )
     return Worker(
         client,
         task_queue=task_queue or gateway_task_queue(gateway),
@@ -53,6 +63,7 @@ def build_agent(
             preflight.inventory,
             preflight.privileges,
             preflight.hosts,
+            *vms.all(),
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,
@@ -65,7 +76,16 @@ async def serve(gateway: str, settings: Settings | None = None) -> None:
     client = await connect(settings)
     sessions = SessionPool()
     with ThreadPoolExecutor(max_workers=settings.agent_threads) as executor:
-        worker = build_agent(client, gateway, key, sessions, executor, settings.agent_threads)
+        worker = build_agent(
+            client,
+            gateway,
+            key,
+            sessions,
+            executor,
+            settings.agent_threads,
+            max_ops_per_host=settings.max_ops_per_host,
+            max_ops_per_datastore=settings.max_ops_per_datastore,
+        )
         log.info(
             "gateway agent %s polling %s (key %s)", gateway, gateway_task_queue(gateway), key.key_id
         )

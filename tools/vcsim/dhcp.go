@@ -331,6 +331,13 @@ func (d *dhcpServer) poweredOn(vm *mo.VirtualMachine) {
 		types.PropertyChange{Name: "summary.guest.toolsRunningStatus", Val: string(types.VirtualMachineToolsRunningStatusGuestToolsRunning)},
 		types.PropertyChange{Name: "summary.guest.toolsStatus", Val: types.VirtualMachineToolsStatusToolsOk},
 	)
+	// cloud-init's VMware datasource sets the hostname from guestinfo.metadata.
+	if name := metadataHostname(vm.Config.ExtraConfig); name != "" && name != vm.Guest.HostName {
+		changes = append(changes,
+			types.PropertyChange{Name: "guest.hostName", Val: name},
+			types.PropertyChange{Name: "summary.guest.hostName", Val: name},
+		)
+	}
 	if vm.Summary.Guest == nil {
 		vm.Summary.Guest = &types.VirtualMachineGuestSummary{}
 	}

@@ -166,6 +166,18 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 	r.Body = ioutil.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
 
+	if clone != nil {
+		target := cloneTarget{folder: clone.Folder, name: clone.Name}
+		if taken := claimCloneTarget(target); taken != nil {
+			h.serveDuplicateClone(w, r, clone, *taken)
+			return
+		}
+		var task *types.ManagedObjectReference
+		defer func() { settleCloneTarget(target, task) }()
+		h.serveClone(w, r, clone, method, this, &task)
+		return
+	}
+
 	if method == "Logout" {
 		key := ""
 		if c, err := r.Cookie(soap.SessionCookieName); err == nil {
@@ -183,6 +195,13 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	h.serveClone(w, r, nil, method, this, nil)
+}
+
+// serveClone serves a call that may be delayed (-task-delay) and/or a CloneVM_Task (clone
+// non-nil); *task gets the task a clone call returned.
+func (h *frontHandler) serveClone(w http.ResponseWriter, r *http.Request, clone *types.CloneVM_Task,
+	method string, this types.ManagedObjectReference, task **types.ManagedObjectReference) {
 	delay := h.delays.delayFor(method)
 	if clone == nil && delay <= 0 {
 		h.next.ServeHTTP(w, r)
@@ -191,7 +210,7 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 
 	var around func(taskExecute, *simulator.Task) (types.AnyType, types.BaseMethodFault)
 	if clone != nil {
-		around = cloneDevicesFix(clone.This)
+		around = cloneDevicesFix(clone.This, clone.Spec.Config)
 		method, this = "CloneVM_Task", clone.This
 	}
 	arm := h.delays.arm(method, this, delay, around)
@@ -209,9 +228,12 @@ func (h *frontHandler) serveSDK(w http.ResponseWriter, r *http.Request) {
 	h.next.ServeHTTP(rec, r)
 	h.delays.disarm(arm)
 	out := arm.rewrite(rec.Body.Bytes())
-	if clone != nil && delay <= 0 && rec.Code == http.StatusOK {
+	if clone != nil && rec.Code == http.StatusOK {
 		if ref := taskRefFromResponse(out); ref != nil {
-			h.sim.afterClone(clone, *ref)
+			*task = ref
+			if delay <= 0 {
+				h.sim.afterClone(clone, *ref)
+			}
 		}
 	}
 	for k, v := range rec.Header() {
@@ -312,18 +334,7 @@ const currentTimeEnvelope = `<?xml version="1.0" encoding="UTF-8"?>` +
 
 // serveCancelTask answers CancelTask on a delayed task (vcsim 0.24 has no CancelTask).
 func (h *frontHandler) serveCancelTask(w http.ResponseWriter, r *http.Request, ref types.ManagedObjectReference) {
-	// Let vcsim check the session (and apply -delay): a harmless call with the same cookies.
-	probe := r.Clone(r.Context())
-	probe.Body = ioutil.NopCloser(strings.NewReader(currentTimeEnvelope))
-	probe.ContentLength = int64(len(currentTimeEnvelope))
-	rec := httptest.NewRecorder()
-	h.next.ServeHTTP(rec, probe)
-	if rec.Code != http.StatusOK {
-		for k, v := range rec.Header() {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(rec.Code)
-		_, _ = w.Write(rec.Body.Bytes())
+	if !h.checkSession(w, r) {
 		return
 	}
 
@@ -417,7 +428,7 @@ func containsRef(refs []types.ManagedObjectReference, ref types.ManagedObjectRef
 // runs the clone, gives the clone its own devices (with new MAC addresses) and restores the
 // source's. It runs with the source locked (as vcsim runs the task), so that concurrent clones
 // of one source neither race nor snapshot each other's half-done state.
-func cloneDevicesFix(source types.ManagedObjectReference) func(taskExecute, *simulator.Task) (types.AnyType, types.BaseMethodFault) {
+func cloneDevicesFix(source types.ManagedObjectReference, config *types.VirtualMachineConfigSpec) func(taskExecute, *simulator.Task) (types.AnyType, types.BaseMethodFault) {
 	return func(execute taskExecute, t *simulator.Task) (types.AnyType, types.BaseMethodFault) {
 		src, _ := simulator.Map.Get(source).(*simulator.VirtualMachine)
 		var saved []types.BaseVirtualDevice
@@ -426,6 +437,11 @@ func cloneDevicesFix(source types.ManagedObjectReference) func(taskExecute, *sim
 		}
 		inventoryMu.Lock() // see serveLookup
 		res, fault := execute(t)
+		if vmRef, ok := res.(types.ManagedObjectReference); ok && fault == nil {
+			if vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine); ok {
+				applyCloneConfig(vm, config)
+			}
+		}
 		inventoryMu.Unlock()
 		if vmRef, ok := res.(types.ManagedObjectReference); ok && fault == nil && saved != nil {
 			if vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine); ok {

@@ -1,0 +1,1049 @@
+"""The VM activities of the cluster lifecycle; run on the gateway agent's thread pool.
+
+Every activity is idempotent (DESIGN §5): a VM is found by its deterministic instance UUID
+before anything is created, deletes treat "not found" as done, and power operations accept
+the wanted state. `vm_create` heartbeats the stage and the vCenter task it waits on, so a
+retry re-attaches to a clone in flight instead of starting a second one. Task waits go
+through the session's shared TaskWatcher (watch.py): no request of their own.
+
+Concurrency is bounded per datastore (around a clone) and per host (operations on a VM)
+by process-wide semaphores: vCenter's provisioning limits are 8 (6.x) / 16 (7.x) cost
+units per host, a clone costing 1-4, and 128 per datastore (REFERENCE.md, vCenter limits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyVmomi import vim, vmodl
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from activities.vsphere.faults import classify
+from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
+from activities.vsphere.session import SessionPool, VSphereSession, request_meter
+from activities.vsphere.watch import CancelRequested, await_task
+from domain import errors
+from domain.account import Placement, VCenterCredentials
+from domain.bootstrap import SECRETS_PURPOSE, ClusterSecrets, guestinfo
+from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
+from domain.vm import (
+    MARK_CLUSTER,
+    MARK_NODE,
+    MARK_POOL,
+    CreateVmRequest,
+    DestroyResult,
+    DestroyVmRequest,
+    DomainRefs,
+    FolderRequest,
+    FolderResult,
+    OwnerMark,
+    PlacementRefs,
+    PlacementRequest,
+    ReadinessRequest,
+    ReadinessResult,
+    SweepRequest,
+    SweepResult,
+    VmInfo,
+)
+
+T = TypeVar("T")
+PC = vmodl.query.PropertyCollector
+ON = vim.VirtualMachine.PowerState.poweredOn
+
+#: What vm_create reads of a VM to decide which steps are left.
+_VM_PATHS = [
+    "name",
+    "config.instanceUuid",
+    "config.hardware.numCPU",
+    "config.hardware.memoryMB",
+    "config.hardware.device",
+    "config.extraConfig",
+    "runtime.powerState",
+    "runtime.host",
+    "guest.ipAddress",
+    "guest.hostName",
+]
+
+#: How long template facts (devices, network backing) are reused across clones.
+_FACTS_TTL = 300.0
+
+
+def _annotation(owner: OwnerMark) -> str:
+    return (
+        "Managed by kubegate; do not edit.\n"
+        f"{MARK_CLUSTER}={owner.cluster_id}\n{MARK_POOL}={owner.pool}\n{MARK_NODE}={owner.node}"
+    )
+
+
+def _marks(owner: OwnerMark) -> dict[str, str]:
+    return {MARK_CLUSTER: owner.cluster_id, MARK_POOL: owner.pool, MARK_NODE: owner.node}
+
+
+def _extra(options: Any) -> dict[str, str]:
+    return {o.key: str(o.value) for o in options or []}
+
+
+# --- process-wide concurrency limits -------------------------------------------------------
+
+_slots_guard = threading.Lock()
+_slots: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
+
+
+def _semaphore(kind: str, server: str, obj: str, limit: int) -> threading.BoundedSemaphore:
+    """One semaphore per (kind, vCenter, object, limit) in this process."""
+    with _slots_guard:
+        key = (kind, server.lower(), obj, limit)
+        if key not in _slots:
+            _slots[key] = threading.BoundedSemaphore(limit)
+        return _slots[key]
+
+
+# --- heartbeats ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """Where vm_create is: sent with every heartbeat, read back by a retry."""
+
+    stage: str = "start"
+    task: str | None = None
+    vm: str | None = None
+
+    @classmethod
+    def resume(cls) -> _Progress:
+        details = activity.info().heartbeat_details
+        last = details[-1] if details else None
+        if isinstance(last, dict):
+            return cls(
+                stage=str(last.get("stage") or "start"), task=last.get("task"), vm=last.get("vm")
+            )
+        return cls()
+
+    def beat(self, progress: int = 0) -> None:
+        activity.heartbeat(
+            {"stage": self.stage, "task": self.task, "vm": self.vm, "progress": progress}
+        )
+
+
+def _cancelled() -> bool:
+    return activity.is_cancelled()
+
+
+class VmActivities:
+    """The VM activities of one gateway agent (its key opens sealed passwords and secrets)."""
+
+    def __init__(
+        self,
+        key: AgentKey,
+        sessions: SessionPool,
+        *,
+        max_ops_per_host: int = 8,
+        max_ops_per_datastore: int = 128,
+    ) -> None:
+        self.key = key
+        self.sessions = sessions
+        self.max_ops_per_host = max_ops_per_host
+        self.max_ops_per_datastore = max_ops_per_datastore
+        self._facts: dict[tuple[str, str, str], tuple[float, _TemplateFacts]] = {}
+        self._facts_guard = threading.Lock()
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _password(self, credentials: VCenterCredentials) -> str:
+        try:
+            return self.key.open(credentials.password, PASSWORD_PURPOSE)
+        except SealError as exc:
+            raise ApplicationError(
+                f"cannot open the sealed vCenter password: {exc}; seal it again to this "
+                "gateway's current key",
+                type=errors.SECRET_UNREADABLE,
+                non_retryable=True,
+            ) from None
+
+    def _call(
+        self, credentials: VCenterCredentials, context: str, call: Callable[[VSphereSession], T]
+    ) -> T:
+        """Run call with a live session; classify whatever vCenter raises."""
+        password = self._password(credentials)
+        try:
+            return self.sessions.run(credentials.endpoint, credentials.username, password, call)
+        except (ApplicationError, CancelledError):
+            raise
+        except Exception as exc:
+            raise classify(exc, context) from None
+
+    @contextmanager
+    def _slot(self, kind: str, server: str, obj: str | None, progress: _Progress) -> Iterator[None]:
+        """Hold one of the per-host / per-datastore slots, heartbeating while queued."""
+        if obj is None:
+            yield
+            return
+        limit = self.max_ops_per_host if kind == "host" else self.max_ops_per_datastore
+        semaphore = _semaphore(kind, server, obj, limit)
+        while not semaphore.acquire(timeout=2.0):
+            progress.beat()
+            if _cancelled():
+                raise CancelledError(f"cancelled while queued for {obj}")
+        try:
+            yield
+        finally:
+            semaphore.release()
+
+    def _await(self, session: VSphereSession, task: Any, progress: _Progress) -> Any:
+        """Wait for a task with heartbeats; on cancellation cancel it, await it, re-raise."""
+        progress.task = task if isinstance(task, str) else ref(task)
+        progress.beat()
+        try:
+            result = await_task(session, progress.task, progress.beat, cancelled=_cancelled)
+        except CancelRequested:
+            _cancel_and_await(session, progress.task, progress.beat)
+            progress.task = None
+            raise CancelledError(f"cancelled during {progress.stage}") from None
+        progress.task = None
+        return result
+
+    def _secrets(self, request: CreateVmRequest) -> ClusterSecrets | None:
+        if request.secrets is None:
+            return None
+        try:
+            return ClusterSecrets.model_validate_json(
+                self.key.open(request.secrets, SECRETS_PURPOSE)
+            )
+        except SealError as exc:
+            raise ApplicationError(
+                f"cannot open the sealed cluster secrets: {exc}",
+                type=errors.SECRET_UNREADABLE,
+                non_retryable=True,
+            ) from None
+
+    def _guestinfo(self, request: CreateVmRequest) -> dict[str, str]:
+        """guestinfo.* extraConfig entries (they hold secrets: never log them)."""
+        if request.bootstrap is None:
+            return {}
+        secrets = self._secrets(request)
+        if secrets is None:
+            raise ApplicationError(
+                f"node {request.name}: bootstrap data given without the sealed cluster secrets",
+                type=errors.INVALID_SPEC,
+                non_retryable=True,
+            )
+        return guestinfo(request.bootstrap, secrets)
+
+    # --- placement and folders --------------------------------------------------------------
+
+    @activity.defn(name="vm_resolve_placement")
+    def resolve_placement(self, request: PlacementRequest) -> PlacementRefs:
+        """Template and every domain's cluster, pool, datastore and network as refs (3 requests:
+        the datacenter, the template, one traversal of the host/datastore/network folders)."""
+        dc = request.datacenter.strip("/")
+        with request_meter() as meter:
+            refs = self._call(
+                request.credentials,
+                f"resolve placement in {dc}",
+                lambda s: _resolve_placement(s, dc, request),
+            )
+        refs.vcenter_requests = meter[0]
+        return refs
+
+    @activity.defn(name="vm_ensure_folder")
+    def ensure_folder(self, request: FolderRequest) -> FolderResult:
+        """Find or create the cluster's VM folder (a DuplicateName race counts as found)."""
+        path = _folder_path(request)
+
+        def ensure(session: VSphereSession) -> FolderResult:
+            found = find_by_path(session, path)
+            if found is not None:
+                return FolderResult(ref=ref(found), path=path)
+            parent_path = path.rsplit("/", 1)[0]
+            parent = find_by_path(session, parent_path)
+            if parent is None:
+                raise _not_found("parent folder", parent_path)
+            try:
+                folder = parent.CreateFolder(request.name)
+            except vim.fault.DuplicateName:
+                folder = find_by_path(session, path)
+                if folder is None:
+                    raise
+                return FolderResult(ref=ref(folder), path=path)
+            return FolderResult(ref=ref(folder), path=path, created=True)
+
+        with request_meter() as meter:
+            result = self._call(request.credentials, f"ensure folder {path}", ensure)
+        result.vcenter_requests = meter[0]
+        return result
+
+    @activity.defn(name="vm_remove_folder")
+    def remove_folder(self, request: FolderRequest) -> FolderResult:
+        """Destroy the cluster's folder if it is empty; not found = done."""
+        path = _folder_path(request)
+        progress = _Progress(stage="remove-folder")
+
+        def remove(session: VSphereSession) -> FolderResult:
+            folder = find_by_path(session, path)
+            if folder is None:
+                return FolderResult(ref="", path=path)
+            children = list(
+                retrieve(session, [folder], ["childEntity"]).get(ref(folder), {}).get("childEntity")
+                or []
+            )
+            if children:
+                names = retrieve_names(session, children)
+                raise ApplicationError(
+                    f"folder {path} is not empty; it still holds: {', '.join(sorted(names))}",
+                    type=errors.INVALID_STATE,
+                    non_retryable=True,
+                )
+            with activity.shield_thread_cancel_exception():
+                self._await(session, folder.Destroy_Task(), progress)
+            return FolderResult(ref=ref(folder), path=path)
+
+        with request_meter() as meter:
+            result = self._call(request.credentials, f"remove folder {path}", remove)
+        result.vcenter_requests = meter[0]
+        return result
+
+    # --- create -----------------------------------------------------------------------------
+
+    @activity.defn(name="vm_create")
+    def create(self, request: CreateVmRequest) -> VmInfo:
+        """The node's VM: found by instance UUID or cloned (marked, placed, sized, customized
+        in the clone spec), then the disk grown and anything else fixed by one reconfigure,
+        then powered on. Every step is skipped when already done."""
+        progress = _Progress.resume()
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            extra = self._guestinfo(request)
+            info = self._call(
+                request.credentials,
+                f"create VM {request.name}",
+                lambda s: self._create(s, request, progress, extra),
+            )
+        info.vcenter_requests = meter[0]
+        return info
+
+    def _create(
+        self,
+        session: VSphereSession,
+        request: CreateVmRequest,
+        progress: _Progress,
+        extra: dict[str, str],
+    ) -> VmInfo:
+        server = session.endpoint.server
+        if progress.task:
+            # an earlier attempt (or this one, before a re-login) left a task: re-attach
+            # if it failed or is gone, look for the VM and clone again if needed
+            with contextlib.suppress(vmodl.MethodFault):
+                self._await(session, progress.task, progress)
+        search = session.content.searchIndex
+        vm = search.FindByUuid(None, request.instance_uuid, True, True)
+        if vm is None:
+            vm = self._clone(session, request, progress, extra)
+        progress.vm = ref(vm)
+        props = retrieve(session, [vm], _VM_PATHS)[ref(vm)]
+        _check_owner(props, request)
+        host = props.get("runtime.host")
+        state = props.get("runtime.powerState")
+        with self._slot("host", server, ref(host) if host is not None else None, progress):
+            if state != ON:
+                spec = self._fix_spec(session, request, props, extra)
+                if spec is not None:
+                    progress.stage = "reconfigure"
+                    self._await(session, vm.ReconfigVM_Task(spec), progress)
+            if request.power_on and state != ON:
+                progress.stage = "power-on"
+                with contextlib.suppress(vim.fault.InvalidPowerState):  # already on
+                    self._await(session, vm.PowerOnVM_Task(), progress)
+                state = ON
+        progress.stage = "done"
+        return VmInfo(
+            ref=ref(vm),
+            name=str(props.get("name") or request.name),
+            instance_uuid=str(props.get("config.instanceUuid") or request.instance_uuid),
+            host=ref(host) if host is not None else "",
+            power_state=str(state or ""),
+            address=props.get("guest.ipAddress") or None,
+            hostname=props.get("guest.hostName") or None,
+        )
+
+    def _clone(
+        self,
+        session: VSphereSession,
+        request: CreateVmRequest,
+        progress: _Progress,
+        extra: dict[str, str],
+    ) -> Any:
+        facts = self._template_facts(session, request)
+        domain = request.domain
+        config = vim.vm.ConfigSpec(
+            instanceUuid=request.instance_uuid,
+            annotation=_annotation(request.owner),
+            numCPUs=request.cpu,
+            memoryMB=request.memory_mb,
+            extraConfig=[
+                vim.option.OptionValue(key=k, value=v)
+                for k, v in {**_marks(request.owner), **extra}.items()
+            ],
+            deviceChange=[
+                vim.vm.device.VirtualDeviceSpec(operation="edit", device=facts.nic_for_clone())
+            ]
+            if facts.nic is not None
+            else [],
+        )
+        spec = vim.vm.CloneSpec(
+            location=vim.vm.RelocateSpec(
+                folder=from_ref(session, request.folder),
+                pool=from_ref(session, domain.resource_pool),
+                datastore=from_ref(session, domain.datastore),
+            ),
+            config=config,
+            customization=_customization(request),
+            powerOn=False,
+            template=False,
+        )
+        template = from_ref(session, request.template)
+        folder = from_ref(session, request.folder)
+        with self._slot("datastore", session.endpoint.server, domain.datastore, progress):
+            progress.stage = "clone"
+            task = template.CloneVM_Task(folder=folder, name=request.name, spec=spec)
+            try:
+                return self._await(session, task, progress)
+            except vim.fault.DuplicateName as fault:
+                found = session.content.searchIndex.FindByUuid(
+                    None, request.instance_uuid, True, True
+                )
+                if found is not None:
+                    return found
+                if isinstance(fault.object, vim.VirtualMachine):
+                    raise ApplicationError(
+                        f"a VM named {request.name} already exists in the cluster folder and is "
+                        "not this node's (another instance UUID); rename or remove it",
+                        type=errors.INVALID_SPEC,
+                        non_retryable=True,
+                    ) from None
+                raise ApplicationError(
+                    f"another clone named {request.name} is in progress in the cluster folder; "
+                    "retrying",
+                    type=errors.INVALID_STATE,
+                ) from None
+            except vmodl.MethodFault:
+                self._forget_facts(session, request)
+                raise
+
+    def _template_facts(self, session: VSphereSession, request: CreateVmRequest) -> _TemplateFacts:
+        key = (session.endpoint.server.lower(), request.template, request.domain.network)
+        now = time.monotonic()
+        with self._facts_guard:
+            cached = self._facts.get(key)
+            if cached is not None and now - cached[0] < _FACTS_TTL:
+                return cached[1]
+        facts = _read_template_facts(session, request.template, request.domain.network)
+        with self._facts_guard:
+            self._facts[key] = (now, facts)
+        return facts
+
+    def _forget_facts(self, session: VSphereSession, request: CreateVmRequest) -> None:
+        with self._facts_guard:
+            self._facts.pop(
+                (session.endpoint.server.lower(), request.template, request.domain.network), None
+            )
+
+    def _fix_spec(
+        self,
+        session: VSphereSession,
+        request: CreateVmRequest,
+        props: dict[str, Any],
+        extra: dict[str, str],
+    ) -> Any | None:
+        """A reconfigure spec for whatever differs from the request, or None."""
+        fix: dict[str, Any] = {}
+        if props.get("config.hardware.numCPU") != request.cpu:
+            fix["numCPUs"] = request.cpu
+        if props.get("config.hardware.memoryMB") != request.memory_mb:
+            fix["memoryMB"] = request.memory_mb
+        devices = list(props.get("config.hardware.device") or [])
+        changes = []
+        disk = next((d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)), None)
+        want_kb = request.disk_gb * 1024 * 1024
+        if disk is not None and (disk.capacityInKB or 0) < want_kb:
+            grown = _shallow_copy(disk)
+            grown.capacityInKB = want_kb
+            grown.capacityInBytes = want_kb * 1024
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=grown))
+        nic = next((d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)), None)
+        if nic is not None:
+            facts = self._template_facts(session, request)
+            if not facts.backs(nic):
+                moved = _shallow_copy(nic)
+                moved.backing = facts.backing()
+                changes.append(vim.vm.device.VirtualDeviceSpec(operation="edit", device=moved))
+        if changes:
+            fix["deviceChange"] = changes
+        have = _extra(props.get("config.extraConfig"))
+        wanted = {**_marks(request.owner), **extra}
+        stale = {k: v for k, v in wanted.items() if have.get(k) != v}
+        if stale:
+            fix["extraConfig"] = [vim.option.OptionValue(key=k, value=v) for k, v in stale.items()]
+        return vim.vm.ConfigSpec(**fix) if fix else None
+
+    # --- readiness --------------------------------------------------------------------------
+
+    @activity.defn(name="vm_wait_ready")
+    def wait_ready(self, request: ReadinessRequest) -> ReadinessResult:
+        """mode guest: every VM reports its expected address and hostname (one property
+        filter over all of them). mode kubernetes: the API server's /readyz answers 200 on
+        the VIP (node Ready needs a kubeconfig: not checked here)."""
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            if request.mode == "kubernetes":
+                result = _wait_kubernetes(request)
+            else:
+                result = self._call(
+                    request.credentials, "wait for guests", lambda s: _wait_guests(s, request)
+                )
+        result.vcenter_requests = meter[0]
+        return result
+
+    # --- destroy and sweep ------------------------------------------------------------------
+
+    @activity.defn(name="vm_destroy")
+    def destroy(self, request: DestroyVmRequest) -> DestroyResult:
+        """Cancel and await the listed tasks, then power off and destroy the node's VM (found
+        by instance UUID, or by name in the folder if it carries our mark); not found = done."""
+        progress = _Progress(stage="destroy")
+        result = DestroyResult()
+
+        def run(session: VSphereSession) -> None:
+            for task in request.tasks:
+                _cancel_and_await(session, task, progress.beat)
+            vm = session.content.searchIndex.FindByUuid(None, request.instance_uuid, True, True)
+            props: dict[str, Any] | None = None
+            if vm is None and request.folder:
+                vm = session.content.searchIndex.FindChild(
+                    from_ref(session, request.folder), request.name
+                )
+                if vm is not None:
+                    props = retrieve(
+                        session, [vm], ["config.extraConfig", "runtime.powerState", "runtime.host"]
+                    ).get(ref(vm), {})
+                    if _extra(props.get("config.extraConfig")).get(MARK_NODE) != request.name:
+                        return  # same name, not ours: leave it alone
+            if vm is None:
+                return
+            if props is None:
+                props = retrieve(session, [vm], ["runtime.powerState", "runtime.host"]).get(
+                    ref(vm), {}
+                )
+            self._destroy_vm(session, vm, props, progress)
+            result.destroyed.append(ref(vm))
+
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            self._call(request.credentials, f"destroy VM {request.name}", run)
+        result.vcenter_requests = meter[0]
+        return result
+
+    def _destroy_vm(
+        self, session: VSphereSession, vm: Any, props: dict[str, Any], progress: _Progress
+    ) -> None:
+        host = props.get("runtime.host")
+        progress.vm = ref(vm)
+        with self._slot(
+            "host", session.endpoint.server, ref(host) if host is not None else None, progress
+        ):
+            try:
+                if props.get("runtime.powerState") == ON:
+                    progress.stage = "power-off"
+                    with contextlib.suppress(vim.fault.InvalidPowerState):  # already off
+                        self._await(session, vm.PowerOffVM_Task(), progress)
+                progress.stage = "destroy"
+                self._await(session, vm.Destroy_Task(), progress)
+            except vmodl.fault.ManagedObjectNotFound:
+                return  # gone meanwhile
+
+    @activity.defn(name="vm_sweep")
+    def sweep(self, request: SweepRequest) -> SweepResult:
+        """Every VM in the datacenter marked as the cluster's; destroyed unless dry_run."""
+        result = SweepResult()
+        progress = _Progress(stage="sweep")
+
+        def run(session: VSphereSession) -> None:
+            marked = _marked_vms(session, request.datacenter.strip("/"), request.cluster_id)
+            result.vms = [info for info, _ in marked]
+            if request.dry_run:
+                return
+            for info, props in marked:
+                vm = from_ref(session, info.ref)
+                self._destroy_vm(session, vm, props, progress)
+                result.destroyed.append(info.ref)
+
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            self._call(request.credentials, f"sweep VMs of {request.cluster_id}", run)
+        result.vcenter_requests = meter[0]
+        return result
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every activity, for the agent's worker."""
+        return [
+            self.resolve_placement,
+            self.ensure_folder,
+            self.remove_folder,
+            self.create,
+            self.wait_ready,
+            self.destroy,
+            self.sweep,
+        ]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _not_found(what: str, path: str) -> ApplicationError:
+    return ApplicationError(
+        f"no {what} at {path}; create it or correct the spec",
+        type=errors.OBJECT_NOT_FOUND,
+        non_retryable=True,
+    )
+
+
+def _folder_path(request: FolderRequest) -> str:
+    dc = request.datacenter.strip("/")
+    parent = request.parent.strip("/")
+    return "/".join(p for p in (f"/{dc}/vm", parent, request.name.strip("/")) if p)
+
+
+def retrieve_names(session: VSphereSession, objects: list[Any]) -> list[str]:
+    """The names of objects of any type, in one request."""
+    spec = PC.FilterSpec(
+        objectSet=[PC.ObjectSpec(obj=o, skip=False) for o in objects],
+        propSet=[PC.PropertySpec(type=vim.ManagedEntity, pathSet=["name"])]
+        + [PC.PropertySpec(type=t, pathSet=["name"]) for t in {type(o) for o in objects}],
+    )
+    found = retrieve_spec(session, spec)
+    return [f"{ref(o).split(':')[0]} {found.get(ref(o), {}).get('name', o._moId)}" for o in objects]
+
+
+def _shallow_copy(obj: Any) -> Any:
+    """A new pyVmomi data object with the same property values."""
+    copy = type(obj)()
+    for prop in obj._GetPropertyList():
+        setattr(copy, prop.name, getattr(obj, prop.name))
+    return copy
+
+
+def _check_owner(props: dict[str, Any], request: CreateVmRequest) -> None:
+    marks = _extra(props.get("config.extraConfig"))
+    if marks.get(MARK_CLUSTER) not in (None, request.owner.cluster_id) or marks.get(
+        MARK_NODE
+    ) not in (None, request.owner.node):
+        raise ApplicationError(
+            f"the VM with instance UUID {request.instance_uuid} ({props.get('name')}) belongs "
+            f"to {marks.get(MARK_CLUSTER)}/{marks.get(MARK_NODE)}, not to this node",
+            type=errors.INVALID_SPEC,
+            non_retryable=True,
+        )
+
+
+def _cancel_and_await(session: VSphereSession, task: str, beat: Callable[[int], None]) -> None:
+    """Cancel a task (if it still runs) and wait until it has ended, whatever its outcome."""
+    obj = from_ref(session, task)
+    try:
+        obj.CancelTask()
+    except (vim.fault.InvalidState, vmodl.fault.ManagedObjectNotFound, vmodl.fault.NotSupported):
+        pass
+    except vmodl.fault.MethodNotFound:
+        pass  # a simulator without CancelTask: the task ran synchronously anyway
+    # RequestCanceled, or the task's own fault, or it is gone: it has ended either way
+    with contextlib.suppress(vmodl.MethodFault):
+        await_task(session, obj, beat)
+
+
+@dataclass
+class _TemplateFacts:
+    """What a clone spec needs from the template and the network."""
+
+    nic: Any | None
+    network: Any
+    network_name: str = ""
+    portgroup_key: str = ""
+    switch_uuid: str = ""
+
+    def backing(self) -> Any:
+        card = vim.vm.device.VirtualEthernetCard
+        if self.portgroup_key:
+            return card.DistributedVirtualPortBackingInfo(
+                port=vim.dvs.PortConnection(
+                    switchUuid=self.switch_uuid, portgroupKey=self.portgroup_key
+                )
+            )
+        return card.NetworkBackingInfo(deviceName=self.network_name, network=self.network)
+
+    def backs(self, nic: Any) -> bool:
+        backing = nic.backing
+        if self.portgroup_key:
+            port = getattr(backing, "port", None)
+            return port is not None and port.portgroupKey == self.portgroup_key
+        net = getattr(backing, "network", None)
+        return net is not None and net._moId == self.network._moId
+
+    def nic_for_clone(self) -> Any:
+        nic = _shallow_copy(self.nic)
+        nic.backing = self.backing()
+        nic.macAddress = None
+        nic.addressType = "generated"
+        nic.connectable = vim.vm.device.VirtualDevice.ConnectInfo(
+            startConnected=True, allowGuestControl=True, connected=False
+        )
+        return nic
+
+
+def _read_template_facts(session: VSphereSession, template: str, network: str) -> _TemplateFacts:
+    """The template's first NIC and the network's backing details (1 request; 2 for a DVPG)."""
+    tpl = from_ref(session, template)
+    net = from_ref(session, network)
+    if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
+        paths = ["key", "config.distributedVirtualSwitch"]
+    elif isinstance(net, vim.OpaqueNetwork):
+        raise ApplicationError(
+            f"network {network}: opaque (NSX-T) networks are not supported yet",
+            type=errors.INVALID_SPEC,
+            non_retryable=True,
+        )
+    else:
+        paths = ["name"]
+    spec = PC.FilterSpec(
+        objectSet=[PC.ObjectSpec(obj=tpl, skip=False), PC.ObjectSpec(obj=net, skip=False)],
+        propSet=[
+            PC.PropertySpec(type=vim.VirtualMachine, pathSet=["config.hardware.device"]),
+            PC.PropertySpec(type=type(net), pathSet=paths),
+        ],
+    )
+    found = retrieve_spec(session, spec)
+    devices = found.get(ref(tpl), {}).get("config.hardware.device") or []
+    nic = next((d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)), None)
+    props = found.get(ref(net), {})
+    facts = _TemplateFacts(nic=nic, network=net, network_name=str(props.get("name") or ""))
+    if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
+        switch = props.get("config.distributedVirtualSwitch")
+        facts.portgroup_key = str(props.get("key") or net._moId)
+        facts.switch_uuid = str(retrieve(session, [switch], ["uuid"])[ref(switch)].get("uuid"))
+    return facts
+
+
+def _customization(request: CreateVmRequest) -> Any | None:
+    """LinuxPrep with a fixed address for static nodes; None for DHCP (cloud-init does it)."""
+    network = request.network
+    if network.mode != "static" or not network.address:
+        return None
+    custom = vim.vm.customization
+    prefix = network.prefix if network.prefix is not None else 24
+    mask = str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+    domain = network.search_domains[0] if network.search_domains else "local"
+    return custom.Specification(
+        identity=custom.LinuxPrep(
+            hostName=custom.FixedName(name=request.name), domain=domain, hwClockUTC=True
+        ),
+        globalIPSettings=custom.GlobalIPSettings(
+            dnsServerList=list(network.nameservers), dnsSuffixList=list(network.search_domains)
+        ),
+        nicSettingMap=[
+            custom.AdapterMapping(
+                adapter=custom.IPSettings(
+                    ip=custom.FixedIp(ipAddress=network.address),
+                    subnetMask=mask,
+                    gateway=[network.gateway] if network.gateway else [],
+                )
+            )
+        ],
+    )
+
+
+# --- placement -------------------------------------------------------------------------------
+
+_ROLE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "compute_cluster": ((vim.ClusterComputeResource,), "compute cluster"),
+    "resource_pool": ((vim.ResourcePool,), "resource pool"),
+    "datastore": ((vim.Datastore,), "datastore"),
+    "network": ((vim.Network,), "network or port group"),
+}
+
+
+def _resolve_placement(
+    session: VSphereSession, dc: str, request: PlacementRequest
+) -> PlacementRefs:
+    datacenter = find_by_path(session, f"/{dc}")
+    if not isinstance(datacenter, vim.Datacenter):
+        raise _not_found("datacenter", f"/{dc}")
+    template_path = f"/{dc}/vm/{request.template.strip('/')}"
+    template = find_by_path(session, template_path)
+    if not isinstance(template, vim.VirtualMachine):
+        raise _not_found("VM template", template_path)
+    paths = _inventory_paths(session, datacenter, dc)
+    domains = []
+    for cluster, pool, datastore, network in request.domains:
+        where = Placement(
+            datacenter=dc,
+            compute_cluster=cluster,
+            resource_pool=pool,
+            datastore=datastore,
+            network=network,
+        ).inventory_paths()
+        wanted = {role: where[role] for role in _ROLE_TYPES}
+        refs: dict[str, str] = {}
+        for role, path in wanted.items():
+            obj = paths.get(path)
+            kinds, word = _ROLE_TYPES[role]
+            if obj is None or not isinstance(obj, kinds):
+                raise _not_found(word, path)
+            refs[role] = ref(obj)
+        domains.append(DomainRefs(**refs))
+    return PlacementRefs(template=ref(template), domains=domains)
+
+
+def _inventory_paths(session: VSphereSession, datacenter: Any, dc: str) -> dict[str, Any]:
+    """Inventory path -> object for every folder, cluster, pool, datastore and network of the
+    datacenter (not VMs, not hosts): one RetrievePropertiesEx with a traversal."""
+
+    def ts(name: str, kind: type, path: str, *nxt: str) -> Any:
+        return PC.TraversalSpec(
+            name=name,
+            type=kind,
+            path=path,
+            skip=False,
+            selectSet=[PC.SelectionSpec(name=n) for n in nxt],
+        )
+
+    select = [
+        ts("dcHost", vim.Datacenter, "hostFolder", "folder"),
+        ts("dcDatastore", vim.Datacenter, "datastoreFolder", "folder"),
+        ts("dcNetwork", vim.Datacenter, "networkFolder", "folder"),
+        ts("folder", vim.Folder, "childEntity", "folder", "clusterPool"),
+        ts("clusterPool", vim.ClusterComputeResource, "resourcePool", "pool"),
+        ts("pool", vim.ResourcePool, "resourcePool", "pool"),
+    ]
+    kinds = [
+        vim.Folder,
+        vim.ClusterComputeResource,
+        vim.ResourcePool,
+        vim.Datastore,
+        vim.Network,
+        vim.dvs.DistributedVirtualPortgroup,
+    ]
+    spec = PC.FilterSpec(
+        objectSet=[PC.ObjectSpec(obj=datacenter, skip=True, selectSet=select)],
+        propSet=[PC.PropertySpec(type=k, pathSet=["name", "parent"]) for k in kinds],
+    )
+    found = retrieve_spec(session, spec)
+    objects = {key: from_ref(session, key) for key in found}
+    dc_ref = ref(datacenter)
+    paths: dict[str, Any] = {}
+
+    def path_of(key: str, depth: int = 0) -> str | None:
+        props = found.get(key)
+        if props is None or depth > 64:
+            return None
+        parent = props.get("parent")
+        name = str(props.get("name", "")).replace("/", "%2f")
+        if parent is None:
+            return None
+        if ref(parent) == dc_ref:
+            return f"/{dc}/{name}"
+        above = path_of(ref(parent), depth + 1)
+        return None if above is None else f"{above}/{name}"
+
+    for key in found:
+        path = path_of(key)
+        if path is not None:
+            paths[path] = objects[key]
+    return paths
+
+
+# --- readiness -------------------------------------------------------------------------------
+
+
+def _wait_guests(session: VSphereSession, request: ReadinessRequest) -> ReadinessResult:
+    """One private collector, one filter over every VM, WaitForUpdatesEx until all match."""
+    expected = {vm_ref: (hostname, address) for vm_ref, hostname, address in request.nodes}
+    names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
+    paths = [
+        "name",
+        "config.instanceUuid",
+        "guest.ipAddress",
+        "guest.hostName",
+        "runtime.powerState",
+        "runtime.host",
+    ]
+    seen: dict[str, dict[str, Any]] = {vm_ref: {} for vm_ref in expected}
+    collector = session.content.propertyCollector.CreatePropertyCollector()
+    deadline = time.monotonic() + request.timeout_seconds
+    try:
+        collector.CreateFilter(
+            PC.FilterSpec(
+                objectSet=[PC.ObjectSpec(obj=from_ref(session, r), skip=False) for r in expected],
+                propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=paths)],
+            ),
+            partialUpdates=False,
+        )
+        version = ""
+        while True:
+            wait = max(1, min(5, int(deadline - time.monotonic())))
+            update = collector.WaitForUpdatesEx(version, PC.WaitOptions(maxWaitSeconds=wait))
+            if update is not None:
+                version = update.version
+                for filter_set in update.filterSet or []:
+                    for obj_set in filter_set.objectSet or []:
+                        state = seen.setdefault(ref(obj_set.obj), {})
+                        for change in obj_set.changeSet or []:
+                            state[change.name] = change.val
+            waiting = [r for r in expected if not _guest_ready(seen[r], *expected[r])]
+            activity.heartbeat({"stage": "guest", "waiting": [names[r] for r in waiting]})
+            if not waiting:
+                break
+            if _cancelled():
+                raise CancelledError("cancelled while waiting for guests")
+            if time.monotonic() > deadline:
+                report = "; ".join(
+                    f"{names[r]} reports address {seen[r].get('guest.ipAddress') or 'none'}, "
+                    f"hostname {seen[r].get('guest.hostName') or 'none'}, "
+                    f"power {seen[r].get('runtime.powerState') or 'unknown'}"
+                    for r in waiting
+                )
+                raise ApplicationError(
+                    f"{len(waiting)} node(s) not ready after {request.timeout_seconds}s: {report}",
+                    type=errors.NOT_READY,
+                )
+    finally:
+        with contextlib.suppress(Exception):  # best effort; vCenter drops it with the session
+            collector.DestroyPropertyCollector()
+    return ReadinessResult(
+        nodes=[
+            VmInfo(
+                ref=r,
+                name=str(seen[r].get("name") or names[r]),
+                instance_uuid=str(seen[r].get("config.instanceUuid") or ""),
+                host=ref(seen[r]["runtime.host"])
+                if seen[r].get("runtime.host") is not None
+                else "",
+                power_state=str(seen[r].get("runtime.powerState") or ""),
+                address=seen[r].get("guest.ipAddress") or None,
+                hostname=seen[r].get("guest.hostName") or None,
+            )
+            for r in expected
+        ]
+    )
+
+
+def _guest_ready(state: dict[str, Any], hostname: str, address: str | None) -> bool:
+    have = state.get("guest.ipAddress")
+    if not have or (address is not None and have != address):
+        return False
+    return bool(state.get("guest.hostName") == hostname)
+
+
+def _wait_kubernetes(request: ReadinessRequest) -> ReadinessResult:
+    """GET https://VIP:6443/readyz until 200. TLS is not verified: the request carries no CA
+    and /readyz returns no secret. Node Ready conditions need a kubeconfig: not checked."""
+    if not request.vip:
+        raise ApplicationError(
+            "readiness mode kubernetes needs the control-plane VIP",
+            type=errors.INVALID_SPEC,
+            non_retryable=True,
+        )
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + request.timeout_seconds
+    last = "no answer"
+    while True:
+        try:
+            conn = http.client.HTTPSConnection(request.vip, 6443, timeout=5, context=context)
+            try:
+                conn.request("GET", "/readyz")
+                response = conn.getresponse()
+                body = response.read(200).decode(errors="replace").strip()
+                if response.status == 200:
+                    return ReadinessResult(nodes=[])
+                last = f"HTTP {response.status} {body[:80]}"
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException) as exc:
+            last = type(exc).__name__
+        activity.heartbeat({"stage": "kubernetes", "last": last})
+        if _cancelled():
+            raise CancelledError("cancelled while waiting for the API server")
+        if time.monotonic() > deadline:
+            raise ApplicationError(
+                f"https://{request.vip}:6443/readyz not ready after "
+                f"{request.timeout_seconds}s (last: {last})",
+                type=errors.NOT_READY,
+            )
+        time.sleep(2)
+
+
+# --- sweep -----------------------------------------------------------------------------------
+
+
+def _marked_vms(
+    session: VSphereSession, dc: str, cluster_id: str
+) -> list[tuple[VmInfo, dict[str, Any]]]:
+    """VMs whose extraConfig carries the cluster's mark: a container view, one read of every
+    VM's annotation (the mark is repeated there), one read of the candidates' extraConfig."""
+    datacenter = find_by_path(session, f"/{dc}")
+    if not isinstance(datacenter, vim.Datacenter):
+        raise _not_found("datacenter", f"/{dc}")
+    view = session.content.viewManager.CreateContainerView(datacenter, [vim.VirtualMachine], True)
+    try:
+        spec = PC.FilterSpec(
+            objectSet=[
+                PC.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[
+                        PC.TraversalSpec(
+                            name="view", type=vim.view.ContainerView, path="view", skip=False
+                        )
+                    ],
+                )
+            ],
+            propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=["config.annotation"])],
+        )
+        everything = retrieve_spec(session, spec)
+    finally:
+        with contextlib.suppress(Exception):  # best effort
+            view.DestroyView()
+    needle = f"{MARK_CLUSTER}={cluster_id}\n"
+    candidates = [
+        from_ref(session, key)
+        for key, props in everything.items()
+        if needle in str(props.get("config.annotation") or "") + "\n"
+    ]
+    if not candidates:
+        return []
+    props = retrieve(
+        session,
+        candidates,
+        ["name", "config.instanceUuid", "config.extraConfig", "runtime.powerState", "runtime.host"],
+    )
+    marked = []
+    for vm in candidates:
+        p = props.get(ref(vm), {})
+        if _extra(p.get("config.extraConfig")).get(MARK_CLUSTER) != cluster_id:
+            continue
+        host = p.get("runtime.host")
+        info = VmInfo(
+            ref=ref(vm),
+            name=str(p.get("name") or ""),
+            instance_uuid=str(p.get("config.instanceUuid") or ""),
+            host=ref(host) if host is not None else "",
+            power_state=str(p.get("runtime.powerState") or ""),
+        )
+        marked.append(
+            (info, {"runtime.powerState": p.get("runtime.powerState"), "runtime.host": host})
+        )
+    return sorted(marked, key=lambda m: m[0].name)

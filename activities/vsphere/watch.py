@@ -1,0 +1,253 @@
+"""Shared task waits: one property collector per session watches every recent task.
+
+`wait_for_task` (tasks.py) costs four requests per task (a private collector, its filter,
+one WaitForUpdatesEx, the collector's destruction). A `TaskWatcher` pays that once per
+session: a single filter on `TaskManager.recentTask` that traverses to each task's
+`info.state/error/result/progress`, and one background thread that loops WaitForUpdatesEx
+and wakes the threads waiting on those tasks. A task wait therefore costs no request of
+its own, and concurrent activities of one session share the same long poll.
+
+The watcher stops after `idle_stop` seconds without waiters, and dies with its session
+(e.g. `NotAuthenticated`): its waiters get the error, and the next wait starts a new
+watcher. A task the watcher never sees (not in `recentTask`, e.g. started by an earlier
+session on a real vCenter) is read once and, if still running, waited on with
+`wait_for_task`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from pyVmomi import vim, vmodl
+
+from activities.vsphere.inventory import from_ref, retrieve
+from activities.vsphere.session import VSphereSession
+from activities.vsphere.tasks import TaskTimeout, wait_for_task
+
+TASK_PATHS = ["info.state", "info.error", "info.result", "info.progress"]
+_TERMINAL = (vim.TaskInfo.State.success, vim.TaskInfo.State.error)
+
+PC = vmodl.query.PropertyCollector
+
+
+class CancelRequested(Exception):
+    """The caller's `cancelled()` turned true while it waited; the task still runs."""
+
+
+class TaskWatcher:
+    """One property collector and one thread watching the recent tasks of a session."""
+
+    def __init__(
+        self, session: VSphereSession, *, max_wait_seconds: int = 10, idle_stop: float = 60.0
+    ) -> None:
+        self.session = session
+        self.max_wait_seconds = max_wait_seconds
+        self.idle_stop = idle_stop
+        self.requests = 0
+        self.turns = 0
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._states: dict[str, dict[str, Any]] = {}
+        self._gone: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._waiters = 0
+        self._idle_since = time.monotonic()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="kubegate-task-watcher", daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        with self._cond:
+            return not self._stopped
+
+    def start(self) -> TaskWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        collector = None
+        try:
+            content = self.session.content
+            collector = content.propertyCollector.CreatePropertyCollector()
+            self.requests += 1
+            collector.CreateFilter(
+                PC.FilterSpec(
+                    objectSet=[
+                        PC.ObjectSpec(
+                            obj=content.taskManager,
+                            skip=True,
+                            selectSet=[
+                                PC.TraversalSpec(
+                                    name="recentTask",
+                                    type=vim.TaskManager,
+                                    path="recentTask",
+                                    skip=False,
+                                )
+                            ],
+                        )
+                    ],
+                    propSet=[PC.PropertySpec(type=vim.Task, pathSet=TASK_PATHS)],
+                ),
+                partialUpdates=False,
+            )
+            self.requests += 1
+            options = PC.WaitOptions(maxWaitSeconds=self.max_wait_seconds)
+            version = ""
+            while True:
+                update = collector.WaitForUpdatesEx(version, options)
+                self.requests += 1
+                with self._cond:
+                    if update is not None:
+                        version = update.version
+                        self._apply(update)
+                    self.turns += 1
+                    self._cond.notify_all()
+                    idle = self._waiters == 0 and time.monotonic() - self._idle_since
+                    if idle and idle > self.idle_stop:
+                        self._stopped = True
+                        return
+        except BaseException as exc:  # the session died or vCenter went away
+            with self._cond:
+                self.error = exc
+                self._stopped = True
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+            _forget(self)
+            if collector is not None and self.error is None:
+                with contextlib.suppress(Exception):
+                    collector.DestroyPropertyCollector()
+                    self.requests += 1
+
+    def _apply(self, update: Any) -> None:
+        for filter_set in update.filterSet or []:
+            for obj_set in filter_set.objectSet or []:
+                key = obj_set.obj._moId
+                if obj_set.kind == "leave":
+                    state = self._states.pop(key, None)
+                    if state is not None:
+                        self._gone[key] = state
+                        while len(self._gone) > 1000:
+                            self._gone.popitem(last=False)
+                    continue
+                state = self._states.setdefault(key, {})
+                for change in obj_set.changeSet or []:
+                    if change.op == "remove":
+                        state.pop(change.name, None)
+                    else:
+                        state[change.name] = change.val
+
+    def _state(self, key: str) -> dict[str, Any] | None:
+        return self._states.get(key) or self._gone.get(key)
+
+    def wait(
+        self,
+        task_id: str,
+        on_turn: Callable[[int], None],
+        *,
+        cancelled: Callable[[], bool],
+        beat_every: float,
+        deadline: float | None,
+    ) -> dict[str, Any] | None:
+        """The task's final state, or None if this watcher did not see the task for two
+        of its turns (then the caller reads the task itself)."""
+        with self._cond:
+            self._waiters += 1
+            first_turn = self.turns
+        try:
+            while True:
+                with self._cond:
+                    if self.error is not None:
+                        raise self.error
+                    state = self._state(task_id)
+                    if state is not None and state.get("info.state") in _TERMINAL:
+                        return dict(state)
+                    if state is None and (self._stopped or self.turns - first_turn >= 2):
+                        return None
+                    self._cond.wait(timeout=beat_every)
+                    progress = int((state or {}).get("info.progress") or 0)
+                on_turn(progress)
+                if cancelled():
+                    raise CancelRequested(task_id)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TaskTimeout(f"Task:{task_id} still running")
+        finally:
+            with self._cond:
+                self._waiters -= 1
+                if self._waiters == 0:
+                    self._idle_since = time.monotonic()
+
+
+_guard = threading.Lock()
+_watchers: dict[int, TaskWatcher] = {}
+#: requests made by watchers that have ended (for cost reports)
+_retired_requests = [0]
+
+
+def _forget(watcher: TaskWatcher) -> None:
+    with _guard:
+        if _watchers.get(id(watcher.session)) is watcher:
+            del _watchers[id(watcher.session)]
+        _retired_requests[0] += watcher.requests
+
+
+def watcher_for(session: VSphereSession) -> TaskWatcher:
+    """The session's live watcher, started if there is none."""
+    with _guard:
+        watcher = _watchers.get(id(session))
+        if watcher is not None and watcher.session is session and watcher.alive:
+            return watcher
+        watcher = TaskWatcher(session)
+        _watchers[id(session)] = watcher
+    return watcher.start()
+
+
+def watcher_requests() -> int:
+    """vCenter requests made by every task watcher of this process so far."""
+    with _guard:
+        return _retired_requests[0] + sum(w.requests for w in _watchers.values())
+
+
+def await_task(
+    session: VSphereSession,
+    task: Any,
+    on_turn: Callable[[int], None],
+    *,
+    cancelled: Callable[[], bool] = lambda: False,
+    beat_every: float = 2.0,
+    timeout: float | None = None,
+) -> Any:
+    """Wait until the task ends: return its result or raise its fault.
+
+    `task` is a vim.Task or a 'Task:id' string. `on_turn(progress)` runs at least every
+    `beat_every` seconds (heartbeat there). If `cancelled()` turns true, CancelRequested is
+    raised and the task is left running (the caller decides whether to cancel it).
+    """
+    if isinstance(task, str):
+        task = from_ref(session, task)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    state = watcher_for(session).wait(
+        task._moId, on_turn, cancelled=cancelled, beat_every=beat_every, deadline=deadline
+    )
+    if state is None:
+        state = retrieve(session, [task], TASK_PATHS).get(f"Task:{task._moId}", {})
+        if state.get("info.state") not in _TERMINAL:
+
+            def turn(_: str, progress: int) -> None:
+                on_turn(progress)
+                if cancelled():
+                    raise CancelRequested(task._moId)
+
+            remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+            return wait_for_task(
+                session, task, turn, max_wait_seconds=max(1, int(beat_every)), timeout=remaining
+            )
+    if state.get("info.state") == vim.TaskInfo.State.error:
+        raise state["info.error"]
+    return state.get("info.result")

@@ -1,0 +1,520 @@
+"""VM activities against real simulators: through Temporal (a tiny workflow on the test agent)
+and, for heartbeat details and cancellation, through temporalio's ActivityEnvironment."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVim.task import WaitForTask
+from pyVmomi import vim
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import CancelledError
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.bootstrap import generate_secrets
+from activities.vsphere.session import SessionPool
+from activities.vsphere.vm import VmActivities
+from activities.vsphere.watch import watcher_requests
+from domain.account import VCenterCredentials, VCenterEndpoint
+from domain.bootstrap import SECRETS_PURPOSE, NodeBootstrap, NodeNetwork, decode
+from domain.names import gateway_task_queue
+from domain.sealing import PASSWORD_PURPOSE, AgentKey, seal
+from domain.vm import (
+    MARK_CLUSTER,
+    MARK_NODE,
+    MARK_POOL,
+    CreateVmRequest,
+    DestroyResult,
+    DestroyVmRequest,
+    FolderRequest,
+    FolderResult,
+    OwnerMark,
+    PlacementRefs,
+    PlacementRequest,
+    ReadinessRequest,
+    ReadinessResult,
+    SweepRequest,
+    SweepResult,
+    VmInfo,
+    instance_uuid,
+)
+from starters.settings import Settings
+from tests.conftest import GATEWAY
+from tests.support import TEMPLATE, Vcsim
+from workers.gateway_agent import load_key
+
+pytestmark = pytest.mark.integration
+
+#: vCenter requests one vm_create may cost (find, read, clone, reconfigure, power on, and the
+#: template facts on the first clone); task waits cost none (shared watcher).
+CREATE_BUDGET = 8
+
+DHCP = "VM Network=10.20.0.100-10.20.0.199,DC0_DVPG0=10.21.0.100-10.21.0.199"
+
+
+@workflow.defn(sandboxed=False)
+class CallVmActivity:
+    """Runs one VM activity on the test gateway's queue (a real Temporal run)."""
+
+    @workflow.run
+    async def run(self, name: str, request: Any) -> Any:
+        return await workflow.execute_activity(
+            name,
+            request,
+            task_queue=gateway_task_queue(GATEWAY),
+            start_to_close_timeout=timedelta(minutes=2),
+            heartbeat_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(maximum_attempts=2),
+        )
+
+
+@pytest.fixture(scope="module")
+def sim(workdir: Path) -> Iterator[Vcsim]:
+    """A simulator with DHCP ranges, synchronous tasks."""
+    s = Vcsim(workdir, args=["-dhcp", DHCP]).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_sim(workdir: Path) -> Iterator[Vcsim]:
+    """A simulator whose clones take 4 s and can be cancelled."""
+    s = Vcsim(workdir, args=["-dhcp", DHCP, "-task-delay", "CloneVM_Task=4000"]).start()
+    yield s
+    s.stop()
+
+
+def credentials(sim: Vcsim, key_public: bytes) -> VCenterCredentials:
+    return VCenterCredentials(
+        endpoint=VCenterEndpoint(
+            server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint
+        ),
+        username="administrator@vsphere.local",
+        password=seal(sim.password, key_public, PASSWORD_PURPOSE),
+    )
+
+
+@pytest.fixture(scope="module")
+def agent_key(settings: Settings) -> AgentKey:
+    return load_key(settings, GATEWAY)
+
+
+async def call(client: Client, name: str, request: Any, result: type[Any]) -> Any:
+    """Run one activity through Temporal on the test agent."""
+    queue = f"vm-test-{uuid.uuid4().hex[:8]}"
+    async with Worker(client, task_queue=queue, workflows=[CallVmActivity]):
+        out = await client.execute_workflow(
+            CallVmActivity.run,
+            args=[name, request],
+            id=f"vm-test/{uuid.uuid4()}",
+            task_queue=queue,
+        )
+    return result.model_validate(out)
+
+
+def bootstrap(name: str, uid: str, network: NodeNetwork) -> NodeBootstrap:
+    return NodeBootstrap(
+        cluster="vmtest",
+        hostname=name,
+        instance_id=uid,
+        role="worker",
+        network=network,
+        vip="10.20.0.5",
+        first_control_plane="10.20.0.6",
+        kubernetes_version="1.30.4",
+    )
+
+
+def vm_by_uuid(si: Any, uid: str) -> Any:
+    return si.RetrieveContent().searchIndex.FindByUuid(None, uid, True, True)
+
+
+def datastore_dirs(si: Any, datastore: str) -> list[str]:
+    ds = si.RetrieveContent().searchIndex.FindByInventoryPath(f"/DC0/datastore/{datastore}")
+    task = ds.browser.SearchDatastoreSubFolders_Task(
+        f"[{datastore}]", vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
+    )
+    WaitForTask(task)
+    return [f.path for r in task.info.result for f in r.file or []]
+
+
+async def test_create_wait_recreate_destroy(
+    sim: Vcsim, temporal: WorkflowEnvironment, sessions: SessionPool, agent_key: AgentKey
+) -> None:
+    client = temporal.client
+    creds = credentials(sim, agent_key.public_bytes)
+    placement = await call(
+        client,
+        "vm_resolve_placement",
+        PlacementRequest(
+            credentials=creds,
+            datacenter="DC0",
+            template=TEMPLATE,
+            domains=[
+                ("DC0_C0", "", "LocalDS_0", "VM Network"),
+                ("DC0_C1", "DC0_C1_RP1", "LocalDS_1", "DC0_DVPG0"),
+            ],
+        ),
+        PlacementRefs,
+    )
+    assert placement.vcenter_requests <= 3 + 3  # the login (3) and the resolution (3)
+    assert placement.domains[1].network.startswith("DistributedVirtualPortgroup:")
+    folder = await call(
+        client,
+        "vm_ensure_folder",
+        FolderRequest(credentials=creds, datacenter="DC0", name="vmtest"),
+        FolderResult,
+    )
+    again = await call(
+        client,
+        "vm_ensure_folder",
+        FolderRequest(credentials=creds, datacenter="DC0", name="vmtest"),
+        FolderResult,
+    )
+    assert folder.created and not again.created and again.ref == folder.ref
+    assert again.vcenter_requests == 1
+
+    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    static = NodeNetwork(
+        mode="static",
+        address="10.30.0.11",
+        prefix=24,
+        gateway="10.30.0.1",
+        nameservers=["10.30.0.2"],
+        search_domains=["lab.local"],
+    )
+    nodes = {
+        "vmtest-cp-0": (static, placement.domains[0], "cp"),
+        "vmtest-w-0": (NodeNetwork(mode="dhcp"), placement.domains[1], "workers"),
+    }
+    requests = {}
+    for name, (network, domain, pool) in nodes.items():
+        uid = instance_uuid("cluster/vmtest", name)
+        requests[name] = CreateVmRequest(
+            credentials=creds,
+            name=name,
+            instance_uuid=uid,
+            owner=OwnerMark(cluster_id="cluster/vmtest", pool=pool, node=name),
+            template=placement.template,
+            folder=folder.ref,
+            domain=domain,
+            cpu=4,
+            memory_mb=6144,
+            disk_gb=40,
+            network=network,
+            bootstrap=bootstrap(name, uid, network),
+            secrets=secrets,
+        )
+    watcher_before = watcher_requests()
+    created = {n: await call(client, "vm_create", r, VmInfo) for n, r in requests.items()}
+    costs = {n: info.vcenter_requests for n, info in created.items()}
+    print(f"\nvm_create requests: {costs}; shared watcher: {watcher_requests() - watcher_before}")
+    assert all(c <= CREATE_BUDGET for c in costs.values()), costs
+
+    ready = await call(
+        client,
+        "vm_wait_ready",
+        ReadinessRequest(
+            credentials=creds,
+            nodes=[
+                (created["vmtest-cp-0"].ref, "vmtest-cp-0", "10.30.0.11"),
+                (created["vmtest-w-0"].ref, "vmtest-w-0", None),
+            ],
+            timeout_seconds=30,
+        ),
+        ReadinessResult,
+    )
+    by_name = {n.name: n for n in ready.nodes}
+    assert by_name["vmtest-cp-0"].address == "10.30.0.11"
+    assert by_name["vmtest-w-0"].address is not None
+    assert by_name["vmtest-w-0"].address.startswith("10.21.0.")
+    assert by_name["vmtest-w-0"].hostname == "vmtest-w-0"
+
+    # independent check with pyvmomi
+    si = sim.connect()
+    try:
+        for name, (_network, domain, pool) in nodes.items():
+            vm = vm_by_uuid(si, requests[name].instance_uuid)
+            assert vm is not None and vm.name == name
+            hw = vm.config.hardware
+            assert (hw.numCPU, hw.memoryMB) == (4, 6144)
+            disk = next(d for d in hw.device if isinstance(d, vim.vm.device.VirtualDisk))
+            assert disk.capacityInKB == 40 * 1024 * 1024
+            assert disk.backing.fileName.startswith(f"[{vm.datastore[0].name}] {name}/")
+            nic = next(d for d in hw.device if isinstance(d, vim.vm.device.VirtualEthernetCard))
+            if domain.network.startswith("DistributedVirtualPortgroup:"):
+                assert nic.backing.port.portgroupKey == domain.network.split(":")[1]
+            else:
+                assert nic.backing.network._moId == domain.network.split(":")[1]
+            assert f"Folder:{vm.parent._moId}" == folder.ref
+            assert f"ResourcePool:{vm.resourcePool._moId}" == domain.resource_pool
+            assert [f"Datastore:{d._moId}" for d in vm.datastore] == [domain.datastore]
+            assert vm.config.instanceUuid == requests[name].instance_uuid
+            extra = {o.key: o.value for o in vm.config.extraConfig}
+            assert extra[MARK_CLUSTER] == "cluster/vmtest" and extra[MARK_NODE] == name
+            assert extra[MARK_POOL] == pool
+            assert f"{MARK_NODE}={name}" in vm.config.annotation
+            metadata = json.loads(decode(extra["guestinfo.metadata"]))
+            assert metadata["local-hostname"] == name
+            assert vm.guest.hostName == name
+            assert vm.runtime.powerState == "poweredOn"
+    finally:
+        sim.disconnect(si)
+
+    # a second run finds the same VM, finished: one VM, two requests
+    second = await call(client, "vm_create", requests["vmtest-cp-0"], VmInfo)
+    assert second.ref == created["vmtest-cp-0"].ref
+    assert second.vcenter_requests <= 2
+
+    for name, request in requests.items():
+        result = await call(
+            client,
+            "vm_destroy",
+            DestroyVmRequest(
+                credentials=creds,
+                name=name,
+                instance_uuid=request.instance_uuid,
+                folder=folder.ref,
+            ),
+            DestroyResult,
+        )
+        assert result.destroyed == [created[name].ref]
+    gone = await call(
+        client,
+        "vm_destroy",
+        DestroyVmRequest(
+            credentials=creds,
+            name="vmtest-cp-0",
+            instance_uuid=requests["vmtest-cp-0"].instance_uuid,
+            folder=folder.ref,
+        ),
+        DestroyResult,
+    )
+    assert gone.destroyed == []
+    si = sim.connect()
+    try:
+        for name in nodes:
+            assert vm_by_uuid(si, requests[name].instance_uuid) is None
+        for ds in ("LocalDS_0", "LocalDS_1"):
+            left = [p for p in datastore_dirs(si, ds) if "vmtest" in p]
+            assert left == [], left
+    finally:
+        sim.disconnect(si)
+    removed = await call(
+        client,
+        "vm_remove_folder",
+        FolderRequest(credentials=creds, datacenter="DC0", name="vmtest"),
+        FolderResult,
+    )
+    assert removed.ref == folder.ref
+    missing = await call(
+        client,
+        "vm_remove_folder",
+        FolderRequest(credentials=creds, datacenter="DC0", name="vmtest"),
+        FolderResult,
+    )
+    assert missing.ref == ""
+
+
+def simple_request(
+    creds: VCenterCredentials, refs: PlacementRefs, folder: str, name: str, cluster: str
+) -> CreateVmRequest:
+    return CreateVmRequest(
+        credentials=creds,
+        name=name,
+        instance_uuid=instance_uuid(f"cluster/{cluster}", name),
+        owner=OwnerMark(cluster_id=f"cluster/{cluster}", pool="workers", node=name),
+        template=refs.template,
+        folder=folder,
+        domain=refs.domains[0],
+        cpu=2,
+        memory_mb=4096,
+        disk_gb=20,
+        network=NodeNetwork(mode="dhcp"),
+        power_on=False,
+    )
+
+
+def setup(sim: Vcsim, key: AgentKey, pool: SessionPool, folder_name: str) -> tuple[Any, Any, Any]:
+    acts = VmActivities(key, pool)
+    creds = credentials(sim, key.public_bytes)
+    env = ActivityEnvironment()
+    refs = env.run(
+        acts.resolve_placement,
+        PlacementRequest(
+            credentials=creds,
+            datacenter="DC0",
+            template=TEMPLATE,
+            domains=[("DC0_C0", "Resources", "LocalDS_0", "VM Network")],
+        ),
+    )
+    folder = env.run(
+        acts.ensure_folder, FolderRequest(credentials=creds, datacenter="DC0", name=folder_name)
+    )
+    return acts, creds, (refs, folder.ref)
+
+
+def test_sweep_finds_marked_vms_only(sim: Vcsim, agent_key: AgentKey) -> None:
+    pool = SessionPool()
+    acts, creds, (refs, folder) = setup(sim, agent_key, pool, "sweeptest")
+    env = ActivityEnvironment()
+    try:
+        ours = [
+            env.run(acts.create, simple_request(creds, refs, folder, f"sw-{i}", "sweep"))
+            for i in range(2)
+        ]
+        theirs = env.run(acts.create, simple_request(creds, refs, folder, "other-0", "other"))
+        dry = env.run(
+            acts.sweep,
+            SweepRequest(
+                credentials=creds, datacenter="DC0", cluster_id="cluster/sweep", dry_run=True
+            ),
+        )
+        assert sorted(v.ref for v in dry.vms) == sorted(v.ref for v in ours)
+        assert dry.destroyed == [] and dry.vcenter_requests <= 6
+        swept: SweepResult = env.run(
+            acts.sweep,
+            SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/sweep"),
+        )
+        assert sorted(swept.destroyed) == sorted(v.ref for v in ours)
+        si = sim.connect()
+        try:
+            for v in ours:
+                assert vm_by_uuid(si, v.instance_uuid) is None
+            assert vm_by_uuid(si, theirs.instance_uuid) is not None
+        finally:
+            sim.disconnect(si)
+        # the folder still holds the other cluster's VM: not removed, and says what is left
+        with pytest.raises(Exception, match="other-0"):
+            env.run(
+                acts.remove_folder,
+                FolderRequest(credentials=creds, datacenter="DC0", name="sweeptest"),
+            )
+    finally:
+        pool.close_all()
+
+
+class Crash(BaseException):
+    """Stands in for kill -9 of the worker: nothing in the activity may catch it."""
+
+
+def test_retry_reattaches_to_the_clone_in_flight(slow_sim: Vcsim, agent_key: AgentKey) -> None:
+    pool = SessionPool()
+    acts, creds, (refs, folder) = setup(slow_sim, agent_key, pool, "reattach")
+    request = simple_request(creds, refs, folder, "ra-0", "reattach")
+    first = ActivityEnvironment()
+    beats: list[dict[str, Any]] = []
+
+    def crash_once_cloning(*details: Any) -> None:
+        beats.append(details[0])
+        if details[0].get("task"):
+            raise Crash
+
+    first.on_heartbeat = crash_once_cloning
+    try:
+        with pytest.raises(Crash):
+            first.run(acts.create, request)
+        task = beats[-1]["task"]
+        assert beats[-1]["stage"] == "clone" and task.startswith("Task:")
+
+        second = ActivityEnvironment()
+        second.info = dataclasses.replace(second.info, heartbeat_details=[beats[-1]])
+        second_beats: list[dict[str, Any]] = []
+        second.on_heartbeat = lambda *d: second_beats.append(d[0])
+        info = second.run(acts.create, request)
+
+        assert second_beats[0]["task"] == task  # re-attached, no second clone
+        si = slow_sim.connect()
+        try:
+            content = si.RetrieveContent()
+            clones = [
+                t
+                for t in content.taskManager.recentTask
+                if t.info.descriptionId.endswith("cloneVm") and t.info.entityName
+            ]
+            assert vm_by_uuid(si, request.instance_uuid)._moId == info.ref.split(":")[1]
+            named = [
+                c
+                for c in content.viewManager.CreateContainerView(
+                    content.rootFolder, [vim.VirtualMachine], True
+                ).view
+                if c.name == "ra-0"
+            ]
+            assert len(named) == 1, clones
+        finally:
+            slow_sim.disconnect(si)
+        env = ActivityEnvironment()
+        env.run(
+            acts.destroy,
+            DestroyVmRequest(
+                credentials=creds, name="ra-0", instance_uuid=request.instance_uuid, folder=folder
+            ),
+        )
+    finally:
+        pool.close_all()
+
+
+def test_cancel_mid_clone_cancels_the_vcenter_task(slow_sim: Vcsim, agent_key: AgentKey) -> None:
+    pool = SessionPool()
+    acts, creds, (refs, folder) = setup(slow_sim, agent_key, pool, "cancel")
+    request = simple_request(creds, refs, folder, "cx-0", "cancel")
+    env = ActivityEnvironment()
+    beats: list[dict[str, Any]] = []
+    cloning = threading.Event()
+
+    def beat(*details: Any) -> None:
+        beats.append(details[0])
+        if details[0].get("task"):
+            cloning.set()
+
+    env.on_heartbeat = beat
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            future = executor.submit(env.run, acts.create, request)
+            assert cloning.wait(10)
+            started = time.monotonic()
+            env.cancel()
+            with pytest.raises(CancelledError):
+                future.result(timeout=20)
+            assert time.monotonic() - started < 3.5  # did not sit out the 4 s clone
+        task = next(b["task"] for b in beats if b.get("task"))
+        si = slow_sim.connect()
+        try:
+            task_obj = vim.Task(task.split(":")[1], si._stub)
+            assert task_obj.info.state == "error" and task_obj.info.cancelled
+        finally:
+            slow_sim.disconnect(si)
+        result = ActivityEnvironment().run(
+            acts.destroy,
+            DestroyVmRequest(
+                credentials=creds,
+                name="cx-0",
+                instance_uuid=request.instance_uuid,
+                folder=folder,
+                tasks=[task],
+            ),
+        )
+        assert result.destroyed == []
+        si = slow_sim.connect()
+        try:
+            assert vm_by_uuid(si, request.instance_uuid) is None
+            assert (
+                si.RetrieveContent().searchIndex.FindByInventoryPath("/DC0/vm/cancel/cx-0") is None
+            )
+        finally:
+            slow_sim.disconnect(si)
+    finally:
+        pool.close_all()
