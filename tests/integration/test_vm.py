@@ -27,7 +27,7 @@ from temporalio.worker import Worker
 from activities.bootstrap import generate_secrets
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
-from activities.vsphere.watch import watcher_requests
+from activities.vsphere.watch import watcher_for, watcher_requests
 from domain.account import VCenterCredentials, VCenterEndpoint
 from domain.bootstrap import SECRETS_PURPOSE, NodeBootstrap, NodeNetwork, decode
 from domain.names import gateway_task_queue
@@ -516,5 +516,36 @@ def test_cancel_mid_clone_cancels_the_vcenter_task(slow_sim: Vcsim, agent_key: A
             )
         finally:
             slow_sim.disconnect(si)
+    finally:
+        pool.close_all()
+
+
+def test_watcher_dies_with_its_session_and_a_new_one_serves(
+    sim: Vcsim, agent_key: AgentKey
+) -> None:
+    pool = SessionPool(check_after=3600.0)  # never checks proactively
+    acts, creds, (refs, folder) = setup(sim, agent_key, pool, "watchdeath")
+    env = ActivityEnvironment()
+    try:
+        env.run(acts.create, simple_request(creds, refs, folder, "wd-0", "watchdeath"))
+        session = pool.get(creds.endpoint, creds.username, sim.password)
+        old = watcher_for(session)
+        admin = sim.connect()
+        admin.content.sessionManager.TerminateSession([session.key])
+        sim.disconnect(admin)
+
+        second = env.run(acts.create, simple_request(creds, refs, folder, "wd-1", "watchdeath"))
+        assert second.ref.startswith("VirtualMachine:") and pool.logins == 2
+        deadline = time.monotonic() + 15
+        while old.alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert isinstance(old.error, vim.fault.NotAuthenticated), old.error
+        fresh = pool.get(creds.endpoint, creds.username, sim.password)
+        assert fresh is not session and watcher_for(fresh) is not old
+        swept = env.run(
+            acts.sweep,
+            SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/watchdeath"),
+        )
+        assert len(swept.destroyed) == 2
     finally:
         pool.close_all()

@@ -742,6 +742,96 @@ def check_clone_dhcp(sim):
     Disconnect(si)
 
 
+def check_lifecycle(sim):
+    """What the cluster lifecycle relies on: clone spec applied, names taken, hostname from
+    guestinfo.metadata, disk grow, files removed on destroy."""
+    import base64
+    import gzip
+
+    si = sim.connect()
+    pool = find(si, "/DC0/host/DC0_C1/Resources")
+    ds = find(si, "/DC0/datastore/LocalDS_1")
+    meta = json.dumps({"instance-id": "i-1", "local-hostname": "life-host"}).encode()
+    uid = "0f0e0d0c-0b0a-4909-8807-060504030201"
+    config = vim.vm.ConfigSpec(
+        instanceUuid=uid,
+        annotation="owned by selfcheck",
+        numCPUs=3,
+        memoryMB=3072,
+        extraConfig=[
+            vim.option.OptionValue(key="kubegate.cluster", value="cluster/selfcheck"),
+            vim.option.OptionValue(
+                key="guestinfo.metadata", value=base64.b64encode(gzip.compress(meta)).decode()
+            ),
+            vim.option.OptionValue(key="guestinfo.metadata.encoding", value="gzip+base64"),
+        ],
+    )
+    tmpl = find(si, TEMPLATE_PATH)
+    folder = find(si, "/DC0/vm")
+    spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool, datastore=ds), config=config)
+    vm = wait_task(tmpl.CloneVM_Task(folder=folder, name="life-1", spec=spec))
+    check(
+        "clone: config.instanceUuid applied", vm.config.instanceUuid == uid, vm.config.instanceUuid
+    )
+    extra = {o.key: o.value for o in vm.config.extraConfig}
+    check("clone: config.extraConfig applied", extra.get("kubegate.cluster") == "cluster/selfcheck")
+    check(
+        "clone: config.annotation applied",
+        vm.config.annotation == "owned by selfcheck",
+        vm.config.annotation,
+    )
+    hw = vm.config.hardware
+    check("clone: numCPUs and memoryMB applied", (hw.numCPU, hw.memoryMB) == (3, 3072))
+    check(
+        "FindByUuid(instanceUuid=True) finds the clone",
+        si.RetrieveContent().searchIndex.FindByUuid(None, uid, True, True) == vm,
+    )
+    try:
+        wait_task(
+            tmpl.CloneVM_Task(
+                folder=folder,
+                name="life-1",
+                spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool)),
+            )
+        )
+        check("second clone of a taken name: DuplicateName", False, "clone succeeded")
+    except vim.fault.DuplicateName as e:
+        check("second clone of a taken name: DuplicateName", e.object == vm, e.object)
+
+    disk = next(d for d in hw.device if isinstance(d, vim.vm.device.VirtualDisk))
+    disk.capacityInKB = 30 * 1024 * 1024
+    disk.capacityInBytes = 30 * 1024**3
+    edit = vim.vm.device.VirtualDeviceSpec(operation="edit", device=disk)
+    wait_task(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[edit])))
+    grown = next(d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk))
+    check(
+        "reconfigure grows the disk, same file",
+        grown.capacityInKB == 30 * 1024 * 1024 and grown.backing.fileName == disk.backing.fileName,
+        (grown.capacityInKB, grown.backing.fileName),
+    )
+    power_on(vm)
+    time.sleep(0.2)
+    check("DHCP address at power-on", (vm.guest.ipAddress or "").startswith("10.20.0."))
+    check(
+        "guest.hostName from guestinfo.metadata",
+        vm.guest.hostName == "life-host",
+        vm.guest.hostName,
+    )
+
+    def files():
+        task = ds.browser.SearchDatastoreSubFolders_Task(
+            "[LocalDS_1]", vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
+        )
+        wait_task(task)
+        return [f.path for r in task.info.result for f in r.file or []]
+
+    check("clone's files on its datastore", "life-1" in files(), files())
+    power_off(vm)
+    wait_task(vm.Destroy_Task())
+    check("destroy removes the VM's files", "life-1" not in files(), files())
+    Disconnect(si)
+
+
 def check_sync_tasks(sim):
     """Without -task-delay, tasks still complete before the call returns."""
     si = sim.connect()
@@ -826,6 +916,11 @@ def check_task_delay(binary, workdir):
         took = time.time() - t0
         task2 = tmpl.CloneVM_Task(folder=folder, name="delayed-2", spec=spec)
         check("-task-delay: CloneVM_Task returns at once", took < 0.5, f"{took:.2f}s")
+        try:
+            wait_task(tmpl.CloneVM_Task(folder=folder, name="delayed-1", spec=spec))
+            check("clone of a name in flight: DuplicateName at start", False, "clone succeeded")
+        except vim.fault.DuplicateName as e:
+            check("clone of a name in flight: DuplicateName at start", e.object == folder, e.object)
         info = task.info
         check(
             "-task-delay: task running, startTime set, cancelable",
@@ -975,6 +1070,7 @@ def main():
         section("ntp+storage", check_ntp_and_storage, sim)
         section("permissions", check_permissions, sim)
         section("clone+dhcp", check_clone_dhcp, sim)
+        section("lifecycle", check_lifecycle, sim)
         section("tasks", check_sync_tasks, sim)
     except Exception as e:
         check("start vcsim", False, e)
