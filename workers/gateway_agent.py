@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.bootstrap import BootstrapActivities
 from activities.preflight import PreflightActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
@@ -49,6 +50,7 @@ def build_agent(
 ) -> Worker:
     """The agent's worker: every vSphere activity, on the gateway's task queue."""
     preflight = PreflightActivities(key, sessions)
+    bootstrap = BootstrapActivities(key)
     vms = VmActivities(
         key,
         sessions,
@@ -63,6 +65,8 @@ def build_agent(
             preflight.inventory,
             preflight.privileges,
             preflight.hosts,
+            bootstrap.secrets,
+            bootstrap.render,
             *vms.all(),
         ],
         activity_executor=executor,
