@@ -92,6 +92,10 @@ class CreateVmRequest(BaseModel):
     bootstrap: NodeBootstrap | None = None
     secrets: SealedSecret | None = None
     power_on: bool = True
+    #: after power-on, wait until VMware Tools report the node's hostname and address
+    #: (network.address, or any address with DHCP); VmInfo then carries them
+    wait_guest: bool = False
+    guest_timeout_seconds: int = 1800
 
 
 class VmInfo(BaseModel):
@@ -105,6 +109,7 @@ class VmInfo(BaseModel):
     address: str | None = None
     hostname: str | None = None
     vcenter_requests: int = 0
+    attempt: int = Field(default=1, description="The activity attempt that returned this.")
 
 
 class ReadinessRequest(BaseModel):
@@ -121,6 +126,16 @@ class ReadinessRequest(BaseModel):
 class ReadinessResult(BaseModel):
     nodes: list[VmInfo]
     vcenter_requests: int = 0
+
+
+class PowerOnRequest(BaseModel):
+    """Power on VMs (already on = done) and, with wait_guest, wait for their guests."""
+
+    credentials: VCenterCredentials
+    #: (vm ref, expected hostname, expected address or None for DHCP)
+    nodes: list[tuple[str, str, str | None]]
+    wait_guest: bool = True
+    timeout_seconds: int = 1800
 
 
 class DestroyVmRequest(BaseModel):

@@ -328,6 +328,7 @@ class VmActivities:
                 lambda s: self._create(s, request, progress, extra),
             )
         info.vcenter_requests = meter[0]
+        info.attempt = activity.info().attempt
         return info
 
     def _create(
