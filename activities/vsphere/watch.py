@@ -3,9 +3,12 @@
 `wait_for_task` (tasks.py) costs four requests per task (a private collector, its filter,
 one WaitForUpdatesEx, the collector's destruction). A `TaskWatcher` pays that once per
 session: a single filter on `TaskManager.recentTask` that traverses to each task's
-`info.state/error/result/progress`, and one background thread that loops WaitForUpdatesEx
-and wakes the threads waiting on those tasks. A task wait therefore costs no request of
-its own, and concurrent activities of one session share the same long poll.
+`info.state/error/result` (what ends a task: not `info.progress`, whose every step would end
+a WaitForUpdatesEx), and one background thread that loops WaitForUpdatesEx and wakes the
+threads waiting on those tasks. Waiters heartbeat every `beat_every` seconds on their own
+clock; WaitOptions.maxWaitSeconds bounds each long poll so the loop notices idleness. A task
+wait therefore costs no request of its own, and concurrent activities of one session share the
+same long poll.
 
 The watcher stops after `idle_stop` seconds without waiters, and dies with its session
 (e.g. `NotAuthenticated`): its waiters get the error, and the next wait starts a new
@@ -29,7 +32,8 @@ from activities.vsphere.inventory import from_ref, retrieve
 from activities.vsphere.session import VSphereSession
 from activities.vsphere.tasks import TaskTimeout, wait_for_task
 
-TASK_PATHS = ["info.state", "info.error", "info.result", "info.progress"]
+#: What ends a task; progress is left out on purpose (see the module docstring).
+TASK_PATHS = ["info.state", "info.error", "info.result"]
 _TERMINAL = (vim.TaskInfo.State.success, vim.TaskInfo.State.error)
 
 PC = vmodl.query.PropertyCollector
@@ -171,8 +175,7 @@ class TaskWatcher:
                     if state is None and (self._stopped or self.turns - first_turn >= 2):
                         return None
                     self._cond.wait(timeout=beat_every)
-                    progress = int((state or {}).get("info.progress") or 0)
-                on_turn(progress)
+                on_turn(0)  # progress is not watched
                 if cancelled():
                     raise CancelRequested(task_id)
                 if deadline is not None and time.monotonic() > deadline:
@@ -226,8 +229,10 @@ def await_task(
     """Wait until the task ends: return its result or raise its fault.
 
     `task` is a vim.Task or a 'Task:id' string. `on_turn(progress)` runs at least every
-    `beat_every` seconds (heartbeat there). If `cancelled()` turns true, CancelRequested is
-    raised and the task is left running (the caller decides whether to cancel it).
+    `beat_every` seconds (heartbeat there); progress is 0 unless the task is waited on with
+    a private collector (a task the watcher did not see). If `cancelled()` turns true,
+    CancelRequested is raised and the task is left running (the caller decides whether to
+    cancel it).
     """
     if isinstance(task, str):
         task = from_ref(session, task)
