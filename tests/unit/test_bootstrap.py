@@ -17,6 +17,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from temporalio.exceptions import ApplicationError
 
 from activities.bootstrap import BootstrapActivities, generate_secrets
@@ -344,6 +345,44 @@ def test_activities_seal_to_the_agent_and_return_no_secret() -> None:
     for payload in (request.model_dump_json(), result.model_dump_json(), sealed.model_dump_json()):
         for value in secret_values:
             assert value not in payload
+
+
+def test_ca_is_ecdsa_p256_and_signs_itself(secrets: ClusterSecrets) -> None:
+    cert = x509.load_pem_x509_certificate(secrets.ca_cert_pem.encode())
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp256r1"
+    public.verify(
+        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+    )  # type: ignore[arg-type]
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.digital_signature and not usage.key_encipherment
+    # SEC 1 PEM, as kubeadm writes (and reads) ECDSA keys
+    assert secrets.ca_key_pem.startswith("-----BEGIN EC PRIVATE KEY-----")
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", ca_cert_hash(secrets.ca_cert_pem))
+
+
+def test_render_without_secrets_generates_seals_and_returns_them() -> None:
+    key = AgentKey.generate()
+    acts = BootstrapActivities(key)
+    request = RenderRequest(nodes=list(nodes().values()))
+    result = acts.render(request)
+    assert result.secrets is not None
+    opened = ClusterSecrets.model_validate_json(key.open(result.secrets, SECRETS_PURPOSE))
+    for summary, n in zip(result.nodes, request.nodes, strict=True):
+        assert summary.digest == digest(guestinfo(n, opened))  # rendered with those secrets
+    # the returned bundle renders the same bytes again; secrets given = none returned
+    again = acts.render(RenderRequest(nodes=request.nodes, secrets=result.secrets))
+    assert again.secrets is None and again.nodes == result.nodes
+    with pytest.raises(SealError):
+        AgentKey.generate().open(result.secrets, SECRETS_PURPOSE)
+    payload = result.model_dump_json()
+    for value in (
+        opened.bootstrap_token,
+        opened.certificate_key,
+        opened.ca_key_pem.splitlines()[1],
+    ):
+        assert value not in payload
+    assert acts.render(request).secrets != result.secrets  # fresh ones per call
 
 
 def test_render_refuses_secrets_of_another_agent() -> None:
