@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyVim.task import WaitForTask
 from pyVmomi import vim
 from temporalio.testing import WorkflowEnvironment
 
@@ -164,13 +165,19 @@ async def deploy(
 
 
 async def until(kubegate: KubegateClient, name: str, *statuses: ClusterStatus) -> ClusterState:
-    return await kubegate.wait_cluster(name, lambda s: s.status in statuses, timeout=300)
+    """Wait for one of the statuses; a Failed cluster ends the wait too (and shows why)."""
+    state = await kubegate.wait_cluster(
+        name, lambda s: s.status in statuses or s.status is ClusterStatus.FAILED, timeout=300
+    )
+    assert state.status in statuses, f"{state.status}: {state.error}"
+    return state
 
 
 # -- independent view of vCenter ------------------------------------------------------------
 
 
-def owned_vms(sim: Vcsim, cluster_id: str) -> list[Any]:
+def owned_vms(sim: Vcsim, cluster_id: str) -> list[dict[str, Any]]:
+    """Facts of every VM carrying the cluster's ownership mark, read while connected."""
     si = sim.connect()
     try:
         content = si.RetrieveContent()
@@ -181,7 +188,7 @@ def owned_vms(sim: Vcsim, cluster_id: str) -> list[Any]:
         for vm in view.view:
             marks = {o.key: o.value for o in (vm.config.extraConfig or [])} if vm.config else {}
             if marks.get(MARK_CLUSTER) == cluster_id:
-                found.append(vm)
+                found.append(vm_facts(vm))
         view.Destroy()
         return found
     finally:
@@ -217,9 +224,10 @@ def datastore_files(sim: Vcsim, name: str) -> list[str]:
         view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Datastore], True)
         found: list[str] = []
         for ds in view.view:
-            task = ds.browser.SearchDatastoreSubFolders_Task(f"[{ds.name}]")
-            while task.info.state not in ("success", "error"):
-                pass
+            task = ds.browser.SearchDatastoreSubFolders_Task(
+                f"[{ds.name}]", vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*"])
+            )
+            WaitForTask(task)
             for result in task.info.result or []:
                 for f in result.file or []:
                     path = f"{result.folderPath}{f.path}"
@@ -244,8 +252,7 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
     pool = await make_pool(kubegate, "cl-static", 51)
     spec = static_spec("alpha", pool.name)
     await deploy(kubegate, sim, spec)
-    state = await until(kubegate, "alpha", ClusterStatus.RUNNING, ClusterStatus.FAILED)
-    assert state.status is ClusterStatus.RUNNING, state.error
+    state = await until(kubegate, "alpha", ClusterStatus.RUNNING)
 
     steps = [s.name for s in state.steps]
     assert steps == [
@@ -259,7 +266,7 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
     ]
     assert all(s.state.value == "done" and s.started and s.ended for s in state.steps)
 
-    vms = {vm.name: vm_facts(vm) for vm in owned_vms(sim, "cluster/alpha")}
+    vms = {vm["name"]: vm for vm in owned_vms(sim, "cluster/alpha")}
     expected = {
         "alpha-cp-0": (2, 4, 40, "DC0_C0"),
         "alpha-cp-1": (2, 4, 40, "DC0_C0"),
@@ -340,8 +347,7 @@ async def test_dhcp_cluster_scale_add_and_remove_pools(
         }
     )
     await deploy(kubegate, sim, spec)
-    state = await until(kubegate, "beta", ClusterStatus.RUNNING, ClusterStatus.FAILED)
-    assert state.status is ClusterStatus.RUNNING, state.error
+    state = await until(kubegate, "beta", ClusterStatus.RUNNING)
     dhcp = ipaddress.ip_network("10.61.0.0/24")
     for node in state.nodes:
         assert node.address and ipaddress.ip_address(node.address) in dhcp
@@ -359,7 +365,7 @@ async def test_dhcp_cluster_scale_add_and_remove_pools(
     )
     result = await kubegate.add_pool("beta", big)
     assert result.added == ["beta-big-0"]
-    facts = {vm.name: vm_facts(vm) for vm in owned_vms(sim, "cluster/beta")}
+    facts = {vm["name"]: vm for vm in owned_vms(sim, "cluster/beta")}
     assert sorted(facts) == ["beta-big-0", "beta-cp-0", "beta-w-0", "beta-w-1", "beta-w-2"]
     assert (facts["beta-big-0"]["cpu"], facts["beta-big-0"]["memory_mb"]) == (8, 16384)
 
@@ -367,7 +373,7 @@ async def test_dhcp_cluster_scale_add_and_remove_pools(
     assert result.removed == ["beta-w-1", "beta-w-2"]
     result = await kubegate.remove_pool("beta", "big")
     assert result.removed == ["beta-big-0"]
-    assert sorted(vm.name for vm in owned_vms(sim, "cluster/beta")) == ["beta-cp-0", "beta-w-0"]
+    assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/beta")) == ["beta-cp-0", "beta-w-0"]
 
     with pytest.raises(RequestRefused, match="no worker pool named 'nope'"):
         await kubegate.scale_pool("beta", "nope", 2)
@@ -395,8 +401,7 @@ async def test_failed_preflight_names_the_problem_and_delete_cleans_up(
     pool = await make_pool(kubegate, "cl-fail", 52)
     spec = static_spec("gamma", pool.name)
     await deploy(kubegate, vcsim, spec)
-    state = await until(kubegate, "gamma", ClusterStatus.RUNNING, ClusterStatus.FAILED)
-    assert state.status is ClusterStatus.FAILED
+    state = await until(kubegate, "gamma", ClusterStatus.FAILED)
     failed = state.steps[-1]
     assert failed.name == "preflight" and failed.state.value == "failed"
     assert "DC0_C1_H1" in (failed.error or "")

@@ -199,9 +199,9 @@ async def test_agent_killed_mid_deploy_resumes_without_duplicates(
     )
     assert state.status is ClusterStatus.RUNNING, state.error
     vms = owned_vms(slow, "cluster/crashy")
-    names = sorted(vm.name for vm in vms)
+    names = sorted(vm["name"] for vm in vms)
     assert names == sorted(n.name for n in state.nodes)  # each node exactly once
-    assert len({vm.config.instanceUuid for vm in vms}) == len(vms)
+    assert len({vm["uuid"] for vm in vms}) == len(vms)
     create = next(s for s in state.steps if s.name == "create-vms")
     assert create.attempts >= 2  # the retry after the crash is visible in the step history
 
