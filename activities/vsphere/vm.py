@@ -19,8 +19,8 @@ import ipaddress
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from domain.vm import (
     OwnerMark,
     PlacementRefs,
     PlacementRequest,
+    PowerOnRequest,
     ReadinessRequest,
     ReadinessResult,
     SweepRequest,
@@ -73,6 +74,19 @@ _VM_PATHS = [
     "guest.ipAddress",
     "guest.hostName",
 ]
+
+#: What a guest wait reads and watches of each VM (and VmInfo reports).
+_GUEST_PATHS = [
+    "name",
+    "config.instanceUuid",
+    "guest.ipAddress",
+    "guest.hostName",
+    "runtime.powerState",
+    "runtime.host",
+]
+
+#: (vm ref, expected hostname, expected address or None for DHCP)
+Node = tuple[str, str, str | None]
 
 #: How long template facts (devices, network backing) are reused across clones.
 _FACTS_TTL = 300.0
@@ -318,7 +332,9 @@ class VmActivities:
     def create(self, request: CreateVmRequest) -> VmInfo:
         """The node's VM: found by instance UUID or cloned (marked, placed, sized, customized
         in the clone spec), then the disk grown and anything else fixed by one reconfigure,
-        then powered on. Every step is skipped when already done."""
+        then powered on and, with `wait_guest`, waited for until its guest reports the node's
+        hostname and address (NotReady after `guest_timeout_seconds`). Every step is skipped
+        when already done."""
         progress = _Progress.resume()
         with request_meter() as meter, activity.shield_thread_cancel_exception():
             extra = self._guestinfo(request)
@@ -364,6 +380,23 @@ class VmActivities:
                 with contextlib.suppress(vim.fault.InvalidPowerState):  # already on
                     self._await(session, vm.PowerOnVM_Task(), progress)
                 state = ON
+        if request.wait_guest and request.power_on:
+            progress.stage = "guest"
+            address = request.network.address if request.network.mode == "static" else None
+            node = (ref(vm), request.name, address)
+            # already on when read: what was read is current; else one read after power-on
+            seen = {ref(vm): props} if props.get("runtime.powerState") == ON else None
+            guest = _await_guests(
+                session,
+                [node],
+                request.guest_timeout_seconds,
+                lambda _: progress.beat(),
+                seen=seen,
+            )
+            progress.stage = "done"
+            info = _vm_info(ref(vm), guest[ref(vm)], request.name)
+            info.instance_uuid = info.instance_uuid or request.instance_uuid
+            return info
         progress.stage = "done"
         return VmInfo(
             ref=ref(vm),
@@ -495,7 +528,76 @@ class VmActivities:
             fix["extraConfig"] = [vim.option.OptionValue(key=k, value=v) for k, v in stale.items()]
         return vim.vm.ConfigSpec(**fix) if fix else None
 
-    # --- readiness --------------------------------------------------------------------------
+    # --- power-on and readiness -------------------------------------------------------------
+
+    @activity.defn(name="vm_power_on")
+    def power_on(self, request: PowerOnRequest) -> ReadinessResult:
+        """Power on every listed VM at once (already on = done) and, with `wait_guest`, wait
+        until each guest reports its hostname and address. One read of the VMs (and of their
+        datacenter), one PowerOnMultiVM_Task for several VMs of one datacenter (else one
+        PowerOnVM_Task each), one read after; then, if a guest is not up yet, one private
+        property collector until they all are."""
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            result = self._call(
+                request.credentials,
+                f"power on {len(request.nodes)} VM(s)",
+                lambda s: self._power_on(s, request),
+            )
+        result.vcenter_requests = meter[0]
+        return result
+
+    def _power_on(self, session: VSphereSession, request: PowerOnRequest) -> ReadinessResult:
+        progress = _Progress(stage="power-on")
+        names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
+        vms = [from_ref(session, vm_ref) for vm_ref in names]
+        if not vms:
+            return ReadinessResult(nodes=[])
+        before, datacenter = _read_with_datacenter(session, vms)
+        off = [vm for vm in vms if before.get(ref(vm), {}).get("runtime.powerState") != ON]
+        if off:
+            hosts = {before.get(ref(vm), {}).get("runtime.host") for vm in off}
+            server = session.endpoint.server
+            with ExitStack() as held:
+                # one slot per host, taken in a fixed order (no deadlock between callers)
+                for host in sorted(ref(h) for h in hosts if h is not None):
+                    held.enter_context(self._slot("host", server, host, progress))
+                self._power_on_all(session, datacenter, off, progress)
+        after = retrieve(session, vms, _GUEST_PATHS) if off else before
+        if request.wait_guest:
+            progress.stage = "guest"
+            after = _await_guests(
+                session,
+                request.nodes,
+                request.timeout_seconds,
+                lambda waiting: activity.heartbeat({"stage": "guest", "waiting": waiting}),
+                seen=after,
+            )
+        return ReadinessResult(
+            nodes=[_vm_info(ref(vm), after.get(ref(vm), {}), names[ref(vm)]) for vm in vms]
+        )
+
+    def _power_on_all(
+        self, session: VSphereSession, datacenter: Any | None, vms: list[Any], progress: _Progress
+    ) -> None:
+        """Start every VM's power-on, then wait for them all (the tasks run concurrently)."""
+        if datacenter is not None and len(vms) > 1:
+            option = vim.option.OptionValue(key="OverrideAutomationLevel", value=True)
+            result = self._await(
+                session, datacenter.PowerOnMultiVM_Task(vm=vms, option=[option]), progress
+            )
+            # vCenter: the per-VM tasks it started, and the VMs it did not try (with why)
+            for skipped in getattr(result, "notAttempted", None) or []:
+                if not isinstance(skipped.fault, vim.fault.InvalidPowerState):
+                    raise skipped.fault
+            tasks = [a.task for a in getattr(result, "attempted", None) or [] if a.task]
+        else:
+            tasks = []
+            for vm in vms:
+                with contextlib.suppress(vim.fault.InvalidPowerState):  # already on
+                    tasks.append(vm.PowerOnVM_Task())
+        for task in tasks:
+            with contextlib.suppress(vim.fault.InvalidPowerState):
+                self._await(session, task, progress)
 
     @activity.defn(name="vm_wait_ready")
     def wait_ready(self, request: ReadinessRequest) -> ReadinessResult:
@@ -596,6 +698,7 @@ class VmActivities:
             self.ensure_folder,
             self.remove_folder,
             self.create,
+            self.power_on,
             self.wait_ready,
             self.destroy,
             self.sweep,
@@ -869,75 +972,140 @@ def _inventory_paths(session: VSphereSession, datacenter: Any, dc: str) -> dict[
 
 
 def _wait_guests(session: VSphereSession, request: ReadinessRequest) -> ReadinessResult:
-    """One private collector, one filter over every VM, WaitForUpdatesEx until all match."""
-    expected = {vm_ref: (hostname, address) for vm_ref, hostname, address in request.nodes}
+    """vm_wait_ready in guest mode: _await_guests over every listed VM."""
     names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
-    paths = [
-        "name",
-        "config.instanceUuid",
-        "guest.ipAddress",
-        "guest.hostName",
-        "runtime.powerState",
-        "runtime.host",
-    ]
-    seen: dict[str, dict[str, Any]] = {vm_ref: {} for vm_ref in expected}
+    seen = _await_guests(
+        session,
+        request.nodes,
+        request.timeout_seconds,
+        lambda waiting: activity.heartbeat({"stage": "guest", "waiting": waiting}),
+    )
+    return ReadinessResult(nodes=[_vm_info(r, seen[r], names[r]) for r in names])
+
+
+def _await_guests(
+    session: VSphereSession,
+    nodes: Sequence[Node],
+    timeout_seconds: float,
+    beat: Callable[[list[str]], None],
+    *,
+    seen: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each VM's _GUEST_PATHS once every guest reports its expected hostname and address
+    (any address when None).
+
+    First one read of the VMs (none if the caller passes what it has just read, `seen`):
+    guests already up cost nothing more. Otherwise one private collector with one filter
+    over the VMs is waited on (WaitForUpdatesEx, ≤ 5 s a turn, `beat(waiting names)` after
+    each) and destroyed afterwards. Cancellation raises CancelledError; the timeout a
+    retryable NotReady naming what each waiting guest reports.
+    """
+    expected = {vm_ref: (hostname, address) for vm_ref, hostname, address in nodes}
+    if seen is None:
+        seen = retrieve(session, [from_ref(session, r) for r in expected], _GUEST_PATHS)
+    state = {r: dict(seen.get(r, {})) for r in expected}
+    deadline = time.monotonic() + timeout_seconds
+
+    def waiting() -> list[str]:
+        return [r for r in expected if not _guest_ready(state[r], *expected[r])]
+
+    left = waiting()
+    beat([expected[r][0] for r in left])
+    if not left:
+        return state
     collector = session.content.propertyCollector.CreatePropertyCollector()
-    deadline = time.monotonic() + request.timeout_seconds
     try:
         collector.CreateFilter(
             PC.FilterSpec(
                 objectSet=[PC.ObjectSpec(obj=from_ref(session, r), skip=False) for r in expected],
-                propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=paths)],
+                propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_GUEST_PATHS)],
             ),
             partialUpdates=False,
         )
         version = ""
-        while True:
+        while left:
+            if _cancelled():
+                raise CancelledError("cancelled while waiting for guests")
+            if time.monotonic() > deadline:
+                report = "; ".join(
+                    f"{expected[r][0]} reports address {state[r].get('guest.ipAddress') or 'none'}"
+                    f", hostname {state[r].get('guest.hostName') or 'none'}"
+                    f", power {state[r].get('runtime.powerState') or 'unknown'}"
+                    for r in left
+                )
+                raise ApplicationError(
+                    f"{len(left)} node(s) not ready after {timeout_seconds}s: {report}",
+                    type=errors.NOT_READY,
+                )
             wait = max(1, min(5, int(deadline - time.monotonic())))
             update = collector.WaitForUpdatesEx(version, PC.WaitOptions(maxWaitSeconds=wait))
             if update is not None:
                 version = update.version
                 for filter_set in update.filterSet or []:
                     for obj_set in filter_set.objectSet or []:
-                        state = seen.setdefault(ref(obj_set.obj), {})
+                        props = state.setdefault(ref(obj_set.obj), {})
                         for change in obj_set.changeSet or []:
-                            state[change.name] = change.val
-            waiting = [r for r in expected if not _guest_ready(seen[r], *expected[r])]
-            activity.heartbeat({"stage": "guest", "waiting": [names[r] for r in waiting]})
-            if not waiting:
-                break
-            if _cancelled():
-                raise CancelledError("cancelled while waiting for guests")
-            if time.monotonic() > deadline:
-                report = "; ".join(
-                    f"{names[r]} reports address {seen[r].get('guest.ipAddress') or 'none'}, "
-                    f"hostname {seen[r].get('guest.hostName') or 'none'}, "
-                    f"power {seen[r].get('runtime.powerState') or 'unknown'}"
-                    for r in waiting
-                )
-                raise ApplicationError(
-                    f"{len(waiting)} node(s) not ready after {request.timeout_seconds}s: {report}",
-                    type=errors.NOT_READY,
-                )
+                            props[change.name] = change.val
+            left = waiting()
+            beat([expected[r][0] for r in left])
     finally:
         with contextlib.suppress(Exception):  # best effort; vCenter drops it with the session
             collector.DestroyPropertyCollector()
-    return ReadinessResult(
-        nodes=[
-            VmInfo(
-                ref=r,
-                name=str(seen[r].get("name") or names[r]),
-                instance_uuid=str(seen[r].get("config.instanceUuid") or ""),
-                host=ref(seen[r]["runtime.host"])
-                if seen[r].get("runtime.host") is not None
-                else "",
-                power_state=str(seen[r].get("runtime.powerState") or ""),
-                address=seen[r].get("guest.ipAddress") or None,
-                hostname=seen[r].get("guest.hostName") or None,
-            )
-            for r in expected
-        ]
+    return state
+
+
+def _vm_info(vm_ref: str, props: dict[str, Any], name: str) -> VmInfo:
+    """VmInfo from _GUEST_PATHS values."""
+    host = props.get("runtime.host")
+    return VmInfo(
+        ref=vm_ref,
+        name=str(props.get("name") or name),
+        instance_uuid=str(props.get("config.instanceUuid") or ""),
+        host=ref(host) if host is not None else "",
+        power_state=str(props.get("runtime.powerState") or ""),
+        address=props.get("guest.ipAddress") or None,
+        hostname=props.get("guest.hostName") or None,
     )
+
+
+def _read_with_datacenter(
+    session: VSphereSession, vms: list[Any]
+) -> tuple[dict[str, dict[str, Any]], Any | None]:
+    """The VMs' _GUEST_PATHS and their datacenter (None unless exactly one), in one request:
+    a traversal up the VMs' `parent` folders."""
+    up = PC.TraversalSpec(
+        name="up",
+        type=vim.Folder,
+        path="parent",
+        skip=False,
+        selectSet=[PC.SelectionSpec(name="up")],
+    )
+    spec = PC.FilterSpec(
+        objectSet=[
+            PC.ObjectSpec(
+                obj=vm,
+                skip=False,
+                selectSet=[
+                    PC.TraversalSpec(
+                        type=vim.VirtualMachine,
+                        path="parent",
+                        skip=False,
+                        selectSet=[PC.SelectionSpec(name="up")],
+                    ),
+                    up,
+                ],
+            )
+            for vm in vms
+        ],
+        propSet=[
+            PC.PropertySpec(type=vim.VirtualMachine, pathSet=_GUEST_PATHS),
+            PC.PropertySpec(type=vim.Datacenter, pathSet=["name"]),
+        ],
+    )
+    found = retrieve_spec(session, spec)
+    datacenters = [key for key in found if key.startswith("Datacenter:")]
+    datacenter = from_ref(session, datacenters[0]) if len(datacenters) == 1 else None
+    return found, datacenter
 
 
 def _guest_ready(state: dict[str, Any], hostname: str, address: str | None) -> bool:

@@ -20,7 +20,7 @@ from pyVmomi import vim
 from temporalio import workflow
 from temporalio.client import Client
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import CancelledError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -44,6 +44,7 @@ from domain.vm import (
     OwnerMark,
     PlacementRefs,
     PlacementRequest,
+    PowerOnRequest,
     ReadinessRequest,
     ReadinessResult,
     SweepRequest,
@@ -61,6 +62,12 @@ pytestmark = pytest.mark.integration
 #: vCenter requests one vm_create may cost (find, read, clone, reconfigure, power on, and the
 #: template facts on the first clone); task waits cost none (shared watcher).
 CREATE_BUDGET = 8
+
+#: ... and one with wait_guest: one read of the guest after power-on (ready at once in vcsim).
+CREATE_WAIT_BUDGET = CREATE_BUDGET + 1
+
+#: vm_power_on: one read of the VMs and their datacenter, the power-on(s), one read after.
+POWER_ON_BUDGET = 4
 
 DHCP = "VM Network=10.20.0.100-10.20.0.199,DC0_DVPG0=10.21.0.100-10.21.0.199"
 
@@ -548,4 +555,152 @@ def test_watcher_dies_with_its_session_and_a_new_one_serves(
         )
         assert len(swept.destroyed) == 2
     finally:
+        pool.close_all()
+
+
+def guest_request(
+    creds: VCenterCredentials,
+    refs: PlacementRefs,
+    folder: str,
+    name: str,
+    secrets: Any,
+    address: str | None = None,
+    *,
+    hostname: str | None = None,
+) -> CreateVmRequest:
+    """A node whose cloud-init metadata names `hostname` (default: the node's name)."""
+    network = (
+        NodeNetwork(mode="static", address=address, prefix=24, gateway="10.30.0.1")
+        if address
+        else NodeNetwork(mode="dhcp")
+    )
+    request = simple_request(creds, refs, folder, name, "guests")
+    boot = bootstrap(hostname or name, request.instance_uuid, network)
+    return request.model_copy(
+        update={"network": network, "bootstrap": boot, "secrets": secrets, "power_on": True}
+    )
+
+
+def task_description(task: Any) -> str:
+    """The task's descriptionId ('' where pyVmomi cannot read vcsim's info)."""
+    try:
+        return str(task.info.descriptionId)
+    except TypeError:  # vcsim's tasks on a VirtualDiskManager name it as their entity
+        return ""
+
+
+def test_create_waits_for_the_guest_static_and_dhcp(sim: Vcsim, agent_key: AgentKey) -> None:
+    pool = SessionPool()
+    acts, creds, (refs, folder) = setup(sim, agent_key, pool, "guestwait")
+    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    env = ActivityEnvironment()
+    beats: list[dict[str, Any]] = []
+    env.on_heartbeat = lambda *d: beats.append(d[0])
+    try:
+        static = guest_request(creds, refs, folder, "gw-0", secrets, "10.30.0.21")
+        dhcp = guest_request(creds, refs, folder, "gw-1", secrets)
+        infos: dict[str, VmInfo] = {}
+        for request in (static, dhcp):
+            infos[request.name] = env.run(
+                acts.create, request.model_copy(update={"wait_guest": True})
+            )
+        costs = {n: i.vcenter_requests for n, i in infos.items()}
+        print(f"\nvm_create(wait_guest) requests: {costs}")
+        assert infos["gw-0"].address == "10.30.0.21"
+        assert (infos["gw-1"].address or "").startswith("10.20.0.")
+        for name, info in infos.items():
+            assert info.hostname == name and info.power_state == "poweredOn"
+            assert info.host.startswith("HostSystem:") and info.instance_uuid
+            assert info.vcenter_requests <= CREATE_WAIT_BUDGET
+        assert any(b.get("stage") == "guest" for b in beats)
+
+        # found on again: what the first read shows is enough (find + read)
+        again = env.run(acts.create, static.model_copy(update={"wait_guest": True}))
+        assert again.ref == infos["gw-0"].ref and again.vcenter_requests <= 2
+
+        # the guest never reports the node's hostname: retryable NotReady naming what it says
+        wrong = guest_request(creds, refs, folder, "gw-2", secrets, hostname="someone-else")
+        started = time.monotonic()
+        with pytest.raises(ApplicationError) as caught:
+            env.run(
+                acts.create,
+                wrong.model_copy(update={"wait_guest": True, "guest_timeout_seconds": 1}),
+            )
+        assert time.monotonic() - started < 10
+        assert caught.value.type == "NotReady" and not caught.value.non_retryable
+        assert "gw-2 reports address 10.20.0." in str(caught.value)
+        assert "hostname someone-else, power poweredOn" in str(caught.value)
+    finally:
+        env.run(
+            acts.sweep,
+            SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/guests"),
+        )
+        pool.close_all()
+
+
+async def test_power_on_several_vms_and_wait_for_their_guests(
+    sim: Vcsim, temporal: WorkflowEnvironment, sessions: SessionPool, agent_key: AgentKey
+) -> None:
+    pool = SessionPool()
+    acts, creds, (refs, folder) = setup(sim, agent_key, pool, "poweron")
+    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    env = ActivityEnvironment()
+    try:
+        requests = [
+            guest_request(creds, refs, folder, "po-0", secrets, "10.30.0.31"),
+            guest_request(creds, refs, folder, "po-1", secrets),
+            guest_request(creds, refs, folder, "po-2", secrets, "10.30.0.33"),
+        ]
+        created = [
+            env.run(acts.create, r.model_copy(update={"power_on": i == 0}))
+            for i, r in enumerate(requests)
+        ]
+        assert [c.power_state for c in created] == ["poweredOn", "poweredOff", "poweredOff"]
+        nodes = [
+            (created[0].ref, "po-0", "10.30.0.31"),
+            (created[1].ref, "po-1", None),
+            (created[2].ref, "po-2", "10.30.0.33"),
+        ]
+        # through Temporal: the agent registers vm_power_on; one on already, two by one
+        # PowerOnMultiVM_Task
+        result = await call(
+            temporal.client,
+            "vm_power_on",
+            PowerOnRequest(credentials=creds, nodes=nodes, timeout_seconds=30),
+            ReadinessResult,
+        )
+        by_name = {n.name: n for n in result.nodes}
+        assert [n.ref for n in result.nodes] == [c.ref for c in created]
+        assert by_name["po-0"].address == "10.30.0.31"
+        assert (by_name["po-1"].address or "").startswith("10.20.0.")
+        assert by_name["po-2"].address == "10.30.0.33"
+        for name, info in by_name.items():
+            assert info.hostname == name and info.power_state == "poweredOn"
+            assert info.host.startswith("HostSystem:")
+
+        # all on already: one read; one off: its own PowerOnVM_Task
+        again = env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes))
+        si = sim.connect()
+        try:
+            assert any(
+                "powerOnMultiVM" in task_description(t)
+                for t in si.RetrieveContent().taskManager.recentTask
+            )
+            WaitForTask(vm_by_uuid(si, requests[1].instance_uuid).PowerOffVM_Task())
+        finally:
+            sim.disconnect(si)
+        one = env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes[:2]))
+        assert [n.power_state for n in one.nodes] == ["poweredOn", "poweredOn"]
+        print(
+            f"\nvm_power_on requests: 1 on + 2 off {result.vcenter_requests}, "
+            f"all on {again.vcenter_requests}, 1 on + 1 off {one.vcenter_requests}"
+        )
+        assert again.vcenter_requests == 1
+        assert one.vcenter_requests <= 3
+        assert result.vcenter_requests <= POWER_ON_BUDGET + 3  # the agent may log in first
+    finally:
+        env.run(
+            acts.sweep,
+            SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/guests"),
+        )
         pool.close_all()
