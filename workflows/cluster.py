@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -29,7 +30,6 @@ with workflow.unsafe.imports_passed_through():
         NodeNetwork,
         RenderRequest,
         RenderResult,
-        SecretsRequest,
     )
     from domain.cluster import ClusterProfile, ClusterSpec, NodePlan, WorkerPool, plan_nodes
     from domain.ipam import (
@@ -66,6 +66,7 @@ with workflow.unsafe.imports_passed_through():
         OwnerMark,
         PlacementRefs,
         PlacementRequest,
+        PowerOnRequest,
         ReadinessRequest,
         ReadinessResult,
         SweepRequest,
@@ -114,7 +115,6 @@ class ClusterWorkflow:
         self.retrying = False
         self.aborting = False
         self.provisioning: asyncio.Task[None] | None = None
-        self.current: Step | None = None
 
     # -- run ------------------------------------------------------------------------------
 
@@ -162,17 +162,21 @@ class ClusterWorkflow:
         self.provisioning = asyncio.create_task(self._deploy_steps())
         try:
             await self.provisioning
-        except asyncio.CancelledError:
-            # abort, or the workflow itself was cancelled: remove everything made so far
-            self.aborting = True
-            await self._teardown("aborted")
-            return False
-        except StepFailed as exc:
+        except (asyncio.CancelledError, StepFailed) as exc:
+            if self.aborting or isinstance(exc, asyncio.CancelledError):
+                # abort, or the workflow itself was cancelled: remove everything made so far
+                # (a cancelled child or activity may surface as a failed step)
+                self.aborting = True
+                await self._teardown("aborted")
+                return False
             self.state.error = str(exc)
             self._set_status(ClusterStatus.FAILED)
             return True
         finally:
             self.provisioning = None
+        if self.aborting:  # accepted while the last step was finishing: abort all the same
+            await self._teardown("aborted")
+            return False
         self.state.error = None
         self._set_status(ClusterStatus.RUNNING)
         return True
@@ -180,24 +184,26 @@ class ClusterWorkflow:
     async def _deploy_steps(self) -> None:
         await self._step("validate", "Validate the spec and plan the nodes", self._validate)
         await self._step("preflight", "Check vCenter, placement and privileges", self._preflight)
-        await self._step("folder", "Create the cluster's VM folder", self._folder)
-        await self._converge(deploy=True)
+        await self._converge(folder=True)
 
     # -- steps ----------------------------------------------------------------------------
 
     async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
         step = Step(name=name, title=title, started=workflow.now())
         self.state.steps.append(step)
-        self.current = step
+        _CURRENT.set(step)  # this task's step: its activities' attempts count here
         self._publish()
         try:
             await body(step)
             step.state = StepState.DONE
         except asyncio.CancelledError:
             step.state = StepState.CANCELLED
-            step.error = "aborted"
+            step.error = "aborted" if self.aborting else "stopped: another step failed"
             raise
         except (FailureError, StepFailed) as exc:
+            if self.aborting:
+                step.state, step.error = StepState.CANCELLED, "aborted"
+                raise StepFailed("aborted") from None
             step.state = StepState.FAILED
             step.error = _message(exc)
             raise StepFailed(f"{title}: {step.error}") from None
@@ -292,7 +298,7 @@ class ClusterWorkflow:
         step.objects = [result.ref]
         step.detail = result.path
 
-    async def _converge(self, deploy: bool) -> None:
+    async def _converge(self, folder: bool = False) -> None:
         """Make vCenter match the spec: remove extra nodes, then add and start missing ones."""
         wanted = plan_nodes(self.state.spec)
         names_wanted = {plan.name for plan in wanted}
@@ -305,11 +311,18 @@ class ClusterWorkflow:
                 lambda step: self._remove_nodes(step, extra),
             )
         self._plan(wanted)
-        await self._step("addresses", "Allocate addresses", self._addresses)
+        addresses = self._step("addresses", "Allocate addresses", self._addresses)
+        if folder:  # independent of each other: run them at the same time
+            await self._all(
+                [self._step("folder", "Create the cluster's VM folder", self._folder), addresses]
+            )
+        else:
+            await addresses
         await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
         await self._step("create-vms", "Create VMs", self._create_vms)
-        await self._step("readiness", f"Wait for readiness ({self.input.readiness})", self._ready)
-        del deploy
+        await self._step(
+            "readiness", f"Start and wait for readiness ({self.input.readiness})", self._ready
+        )
 
     async def _addresses(self, step: Step) -> None:
         owner = self._owner()
@@ -360,23 +373,18 @@ class ClusterWorkflow:
         )
 
     async def _bootstrap(self, step: Step) -> None:
-        if self.secrets is None:
-            self.secrets = await self._agent(
-                "bootstrap_secrets",
-                SecretsRequest(cluster=self.state.name),
-                SealedSecret,
-                "Generate the cluster's CA, bootstrap token and certificate key",
-            )
         pending = [n for n in self.state.nodes if n.phase in ("planned", "failed")]
         renderable = [self._bootstrap_of(n) for n in pending]
         inputs = [b for b in renderable if b is not None]
-        if inputs:
+        if inputs or self.secrets is None:
             result = await self._agent(
                 "bootstrap_render",
                 RenderRequest(nodes=inputs, secrets=self.secrets),
                 RenderResult,
-                f"Render cloud-init for {len(inputs)} node(s)",
+                f"Render cloud-init for {len(inputs)} node(s)"
+                + ("" if self.secrets else "; generate the cluster's CA and tokens"),
             )
+            self.secrets = self.secrets or result.secrets
             step.objects = [f"{d.hostname} sha256:{d.digest[:12]}" for d in result.nodes]
         later = len(renderable) - len(inputs)
         step.detail = f"{len(inputs)} rendered (secrets sealed to the agent)" + (
@@ -386,25 +394,53 @@ class ClusterWorkflow:
         )
 
     async def _create_vms(self, step: Step) -> None:
-        pending = [n for n in self.state.nodes if n.phase != "ready"]
-        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
-        if first is not None and first.phase != "ready":
+        """Clone every node; start the first control-plane node and wait until it runs.
+
+        When the join endpoint is known before the first node runs (a VIP), the other nodes
+        are cloned at the same time and left off until the readiness step; otherwise (DHCP
+        without a VIP) they are created and started once the first node reports its address.
+        """
+        pending = [n for n in self.state.nodes if n.phase not in ("created", "ready")]
+        first = next((n for n in pending if n.control_plane and n.index == 0), None)
+        if first is None:  # the control plane runs (day 2, or a retry): start them as they come
+            await self._all([self._create_node(n, start=True) for n in pending])
+        elif self.state.vip is not None:
+            others = [n for n in pending if n is not first]
+            step.detail = f"cloning {len(pending)} node(s); starting {first.name} first"
+            self._publish()
+            await self._all(
+                [self._create_node(first, start=True)]
+                + [self._create_node(n, start=False) for n in others]
+            )
+        else:
             step.detail = f"creating {first.name}, the first control-plane node"
             self._publish()
-            await self._create_nodes([first])
-            await self._wait_ready([first])
-            pending = [n for n in pending if n is not first]
-        if pending:
-            step.detail = f"creating {len(pending)} node(s) concurrently"
-            self._publish()
-            await self._create_nodes(pending)
+            await self._create_node(first, start=True)
+            others = [n for n in pending if n is not first]
+            await self._all([self._create_node(n, start=True) for n in others])
         step.objects = [n.vm for n in self.state.nodes if n.vm]
         step.detail = f"{len(step.objects)} VMs"
 
     async def _ready(self, step: Step) -> None:
-        waiting = [n for n in self.state.nodes if n.phase != "ready"]
-        if waiting:
-            await self._wait_ready(waiting)
+        """Start the nodes that wait for the first one, then wait until every node is ready."""
+        stopped = [n for n in self.state.nodes if n.phase == "created"]
+        if stopped:
+            result = await self._agent(
+                "vm_power_on",
+                PowerOnRequest(
+                    credentials=self.input.account.credentials,
+                    nodes=[(n.vm or "", n.name, n.address) for n in stopped],
+                    wait_guest=True,
+                    timeout_seconds=self.input.timing.readiness_minutes * 60,
+                ),
+                ReadinessResult,
+                f"Start {len(stopped)} joining node(s) and wait for their guests",
+                timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
+                heartbeat=True,
+            )
+            self._mark_ready(stopped, result)
+        if self.input.readiness == "kubernetes":
+            await self._wait_ready(self.state.nodes)
         step.detail = f"{len(self.state.nodes)} nodes ready"
         step.objects = [n.vm for n in self.state.nodes if n.vm]
 
@@ -469,10 +505,7 @@ class ClusterWorkflow:
             packs=[(layer.layer, layer.pack) for layer in profile.layers],
         )
 
-    async def _create_nodes(self, nodes: Sequence[Node]) -> None:
-        await self._all([self._create_node(n) for n in nodes])
-
-    async def _create_node(self, node: Node) -> None:
+    async def _create_node(self, node: Node, start: bool) -> None:
         plan = self._plan_of(node)
         refs = await self._placement_refs()
         bootstrap = self._bootstrap_of(node)
@@ -492,6 +525,9 @@ class ClusterWorkflow:
             network=bootstrap.network if bootstrap else NodeNetwork(mode="dhcp"),
             bootstrap=bootstrap,
             secrets=self.secrets,
+            power_on=start,
+            wait_guest=start,
+            guest_timeout_seconds=self.input.timing.readiness_minutes * 60,
         )
         try:
             info = await self._agent(
@@ -511,7 +547,11 @@ class ClusterWorkflow:
             node.phase = "failed"
             raise
         node.vm, node.host, node.power_state = info.ref, info.host, info.power_state
-        node.phase = "created"
+        if start:
+            node.address = node.address or info.address
+            node.phase = "ready"
+        else:
+            node.phase = "created"
         self._publish()
 
     async def _wait_ready(self, nodes: Sequence[Node]) -> None:
@@ -531,6 +571,9 @@ class ClusterWorkflow:
             timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
             heartbeat=True,
         )
+        self._mark_ready(nodes, result)
+
+    def _mark_ready(self, nodes: Sequence[Node], result: ReadinessResult) -> None:
         by_ref = {info.ref: info for info in result.nodes}
         for node in nodes:
             info = by_ref.get(node.vm or "")
@@ -764,7 +807,7 @@ class ClusterWorkflow:
             self.state.spec = spec
             self._set_status(ClusterStatus.UPDATING, title)
             try:
-                await self._converge(deploy=False)
+                await self._converge()
             except StepFailed as exc:
                 self.state.error = str(exc)
                 self._set_status(ClusterStatus.FAILED)
@@ -956,9 +999,10 @@ class ClusterWorkflow:
 
     def _attempted(self, result: Any) -> None:
         """Count the attempts the step's activities took (results carry `attempt`)."""
-        if self.current is not None:
+        step = _CURRENT.get()
+        if step is not None:
             attempt = int(getattr(result, "attempt", 1) or 1)
-            self.current.attempts = max(self.current.attempts, attempt)
+            step.attempts = max(step.attempts, attempt)
 
     def _set_status(self, status: ClusterStatus, detail: str = "") -> None:
         self.state.status = status
@@ -980,6 +1024,9 @@ class ClusterWorkflow:
 
 
 _DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+
+#: the step the running task belongs to (each concurrent step runs in its own task)
+_CURRENT: contextvars.ContextVar[Step | None] = contextvars.ContextVar("step", default=None)
 
 
 def render_details(state: ClusterState) -> str:
