@@ -115,6 +115,7 @@ class ClusterWorkflow:
         self.retrying = False
         self.aborting = False
         self.provisioning: asyncio.Task[None] | None = None
+        self.published: ClusterStatus | None = None  # status last written to search attributes
 
     # -- run ------------------------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class ClusterWorkflow:
             more_placements=placements[1:],
             fresh_login=False,
         )
-        child_id = f"{workflow.info().workflow_id}/preflight/{len(self.state.steps)}"
+        child_id = f"{self._owner()}/preflight/{len(self.state.steps)}"
         report: PreflightReport = await workflow.execute_child_workflow(
             PreflightWorkflow.run,
             request,
@@ -1012,14 +1013,16 @@ class ClusterWorkflow:
         self._publish()
 
     def _publish(self) -> None:
-        """Search attributes and the Web UI's current details."""
-        workflow.upsert_search_attributes(
-            [
-                names.KIND.value_set("cluster"),
-                names.STATUS.value_set(self.state.status.value),
-                names.GATEWAY.value_set(self.state.gateway),
-            ]
-        )
+        """The Web UI's current details; search attributes when the status changed."""
+        if self.published != self.state.status:
+            workflow.upsert_search_attributes(
+                [
+                    names.KIND.value_set("cluster"),
+                    names.STATUS.value_set(self.state.status.value),
+                    names.GATEWAY.value_set(self.state.gateway),
+                ]
+            )
+            self.published = self.state.status
         workflow.set_current_details(render_details(self.state))
 
 

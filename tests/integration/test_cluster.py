@@ -332,7 +332,7 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
 
 
 async def test_dhcp_cluster_scale_add_and_remove_pools(
-    sim: Vcsim, kubegate: KubegateClient
+    sim: Vcsim, kubegate: KubegateClient, temporal: WorkflowEnvironment
 ) -> None:
     spec = ClusterSpec.model_validate(
         {
@@ -390,6 +390,7 @@ async def test_dhcp_cluster_scale_add_and_remove_pools(
 
     await kubegate.delete_cluster("beta")
     await until(kubegate, "beta", ClusterStatus.DELETED)
+    await record_history(temporal.client, "cluster/beta", "cluster_dhcp_day2")
     assert owned_vms(sim, "cluster/beta") == []
     assert datastore_files(sim, "beta-") == []
 

@@ -26,6 +26,9 @@ def test_histories_are_stored() -> None:
         "preflight_missing_template",
         "ippool_live",
         "ippool_deleted",
+        "cluster_deployed_deleted",
+        "cluster_aborted",
+        "cluster_dhcp_day2",
     } <= names
 
 
