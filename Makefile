@@ -34,7 +34,10 @@ cloud-init:
 	  && { [ -e /etc/cloud/cloud-init.disabled ] || touch /etc/cloud/cloud-init.disabled; }; \
 	fi
 
-$(VCSIM): $(wildcard tools/vcsim/*.go) tools/vcsim/build.sh | go-deps
+# build.sh patches govmomi's property_collector.go in the build (-overlay): rebuild when the
+# wrapper, the patch or the script changes, or when Debian updates the govmomi sources
+$(VCSIM): $(wildcard tools/vcsim/*.go) $(wildcard tools/vcsim/overlay/*) tools/vcsim/build.sh \
+  $(wildcard /usr/share/gocode/src/github.com/vmware/govmomi/simulator/property_collector.go) | go-deps
 	@bash tools/vcsim/build.sh $(VCSIM)
 
 setup: uv go-deps cloud-init

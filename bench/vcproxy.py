@@ -7,7 +7,8 @@ the ready line) and forwards every byte to a simulator running plain HTTP (`vcsi
 Each request is counted by its SOAP method, the first element inside the envelope's `Body`
 (`GET <path>` for other requests), together with the time until the first byte of its answer.
 `GET /_vcproxy/counts` (on a connection of its own) answers the totals as JSON,
-`GET /_vcproxy/log` the same with every request (sent at, method, `_this` object, seconds).
+`GET /_vcproxy/log` the same with every request (sent at, method, `_this` object, seconds; for
+CloneVM_Task the object is `TEMPLATE>NAME`, the template and the new VM's name).
 
 The module also starts the pieces the deploy benchmarks share: the simulator with task delays
 and this proxy in its own process (`start_simulator`, `start_proxy`).
@@ -43,17 +44,24 @@ _BODY = re.compile(rb"<(?:[\w.-]+:)?Body\b[^>]*>\s*<(?:[\w.-]+:)?([\w.-]+)")
 #: the managed object a call is made on
 _THIS = re.compile(rb"<_this\b[^>]*>([^<]*)</_this>")
 
+#: a CloneVM_Task's `name` argument (after `_this` and `folder`, before the spec)
+_NAME = re.compile(rb"<(?:[\w.-]+:)?name\b[^>]*>([^<]*)</(?:[\w.-]+:)?name>")
+
 #: short names accepted by --delays, and the vCenter methods they delay
 METHODS = {
     "clone": "CloneVM_Task",
     "reconfigure": "ReconfigVM_Task",
     "customize": "CustomizeVM_Task",
     "poweron": "PowerOnVM_Task",
+    "poweronmulti": "PowerOnMultiVM_Task",
     "poweroff": "PowerOffVM_Task",
     "destroy": "Destroy_Task",
 }
-#: delays (ms) resembling a real vCenter; the deploy chain sums to 3.1 s
-DEFAULT_DELAYS = "clone=2000,reconfigure=300,customize=300,poweron=500,poweroff=500,destroy=500"
+#: delays (ms) resembling a real vCenter; clone + reconfigure + customize + power-on = 3.1 s.
+#: kubegate starts the joining nodes with one PowerOnMultiVM_Task (a datacenter's method).
+DEFAULT_DELAYS = (
+    "clone=2000,reconfigure=300,customize=300,poweron=500,poweronmulti=500,poweroff=500,destroy=500"
+)
 
 
 def parse_delays(text: str) -> dict[str, int]:
@@ -125,7 +133,10 @@ class Proxy:
                 match = _BODY.search(body) if verb == "POST" else None
                 method = match.group(1).decode() if match else f"{verb} {path.split('?')[0]}"
                 this = _THIS.search(body) if match else None
-                entry = [time.time(), method, this.group(1).decode() if this else "", None]
+                obj = this.group(1).decode() if this else ""
+                if method == "CloneVM_Task" and (name := _NAME.search(body)):
+                    obj += ">" + name.group(1).decode()  # template>new VM's name
+                entry = [time.time(), method, obj, None]
                 self.tally.counts[method] += 1
                 self.tally.log.append(entry)
                 pending.append((method, time.perf_counter(), entry))

@@ -27,8 +27,18 @@ TEMPLATE = SIM_TEMPLATE
 PLACEMENT = SIM_PLACEMENT
 
 
+def _vcsim_sources() -> list[Path]:
+    """What the simulator binary is built from (as the Makefile's rule lists it)."""
+    here = ROOT / "tools" / "vcsim"
+    return [*here.glob("*.go"), *here.glob("overlay/*"), here / "build.sh"]
+
+
 def ensure_vcsim_built() -> Path:
-    if not VCSIM.exists():
+    """Build the simulator if it is missing or older than its sources (build.sh swaps the
+    binary in with a rename, so a simulator that is running keeps its own)."""
+    if not VCSIM.exists() or VCSIM.stat().st_mtime < max(
+        p.stat().st_mtime for p in _vcsim_sources()
+    ):
         subprocess.run(["bash", str(ROOT / "tools" / "vcsim" / "build.sh"), str(VCSIM)], check=True)
     return VCSIM
 
