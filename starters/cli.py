@@ -522,18 +522,44 @@ def _cluster_account(client: KubegateClient, spec: ClusterSpec, account: Path | 
         _bad_input(str(exc))
 
 
-def _progress(state: ClusterState) -> None:
-    step = state.current_step()
-    where = f" — {step.title} ({step.state.value})" if step else ""
-    detail = f": {step.detail}" if step and step.detail else ""
-    err.print(f"{state.status.value}{where}{detail}", highlight=False)
-    if step and step.error:
-        err.print(f"  error: {step.error}", highlight=False)
+class _Progress:
+    """Prints each step once when it starts and once when it ends (live --wait output)."""
+
+    def __init__(self) -> None:
+        self.printed: set[tuple[int, str]] = set()
+        self.status = ""
+
+    def __call__(self, state: ClusterState) -> None:
+        if state.status.value != self.status and not self.status:
+            self.status = state.status.value
+            err.print(f"[bold]{self.status}[/bold]", highlight=False)
+        self._steps(state)
+        if state.status.value != self.status:
+            self.status = state.status.value
+            err.print(f"[bold]{self.status}[/bold]", highlight=False)
+
+    def _steps(self, state: ClusterState) -> None:
+        for i, step in enumerate(state.steps):
+            if (i, step.state.value) in self.printed:
+                continue
+            self.printed.add((i, step.state.value))
+            if step.state.value == "running":
+                err.print(f"  … {step.title}", highlight=False)
+                continue
+            seconds = f" {step.seconds:.1f}s" if step.seconds is not None else ""
+            detail = (
+                f" — {_short(step.error or step.detail, 90)}" if step.error or step.detail else ""
+            )
+            err.print(f"  {step.state.value:<9} {step.title}{seconds}{detail}", highlight=False)
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _follow(client: KubegateClient, name: str, done: Any) -> ClusterState:
     async def run() -> ClusterState:
-        return await client.wait_cluster(name, done, on_change=_progress)
+        return await client.wait_cluster(name, done, on_change=_Progress(), interval=0.25)
 
     state: ClusterState = _run(run())
     return state
@@ -752,13 +778,19 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
     if not describe:
         return
     steps = Table(title="Steps")
-    for column in ("step", "state", "started", "seconds", "attempts", "objects / error"):
+    for column in ("step", "state", "started", "seconds", "attempts", "detail / error"):
         steps.add_column(column)
     for s in state.steps:
         seconds = f"{s.seconds:.1f}" if s.seconds is not None else ""
         started = s.started.strftime("%H:%M:%S") if s.started else ""
-        objects = s.error or ", ".join(s.objects[:4]) + (" …" if len(s.objects) > 4 else "")
-        steps.add_row(s.title, s.state.value, started, seconds, str(s.attempts), objects)
+        steps.add_row(
+            s.title,
+            s.state.value,
+            started,
+            seconds,
+            str(s.attempts),
+            _short(s.error or s.detail, 60),
+        )
     out.print(steps)
     nodes = Table(title="Nodes")
     for column in ("name", "pool", "domain", "VM", "address", "power", "phase"):
@@ -768,9 +800,9 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
             n.name,
             n.pool,
             f"{n.domain_index}: {n.compute_cluster}",
-            n.vm or "",
+            (n.vm or "").partition(":")[2],
             n.address or "",
-            n.power_state,
+            n.power_state.removeprefix("powered"),
             n.phase,
         )
     out.print(nodes)

@@ -183,8 +183,8 @@ class ClusterWorkflow:
         return True
 
     async def _deploy_steps(self) -> None:
-        await self._step("validate", "Validate the spec and plan the nodes", self._validate)
-        await self._step("preflight", "Check vCenter, placement and privileges", self._preflight)
+        await self._step("validate", "Validate the spec, plan nodes", self._validate)
+        await self._step("preflight", "Preflight checks", self._preflight)
         await self._converge(folder=True)
 
     # -- steps ----------------------------------------------------------------------------
@@ -271,6 +271,7 @@ class ClusterWorkflow:
             static_summary=f"Preflight of cluster {self.state.name}",
         )
         self.state.vcenter_requests += report.vcenter_requests
+        step.attempts = max(step.attempts, 1)
         step.objects = [child_id]
         failed = [r for r in report.results if r.status is CheckStatus.FAIL]
         if failed:
@@ -314,16 +315,12 @@ class ClusterWorkflow:
         self._plan(wanted)
         addresses = self._step("addresses", "Allocate addresses", self._addresses)
         if folder:  # independent of each other: run them at the same time
-            await self._all(
-                [self._step("folder", "Create the cluster's VM folder", self._folder), addresses]
-            )
+            await self._all([self._step("folder", "Create the folder", self._folder), addresses])
         else:
             await addresses
         await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
         await self._step("create-vms", "Create VMs", self._create_vms)
-        await self._step(
-            "readiness", f"Start and wait for readiness ({self.input.readiness})", self._ready
-        )
+        await self._step("readiness", f"Start nodes, wait ({self.input.readiness})", self._ready)
 
     async def _addresses(self, step: Step) -> None:
         owner = self._owner()
@@ -643,11 +640,11 @@ class ClusterWorkflow:
         nodes = list(self.state.nodes)
         await self._step(
             "delete-vms",
-            "Power off and destroy every node",
+            "Destroy the VMs",
             lambda step: self._delete_vms(step, nodes),
         )
         await self._step("release", "Release addresses", self._release_all)
-        await self._step("remove-folder", "Remove the cluster's folder", self._remove_folder)
+        await self._step("remove-folder", "Remove the folder", self._remove_folder)
         self.state.reason = reason
         self._set_status(ClusterStatus.DELETED)
 

@@ -27,6 +27,7 @@ from domain.vm import MARK_CLUSTER
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from tests.conftest import GATEWAY
 from tests.support import ADMIN, TEMPLATE, Vcsim, history_text, record_history
+from tests.unit.test_bootstrap import cloud_init_check
 
 pytestmark = pytest.mark.integration
 
@@ -299,6 +300,21 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
         metadata = json.loads(decode(extra["guestinfo.metadata"]))
         assert metadata["local-hostname"] == name
         assert KEY.split()[1] in userdata
+    # cloud-init itself reads each VM's guestinfo (its VMware datasource) and validates the
+    # user-data against its schema; the network it parses is the node's static address
+    checked = cloud_init_check(
+        {
+            name: {k: v for k, v in facts["extra"].items() if k.startswith("guestinfo.")}
+            for name, facts in vms.items()
+        }
+    )
+    for name, result in checked.items():
+        assert result["read"] and result["hostname"] == name, result
+        assert result["schema_errors"] is None, result["schema_errors"]
+        (iface,) = result["interfaces"]
+        (subnet,) = iface["subnets"]
+        assert (subnet["type"], subnet["address"]) == ("static", vms[name]["ip"]), iface
+        assert subnet["prefix"] == 24 and subnet["gateway"] == "10.51.0.1", iface
     assert len(set(addresses)) == len(addresses)
     assert state.vip is not None and state.vip not in addresses
     allocations = await kubegate.pool_allocations(GATEWAY, pool.name, owner="cluster/alpha")
