@@ -127,6 +127,7 @@ class ClusterState(BaseModel):
     created_at: datetime | None = None
     updated_at: datetime | None = None
     vcenter_requests: int = 0
+    provisioned: bool = Field(default=False, description="It has been Running at least once.")
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]

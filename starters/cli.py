@@ -661,10 +661,7 @@ def cluster_abort(
     name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
 ) -> None:
     """Stop a provisioning cluster and remove everything it created."""
-    client, state = _update(name, lambda c: c.abort_cluster(name))
-    if wait:
-        state = _follow(client, name, lambda s: s.status is ClusterStatus.DELETED)
-    _show_cluster(state, output, describe=wait)
+    _lifecycle(name, lambda c: c.abort_cluster(name), "abort", ClusterStatus.DELETED, wait, output)
 
 
 @cluster_app.command("delete")
@@ -672,10 +669,9 @@ def cluster_delete(
     name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
 ) -> None:
     """Delete a Running or Failed cluster: its VMs, addresses and folder."""
-    client, state = _update(name, lambda c: c.delete_cluster(name))
-    if wait:
-        state = _follow(client, name, lambda s: s.status is ClusterStatus.DELETED)
-    _show_cluster(state, output, describe=wait)
+    _lifecycle(
+        name, lambda c: c.delete_cluster(name), "delete", ClusterStatus.DELETED, wait, output
+    )
 
 
 @cluster_app.command("retry")
@@ -683,17 +679,25 @@ def cluster_retry(
     name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
 ) -> None:
     """Run a Failed cluster's steps again."""
-    client, state = _update(name, lambda c: c.retry_cluster(name))
-    if wait:
-        state = _follow(
-            client,
-            name,
-            lambda s: (
-                s.status in (ClusterStatus.RUNNING, ClusterStatus.DELETED)
-                or (s.status is ClusterStatus.FAILED and s.steps[-1].state.value != "running")
-            ),
-        )
-    _show_cluster(state, output, describe=wait)
+    _lifecycle(name, lambda c: c.retry_cluster(name), "retry", ClusterStatus.RUNNING, wait, output)
+
+
+def _lifecycle(
+    name: str, call: Any, verb: str, goal: ClusterStatus, wait: bool, output: Output
+) -> None:
+    """Send abort/delete/retry; with --wait follow it and exit 1 unless it reaches `goal`."""
+    client, state = _update(name, call)
+    if not wait:
+        if output is Output.json:
+            out.print_json(_state_json(state))
+        else:
+            out.print(f"cluster {name}: {verb} accepted", highlight=False)
+        return
+    ends = (ClusterStatus.DELETED, ClusterStatus.FAILED, ClusterStatus.RUNNING)
+    state = _follow(client, name, lambda s: s.status in ends and s.status is not state.status)
+    _show_cluster(state, output, describe=True)
+    if state.status is not goal:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _update(name: str, call: Any) -> tuple[KubegateClient, Any]:

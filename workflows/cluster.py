@@ -16,6 +16,7 @@ from temporalio.exceptions import (
     CancelledError,
     ChildWorkflowError,
     FailureError,
+    RetryState,
     TimeoutError,
 )
 from temporalio.workflow import ActivityCancellationType
@@ -86,6 +87,15 @@ _RETRY = RetryPolicy(
     non_retryable_error_types=errors.NON_RETRYABLE,
 )
 
+#: activities that wait for guests: a guest that did not come up in its time is not retried
+_RETRY_WAITING = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=8,
+    non_retryable_error_types=[*errors.NON_RETRYABLE, errors.NOT_READY],
+)
+
 PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 
 
@@ -110,6 +120,7 @@ class ClusterWorkflow:
         )
         self.secrets: SealedSecret | None = input.secrets
         self.refs: PlacementRefs | None = None
+        self.refs_for: list[tuple[str, str, str, str]] = []  # the domains refs.domains are of
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None
         self.retrying = False
@@ -135,13 +146,19 @@ class ClusterWorkflow:
                 )
             )
             if self.deleting is not None:
-                break
+                async with self.lock:
+                    if await self._teardown(self.deleting.reason):
+                        break
+                self.deleting = None  # failed: Failed with the step's error; delete again
+                continue
             if self.retrying:
                 self.retrying = False
                 if not await self._provision():
                     return self.state
                 continue
             await workflow.wait_condition(workflow.all_handlers_finished)
+            if self.deleting is not None or self.retrying:
+                continue  # accepted while handlers finished: do it in this run
             workflow.continue_as_new(
                 ClusterInput(
                     spec=self.state.spec,
@@ -152,8 +169,6 @@ class ClusterWorkflow:
                     secrets=self.secrets,
                 )
             )
-        async with self.lock:
-            await self._teardown(self.deleting.reason)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state
 
@@ -161,6 +176,8 @@ class ClusterWorkflow:
         """Deploy (or retry a failed deploy); False when it was aborted (the cluster is gone)."""
         self._set_status(ClusterStatus.PROVISIONING)
         self.provisioning = asyncio.create_task(self._deploy_steps())
+        if self.aborting:  # accepted before provisioning began
+            self.provisioning.cancel()
         try:
             await self.provisioning
         except (asyncio.CancelledError, StepFailed) as exc:
@@ -168,17 +185,16 @@ class ClusterWorkflow:
                 # abort, or the workflow itself was cancelled: remove everything made so far
                 # (a cancelled child or activity may surface as a failed step)
                 self.aborting = True
-                await self._teardown("aborted")
-                return False
+                return not await self._teardown("aborted")
             self.state.error = str(exc)
             self._set_status(ClusterStatus.FAILED)
             return True
         finally:
             self.provisioning = None
         if self.aborting:  # accepted while the last step was finishing: abort all the same
-            await self._teardown("aborted")
-            return False
+            return not await self._teardown("aborted")
         self.state.error = None
+        self.state.provisioned = True
         self._set_status(ClusterStatus.RUNNING)
         return True
 
@@ -207,6 +223,7 @@ class ClusterWorkflow:
                 raise StepFailed("aborted") from None
             step.state = StepState.FAILED
             step.error = _message(exc)
+            step.attempts = max(step.attempts, _attempts_of(exc))
             raise StepFailed(f"{title}: {step.error}") from None
         finally:
             step.ended = workflow.now()
@@ -281,6 +298,7 @@ class ClusterWorkflow:
                 non_retryable=True,
             )
         self.refs = self._refs_from(report.refs, placements)
+        self.refs_for = self._distinct_domains()
         step.detail = f"{len(report.results)} checks passed"
 
     async def _folder(self, step: Step) -> None:
@@ -422,6 +440,9 @@ class ClusterWorkflow:
     async def _ready(self, step: Step) -> None:
         """Start the nodes that wait for the first one, then wait until every node is ready."""
         stopped = [n for n in self.state.nodes if n.phase == "created"]
+        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
+        if stopped and first is not None and self.input.readiness == "kubernetes":
+            await self._wait_ready([first])  # the API answers before anyone joins
         if stopped:
             result = await self._agent(
                 "vm_power_on",
@@ -635,18 +656,27 @@ class ClusterWorkflow:
 
     # -- teardown (abort and delete) ------------------------------------------------------
 
-    async def _teardown(self, reason: str) -> None:
+    async def _teardown(self, reason: str) -> bool:
+        """Remove everything; True when done (Deleted), False when a step failed (Failed)."""
         self._set_status(ClusterStatus.DELETING)
         nodes = list(self.state.nodes)
-        await self._step(
-            "delete-vms",
-            "Destroy the VMs",
-            lambda step: self._delete_vms(step, nodes),
-        )
-        await self._step("release", "Release addresses", self._release_all)
-        await self._step("remove-folder", "Remove the folder", self._remove_folder)
+        try:
+            await self._step(
+                "delete-vms",
+                "Destroy the VMs",
+                lambda step: self._delete_vms(step, nodes),
+            )
+            await self._step("release", "Release addresses", self._release_all)
+            await self._step("remove-folder", "Remove the folder", self._remove_folder)
+        except StepFailed as exc:
+            self.aborting = False
+            self.state.error = f"{reason} incomplete: {exc}; fix it and delete again"
+            self._set_status(ClusterStatus.FAILED)
+            return False
         self.state.reason = reason
+        self.state.error = None
         self._set_status(ClusterStatus.DELETED)
+        return True
 
     async def _delete_vms(self, step: Step, nodes: Sequence[Node]) -> None:
         destroyed = await self._destroy_nodes(nodes)
@@ -666,7 +696,11 @@ class ClusterWorkflow:
         step.detail = f"{len(destroyed)} VM(s) destroyed"
 
     async def _release_all(self, step: Step) -> None:
-        pools = sorted({d.ip_pool for _, d in self.state.spec.domains() if d.ip_pool is not None})
+        pools = sorted(
+            {d.ip_pool for _, d in self.state.spec.domains() if d.ip_pool is not None}
+            | {n.ip_pool for n in self.state.nodes if n.ip_pool is not None}
+            | set(self.state.networks)
+        )
         if not pools:
             step.state = StepState.SKIPPED
             step.detail = "DHCP: no addresses held"
@@ -739,6 +773,7 @@ class ClusterWorkflow:
     async def delete(self, request: DeleteRequest) -> ClusterState:
         """Start deleting a running or failed cluster; returns at once."""
         self.deleting = request
+        self._set_status(ClusterStatus.DELETING)
         return self.state
 
     @delete.validator
@@ -753,11 +788,16 @@ class ClusterWorkflow:
     async def retry(self) -> ClusterState:
         """Run a failed cluster's steps again (each is idempotent); returns at once."""
         self.retrying = True
+        self._set_status(ClusterStatus.PROVISIONING)
         return self.state
 
     @retry.validator
     def _retry_allowed(self) -> None:
-        if self.state.status is not ClusterStatus.FAILED or self.retrying:
+        if (
+            self.state.status is not ClusterStatus.FAILED
+            or self.retrying
+            or self.deleting is not None
+        ):
             raise _invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: only a "
                 "Failed cluster can be retried"
@@ -803,6 +843,7 @@ class ClusterWorkflow:
             self._require_running()
             before = {n.name for n in self.state.nodes}
             self.state.spec = spec
+            self.refs = self.refs if self.refs_for == self._distinct_domains() else None
             self._set_status(ClusterStatus.UPDATING, title)
             try:
                 await self._converge()
@@ -820,7 +861,11 @@ class ClusterWorkflow:
             )
 
     def _require_running(self) -> None:
-        if self.state.status is not ClusterStatus.RUNNING or self.deleting is not None:
+        """Changes need Running, or Failed after a change (so a failed change can be undone)."""
+        changeable = self.state.status is ClusterStatus.RUNNING or (
+            self.state.status is ClusterStatus.FAILED and self.state.provisioned
+        )
+        if not changeable or self.deleting is not None or self.retrying:
             raise _invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: changes need Running"
             )
@@ -911,7 +956,7 @@ class ClusterWorkflow:
         return PlacementRefs(template=template, domains=domains)
 
     async def _placement_refs(self) -> PlacementRefs:
-        if self.refs is None or len(self.refs.domains) != len(self._distinct_domains()):
+        if self.refs is None or self.refs_for != self._distinct_domains():
             self.refs = await self._agent(
                 "vm_resolve_placement",
                 PlacementRequest(
@@ -923,6 +968,7 @@ class ClusterWorkflow:
                 PlacementRefs,
                 "Find the template and placement objects",
             )
+            self.refs_for = self._distinct_domains()
         return self.refs
 
     async def _all(self, coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -955,7 +1001,7 @@ class ClusterWorkflow:
             heartbeat_timeout=(
                 timedelta(seconds=self.input.timing.heartbeat_seconds) if heartbeat else None
             ),
-            retry_policy=_RETRY,
+            retry_policy=_RETRY_WAITING if heartbeat else _RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=summary,
         )
@@ -1069,6 +1115,13 @@ def _task_refs(exc: BaseException) -> list[str]:
             if isinstance(value, str) and value.startswith("Task:"):
                 found.append(value)
     return found
+
+
+def _attempts_of(exc: BaseException) -> int:
+    """Attempts an activity failure took: all of them when it ran out, else at least one."""
+    if isinstance(exc, ActivityError) and exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED:
+        return _RETRY.maximum_attempts
+    return 1
 
 
 def _message(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pydantic import ValidationError
 from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
@@ -236,6 +237,12 @@ class VmActivities:
         except SealError as exc:
             raise ApplicationError(
                 f"cannot open the sealed cluster secrets: {exc}",
+                type=errors.SECRET_UNREADABLE,
+                non_retryable=True,
+            ) from None
+        except ValidationError:  # its text would quote the secret values
+            raise ApplicationError(
+                "the sealed cluster secrets are not in the format this agent reads",
                 type=errors.SECRET_UNREADABLE,
                 non_retryable=True,
             ) from None
@@ -1165,7 +1172,7 @@ def _marked_vms(
     VM's annotation (the mark is repeated there), one read of the candidates' extraConfig."""
     datacenter = find_by_path(session, f"/{dc}")
     if not isinstance(datacenter, vim.Datacenter):
-        raise _not_found("datacenter", f"/{dc}")
+        return []  # no such datacenter: nothing of the cluster's can be in it
     view = session.content.viewManager.CreateContainerView(datacenter, [vim.VirtualMachine], True)
     try:
         spec = PC.FilterSpec(

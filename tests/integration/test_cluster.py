@@ -445,3 +445,74 @@ async def test_deploying_cluster_refuses_delete(sim: Vcsim, kubegate: KubegateCl
 
 def test_unique_names() -> None:
     assert uuid.uuid4() != uuid.uuid4()
+
+
+def small_spec(name: str, pool: str, workers: int = 1) -> ClusterSpec:
+    return ClusterSpec.model_validate(
+        {
+            "name": name,
+            "profile": PROFILE,
+            "cloud_account": "lab",
+            "placement": {"datacenter": "DC0", "ip_allocation": "static"},
+            "control_plane": {"size": 1, "placement": [domain("DC0_C0", pool)]},
+            "workers": [{"name": "w", "size": workers, "placement": [domain("DC0_C1", pool)]}],
+        }
+    )
+
+
+async def test_failed_change_can_be_undone_and_failed_delete_repeated(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """A scale-up that runs out of addresses leaves the cluster Failed; scaling back recovers
+    it. A delete that cannot finish (a foreign VM in the folder) says why; deleting again after
+    the obstacle is gone completes."""
+    spec = IpPoolSpec.model_validate(
+        {
+            "name": "cl-tiny",
+            "gateway": GATEWAY,
+            "kind": "range",
+            "first": "10.54.0.10",
+            "last": "10.54.0.12",  # VIP + 2 nodes
+            "prefix": 24,
+            "network_gateway": "10.54.0.1",
+        }
+    )
+    await kubegate.create_pool(spec)
+    await deploy(kubegate, sim, small_spec("eps", "cl-tiny"))
+    await until(kubegate, "eps", ClusterStatus.RUNNING)
+
+    with pytest.raises(KubegateError, match="free"):
+        await kubegate.scale_pool("eps", "w", 3)
+    state = await kubegate.cluster_state("eps")
+    assert state.status is ClusterStatus.FAILED and "Allocate addresses" in (state.error or "")
+    result = await kubegate.scale_pool("eps", "w", 1)
+    assert result.status == "Running" and result.removed == ["eps-w-1", "eps-w-2"]
+    assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/eps")) == ["eps-cp-0", "eps-w-0"]
+
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        folder = content.searchIndex.FindByInventoryPath("/DC0/vm/eps")
+        template = content.searchIndex.FindByInventoryPath(f"/DC0/vm/{TEMPLATE}")
+        pool = content.searchIndex.FindByInventoryPath("/DC0/host/DC0_C0/Resources")
+        WaitForTask(
+            template.CloneVM_Task(
+                folder, "someone-else", vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool))
+            )
+        )
+    finally:
+        Vcsim.disconnect(si)
+    await kubegate.delete_cluster("eps")
+    state = await until(kubegate, "eps", ClusterStatus.FAILED)
+    assert "someone-else" in (state.error or ""), state.error
+    assert owned_vms(sim, "cluster/eps") == []  # its own VMs are gone already
+
+    si = sim.connect()
+    try:
+        vm = si.RetrieveContent().searchIndex.FindByInventoryPath("/DC0/vm/eps/someone-else")
+        WaitForTask(vm.Destroy_Task())
+    finally:
+        Vcsim.disconnect(si)
+    await kubegate.delete_cluster("eps")
+    state = await until(kubegate, "eps", ClusterStatus.DELETED)
+    assert await kubegate.pool_allocations(GATEWAY, "cl-tiny") == []
