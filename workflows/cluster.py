@@ -834,8 +834,9 @@ class ClusterWorkflow:
         self._require_running()
         self._changed_spec(remove=request.pool)
 
-    @workflow.query
+    @workflow.query(name="state")
     def state_query(self) -> ClusterState:
+        """Status, step history and nodes (what `cluster describe` shows)."""
         return self.state
 
     async def _change(self, spec: ClusterSpec, title: str) -> ChangeResult:
