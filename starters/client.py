@@ -24,6 +24,7 @@ from temporalio.client import (
     Client,
     TLSConfig,
     WorkflowHandle,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
@@ -414,6 +415,11 @@ class KubegateClient:
             if exc.status == RPCStatusCode.NOT_FOUND:
                 raise KubegateError(f"cluster {name} does not exist") from None
             raise
+        except WorkflowQueryFailedError as exc:
+            raise KubegateError(
+                f"cluster {name} did not answer ({exc.message}); is the control worker running "
+                "this version of kubegate?"
+            ) from None
         return state
 
     async def list_clusters(
