@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import secrets
@@ -22,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from domain import names
 from starters.settings import Settings, tool_path, vcsim_binary
@@ -74,6 +80,8 @@ class DevStack:
         self.logs = self.home / "logs"
         self.vcsim_ready_file = self.home / "vcsim.json"
         self.password_file = self.home / "vcsim-password"
+        self.cert_file = self.home / "vcsim-tls.pem"
+        self.key_file = self.home / "vcsim-tls.key"
         self.account_file = self.home / "accounts" / "dev.yaml"
 
     # -- public ---------------------------------------------------------------------------
@@ -83,6 +91,7 @@ class DevStack:
         for folder in (self.pids, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         password = self._sim_password()
+        self._sim_certificate()
         outcome = []
         for component in self.components(password):
             if self._alive(component.name):
@@ -159,6 +168,10 @@ class DevStack:
             sim_password,
             "-ready-file",
             str(self.vcsim_ready_file),
+            "-tls-cert",
+            str(self.cert_file),
+            "-tls-key",
+            str(self.key_file),
             *s.vcsim_options.split(),
         ]
         return [
@@ -290,6 +303,42 @@ class DevStack:
         with os.fdopen(fd, "w") as handle:
             handle.write(password + "\n")
         return password
+
+    def _sim_certificate(self) -> None:
+        """A self-signed certificate made once and kept, so the simulator's thumbprint (pinned
+        in the dev account and in every cluster's credentials) survives `dev down` / `dev up`,
+        as a real vCenter's does."""
+        if self.cert_file.exists() and self.key_file.exists():
+            return
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubegate dev vcsim")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        self.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     def _write_dev_account(self) -> None:
         """A cloud account file for the simulator, with its certificate pinned."""
