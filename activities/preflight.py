@@ -24,6 +24,7 @@ from domain.preflight import (
     CheckStatus,
     InventoryBatch,
     ObjectChecksRequest,
+    PreflightReport,
     PreflightRequest,
     skipped,
     version_supported,
@@ -263,6 +264,57 @@ class PreflightActivities:
                 batch.results.append(result)
 
         return self._guarded(request.credentials, check, batch)
+
+    @activity.defn(name="preflight_all")
+    def all_checks(self, request: PreflightRequest) -> PreflightReport:
+        """Every check of PreflightWorkflow in one activity, in the same order and with the same
+        skips: for callers on a critical path (the cluster workflow), one round trip."""
+        connection = self.connection(request)
+        results = list(connection.results)
+        requests = connection.vcenter_requests
+        refs: dict[str, str] = {}
+        placement = request.placement
+        connected = not any(r.status is FAIL for r in results)
+        if placement is not None and not connected:
+            results.append(
+                skipped("placement", "Placement checks", "not checked: cannot log in to vCenter")
+            )
+        elif placement is not None:
+            inventory = self.inventory(request)
+            results += inventory.results
+            requests += inventory.vcenter_requests
+            refs = inventory.refs
+            objects = ObjectChecksRequest(
+                credentials=request.credentials,
+                placement=placement,
+                found=inventory.found,
+                more_placements=request.more_placements,
+                refs=refs,
+            )
+            privileges = self.privileges(objects)
+            results += privileges.results
+            requests += privileges.vcenter_requests
+            clusters = "compute_cluster" in inventory.found or any(
+                more.inventory_paths()["compute_cluster"] in refs
+                for more in request.more_placements
+            )
+            if clusters:
+                hosts = self.hosts(objects)
+                results += hosts.results
+                requests += hosts.vcenter_requests
+            else:
+                results.append(
+                    skipped("hosts", "NTP and shared storage", "not checked: no compute cluster")
+                )
+        return PreflightReport(
+            account=request.account,
+            gateway=request.gateway,
+            server=request.credentials.endpoint.address,
+            username=request.credentials.username,
+            results=results,
+            vcenter_requests=requests,
+            refs=refs,
+        )
 
     def _guarded(self, creds: VCenterCredentials, check: Any, batch: B) -> B:
         """Run a check, counting its vCenter requests; a vCenter failure becomes one failed

@@ -65,6 +65,7 @@ def build_agent(
             preflight.inventory,
             preflight.privileges,
             preflight.hosts,
+            preflight.all_checks,
             bootstrap.secrets,
             bootstrap.render,
             *vms.all(),

@@ -75,7 +75,6 @@ with workflow.unsafe.imports_passed_through():
         VmInfo,
         instance_uuid,
     )
-    from workflows.preflight import PreflightWorkflow
 
 T = TypeVar("T")
 
@@ -279,17 +278,14 @@ class ClusterWorkflow:
             more_placements=placements[1:],
             fresh_login=False,
         )
-        child_id = f"{self._owner()}/preflight/{len(self.state.steps)}"
-        report: PreflightReport = await workflow.execute_child_workflow(
-            PreflightWorkflow.run,
+        report = await self._agent(
+            "preflight_all",
             request,
-            id=child_id,
-            task_queue=workflow.info().task_queue,
-            static_summary=f"Preflight of cluster {self.state.name}",
+            PreflightReport,
+            f"Preflight of {len(placements)} placement domain(s) as {account.credentials.username}",
+            timeout=timedelta(minutes=2),
         )
-        self.state.vcenter_requests += report.vcenter_requests
-        step.attempts = max(step.attempts, 1)
-        step.objects = [child_id]
+        step.objects = sorted(set(report.refs.values()))
         failed = [r for r in report.results if r.status is CheckStatus.FAIL]
         if failed:
             raise ApplicationError(
