@@ -14,14 +14,18 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.preflight import PreflightActivities
 from activities.vsphere.session import SessionPool
 from domain import names
 from domain.account import Placement, VCenterEndpoint
 from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
 from starters.client import KubegateClient
+from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.support import ADMIN, PLACEMENT, Vcsim
+from workers.gateway_agent import load_key
 from workflows.preflight import PreflightWorkflow
 
 pytestmark = pytest.mark.integration
@@ -181,3 +185,28 @@ def test_more_placements_must_share_the_datacenter(kubegate: KubegateClient) -> 
     with pytest.raises(ValidationError, match="needs placement"):
         PreflightRequest(**base, more_placements=[C1])
     assert PreflightRequest(**base, placement=C0).placements() == [C0]
+
+
+async def test_one_activity_gives_the_workflows_results(
+    vcsim: Vcsim, kubegate: KubegateClient, sessions: SessionPool, settings: Settings
+) -> None:
+    """preflight_all (the cluster's preflight, one round trip) = PreflightWorkflow's checks."""
+    by_workflow = await preflight(kubegate, vcsim, C0, C1)
+    request = PreflightRequest(
+        account="cluster-preflight",
+        gateway=GATEWAY,
+        credentials=kubegate.seal_credentials(GATEWAY, endpoint(vcsim), ADMIN, vcsim.password),
+        placement=C0,
+        more_placements=[C1],
+        fresh_login=False,
+    )
+    activities = PreflightActivities(load_key(settings, GATEWAY), sessions)
+    by_activity = await asyncio.to_thread(ActivityEnvironment().run, activities.all_checks, request)
+
+    def outcome(report: PreflightReport) -> list[tuple[str, str, str]]:
+        return [(r.check, r.status.value, r.object) for r in report.results]
+
+    assert outcome(by_activity) == outcome(by_workflow)
+    assert not by_activity.passed  # the shared simulator's DC0_C1_H1 keeps no time
+    assert by_activity.refs == by_workflow.refs
+    assert 0 < by_activity.vcenter_requests <= 13
