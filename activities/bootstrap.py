@@ -12,14 +12,10 @@ import datetime
 import string
 from secrets import choice, token_hex
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from pydantic import ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.secrets import open_cluster_secrets
 from domain import errors
 from domain.account import SealedSecret
 from domain.bootstrap import (
@@ -30,7 +26,8 @@ from domain.bootstrap import (
     SecretsRequest,
     rendered,
 )
-from domain.sealing import AgentKey, SealError, seal
+from domain.certs import self_signed
+from domain.sealing import AgentKey, seal
 
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits
 CA_VALIDITY = datetime.timedelta(days=3650)
@@ -43,47 +40,10 @@ def _token_part(length: int) -> str:
 def generate_ca() -> tuple[str, str]:
     """A self-signed Kubernetes CA (ECDSA P-256, CN=kubernetes, 10 years): (cert PEM, key PEM).
 
-    ECDSA because an RSA-2048 key takes ~0.1 s to generate, on a deploy's critical path.
     kubeadm loads an RSA or ECDSA CA key from /etc/kubernetes/pki (pkiutil.TryLoadKeyFromDisk)
-    and signs its own certificates with it; the key PEM is SEC 1 ('EC PRIVATE KEY'), as
-    kubeadm itself writes ECDSA keys.
+    and signs its own certificates with it.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,  # meaningless for an ECDSA key
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-    return cert_pem, key_pem
+    return self_signed("kubernetes", CA_VALIDITY, ca=True)
 
 
 def generate_secrets() -> ClusterSecrets:
@@ -116,20 +76,6 @@ class BootstrapActivities:
         activity.logger.info("generated secrets of cluster %s (sealed)", request.cluster)
         return sealed
 
-    def open(self, sealed: SealedSecret) -> ClusterSecrets:
-        """The cluster's secrets; SecretUnreadable when this agent cannot open them."""
-        try:
-            return ClusterSecrets.model_validate_json(self.key.open(sealed, SECRETS_PURPOSE))
-        except SealError as exc:
-            problem = str(exc)
-        except ValidationError:  # its message would quote the secrets: say less
-            problem = "the opened bundle is not a cluster secrets document"
-        raise ApplicationError(
-            f"cluster secrets cannot be used by this agent: {problem}",
-            type=errors.SECRET_UNREADABLE,
-            non_retryable=True,
-        )
-
     @activity.defn(name="bootstrap_render")
     def render(self, request: RenderRequest) -> RenderResult:
         """Render every node's guestinfo entries; return digests and sizes, no content.
@@ -142,7 +88,7 @@ class BootstrapActivities:
             secrets = generate_secrets()
             sealed = self._seal(secrets)
         else:
-            secrets = self.open(request.secrets)
+            secrets = open_cluster_secrets(self.key, request.secrets)
         summaries = []
         for node in request.nodes:
             try:

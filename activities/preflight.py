@@ -13,6 +13,7 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.secrets import open_password
 from activities.vsphere.faults import classify
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve_mixed, retrieve_spec
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
@@ -30,7 +31,7 @@ from domain.preflight import (
     version_supported,
 )
 from domain.privileges import DISPLAY_NAME, ROLE_OF_OBJECT, all_privilege_ids, privilege_ids
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
+from domain.sealing import AgentKey
 
 PASS, WARN, FAIL = CheckStatus.PASS, CheckStatus.WARN, CheckStatus.FAIL
 B = TypeVar("B", bound=CheckBatch)
@@ -58,15 +59,7 @@ class PreflightActivities:
         self.sessions = sessions
 
     def password(self, credentials: VCenterCredentials) -> str:
-        try:
-            return self.key.open(credentials.password, PASSWORD_PURPOSE)
-        except SealError as exc:
-            raise ApplicationError(
-                f"cannot open the sealed vCenter password: {exc}; seal it again to this "
-                "gateway's current key",
-                type=errors.SECRET_UNREADABLE,
-                non_retryable=True,
-            ) from None
+        return open_password(self.key, credentials)
 
     def _run(self, credentials: VCenterCredentials, call: Any) -> Any:
         return self.sessions.run(

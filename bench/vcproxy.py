@@ -202,14 +202,16 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
 def self_signed(directory: Path) -> tuple[Path, Path, str]:
     """A fresh self-signed certificate: (cert file, key file, SHA-256 thumbprint).
 
-    Clients pin the thumbprint and check nothing else, so the agent's own CA generator serves.
+    Clients pin the thumbprint and check nothing else.
     """
+    from datetime import timedelta
+
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from activities.bootstrap import generate_ca
+    from domain.certs import self_signed
 
-    cert_pem, key_pem = generate_ca()
+    cert_pem, key_pem = self_signed("kubegate bench proxy", timedelta(days=1), hosts=["127.0.0.1"])
     cert_path, key_path = directory / "vcproxy.crt", directory / "vcproxy.key"
     cert_path.write_text(cert_pem)
     key_path.write_text(key_pem)

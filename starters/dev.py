@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -24,12 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from domain import names
+from domain.certs import self_signed
 from starters.settings import Settings, tool_path, vcsim_binary
 
 SIM_USER = "administrator@vsphere.local"
@@ -310,35 +306,13 @@ class DevStack:
         as a real vCenter's does."""
         if self.cert_file.exists() and self.key_file.exists():
             return
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubegate dev vcsim")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
+        cert_pem, key_pem = self_signed(
+            "kubegate dev vcsim", datetime.timedelta(days=3650), hosts=["localhost", "127.0.0.1"]
         )
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-        self.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key_pem)
+        self.cert_file.write_text(cert_pem)
 
     def _write_dev_account(self) -> None:
         """A cloud account file for the simulator, with its certificate pinned."""

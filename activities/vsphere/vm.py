@@ -24,19 +24,19 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
 from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.secrets import open_cluster_secrets, open_password
 from activities.vsphere.faults import classify
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from activities.vsphere.watch import CancelRequested, await_task
 from domain import errors
 from domain.account import Placement, VCenterCredentials
-from domain.bootstrap import SECRETS_PURPOSE, ClusterSecrets, guestinfo
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
+from domain.bootstrap import guestinfo
+from domain.sealing import AgentKey
 from domain.vm import (
     MARK_CLUSTER,
     MARK_NODE,
@@ -174,22 +174,11 @@ class VmActivities:
 
     # --- plumbing ---------------------------------------------------------------------------
 
-    def _password(self, credentials: VCenterCredentials) -> str:
-        try:
-            return self.key.open(credentials.password, PASSWORD_PURPOSE)
-        except SealError as exc:
-            raise ApplicationError(
-                f"cannot open the sealed vCenter password: {exc}; seal it again to this "
-                "gateway's current key",
-                type=errors.SECRET_UNREADABLE,
-                non_retryable=True,
-            ) from None
-
     def _call(
         self, credentials: VCenterCredentials, context: str, call: Callable[[VSphereSession], T]
     ) -> T:
         """Run call with a live session; classify whatever vCenter raises."""
-        password = self._password(credentials)
+        password = open_password(self.key, credentials)
         try:
             return self.sessions.run(credentials.endpoint, credentials.username, password, call)
         except (ApplicationError, CancelledError):
@@ -227,31 +216,13 @@ class VmActivities:
         progress.task = None
         return result
 
-    def _secrets(self, request: CreateVmRequest) -> ClusterSecrets | None:
-        if request.secrets is None:
-            return None
-        try:
-            return ClusterSecrets.model_validate_json(
-                self.key.open(request.secrets, SECRETS_PURPOSE)
-            )
-        except SealError as exc:
-            raise ApplicationError(
-                f"cannot open the sealed cluster secrets: {exc}",
-                type=errors.SECRET_UNREADABLE,
-                non_retryable=True,
-            ) from None
-        except ValidationError:  # its text would quote the secret values
-            raise ApplicationError(
-                "the sealed cluster secrets are not in the format this agent reads",
-                type=errors.SECRET_UNREADABLE,
-                non_retryable=True,
-            ) from None
-
     def _guestinfo(self, request: CreateVmRequest) -> dict[str, str]:
         """guestinfo.* extraConfig entries (they hold secrets: never log them)."""
         if request.bootstrap is None:
             return {}
-        secrets = self._secrets(request)
+        secrets = (
+            None if request.secrets is None else open_cluster_secrets(self.key, request.secrets)
+        )
         if secrets is None:
             raise ApplicationError(
                 f"node {request.name}: bootstrap data given without the sealed cluster secrets",
