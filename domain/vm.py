@@ -112,15 +112,19 @@ class VmInfo(BaseModel):
     attempt: int = Field(default=1, description="The activity attempt that returned this.")
 
 
-class ReadinessRequest(BaseModel):
-    """Wait until every listed VM reports its expected address (None: any) and hostname."""
+class GuestsRequest(BaseModel):
+    """VMs and what their guests must report: (vm ref, hostname, address or None for DHCP)."""
 
     credentials: VCenterCredentials
-    mode: Literal["guest", "kubernetes"] = "guest"
-    #: (vm ref, expected hostname, expected address or None for DHCP)
     nodes: list[tuple[str, str, str | None]]
-    vip: str | None = None
     timeout_seconds: int = 1800
+
+
+class ReadinessRequest(GuestsRequest):
+    """Wait until every listed VM reports its expected address (None: any) and hostname."""
+
+    mode: Literal["guest", "kubernetes"] = "guest"
+    vip: str | None = None
 
 
 class ReadinessResult(BaseModel):
@@ -128,14 +132,10 @@ class ReadinessResult(BaseModel):
     vcenter_requests: int = 0
 
 
-class PowerOnRequest(BaseModel):
+class PowerOnRequest(GuestsRequest):
     """Power on VMs (already on = done) and, with wait_guest, wait for their guests."""
 
-    credentials: VCenterCredentials
-    #: (vm ref, expected hostname, expected address or None for DHCP)
-    nodes: list[tuple[str, str, str | None]]
     wait_guest: bool = True
-    timeout_seconds: int = 1800
 
 
 class DestroyVmRequest(BaseModel):

@@ -170,6 +170,11 @@ def history_text(history: Any) -> str:
     return "\n".join(decoded)
 
 
+#: the simulator inventory the lifecycle tests use: 2 compute clusters of 3 hosts, all with NTP
+NTP = "0.pool.ntp.org,1.pool.ntp.org"
+INVENTORY = ["-clusters", "2", "-hosts", "3", "-ntp", NTP]
+
+
 HISTORIES = ROOT / "tests" / "replay" / "histories"
 
 

@@ -119,6 +119,7 @@ class ClusterWorkflow:
         )
         self.secrets: SealedSecret | None = input.secrets
         self.refs: PlacementRefs | None = None
+        self.plans: dict[str, NodePlan] = {}  # the current spec's node plans, by name
         self.refs_for: list[tuple[str, str, str, str]] = []  # the domains refs.domains are of
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None
@@ -301,12 +302,7 @@ class ClusterWorkflow:
         spec = self.state.spec
         result = await self._agent(
             "vm_ensure_folder",
-            FolderRequest(
-                credentials=self.input.account.credentials,
-                datacenter=spec.placement.datacenter,
-                parent=spec.placement.folder,
-                name=spec.name,
-            ),
+            self._folder_request(),
             FolderResult,
             f"Create folder {spec.name} in {spec.placement.datacenter}",
         )
@@ -452,6 +448,7 @@ class ClusterWorkflow:
                 f"Start {len(stopped)} joining node(s) and wait for their guests",
                 timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
                 heartbeat=True,
+                retry=_RETRY_WAITING,
             )
             self._mark_ready(stopped, result)
         if self.input.readiness == "kubernetes":
@@ -463,6 +460,7 @@ class ClusterWorkflow:
 
     def _plan(self, plan: Sequence[NodePlan]) -> None:
         """Add planned nodes that are not known yet (existing nodes keep their state)."""
+        self.plans = {p.name: p for p in plan}
         known = {n.name for n in self.state.nodes}
         for p in plan:
             if p.name in known:
@@ -479,9 +477,6 @@ class ClusterWorkflow:
                     instance_uuid=instance_uuid(self._owner(), p.name),
                 )
             )
-
-    def _plan_of(self, node: Node) -> NodePlan:
-        return next(p for p in plan_nodes(self.state.spec) if p.name == node.name)
 
     def _bootstrap_of(self, node: Node) -> NodeBootstrap | None:
         spec = self.state.spec
@@ -521,7 +516,7 @@ class ClusterWorkflow:
         )
 
     async def _create_node(self, node: Node, start: bool) -> None:
-        plan = self._plan_of(node)
+        plan = self.plans[node.name]
         refs = await self._placement_refs()
         bootstrap = self._bootstrap_of(node)
         node.phase = "creating"
@@ -553,6 +548,7 @@ class ClusterWorkflow:
                 + (f" ({node.address})" if node.address else ""),
                 timeout=timedelta(minutes=self.input.timing.create_vm_minutes),
                 heartbeat=True,
+                retry=_RETRY_WAITING,
             )
         except ActivityError as exc:
             node.tasks = sorted(set(node.tasks) | set(_task_refs(exc)))
@@ -585,6 +581,7 @@ class ClusterWorkflow:
             else f"Wait for {len(nodes)} nodes ({self.input.readiness})",
             timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
             heartbeat=True,
+            retry=_RETRY_WAITING,
         )
         self._mark_ready(nodes, result)
 
@@ -738,12 +735,7 @@ class ClusterWorkflow:
         spec = self.state.spec
         await self._agent(
             "vm_remove_folder",
-            FolderRequest(
-                credentials=self.input.account.credentials,
-                datacenter=spec.placement.datacenter,
-                parent=spec.placement.folder,
-                name=spec.name,
-            ),
+            self._folder_request(),
             FolderResult,
             f"Remove folder {spec.name}",
         )
@@ -898,6 +890,15 @@ class ClusterWorkflow:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def _folder_request(self) -> FolderRequest:
+        spec = self.state.spec
+        return FolderRequest(
+            credentials=self.input.account.credentials,
+            datacenter=spec.placement.datacenter,
+            parent=spec.placement.folder,
+            name=spec.name,
+        )
+
     def _owner(self) -> str:
         return names.cluster_workflow_id(self.state.name)
 
@@ -988,6 +989,7 @@ class ClusterWorkflow:
         summary: str,
         timeout: timedelta = timedelta(minutes=5),
         heartbeat: bool = False,
+        retry: RetryPolicy = _RETRY,
     ) -> T:
         result: T = await workflow.execute_activity(
             activity,
@@ -998,7 +1000,7 @@ class ClusterWorkflow:
             heartbeat_timeout=(
                 timedelta(seconds=self.input.timing.heartbeat_seconds) if heartbeat else None
             ),
-            retry_policy=_RETRY_WAITING if heartbeat else _RETRY,
+            retry_policy=retry,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=summary,
         )

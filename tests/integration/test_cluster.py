@@ -9,7 +9,6 @@ import base64
 import gzip
 import ipaddress
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ from domain.lifecycle import ClusterState, ClusterStatus, Timing
 from domain.vm import MARK_CLUSTER
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from tests.conftest import GATEWAY
-from tests.support import ADMIN, TEMPLATE, Vcsim, history_text, record_history
+from tests.support import ADMIN, INVENTORY, TEMPLATE, Vcsim, history_text, record_history
 from tests.unit.test_bootstrap import cloud_init_check
 
 pytestmark = pytest.mark.integration
 
-NTP = "0.pool.ntp.org,1.pool.ntp.org"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGf0Kq7b1QbbxF8kS0Fq4m6wVv6vXQ0Vq3n9m2c4Zt1a test"
 FAST = Timing(heartbeat_seconds=5)
 
@@ -41,16 +39,7 @@ def sim(workdir: Path) -> Iterator[Vcsim]:
     """A simulator every host of which keeps time, with DHCP on the distributed port group."""
     sim = Vcsim(
         workdir,
-        args=[
-            "-clusters",
-            "2",
-            "-hosts",
-            "3",
-            "-ntp",
-            NTP,
-            "-dhcp",
-            "DC0_DVPG0=10.61.0.100-10.61.0.199",
-        ],
+        args=[*INVENTORY, "-dhcp", "DC0_DVPG0=10.61.0.100-10.61.0.199"],
     ).start()
     yield sim
     sim.stop()
@@ -441,10 +430,6 @@ async def test_deploying_cluster_refuses_delete(sim: Vcsim, kubegate: KubegateCl
     assert state.reason == "aborted"
     assert owned_vms(sim, "cluster/delta") == []
     assert await kubegate.pool_allocations(GATEWAY, pool.name) == []
-
-
-def test_unique_names() -> None:
-    assert uuid.uuid4() != uuid.uuid4()
 
 
 def small_spec(name: str, pool: str, workers: int = 1) -> ClusterSpec:

@@ -19,14 +19,13 @@ from starters.client import KubegateClient
 from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import (
-    NTP,
     account,
     datastore_files,
     make_pool,
     owned_vms,
     static_spec,
 )
-from tests.support import Vcsim, record_history
+from tests.support import INVENTORY, Vcsim, record_history
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +37,7 @@ def slow(workdir: Path) -> Iterator[Vcsim]:
     """Clones take 2.5 s and powering on the joining nodes 1.5 s; both can be cancelled."""
     sim = Vcsim(
         workdir,
-        args=[
-            "-clusters",
-            "2",
-            "-hosts",
-            "3",
-            "-ntp",
-            NTP,
-            "-task-delay",
-            f"CloneVM_Task={CLONE_MS},PowerOnMultiVM_Task=1500",
-        ],
+        args=[*INVENTORY, "-task-delay", f"CloneVM_Task={CLONE_MS},PowerOnMultiVM_Task=1500"],
     ).start()
     yield sim
     sim.stop()

@@ -24,7 +24,7 @@ from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
 from starters.client import KubegateClient
 from starters.settings import Settings
 from tests.conftest import GATEWAY
-from tests.support import ADMIN, PLACEMENT, Vcsim
+from tests.support import ADMIN, INVENTORY, PLACEMENT, Vcsim
 from workers.gateway_agent import load_key
 from workflows.preflight import PreflightWorkflow
 
@@ -42,7 +42,7 @@ COLD_BOUND = 16
 @pytest.fixture(scope="module")
 def ntp_vcsim(workdir: Path) -> Iterator[Vcsim]:
     """A simulator like the shared one, but with NTP on every host and no extra users."""
-    sim = Vcsim(workdir, args=["-clusters", "2", "-hosts", "3", "-ntp", "pool.ntp.org"]).start()
+    sim = Vcsim(workdir, args=INVENTORY).start()
     yield sim
     sim.stop()
 
@@ -109,7 +109,7 @@ async def test_request_count_of_a_two_domain_preflight_is_bounded(
     workdir: Path, kubegate: KubegateClient, sessions: SessionPool
 ) -> None:
     # a simulator of its own, so that the pool holds no session for it yet
-    sim = Vcsim(workdir, args=["-clusters", "2", "-hosts", "3", "-ntp", "pool.ntp.org"]).start()
+    sim = Vcsim(workdir, args=INVENTORY).start()
     try:
         logins = sessions.logins
         cold = await preflight(kubegate, sim, C0, C1)
