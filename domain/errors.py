@@ -5,6 +5,8 @@ Users and scripts match on these strings; never rename one.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 INVALID_CREDENTIALS = "InvalidCredentials"
 MISSING_PRIVILEGE = "MissingPrivilege"
 OBJECT_NOT_FOUND = "ObjectNotFound"
@@ -36,3 +38,13 @@ NON_RETRYABLE += [OUT_OF_ADDRESSES, POOL_RESTRICTED, POOL_NOT_FOUND, POOL_IN_USE
 
 #: vm_wait_ready gave up waiting (retryable: the workflow decides how long to keep trying).
 NOT_READY = "NotReady"
+
+
+def field_errors(exc: ValidationError) -> list[str]:
+    """A pydantic error as 'field.path: rule' lines (what the CLI and Update validators say)."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        hint = " (quote it in YAML)" if error["type"] == "string_type" else ""
+        lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}{hint}")
+    return lines

@@ -28,7 +28,7 @@ from rich.table import Table
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
-from domain import names
+from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterAccess
 from domain.cluster import ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
@@ -132,12 +132,12 @@ def load_spec(path: Path, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{path}: {exc.error_count()} invalid field(s)"]
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            hint = " (quote it in YAML)" if e["type"] == "string_type" else ""
-            lines.append(f"  {where}: {e['msg'].removeprefix('Value error, ')}{hint}")
-        _bad_input("\n".join(lines))
+        _invalid_fields(path, exc)
+
+
+def _invalid_fields(path: Path, exc: ValidationError) -> NoReturn:
+    lines = [f"{path}: {exc.error_count()} invalid field(s)"]
+    _bad_input("\n".join(lines + [f"  {line}" for line in errors.field_errors(exc)]))
 
 
 def read_password(access: VCenterAccess, base: Path) -> str:
@@ -494,16 +494,7 @@ def load_cluster(path: Path) -> ClusterSpec:
         try:
             spec = ClusterSpec.model_validate(data)
         except ValidationError as exc:
-            _bad_input(
-                "\n".join(
-                    [f"{path}: {exc.error_count()} invalid field(s)"]
-                    + [
-                        f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: "
-                        f"{e['msg'].removeprefix('Value error, ')}"
-                        for e in exc.errors()
-                    ]
-                )
-            )
+            _invalid_fields(path, exc)
     return spec
 
 

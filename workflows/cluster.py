@@ -886,7 +886,7 @@ class ClusterWorkflow:
         try:
             return ClusterSpec.model_validate(data)
         except ValidationError as exc:
-            raise _invalid_spec(_validation_text(exc)) from None
+            raise _invalid_spec("; ".join(errors.field_errors(exc))) from None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -1138,11 +1138,3 @@ def _invalid_state(message: str) -> ApplicationError:
 
 def _invalid_spec(message: str) -> ApplicationError:
     return ApplicationError(message, type=errors.INVALID_SPEC, non_retryable=True)
-
-
-def _validation_text(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        path = ".".join(str(p) for p in error["loc"])
-        parts.append(f"{path}: {error['msg']}" if path else error["msg"])
-    return "; ".join(parts)
