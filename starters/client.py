@@ -207,6 +207,13 @@ _batchers: weakref.WeakKeyDictionary[
 _background: set[asyncio.Task[None]] = set()
 
 
+_TRANSIENT_RPC = (
+    RPCStatusCode.CANCELLED,
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+)
+
+
 class KubegateError(Exception):
     """A request kubegate refused or could not carry out; the message says why."""
 
@@ -266,15 +273,20 @@ class KubegateClient:
         """True if an agent of the gateway polls its task queue (waits up to `wait` seconds)."""
         deadline = asyncio.get_running_loop().time() + wait
         while True:
-            response = await self.client.workflow_service.describe_task_queue(
-                DescribeTaskQueueRequest(
-                    namespace=self.client.namespace,
-                    task_queue=TaskQueue(name=names.gateway_task_queue(gateway)),
-                    task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+            try:
+                response = await self.client.workflow_service.describe_task_queue(
+                    DescribeTaskQueueRequest(
+                        namespace=self.client.namespace,
+                        task_queue=TaskQueue(name=names.gateway_task_queue(gateway)),
+                        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY,
+                    )
                 )
-            )
-            if response.pollers:
-                return True
+                if response.pollers:
+                    return True
+            except RPCError as exc:
+                # a busy server may cancel or drop the call: ask again until the deadline
+                if exc.status not in _TRANSIENT_RPC:
+                    raise
             if asyncio.get_running_loop().time() >= deadline:
                 return False
             await asyncio.sleep(0.25)
