@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.exceptions import (
-    ActivityError,
-    ApplicationError,
-    CancelledError,
-    ChildWorkflowError,
-    FailureError,
-    RetryState,
-    TimeoutError,
-)
-from temporalio.workflow import ActivityCancellationType
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from domain import errors, names
-    from domain.account import Placement, SealedSecret
-    from domain.bootstrap import (
-        NodeBootstrap,
-        NodeNetwork,
-        RenderRequest,
-        RenderResult,
-    )
-    from domain.cluster import ClusterProfile, ClusterSpec, NodePlan, WorkerPool, plan_nodes
-    from domain.ipam import (
-        AllocateAddresses,
-        AllocateResult,
-        AllocationsPage,
-        ListAddresses,
-        PoolRef,
-        PoolStatus,
-        ReleaseAddresses,
-        ReleaseResult,
-    )
+    from domain.account import SealedSecret
+    from domain.cluster import ClusterSpec, NodePlan, WorkerPool
     from domain.lifecycle import (
         AddPoolRequest,
         ChangeResult,
@@ -50,60 +21,17 @@ with workflow.unsafe.imports_passed_through():
         ClusterState,
         ClusterStatus,
         DeleteRequest,
-        Node,
         RemovePoolRequest,
         ScaleRequest,
-        Step,
-        StepState,
     )
-    from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
-    from domain.vm import (
-        CreateVmRequest,
-        DestroyResult,
-        DestroyVmRequest,
-        DomainRefs,
-        FolderRequest,
-        FolderResult,
-        OwnerMark,
-        PlacementRefs,
-        PlacementRequest,
-        PowerOnRequest,
-        ReadinessRequest,
-        ReadinessResult,
-        SweepRequest,
-        SweepResult,
-        VmInfo,
-        instance_uuid,
-    )
-
-T = TypeVar("T")
-
-_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=8,
-    non_retryable_error_types=errors.NON_RETRYABLE,
-)
-
-#: activities that wait for guests: a guest that did not come up in its time is not retried
-_RETRY_WAITING = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=8,
-    non_retryable_error_types=[*errors.NON_RETRYABLE, errors.NOT_READY],
-)
+    from domain.vm import PlacementRefs
+    from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
 
 PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 
 
-class StepFailed(Exception):
-    """A step ended in error; the cluster goes to Failed with this message."""
-
-
 @workflow.defn(name="ClusterWorkflow")
-class ClusterWorkflow:
+class ClusterWorkflow(NodeMachinery):
     """Provision, change and delete one cluster; every step recorded in its state."""
 
     @workflow.init
@@ -117,6 +45,9 @@ class ClusterWorkflow:
             gateway=input.account.gateway,
             readiness=input.readiness,
         )
+        self.account = input.account
+        self.timing = input.timing
+        self.readiness = input.readiness
         self.secrets: SealedSecret | None = input.secrets
         self.refs: PlacementRefs | None = None
         self.plans: dict[str, NodePlan] = {}  # the current spec's node plans, by name
@@ -205,462 +136,13 @@ class ClusterWorkflow:
 
     # -- steps ----------------------------------------------------------------------------
 
-    async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
-        step = Step(name=name, title=title, started=workflow.now())
-        self.state.steps.append(step)
-        _CURRENT.set(step)  # this task's step: its activities' attempts count here
-        self._publish()
-        try:
-            await body(step)
-            step.state = StepState.DONE
-        except asyncio.CancelledError:
-            step.state = StepState.CANCELLED
-            step.error = "aborted" if self.aborting else "stopped: another step failed"
-            raise
-        except (FailureError, StepFailed) as exc:
-            if self.aborting:
-                step.state, step.error = StepState.CANCELLED, "aborted"
-                raise StepFailed("aborted") from None
-            step.state = StepState.FAILED
-            step.error = _message(exc)
-            step.attempts = max(step.attempts, _attempts_of(exc))
-            raise StepFailed(f"{title}: {step.error}") from None
-        finally:
-            step.ended = workflow.now()
-            self._publish()
-
-    async def _validate(self, step: Step) -> None:
-        spec = self.state.spec
-        try:
-            ClusterSpec.model_validate(spec.model_dump(mode="json"))
-            spec.effective_profile()
-        except (ValidationError, ValueError) as exc:
-            raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
-        self._plan(plan_nodes(spec))
-        needed: dict[str, int] = {}
-        for node in self.state.nodes:
-            if node.ip_pool is not None:
-                needed[node.ip_pool] = needed.get(node.ip_pool, 0) + 1
-        vip_pool = spec.control_plane.placement[0].ip_pool
-        if vip_pool is not None:
-            needed[vip_pool] = needed.get(vip_pool, 0) + 1
-        statuses = await self._all(
-            [
-                self._control(
-                    "describe_pool",
-                    PoolRef(gateway=self.state.gateway, pool=pool),
-                    PoolStatus,
-                    f"Check IP pool {pool}",
-                )
-                for pool in sorted(needed)
-            ]
-        )
-        owner = self._owner()
-        for pool, status in zip(sorted(needed), statuses, strict=True):
-            held = needed[pool] if owner in status.owners else 0
-            if status.free + held < needed[pool]:
-                raise ApplicationError(
-                    f"IP pool {pool} has {status.free} free addresses; the cluster needs "
-                    f"{needed[pool]}",
-                    type=errors.OUT_OF_ADDRESSES,
-                    non_retryable=True,
-                )
-        step.detail = f"{len(self.state.nodes)} nodes planned"
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in sorted(needed)]
-
-    async def _preflight(self, step: Step) -> None:
-        account = self.input.account
-        placements = self._placements()
-        request = PreflightRequest(
-            account=account.name,
-            gateway=account.gateway,
-            credentials=account.credentials,
-            placement=placements[0],
-            more_placements=placements[1:],
-            fresh_login=False,
-        )
-        report = await self._agent(
-            "preflight_all",
-            request,
-            PreflightReport,
-            f"Preflight of {len(placements)} placement domain(s) as {account.credentials.username}",
-            timeout=timedelta(minutes=2),
-        )
-        step.objects = sorted(set(report.refs.values()))
-        failed = [r for r in report.results if r.status is CheckStatus.FAIL]
-        if failed:
-            raise ApplicationError(
-                "; ".join(f"{r.title} ({r.object}): {r.detail}" for r in failed[:5]),
-                type=errors.INVALID_SPEC,
-                non_retryable=True,
-            )
-        self.refs = self._refs_from(report.refs, placements)
-        self.refs_for = self._distinct_domains()
-        step.detail = f"{len(report.results)} checks passed"
-
-    async def _folder(self, step: Step) -> None:
-        spec = self.state.spec
-        result = await self._agent(
-            "vm_ensure_folder",
-            self._folder_request(),
-            FolderResult,
-            f"Create folder {spec.name} in {spec.placement.datacenter}",
-        )
-        self.state.folder, self.state.folder_ref = result.path, result.ref
-        step.objects = [result.ref]
-        step.detail = result.path
-
-    async def _converge(self, folder: bool = False) -> None:
-        """Make vCenter match the spec: remove extra nodes, then add and start missing ones."""
-        wanted = plan_nodes(self.state.spec)
-        names_wanted = {plan.name for plan in wanted}
-        extra = [n for n in self.state.nodes if n.name not in names_wanted]
-        if extra:
-            extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
-            await self._step(
-                "remove-nodes",
-                f"Remove {len(extra)} node(s)",
-                lambda step: self._remove_nodes(step, extra),
-            )
-        self._plan(wanted)
-        addresses = self._step("addresses", "Allocate addresses", self._addresses)
-        if folder:  # independent of each other: run them at the same time
-            await self._all([self._step("folder", "Create the folder", self._folder), addresses])
-        else:
-            await addresses
-        await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
-        await self._step("create-vms", "Create VMs", self._create_vms)
-        await self._step("readiness", f"Start nodes, wait ({self.input.readiness})", self._ready)
-
-    async def _addresses(self, step: Step) -> None:
-        owner = self._owner()
-        slots: dict[str, list[str]] = {}
-        cp_pool = self.state.spec.control_plane.placement[0].ip_pool
-        if cp_pool is not None:
-            slots.setdefault(cp_pool, []).append("vip")
-        for node in self.state.nodes:
-            if node.ip_pool is not None:
-                slots.setdefault(node.ip_pool, []).append(node.name)
-        if not slots:
-            fixed = self.state.spec.control_plane.vip
-            self.state.vip = str(fixed) if fixed is not None else None
-            step.state = StepState.SKIPPED
-            step.detail = "DHCP: nodes get their addresses from the network"
-            return
-        pools = sorted(slots)
-        results = await self._all(
-            [
-                self._control(
-                    "allocate_addresses",
-                    AllocateAddresses(
-                        gateway=self.state.gateway, pool=pool, owner=owner, slots=slots[pool]
-                    ),
-                    AllocateResult,
-                    f"Allocate {len(slots[pool])} address(es) from {pool}",
-                    cancellation=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                )
-                for pool in pools
-            ]
-        )
-        for pool, result in zip(pools, results, strict=True):
-            self.state.networks[pool] = NodeNetwork(
-                mode="static",
-                prefix=result.prefix,
-                gateway=result.network_gateway,
-                nameservers=result.nameservers,
-                search_domains=result.search_domains,
-            )
-            if "vip" in result.addresses:
-                self.state.vip = result.addresses["vip"]
-        addresses = {slot: a for r in results for slot, a in r.addresses.items()}
-        for node in self.state.nodes:
-            node.address = addresses.get(node.name, node.address)
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
-        step.detail = (f"VIP {self.state.vip}, " if self.state.vip else "") + ", ".join(
-            f"{n.name} {n.address}" for n in self.state.nodes if n.address
-        )
-
-    async def _bootstrap(self, step: Step) -> None:
-        pending = [n for n in self.state.nodes if n.phase in ("planned", "failed")]
-        renderable = [self._bootstrap_of(n) for n in pending]
-        inputs = [b for b in renderable if b is not None]
-        if inputs or self.secrets is None:
-            result = await self._agent(
-                "bootstrap_render",
-                RenderRequest(nodes=inputs, secrets=self.secrets),
-                RenderResult,
-                f"Render cloud-init for {len(inputs)} node(s)"
-                + ("" if self.secrets else "; generate the cluster's CA and tokens"),
-            )
-            self.secrets = self.secrets or result.secrets
-            step.objects = [f"{d.hostname} sha256:{d.digest[:12]}" for d in result.nodes]
-        later = len(renderable) - len(inputs)
-        step.detail = f"{len(inputs)} rendered (secrets sealed to the agent)" + (
-            f"; {later} rendered at creation (join endpoint known once the first node is ready)"
-            if later
-            else ""
-        )
-
-    async def _create_vms(self, step: Step) -> None:
-        """Clone every node; start the first control-plane node and wait until it runs.
-
-        When the join endpoint is known before the first node runs (a VIP), the other nodes
-        are cloned at the same time and left off until the readiness step; otherwise (DHCP
-        without a VIP) they are created and started once the first node reports its address.
-        """
-        pending = [n for n in self.state.nodes if n.phase not in ("created", "ready")]
-        first = next((n for n in pending if n.control_plane and n.index == 0), None)
-        if first is None:  # the control plane runs (day 2, or a retry): start them as they come
-            await self._all([self._create_node(n, start=True) for n in pending])
-        elif self.state.vip is not None:
-            others = [n for n in pending if n is not first]
-            step.detail = f"cloning {len(pending)} node(s); starting {first.name} first"
-            self._publish()
-            await self._all(
-                [self._create_node(first, start=True)]
-                + [self._create_node(n, start=False) for n in others]
-            )
-        else:
-            step.detail = f"creating {first.name}, the first control-plane node"
-            self._publish()
-            await self._create_node(first, start=True)
-            others = [n for n in pending if n is not first]
-            await self._all([self._create_node(n, start=True) for n in others])
-        step.objects = [n.vm for n in self.state.nodes if n.vm]
-        step.detail = f"{len(step.objects)} VMs"
-
-    async def _ready(self, step: Step) -> None:
-        """Start the nodes that wait for the first one, then wait until every node is ready."""
-        stopped = [n for n in self.state.nodes if n.phase == "created"]
-        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
-        if stopped and first is not None and self.input.readiness == "kubernetes":
-            await self._wait_ready([first])  # the API answers before anyone joins
-        if stopped:
-            result = await self._agent(
-                "vm_power_on",
-                PowerOnRequest(
-                    credentials=self.input.account.credentials,
-                    nodes=[(n.vm or "", n.name, n.address) for n in stopped],
-                    wait_guest=True,
-                    timeout_seconds=self.input.timing.readiness_minutes * 60,
-                ),
-                ReadinessResult,
-                f"Start {len(stopped)} joining node(s) and wait for their guests",
-                timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
-                heartbeat=True,
-                retry=_RETRY_WAITING,
-            )
-            self._mark_ready(stopped, result)
-        if self.input.readiness == "kubernetes":
-            await self._wait_ready(self.state.nodes)
-        step.detail = f"{len(self.state.nodes)} nodes ready"
-        step.objects = [n.vm for n in self.state.nodes if n.vm]
-
-    # -- nodes ----------------------------------------------------------------------------
-
-    def _plan(self, plan: Sequence[NodePlan]) -> None:
-        """Add planned nodes that are not known yet (existing nodes keep their state)."""
-        self.plans = {p.name: p for p in plan}
-        known = {n.name for n in self.state.nodes}
-        for p in plan:
-            if p.name in known:
-                continue
-            self.state.nodes.append(
-                Node(
-                    name=p.name,
-                    pool=p.pool,
-                    index=p.index,
-                    control_plane=p.control_plane,
-                    domain_index=p.domain_index,
-                    compute_cluster=p.domain.compute_cluster,
-                    ip_pool=p.domain.ip_pool,
-                    instance_uuid=instance_uuid(self._owner(), p.name),
-                )
-            )
-
-    def _bootstrap_of(self, node: Node) -> NodeBootstrap | None:
-        spec = self.state.spec
-        profile: ClusterProfile = spec.effective_profile()
-        kube = profile.pack("kubernetes")
-        values = kube.values if kube else {}
-        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
-        first_address = first.address if first else None
-        if node.control_plane and node.index == 0:
-            role = "init"
-        elif node.control_plane:
-            role = "join-control-plane"
-        else:
-            role = "worker"
-        if role != "init" and self.state.vip is None and first_address is None:
-            return None  # DHCP: the join endpoint is the first node's address, not known yet
-        network = (
-            self.state.networks[node.ip_pool].model_copy(update={"address": node.address})
-            if node.ip_pool is not None
-            else NodeNetwork(mode="dhcp")
-        )
-        return NodeBootstrap(
-            cluster=spec.name,
-            hostname=node.name,
-            instance_id=node.instance_uuid,
-            role=role,
-            network=network,
-            ssh_keys=spec.placement.ssh_keys,
-            ntp_servers=spec.placement.ntp_servers,
-            vip=self.state.vip,
-            first_control_plane=first_address,
-            kubernetes_version=kube.version if kube else "",
-            pod_cidr=str(values.get("pod_cidr", "192.168.0.0/16")),
-            service_cidr=str(values.get("service_cidr", "10.96.0.0/12")),
-            allow_worker_capability=spec.control_plane.allow_worker_capability,
-            packs=[(layer.layer, layer.pack) for layer in profile.layers],
-        )
-
-    async def _create_node(self, node: Node, start: bool) -> None:
-        plan = self.plans[node.name]
-        refs = await self._placement_refs()
-        bootstrap = self._bootstrap_of(node)
-        node.phase = "creating"
-        self._publish()
-        request = CreateVmRequest(
-            credentials=self.input.account.credentials,
-            name=node.name,
-            instance_uuid=node.instance_uuid,
-            owner=OwnerMark(cluster_id=self._owner(), pool=node.pool, node=node.name),
-            template=refs.template,
-            folder=self.state.folder_ref or "",
-            domain=refs.domains[self._domain_key(plan)],
-            cpu=plan.cpu,
-            memory_mb=plan.memory_gb * 1024,
-            disk_gb=plan.disk_gb,
-            network=bootstrap.network if bootstrap else NodeNetwork(mode="dhcp"),
-            bootstrap=bootstrap,
-            secrets=self.secrets,
-            power_on=start,
-            wait_guest=start,
-            guest_timeout_seconds=self.input.timing.readiness_minutes * 60,
-        )
-        try:
-            info = await self._agent(
-                "vm_create",
-                request,
-                VmInfo,
-                f"Create VM {node.name} in {node.compute_cluster}"
-                + (f" ({node.address})" if node.address else ""),
-                timeout=timedelta(minutes=self.input.timing.create_vm_minutes),
-                heartbeat=True,
-                retry=_RETRY_WAITING,
-            )
-        except ActivityError as exc:
-            node.tasks = sorted(set(node.tasks) | set(_task_refs(exc)))
-            node.phase = "failed"
-            raise
-        except asyncio.CancelledError:
-            node.phase = "failed"
-            raise
-        node.vm, node.host, node.power_state = info.ref, info.host, info.power_state
-        if start:
-            node.address = node.address or info.address
-            node.phase = "ready"
-        else:
-            node.phase = "created"
-        self._publish()
-
-    async def _wait_ready(self, nodes: Sequence[Node]) -> None:
-        result = await self._agent(
-            "vm_wait_ready",
-            ReadinessRequest(
-                credentials=self.input.account.credentials,
-                mode=self.input.readiness,
-                nodes=[(n.vm or "", n.name, n.address) for n in nodes],
-                vip=self.state.vip,
-                timeout_seconds=self.input.timing.readiness_minutes * 60,
-            ),
-            ReadinessResult,
-            f"Wait for {', '.join(n.name for n in nodes)} ({self.input.readiness})"
-            if len(nodes) <= 3
-            else f"Wait for {len(nodes)} nodes ({self.input.readiness})",
-            timeout=timedelta(minutes=self.input.timing.readiness_minutes + 1),
-            heartbeat=True,
-            retry=_RETRY_WAITING,
-        )
-        self._mark_ready(nodes, result)
-
-    def _mark_ready(self, nodes: Sequence[Node], result: ReadinessResult) -> None:
-        by_ref = {info.ref: info for info in result.nodes}
-        for node in nodes:
-            info = by_ref.get(node.vm or "")
-            if info is not None:
-                node.address = node.address or info.address
-                node.power_state = info.power_state
-                node.host = info.host or node.host
-            node.phase = "ready"
-        self._publish()
-
-    async def _remove_nodes(self, step: Step, nodes: Sequence[Node]) -> None:
-        await self._destroy_nodes(nodes)
-        slots: dict[str, list[str]] = {}
-        for node in nodes:
-            if node.ip_pool is not None:
-                slots.setdefault(node.ip_pool, []).append(node.name)
-        await self._all(
-            [
-                self._control(
-                    "release_addresses",
-                    ReleaseAddresses(
-                        gateway=self.state.gateway, pool=pool, owner=self._owner(), slots=names_
-                    ),
-                    ReleaseResult,
-                    f"Release {len(names_)} address(es) to {pool}",
-                )
-                for pool, names_ in sorted(slots.items())
-            ]
-        )
-        removed = {n.name for n in nodes}
-        step.objects = [n.vm for n in nodes if n.vm]
-        step.detail = ", ".join(sorted(removed))
-        self.state.nodes = [n for n in self.state.nodes if n.name not in removed]
-
-    async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
-        for node in nodes:
-            node.phase = "deleting"
-        self._publish()
-        results = await self._all(
-            [
-                self._agent(
-                    "vm_destroy",
-                    DestroyVmRequest(
-                        credentials=self.input.account.credentials,
-                        name=node.name,
-                        instance_uuid=node.instance_uuid,
-                        folder=self.state.folder_ref,
-                        tasks=node.tasks,
-                    ),
-                    DestroyResult,
-                    f"Power off and destroy {node.name}",
-                    heartbeat=True,
-                )
-                for node in nodes
-            ]
-        )
-        for node in nodes:
-            node.phase = "deleted"
-            node.power_state = ""
-        return [ref for r in results for ref in r.destroyed]
-
     # -- teardown (abort and delete) ------------------------------------------------------
 
     async def _teardown(self, reason: str) -> bool:
         """Remove everything; True when done (Deleted), False when a step failed (Failed)."""
         self._set_status(ClusterStatus.DELETING)
-        nodes = list(self.state.nodes)
         try:
-            await self._step(
-                "delete-vms",
-                "Destroy the VMs",
-                lambda step: self._delete_vms(step, nodes),
-            )
-            await self._step("release", "Release addresses", self._release_all)
-            await self._step("remove-folder", "Remove the folder", self._remove_folder)
+            await self._teardown_steps()
         except StepFailed as exc:
             self.aborting = False
             self.state.error = f"{reason} incomplete: {exc}; fix it and delete again"
@@ -670,76 +152,6 @@ class ClusterWorkflow:
         self.state.error = None
         self._set_status(ClusterStatus.DELETED)
         return True
-
-    async def _delete_vms(self, step: Step, nodes: Sequence[Node]) -> None:
-        destroyed = await self._destroy_nodes(nodes)
-        sweep = await self._agent(
-            "vm_sweep",
-            SweepRequest(
-                credentials=self.input.account.credentials,
-                datacenter=self.state.spec.placement.datacenter,
-                cluster_id=self._owner(),
-            ),
-            SweepResult,
-            "Find and destroy any VM still marked as this cluster's",
-            heartbeat=True,
-        )
-        destroyed += sweep.destroyed
-        step.objects = destroyed
-        step.detail = f"{len(destroyed)} VM(s) destroyed"
-
-    async def _release_all(self, step: Step) -> None:
-        pools = sorted(
-            {d.ip_pool for _, d in self.state.spec.domains() if d.ip_pool is not None}
-            | {n.ip_pool for n in self.state.nodes if n.ip_pool is not None}
-            | set(self.state.networks)
-        )
-        if not pools:
-            step.state = StepState.SKIPPED
-            step.detail = "DHCP: no addresses held"
-            return
-        owner = self._owner()
-        await self._all(
-            [
-                self._control(
-                    "release_addresses",
-                    ReleaseAddresses(gateway=self.state.gateway, pool=pool, owner=owner),
-                    ReleaseResult,
-                    f"Release every address of {owner} in {pool}",
-                )
-                for pool in pools
-            ]
-        )
-        left = await self._all(
-            [
-                self._control(
-                    "list_addresses",
-                    ListAddresses(gateway=self.state.gateway, pool=pool, owner=owner, limit=10),
-                    AllocationsPage,
-                    f"Confirm {pool} holds nothing for {owner}",
-                    not_found_ok=True,
-                )
-                for pool in pools
-            ]
-        )
-        held = [a.address for page in left if page is not None for a in page.allocations]
-        if held:
-            raise ApplicationError(f"addresses still held after release: {', '.join(held)}")
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
-        step.detail = f"released in {len(pools)} pool(s); none left"
-        self.state.vip = None
-        for node in self.state.nodes:
-            node.address = None
-
-    async def _remove_folder(self, step: Step) -> None:
-        spec = self.state.spec
-        await self._agent(
-            "vm_remove_folder",
-            self._folder_request(),
-            FolderResult,
-            f"Remove folder {spec.name}",
-        )
-        step.objects = [self.state.folder_ref] if self.state.folder_ref else []
 
     # -- updates --------------------------------------------------------------------------
 
@@ -755,7 +167,7 @@ class ClusterWorkflow:
     def _abort_allowed(self) -> None:
         if self.state.status not in PROVISIONING_STATES or self.aborting:
             hint = "use delete" if self.state.status in _DELETABLE else "nothing to abort"
-            raise _invalid_state(f"cluster {self.state.name} is {self.state.status}: {hint}")
+            raise invalid_state(f"cluster {self.state.name} is {self.state.status}: {hint}")
 
     @workflow.update
     async def delete(self, request: DeleteRequest) -> ClusterState:
@@ -768,9 +180,9 @@ class ClusterWorkflow:
     def _delete_allowed(self, request: DeleteRequest) -> None:
         status = self.state.status
         if status in PROVISIONING_STATES:
-            raise _invalid_state(f"cluster {self.state.name} is {status}: use abort")
+            raise invalid_state(f"cluster {self.state.name} is {status}: use abort")
         if status not in _DELETABLE or self.deleting is not None:
-            raise _invalid_state(f"cluster {self.state.name} is {status}: cannot delete now")
+            raise invalid_state(f"cluster {self.state.name} is {status}: cannot delete now")
 
     @workflow.update
     async def retry(self) -> ClusterState:
@@ -786,7 +198,7 @@ class ClusterWorkflow:
             or self.retrying
             or self.deleting is not None
         ):
-            raise _invalid_state(
+            raise invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: only a "
                 "Failed cluster can be retried"
             )
@@ -855,7 +267,7 @@ class ClusterWorkflow:
             self.state.status is ClusterStatus.FAILED and self.state.provisioned
         )
         if not changeable or self.deleting is not None or self.retrying:
-            raise _invalid_state(
+            raise invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: changes need Running"
             )
 
@@ -871,181 +283,28 @@ class ClusterWorkflow:
         names_ = [p["name"] for p in pools]
         if scale is not None:
             if scale.pool == "cp":
-                raise _invalid_spec("pool: the control plane's size is fixed at deploy (1, 3 or 5)")
+                raise invalid_spec("pool: the control plane's size is fixed at deploy (1, 3 or 5)")
             if scale.pool not in names_:
-                raise _invalid_spec(f"pool: no worker pool named {scale.pool!r}")
+                raise invalid_spec(f"pool: no worker pool named {scale.pool!r}")
             pools[names_.index(scale.pool)]["size"] = scale.size
         if add is not None:
             if add.name in names_:
-                raise _invalid_spec(f"pool.name: a worker pool named {add.name!r} exists")
+                raise invalid_spec(f"pool.name: a worker pool named {add.name!r} exists")
             pools.append(add.model_dump(mode="json"))
         if remove is not None:
             if remove not in names_:
-                raise _invalid_spec(f"pool: no worker pool named {remove!r}")
+                raise invalid_spec(f"pool: no worker pool named {remove!r}")
             del pools[names_.index(remove)]
         try:
             return ClusterSpec.model_validate(data)
         except ValidationError as exc:
-            raise _invalid_spec("; ".join(errors.field_errors(exc))) from None
+            raise invalid_spec("; ".join(errors.field_errors(exc))) from None
 
     # -- helpers --------------------------------------------------------------------------
-
-    def _folder_request(self) -> FolderRequest:
-        spec = self.state.spec
-        return FolderRequest(
-            credentials=self.input.account.credentials,
-            datacenter=spec.placement.datacenter,
-            parent=spec.placement.folder,
-            name=spec.name,
-        )
+    # -- status ---------------------------------------------------------------------------
 
     def _owner(self) -> str:
         return names.cluster_workflow_id(self.state.name)
-
-    def _placements(self) -> list[Placement]:
-        spec = self.state.spec
-        out: list[Placement] = []
-        for domain in self._distinct_domains():
-            out.append(
-                Placement(
-                    datacenter=spec.placement.datacenter,
-                    compute_cluster=domain[0],
-                    resource_pool=domain[1],
-                    datastore=domain[2],
-                    network=domain[3],
-                    folder=spec.placement.folder,
-                    template=self.input.account.template,
-                )
-            )
-        return out
-
-    def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
-        seen: list[tuple[str, str, str, str]] = []
-        for _, d in self.state.spec.domains():
-            key = (d.compute_cluster, d.resource_pool, d.datastore, d.network)
-            if key not in seen:
-                seen.append(key)
-        return seen
-
-    def _domain_key(self, plan: NodePlan) -> int:
-        d = plan.domain
-        return self._distinct_domains().index(
-            (d.compute_cluster, d.resource_pool, d.datastore, d.network)
-        )
-
-    def _refs_from(self, refs: dict[str, str], placements: list[Placement]) -> PlacementRefs | None:
-        """Placement refs from the preflight's findings; None if any is missing."""
-        domains: list[DomainRefs] = []
-        template = ""
-        for placement in placements:
-            paths = placement.inventory_paths()
-            try:
-                domains.append(
-                    DomainRefs(
-                        compute_cluster=refs[paths["compute_cluster"]],
-                        resource_pool=refs[paths["resource_pool"]],
-                        datastore=refs[paths["datastore"]],
-                        network=refs[paths["network"]],
-                    )
-                )
-                template = refs[paths["template"]]
-            except KeyError:
-                return None
-        return PlacementRefs(template=template, domains=domains)
-
-    async def _placement_refs(self) -> PlacementRefs:
-        if self.refs is None or self.refs_for != self._distinct_domains():
-            self.refs = await self._agent(
-                "vm_resolve_placement",
-                PlacementRequest(
-                    credentials=self.input.account.credentials,
-                    datacenter=self.state.spec.placement.datacenter,
-                    template=self.input.account.template,
-                    domains=self._distinct_domains(),
-                ),
-                PlacementRefs,
-                "Find the template and placement objects",
-            )
-            self.refs_for = self._distinct_domains()
-        return self.refs
-
-    async def _all(self, coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-        """Run concurrently; on the first failure cancel the rest and wait for them."""
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await workflow.wait(tasks)
-            raise
-
-    async def _agent(
-        self,
-        activity: str,
-        arg: Any,
-        result_type: type[T],
-        summary: str,
-        timeout: timedelta = timedelta(minutes=5),
-        heartbeat: bool = False,
-        retry: RetryPolicy = _RETRY,
-    ) -> T:
-        result: T = await workflow.execute_activity(
-            activity,
-            arg,
-            result_type=result_type,
-            task_queue=names.gateway_task_queue(self.state.gateway),
-            start_to_close_timeout=timeout,
-            heartbeat_timeout=(
-                timedelta(seconds=self.input.timing.heartbeat_seconds) if heartbeat else None
-            ),
-            retry_policy=retry,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=summary,
-        )
-        self.state.vcenter_requests += int(getattr(result, "vcenter_requests", 0) or 0)
-        self._attempted(result)
-        return result
-
-    async def _control(
-        self,
-        activity: str,
-        arg: Any,
-        result_type: type[T],
-        summary: str,
-        cancellation: ActivityCancellationType = ActivityCancellationType.TRY_CANCEL,
-        not_found_ok: bool = False,
-    ) -> T:
-        try:
-            result: T = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result_type,
-                task_queue=names.CONTROL_TASK_QUEUE,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=_RETRY,
-                cancellation_type=cancellation,
-                summary=summary,
-            )
-            self._attempted(result)
-            return result
-        except ActivityError as exc:
-            cause = exc.cause
-            if (
-                not_found_ok
-                and isinstance(cause, ApplicationError)
-                and cause.type == errors.POOL_NOT_FOUND
-            ):
-                return None  # type: ignore[return-value]
-            raise
-
-    def _attempted(self, result: Any) -> None:
-        """Count the attempts the step's activities took (results carry `attempt`)."""
-        step = _CURRENT.get()
-        if step is not None:
-            attempt = int(getattr(result, "attempt", 1) or 1)
-            step.attempts = max(step.attempts, attempt)
 
     def _set_status(self, status: ClusterStatus, detail: str = "") -> None:
         self.state.status = status
@@ -1069,9 +328,6 @@ class ClusterWorkflow:
 
 
 _DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
-
-#: the step the running task belongs to (each concurrent step runs in its own task)
-_CURRENT: contextvars.ContextVar[Step | None] = contextvars.ContextVar("step", default=None)
 
 
 def render_details(state: ClusterState) -> str:
@@ -1097,44 +353,3 @@ def render_details(state: ClusterState) -> str:
     for n in state.nodes:
         lines.append(f"| {n.name} | {n.pool} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
     return "\n".join(lines)
-
-
-def _task_refs(exc: BaseException) -> list[str]:
-    """vCenter task refs from an activity failure's last heartbeat details."""
-    found: list[str] = []
-    cause = exc.cause if isinstance(exc, ActivityError) else None
-    details: Sequence[Any] = ()
-    if isinstance(cause, TimeoutError):
-        details = cause.last_heartbeat_details
-    elif isinstance(cause, CancelledError):
-        details = cause.details
-    for item in details:
-        values = item.values() if isinstance(item, dict) else [item]
-        for value in values:
-            if isinstance(value, str) and value.startswith("Task:"):
-                found.append(value)
-    return found
-
-
-def _attempts_of(exc: BaseException) -> int:
-    """Attempts an activity failure took: all of them when it ran out, else at least one."""
-    if isinstance(exc, ActivityError) and exc.retry_state == RetryState.MAXIMUM_ATTEMPTS_REACHED:
-        return _RETRY.maximum_attempts
-    return 1
-
-
-def _message(exc: BaseException) -> str:
-    """The innermost useful message of a failure chain."""
-    while isinstance(exc, ActivityError | ChildWorkflowError) and exc.cause is not None:
-        exc = exc.cause
-    if isinstance(exc, TimeoutError):
-        return f"timed out ({exc.type.name.lower() if exc.type else 'timeout'})"
-    return getattr(exc, "message", None) or str(exc)
-
-
-def _invalid_state(message: str) -> ApplicationError:
-    return ApplicationError(message, type=errors.INVALID_STATE, non_retryable=True)
-
-
-def _invalid_spec(message: str) -> ApplicationError:
-    return ApplicationError(message, type=errors.INVALID_SPEC, non_retryable=True)
