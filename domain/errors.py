@@ -48,3 +48,8 @@ def field_errors(exc: ValidationError) -> list[str]:
         hint = " (quote it in YAML)" if error["type"] == "string_type" else ""
         lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}{hint}")
     return lines
+
+#: a cluster request for a gateway that cannot take it, or an agent the gateway refuses
+GATEWAY_NOT_READY = "GatewayNotReady"
+PAIRING_REFUSED = "PairingRefused"
+IN_USE = "InUse"

@@ -1,4 +1,4 @@
-"""Gateway groundwork (issue 5): pairing codes, installer properties, sizes, statuses.
+"""Gateways: pairing codes, installer properties, sizes, releases, configuration and state.
 
 Pure models and rules. Code generation uses `secrets` and is for starters and activities
 only; workflows keep and compare hashes (`pairing_hash`, `pairing_matches`).
@@ -12,11 +12,14 @@ import ipaddress
 import secrets
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
+from domain.account import Placement, SealedSecret, VCenterAccess, VCenterCredentials
+from domain.cluster import ClusterPlacement, ClusterSpec
+from domain.lifecycle import ClusterState, Step, Timing
 from domain.names import DnsLabel
 
 #: How long a pairing code can be used, and when a gateway that has not registered is overdue.
@@ -212,3 +215,372 @@ class InstallerProperties(BaseModel):
             f"kubegate.{name}": "" if value is None else str(value)
             for name, value in self.model_dump().items()
         }
+
+
+# -- releases -------------------------------------------------------------------------------
+
+
+class GatewayRelease(BaseModel):
+    """A version of the gateway: what its nodes run."""
+
+    version: str
+    kubernetes: str = Field(description="Kubernetes version of the gateway's own nodes.")
+    notes: str = ""
+
+
+#: Every gateway release this kubegate knows, oldest first. New gateways get the first one
+#: unless asked otherwise; a newer one shows as available and `gateway upgrade` rolls to it.
+GATEWAY_RELEASES = (
+    GatewayRelease(version="1.0.0", kubernetes="1.30.4", notes="first release"),
+    GatewayRelease(
+        version="1.1.0", kubernetes="1.30.6", notes="OS security fixes; Kubernetes 1.30.6"
+    ),
+)
+
+
+def release(version: str) -> GatewayRelease | None:
+    return next((r for r in GATEWAY_RELEASES if r.version == version), None)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
+
+
+def newest_release_after(version: str) -> GatewayRelease | None:
+    """The newest release above `version` (what `gateway get` shows as available)."""
+    newer = [r for r in GATEWAY_RELEASES if _version_key(r.version) > _version_key(version)]
+    return max(newer, key=lambda r: _version_key(r.version)) if newer else None
+
+
+def can_upgrade(current: str, wanted: str) -> str | None:
+    """None if an upgrade from `current` to `wanted` is allowed, else the reason."""
+    if release(wanted) is None:
+        known = ", ".join(r.version for r in GATEWAY_RELEASES)
+        return f"version: {wanted!r} is not a gateway release (known: {known})"
+    if _version_key(wanted) <= _version_key(current):
+        return f"version: {wanted} is not newer than the installed {current}"
+    return None
+
+
+# -- configuration --------------------------------------------------------------------------
+
+#: each gateway node's size: 1 node meets the 1-node minimum, 3 together exceed the 3-node one
+NODE_CPU = 2
+NODE_MEMORY_GB = 4
+NODE_DISK_GB = 30
+
+
+class GatewayConfig(BaseModel):
+    """What `gateway configure` gives: vCenter access (password sealed) and placement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    credentials: VCenterCredentials
+    placement: Placement = Field(description="Where the gateway's nodes go; template required.")
+    ssh_keys: list[str] = Field(default_factory=list)
+    ntp_servers: list[str] = Field(default_factory=list)
+    ip_allocation: Literal["static", "dhcp"] = "dhcp"
+    ip_pool: DnsLabel | None = Field(
+        default=None, description="IP pool of this gateway (static): nodes and the VIP."
+    )
+    vip: IPvAnyAddress | None = Field(
+        default=None, description="Load-balancer address with DHCP (always, even for one node)."
+    )
+    size: Literal[1, 3] = 1
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        return ClusterPlacement.model_validate(
+            {"datacenter": "x", "ip_allocation": "dhcp", "ssh_keys": keys}
+        ).ssh_keys
+
+    @model_validator(mode="after")
+    def _rules(self) -> GatewayConfig:
+        if self.placement.template is None:
+            raise ValueError("placement.template: required (the gateway nodes' VM template)")
+        if self.ip_allocation == "static" and self.vip is not None:
+            raise ValueError("vip: with static addressing it comes from the IP pool")
+        if self.ip_allocation == "dhcp" and self.ip_pool is not None:
+            raise ValueError("ip_pool: not allowed with DHCP (remove it)")
+        return self
+
+
+class GatewayFile(BaseModel):
+    """gateway.yaml as the user writes it (the password comes from a source, never inline)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vcenter: VCenterAccess
+    placement: Placement
+    ssh_keys: list[str] = Field(default_factory=list)
+    ntp_servers: list[str] = Field(default_factory=list)
+    ip_allocation: Literal["static", "dhcp"] = "dhcp"
+    ip_pool: DnsLabel | None = None
+    create_ip_pool: dict[str, Any] | None = Field(
+        default=None,
+        description="An IP pool to create for the gateway first (the fields of ippool.yaml, "
+        "without gateway); ip_pool then defaults to its name.",
+    )
+    vip: IPvAnyAddress | None = None
+    size: Literal[1, 3] = 1
+
+
+def gateway_cluster_name(gateway: str) -> str:
+    """The name of the gateway's own node cluster (its folder and node names start with it)."""
+    return f"{gateway}-pcg"
+
+
+def gateway_cluster_spec(gateway: str, config: GatewayConfig, version: str) -> ClusterSpec:
+    """The gateway's nodes as a cluster: 1 or 3 control-plane nodes behind a VIP."""
+    rel = release(version) or GATEWAY_RELEASES[0]
+    placement = config.placement
+    assert placement.template is not None
+    return ClusterSpec.model_validate(
+        {
+            "name": gateway_cluster_name(gateway),
+            "description": f"nodes of private cloud gateway {gateway}",
+            "profile": {
+                "name": "kubegate-gateway",
+                "version": rel.version,
+                "layers": [
+                    {
+                        "layer": "os",
+                        "pack": {
+                            "name": "ubuntu",
+                            "version": "22.04",
+                            "values": {"template": placement.template},
+                        },
+                    },
+                    {
+                        "layer": "kubernetes",
+                        "pack": {"name": "kubernetes", "version": rel.kubernetes},
+                    },
+                    {"layer": "network", "pack": {"name": "cni-calico", "version": "3.28.0"}},
+                    {
+                        "layer": "addon",
+                        "pack": {"name": "kubegate-gateway", "version": rel.version},
+                    },
+                ],
+            },
+            "cloud_account": default_account_name(gateway),
+            "placement": {
+                "datacenter": placement.datacenter,
+                "folder": placement.folder,
+                "ssh_keys": config.ssh_keys,
+                "ntp_servers": config.ntp_servers,
+                "ip_allocation": config.ip_allocation,
+            },
+            "control_plane": {
+                "size": config.size,
+                "allow_worker_capability": True,
+                "cpu": NODE_CPU,
+                "memory_gb": NODE_MEMORY_GB,
+                "disk_gb": NODE_DISK_GB,
+                "placement": [
+                    {
+                        "compute_cluster": placement.compute_cluster,
+                        "resource_pool": placement.resource_pool,
+                        "datastore": placement.datastore,
+                        "network": placement.network,
+                        "ip_pool": config.ip_pool,
+                    }
+                ],
+                "vip": str(config.vip) if config.vip is not None else None,
+            },
+            "workers": [],
+        }
+    )
+
+
+def default_account_name(gateway: str) -> str:
+    return f"{gateway}-default"
+
+
+# -- state ----------------------------------------------------------------------------------
+
+
+class AgentInfo(BaseModel):
+    """The registered agent: its public key (secrets are sealed to it) and where it runs."""
+
+    public_key: str = Field(description="X25519 public key, base64.")
+    key_id: str
+    host: str = ""
+    installer_vm: str | None = Field(default=None, description="Inventory path of the installer.")
+    installer_address: str | None = None
+    registered_at: datetime | None = None
+
+
+class CloudAccount(BaseModel):
+    """A cloud account kept by its gateway: vCenter, user, sealed password."""
+
+    name: DnsLabel
+    gateway: DnsLabel
+    credentials: VCenterCredentials
+    placement: Placement | None = Field(
+        default=None, description="Default placement (its template is the default template)."
+    )
+    default: bool = Field(default=False, description="Created with the gateway.")
+    created_at: datetime | None = None
+
+
+class AccountSummary(BaseModel):
+    """An account as `account list` shows it (no sealed secret)."""
+
+    name: str
+    gateway: str
+    server: str
+    username: str
+    default: bool
+    clusters: list[str] = Field(default_factory=list)
+
+
+class ClusterRecord(BaseModel):
+    """A cluster of the gateway as the gateway knows it."""
+
+    name: str
+    account: str
+    status: str
+    queued: bool = False
+
+
+class GatewayState(BaseModel):
+    """Everything the gateway workflow knows; returned by its `state` query."""
+
+    name: str
+    status: GatewayStatus = GatewayStatus.PENDING
+    reason: str = ""
+    error: str | None = None
+    system: bool = Field(default=False, description="Runs no nodes of its own (system gateway).")
+    overdue: bool = False
+    hints: list[str] = Field(default_factory=list)
+    pairing: PairingState
+    pairing_issued_at: datetime | None = None
+    agent: AgentInfo | None = None
+    config: GatewayConfig | None = None
+    version: str = GATEWAY_RELEASES[0].version
+    target_version: str | None = None
+    nodes: ClusterState | None = Field(
+        default=None, description="The gateway's nodes and the steps that made them."
+    )
+    history: list[Step] = Field(
+        default_factory=list, description="Steps of earlier attempts (before a reset)."
+    )
+    accounts: list[CloudAccount] = Field(default_factory=list)
+    clusters: list[ClusterRecord] = Field(default_factory=list)
+    queue: list[str] = Field(default_factory=list, description="Clusters waiting, in order.")
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def account(self, name: str) -> CloudAccount | None:
+        return next((a for a in self.accounts if a.name == name), None)
+
+    def cluster(self, name: str) -> ClusterRecord | None:
+        return next((c for c in self.clusters if c.name == name), None)
+
+    def live_clusters(self, account: str | None = None) -> list[str]:
+        return [
+            c.name
+            for c in self.clusters
+            if c.status != "Deleted" and (account is None or c.account == account)
+        ]
+
+    @property
+    def steps(self) -> list[Step]:
+        return self.history + (self.nodes.steps if self.nodes else [])
+
+    @property
+    def available_version(self) -> str | None:
+        newer = newest_release_after(self.version)
+        return newer.version if newer else None
+
+
+class GatewayInput(BaseModel):
+    """Input of GatewayWorkflow (also carries the state across continue-as-new)."""
+
+    name: DnsLabel
+    pairing: PairingState
+    system: bool = False
+    timing: Timing = Field(default_factory=Timing)
+    state: GatewayState | None = None
+    secrets: SealedSecret | None = Field(default=None, description="The node cluster's secrets.")
+
+
+class RegisterRequest(BaseModel):
+    """What an agent presents to pair: the code, its public key, where it runs."""
+
+    pairing_code: str = Field(description="The code `gateway create` printed (single use).")
+    public_key: str
+    key_id: str
+    host: str = ""
+    installer_vm: str | None = None
+    installer_address: str | None = None
+
+
+class ClusterRequest(BaseModel):
+    """A cluster deploy request sent to its gateway."""
+
+    spec: ClusterSpec
+    readiness: Literal["guest", "kubernetes"] = "guest"
+    timing: Timing = Field(default_factory=Timing)
+
+
+class ClusterAdmission(BaseModel):
+    """The gateway's answer to a cluster request."""
+
+    cluster: str
+    workflow_id: str
+    queued: bool
+
+
+class ClusterChanged(BaseModel):
+    """A cluster tells its gateway its new status (signal)."""
+
+    name: str
+    account: str
+    status: str
+
+
+class ResizeRequest(BaseModel):
+    size: Literal[1, 3]
+
+
+class UpgradeRequest(BaseModel):
+    version: str | None = Field(default=None, description="Default: the newest release.")
+
+
+def cluster_template(spec: ClusterSpec, account: CloudAccount) -> str:
+    """The VM template a cluster clones: its os pack's `values.template`, else the account's."""
+    os_pack = spec.effective_profile().pack("os")
+    template = (os_pack.values.get("template") if os_pack else None) or (
+        account.placement.template if account.placement else None
+    )
+    if not isinstance(template, str) or not template.strip("/"):
+        raise ValueError(
+            "profile os pack values.template: name the VM template to clone (or set "
+            "placement.template in the cloud account)"
+        )
+    return template.strip("/")
+
+
+def nodes_config_problem(config: GatewayConfig) -> str | None:
+    """What a gateway that runs its own nodes still needs in its config, if anything."""
+    if config.ip_allocation == "static" and config.ip_pool is None:
+        return "ip_pool: required with static IP allocation"
+    if config.ip_allocation == "dhcp" and config.vip is None:
+        return "vip: required with DHCP (the gateway's load-balancer address, even for one node)"
+    return None
+
+
+class ResetRequest(BaseModel):
+    """Reset a stuck or failed gateway; a new pairing when its installer never registered."""
+
+    pairing: PairingState | None = None
+
+
+class AccountRequest(BaseModel):
+    """A cloud account to add to a gateway (password sealed to its agent)."""
+
+    name: DnsLabel
+    credentials: VCenterCredentials
+    placement: Placement | None = None

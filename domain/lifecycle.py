@@ -101,6 +101,10 @@ class ClusterInput(BaseModel):
     account: ClusterAccount
     readiness: Literal["guest", "kubernetes"] = "guest"
     timing: Timing = Field(default_factory=Timing)
+    #: the gateway workflow told of every status change (clusters deployed through a gateway)
+    gateway_workflow: str | None = None
+    #: wait for the gateway's `proceed` signal before provisioning (gateway upgrading)
+    queued: bool = False
     #: carried across continue-as-new
     state: ClusterState | None = None
     secrets: SealedSecret | None = None
@@ -128,6 +132,8 @@ class ClusterState(BaseModel):
     updated_at: datetime | None = None
     vcenter_requests: int = 0
     provisioned: bool = Field(default=False, description="It has been Running at least once.")
+    #: node slot (name at revision 0) -> revision; a replaced node is named '<slot>-r<rev>'
+    revisions: dict[str, int] = Field(default_factory=dict)
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]

@@ -48,3 +48,7 @@ def ippool_workflow_id(gateway: str, pool: str) -> str:
 
 def cluster_workflow_id(cluster: str) -> str:
     return f"cluster/{cluster}"
+
+
+def gateway_workflow_id(gateway: str) -> str:
+    return f"gateway/{gateway}"

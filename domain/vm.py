@@ -169,3 +169,18 @@ class SweepResult(BaseModel):
     vms: list[VmInfo] = Field(default_factory=list)
     destroyed: list[str] = Field(default_factory=list)
     vcenter_requests: int = 0
+
+
+class InstallerVmRequest(BaseModel):
+    """Power off or destroy a gateway's installer VM (by inventory path or ref)."""
+
+    credentials: VCenterCredentials
+    vm: str = Field(description="Inventory path ('/DC0/vm/…') or ref ('VirtualMachine:vm-…').")
+    action: Literal["power_off", "destroy"]
+
+
+class InstallerVmResult(BaseModel):
+    found: bool
+    ref: str | None = None
+    power_state: str = ""
+    vcenter_requests: int = 0

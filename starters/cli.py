@@ -31,6 +31,7 @@ from temporalio.service import RPCError
 from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterAccess
 from domain.cluster import ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
+from domain.gateway import GatewayState
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
 from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary
 from domain.preflight import CheckStatus, PreflightReport
@@ -460,16 +461,6 @@ def worker_control() -> None:
     control.main()
 
 
-@gateway_app.command("agent")
-def gateway_agent(name: Annotated[str, typer.Argument(help="Gateway name.")]) -> None:
-    """Run a gateway agent: polls the gateway's task queue and talks to its vCenter."""
-    if not names.is_dns_label(name):
-        _bad_input(f"NAME: {name!r} must be a DNS label")
-    from workers import gateway_agent as agent
-
-    agent.main(name)
-
-
 # -- cluster --------------------------------------------------------------------------------
 
 cluster_app = typer.Typer(
@@ -498,21 +489,6 @@ def load_cluster(path: Path) -> ClusterSpec:
     return spec
 
 
-def _cluster_account(client: KubegateClient, spec: ClusterSpec, account: Path | None) -> Any:
-    path = account or client.settings.account_path(spec.cloud_account)
-    if not path.exists():
-        _bad_input(
-            f"cloud_account: no account file for {spec.cloud_account!r} at {path} "
-            "(pass --account FILE)"
-        )
-    account_spec = load_spec(path, CloudAccountSpec)
-    password = read_password(account_spec.vcenter, path.parent)
-    try:
-        return client.cluster_account(account_spec, password, spec)
-    except KubegateError as exc:
-        _bad_input(str(exc))
-
-
 class _Progress:
     """Prints each step once when it starts and once when it ends (live --wait output)."""
 
@@ -520,7 +496,7 @@ class _Progress:
         self.printed: set[tuple[int, str]] = set()
         self.status = ""
 
-    def __call__(self, state: ClusterState) -> None:
+    def __call__(self, state: ClusterState | GatewayState) -> None:
         if state.status.value != self.status and not self.status:
             self.status = state.status.value
             err.print(f"[bold]{self.status}[/bold]", highlight=False)
@@ -529,7 +505,7 @@ class _Progress:
             self.status = state.status.value
             err.print(f"[bold]{self.status}[/bold]", highlight=False)
 
-    def _steps(self, state: ClusterState) -> None:
+    def _steps(self, state: ClusterState | GatewayState) -> None:
         for i, step in enumerate(state.steps):
             if (i, step.state.value) in self.printed:
                 continue
@@ -567,25 +543,23 @@ def _state_json(state: ClusterState) -> str:
 @cluster_app.command("deploy")
 def cluster_deploy(
     file: Annotated[Path, typer.Option("--file", "-f", help="Cluster YAML.")],
-    account: Annotated[
-        Path | None,
-        typer.Option(help="Cloud account YAML (default: <home>/accounts/<cloud_account>.yaml)."),
-    ] = None,
     readiness: Annotated[
         str, typer.Option(help="guest (VMware Tools report address and hostname) or kubernetes.")
     ] = "guest",
     wait: WaitOption = False,
     output: OutputOption = Output.table,
 ) -> None:
-    """Deploy a cluster from its spec; with --wait, follow each step until Running or Failed."""
+    """Deploy a cluster through its cloud account's gateway; --wait follows each step.
+
+    While the gateway upgrades, the cluster is accepted and waits (Queued) in order.
+    """
     if readiness not in ("guest", "kubernetes"):
         _bad_input("--readiness: guest or kubernetes")
     spec = load_cluster(file)
 
     async def start() -> tuple[KubegateClient, ClusterState]:
         client = await KubegateClient.connect()
-        cluster_account = _cluster_account(client, spec, account)
-        return client, await client.deploy_cluster(spec, cluster_account, readiness=readiness)
+        return client, await client.deploy_cluster(spec, readiness=readiness)
 
     client, state = _run(start())
     if not wait:
@@ -803,5 +777,11 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
     out.print(nodes)
 
 
+# the gateway and account commands live in their own module and register on the apps above
+from starters import gateway_cli  # noqa: E402, F401
+
 if __name__ == "__main__":
-    main()
+    # run as `python -m starters.cli`: use the module the commands registered on
+    from starters.cli import main as registered_main
+
+    registered_main()

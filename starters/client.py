@@ -9,11 +9,12 @@ import asyncio
 import base64
 import contextlib
 import random
+import secrets
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +36,24 @@ from temporalio.service import RPCError, RPCStatusCode
 from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterCredentials, VCenterEndpoint
 from domain.cluster import ClusterSpec, WorkerPool
+from domain.gateway import (
+    PAIRING_CODE_LIFETIME,
+    AccountRequest,
+    AccountSummary,
+    ClusterRequest,
+    GatewayConfig,
+    GatewayFile,
+    GatewayInput,
+    GatewayState,
+    GatewayStatus,
+    PairingState,
+    RegisterRequest,
+    ResetRequest,
+    ResizeRequest,
+    UpgradeRequest,
+    new_pairing_code,
+    pairing_hash,
+)
 from domain.ipam import (
     MAX_BATCH,
     AllocateBatch,
@@ -53,10 +72,7 @@ from domain.ipam import (
 from domain.lifecycle import (
     AddPoolRequest,
     ChangeResult,
-    ClusterAccount,
-    ClusterInput,
     ClusterState,
-    ClusterStatus,
     ClusterSummary,
     DeleteRequest,
     RemovePoolRequest,
@@ -64,9 +80,10 @@ from domain.lifecycle import (
     Timing,
 )
 from domain.preflight import PreflightReport, PreflightRequest
-from domain.sealing import PASSWORD_PURPOSE, seal
+from domain.sealing import PASSWORD_PURPOSE, AgentKey, seal
 from starters.settings import Settings
 from workflows.cluster import ClusterWorkflow
+from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
@@ -258,16 +275,15 @@ class KubegateClient:
         settings = settings or Settings()
         return cls(await connect(settings), settings)
 
-    def gateway_public_key(self, gateway: str) -> bytes:
-        """The public key of the gateway's agent, which secrets are sealed to."""
-        path = self.settings.agent_public_key_path(gateway)
-        try:
-            return base64.b64decode(path.read_text().strip())
-        except FileNotFoundError:
+    async def gateway_public_key(self, gateway: str) -> bytes:
+        """The public key the gateway's agent registered; secrets are sealed to it."""
+        state = await self.gateway_state(gateway)
+        if state.agent is None:
             raise KubegateError(
-                f"gateway {gateway!r} has no agent key at {path}: start its agent "
-                f"(kubegate gateway agent {gateway}) or `kubegate dev up`"
-            ) from None
+                f"gateway {gateway} has no registered agent yet ({state.status}): deploy its "
+                f"installer and start its agent (kubegate gateway agent {gateway})"
+            )
+        return base64.b64decode(state.agent.public_key)
 
     async def agent_is_polling(self, gateway: str, wait: float = 5.0) -> bool:
         """True if an agent of the gateway polls its task queue (waits up to `wait` seconds)."""
@@ -291,10 +307,11 @@ class KubegateClient:
                 return False
             await asyncio.sleep(0.25)
 
-    def seal_credentials(
+    async def seal_credentials(
         self, gateway: str, endpoint: VCenterEndpoint, username: str, password: str
     ) -> VCenterCredentials:
-        sealed = seal(password, self.gateway_public_key(gateway), PASSWORD_PURPOSE)
+        """The password sealed to the gateway's agent (only it can open it)."""
+        sealed = seal(password, await self.gateway_public_key(gateway), PASSWORD_PURPOSE)
         return VCenterCredentials(endpoint=endpoint, username=username, password=sealed)
 
     async def validate_account(
@@ -306,20 +323,21 @@ class KubegateClient:
         workflow_id: str | None = None,
     ) -> PreflightReport:
         """Run the preflight of a cloud account (and its placement) on its gateway's agent."""
+        endpoint = VCenterEndpoint.model_validate(
+            spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+        )
+        credentials = await self.seal_credentials(
+            spec.gateway, endpoint, spec.vcenter.username, password
+        )
         if not await self.agent_is_polling(spec.gateway):
             raise KubegateError(
                 f"no agent of gateway {spec.gateway!r} is connected (task queue "
                 f"{names.gateway_task_queue(spec.gateway)} has no pollers): start it first"
             )
-        endpoint = VCenterEndpoint.model_validate(
-            spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-        )
         request = PreflightRequest(
             account=spec.name,
             gateway=spec.gateway,
-            credentials=self.seal_credentials(
-                spec.gateway, endpoint, spec.vcenter.username, password
-            ),
+            credentials=credentials,
             placement=spec.placement,
         )
         return await self.client.execute_workflow(
@@ -340,82 +358,30 @@ class KubegateClient:
 
     # -- clusters -------------------------------------------------------------------------------
 
-    def cluster_account(
-        self, account: CloudAccountSpec, password: str, spec: ClusterSpec
-    ) -> ClusterAccount:
-        """The cluster's cloud account with the password sealed to its gateway's agent.
-
-        The template comes from the profile's os pack (`values.template`), else from the
-        account's placement.
-        """
-        if account.name != spec.cloud_account:
-            raise KubegateError(
-                f"cloud_account: the cluster names {spec.cloud_account!r} but the account file "
-                f"is {account.name!r}"
-            )
-        os_pack = spec.effective_profile().pack("os")
-        template = (os_pack.values.get("template") if os_pack else None) or (
-            account.placement.template if account.placement else None
-        )
-        if not isinstance(template, str) or not template.strip("/"):
-            raise KubegateError(
-                "profile os pack values.template: name the VM template to clone (or set "
-                "placement.template in the cloud account)"
-            )
-        endpoint = VCenterEndpoint.model_validate(
-            account.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-        )
-        return ClusterAccount(
-            name=account.name,
-            gateway=account.gateway,
-            credentials=self.seal_credentials(
-                account.gateway, endpoint, account.vcenter.username, password
-            ),
-            template=template.strip("/"),
-        )
-
     def cluster_handle(self, name: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(names.cluster_workflow_id(name))
 
     async def deploy_cluster(
         self,
         spec: ClusterSpec,
-        account: ClusterAccount,
         *,
         readiness: str = "guest",
         timing: Timing | None = None,
-        task_queue: str = names.CONTROL_TASK_QUEUE,
+        gateway: str | None = None,
     ) -> ClusterState:
-        """Start the cluster's workflow; refused if a cluster of that name is not deleted."""
-        if not await self.agent_is_polling(account.gateway):
-            raise KubegateError(
-                f"no agent of gateway {account.gateway!r} is connected (task queue "
-                f"{names.gateway_task_queue(account.gateway)} has no pollers): start it first"
-            )
-        request = ClusterInput(
-            spec=spec, account=account, readiness=readiness, timing=timing or Timing()
+        """Ask the gateway of the spec's cloud account to deploy the cluster.
+
+        Refused (RequestRefused) unless that gateway is Running; while it upgrades the cluster
+        is accepted and waits, Queued. `gateway` skips the search for the account's gateway.
+        """
+        gateway = gateway or await self.account_gateway(spec.cloud_account)
+        request = ClusterRequest(
+            spec=spec,
+            readiness=readiness,
+            timing=timing or Timing(),
         )
-        try:
-            handle = await self.client.start_workflow(
-                ClusterWorkflow.run,
-                request,
-                id=names.cluster_workflow_id(spec.name),
-                task_queue=task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                static_summary=f"Cluster {spec.name} on gateway {account.gateway}",
-                static_details=spec.description,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(names.KIND, "cluster"),
-                        SearchAttributePair(names.STATUS, ClusterStatus.PROVISIONING.value),
-                        SearchAttributePair(names.GATEWAY, account.gateway),
-                    ]
-                ),
-            )
-        except WorkflowAlreadyStartedError:
-            raise KubegateError(f"cluster {spec.name} already exists") from None
-        state: ClusterState = await handle.query(ClusterWorkflow.state_query)
-        return state
+        await self._gateway_update(gateway, GatewayWorkflow.request_cluster, request)
+        return await self.cluster_state(spec.name)
 
     async def cluster_state(self, name: str) -> ClusterState:
         """The cluster's state (also of a deleted cluster, while its history is kept)."""
@@ -550,6 +516,263 @@ class KubegateClient:
             if asyncio.get_running_loop().time() > deadline:
                 raise KubegateError(f"cluster {name} still {state.status} after {timeout:.0f}s")
             await asyncio.sleep(interval)
+
+    # -- gateways -------------------------------------------------------------------------------
+
+    def gateway_handle(self, name: str) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(names.gateway_workflow_id(name))
+
+    async def create_gateway(
+        self,
+        name: str,
+        *,
+        system: bool = False,
+        timing: Timing | None = None,
+        task_queue: str = names.CONTROL_TASK_QUEUE,
+    ) -> tuple[GatewayState, str]:
+        """Start the gateway (Pending); returns its state and the pairing code (shown once)."""
+        if not names.is_dns_label(name) or len(name) > 40:
+            raise RequestRefused(f"NAME: {name!r} must be a DNS label of at most 40 characters")
+        code, pairing = _new_pairing()
+        try:
+            handle = await self.client.start_workflow(
+                GatewayWorkflow.run,
+                GatewayInput(name=name, pairing=pairing, system=system, timing=timing or Timing()),
+                id=names.gateway_workflow_id(name),
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                static_summary=f"{'System gateway' if system else 'Private cloud gateway'} {name}",
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "gateway"),
+                        SearchAttributePair(names.STATUS, GatewayStatus.PENDING.value),
+                        SearchAttributePair(names.GATEWAY, name),
+                    ]
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise RequestRefused(f"gateway {name} already exists") from None
+        state: GatewayState = await handle.query(GatewayWorkflow.state_query)
+        return state, code
+
+    async def gateway_state(self, name: str) -> GatewayState:
+        if not names.is_dns_label(name):
+            raise KubegateError(f"gateway {name!r}: must be a DNS label")
+        try:
+            state: GatewayState = await self.gateway_handle(name).query(GatewayWorkflow.state_query)
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                raise KubegateError(f"gateway {name} does not exist") from None
+            raise
+        except WorkflowQueryFailedError as exc:
+            raise KubegateError(f"gateway {name} did not answer ({exc.message})") from None
+        return state
+
+    async def list_gateways(self, include_deleted: bool = False) -> list[GatewayState]:
+        query = "KubegateKind = 'gateway'"
+        if not include_deleted:
+            query += " AND ExecutionStatus = 'Running'"
+        ids = [e.id async for e in self.client.list_workflows(query)]
+        states = await asyncio.gather(
+            *(
+                self.client.get_workflow_handle(i).query(
+                    GatewayWorkflow.state_query, rpc_timeout=timedelta(seconds=10)
+                )
+                for i in dict.fromkeys(ids)
+            ),
+            return_exceptions=True,
+        )
+        found = [s for s in states if isinstance(s, GatewayState)]
+        return sorted(found, key=lambda s: s.name)
+
+    async def register_agent(
+        self,
+        gateway: str,
+        key: AgentKey,
+        pairing_code: str | None,
+        *,
+        host: str = "",
+        installer_vm: str | None = None,
+        installer_address: str | None = None,
+    ) -> GatewayState:
+        """Pair an agent with its gateway (once, with the code); a paired agent just checks."""
+        state = await self.gateway_state(gateway)
+        if state.agent is not None and state.agent.public_key == key.public_key_b64:
+            return state
+        if pairing_code is None:
+            raise RequestRefused(
+                f"gateway {gateway} is not paired with this agent: give the pairing code "
+                "(--pairing-code, KUBEGATE_PAIRING_CODE, or --installer-vm to read it)"
+            )
+        request = RegisterRequest(
+            pairing_code=pairing_code,
+            public_key=key.public_key_b64,
+            key_id=key.key_id,
+            host=host,
+            installer_vm=installer_vm,
+            installer_address=installer_address,
+        )
+        result: GatewayState = await self._gateway_update(
+            gateway, GatewayWorkflow.register, request
+        )
+        return result
+
+    async def gateway_config(self, gateway: str, file: GatewayFile, password: str) -> GatewayConfig:
+        """The configuration with the password sealed to the gateway's agent."""
+        endpoint = VCenterEndpoint.model_validate(
+            file.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+        )
+        ip_pool = file.ip_pool
+        if file.create_ip_pool is not None:
+            ip_pool = ip_pool or file.create_ip_pool.get("name")
+        return GatewayConfig(
+            credentials=await self.seal_credentials(
+                gateway, endpoint, file.vcenter.username, password
+            ),
+            placement=file.placement,
+            ssh_keys=file.ssh_keys,
+            ntp_servers=file.ntp_servers,
+            ip_allocation=file.ip_allocation,
+            ip_pool=ip_pool,
+            vip=file.vip,
+            size=file.size,
+        )
+
+    async def configure_gateway(
+        self, gateway: str, file: GatewayFile, password: str
+    ) -> GatewayState:
+        """Create the file's IP pool if asked, seal the password, configure: provisioning."""
+        if file.create_ip_pool is not None:
+            pool = IpPoolSpec.model_validate({**file.create_ip_pool, "gateway": gateway})
+            existing = {p.spec.name for p in await self.list_pools(gateway, strict=True)}
+            if pool.name not in existing:
+                await self.create_pool(pool)
+        config = await self.gateway_config(gateway, file, password)
+        state: GatewayState = await self._gateway_update(gateway, GatewayWorkflow.configure, config)
+        return state
+
+    async def reset_gateway(self, gateway: str) -> tuple[GatewayState, str | None]:
+        """Reset a stuck or failed gateway; a new pairing code if its installer never paired."""
+        state = await self.gateway_state(gateway)
+        code, pairing = _new_pairing() if state.agent is None else (None, None)
+        result: GatewayState = await self._gateway_update(
+            gateway, GatewayWorkflow.reset, ResetRequest(pairing=pairing)
+        )
+        return result, code
+
+    async def resize_gateway(self, gateway: str, size: int) -> GatewayState:
+        result: GatewayState = await self._gateway_update(
+            gateway,
+            GatewayWorkflow.resize,
+            ResizeRequest(size=size),
+        )
+        return result
+
+    async def upgrade_gateway(self, gateway: str, version: str | None = None) -> GatewayState:
+        result: GatewayState = await self._gateway_update(
+            gateway, GatewayWorkflow.upgrade, UpgradeRequest(version=version)
+        )
+        return result
+
+    async def delete_gateway(self, gateway: str) -> GatewayState:
+        result: GatewayState = await self._gateway_update(gateway, GatewayWorkflow.delete)
+        return result
+
+    async def wait_gateway(
+        self,
+        name: str,
+        done: Callable[[GatewayState], bool],
+        on_change: Callable[[GatewayState], None] | None = None,
+        timeout: float = 3600.0,
+        interval: float = 0.5,
+    ) -> GatewayState:
+        """Poll the gateway's state until done(state); on_change sees every new step."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        last: tuple[Any, ...] = ()
+        while True:
+            state = await self.gateway_state(name)
+            steps = state.steps
+            mark = (
+                state.status,
+                len(steps),
+                steps[-1].state if steps else None,
+                steps[-1].detail if steps else None,
+                state.overdue,
+            )
+            if on_change is not None and mark != last:
+                on_change(state)
+                last = mark
+            if done(state):
+                return state
+            if asyncio.get_running_loop().time() > deadline:
+                raise KubegateError(f"gateway {name} still {state.status} after {timeout:.0f}s")
+            await asyncio.sleep(interval)
+
+    async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:
+        handle = self.gateway_handle(gateway)
+        try:
+            return await send_update(
+                handle.id, lambda: handle.execute_update(update, *args), client=self.client
+            )
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
+                raise RequestRefused(cause.message) from None
+            raise KubegateError(_cause(exc)) from None
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
+                raise RequestRefused(f"gateway {gateway} does not exist (or is deleted)") from None
+            raise
+
+    # -- cloud accounts ---------------------------------------------------------------------
+
+    async def create_account(self, spec: CloudAccountSpec, password: str) -> AccountSummary:
+        """Check the account on its gateway's agent (preflight) and keep it in the gateway."""
+        for state in await self.list_gateways():
+            if state.name != spec.gateway and state.account(spec.name) is not None:
+                raise RequestRefused(
+                    f"name: cloud account {spec.name} exists already (gateway {state.name})"
+                )
+        endpoint = VCenterEndpoint.model_validate(
+            spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+        )
+        request = AccountRequest(
+            name=spec.name,
+            credentials=await self.seal_credentials(
+                spec.gateway, endpoint, spec.vcenter.username, password
+            ),
+            placement=spec.placement,
+        )
+        result: AccountSummary = await self._gateway_update(
+            spec.gateway, GatewayWorkflow.add_account, request
+        )
+        return result
+
+    async def list_accounts(self, gateway: str | None = None) -> list[AccountSummary]:
+        states = [await self.gateway_state(gateway)] if gateway else await self.list_gateways()
+        out: list[AccountSummary] = []
+        for state in states:
+            out += await self.gateway_handle(state.name).query(GatewayWorkflow.accounts)
+        return sorted(out, key=lambda a: (a.gateway, a.name))
+
+    async def account_gateway(self, account: str) -> str:
+        """The gateway that keeps the cloud account (names are unique across gateways)."""
+        holders = [s.name for s in await self.list_gateways() if s.account(account) is not None]
+        if not holders:
+            raise RequestRefused(
+                f"cloud_account: no gateway has a cloud account {account!r} "
+                "(kubegate account list shows them)"
+            )
+        if len(holders) > 1:
+            raise RequestRefused(
+                f"cloud_account: {account!r} exists in gateways {', '.join(holders)}; name "
+                "the gateway"
+            )
+        return holders[0]
+
+    async def delete_account(self, name: str, gateway: str | None = None) -> None:
+        gateway = gateway or await self.account_gateway(name)
+        await self._gateway_update(gateway, GatewayWorkflow.delete_account, name)
 
     # -- IP pools -------------------------------------------------------------------------------
 
@@ -715,6 +938,26 @@ class KubegateClient:
         ):
             return KubegateError(f"IP pool {pool} of gateway {gateway} does not exist")
         return exc
+
+
+_REFUSALS = (
+    errors.INVALID_STATE,
+    errors.INVALID_SPEC,
+    errors.GATEWAY_NOT_READY,
+    errors.PAIRING_REFUSED,
+    errors.IN_USE,
+)
+
+
+def _new_pairing() -> tuple[str, PairingState]:
+    """A fresh pairing code and what the gateway keeps of it (salted hash, expiry)."""
+    code = new_pairing_code()
+    salt = secrets.token_hex(8)
+    return code, PairingState(
+        code_hash=pairing_hash(code, salt),
+        salt=salt,
+        expires_at=datetime.now(UTC) + PAIRING_CODE_LIFETIME,
+    )
 
 
 def _cause(exc: WorkflowUpdateFailedError) -> str:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
         description="Flags for the dev simulator's inventory (see tools/vcsim/README.md).",
     )
     gateway: str = Field(default="local", description="Gateway the dev stack's agent serves.")
+    pairing_code: str | None = Field(
+        default=None, description="Pairing code an agent registers with (first start only)."
+    )
     agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
     max_ops_per_host: int = Field(
         default=8, ge=1, description="Concurrent VM operations per ESXi host (vCenter: 8-16 units)."
@@ -56,8 +59,8 @@ class Settings(BaseSettings):
     def agent_key_path(self, gateway: str) -> Path:
         return self.agent_dir(gateway) / "agent.key"
 
-    def agent_public_key_path(self, gateway: str) -> Path:
-        return self.agent_dir(gateway) / "agent.pub"
+    def agent_log_path(self, gateway: str) -> Path:
+        return self.agent_dir(gateway) / "agent.log"
 
 
 def tool_path(name: str) -> Path:

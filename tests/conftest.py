@@ -16,7 +16,7 @@ from domain.names import SEARCH_ATTRIBUTES
 from domain.privileges import CLUSTER_ROLE
 from starters.client import KubegateClient
 from starters.settings import Settings, tool_path
-from tests.support import Vcsim, grant_roles
+from tests.support import Vcsim, grant_roles, system_gateway
 from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key
 
@@ -78,14 +78,18 @@ def settings(workdir: Path, temporal: WorkflowEnvironment) -> Settings:
 
 
 @pytest_asyncio.fixture(scope="session")
-async def sessions(temporal: WorkflowEnvironment, settings: Settings) -> AsyncIterator[SessionPool]:
-    """The control worker and the gateway agent of gateway 'test', running in this process."""
+async def sessions(
+    temporal: WorkflowEnvironment, settings: Settings, vcsim: Vcsim
+) -> AsyncIterator[SessionPool]:
+    """The control worker and the agent of gateway 'test' (a system gateway, Running on the
+    shared simulator), running in this process."""
     key = load_key(settings, GATEWAY)
     pool = SessionPool()
     executor = ThreadPoolExecutor(max_workers=16)
     control = build_worker(temporal.client)
     agent = build_agent(temporal.client, GATEWAY, key, pool, executor, 16)
     async with control, agent:
+        await system_gateway(KubegateClient(temporal.client, settings), GATEWAY, vcsim, key)
         yield pool
     pool.close_all()
     executor.shutdown()

@@ -208,3 +208,80 @@ async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tupl
     output, _ = await process.communicate(stdin)
     assert process.returncode is not None
     return process.returncode, output.decode()
+
+
+# -- gateways and cloud accounts for the tests ---------------------------------------------
+
+
+def sim_file(sim: Vcsim, **extra: Any) -> Any:
+    """A gateway.yaml for a system gateway on this simulator (DHCP, the shared placement)."""
+    from domain.gateway import GatewayFile
+
+    return GatewayFile.model_validate(
+        {
+            "vcenter": {"server": sim.address, "username": ADMIN, "thumbprint": sim.thumbprint},
+            "placement": PLACEMENT,
+            **extra,
+        }
+    )
+
+
+async def system_gateway(kubegate: Any, name: str, sim: Vcsim, key: Any = None) -> str | None:
+    """Create a system gateway, pair `key` with it (if given) and configure it on `sim`.
+
+    Without a key, returns the pairing code for an agent process to pair with; then call
+    `configure_system_gateway` once that agent runs.
+    """
+    from domain.gateway import GatewayStatus
+
+    existing = {s.name: s for s in await kubegate.list_gateways()}
+    if name in existing and existing[name].status is GatewayStatus.RUNNING:
+        return None
+    _, code = await kubegate.create_gateway(name, system=True)
+    if key is None:
+        return str(code)
+    await kubegate.register_agent(name, key, code)
+    await configure_system_gateway(kubegate, name, sim)
+    return None
+
+
+async def configure_system_gateway(kubegate: Any, name: str, sim: Vcsim) -> None:
+    from domain.gateway import GatewayStatus
+
+    await kubegate.configure_gateway(name, sim_file(sim), sim.password)
+    state = await kubegate.wait_gateway(
+        name,
+        lambda s: s.status in (GatewayStatus.RUNNING, GatewayStatus.FAILED),
+        timeout=120,
+        interval=0.1,
+    )
+    assert state.status is GatewayStatus.RUNNING, (state.status, state.error)
+
+
+def sim_account_name(sim: Vcsim, gateway: str) -> str:
+    """A cloud account name unique to this simulator process and gateway."""
+    digits = "".join(ch for ch in sim.thumbprint.lower() if ch in "0123456789abcdef")
+    return f"{gateway}-{sim.info['port']}-{digits[:8]}"
+
+
+async def ensure_account(kubegate: Any, sim: Vcsim, gateway: str) -> str:
+    """The simulator's cloud account on the gateway (created, i.e. checked, once)."""
+    from domain.account import CloudAccountSpec
+
+    name = sim_account_name(sim, gateway)
+    if name not in {a.name for a in await kubegate.list_accounts(gateway)}:
+        await kubegate.create_account(
+            CloudAccountSpec.model_validate(
+                {
+                    "name": name,
+                    "gateway": gateway,
+                    "vcenter": {
+                        "server": sim.address,
+                        "username": ADMIN,
+                        "thumbprint": sim.thumbprint,
+                    },
+                }
+            ),
+            sim.password,
+        )
+    return name

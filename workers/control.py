@@ -14,10 +14,11 @@ from starters.client import connect
 from starters.settings import Settings
 from workers.run import run_until_signalled
 from workflows.cluster import ClusterWorkflow
+from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
-WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow]
+WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow]
 
 
 def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:

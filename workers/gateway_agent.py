@@ -1,14 +1,16 @@
 """The gateway agent: the on-premises side of a gateway, the only process that talks to its vCenter.
 
-It connects outbound to Temporal and polls `kubegate-gateway-<name>`. Its key pair lives
-in `<home>/agents/<name>/agent.key` (private, 0600); the public half is published beside
-it as `agent.pub` so clients can seal secrets that only this agent can open.
+It connects outbound to Temporal, pairs with its gateway once (the pairing code, by Update;
+only its public key leaves this machine), then polls `kubegate-gateway-<name>`. Its key
+pair lives in `<home>/agents/<name>/agent.key` (private, 0600) and its log beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import logging.handlers
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
@@ -20,7 +22,7 @@ from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue
 from domain.sealing import AgentKey
-from starters.client import connect
+from starters.client import KubegateClient, connect
 from starters.settings import Settings
 from workers.run import run_until_signalled
 
@@ -28,12 +30,8 @@ log = logging.getLogger("kubegate.agent")
 
 
 def load_key(settings: Settings, gateway: str) -> AgentKey:
-    """The agent's key pair, created on first start; publishes the public key."""
-    key = AgentKey.load_or_create(settings.agent_key_path(gateway))
-    pub = settings.agent_public_key_path(gateway)
-    if not pub.exists() or pub.read_text().strip() != key.public_key_b64:
-        pub.write_text(key.public_key_b64 + "\n")
-    return key
+    """The agent's key pair, created on first start (the private half never leaves)."""
+    return AgentKey.load_or_create(settings.agent_key_path(gateway))
 
 
 def build_agent(
@@ -75,10 +73,27 @@ def build_agent(
     )
 
 
-async def serve(gateway: str, settings: Settings | None = None) -> None:
+async def serve(
+    gateway: str,
+    settings: Settings | None = None,
+    *,
+    pairing_code: str | None = None,
+    installer_vm: str | None = None,
+    installer_address: str | None = None,
+) -> None:
+    """Pair (first start), then run the agent until SIGTERM/SIGINT."""
     settings = settings or Settings()
     key = load_key(settings, gateway)
     client = await connect(settings)
+    state = await KubegateClient(client, settings).register_agent(
+        gateway,
+        key,
+        pairing_code or settings.pairing_code,
+        host=socket.gethostname(),
+        installer_vm=installer_vm,
+        installer_address=installer_address,
+    )
+    log.info("gateway agent %s paired (key %s), gateway is %s", gateway, key.key_id, state.status)
     sessions = SessionPool()
     with ThreadPoolExecutor(max_workers=settings.agent_threads) as executor:
         worker = build_agent(
@@ -91,15 +106,28 @@ async def serve(gateway: str, settings: Settings | None = None) -> None:
             max_ops_per_host=settings.max_ops_per_host,
             max_ops_per_datastore=settings.max_ops_per_datastore,
         )
-        log.info(
-            "gateway agent %s polling %s (key %s)", gateway, gateway_task_queue(gateway), key.key_id
-        )
+        log.info("gateway agent %s polling %s", gateway, gateway_task_queue(gateway))
         try:
             await run_until_signalled(worker)
         finally:
             sessions.close_all()
 
 
-def main(gateway: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(gateway))
+def setup_logging(settings: Settings, gateway: str) -> None:
+    """Log to stderr and to the agent's log file (what `gateway logs` bundles)."""
+    path = settings.agent_log_path(gateway)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    to_file = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3)
+    to_file.setFormatter(fmt)
+    to_stderr = logging.StreamHandler()
+    to_stderr.setFormatter(fmt)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.handlers[:] = [to_stderr, to_file]
+
+
+def main(gateway: str, **kwargs: str | None) -> None:
+    settings = Settings()
+    setup_logging(settings, gateway)
+    asyncio.run(serve(gateway, settings, **kwargs))

@@ -14,6 +14,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import errors, names
     from domain.account import SealedSecret
     from domain.cluster import ClusterSpec, NodePlan, WorkerPool
+    from domain.gateway import ClusterChanged
     from domain.lifecycle import (
         AddPoolRequest,
         ChangeResult,
@@ -58,14 +59,31 @@ class ClusterWorkflow(NodeMachinery):
         self.aborting = False
         self.provisioning: asyncio.Task[None] | None = None
         self.published: ClusterStatus | None = None  # status last written to search attributes
+        #: waiting for the gateway's `proceed` signal (requested during a gateway upgrade)
+        self.queued = input.queued and input.state is None
+        self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
 
     # -- run ------------------------------------------------------------------------------
 
     @workflow.run
     async def run(self, input: ClusterInput) -> ClusterState:
+        state = await self._life()
+        await self._notices_sent()
+        return state
+
+    async def _life(self) -> ClusterState:
         if self.state.created_at is None:
             self.state.created_at = workflow.now()
+            self._notify_gateway()
         self._publish()
+        if self.queued:
+            self.state.reason = f"waiting for gateway {self.state.gateway} to finish its upgrade"
+            self._publish()
+            await workflow.wait_condition(lambda: not self.queued or self.aborting)
+            if self.aborting:  # nothing was made yet
+                self.state.reason = "aborted while queued"
+                self._set_status(ClusterStatus.DELETED)
+                return self.state
         if self.state.status in PROVISIONING_STATES and not await self._provision():
             return self.state
         while True:
@@ -90,12 +108,14 @@ class ClusterWorkflow(NodeMachinery):
             await workflow.wait_condition(workflow.all_handlers_finished)
             if self.deleting is not None or self.retrying:
                 continue  # accepted while handlers finished: do it in this run
+            await self._notices_sent()
             workflow.continue_as_new(
                 ClusterInput(
                     spec=self.state.spec,
                     account=self.input.account,
                     readiness=self.input.readiness,
                     timing=self.input.timing,
+                    gateway_workflow=self.input.gateway_workflow,
                     state=self.state,
                     secrets=self.secrets,
                 )
@@ -234,6 +254,11 @@ class ClusterWorkflow(NodeMachinery):
         self._require_running()
         self._changed_spec(remove=request.pool)
 
+    @workflow.signal
+    def proceed(self) -> None:
+        """The gateway is Running again: a queued cluster starts provisioning."""
+        self.queued = False
+
     @workflow.query(name="state")
     def state_query(self) -> ClusterState:
         """Status, step history and nodes (what `cluster describe` shows)."""
@@ -307,11 +332,38 @@ class ClusterWorkflow(NodeMachinery):
         return names.cluster_workflow_id(self.state.name)
 
     def _set_status(self, status: ClusterStatus, detail: str = "") -> None:
+        changed = status is not self.state.status
         self.state.status = status
         self.state.updated_at = workflow.now()
         if detail:
             self.state.reason = detail
         self._publish()
+        if changed:
+            self._notify_gateway()
+
+    def _notify_gateway(self) -> None:
+        """Tell the gateway (if it asked) the status; signals go in order, awaited at the end."""
+        target = self.input.gateway_workflow
+        if target is None:
+            return
+        change = ClusterChanged(
+            name=self.state.name, account=self.state.account, status=self.state.status.value
+        )
+
+        async def send() -> None:
+            try:
+                await workflow.get_external_workflow_handle(target).signal(
+                    "cluster_changed", change
+                )
+            except Exception as exc:  # the gateway is gone: nobody to tell
+                workflow.logger.info("cluster %s: gateway not told (%s)", self.state.name, exc)
+
+        self.notices.append(asyncio.create_task(send()))
+
+    async def _notices_sent(self) -> None:
+        if self.notices:
+            await asyncio.gather(*self.notices)
+            self.notices.clear()
 
     def _publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""

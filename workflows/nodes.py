@@ -158,7 +158,7 @@ class NodeMachinery:
             spec.effective_profile()
         except (ValidationError, ValueError) as exc:
             raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
-        self._plan(plan_nodes(spec))
+        self._plan(self._wanted())
         needed: dict[str, int] = {}
         for node in self.state.nodes:
             if node.ip_pool is not None:
@@ -232,18 +232,39 @@ class NodeMachinery:
         step.objects = [result.ref]
         step.detail = result.path
 
-    async def _converge(self, folder: bool = False) -> None:
-        """Make vCenter match the spec: remove extra nodes, then add and start missing ones."""
-        wanted = plan_nodes(self.state.spec)
+    def _wanted(self) -> list[NodePlan]:
+        """The spec's node plans, named by their revision (a replaced node gets a new name)."""
+        plans = plan_nodes(self.state.spec)
+        if not self.state.revisions:
+            return plans
+        return [
+            p.model_copy(update={"name": f"{p.name}-r{rev}"})
+            if (rev := self.state.revisions.get(p.name, 0))
+            else p
+            for p in plans
+        ]
+
+    async def _converge(self, folder: bool = False, surge: bool = False) -> None:
+        """Make vCenter match the spec: remove extra nodes, then add and start missing ones.
+
+        With `surge` the missing nodes are added first and the extra ones removed after
+        (a rolling replacement keeps every node's slot served).
+        """
+        wanted = self._wanted()
         names_wanted = {plan.name for plan in wanted}
         extra = [n for n in self.state.nodes if n.name not in names_wanted]
-        if extra:
-            extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
-            await self._step(
-                "remove-nodes",
-                f"Remove {len(extra)} node(s)",
-                lambda step: self._remove_nodes(step, extra),
-            )
+        extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
+
+        async def remove() -> None:
+            if extra:
+                await self._step(
+                    "remove-nodes",
+                    f"Remove {len(extra)} node(s)",
+                    lambda step: self._remove_nodes(step, extra),
+                )
+
+        if not surge:
+            await remove()
         self._plan(wanted)
         addresses = self._step("addresses", "Allocate addresses", self._addresses)
         if folder:  # independent of each other: run them at the same time
@@ -253,6 +274,14 @@ class NodeMachinery:
         await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
         await self._step("create-vms", "Create VMs", self._create_vms)
         await self._step("readiness", f"Start nodes, wait ({self.readiness})", self._ready)
+        if surge:
+            await remove()
+
+    async def _roll(self) -> None:
+        """Replace every node, one at a time: a new node joins, then the old one goes."""
+        for plan in plan_nodes(self.state.spec):
+            self.state.revisions[plan.name] = self.state.revisions.get(plan.name, 0) + 1
+            await self._converge(surge=True)
 
     async def _addresses(self, step: Step) -> None:
         owner = self._owner()
@@ -331,7 +360,11 @@ class NodeMachinery:
         without a VIP) they are created and started once the first node reports its address.
         """
         pending = [n for n in self.state.nodes if n.phase not in ("created", "ready")]
-        first = next((n for n in pending if n.control_plane and n.index == 0), None)
+        first = (
+            None
+            if self.state.provisioned  # every new node joins a running control plane
+            else next((n for n in pending if n.control_plane and n.index == 0), None)
+        )
         if first is None:  # the control plane runs (day 2, or a retry): start them as they come
             await self._all([self._create_node(n, start=True) for n in pending])
         elif self.state.vip is not None:
@@ -407,7 +440,7 @@ class NodeMachinery:
         values = kube.values if kube else {}
         first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
         first_address = first.address if first else None
-        if node.control_plane and node.index == 0:
+        if node.control_plane and node.index == 0 and not self.state.provisioned:
             role = "init"
         elif node.control_plane:
             role = "join-control-plane"

@@ -47,6 +47,8 @@ from domain.vm import (
     DomainRefs,
     FolderRequest,
     FolderResult,
+    InstallerVmRequest,
+    InstallerVmResult,
     OwnerMark,
     PlacementRefs,
     PlacementRequest,
@@ -669,9 +671,45 @@ class VmActivities:
         result.vcenter_requests = meter[0]
         return result
 
+    @activity.defn(name="vm_installer")
+    def installer(self, request: InstallerVmRequest) -> InstallerVmResult:
+        """Power off (or destroy) the gateway's installer VM; not found = done."""
+        progress = _Progress(stage=request.action)
+        result = InstallerVmResult(found=False)
+
+        def run(session: VSphereSession) -> None:
+            if request.vm.startswith("VirtualMachine:"):
+                vm = from_ref(session, request.vm)
+            else:
+                vm = session.content.searchIndex.FindByInventoryPath(request.vm)
+            try:
+                props = (
+                    retrieve(session, [vm], ["runtime.powerState", "runtime.host"]).get(ref(vm), {})
+                    if vm is not None
+                    else None
+                )
+            except vmodl.fault.ManagedObjectNotFound:
+                props = None
+            if vm is None or props is None:
+                return
+            result.found, result.ref = True, ref(vm)
+            if request.action == "destroy":
+                self._destroy_vm(session, vm, props, progress)
+                return
+            if props.get("runtime.powerState") == ON:
+                with contextlib.suppress(vim.fault.InvalidPowerState):
+                    self._await(session, vm.PowerOffVM_Task(), progress)
+            result.power_state = "poweredOff"
+
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            self._call(request.credentials, f"{request.action} installer {request.vm}", run)
+        result.vcenter_requests = meter[0]
+        return result
+
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the agent's worker."""
         return [
+            self.installer,
             self.resolve_placement,
             self.ensure_folder,
             self.remove_folder,

@@ -25,7 +25,15 @@ from domain.lifecycle import ClusterState, ClusterStatus, Timing
 from domain.vm import MARK_CLUSTER
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from tests.conftest import GATEWAY
-from tests.support import ADMIN, INVENTORY, TEMPLATE, Vcsim, history_text, record_history
+from tests.support import (
+    ADMIN,
+    INVENTORY,
+    TEMPLATE,
+    Vcsim,
+    ensure_account,
+    history_text,
+    record_history,
+)
 from tests.unit.test_bootstrap import cloud_init_check
 
 pytestmark = pytest.mark.integration
@@ -150,8 +158,9 @@ async def make_pool(
 async def deploy(
     kubegate: KubegateClient, sim: Vcsim, spec: ClusterSpec, gateway: str = GATEWAY
 ) -> ClusterState:
-    acct = kubegate.cluster_account(account(sim, gateway=gateway), sim.password, spec)
-    return await kubegate.deploy_cluster(spec, acct, timing=FAST)
+    name = await ensure_account(kubegate, sim, gateway)
+    spec = spec.model_copy(update={"cloud_account": name})
+    return await kubegate.deploy_cluster(spec, timing=FAST)
 
 
 async def until(kubegate: KubegateClient, name: str, *statuses: ClusterStatus) -> ClusterState:

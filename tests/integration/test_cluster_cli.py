@@ -125,6 +125,11 @@ async def test_deploy_describe_scale_delete_through_the_cli(
 ) -> None:
     await make_pool(kubegate, "cli-pool", 81)
     write_account(settings, sim)
+    account_file = str(settings.home / "accounts" / "cliacct.yaml")
+    code, output = await run_cli(settings, "account", "create", "-f", account_file)
+    assert code == 0 and "cliacct" in output and "(checked)" in output, output
+    code, output = await run_cli(settings, "account", "create", "-f", account_file)
+    assert code == 2 and "exists already" in output, output
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(base("cli-pool")))
 
@@ -158,3 +163,8 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert json.loads(output)["status"] == "Deleted"
     code, output = await run_cli(settings, "cluster", "get", "nope")
     assert code == 1 and "does not exist" in output, output
+    code, output = await run_cli(settings, "account", "list", "-o", "json")
+    assert code == 0 and "cliacct" in [a["name"] for a in json.loads(output)], output
+    assert sim.password not in output
+    code, output = await run_cli(settings, "account", "delete", "cliacct")
+    assert code == 0, output

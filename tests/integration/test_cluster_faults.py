@@ -19,13 +19,19 @@ from starters.client import KubegateClient
 from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import (
-    account,
     datastore_files,
     make_pool,
     owned_vms,
     static_spec,
 )
-from tests.support import INVENTORY, Vcsim, record_history
+from tests.support import (
+    INVENTORY,
+    Vcsim,
+    configure_system_gateway,
+    ensure_account,
+    record_history,
+    system_gateway,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +53,8 @@ async def deploy(
     kubegate: KubegateClient, sim: Vcsim, name: str, pool: str, gateway: str = GATEWAY
 ) -> None:
     spec = static_spec(name, pool)
-    acct = kubegate.cluster_account(account(sim, gateway=gateway), sim.password, spec)
-    await kubegate.deploy_cluster(spec, acct, timing=Timing(heartbeat_seconds=3))
+    spec.cloud_account = await ensure_account(kubegate, sim, gateway)
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
 
 
 async def wait_for(kubegate: KubegateClient, name: str, what: str, check: object) -> ClusterState:
@@ -121,8 +127,8 @@ async def test_abort_after_vm_creation_while_nodes_start(
 class AgentProcess:
     """A gateway agent in its own process, so it can be killed like a crashed one."""
 
-    def __init__(self, settings: Settings, gateway: str) -> None:
-        self.settings, self.gateway = settings, gateway
+    def __init__(self, settings: Settings, gateway: str, code: str | None) -> None:
+        self.settings, self.gateway, self.code = settings, gateway, code
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -130,6 +136,7 @@ class AgentProcess:
             **os.environ,
             "KUBEGATE_HOME": str(self.settings.home),
             "KUBEGATE_TEMPORAL_ADDRESS": self.settings.temporal_address,
+            **({"KUBEGATE_PAIRING_CODE": self.code} if self.code else {}),
         }
         log = open(self.settings.home / f"agent-{self.gateway}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
@@ -151,11 +158,18 @@ class AgentProcess:
 
 
 @pytest_asyncio.fixture
-async def crash_agent(settings: Settings, kubegate: KubegateClient) -> AsyncIterator[AgentProcess]:
+async def crash_agent(
+    settings: Settings, kubegate: KubegateClient, slow: Vcsim
+) -> AsyncIterator[AgentProcess]:
+    """A system gateway 'crash' whose agent (paired with the code at its first start) runs in
+    its own process."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    agent = AgentProcess(settings, "crash")
+    code = await system_gateway(kubegate, "crash", slow)
+    agent = AgentProcess(settings, "crash", code)
     agent.start()
     assert await kubegate.agent_is_polling("crash", wait=30)
+    if code is not None:
+        await configure_system_gateway(kubegate, "crash", slow)
     yield agent
     agent.stop()
 
@@ -165,8 +179,8 @@ async def test_agent_killed_mid_deploy_resumes_without_duplicates(
 ) -> None:
     pool = await make_pool(kubegate, "crash-pool", 74, gateway="crash")
     spec = static_spec("crashy", pool.name)
-    acct = kubegate.cluster_account(account(slow, gateway="crash"), slow.password, spec)
-    await kubegate.deploy_cluster(spec, acct, timing=Timing(heartbeat_seconds=3))
+    spec.cloud_account = await ensure_account(kubegate, slow, "crash")
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
     await wait_for(
         kubegate,
         "crashy",

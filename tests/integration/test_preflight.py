@@ -12,6 +12,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from domain.account import CloudAccountSpec
 from domain.preflight import CheckResult, CheckStatus, PreflightReport
+from domain.sealing import AgentKey
 from starters.client import KubegateClient, KubegateError
 from tests.conftest import GATEWAY
 from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim, history_text, record_history
@@ -261,11 +262,14 @@ async def test_user_with_documented_roles_passes(
 async def test_gateway_without_agent_is_refused_before_starting(
     vcsim: Vcsim, kubegate: KubegateClient, settings: Any
 ) -> None:
-    key_dir = settings.agent_dir("nobody")
-    key_dir.mkdir(parents=True, exist_ok=True)
-    (key_dir / "agent.pub").write_text(settings.agent_public_key_path(GATEWAY).read_text())
+    with pytest.raises(KubegateError, match="gateway nobody does not exist"):
+        await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
+    # paired (its key registered) but its agent is not running
+    _, code = await kubegate.create_gateway("nobody")
+    await kubegate.register_agent("nobody", AgentKey.generate(), code)
     with pytest.raises(KubegateError, match="no agent of gateway 'nobody'"):
         await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
+    await kubegate.delete_gateway("nobody")
 
 
 async def test_without_placement_only_access_is_checked(

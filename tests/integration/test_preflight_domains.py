@@ -61,7 +61,7 @@ async def preflight(
     request = PreflightRequest(
         account="cluster-preflight",
         gateway=GATEWAY,
-        credentials=kubegate.seal_credentials(GATEWAY, endpoint(sim), ADMIN, sim.password),
+        credentials=await kubegate.seal_credentials(GATEWAY, endpoint(sim), ADMIN, sim.password),
         placement=placement,
         more_placements=list(more),
         fresh_login=fresh_login,
@@ -171,12 +171,12 @@ async def test_pooled_session_survives_unless_fresh_login(
     assert not await asyncio.to_thread(before.alive)
 
 
-def test_more_placements_must_share_the_datacenter(kubegate: KubegateClient) -> None:
+async def test_more_placements_must_share_the_datacenter(kubegate: KubegateClient) -> None:
     other = C1.model_copy(update={"datacenter": "DC1"})
     base: dict[str, Any] = {
         "account": "a",
         "gateway": GATEWAY,
-        "credentials": kubegate.seal_credentials(
+        "credentials": await kubegate.seal_credentials(
             GATEWAY, VCenterEndpoint(server="vc.example", insecure=True), ADMIN, "pw"
         ),
     }
@@ -195,7 +195,9 @@ async def test_one_activity_gives_the_workflows_results(
     request = PreflightRequest(
         account="cluster-preflight",
         gateway=GATEWAY,
-        credentials=kubegate.seal_credentials(GATEWAY, endpoint(vcsim), ADMIN, vcsim.password),
+        credentials=await kubegate.seal_credentials(
+            GATEWAY, endpoint(vcsim), ADMIN, vcsim.password
+        ),
         placement=C0,
         more_placements=[C1],
         fresh_login=False,

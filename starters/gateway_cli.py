@@ -1,0 +1,507 @@
+"""`kubegate gateway …` and `kubegate account …`: gateways and the cloud accounts they keep.
+
+Registered on the apps of starters/cli.py (imported at its end). Exit codes as there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
+
+from domain import names
+from domain.account import CloudAccountSpec, Placement, VCenterAccess, VCenterEndpoint
+from domain.gateway import (
+    GatewayFile,
+    GatewayState,
+    GatewayStatus,
+    InstallerProperties,
+)
+from starters.cli import (
+    EXIT_FAILED,
+    Output,
+    OutputOption,
+    WaitOption,
+    _bad_input,
+    _failed,
+    _Progress,
+    _run,
+    _short,
+    account_app,
+    gateway_app,
+    load_spec,
+    out,
+    read_password,
+    workflow_link,
+)
+from starters.client import KubegateClient, KubegateError, RequestRefused
+from starters.settings import Settings
+
+GatewayArg = Annotated[str, typer.Argument(help="Gateway name.")]
+
+
+def _call(fn: Any) -> Any:
+    """Connect, run fn(client), map refusals to exit 2 and failures to exit 1."""
+
+    async def run() -> Any:
+        client = await KubegateClient.connect()
+        return await fn(client)
+
+    return _run(run())
+
+
+def _check_name(name: str) -> None:
+    if not names.is_dns_label(name) or len(name) > 40:
+        _bad_input(f"NAME: {name!r} must be a DNS label of at most 40 characters")
+
+
+def _gateway_json(state: GatewayState) -> str:
+    data = state.model_dump(mode="json", exclude={"pairing": {"code_hash", "salt"}})
+    for account in data.get("accounts", []):
+        account["credentials"].pop("password", None)  # sealed, but of no use to anyone here
+    if data.get("config"):
+        data["config"]["credentials"].pop("password", None)
+    data["steps"] = [s.model_dump(mode="json") for s in state.steps]
+    data["available_version"] = state.available_version
+    return json.dumps(data)
+
+
+def _show(state: GatewayState, output: Output, describe: bool) -> None:
+    if output is Output.json:
+        out.print_json(_gateway_json(state))
+        return
+    out.print(
+        f"gateway [bold]{state.name}[/bold]: {state.status.value}"
+        + (" [yellow](overdue)[/yellow]" if state.overdue else "")
+        + (f" — {state.reason}" if state.reason else ""),
+        highlight=False,
+    )
+    version = f"version {state.version}"
+    if state.target_version:
+        version += f" → {state.target_version} (upgrading)"
+    elif state.available_version:
+        version += f" (available: {state.available_version}; kubegate gateway upgrade)"
+    out.print(f"  {version}", highlight=False)
+    if state.error:
+        out.print(f"  [red]error:[/red] {state.error}", highlight=False)
+    if state.overdue:
+        out.print("  the installer has not registered; check:", highlight=False)
+        for hint in state.hints:
+            out.print(f"    - {hint}", highlight=False)
+    if state.agent:
+        where = state.agent.installer_vm or state.agent.host or "?"
+        address = f" ({state.agent.installer_address})" if state.agent.installer_address else ""
+        out.print(f"  agent key {state.agent.key_id} — {where}{address}", highlight=False)
+    if state.config:
+        c = state.config
+        out.print(
+            f"  vCenter {c.credentials.endpoint.address} as {c.credentials.username}; "
+            f"{c.size} node(s), {c.ip_allocation}"
+            + (f" from pool {c.ip_pool}" if c.ip_pool else "")
+            + (f"; VIP {state.nodes.vip}" if state.nodes and state.nodes.vip else ""),
+            highlight=False,
+        )
+    out.print(
+        f"  {len(state.accounts)} cloud account(s), {len(state.clusters)} cluster(s)"
+        + (f", queued: {', '.join(state.queue)}" if state.queue else ""),
+        highlight=False,
+    )
+    if not describe:
+        return
+    steps = state.steps
+    if steps:
+        table = Table(title="steps")
+        for column in ("step", "state", "seconds", "attempts", "detail / error", "objects"):
+            table.add_column(column, overflow="fold")
+        for s in steps:
+            table.add_row(
+                s.title,
+                s.state.value,
+                f"{s.seconds:.1f}" if s.seconds is not None else "",
+                str(s.attempts),
+                s.error or s.detail,
+                _short(", ".join(s.objects), 60),
+            )
+        out.print(table)
+    if state.nodes and state.nodes.nodes:
+        table = Table(title="nodes")
+        for column in ("node", "VM", "host", "address", "phase"):
+            table.add_column(column)
+        for n in state.nodes.nodes:
+            table.add_row(n.name, n.vm or "", n.host, n.address or "", n.phase)
+        out.print(table)
+    if state.accounts:
+        table = Table(title="cloud accounts")
+        for column in ("account", "vCenter", "user", "default"):
+            table.add_column(column)
+        for a in state.accounts:
+            table.add_row(
+                a.name,
+                a.credentials.endpoint.address,
+                a.credentials.username,
+                "yes" if a.default else "",
+            )
+        out.print(table)
+    if state.clusters:
+        table = Table(title="clusters")
+        for column in ("cluster", "account", "status"):
+            table.add_column(column)
+        for record in state.clusters:
+            table.add_row(
+                record.name, record.account, record.status + (" (queued)" if record.queued else "")
+            )
+        out.print(table)
+    out.print(f"workflow: {workflow_link(names.gateway_workflow_id(state.name))}", highlight=False)
+
+
+def _follow(name: str, done: Any) -> GatewayState:
+    async def run() -> GatewayState:
+        client = await KubegateClient.connect()
+        return await client.wait_gateway(name, done, on_change=_Progress(), interval=0.25)
+
+    state: GatewayState = _run(run())
+    return state
+
+
+def _settled(state: GatewayState) -> bool:
+    return state.status in (
+        GatewayStatus.RUNNING,
+        GatewayStatus.FAILED,
+        GatewayStatus.DELETED,
+        GatewayStatus.PENDING,
+        GatewayStatus.REGISTERED,
+    ) and not state.reason.startswith("checking")
+
+
+def _finish(state: GatewayState, wait: bool, output: Output, want: GatewayStatus) -> None:
+    if wait:
+        state = _follow(state.name, _settled)
+    _show(state, output, describe=wait)
+    if wait and state.status is not want:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- gateway ----------------------------------------------------------------------------------
+
+
+@gateway_app.command("create")
+def gateway_create(
+    name: GatewayArg,
+    system: Annotated[
+        bool, typer.Option(help="A system gateway: its agent runs beside kubegate, no nodes.")
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Create a gateway (Pending) and print its pairing code and installer OVA."""
+    _check_name(name)
+    state, code = _call(lambda c: c.create_gateway(name, system=system))
+    ova = _ova_path()
+    if output is Output.json:
+        data = json.loads(_gateway_json(state))
+        data["pairing_code"] = code
+        data["installer_ova"] = str(ova)
+        out.print_json(json.dumps(data))
+        return
+    out.print(f"gateway {name}: {state.status.value}", highlight=False)
+    out.print(
+        f"pairing code: [bold]{code[:5]}-{code[5:]}[/bold]  (single use, expires "
+        f"{state.pairing.expires_at:%Y-%m-%d %H:%M} UTC; only its hash is kept)",
+        highlight=False,
+    )
+    out.print(f"installer OVA: {ova}", highlight=False)
+    out.print(
+        f"next: kubegate gateway install {name} --ova {ova} -f install.yaml --pairing-code "
+        f"{code}   (or import the OVA in vSphere with these properties)",
+        highlight=False,
+    )
+
+
+def _ova_path() -> Path:
+    from starters.installer import installer_ova
+
+    return installer_ova(Settings())
+
+
+class InstallFile(BaseModel):
+    """install.yaml: where to import the installer and its properties (no pairing code)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vcenter: VCenterAccess
+    placement: Placement
+    properties: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="console_endpoint, ssh_public_key, pod_cidr, service_cidr, node_network, "
+        "http_proxy, https_proxy, no_proxy",
+    )
+
+
+@gateway_app.command("install")
+def gateway_install(
+    name: GatewayArg,
+    file: Annotated[Path, typer.Option("--file", "-f", help="install.yaml (vCenter, placement).")],
+    pairing_code: Annotated[str, typer.Option(help="The code `gateway create` printed.")],
+    ova: Annotated[Path | None, typer.Option(help="Installer OVA (default: built one).")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Import the installer OVA into vSphere (OVF import) with its properties, power it on."""
+    _check_name(name)
+    spec = load_spec(file, InstallFile)
+    props_data = {k: v for k, v in spec.properties.items() if v not in (None, "")}
+    props_data.setdefault("console_endpoint", f"http://{Settings().temporal_address}")
+    try:
+        properties = InstallerProperties.model_validate(
+            {**props_data, "installer_name": name, "pairing_code": pairing_code}
+        )
+    except Exception as exc:  # pydantic ValidationError: name the fields
+        from pydantic import ValidationError
+
+        from domain.errors import field_errors
+
+        if isinstance(exc, ValidationError):
+            _bad_input(f"{file}: " + "; ".join(field_errors(exc)))
+        raise
+    password = read_password(spec.vcenter, file.parent)
+    endpoint = VCenterEndpoint.model_validate(
+        spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+    )
+    from activities.vsphere.ovf import OvaError
+    from starters.installer import install
+
+    path = ova or _ova_path()
+    try:
+        result = install(
+            endpoint, spec.vcenter.username, password, spec.placement, properties, path
+        )
+    except OvaError as exc:
+        _failed(str(exc))
+    if output is Output.json:
+        out.print_json(result.model_dump_json())
+        return
+    out.print(
+        f"installer {result.inventory_path} ({result.vm}): {result.power_state}"
+        + ("" if result.created else " (existed already)"),
+        highlight=False,
+    )
+
+
+def _from_installer(name: str, vm: str, vcenter: Path | None) -> tuple[str, str | None]:
+    """The pairing code (and address) from the installer VM's vApp properties."""
+    if vcenter is None:
+        _bad_input("--vcenter: required with --installer-vm (a file with a vcenter block)")
+    spec = load_spec(vcenter, InstallFile)
+    password = read_password(spec.vcenter, vcenter.parent)
+    endpoint = VCenterEndpoint.model_validate(
+        spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
+    )
+    from activities.vsphere.ovf import OvaError
+    from starters.installer import read_installer
+
+    try:
+        props = read_installer(
+            endpoint, spec.vcenter.username, password, spec.placement.datacenter, vm
+        )
+    except OvaError as exc:
+        _failed(str(exc))
+    if props.installer_name != name:
+        _bad_input(
+            f"--installer-vm: {vm} was installed for gateway {props.installer_name!r}, not {name!r}"
+        )
+    return props.pairing_code, None
+
+
+@gateway_app.command("get")
+def gateway_get(name: GatewayArg, output: OutputOption = Output.table) -> None:
+    """A gateway's status, version, agent and counts."""
+    _show(_call(lambda c: c.gateway_state(name)), output, describe=False)
+
+
+@gateway_app.command("describe")
+def gateway_describe(name: GatewayArg, output: OutputOption = Output.table) -> None:
+    """Everything: steps with their errors, nodes, cloud accounts, clusters, queue."""
+    _show(_call(lambda c: c.gateway_state(name)), output, describe=True)
+
+
+@gateway_app.command("list")
+def gateway_list(output: OutputOption = Output.table) -> None:
+    """Every gateway that is not deleted."""
+    states: list[GatewayState] = _call(lambda c: c.list_gateways())
+    if output is Output.json:
+        out.print_json(json.dumps([json.loads(_gateway_json(s)) for s in states]))
+        return
+    table = Table()
+    for column in ("gateway", "status", "version", "nodes", "accounts", "clusters", "queued"):
+        table.add_column(column)
+    for s in states:
+        table.add_row(
+            s.name,
+            s.status.value + (" (overdue)" if s.overdue else ""),
+            s.version,
+            "system" if s.system else str(len(s.nodes.nodes) if s.nodes else 0),
+            str(len(s.accounts)),
+            str(len(s.clusters)),
+            str(len(s.queue)),
+        )
+    out.print(table)
+
+
+@gateway_app.command("configure")
+def gateway_configure(
+    name: GatewayArg,
+    file: Annotated[Path, typer.Option("--file", "-f", help="gateway.yaml.")],
+    wait: WaitOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """vCenter credentials (sealed to the agent) and placement -> preflight -> Provisioning."""
+    spec = load_spec(file, GatewayFile)
+    password = read_password(spec.vcenter, file.parent)
+    state = _call(lambda c: c.configure_gateway(name, spec, password))
+    _finish(state, wait, output, GatewayStatus.RUNNING)
+
+
+@gateway_app.command("reset")
+def gateway_reset(
+    name: GatewayArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Reset a stuck or failed gateway: remove what the attempt made, back to Pending."""
+    state, code = _call(lambda c: c.reset_gateway(name))
+    if code:
+        out.print(f"new pairing code: [bold]{code[:5]}-{code[5:]}[/bold]", highlight=False)
+    _finish(state, wait, output, GatewayStatus.PENDING)
+
+
+@gateway_app.command("resize")
+def gateway_resize(
+    name: GatewayArg,
+    size: Annotated[int, typer.Option(help="New number of nodes (only 1 -> 3).")],
+    wait: WaitOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Grow a 1-node gateway to 3 nodes (3 -> 1 is refused)."""
+    if size not in (1, 3):
+        _bad_input(f"--size: a gateway has 1 or 3 nodes, not {size}")
+    state = _call(lambda c: c.resize_gateway(name, size))
+    _finish(state, wait, output, GatewayStatus.RUNNING)
+
+
+@gateway_app.command("upgrade")
+def gateway_upgrade(
+    name: GatewayArg,
+    version: Annotated[str | None, typer.Option(help="Release (default: newest).")] = None,
+    wait: WaitOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Roll the gateway's nodes to a newer release, one at a time; clusters queue meanwhile."""
+    state = _call(lambda c: c.upgrade_gateway(name, version))
+    _finish(state, wait, output, GatewayStatus.RUNNING)
+
+
+@gateway_app.command("delete")
+def gateway_delete(
+    name: GatewayArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Delete a gateway: refused while any of its clusters is not deleted."""
+    state = _call(lambda c: c.delete_gateway(name))
+    _finish(state, wait, output, GatewayStatus.DELETED)
+
+
+@gateway_app.command("agent")
+def gateway_agent(
+    name: Annotated[str, typer.Argument(help="Gateway name.")],
+    pairing_code: Annotated[
+        str | None,
+        typer.Option(
+            help="The code `gateway create` printed (first start; or KUBEGATE_PAIRING_CODE)."
+        ),
+    ] = None,
+    installer_vm: Annotated[
+        str | None,
+        typer.Option(
+            help="Inventory path of the installer VM: read the code and endpoint from "
+            "its vApp properties (needs --vcenter)."
+        ),
+    ] = None,
+    vcenter: Annotated[
+        Path | None,
+        typer.Option(help="Cloud account YAML whose vcenter block reaches the installer VM."),
+    ] = None,
+) -> None:
+    """Run a gateway agent: pairs once, then polls the gateway's task queue."""
+    if not names.is_dns_label(name):
+        _bad_input(f"NAME: {name!r} must be a DNS label")
+    address = None
+    if installer_vm is not None:
+        pairing_code, address = _from_installer(name, installer_vm, vcenter)
+    from workers import gateway_agent as agent
+
+    try:
+        agent.main(
+            name, pairing_code=pairing_code, installer_vm=installer_vm, installer_address=address
+        )
+    except RequestRefused as exc:
+        _bad_input(str(exc))
+    except KubegateError as exc:
+        _failed(str(exc))
+
+
+# -- account ----------------------------------------------------------------------------------
+
+
+@account_app.command("create")
+def account_create(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cloud account YAML.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Check a cloud account on its gateway (preflight) and keep it there."""
+    spec = load_spec(file, CloudAccountSpec)
+    password = read_password(spec.vcenter, file.parent)
+    summary = _call(lambda c: c.create_account(spec, password))
+    if output is Output.json:
+        out.print_json(summary.model_dump_json())
+        return
+    out.print(
+        f"cloud account {summary.name} on gateway {summary.gateway}: {summary.username} @ "
+        f"{summary.server} (checked)",
+        highlight=False,
+    )
+
+
+@account_app.command("list")
+def account_list(
+    gateway: Annotated[
+        str | None, typer.Option("--gateway", "-g", help="Only this gateway.")
+    ] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Cloud accounts of every gateway (or one), and the clusters using them."""
+    accounts = _call(lambda c: c.list_accounts(gateway))
+    if output is Output.json:
+        out.print_json(json.dumps([a.model_dump(mode="json") for a in accounts]))
+        return
+    table = Table()
+    for column in ("account", "gateway", "vCenter", "user", "default", "clusters"):
+        table.add_column(column)
+    for a in accounts:
+        table.add_row(
+            a.name,
+            a.gateway,
+            a.server,
+            a.username,
+            "yes" if a.default else "",
+            ", ".join(a.clusters),
+        )
+    out.print(table)
+
+
+@account_app.command("delete")
+def account_delete(
+    name: Annotated[str, typer.Argument(help="Cloud account name.")],
+    gateway: Annotated[str | None, typer.Option("--gateway", "-g")] = None,
+) -> None:
+    """Delete a cloud account (refused while clusters use it)."""
+    _call(lambda c: c.delete_account(name, gateway))
+    out.print(f"cloud account {name} deleted", highlight=False)

@@ -1,0 +1,801 @@
+"""GatewayWorkflow: one private cloud gateway's whole life (an entity workflow).
+
+Pairing, configuration, its own nodes (through the node machinery the clusters use), cloud
+accounts, the clusters deployed through it and their queue during an upgrade, reset, resize,
+upgrade and delete. The gateway agent is the only process that talks to its vCenter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any, Literal
+
+from temporalio import workflow
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from domain import errors, names
+    from domain.account import SealedSecret
+    from domain.cluster import NodePlan
+    from domain.gateway import (
+        REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
+    )
+    from domain.gateway import (
+        TROUBLESHOOTING_HINTS,
+        AccountRequest,
+        AccountSummary,
+        AgentInfo,
+        CloudAccount,
+        ClusterAdmission,
+        ClusterChanged,
+        ClusterRecord,
+        ClusterRequest,
+        GatewayConfig,
+        GatewayInput,
+        GatewayState,
+        GatewayStatus,
+        RegisterRequest,
+        ResetRequest,
+        ResizeRequest,
+        UpgradeRequest,
+        can_resize,
+        can_upgrade,
+        cluster_template,
+        default_account_name,
+        gateway_cluster_name,
+        gateway_cluster_spec,
+        newest_release_after,
+        nodes_config_problem,
+    )
+    from domain.lifecycle import (
+        ClusterAccount,
+        ClusterInput,
+        ClusterState,
+        ClusterStatus,
+        Step,
+        StepState,
+    )
+    from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
+    from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
+
+Operation = Literal["provision", "reset", "resize", "upgrade", "delete"]
+
+#: statuses in which a gateway takes cluster requests (Upgrading: they wait in its queue)
+_ADMITTING = (GatewayStatus.RUNNING, GatewayStatus.UPGRADING)
+
+
+@workflow.defn(name="GatewayWorkflow")
+class GatewayWorkflow(NodeMachinery):
+    """Pair, configure, provision, change and delete one gateway; every step recorded."""
+
+    @workflow.init
+    def __init__(self, input: GatewayInput) -> None:
+        self.input = input
+        self.gw = input.state or GatewayState(
+            name=input.name, pairing=input.pairing, system=input.system
+        )
+        self.timing = input.timing
+        self.readiness = "guest"
+        self.secrets: SealedSecret | None = input.secrets
+        self.refs: PlacementRefs | None = None
+        self.plans: dict[str, NodePlan] = {}
+        self.refs_for: list[tuple[str, str, str, str]] = []
+        self.aborting = False
+        self.op: Operation | None = None
+        self.op_arg: Any = None
+        self.busy = False  # an Update handler is running checks (configure, add account)
+        self.provisioning: asyncio.Task[None] | None = None
+        self.published: GatewayStatus | None = None
+        if self.gw.nodes is not None and self.gw.config is not None:
+            self._attach(self.gw.nodes, self.gw.config)
+
+    # -- run ------------------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: GatewayInput) -> GatewayState:
+        if self.gw.created_at is None:
+            self.gw.created_at = self.gw.pairing_issued_at = workflow.now()
+            self.gw.updated_at = workflow.now()
+        self._publish()
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: self.op is not None or self._may_continue_as_new(),
+                    timeout=self._overdue_in(),
+                )
+            except TimeoutError:
+                self.gw.overdue = True
+                self.gw.hints = list(TROUBLESHOOTING_HINTS)
+                self.gw.reason = (
+                    f"the installer has not registered {int(OVERDUE_AFTER.total_seconds() // 60)}"
+                    " minutes after the gateway was created; still waiting"
+                )
+                self._publish()
+                continue
+            op, arg = self.op, self.op_arg
+            if op is None:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                if self.op is None:
+                    workflow.continue_as_new(
+                        GatewayInput(
+                            name=self.gw.name,
+                            pairing=self.gw.pairing,
+                            system=self.gw.system,
+                            timing=self.timing,
+                            state=self.gw,
+                            secrets=self.secrets,
+                        )
+                    )
+                continue
+            if op == "provision":
+                await self._provision()
+            elif op == "reset":
+                await self._reset()
+            elif op == "resize":
+                await self._resize(arg)
+            elif op == "upgrade":
+                await self._upgrade(arg)
+            elif op == "delete" and await self._delete():
+                break
+            if self.op == op:
+                self.op, self.op_arg = None, None
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return self.gw
+
+    def _may_continue_as_new(self) -> bool:
+        return (
+            workflow.info().is_continue_as_new_suggested()
+            and not self.busy
+            and self.provisioning is None
+        )
+
+    def _overdue_in(self) -> timedelta | None:
+        """Time left until an unregistered gateway is overdue; None when it cannot be."""
+        if (
+            self.gw.agent is not None
+            or self.gw.overdue
+            or self.gw.status is not GatewayStatus.PENDING
+        ):
+            return None
+        issued = self.gw.pairing_issued_at or self.gw.created_at or workflow.now()
+        left = issued + OVERDUE_AFTER - workflow.now()
+        return max(left, timedelta(seconds=1))
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def _provision(self) -> None:
+        """Nodes (unless a system gateway), default account, installer off -> Running."""
+        self.provisioning = asyncio.create_task(self._provision_steps())
+        try:
+            await self.provisioning
+        except (asyncio.CancelledError, StepFailed) as exc:
+            if self.op == "reset":
+                return  # the main loop runs the reset next
+            self.gw.error = str(exc)
+            self._set_status(GatewayStatus.FAILED)
+            return
+        finally:
+            self.provisioning = None
+        self.gw.error = None
+        self.state.provisioned = True
+        self._set_status(GatewayStatus.RUNNING, "ready for cluster requests")
+
+    async def _provision_steps(self) -> None:
+        if not self.gw.system:
+            await self._converge(folder=True)
+        await self._step("default-account", "Create the default cloud account", self._default)
+        await self._step("installer", "Power off the installer VM", self._installer_off)
+
+    async def _default(self, step: Step) -> None:
+        assert self.gw.config is not None
+        name = default_account_name(self.gw.name)
+        if self.gw.account(name) is None:
+            self.gw.accounts.insert(
+                0,
+                CloudAccount(
+                    name=name,
+                    gateway=self.gw.name,
+                    credentials=self.gw.config.credentials,
+                    placement=self.gw.config.placement,
+                    default=True,
+                    created_at=workflow.now(),
+                ),
+            )
+        step.objects = [f"account/{name}"]
+        step.detail = f"{name}: {self.gw.config.credentials.username}"
+
+    async def _installer_off(self, step: Step) -> None:
+        await self._installer(step, "power_off")
+
+    async def _installer(self, step: Step, action: Literal["power_off", "destroy"]) -> None:
+        agent, config = self.gw.agent, self.gw.config
+        if agent is None or agent.installer_vm is None or config is None:
+            step.state = StepState.SKIPPED
+            step.detail = "no installer VM known (the agent did not name one)"
+            return
+        result = await self._agent(
+            "vm_installer",
+            InstallerVmRequest(
+                credentials=config.credentials, vm=agent.installer_vm, action=action
+            ),
+            InstallerVmResult,
+            f"{'Power off' if action == 'power_off' else 'Destroy'} installer {agent.installer_vm}",
+            heartbeat=True,
+        )
+        step.objects = [result.ref] if result.ref else []
+        step.detail = (
+            f"{agent.installer_vm}: {result.power_state or action.replace('_', ' ')}"
+            if result.found
+            else f"{agent.installer_vm}: not found (removed already)"
+        )
+
+    async def _reset(self) -> None:
+        """Remove what the failed attempt made; back to Pending, agent kept, configure again."""
+        request: ResetRequest = self.op_arg
+        self.aborting = False
+        if self.gw.config is not None and self.gw.nodes is not None and not self.gw.system:
+            self._set_status(GatewayStatus.DELETING, "reset: removing what the attempt created")
+            try:
+                await self._teardown_steps()
+            except StepFailed as exc:
+                self.gw.error = f"reset incomplete: {exc}; fix it and reset again"
+                self._set_status(GatewayStatus.FAILED)
+                return
+        if self.gw.nodes is not None:
+            self.gw.history += self.gw.nodes.steps
+        self.gw.nodes, self.gw.config, self.secrets = None, None, None
+        self.gw.accounts = [a for a in self.gw.accounts if not a.default]
+        self.gw.error = None
+        if request is not None and request.pairing is not None and self.gw.agent is None:
+            self.gw.pairing = request.pairing
+            self.gw.pairing_issued_at = workflow.now()
+            self.gw.overdue, self.gw.hints = False, []
+        self._set_status(
+            GatewayStatus.PENDING,
+            "reset: configure it again"
+            if self.gw.agent is not None
+            else "reset: new pairing code issued; waiting for the installer",
+        )
+
+    async def _resize(self, request: ResizeRequest) -> None:
+        assert self.gw.config is not None
+        self._set_status(
+            GatewayStatus.UPGRADING, f"resizing from {self.gw.config.size} to {request.size} nodes"
+        )
+        config = self.gw.config.model_copy(update={"size": request.size})
+        self.state.spec = gateway_cluster_spec(self.gw.name, config, self.gw.version)
+        try:
+            await self._converge()
+        except StepFailed as exc:
+            self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, self.gw.version)
+            self.gw.error = f"resize failed: {exc}"
+            self._set_status(GatewayStatus.FAILED)
+            return
+        self.gw.config = config
+        await self._back_to_running(f"resized to {request.size} nodes")
+
+    async def _upgrade(self, version: str) -> None:
+        assert self.gw.config is not None
+        self.gw.target_version = version
+        self._set_status(GatewayStatus.UPGRADING, f"upgrading {self.gw.version} -> {version}")
+        if not self.gw.system:
+            self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, version)
+            try:
+                await self._roll()
+            except StepFailed as exc:
+                self.gw.error = f"upgrade to {version} failed: {exc}; upgrade again to resume"
+                self._set_status(GatewayStatus.FAILED)
+                return
+        self.gw.version = version
+        self.gw.target_version = None
+        await self._back_to_running(f"upgraded to {version}")
+
+    async def _back_to_running(self, reason: str) -> None:
+        """Running again: queued clusters proceed, in the order they arrived."""
+        self.gw.error = None
+        self._set_status(GatewayStatus.RUNNING, reason)
+        while self.gw.queue:
+            name = self.gw.queue.pop(0)
+            record = self.gw.cluster(name)
+            if record is not None:
+                record.queued = False
+            try:
+                await workflow.get_external_workflow_handle(names.cluster_workflow_id(name)).signal(
+                    "proceed"
+                )
+            except Exception as exc:  # the cluster is gone (aborted while queued)
+                workflow.logger.info("queued cluster %s not told to proceed: %s", name, exc)
+            self._publish()
+
+    async def _delete(self) -> bool:
+        """Remove the gateway's VMs and addresses; True when it is gone."""
+        self._set_status(GatewayStatus.DELETING, "deleting the gateway")
+        try:
+            if self.gw.nodes is not None and self.gw.config is not None and not self.gw.system:
+                await self._teardown_steps()
+            if self.gw.config is not None and self.gw.nodes is not None:
+                await self._step(
+                    "remove-installer",
+                    "Destroy the installer VM",
+                    lambda step: self._installer(step, "destroy"),
+                )
+        except StepFailed as exc:
+            self.gw.error = f"delete incomplete: {exc}; fix it and delete again"
+            self._set_status(GatewayStatus.FAILED)
+            return False
+        self.gw.accounts = []
+        self.gw.error = None
+        self._set_status(GatewayStatus.DELETED, "deleted")
+        return True
+
+    # -- pairing and configuration (Updates) ----------------------------------------------
+
+    @workflow.update
+    def register(self, request: RegisterRequest) -> GatewayState:
+        """Pair the agent: the code is used up; only the agent's public key is kept."""
+        if self.gw.agent is None:
+            self.gw.agent = AgentInfo(
+                public_key=request.public_key,
+                key_id=request.key_id,
+                host=request.host,
+                installer_vm=request.installer_vm,
+                installer_address=request.installer_address,
+                registered_at=workflow.now(),
+            )
+            self.gw.pairing.used = True
+            self.gw.overdue, self.gw.hints = False, []
+            self._set_status(GatewayStatus.REGISTERED, "paired; configure it next")
+        return self.gw
+
+    @register.validator
+    def _register_ok(self, request: RegisterRequest) -> None:
+        agent = self.gw.agent
+        if agent is not None:
+            if agent.public_key == request.public_key:
+                return  # the same agent again (a restart): nothing to do
+            raise ApplicationError(
+                f"gateway {self.gw.name} is paired with another agent (key {agent.key_id}); "
+                "a gateway pairs once: delete it and create a new one to pair another",
+                type=errors.PAIRING_REFUSED,
+                non_retryable=True,
+            )
+        if self.gw.status is not GatewayStatus.PENDING:
+            raise invalid_state(f"gateway {self.gw.name} is {self.gw.status}: cannot pair now")
+        problem = self.gw.pairing.check(request.pairing_code, workflow.now())
+        if problem is not None:
+            raise ApplicationError(
+                f"gateway {self.gw.name}: {problem}",
+                type=errors.PAIRING_REFUSED,
+                non_retryable=True,
+            )
+
+    @workflow.update
+    async def configure(self, config: GatewayConfig) -> GatewayState:
+        """Check the configuration (validate, preflight) and start provisioning."""
+        self.busy = True
+        try:
+            self._attach(
+                ClusterState(
+                    name=gateway_cluster_name(self.gw.name),
+                    spec=gateway_cluster_spec(self.gw.name, config, self.gw.version),
+                    account=default_account_name(self.gw.name),
+                    gateway=self.gw.name,
+                    readiness="guest",
+                ),
+                config,
+            )
+            self.gw.nodes = self.state
+            self.gw.config = config
+            self._set_status(GatewayStatus.PROVISIONING, "checking the configuration")
+            if not self.gw.system:
+                await self._step(
+                    "validate", "Validate the configuration, plan nodes", self._validate
+                )
+            await self._step("preflight", "Preflight checks", self._preflight)
+        except StepFailed as exc:
+            self.gw.history += self.state.steps
+            self.gw.nodes, self.gw.config = None, None
+            self._set_status(GatewayStatus.REGISTERED, "configuration refused; configure again")
+            raise invalid_spec(str(exc)) from None
+        finally:
+            self.busy = False
+        self.op, self.op_arg = "provision", None
+        self.gw.reason = "provisioning"
+        self._publish()
+        return self.gw
+
+    @configure.validator
+    def _configure_ok(self, config: GatewayConfig) -> None:
+        try:
+            GatewayConfig.model_validate(config.model_dump(mode="json"))
+        except ValidationError as exc:
+            raise invalid_spec("; ".join(errors.field_errors(exc))) from None
+        if not self.gw.system:
+            problem = nodes_config_problem(config)
+            if problem:
+                raise invalid_spec(problem)
+        if self.gw.agent is None:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: its installer has not registered "
+                "yet (deploy the installer OVA with the pairing code, start its agent)"
+            )
+        if self.gw.status not in (GatewayStatus.REGISTERED, GatewayStatus.PENDING) or self.busy:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: configure needs a registered "
+                "gateway (reset a failed one first)"
+            )
+        if config.credentials.password.key_id != self.gw.agent.key_id:
+            raise invalid_spec(
+                "credentials.password: sealed to another key than this gateway's agent "
+                f"({self.gw.agent.key_id})"
+            )
+
+    @workflow.update
+    def reset(self, request: ResetRequest) -> GatewayState:
+        """Stop a stuck provisioning or clear a failed one; back to Pending."""
+        self.op, self.op_arg = "reset", request
+        self.aborting = True
+        if self.provisioning is not None:
+            self.provisioning.cancel()
+        return self.gw
+
+    @reset.validator
+    def _reset_ok(self, request: ResetRequest) -> None:
+        status = self.gw.status
+        resettable = status in (GatewayStatus.PROVISIONING, GatewayStatus.FAILED) or (
+            status is GatewayStatus.PENDING and self.gw.agent is None
+        )
+        if not resettable or self.busy or self.op in ("reset", "delete"):
+            raise invalid_state(
+                f"gateway {self.gw.name} is {status}: reset is for a gateway stuck in "
+                "provisioning, a failed one, or one whose installer never registered"
+            )
+        if status is GatewayStatus.FAILED and self.state_provisioned():
+            raise invalid_state(
+                f"gateway {self.gw.name} failed after it ran ({self.gw.error}); its clusters "
+                "depend on it: fix the cause and repeat the operation (resize, upgrade, delete)"
+            )
+
+    def state_provisioned(self) -> bool:
+        return self.gw.nodes is not None and self.gw.nodes.provisioned
+
+    @workflow.update
+    def resize(self, request: ResizeRequest) -> GatewayState:
+        """1 -> 3 nodes: two nodes added (with addresses from the gateway's pool)."""
+        self.op, self.op_arg = "resize", request
+        return self.gw
+
+    @resize.validator
+    def _resize_ok(self, request: ResizeRequest) -> None:
+        self._require_running("resize")
+        if self.gw.system:
+            raise invalid_state(f"gateway {self.gw.name} is a system gateway: it has no nodes")
+        assert self.gw.config is not None
+        reason = can_resize(self.gw.config.size, request.size)
+        if reason:
+            raise invalid_spec(f"size: {reason}")
+
+    @workflow.update
+    def upgrade(self, request: UpgradeRequest) -> GatewayState:
+        """Roll the gateway's nodes to a release, one at a time; clusters queue meanwhile."""
+        version = request.version or self._newest()
+        self.op, self.op_arg = "upgrade", version
+        return self.gw
+
+    @upgrade.validator
+    def _upgrade_ok(self, request: UpgradeRequest) -> None:
+        self._require_running("upgrade")
+        version = request.version or self._newest()
+        reason = can_upgrade(self.gw.version, version) if version else "version: none newer"
+        if reason:
+            raise invalid_spec(f"{reason}")
+
+    def _newest(self) -> str:
+        if self.gw.target_version is not None:
+            return self.gw.target_version
+        newer = newest_release_after(self.gw.version)
+        return newer.version if newer else ""
+
+    @workflow.update
+    def delete(self) -> GatewayState:
+        """Remove the gateway (refused while any of its clusters is not deleted)."""
+        self.op, self.op_arg = "delete", None
+        return self.gw
+
+    @delete.validator
+    def _delete_ok(self) -> None:
+        live = self.gw.live_clusters()
+        if live:
+            raise ApplicationError(
+                f"gateway {self.gw.name} still has clusters: {', '.join(sorted(live))}; delete "
+                "them first",
+                type=errors.IN_USE,
+                non_retryable=True,
+            )
+        if self.gw.status in (GatewayStatus.PROVISIONING, GatewayStatus.UPGRADING) or self.busy:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: wait for it to finish (or reset a "
+                "stuck provisioning) before deleting"
+            )
+        if self.op == "delete" or self.gw.status is GatewayStatus.DELETING:
+            raise invalid_state(f"gateway {self.gw.name} is being deleted already")
+
+    def _require_running(self, what: str) -> None:
+        """Running, or Failed after it ran (a failed resize or upgrade is repeated)."""
+        ok = self.gw.status is GatewayStatus.RUNNING or (
+            self.gw.status is GatewayStatus.FAILED and self.state_provisioned()
+        )
+        if not ok or self.op is not None or self.busy:
+            raise invalid_state(f"gateway {self.gw.name} is {self.gw.status}: {what} needs Running")
+
+    # -- cloud accounts -------------------------------------------------------------------
+
+    @workflow.update
+    async def add_account(self, request: AccountRequest) -> AccountSummary:
+        """Check the account (preflight on the agent) and keep it."""
+        self.busy = True
+        try:
+            report = await self._agent(
+                "preflight_all",
+                PreflightRequest(
+                    account=request.name,
+                    gateway=self.gw.name,
+                    credentials=request.credentials,
+                    placement=request.placement,
+                    fresh_login=True,
+                ),
+                PreflightReport,
+                f"Preflight of cloud account {request.name} "
+                f"({request.credentials.username}@{request.credentials.endpoint.server})",
+                timeout=timedelta(minutes=2),
+            )
+        finally:
+            self.busy = False
+        failed = [r for r in report.results if r.status is CheckStatus.FAIL]
+        if failed:
+            raise invalid_spec(
+                f"cloud account {request.name} failed its checks: "
+                + "; ".join(f"{r.title} ({r.object}): {r.detail}" for r in failed[:5])
+            )
+        if self.gw.account(request.name) is not None:
+            raise invalid_state(f"cloud account {request.name} exists already")
+        account = CloudAccount(
+            name=request.name,
+            gateway=self.gw.name,
+            credentials=request.credentials,
+            placement=request.placement,
+            created_at=workflow.now(),
+        )
+        self.gw.accounts.append(account)
+        self._publish()
+        return self._summary(account)
+
+    @add_account.validator
+    def _add_account_ok(self, request: AccountRequest) -> None:
+        if self.gw.status not in _ADMITTING:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: cloud accounts need a Running gateway"
+            )
+        if self.gw.account(request.name) is not None:
+            raise invalid_state(f"cloud account {request.name} exists already")
+        assert self.gw.agent is not None
+        if request.credentials.password.key_id != self.gw.agent.key_id:
+            raise invalid_spec(
+                "credentials.password: sealed to another key than this gateway's agent "
+                f"({self.gw.agent.key_id})"
+            )
+
+    @workflow.update
+    def delete_account(self, name: str) -> list[AccountSummary]:
+        self.gw.accounts = [a for a in self.gw.accounts if a.name != name]
+        self._publish()
+        return [self._summary(a) for a in self.gw.accounts]
+
+    @delete_account.validator
+    def _delete_account_ok(self, name: str) -> None:
+        if self.gw.account(name) is None:
+            raise invalid_spec(f"gateway {self.gw.name} has no cloud account {name!r}")
+        users = self.gw.live_clusters(account=name)
+        if users:
+            raise ApplicationError(
+                f"cloud account {name} is used by cluster(s) {', '.join(sorted(users))}; delete "
+                "them first",
+                type=errors.IN_USE,
+                non_retryable=True,
+            )
+
+    @workflow.query
+    def accounts(self) -> list[AccountSummary]:
+        return [self._summary(a) for a in self.gw.accounts]
+
+    def _summary(self, account: CloudAccount) -> AccountSummary:
+        return AccountSummary(
+            name=account.name,
+            gateway=account.gateway,
+            server=account.credentials.endpoint.address,
+            username=account.credentials.username,
+            default=account.default,
+            clusters=self.gw.live_clusters(account=account.name),
+        )
+
+    # -- clusters -------------------------------------------------------------------------
+
+    @workflow.update
+    async def request_cluster(self, request: ClusterRequest) -> ClusterAdmission:
+        """Start the cluster's workflow; during an upgrade it waits, Queued, in order."""
+        spec = request.spec
+        account = self.gw.account(spec.cloud_account)
+        assert account is not None
+        try:
+            template = cluster_template(spec, account)
+        except ValueError as exc:
+            raise invalid_spec(str(exc)) from None
+        queued = self.gw.status is GatewayStatus.UPGRADING
+        workflow_id = names.cluster_workflow_id(spec.name)
+        record = ClusterRecord(
+            name=spec.name,
+            account=account.name,
+            status=(ClusterStatus.QUEUED if queued else ClusterStatus.PROVISIONING).value,
+            queued=queued,
+        )
+        self.gw.clusters = [c for c in self.gw.clusters if c.name != spec.name] + [record]
+        if queued:
+            self.gw.queue.append(spec.name)
+        try:
+            await workflow.start_child_workflow(
+                "ClusterWorkflow",
+                ClusterInput(
+                    spec=spec,
+                    account=ClusterAccount(
+                        name=account.name,
+                        gateway=self.gw.name,
+                        credentials=account.credentials,
+                        template=template,
+                    ),
+                    readiness=request.readiness,
+                    timing=request.timing,
+                    gateway_workflow=workflow.info().workflow_id,
+                    queued=queued,
+                ),
+                id=workflow_id,
+                task_queue=workflow.info().task_queue,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                static_summary=f"Cluster {spec.name} on gateway {self.gw.name}",
+                static_details=spec.description,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "cluster"),
+                        SearchAttributePair(names.STATUS, record.status),
+                        SearchAttributePair(names.GATEWAY, self.gw.name),
+                    ]
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            self.gw.clusters = [c for c in self.gw.clusters if c is not record]
+            self.gw.queue = [n for n in self.gw.queue if n != spec.name]
+            self._publish()
+            raise invalid_state(f"cluster {spec.name} already exists") from None
+        self._publish()
+        return ClusterAdmission(cluster=spec.name, workflow_id=workflow_id, queued=queued)
+
+    @request_cluster.validator
+    def _request_ok(self, request: ClusterRequest) -> None:
+        spec = request.spec
+        if self.gw.status not in _ADMITTING:
+            raise ApplicationError(
+                f"gateway {self.gw.name} is {self.gw.status}: clusters need a Running gateway",
+                type=errors.GATEWAY_NOT_READY,
+                non_retryable=True,
+            )
+        if self.gw.account(spec.cloud_account) is None:
+            known = ", ".join(a.name for a in self.gw.accounts) or "none"
+            raise invalid_spec(
+                f"cloud_account: gateway {self.gw.name} has no cloud account "
+                f"{spec.cloud_account!r} (it has: {known})"
+            )
+        if spec.name == gateway_cluster_name(self.gw.name):
+            raise invalid_spec(f"name: {spec.name!r} is reserved for the gateway's own nodes")
+        record = self.gw.cluster(spec.name)
+        if record is not None and record.status != ClusterStatus.DELETED.value:
+            raise invalid_state(f"cluster {spec.name} already exists ({record.status})")
+
+    @workflow.signal
+    def cluster_changed(self, change: ClusterChanged) -> None:
+        """A cluster of this gateway changed status (it tells us; deleted ones are dropped)."""
+        record = self.gw.cluster(change.name)
+        if change.status == ClusterStatus.DELETED.value:
+            self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
+            self.gw.queue = [n for n in self.gw.queue if n != change.name]
+        elif record is None:
+            self.gw.clusters.append(
+                ClusterRecord(name=change.name, account=change.account, status=change.status)
+            )
+        else:
+            record.status = change.status
+        self._publish()
+
+    @workflow.query(name="state")
+    def state_query(self) -> GatewayState:
+        """Status, pairing, agent, configuration, steps, nodes, accounts, clusters, queue."""
+        return self.gw
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _attach(self, nodes: ClusterState, config: GatewayConfig) -> None:
+        """Point the node machinery at the gateway's node cluster."""
+        self.state = nodes
+        assert config.placement.template is not None
+        self.account = ClusterAccount(
+            name=default_account_name(self.gw.name),
+            gateway=self.gw.name,
+            credentials=config.credentials,
+            template=config.placement.template,
+        )
+
+    def _owner(self) -> str:
+        return names.gateway_workflow_id(self.gw.name)
+
+    def _set_status(self, status: GatewayStatus, reason: str = "") -> None:
+        self.gw.status = status
+        self.gw.updated_at = workflow.now()
+        if reason:
+            self.gw.reason = reason
+        self._publish()
+
+    def _publish(self) -> None:
+        """The Web UI's current details; search attributes when the status changed."""
+        if self.published != self.gw.status:
+            workflow.upsert_search_attributes(
+                [
+                    names.KIND.value_set("gateway"),
+                    names.STATUS.value_set(self.gw.status.value),
+                    names.GATEWAY.value_set(self.gw.name),
+                ]
+            )
+            self.published = self.gw.status
+        workflow.set_current_details(render_details(self.gw))
+
+
+def render_details(gw: GatewayState) -> str:
+    """Markdown for the Web UI: status, agent, steps, nodes, accounts, clusters, queue."""
+    lines = [f"## Gateway `{gw.name}` — {gw.status.value}", "", gw.reason]
+    if gw.overdue:
+        lines += ["", "**Overdue**: the installer has not registered. Check:"]
+        lines += [f"- {hint}" for hint in gw.hints]
+    if gw.error:
+        lines += ["", f"Error: {gw.error}"]
+    if gw.agent:
+        lines += ["", f"Agent key {gw.agent.key_id} on {gw.agent.host or '?'}"]
+    lines += [
+        "",
+        f"Version {gw.version}" + (f" → {gw.target_version}" if gw.target_version else ""),
+    ]
+    steps = gw.steps
+    if steps:
+        lines += [
+            "",
+            "| step | state | seconds | attempts | error |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for s in steps:
+            secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
+            lines.append(
+                f"| {s.title} | {s.state.value} | {secs} | {s.attempts} | {s.error or ''} |"
+            )
+    if gw.nodes and gw.nodes.nodes:
+        lines += ["", "| node | VM | address | phase |", "| --- | --- | --- | --- |"]
+        for n in gw.nodes.nodes:
+            lines.append(f"| {n.name} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
+    if gw.accounts:
+        lines += ["", "Cloud accounts: " + ", ".join(a.name for a in gw.accounts)]
+    if gw.clusters:
+        lines += ["", "Clusters: " + ", ".join(f"{c.name} ({c.status})" for c in gw.clusters)]
+    if gw.queue:
+        lines += ["", "Queued: " + ", ".join(gw.queue)]
+    return "\n".join(lines)
