@@ -36,6 +36,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterCredentials, VCenterEndpoint
 from domain.cluster import ClusterSpec, WorkerPool
+from domain.events import EventsResult
 from domain.gateway import (
     PAIRING_CODE_LIFETIME,
     AccountRequest,
@@ -707,6 +708,11 @@ class KubegateClient:
             if asyncio.get_running_loop().time() > deadline:
                 raise KubegateError(f"gateway {name} still {state.status} after {timeout:.0f}s")
             await asyncio.sleep(interval)
+
+    async def gateway_events(self, gateway: str) -> EventsResult:
+        """Recent vCenter events and tasks of the gateway's VMs (run by its agent)."""
+        result: EventsResult = await self._gateway_update(gateway, GatewayWorkflow.collect_events)
+        return result
 
     async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:
         handle = self.gateway_handle(gateway)

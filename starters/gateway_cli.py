@@ -32,6 +32,7 @@ from starters.cli import (
     _run,
     _short,
     account_app,
+    err,
     gateway_app,
     load_spec,
     out,
@@ -446,6 +447,53 @@ def gateway_agent(
         _bad_input(str(exc))
     except KubegateError as exc:
         _failed(str(exc))
+
+
+@gateway_app.command("logs")
+def gateway_logs(
+    name: GatewayArg,
+    output_file: Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.tgz).")],
+) -> None:
+    """A support bundle: the agent's logs, the step history, recent vCenter events and tasks."""
+    from starters.logs import agent_log_files, write_bundle
+
+    settings = Settings()
+    notes: list[str] = []
+
+    async def collect(client: KubegateClient) -> tuple[GatewayState, Any]:
+        state = await client.gateway_state(name)
+        events = None
+        if state.config is None:
+            notes.append("vCenter events: the gateway is not configured (no vCenter to ask)")
+        else:
+            try:
+                events = await client.gateway_events(name)
+            except KubegateError as exc:
+                notes.append(f"vCenter events: {exc}")
+        return state, events
+
+    state, events = _call(collect)
+    logs = agent_log_files(settings, name)
+    if not logs:
+        notes.append(
+            f"agent log not found at {settings.agent_log_path(name)} (run this where the agent "
+            "runs, or copy its log)"
+        )
+    summary = write_bundle(
+        output_file,
+        gateway=name,
+        state=json.loads(_gateway_json(state)),
+        steps=state.steps,
+        agent_logs=logs,
+        events=events,
+        notes=notes,
+    )
+    out.print(
+        f"wrote {summary.path} ({summary.size} bytes): {', '.join(summary.members)}",
+        highlight=False,
+    )
+    for note in summary.notes:
+        err.print(f"  note: {note}", highlight=False)
 
 
 # -- account ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from temporalio.worker import Worker
 
 from activities.bootstrap import BootstrapActivities
 from activities.preflight import PreflightActivities
+from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue
@@ -55,6 +56,7 @@ def build_agent(
         max_ops_per_host=max_ops_per_host,
         max_ops_per_datastore=max_ops_per_datastore,
     )
+    events = EventActivities(key, sessions)
     return Worker(
         client,
         task_queue=task_queue or gateway_task_queue(gateway),
@@ -67,6 +69,7 @@ def build_agent(
             bootstrap.secrets,
             bootstrap.render,
             *vms.all(),
+            *events.all(),
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,

@@ -22,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import errors, names
     from domain.account import SealedSecret
     from domain.cluster import NodePlan
+    from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
     )
@@ -265,9 +266,6 @@ class GatewayWorkflow(NodeMachinery):
 
     async def _resize(self, request: ResizeRequest) -> None:
         assert self.gw.config is not None
-        self._set_status(
-            GatewayStatus.UPGRADING, f"resizing from {self.gw.config.size} to {request.size} nodes"
-        )
         config = self.gw.config.model_copy(update={"size": request.size})
         self.state.spec = gateway_cluster_spec(self.gw.name, config, self.gw.version)
         try:
@@ -282,8 +280,6 @@ class GatewayWorkflow(NodeMachinery):
 
     async def _upgrade(self, version: str) -> None:
         assert self.gw.config is not None
-        self.gw.target_version = version
-        self._set_status(GatewayStatus.UPGRADING, f"upgrading {self.gw.version} -> {version}")
         if not self.gw.system:
             self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, version)
             try:
@@ -468,7 +464,11 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     def resize(self, request: ResizeRequest) -> GatewayState:
         """1 -> 3 nodes: two nodes added (with addresses from the gateway's pool)."""
+        assert self.gw.config is not None
         self.op, self.op_arg = "resize", request
+        self._set_status(
+            GatewayStatus.UPGRADING, f"resizing from {self.gw.config.size} to {request.size} nodes"
+        )
         return self.gw
 
     @resize.validator
@@ -486,6 +486,8 @@ class GatewayWorkflow(NodeMachinery):
         """Roll the gateway's nodes to a release, one at a time; clusters queue meanwhile."""
         version = request.version or self._newest()
         self.op, self.op_arg = "upgrade", version
+        self.gw.target_version = version
+        self._set_status(GatewayStatus.UPGRADING, f"upgrading {self.gw.version} -> {version}")
         return self.gw
 
     @upgrade.validator
@@ -608,6 +610,37 @@ class GatewayWorkflow(NodeMachinery):
                 "them first",
                 type=errors.IN_USE,
                 non_retryable=True,
+            )
+
+    @workflow.update
+    async def collect_events(self) -> EventsResult:
+        """Recent vCenter events and tasks of the gateway's VMs (for `gateway logs`)."""
+        config = self.gw.config
+        assert config is not None
+        nodes = self.gw.nodes
+        objects = [n.vm for n in nodes.nodes if n.vm] if nodes else []
+        if nodes and nodes.folder_ref:
+            objects.append(nodes.folder_ref)
+        installer = self.gw.agent.installer_vm if self.gw.agent else None
+        return await self._agent(
+            "vm_events",
+            EventsRequest(
+                credentials=config.credentials,
+                datacenter=config.placement.datacenter,
+                objects=objects,
+                folder=nodes.folder if nodes and nodes.folder else None,
+                limit=500,
+            ),
+            EventsResult,
+            f"Collect vCenter events of gateway {self.gw.name}"
+            + (f" (installer {installer})" if installer else ""),
+        )
+
+    @collect_events.validator
+    def _events_ok(self) -> None:
+        if self.gw.config is None:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: not configured, no vCenter to ask"
             )
 
     @workflow.query

@@ -29,6 +29,9 @@ def test_histories_are_stored() -> None:
         "cluster_deployed_deleted",
         "cluster_aborted",
         "cluster_dhcp_day2",
+        "gateway_story",
+        "gateway_reset",
+        "cluster_queued_by_gateway",
     } <= names
 
 

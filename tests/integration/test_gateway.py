@@ -1,0 +1,444 @@
+"""The gateway lifecycle on a real simulator and a real Temporal server (issue 5).
+
+create -> install the OVA -> the agent pairs -> configure -> Running (nodes, VIP, default
+account, installer off) -> clusters through it -> resize 1->3 -> upgrade with clusters queued
+meanwhile -> delete refused, then allowed -> nothing left. Plus: wrong pairing codes, reset
+after an injected failure, the password in no history, CLI output or bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tarfile
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVim.task import WaitForTask
+from pyVmomi import vim
+from temporalio.testing import WorkflowEnvironment
+
+from activities.vsphere.session import SessionPool
+from domain.account import Placement, VCenterEndpoint
+from domain.cluster import ClusterSpec
+from domain.gateway import (
+    GatewayFile,
+    GatewayState,
+    GatewayStatus,
+    InstallerProperties,
+)
+from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from domain.sealing import AgentKey
+from starters.client import KubegateClient, RequestRefused
+from starters.installer import install, installer_ova, read_installer
+from starters.settings import Settings
+from tests.integration.test_cluster import PROFILE, domain
+from tests.support import (
+    ADMIN,
+    INVENTORY,
+    PLACEMENT,
+    Vcsim,
+    history_text,
+    record_history,
+    run_cli,
+)
+from workers.gateway_agent import build_agent
+
+pytestmark = pytest.mark.integration
+
+FAST = Timing(heartbeat_seconds=5)
+CLONE_MS = 700
+
+
+@pytest.fixture(scope="module")
+def gsim(workdir: Path) -> Iterator[Vcsim]:
+    """Clones take 0.7 s (an upgrade lasts long enough for requests to arrive meanwhile)."""
+    sim = Vcsim(
+        workdir,
+        args=[
+            *INVENTORY,
+            "-task-delay",
+            f"CloneVM_Task={CLONE_MS}",
+            "-dhcp",
+            "VM Network=10.62.0.100-10.62.0.199",
+        ],
+    ).start()
+    yield sim
+    sim.stop()
+
+
+def endpoint(sim: Vcsim) -> VCenterEndpoint:
+    return VCenterEndpoint(server=sim.address, thumbprint=sim.thumbprint)
+
+
+@asynccontextmanager
+async def agent_of(
+    temporal: WorkflowEnvironment, sessions: SessionPool, gateway: str, key: AgentKey
+) -> AsyncIterator[None]:
+    """The gateway's agent, in this process, polling its own task queue."""
+    with ThreadPoolExecutor(max_workers=16) as executor:
+        async with build_agent(temporal.client, gateway, key, sessions, executor, 16):
+            yield
+
+
+def gateway_file(sim: Vcsim, **extra: Any) -> GatewayFile:
+    return GatewayFile.model_validate(
+        {
+            "vcenter": {"server": sim.address, "username": ADMIN, "thumbprint": sim.thumbprint},
+            "placement": PLACEMENT,
+            "ntp_servers": ["0.pool.ntp.org"],
+            **extra,
+        }
+    )
+
+
+def pool_fields(name: str, third: int, count: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "range",
+        "first": f"10.{third}.0.10",
+        "last": f"10.{third}.0.{9 + count}",
+        "prefix": 24,
+        "network_gateway": f"10.{third}.0.1",
+        "nameservers": [f"10.{third}.0.2"],
+    }
+
+
+def small_cluster(name: str, account: str, pool: str) -> ClusterSpec:
+    return ClusterSpec.model_validate(
+        {
+            "name": name,
+            "profile": PROFILE,
+            "cloud_account": account,
+            "placement": {"datacenter": "DC0", "ip_allocation": "static"},
+            "control_plane": {"size": 1, "placement": [domain("DC0_C0", pool)]},
+        }
+    )
+
+
+async def until_gateway(
+    kubegate: KubegateClient, name: str, *statuses: GatewayStatus
+) -> GatewayState:
+    state = await kubegate.wait_gateway(
+        name,
+        lambda s: s.status in statuses or s.status is GatewayStatus.FAILED,
+        timeout=180,
+        interval=0.1,
+    )
+    assert state.status in statuses, (state.status, state.error, [s.error for s in state.steps])
+    return state
+
+
+async def until_cluster(
+    kubegate: KubegateClient, name: str, *statuses: ClusterStatus
+) -> ClusterState:
+    state = await kubegate.wait_cluster(
+        name,
+        lambda s: s.status in statuses or s.status is ClusterStatus.FAILED,
+        timeout=180,
+        interval=0.1,
+    )
+    assert state.status in statuses, (state.status, state.error)
+    return state
+
+
+def vms_in(sim: Vcsim, path: str) -> list[str] | None:
+    """Names of the VMs in a folder (None if the folder does not exist)."""
+    si = sim.connect()
+    try:
+        folder = si.RetrieveContent().searchIndex.FindByInventoryPath(path)
+        if folder is None:
+            return None
+        return sorted(c.name for c in folder.childEntity if isinstance(c, vim.VirtualMachine))
+    finally:
+        sim.disconnect(si)
+
+
+def vm_power(sim: Vcsim, path: str) -> str | None:
+    si = sim.connect()
+    try:
+        vm = si.RetrieveContent().searchIndex.FindByInventoryPath(path)
+        return None if vm is None else str(vm.runtime.powerState)
+    finally:
+        sim.disconnect(si)
+
+
+async def test_gateway_story(
+    gsim: Vcsim,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+    settings: Settings,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    name = "gw1"
+    outputs: list[str] = []
+
+    # create: Pending, a code shown once, only its hash kept
+    state, code = await kubegate.create_gateway(name, timing=FAST)
+    assert state.status is GatewayStatus.PENDING and state.agent is None
+    assert code not in state.model_dump_json()
+    with pytest.raises(RequestRefused, match="already exists"):
+        await kubegate.create_gateway(name)
+
+    # the installer OVA, imported with its properties, powered on; the agent reads them back
+    props = InstallerProperties(
+        installer_name=name,
+        console_endpoint=f"http://{settings.temporal_address}",
+        pairing_code=code,
+    )
+    placement = Placement.model_validate(PLACEMENT)
+    installed = await asyncio.to_thread(
+        install, endpoint(gsim), ADMIN, gsim.password, placement, props, installer_ova(settings)
+    )
+    assert installed.power_state == "poweredOn"
+    read = await asyncio.to_thread(
+        read_installer, endpoint(gsim), ADMIN, gsim.password, "DC0", installed.inventory_path
+    )
+    assert read.pairing_code == props.pairing_code
+
+    # pairing: configure before it is refused; a wrong code is refused; the right one pairs once
+    key = AgentKey.generate()
+    code_cli, out = await run_cli(settings, "gateway", "configure", name, "-f", "/nonexistent")
+    assert code_cli == 2 and "no such file" in out, out
+    with pytest.raises(RequestRefused, match="wrong pairing code"):
+        await kubegate.register_agent(name, key, "ABCDE-FGHJK")
+    async with agent_of(temporal, sessions, name, key):
+        state = await kubegate.register_agent(
+            name, key, read.pairing_code, installer_vm=installed.inventory_path
+        )
+        assert state.status is GatewayStatus.REGISTERED
+        assert state.agent is not None and state.agent.public_key == key.public_key_b64
+        again = await kubegate.register_agent(name, key, None)  # a restart: nothing to do
+        assert again.status is GatewayStatus.REGISTERED
+        with pytest.raises(RequestRefused, match="paired with another agent"):
+            await kubegate.register_agent(name, AgentKey.generate(), read.pairing_code)
+
+        # configure: static addresses from a pool the file creates; 1 node behind a VIP
+        file = gateway_file(
+            gsim, ip_allocation="static", create_ip_pool=pool_fields("gw1-pool", 91, 12)
+        )
+        state = await kubegate.configure_gateway(name, file, gsim.password)
+        assert state.status is GatewayStatus.PROVISIONING
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        steps = [s.name for s in state.steps]
+        for expected in (
+            "validate",
+            "preflight",
+            "folder",
+            "addresses",
+            "bootstrap",
+            "create-vms",
+            "readiness",
+            "default-account",
+            "installer",
+        ):
+            assert expected in steps, steps
+        assert all(s.ended for s in state.steps)
+        assert state.nodes is not None and [n.name for n in state.nodes.nodes] == ["gw1-pcg-cp-0"]
+        assert state.nodes.vip is not None and state.nodes.nodes[0].address is not None
+        assert vms_in(gsim, "/DC0/vm/gw1-pcg") == ["gw1-pcg-cp-0"]
+        assert vm_power(gsim, installed.inventory_path) == "poweredOff"
+        held = await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1")
+        assert sorted(a.slot for a in held) == ["gw1-pcg-cp-0", "vip"]
+        assert [a.name for a in state.accounts] == ["gw1-default"]
+        assert state.available_version == "1.1.0"
+
+        # a cluster through the default account
+        await kubegate.create_pool(
+            __import__("domain.ipam", fromlist=["IpPoolSpec"]).IpPoolSpec.model_validate(
+                {**pool_fields("gw1-clusters", 92, 20), "gateway": name}
+            )
+        )
+        await kubegate.deploy_cluster(
+            small_cluster("gwc1", "gw1-default", "gw1-clusters"), timing=FAST
+        )
+        await until_cluster(kubegate, "gwc1", ClusterStatus.RUNNING)
+        state = await kubegate.gateway_state(name)
+        assert [(c.name, c.status) for c in state.clusters] == [("gwc1", "Running")]
+
+        # refusals: delete while a cluster lives; its account while used; shrink; same size
+        code_cli, out = await run_cli(settings, "gateway", "delete", name)
+        outputs.append(out)
+        assert code_cli == 2 and "gwc1" in out, out
+        with pytest.raises(RequestRefused, match="used by cluster"):
+            await kubegate.delete_account("gw1-default")
+        with pytest.raises(RequestRefused, match="already has 1"):
+            await kubegate.resize_gateway(name, 1)
+        with pytest.raises(RequestRefused, match="cloud account 'nope'"):
+            await kubegate.deploy_cluster(
+                small_cluster("gwc9", "nope", "gw1-clusters"), gateway=name
+            )
+
+        # resize 1 -> 3: two nodes more, addresses from the gateway's pool; 3 -> 1 refused
+        state = await kubegate.resize_gateway(name, 3)
+        assert state.status is GatewayStatus.UPGRADING
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        assert state.nodes is not None and len(state.nodes.nodes) == 3
+        assert vms_in(gsim, "/DC0/vm/gw1-pcg") == [f"gw1-pcg-cp-{i}" for i in range(3)]
+        code_cli, out = await run_cli(settings, "gateway", "resize", name, "--size", "1")
+        outputs.append(out)
+        assert code_cli == 2 and "cannot shrink" in out, out
+
+        # upgrade: nodes replaced one at a time; clusters requested meanwhile wait in order
+        state = await kubegate.upgrade_gateway(name)
+        assert state.status is GatewayStatus.UPGRADING and state.target_version == "1.1.0"
+        for cluster in ("gwc2", "gwc3"):
+            queued = await kubegate.deploy_cluster(
+                small_cluster(cluster, "gw1-default", "gw1-clusters"), timing=FAST
+            )
+            assert queued.status is ClusterStatus.QUEUED, queued.status
+        assert (await kubegate.gateway_state(name)).queue == ["gwc2", "gwc3"]
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        assert state.version == "1.1.0" and state.available_version is None
+        assert state.nodes is not None
+        assert sorted(n.name for n in state.nodes.nodes) == [f"gw1-pcg-cp-{i}-r1" for i in range(3)]
+        assert vms_in(gsim, "/DC0/vm/gw1-pcg") == [f"gw1-pcg-cp-{i}-r1" for i in range(3)]
+        first, second = [
+            await until_cluster(kubegate, c, ClusterStatus.RUNNING) for c in ("gwc2", "gwc3")
+        ]
+        started = [
+            next(s.started for s in c.steps if s.name == "validate") for c in (first, second)
+        ]
+        assert started[0] is not None and started[1] is not None and started[0] <= started[1]
+        assert (await kubegate.gateway_state(name)).queue == []
+        held = await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1")
+        assert len(held) == 4  # VIP + three nodes; the replaced nodes' addresses were released
+
+        # the logs bundle (the agent runs in this process: its log file is not there)
+        bundle = tmp_path / "gw1.tgz"
+        code_cli, out = await run_cli(settings, "gateway", "logs", name, "-o", str(bundle))
+        outputs.append(out)
+        assert code_cli == 0, out
+        with tarfile.open(bundle) as tar:
+            members = tar.getnames()
+            texts = [
+                tar.extractfile(m).read().decode(errors="replace")  # type: ignore[union-attr]
+                for m in tar.getmembers()
+                if m.isfile()
+            ]
+        assert {"state.json", "steps.txt", "events.txt", "tasks.txt", "notes.txt"} <= set(members)
+        assert any("gw1-pcg-cp-0-r1" in t for t in texts)
+        assert all(gsim.password not in t for t in texts)
+
+        # delete: the clusters first, then the gateway; nothing of it is left
+        for cluster in ("gwc1", "gwc2", "gwc3"):
+            await kubegate.delete_cluster(cluster)
+        for cluster in ("gwc1", "gwc2", "gwc3"):
+            await until_cluster(kubegate, cluster, ClusterStatus.DELETED)
+        state = await kubegate.wait_gateway(name, lambda s: not s.clusters, timeout=30)
+        code_cli, out = await run_cli(settings, "gateway", "describe", name)
+        outputs.append(out)
+        assert code_cli == 0 and "Running" in out, out
+        await kubegate.delete_gateway(name)
+        state = await until_gateway(kubegate, name, GatewayStatus.DELETED)
+    assert vms_in(gsim, "/DC0/vm/gw1-pcg") is None
+    assert vm_power(gsim, installed.inventory_path) is None
+    assert await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1") == []
+
+    # the password is in no history (decoded payloads), no CLI output, no log line
+    for workflow_id in ("gateway/gw1", "cluster/gwc1", "cluster/gwc2", "cluster/gwc3"):
+        history = await kubegate.client.get_workflow_handle(workflow_id).fetch_history()
+        assert gsim.password not in history_text(history), workflow_id
+    assert all(gsim.password not in out for out in outputs)
+    assert caplog.records and gsim.password not in caplog.text
+    await record_history(kubegate.client, "gateway/gw1", "gateway_story")
+    await record_history(kubegate.client, "cluster/gwc2", "cluster_queued_by_gateway")
+
+
+async def test_reset_after_a_failed_provisioning(
+    gsim: Vcsim,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+    settings: Settings,
+) -> None:
+    """A foreign VM holds the node's name: create-vms fails; fix it, reset, configure again."""
+    name = "rgw"
+    _, code = await kubegate.create_gateway(name, timing=FAST)
+    si = gsim.connect()
+    try:
+        content = si.RetrieveContent()
+        vm_folder = content.searchIndex.FindByInventoryPath("/DC0/vm")
+        folder = vm_folder.CreateFolder("rgw-pcg")
+        template = content.searchIndex.FindByInventoryPath(f"/DC0/vm/{PLACEMENT['template']}")
+        pool = content.searchIndex.FindByInventoryPath("/DC0/host/DC0_C0/Resources")
+        WaitForTask(
+            template.CloneVM_Task(
+                folder=folder,
+                name="rgw-pcg-cp-0",
+                spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool)),
+            )
+        )
+    finally:
+        gsim.disconnect(si)
+    key = AgentKey.generate()
+    async with agent_of(temporal, sessions, name, key):
+        await kubegate.register_agent(name, key, code)
+        file = gateway_file(gsim, ip_allocation="dhcp", vip="10.62.0.50")
+        await kubegate.configure_gateway(name, file, gsim.password)
+        state = await until_gateway(kubegate, name, GatewayStatus.FAILED)
+        failed = [s for s in state.steps if s.state.value == "failed"]
+        assert [s.name for s in failed] == ["create-vms"], [(s.name, s.state) for s in state.steps]
+        assert "already exists" in (failed[0].error or "")
+        with pytest.raises(RequestRefused, match="clusters need a Running gateway"):
+            await kubegate.deploy_cluster(small_cluster("rgwc", "rgw-default", "x"), gateway=name)
+
+        # the operator removes the foreign VM, resets, and configures again
+        si = gsim.connect()
+        try:
+            vm = si.RetrieveContent().searchIndex.FindByInventoryPath(
+                "/DC0/vm/rgw-pcg/rgw-pcg-cp-0"
+            )
+            WaitForTask(vm.Destroy_Task())
+        finally:
+            gsim.disconnect(si)
+        code_cli, out = await run_cli(settings, "gateway", "reset", name, "--wait")
+        assert code_cli == 0, out
+        state = await kubegate.gateway_state(name)
+        assert state.status is GatewayStatus.PENDING and state.agent is not None
+        assert state.config is None and state.nodes is None and not state.accounts
+        assert vms_in(gsim, "/DC0/vm/rgw-pcg") is None
+        assert "create-vms" in [s.name for s in state.steps]  # the failed attempt stays visible
+
+        await kubegate.configure_gateway(name, file, gsim.password)
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        assert vms_in(gsim, "/DC0/vm/rgw-pcg") == ["rgw-pcg-cp-0"]
+        code_cli, out = await run_cli(settings, "gateway", "reset", name)
+        assert code_cli == 2 and "reset is for" in out, out
+        await kubegate.delete_gateway(name)
+        await until_gateway(kubegate, name, GatewayStatus.DELETED)
+    assert vms_in(gsim, "/DC0/vm/rgw-pcg") is None
+    await record_history(kubegate.client, "gateway/rgw", "gateway_reset")
+
+
+async def test_configuration_refused_by_the_preflight(
+    gsim: Vcsim,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+    settings: Settings,
+) -> None:
+    """A wrong datastore: refused (exit 2) with the check named; the gateway stays Registered."""
+    name = "pgw"
+    _, code = await kubegate.create_gateway(name, timing=FAST)
+    key = AgentKey.generate()
+    async with agent_of(temporal, sessions, name, key):
+        await kubegate.register_agent(name, key, code)
+        file = gateway_file(gsim, vip="10.62.0.51")
+        file.placement = file.placement.model_copy(update={"datastore": "NoSuchDS"})
+        with pytest.raises(RequestRefused, match="NoSuchDS"):
+            await kubegate.configure_gateway(name, file, gsim.password)
+        state = await kubegate.gateway_state(name)
+        assert state.status is GatewayStatus.REGISTERED and state.config is None
+        assert any(s.name == "preflight" and s.error for s in state.steps)
+        with pytest.raises(RequestRefused, match="vip: required with DHCP"):
+            await kubegate.configure_gateway(name, gateway_file(gsim), gsim.password)
+        await kubegate.delete_gateway(name)
+        await until_gateway(kubegate, name, GatewayStatus.DELETED)
