@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,11 +58,12 @@ from bench.vcproxy import (
 from domain import names
 from domain.account import CloudAccountSpec
 from domain.cluster import ClusterSpec
+from domain.gateway import GatewayFile
 from domain.ipam import IpPoolSpec
-from domain.lifecycle import ClusterAccount, ClusterState, ClusterStatus, Step
+from domain.lifecycle import ClusterState, ClusterStatus, Step
 from starters.client import KubegateClient
 from starters.settings import Settings, tool_path
-from tests.support import ADMIN, TEMPLATE, Vcsim
+from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim
 
 GATEWAY = "bench"
 POOL = "bench-pool"
@@ -170,7 +170,6 @@ class Stack:
     control: subprocess.Popen[bytes]
     agent: subprocess.Popen[bytes]
     client: KubegateClient
-    account: ClusterAccount | None = None
     delays: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -232,6 +231,9 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
         "KUBEGATE_TEMPORAL_ADDRESS": address,
     }
     control = _spawn(["worker", "control"], environ, work / "control.log")
+    # a system gateway: created here, paired by the agent at its first start
+    _, code = await KubegateClient(env.client, settings).create_gateway(GATEWAY, system=True)
+    environ["KUBEGATE_PAIRING_CODE"] = code
     agent = _spawn(["gateway", "agent", GATEWAY], environ, work / "agent.log")
     stack = Stack(work, sim, proxy, env, control, agent, KubegateClient(env.client, settings))
     stack.delays = delays
@@ -242,14 +244,24 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
     if temporal is not None:
         stack.pids["temporal"] = temporal
     try:
-        key = settings.agent_public_key_path(GATEWAY)
-        deadline = time.monotonic() + 60
-        while not key.exists():
-            if time.monotonic() > deadline or agent.poll() is not None:
-                raise RuntimeError(f"the agent did not start; see {work / 'agent.log'}")
-            await asyncio.sleep(0.1)
         if not await stack.client.agent_is_polling(GATEWAY, wait=60):
             raise RuntimeError(f"the agent does not poll; see {work / 'agent.log'}")
+        gateway_file = GatewayFile.model_validate(
+            {
+                "vcenter": {
+                    "server": proxy.address,
+                    "username": ADMIN,
+                    "thumbprint": proxy.thumbprint,
+                },
+                "placement": PLACEMENT,
+            }
+        )
+        await stack.client.configure_gateway(GATEWAY, gateway_file, sim.password)
+        ready = await stack.client.wait_gateway(
+            GATEWAY, lambda s: s.status.value in ("Running", "Failed"), timeout=120
+        )
+        if ready.status.value != "Running":
+            raise RuntimeError(f"the gateway did not come up: {ready.error}")
         await stack.client.create_pool(
             IpPoolSpec.model_validate(
                 {
@@ -275,7 +287,7 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
                 },
             }
         )
-        stack.account = stack.client.cluster_account(account, sim.password, cluster_spec("probe"))
+        await stack.client.create_account(account, sim.password)
     except BaseException:
         await stack.stop()
         raise
@@ -439,7 +451,6 @@ async def run_phase(
 ) -> tuple[Phase, list[str]]:
     """Deploy (or delete) the clusters at once and wait until each is Running (Deleted)."""
     client = stack.client
-    assert stack.account is not None
     want = ClusterStatus.DELETED if delete else ClusterStatus.RUNNING
     before = await asyncio.to_thread(stack.proxy.snapshot)
     usage_before = stack.usage()
@@ -455,8 +466,7 @@ async def run_phase(
         if delete:
             await client.delete_cluster(name)
         else:
-            assert stack.account is not None
-            await client.deploy_cluster(cluster_spec(name), stack.account)
+            await client.deploy_cluster(cluster_spec(name), gateway=GATEWAY)
         return await client.wait_cluster(
             name, lambda s: s.status in (want, ClusterStatus.FAILED), timeout=900, interval=1.0
         )

@@ -295,6 +295,14 @@ async def test_gateway_story(
             )
             assert queued.status is ClusterStatus.QUEUED, queued.status
         assert (await kubegate.gateway_state(name)).queue == ["gwc2", "gwc3"]
+        # a queued cluster can be aborted: nothing was made; it leaves the queue
+        await kubegate.deploy_cluster(
+            small_cluster("gwc4", "gw1-default", "gw1-clusters"), timing=FAST
+        )
+        await kubegate.abort_cluster("gwc4")
+        aborted = await until_cluster(kubegate, "gwc4", ClusterStatus.DELETED)
+        assert aborted.reason == "aborted while queued" and not aborted.nodes
+        await kubegate.wait_gateway(name, lambda s: "gwc4" not in s.queue, timeout=30)
         state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
         assert state.version == "1.1.0" and state.available_version is None
         assert state.nodes is not None
@@ -343,7 +351,13 @@ async def test_gateway_story(
     assert await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1") == []
 
     # the password is in no history (decoded payloads), no CLI output, no log line
-    for workflow_id in ("gateway/gw1", "cluster/gwc1", "cluster/gwc2", "cluster/gwc3"):
+    for workflow_id in (
+        "gateway/gw1",
+        "cluster/gwc1",
+        "cluster/gwc2",
+        "cluster/gwc3",
+        "cluster/gwc4",
+    ):
         history = await kubegate.client.get_workflow_handle(workflow_id).fetch_history()
         assert gsim.password not in history_text(history), workflow_id
     assert all(gsim.password not in out for out in outputs)
