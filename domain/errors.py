@@ -49,6 +49,7 @@ def field_errors(exc: ValidationError) -> list[str]:
         lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}{hint}")
     return lines
 
+
 #: a cluster request for a gateway that cannot take it, or an agent the gateway refuses
 GATEWAY_NOT_READY = "GatewayNotReady"
 PAIRING_REFUSED = "PairingRefused"

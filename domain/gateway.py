@@ -91,9 +91,16 @@ def normalize_pairing_code(code: str) -> str:
     return code.strip().replace("-", "").replace(" ", "").upper()
 
 
+#: scrypt cost: ~50 ms and 16 MiB per guess, so the 31^10 codes cannot be tried within a
+#: code's lifetime by someone who reads the hash and salt from a workflow history
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32, "maxmem": 64 * 1024 * 1024}
+
+
 def pairing_hash(code: str, salt: str) -> str:
-    """What the gateway keeps instead of the code: SHA-256 over the salt and the code."""
-    return hashlib.sha256(f"{salt}:{normalize_pairing_code(code)}".encode()).hexdigest()
+    """What the gateway keeps instead of the code: scrypt over the code with the salt."""
+    return hashlib.scrypt(
+        normalize_pairing_code(code).encode(), salt=salt.encode(), **_SCRYPT
+    ).hex()
 
 
 def pairing_matches(code: str, salt: str, expected_hash: str) -> bool:
@@ -326,9 +333,13 @@ class GatewayFile(BaseModel):
     size: Literal[1, 3] = 1
 
 
+#: the end of a gateway's node cluster name; no user cluster may end so
+GATEWAY_NODES_SUFFIX = "-pcg"
+
+
 def gateway_cluster_name(gateway: str) -> str:
     """The name of the gateway's own node cluster (its folder and node names start with it)."""
-    return f"{gateway}-pcg"
+    return f"{gateway}{GATEWAY_NODES_SUFFIX}"
 
 
 def gateway_cluster_spec(gateway: str, config: GatewayConfig, version: str) -> ClusterSpec:
@@ -451,6 +462,9 @@ class GatewayState(BaseModel):
     status: GatewayStatus = GatewayStatus.PENDING
     reason: str = ""
     error: str | None = None
+    failed_operation: str | None = Field(
+        default=None, description="What failed (provision, reset, resize, upgrade, delete)."
+    )
     system: bool = Field(default=False, description="Runs no nodes of its own (system gateway).")
     overdue: bool = False
     hints: list[str] = Field(default_factory=list)

@@ -134,6 +134,8 @@ class ClusterState(BaseModel):
     provisioned: bool = Field(default=False, description="It has been Running at least once.")
     #: node slot (name at revision 0) -> revision; a replaced node is named '<slot>-r<rev>'
     revisions: dict[str, int] = Field(default_factory=dict)
+    #: node slot -> profile version its current node was built from (set by a rolling upgrade)
+    slot_versions: dict[str, str] = Field(default_factory=dict)
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]

@@ -177,10 +177,14 @@ class InstallerVmRequest(BaseModel):
     credentials: VCenterCredentials
     vm: str = Field(description="Inventory path ('/DC0/vm/…') or ref ('VirtualMachine:vm-…').")
     action: Literal["power_off", "destroy"]
+    installer_name: str = Field(
+        description="The gateway; a VM whose kubegate.installer_name differs is left alone."
+    )
 
 
 class InstallerVmResult(BaseModel):
     found: bool
     ref: str | None = None
+    note: str = ""
     power_state: str = ""
     vcenter_requests: int = 0

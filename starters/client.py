@@ -286,6 +286,14 @@ class KubegateClient:
             )
         return base64.b64decode(state.agent.public_key)
 
+    async def require_agent(self, gateway: str) -> None:
+        """Refuse (KubegateError) unless an agent of the gateway polls its task queue."""
+        if not await self.agent_is_polling(gateway):
+            raise KubegateError(
+                f"no agent of gateway {gateway!r} is connected (task queue "
+                f"{names.gateway_task_queue(gateway)} has no pollers): start it first"
+            )
+
     async def agent_is_polling(self, gateway: str, wait: float = 5.0) -> bool:
         """True if an agent of the gateway polls its task queue (waits up to `wait` seconds)."""
         deadline = asyncio.get_running_loop().time() + wait
@@ -330,11 +338,7 @@ class KubegateClient:
         credentials = await self.seal_credentials(
             spec.gateway, endpoint, spec.vcenter.username, password
         )
-        if not await self.agent_is_polling(spec.gateway):
-            raise KubegateError(
-                f"no agent of gateway {spec.gateway!r} is connected (task queue "
-                f"{names.gateway_task_queue(spec.gateway)} has no pollers): start it first"
-            )
+        await self.require_agent(spec.gateway)
         request = PreflightRequest(
             account=spec.name,
             gateway=spec.gateway,
@@ -643,6 +647,8 @@ class KubegateClient:
         self, gateway: str, file: GatewayFile, password: str
     ) -> GatewayState:
         """Create the file's IP pool if asked, seal the password, configure: provisioning."""
+        await self.gateway_public_key(gateway)  # paired, else a clear error
+        await self.require_agent(gateway)
         if file.create_ip_pool is not None:
             pool = IpPoolSpec.model_validate({**file.create_ip_pool, "gateway": gateway})
             existing = {p.spec.name for p in await self.list_pools(gateway, strict=True)}
@@ -749,6 +755,7 @@ class KubegateClient:
             ),
             placement=spec.placement,
         )
+        await self.require_agent(spec.gateway)
         result: AccountSummary = await self._gateway_update(
             spec.gateway, GatewayWorkflow.add_account, request
         )

@@ -6,6 +6,7 @@ Registered on the apps of starters/cli.py (imported at its end). Exit codes as t
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -290,10 +291,8 @@ def gateway_install(
     )
 
 
-def _from_installer(name: str, vm: str, vcenter: Path | None) -> tuple[str, str | None]:
-    """The pairing code (and address) from the installer VM's vApp properties."""
-    if vcenter is None:
-        _bad_input("--vcenter: required with --installer-vm (a file with a vcenter block)")
+def _from_installer(name: str, vm: str, vcenter: Path) -> tuple[str, str]:
+    """The pairing code and the console endpoint from the installer VM's vApp properties."""
     spec = load_spec(vcenter, InstallFile)
     password = read_password(spec.vcenter, vcenter.parent)
     endpoint = VCenterEndpoint.model_validate(
@@ -312,7 +311,7 @@ def _from_installer(name: str, vm: str, vcenter: Path | None) -> tuple[str, str 
         _bad_input(
             f"--installer-vm: {vm} was installed for gateway {props.installer_name!r}, not {name!r}"
         )
-    return props.pairing_code, None
+    return props.pairing_code, props.console_endpoint
 
 
 @gateway_app.command("get")
@@ -434,14 +433,22 @@ def gateway_agent(
     """Run a gateway agent: pairs once, then polls the gateway's task queue."""
     if not names.is_dns_label(name):
         _bad_input(f"NAME: {name!r} must be a DNS label")
-    address = None
-    if installer_vm is not None:
-        pairing_code, address = _from_installer(name, installer_vm, vcenter)
+    temporal_address = None
+    if installer_vm is not None and vcenter is not None:
+        pairing_code, endpoint = _from_installer(name, installer_vm, vcenter)
+        parts = urllib.parse.urlsplit(endpoint)
+        default_port = 443 if parts.scheme == "https" else 7233
+        temporal_address = f"{parts.hostname}:{parts.port or default_port}"
+    elif installer_vm is not None and pairing_code is None:
+        _bad_input("--installer-vm: give --vcenter to read its properties, or --pairing-code")
     from workers import gateway_agent as agent
 
     try:
         agent.main(
-            name, pairing_code=pairing_code, installer_vm=installer_vm, installer_address=address
+            name,
+            temporal_address=temporal_address,
+            pairing_code=pairing_code,
+            installer_vm=installer_vm,
         )
     except RequestRefused as exc:
         _bad_input(str(exc))

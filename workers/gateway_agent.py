@@ -82,7 +82,6 @@ async def serve(
     *,
     pairing_code: str | None = None,
     installer_vm: str | None = None,
-    installer_address: str | None = None,
 ) -> None:
     """Pair (first start), then run the agent until SIGTERM/SIGINT."""
     settings = settings or Settings()
@@ -94,7 +93,6 @@ async def serve(
         pairing_code or settings.pairing_code,
         host=socket.gethostname(),
         installer_vm=installer_vm,
-        installer_address=installer_address,
     )
     log.info("gateway agent %s paired (key %s), gateway is %s", gateway, key.key_id, state.status)
     sessions = SessionPool()
@@ -130,7 +128,9 @@ def setup_logging(settings: Settings, gateway: str) -> None:
     root.handlers[:] = [to_stderr, to_file]
 
 
-def main(gateway: str, **kwargs: str | None) -> None:
-    settings = Settings()
+def main(gateway: str, temporal_address: str | None = None, **kwargs: str | None) -> None:
+    """Run the agent; `temporal_address` (the installer's console endpoint) wins over settings."""
+    settings = Settings(temporal_address=temporal_address) if temporal_address else Settings()
     setup_logging(settings, gateway)
+    log.info("gateway agent %s connecting to %s", gateway, settings.temporal_address)
     asyncio.run(serve(gateway, settings, **kwargs))

@@ -84,6 +84,7 @@ class ClusterWorkflow(NodeMachinery):
                 self.state.reason = "aborted while queued"
                 self._set_status(ClusterStatus.DELETED)
                 return self.state
+            self.state.reason = ""
         if self.state.status in PROVISIONING_STATES and not await self._provision():
             return self.state
         while True:
@@ -105,10 +106,10 @@ class ClusterWorkflow(NodeMachinery):
                 if not await self._provision():
                     return self.state
                 continue
-            await workflow.wait_condition(workflow.all_handlers_finished)
-            if self.deleting is not None or self.retrying:
-                continue  # accepted while handlers finished: do it in this run
             await self._notices_sent()
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            if self.deleting is not None or self.retrying or self.notices:
+                continue  # accepted while handlers finished: do it in this run
             workflow.continue_as_new(
                 ClusterInput(
                     spec=self.state.spec,
@@ -350,7 +351,11 @@ class ClusterWorkflow(NodeMachinery):
             name=self.state.name, account=self.state.account, status=self.state.status.value
         )
 
+        previous = self.notices[-1] if self.notices else None
+
         async def send() -> None:
+            if previous is not None:
+                await previous  # one at a time: the gateway sees the changes in order
             try:
                 await workflow.get_external_workflow_handle(target).signal(
                     "cluster_changed", change
@@ -361,9 +366,11 @@ class ClusterWorkflow(NodeMachinery):
         self.notices.append(asyncio.create_task(send()))
 
     async def _notices_sent(self) -> None:
-        if self.notices:
-            await asyncio.gather(*self.notices)
-            self.notices.clear()
+        """Wait until every signal to the gateway went out (also those added meanwhile)."""
+        while self.notices:
+            sent = list(self.notices)
+            await asyncio.gather(*sent)
+            self.notices = [t for t in self.notices if t not in sent]
 
     def _publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""

@@ -8,6 +8,7 @@ upgrade and delete. The gateway agent is the only process that talks to its vCen
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -24,9 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.cluster import NodePlan
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
-        REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
-    )
-    from domain.gateway import (
+        GATEWAY_NODES_SUFFIX,
         TROUBLESHOOTING_HINTS,
         AccountRequest,
         AccountSummary,
@@ -53,6 +52,9 @@ with workflow.unsafe.imports_passed_through():
         newest_release_after,
         nodes_config_problem,
     )
+    from domain.gateway import (
+        REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
+    )
     from domain.lifecycle import (
         ClusterAccount,
         ClusterInput,
@@ -69,6 +71,12 @@ Operation = Literal["provision", "reset", "resize", "upgrade", "delete"]
 
 #: statuses in which a gateway takes cluster requests (Upgrading: they wait in its queue)
 _ADMITTING = (GatewayStatus.RUNNING, GatewayStatus.UPGRADING)
+
+#: how long an Update waits for the agent to take and finish its checks
+_AGENT_DEADLINE = timedelta(minutes=3)
+
+#: steps of earlier attempts kept after a reset (the oldest go first)
+_HISTORY_KEPT = 200
 
 
 @workflow.defn(name="GatewayWorkflow")
@@ -90,7 +98,8 @@ class GatewayWorkflow(NodeMachinery):
         self.aborting = False
         self.op: Operation | None = None
         self.op_arg: Any = None
-        self.busy = False  # an Update handler is running checks (configure, add account)
+        self.busy = 0  # Update handlers running checks on the agent (configure, add account)
+        self.starting = 0  # cluster workflows being started by request_cluster
         self.provisioning: asyncio.Task[None] | None = None
         self.published: GatewayStatus | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
@@ -105,12 +114,14 @@ class GatewayWorkflow(NodeMachinery):
             self.gw.updated_at = workflow.now()
         self._publish()
         while True:
+            timeout = self._overdue_in()
             try:
                 await workflow.wait_condition(
-                    lambda: self.op is not None or self._may_continue_as_new(),
-                    timeout=self._overdue_in(),
+                    functools.partial(self._wake, timeout is not None), timeout=timeout
                 )
             except TimeoutError:
+                if self._overdue_in() is None:
+                    continue  # paired (or reset) meanwhile: not overdue
                 self.gw.overdue = True
                 self.gw.hints = list(TROUBLESHOOTING_HINTS)
                 self.gw.reason = (
@@ -121,6 +132,8 @@ class GatewayWorkflow(NodeMachinery):
                 continue
             op, arg = self.op, self.op_arg
             if op is None:
+                if not self._may_continue_as_new():
+                    continue
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if self.op is None:
                     workflow.continue_as_new(
@@ -148,6 +161,15 @@ class GatewayWorkflow(NodeMachinery):
                 self.op, self.op_arg = None, None
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.gw
+
+    def _wake(self, overdue_timer: bool) -> bool:
+        """The main loop has work: an operation, continue-as-new, or a pairing that makes a
+        running overdue timer moot."""
+        return (
+            self.op is not None
+            or self._may_continue_as_new()
+            or (overdue_timer and self._overdue_in() is None)
+        )
 
     def _may_continue_as_new(self) -> bool:
         return (
@@ -179,7 +201,7 @@ class GatewayWorkflow(NodeMachinery):
             if self.op == "reset":
                 return  # the main loop runs the reset next
             self.gw.error = str(exc)
-            self._set_status(GatewayStatus.FAILED)
+            self._fail("provision")
             return
         finally:
             self.provisioning = None
@@ -223,7 +245,10 @@ class GatewayWorkflow(NodeMachinery):
         result = await self._agent(
             "vm_installer",
             InstallerVmRequest(
-                credentials=config.credentials, vm=agent.installer_vm, action=action
+                credentials=config.credentials,
+                vm=agent.installer_vm,
+                action=action,
+                installer_name=self.gw.name,
             ),
             InstallerVmResult,
             f"{'Power off' if action == 'power_off' else 'Destroy'} installer {agent.installer_vm}",
@@ -233,7 +258,7 @@ class GatewayWorkflow(NodeMachinery):
         step.detail = (
             f"{agent.installer_vm}: {result.power_state or action.replace('_', ' ')}"
             if result.found
-            else f"{agent.installer_vm}: not found (removed already)"
+            else result.note or f"{agent.installer_vm}: not found (removed already)"
         )
 
     async def _reset(self) -> None:
@@ -246,10 +271,10 @@ class GatewayWorkflow(NodeMachinery):
                 await self._teardown_steps()
             except StepFailed as exc:
                 self.gw.error = f"reset incomplete: {exc}; fix it and reset again"
-                self._set_status(GatewayStatus.FAILED)
+                self._fail("reset")
                 return
         if self.gw.nodes is not None:
-            self.gw.history += self.gw.nodes.steps
+            self.gw.history = (self.gw.history + self.gw.nodes.steps)[-_HISTORY_KEPT:]
         self.gw.nodes, self.gw.config, self.secrets = None, None, None
         self.gw.accounts = [a for a in self.gw.accounts if not a.default]
         self.gw.error = None
@@ -273,7 +298,7 @@ class GatewayWorkflow(NodeMachinery):
         except StepFailed as exc:
             self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, self.gw.version)
             self.gw.error = f"resize failed: {exc}"
-            self._set_status(GatewayStatus.FAILED)
+            self._fail("resize")
             return
         self.gw.config = config
         await self._back_to_running(f"resized to {request.size} nodes")
@@ -286,7 +311,7 @@ class GatewayWorkflow(NodeMachinery):
                 await self._roll()
             except StepFailed as exc:
                 self.gw.error = f"upgrade to {version} failed: {exc}; upgrade again to resume"
-                self._set_status(GatewayStatus.FAILED)
+                self._fail("upgrade")
                 return
         self.gw.version = version
         self.gw.target_version = None
@@ -295,7 +320,9 @@ class GatewayWorkflow(NodeMachinery):
     async def _back_to_running(self, reason: str) -> None:
         """Running again: queued clusters proceed, in the order they arrived."""
         self.gw.error = None
+        self.gw.failed_operation = None
         self._set_status(GatewayStatus.RUNNING, reason)
+        await workflow.wait_condition(lambda: self.starting == 0)  # every queued one started
         while self.gw.queue:
             name = self.gw.queue.pop(0)
             record = self.gw.cluster(name)
@@ -323,7 +350,7 @@ class GatewayWorkflow(NodeMachinery):
                 )
         except StepFailed as exc:
             self.gw.error = f"delete incomplete: {exc}; fix it and delete again"
-            self._set_status(GatewayStatus.FAILED)
+            self._fail("delete")
             return False
         self.gw.accounts = []
         self.gw.error = None
@@ -374,7 +401,8 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     async def configure(self, config: GatewayConfig) -> GatewayState:
         """Check the configuration (validate, preflight) and start provisioning."""
-        self.busy = True
+        self.busy += 1
+        self.agent_deadline = _AGENT_DEADLINE
         try:
             self._attach(
                 ClusterState(
@@ -395,12 +423,13 @@ class GatewayWorkflow(NodeMachinery):
                 )
             await self._step("preflight", "Preflight checks", self._preflight)
         except StepFailed as exc:
-            self.gw.history += self.state.steps
+            self.gw.history = (self.gw.history + self.state.steps)[-_HISTORY_KEPT:]
             self.gw.nodes, self.gw.config = None, None
             self._set_status(GatewayStatus.REGISTERED, "configuration refused; configure again")
             raise invalid_spec(str(exc)) from None
         finally:
-            self.busy = False
+            self.busy -= 1
+            self.agent_deadline = None
         self.op, self.op_arg = "provision", None
         self.gw.reason = "provisioning"
         self._publish()
@@ -421,7 +450,11 @@ class GatewayWorkflow(NodeMachinery):
                 f"gateway {self.gw.name} is {self.gw.status}: its installer has not registered "
                 "yet (deploy the installer OVA with the pairing code, start its agent)"
             )
-        if self.gw.status not in (GatewayStatus.REGISTERED, GatewayStatus.PENDING) or self.busy:
+        if (
+            self.gw.status not in (GatewayStatus.REGISTERED, GatewayStatus.PENDING)
+            or self.busy
+            or self.op is not None
+        ):
             raise invalid_state(
                 f"gateway {self.gw.name} is {self.gw.status}: configure needs a registered "
                 "gateway (reset a failed one first)"
@@ -455,7 +488,7 @@ class GatewayWorkflow(NodeMachinery):
         if status is GatewayStatus.FAILED and self.state_provisioned():
             raise invalid_state(
                 f"gateway {self.gw.name} failed after it ran ({self.gw.error}); its clusters "
-                "depend on it: fix the cause and repeat the operation (resize, upgrade, delete)"
+                f"depend on it: fix the cause and repeat the {self.gw.failed_operation}"
             )
 
     def state_provisioned(self) -> bool:
@@ -508,6 +541,7 @@ class GatewayWorkflow(NodeMachinery):
     def delete(self) -> GatewayState:
         """Remove the gateway (refused while any of its clusters is not deleted)."""
         self.op, self.op_arg = "delete", None
+        self._set_status(GatewayStatus.DELETING, "deleting the gateway")
         return self.gw
 
     @delete.validator
@@ -520,7 +554,11 @@ class GatewayWorkflow(NodeMachinery):
                 type=errors.IN_USE,
                 non_retryable=True,
             )
-        if self.gw.status in (GatewayStatus.PROVISIONING, GatewayStatus.UPGRADING) or self.busy:
+        if (
+            self.gw.status in (GatewayStatus.PROVISIONING, GatewayStatus.UPGRADING)
+            or self.busy
+            or self.starting
+        ):
             raise invalid_state(
                 f"gateway {self.gw.name} is {self.gw.status}: wait for it to finish (or reset a "
                 "stuck provisioning) before deleting"
@@ -528,10 +566,12 @@ class GatewayWorkflow(NodeMachinery):
         if self.op == "delete" or self.gw.status is GatewayStatus.DELETING:
             raise invalid_state(f"gateway {self.gw.name} is being deleted already")
 
-    def _require_running(self, what: str) -> None:
-        """Running, or Failed after it ran (a failed resize or upgrade is repeated)."""
+    def _require_running(self, what: Operation) -> None:
+        """Running, or Failed in this same operation after it ran (repeating it resumes)."""
         ok = self.gw.status is GatewayStatus.RUNNING or (
-            self.gw.status is GatewayStatus.FAILED and self.state_provisioned()
+            self.gw.status is GatewayStatus.FAILED
+            and self.state_provisioned()
+            and self.gw.failed_operation == what
         )
         if not ok or self.op is not None or self.busy:
             raise invalid_state(f"gateway {self.gw.name} is {self.gw.status}: {what} needs Running")
@@ -541,7 +581,8 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     async def add_account(self, request: AccountRequest) -> AccountSummary:
         """Check the account (preflight on the agent) and keep it."""
-        self.busy = True
+        self.busy += 1
+        self.agent_deadline = _AGENT_DEADLINE
         try:
             report = await self._agent(
                 "preflight_all",
@@ -558,7 +599,8 @@ class GatewayWorkflow(NodeMachinery):
                 timeout=timedelta(minutes=2),
             )
         finally:
-            self.busy = False
+            self.busy -= 1
+            self.agent_deadline = None if not self.busy else _AGENT_DEADLINE
         failed = [r for r in report.results if r.status is CheckStatus.FAIL]
         if failed:
             raise invalid_spec(
@@ -580,7 +622,7 @@ class GatewayWorkflow(NodeMachinery):
 
     @add_account.validator
     def _add_account_ok(self, request: AccountRequest) -> None:
-        if self.gw.status not in _ADMITTING:
+        if self.gw.status not in _ADMITTING or self.op == "delete":
             raise invalid_state(
                 f"gateway {self.gw.name} is {self.gw.status}: cloud accounts need a Running gateway"
             )
@@ -665,11 +707,8 @@ class GatewayWorkflow(NodeMachinery):
         spec = request.spec
         account = self.gw.account(spec.cloud_account)
         assert account is not None
-        try:
-            template = cluster_template(spec, account)
-        except ValueError as exc:
-            raise invalid_spec(str(exc)) from None
-        queued = self.gw.status is GatewayStatus.UPGRADING
+        # behind an upgrade, or behind clusters still waiting from one: keep the order
+        queued = self.gw.status is GatewayStatus.UPGRADING or bool(self.gw.queue)
         workflow_id = names.cluster_workflow_id(spec.name)
         record = ClusterRecord(
             name=spec.name,
@@ -680,6 +719,7 @@ class GatewayWorkflow(NodeMachinery):
         self.gw.clusters = [c for c in self.gw.clusters if c.name != spec.name] + [record]
         if queued:
             self.gw.queue.append(spec.name)
+        self.starting += 1
         try:
             await workflow.start_child_workflow(
                 "ClusterWorkflow",
@@ -689,7 +729,7 @@ class GatewayWorkflow(NodeMachinery):
                         name=account.name,
                         gateway=self.gw.name,
                         credentials=account.credentials,
-                        template=template,
+                        template=cluster_template(spec, account),
                     ),
                     readiness=request.readiness,
                     timing=request.timing,
@@ -709,31 +749,42 @@ class GatewayWorkflow(NodeMachinery):
                     ]
                 ),
             )
-        except WorkflowAlreadyStartedError:
+        except BaseException as exc:
             self.gw.clusters = [c for c in self.gw.clusters if c is not record]
             self.gw.queue = [n for n in self.gw.queue if n != spec.name]
             self._publish()
-            raise invalid_state(f"cluster {spec.name} already exists") from None
+            if isinstance(exc, WorkflowAlreadyStartedError):
+                raise invalid_state(f"cluster {spec.name} already exists") from None
+            raise
+        finally:
+            self.starting -= 1
         self._publish()
         return ClusterAdmission(cluster=spec.name, workflow_id=workflow_id, queued=queued)
 
     @request_cluster.validator
     def _request_ok(self, request: ClusterRequest) -> None:
         spec = request.spec
-        if self.gw.status not in _ADMITTING:
+        if self.gw.status not in _ADMITTING or self.op == "delete":
             raise ApplicationError(
                 f"gateway {self.gw.name} is {self.gw.status}: clusters need a Running gateway",
                 type=errors.GATEWAY_NOT_READY,
                 non_retryable=True,
             )
-        if self.gw.account(spec.cloud_account) is None:
+        account = self.gw.account(spec.cloud_account)
+        if account is None:
             known = ", ".join(a.name for a in self.gw.accounts) or "none"
             raise invalid_spec(
                 f"cloud_account: gateway {self.gw.name} has no cloud account "
                 f"{spec.cloud_account!r} (it has: {known})"
             )
-        if spec.name == gateway_cluster_name(self.gw.name):
-            raise invalid_spec(f"name: {spec.name!r} is reserved for the gateway's own nodes")
+        if spec.name.endswith(GATEWAY_NODES_SUFFIX):
+            raise invalid_spec(
+                f"name: names ending in {GATEWAY_NODES_SUFFIX!r} are kept for gateways' own nodes"
+            )
+        try:
+            cluster_template(spec, account)
+        except ValueError as exc:
+            raise invalid_spec(str(exc)) from None
         record = self.gw.cluster(spec.name)
         if record is not None and record.status != ClusterStatus.DELETED.value:
             raise invalid_state(f"cluster {spec.name} already exists ({record.status})")
@@ -742,21 +793,21 @@ class GatewayWorkflow(NodeMachinery):
     def cluster_changed(self, change: ClusterChanged) -> None:
         """A cluster of this gateway changed status (it tells us; deleted ones are dropped)."""
         record = self.gw.cluster(change.name)
+        if record is None:
+            return  # not started through this gateway, or deleted already
         if change.status == ClusterStatus.DELETED.value:
             self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
             self.gw.queue = [n for n in self.gw.queue if n != change.name]
-        elif record is None:
-            self.gw.clusters.append(
-                ClusterRecord(name=change.name, account=change.account, status=change.status)
-            )
         else:
             record.status = change.status
         self._publish()
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:
-        """Status, pairing, agent, configuration, steps, nodes, accounts, clusters, queue."""
-        return self.gw
+        """Status, pairing (without its hash), agent, configuration, steps, nodes, accounts,
+        clusters, queue."""
+        hidden = self.gw.pairing.model_copy(update={"code_hash": "", "salt": ""})
+        return self.gw.model_copy(update={"pairing": hidden})
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -773,6 +824,16 @@ class GatewayWorkflow(NodeMachinery):
 
     def _owner(self) -> str:
         return names.gateway_workflow_id(self.gw.name)
+
+    def _fail(self, operation: Operation) -> None:
+        """Failed in `operation` (its error is set); queued clusters keep waiting."""
+        self.gw.failed_operation = operation
+        if self.gw.queue:
+            self.gw.error = (
+                f"{self.gw.error}; {len(self.gw.queue)} cluster request(s) wait in the queue "
+                "until the gateway runs again"
+            )
+        self._set_status(GatewayStatus.FAILED)
 
     def _set_status(self, status: GatewayStatus, reason: str = "") -> None:
         self.gw.status = status

@@ -120,6 +120,9 @@ class NodeMachinery:
     refs_for: list[tuple[str, str, str, str]]
     plans: dict[str, NodePlan]
     aborting: bool
+    #: bound on an agent activity's whole life, queue time included (None: unbounded); set
+    #: while an Update waits on the agent, so a missing agent cannot hold it forever
+    agent_deadline: timedelta | None = None
 
     def _publish(self) -> None:
         raise NotImplementedError
@@ -278,9 +281,18 @@ class NodeMachinery:
             await remove()
 
     async def _roll(self) -> None:
-        """Replace every node, one at a time: a new node joins, then the old one goes."""
+        """Replace every node not built from the spec's profile version, one at a time: a new
+        node joins, then the old one goes. Repeating it after a failure resumes."""
+        target = self.state.spec.effective_profile().version
         for plan in plan_nodes(self.state.spec):
-            self.state.revisions[plan.name] = self.state.revisions.get(plan.name, 0) + 1
+            slot = plan.name
+            if self.state.slot_versions.get(slot) != target:
+                self.state.revisions[slot] = self.state.revisions.get(slot, 0) + 1
+                self.state.slot_versions[slot] = target
+            wanted = {p.name for p in self._wanted()}
+            names = {n.name for n in self.state.nodes if n.phase == "ready"}
+            if names == wanted:
+                continue  # this slot (and every other) is in place
             await self._converge(surge=True)
 
     async def _addresses(self, step: Step) -> None:
@@ -787,6 +799,7 @@ class NodeMachinery:
             result_type=result_type,
             task_queue=names.gateway_task_queue(self.state.gateway),
             start_to_close_timeout=timeout,
+            schedule_to_close_timeout=self.agent_deadline,
             heartbeat_timeout=(
                 timedelta(seconds=self.timing.heartbeat_seconds) if heartbeat else None
             ),

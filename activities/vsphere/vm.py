@@ -31,6 +31,7 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.secrets import open_cluster_secrets, open_password
 from activities.vsphere.faults import classify
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
+from activities.vsphere.ovf import read_properties
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from activities.vsphere.watch import CancelRequested, await_task
 from domain import errors
@@ -691,6 +692,13 @@ class VmActivities:
             except vmodl.fault.ManagedObjectNotFound:
                 props = None
             if vm is None or props is None:
+                return
+            owner = read_properties(session, vm).get("kubegate.installer_name")
+            if owner != request.installer_name:
+                result.note = (
+                    f"{request.vm} is not gateway {request.installer_name}'s installer "
+                    f"(installer_name {owner!r}): left alone"
+                )
                 return
             result.found, result.ref = True, ref(vm)
             if request.action == "destroy":

@@ -9,6 +9,7 @@ after an injected failure, the password in no history, CLI output or bundle.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tarfile
 from collections.abc import AsyncIterator, Iterator
@@ -220,12 +221,21 @@ async def test_gateway_story(
         with pytest.raises(RequestRefused, match="paired with another agent"):
             await kubegate.register_agent(name, AgentKey.generate(), read.pairing_code)
 
-        # configure: static addresses from a pool the file creates; 1 node behind a VIP
+        # configure (through the CLI, the password from a file): static addresses from a pool
+        # the file creates; 1 node behind a VIP
+        (tmp_path / "vc.pw").write_text(gsim.password + "\n")
         file = gateway_file(
             gsim, ip_allocation="static", create_ip_pool=pool_fields("gw1-pool", 91, 12)
         )
-        state = await kubegate.configure_gateway(name, file, gsim.password)
-        assert state.status is GatewayStatus.PROVISIONING
+        data = file.model_dump(mode="json", exclude_none=True)
+        data["vcenter"]["password_file"] = "vc.pw"
+        (tmp_path / "gateway.yaml").write_text(json.dumps(data))
+        code_cli, out = await run_cli(
+            settings, "gateway", "configure", name, "-f", str(tmp_path / "gateway.yaml"), "--wait"
+        )
+        outputs.append(out)
+        assert code_cli == 0, out
+        assert "Create VMs" in out and "Running" in out, out
         state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
         steps = [s.name for s in state.steps]
         for expected in (
@@ -249,6 +259,22 @@ async def test_gateway_story(
         assert sorted(a.slot for a in held) == ["gw1-pcg-cp-0", "vip"]
         assert [a.name for a in state.accounts] == ["gw1-default"]
         assert state.available_version == "1.1.0"
+        account = {
+            "name": "gw1-ops",
+            "gateway": name,
+            "vcenter": {**data["vcenter"], "username": ADMIN},
+        }
+        (tmp_path / "account.yaml").write_text(json.dumps(account))
+        code_cli, out = await run_cli(
+            settings, "account", "create", "-f", str(tmp_path / "account.yaml")
+        )
+        outputs.append(out)
+        assert code_cli == 0 and "gw1-ops" in out, out
+        code_cli, out = await run_cli(settings, "account", "list", "-g", name)
+        outputs.append(out)
+        assert code_cli == 0 and "gw1-default" in out and "gw1-ops" in out, out
+        code_cli, out = await run_cli(settings, "account", "delete", "gw1-ops")
+        assert code_cli == 0, out
 
         # a cluster through the default account
         await kubegate.create_pool(
@@ -286,7 +312,11 @@ async def test_gateway_story(
         outputs.append(out)
         assert code_cli == 2 and "cannot shrink" in out, out
 
-        # upgrade: nodes replaced one at a time; clusters requested meanwhile wait in order
+        # upgrade: nodes replaced one at a time; clusters requested meanwhile wait in order;
+        # a running cluster is not touched
+        before = await kubegate.cluster_state("gwc1")
+        started_upgrade = (await kubegate.gateway_state(name)).steps[-1].ended
+        assert started_upgrade is not None
         state = await kubegate.upgrade_gateway(name)
         assert state.status is GatewayStatus.UPGRADING and state.target_version == "1.1.0"
         for cluster in ("gwc2", "gwc3"):
@@ -316,6 +346,15 @@ async def test_gateway_story(
         ]
         assert started[0] is not None and started[1] is not None and started[0] <= started[1]
         assert (await kubegate.gateway_state(name)).queue == []
+        after = await kubegate.cluster_state("gwc1")
+        assert after.status is ClusterStatus.RUNNING
+        assert [(n.vm, n.phase) for n in after.nodes] == [(n.vm, n.phase) for n in before.nodes]
+        assert len(after.steps) == len(before.steps)
+        assert vms_in(gsim, "/DC0/vm/gwc1") == ["gwc1-cp-0"]
+        # one node at a time: each replacement added one node, then removed one
+        upgrade_steps = [s for s in state.steps if s.started and s.started >= started_upgrade]
+        removals = [s for s in upgrade_steps if s.name == "remove-nodes"]
+        assert [s.title for s in removals] == ["Remove 1 node(s)"] * 3, [s.title for s in removals]
         held = await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1")
         assert len(held) == 4  # VIP + three nodes; the replaced nodes' addresses were released
 
@@ -429,6 +468,8 @@ async def test_reset_after_a_failed_provisioning(
         await kubegate.delete_gateway(name)
         await until_gateway(kubegate, name, GatewayStatus.DELETED)
     assert vms_in(gsim, "/DC0/vm/rgw-pcg") is None
+    history = await kubegate.client.get_workflow_handle("gateway/rgw").fetch_history()
+    assert gsim.password not in history_text(history)
     await record_history(kubegate.client, "gateway/rgw", "gateway_reset")
 
 
@@ -456,3 +497,45 @@ async def test_configuration_refused_by_the_preflight(
             await kubegate.configure_gateway(name, gateway_file(gsim), gsim.password)
         await kubegate.delete_gateway(name)
         await until_gateway(kubegate, name, GatewayStatus.DELETED)
+        history = await kubegate.client.get_workflow_handle(f"gateway/{name}").fetch_history()
+        assert gsim.password not in history_text(history)
+
+
+async def test_reset_while_provisioning_cancels_and_removes_everything(
+    workdir: Path,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+) -> None:
+    """Reset a gateway stuck in its clone (3 s): the clone is cancelled, nothing is left."""
+    slow = Vcsim(workdir, args=[*INVENTORY, "-task-delay", "CloneVM_Task=3000"]).start()
+    try:
+        name = "sgw"
+        _, code = await kubegate.create_gateway(name, timing=FAST)
+        key = AgentKey.generate()
+        async with agent_of(temporal, sessions, name, key):
+            await kubegate.register_agent(name, key, code)
+            file = gateway_file(
+                slow, ip_allocation="static", create_ip_pool=pool_fields("sgw-pool", 93, 4)
+            )
+            await kubegate.configure_gateway(name, file, slow.password)
+            await kubegate.wait_gateway(
+                name,
+                lambda s: s.nodes is not None and any(n.phase == "creating" for n in s.nodes.nodes),
+                timeout=60,
+                interval=0.05,
+            )
+            state, new_code = await kubegate.reset_gateway(name)
+            assert new_code is None  # the agent stays paired
+            state = await until_gateway(kubegate, name, GatewayStatus.PENDING)
+            assert state.agent is not None and state.config is None
+            steps = {s.name: s for s in state.steps}
+            assert steps["create-vms"].state.value == "cancelled", steps["create-vms"]
+            assert steps["delete-vms"].state.value == "done"
+            await asyncio.sleep(3.5)  # a clone that was not cancelled would have landed now
+            assert vms_in(slow, "/DC0/vm/sgw-pcg") is None
+            assert await kubegate.pool_allocations(name, "sgw-pool", owner="gateway/sgw") == []
+            await kubegate.delete_gateway(name)
+            await until_gateway(kubegate, name, GatewayStatus.DELETED)
+    finally:
+        slow.stop()

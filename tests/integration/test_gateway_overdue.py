@@ -63,6 +63,14 @@ async def test_unregistered_gateway_is_overdue_after_ten_minutes_and_keeps_waiti
             state = await kubegate.register_agent("late", key, code)
             assert state.status is GatewayStatus.REGISTERED and not state.overdue
 
+            # paired in time: never overdue, also after the ten minutes
+            _, code3 = await kubegate.create_gateway("early", task_queue=queue)
+            await env.sleep(timedelta(minutes=2))
+            await kubegate.register_agent("early", AgentKey.generate(), code3)
+            await env.sleep(timedelta(minutes=10))
+            state = await kubegate.gateway_state("early")
+            assert state.status is GatewayStatus.REGISTERED and not state.overdue, state.reason
+
             # a code is single use and expires after 24 h (a second gateway shows it)
             _, code2 = await kubegate.create_gateway("later", task_queue=queue)
             await env.sleep(timedelta(hours=25))
