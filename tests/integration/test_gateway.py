@@ -415,22 +415,7 @@ async def test_reset_after_a_failed_provisioning(
     """A foreign VM holds the node's name: create-vms fails; fix it, reset, configure again."""
     name = "rgw"
     _, code = await kubegate.create_gateway(name, timing=FAST)
-    si = gsim.connect()
-    try:
-        content = si.RetrieveContent()
-        vm_folder = content.searchIndex.FindByInventoryPath("/DC0/vm")
-        folder = vm_folder.CreateFolder("rgw-pcg")
-        template = content.searchIndex.FindByInventoryPath(f"/DC0/vm/{PLACEMENT['template']}")
-        pool = content.searchIndex.FindByInventoryPath("/DC0/host/DC0_C0/Resources")
-        WaitForTask(
-            template.CloneVM_Task(
-                folder=folder,
-                name="rgw-pcg-cp-0",
-                spec=vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool)),
-            )
-        )
-    finally:
-        gsim.disconnect(si)
+    foreign_vm(gsim, "/DC0/vm/rgw-pcg", "rgw-pcg-cp-0")
     key = AgentKey.generate()
     async with agent_of(temporal, sessions, name, key):
         await kubegate.register_agent(name, key, code)
@@ -444,14 +429,7 @@ async def test_reset_after_a_failed_provisioning(
             await kubegate.deploy_cluster(small_cluster("rgwc", "rgw-default", "x"), gateway=name)
 
         # the operator removes the foreign VM, resets, and configures again
-        si = gsim.connect()
-        try:
-            vm = si.RetrieveContent().searchIndex.FindByInventoryPath(
-                "/DC0/vm/rgw-pcg/rgw-pcg-cp-0"
-            )
-            WaitForTask(vm.Destroy_Task())
-        finally:
-            gsim.disconnect(si)
+        destroy_vm(gsim, "/DC0/vm/rgw-pcg/rgw-pcg-cp-0")
         code_cli, out = await run_cli(settings, "gateway", "reset", name, "--wait")
         assert code_cli == 0, out
         state = await kubegate.gateway_state(name)
@@ -539,3 +517,66 @@ async def test_reset_while_provisioning_cancels_and_removes_everything(
             await until_gateway(kubegate, name, GatewayStatus.DELETED)
     finally:
         slow.stop()
+
+
+def foreign_vm(sim: Vcsim, folder_path: str, name: str) -> None:
+    """A VM that is not kubegate's, with a name kubegate is about to use."""
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        folder = content.searchIndex.FindByInventoryPath(folder_path)
+        if folder is None:
+            parent, _, leaf = folder_path.rpartition("/")
+            folder = content.searchIndex.FindByInventoryPath(parent).CreateFolder(leaf)
+        template = content.searchIndex.FindByInventoryPath(f"/DC0/vm/{PLACEMENT['template']}")
+        pool = content.searchIndex.FindByInventoryPath("/DC0/host/DC0_C0/Resources")
+        spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=pool))
+        WaitForTask(template.CloneVM_Task(folder=folder, name=name, spec=spec))
+    finally:
+        sim.disconnect(si)
+
+
+def destroy_vm(sim: Vcsim, path: str) -> None:
+    si = sim.connect()
+    try:
+        WaitForTask(si.RetrieveContent().searchIndex.FindByInventoryPath(path).Destroy_Task())
+    finally:
+        sim.disconnect(si)
+
+
+async def test_failed_upgrade_resumes_where_it_stopped(
+    gsim: Vcsim,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+) -> None:
+    """The replacement's name is taken: the upgrade fails; fixed and repeated, it resumes
+    (the node is replaced once, not twice) and the gateway runs the new version."""
+    name = "ugw"
+    _, code = await kubegate.create_gateway(name, timing=FAST)
+    key = AgentKey.generate()
+    async with agent_of(temporal, sessions, name, key):
+        await kubegate.register_agent(name, key, code)
+        await kubegate.configure_gateway(name, gateway_file(gsim, vip="10.62.0.52"), gsim.password)
+        await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        foreign_vm(gsim, "/DC0/vm/ugw-pcg", "ugw-pcg-cp-0-r1")
+
+        await kubegate.upgrade_gateway(name, "1.1.0")
+        state = await until_gateway(kubegate, name, GatewayStatus.FAILED)
+        assert state.failed_operation == "upgrade" and state.version == "1.0.0"
+        assert "already exists" in (state.error or "")
+        with pytest.raises(RequestRefused, match="resize needs Running"):
+            await kubegate.resize_gateway(name, 3)  # only the failed operation may be repeated
+        with pytest.raises(RequestRefused, match="repeat the upgrade"):
+            await kubegate.reset_gateway(name)
+
+        destroy_vm(gsim, "/DC0/vm/ugw-pcg/ugw-pcg-cp-0-r1")
+        await kubegate.upgrade_gateway(name)  # the pending target, 1.1.0
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        assert state.version == "1.1.0" and state.failed_operation is None
+        assert state.nodes is not None
+        assert [n.name for n in state.nodes.nodes] == ["ugw-pcg-cp-0-r1"]
+        assert vms_in(gsim, "/DC0/vm/ugw-pcg") == ["ugw-pcg-cp-0-r1"]
+        await kubegate.delete_gateway(name)
+        await until_gateway(kubegate, name, GatewayStatus.DELETED)
+    assert vms_in(gsim, "/DC0/vm/ugw-pcg") is None
