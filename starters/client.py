@@ -78,6 +78,7 @@ from domain.lifecycle import (
     DeleteRequest,
     RemovePoolRequest,
     ScaleRequest,
+    StepState,
     Timing,
 )
 from domain.preflight import PreflightReport, PreflightRequest
@@ -441,22 +442,24 @@ class KubegateClient:
         return sorted(out, key=lambda c: c.name)
 
     async def _cluster_update(self, name: str, update: Any, *args: Any) -> Any:
-        handle = self.cluster_handle(name)
+        return await self._update(self.cluster_handle(name), f"cluster {name}", update, *args)
+
+    async def _update(
+        self, handle: WorkflowHandle[Any, Any], what: str, update: Any, *args: Any
+    ) -> Any:
+        """Send an Update; a refusal by its validator raises RequestRefused with the reason."""
         try:
             return await send_update(
                 handle.id, lambda: handle.execute_update(update, *args), client=self.client
             )
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type in (
-                errors.INVALID_STATE,
-                errors.INVALID_SPEC,
-            ):
+            if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
                 raise RequestRefused(cause.message) from None
             raise KubegateError(_cause(exc)) from None
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
-                raise RequestRefused(f"cluster {name} does not exist (or is deleted)") from None
+                raise RequestRefused(f"{what} does not exist (or is deleted)") from None
             raise
 
     async def abort_cluster(self, name: str) -> ClusterState:
@@ -502,25 +505,9 @@ class KubegateClient:
         interval: float = 0.5,
     ) -> ClusterState:
         """Poll the cluster's state until done(state); on_change sees every new step."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        last: tuple[Any, ...] = ()
-        while True:
-            state = await self.cluster_state(name)
-            step = state.current_step()
-            mark = (
-                state.status,
-                len(state.steps),
-                step.state if step else None,
-                step.detail if step else None,
-            )
-            if on_change is not None and mark != last:
-                on_change(state)
-                last = mark
-            if done(state):
-                return state
-            if asyncio.get_running_loop().time() > deadline:
-                raise KubegateError(f"cluster {name} still {state.status} after {timeout:.0f}s")
-            await asyncio.sleep(interval)
+        return await _poll(
+            lambda: self.cluster_state(name), f"cluster {name}", done, on_change, timeout, interval
+        )
 
     # -- gateways -------------------------------------------------------------------------------
 
@@ -694,26 +681,9 @@ class KubegateClient:
         interval: float = 0.5,
     ) -> GatewayState:
         """Poll the gateway's state until done(state); on_change sees every new step."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        last: tuple[Any, ...] = ()
-        while True:
-            state = await self.gateway_state(name)
-            steps = state.steps
-            mark = (
-                state.status,
-                len(steps),
-                steps[-1].state if steps else None,
-                steps[-1].detail if steps else None,
-                state.overdue,
-            )
-            if on_change is not None and mark != last:
-                on_change(state)
-                last = mark
-            if done(state):
-                return state
-            if asyncio.get_running_loop().time() > deadline:
-                raise KubegateError(f"gateway {name} still {state.status} after {timeout:.0f}s")
-            await asyncio.sleep(interval)
+        return await _poll(
+            lambda: self.gateway_state(name), f"gateway {name}", done, on_change, timeout, interval
+        )
 
     async def gateway_events(self, gateway: str) -> EventsResult:
         """Recent vCenter events and tasks of the gateway's VMs (run by its agent)."""
@@ -721,20 +691,7 @@ class KubegateClient:
         return result
 
     async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:
-        handle = self.gateway_handle(gateway)
-        try:
-            return await send_update(
-                handle.id, lambda: handle.execute_update(update, *args), client=self.client
-            )
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
-                raise RequestRefused(cause.message) from None
-            raise KubegateError(_cause(exc)) from None
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
-                raise RequestRefused(f"gateway {gateway} does not exist (or is deleted)") from None
-            raise
+        return await self._update(self.gateway_handle(gateway), f"gateway {gateway}", update, *args)
 
     # -- cloud accounts ---------------------------------------------------------------------
 
@@ -960,6 +917,43 @@ _REFUSALS = (
     errors.PAIRING_REFUSED,
     errors.IN_USE,
 )
+
+
+S = TypeVar("S", ClusterState, GatewayState)
+
+
+async def _poll(
+    read: Callable[[], Awaitable[S]],
+    what: str,
+    done: Callable[[S], bool],
+    on_change: Callable[[S], None] | None,
+    timeout: float,
+    interval: float,
+) -> S:
+    """Read a state until done(state); on_change sees each new step, status or step state."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: tuple[Any, ...] = ()
+    while True:
+        state = await read()
+        steps = state.steps
+        running = [s for s in steps if s.state is StepState.RUNNING]
+        step = running[-1] if running else (steps[-1] if steps else None)
+        mark = (
+            state.status,
+            len(steps),
+            step.state if step else None,
+            step.detail if step else None,
+            getattr(state, "overdue", None),
+        )
+        if on_change is not None and mark != last:
+            on_change(state)
+            last = mark
+        if done(state):
+            return state
+        if loop.time() > deadline:
+            raise KubegateError(f"{what} still {state.status} after {timeout:.0f}s")
+        await asyncio.sleep(interval)
 
 
 def _new_pairing() -> tuple[str, PairingState]:

@@ -28,8 +28,7 @@ from pyVmomi.VmomiSupport import ManagedObject
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities.secrets import open_password
-from activities.vsphere.faults import classify
+from activities.vsphere.calls import call_vcenter
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve_spec
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from domain import errors
@@ -63,13 +62,7 @@ class EventActivities:
         self, credentials: VCenterCredentials, context: str, call: Callable[[VSphereSession], T]
     ) -> T:
         """Run call with a live session; classify whatever vCenter raises."""
-        password = open_password(self.key, credentials)
-        try:
-            return self.sessions.run(credentials.endpoint, credentials.username, password, call)
-        except (ApplicationError, CancelledError):
-            raise
-        except Exception as exc:
-            raise classify(exc, context) from None
+        return call_vcenter(self.key, self.sessions, credentials, context, call)
 
     @activity.defn(name="vm_events")
     def vm_events(self, request: EventsRequest) -> EventsResult:

@@ -28,8 +28,8 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
-from activities.secrets import open_cluster_secrets, open_password
-from activities.vsphere.faults import classify
+from activities.secrets import open_cluster_secrets
+from activities.vsphere.calls import call_vcenter
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
 from activities.vsphere.ovf import read_properties
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
@@ -181,13 +181,7 @@ class VmActivities:
         self, credentials: VCenterCredentials, context: str, call: Callable[[VSphereSession], T]
     ) -> T:
         """Run call with a live session; classify whatever vCenter raises."""
-        password = open_password(self.key, credentials)
-        try:
-            return self.sessions.run(credentials.endpoint, credentials.username, password, call)
-        except (ApplicationError, CancelledError):
-            raise
-        except Exception as exc:
-            raise classify(exc, context) from None
+        return call_vcenter(self.key, self.sessions, credentials, context, call)
 
     @contextmanager
     def _slot(self, kind: str, server: str, obj: str | None, progress: _Progress) -> Iterator[None]:
