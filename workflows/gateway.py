@@ -65,7 +65,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
     from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
-    from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
+    from workflows.nodes import (
+        RETRY_ATTEMPTS,
+        NodeMachinery,
+        StepFailed,
+        invalid_spec,
+        invalid_state,
+    )
 
 Operation = Literal["provision", "reset", "resize", "upgrade", "delete"]
 
@@ -425,6 +431,13 @@ class GatewayWorkflow(NodeMachinery):
         except StepFailed as exc:
             self.gw.history = (self.gw.history + self.state.steps)[-_HISTORY_KEPT:]
             self.gw.nodes, self.gw.config = None, None
+            failed = self.state.steps[-1] if self.state.steps else None
+            passing = failed is not None and (
+                failed.attempts >= RETRY_ATTEMPTS or (failed.error or "").startswith("timed out")
+            )
+            if passing:  # the checks could not run (agent or vCenter away): not a refusal
+                self._set_status(GatewayStatus.REGISTERED, "configuration not checked; try again")
+                raise ApplicationError(str(exc), type="ConfigureFailed") from None
             self._set_status(GatewayStatus.REGISTERED, "configuration refused; configure again")
             raise invalid_spec(str(exc)) from None
         finally:

@@ -77,11 +77,14 @@ with workflow.unsafe.imports_passed_through():
 
 T = TypeVar("T")
 
+#: attempts an activity gets before its step fails
+RETRY_ATTEMPTS = 8
+
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
-    maximum_attempts=8,
+    maximum_attempts=RETRY_ATTEMPTS,
     non_retryable_error_types=errors.NON_RETRYABLE,
 )
 
