@@ -1,8 +1,11 @@
-"""The local stack: Temporal dev server, vCenter simulator, control worker and one gateway agent.
+"""The local stack: Temporal dev server, vCenter simulator, control worker and the system
+gateway `local` with its agent; and gateway agents started for the demo (`dev agent`).
 
-`up` is idempotent (a component already running is left alone), `down` stops only the
-processes `up` started, found by the pid files under `<home>/pids/` and checked against
-their command line. Logs go to `<home>/logs/`.
+`up` is idempotent (a component already running is left alone; the gateway is created,
+paired and configured only when it is not Running yet). `down` stops only the processes `up`
+and `agent` started, found by the pid files under `<home>/pids/` (pid and kernel start time,
+so a reused pid is never taken for ours). Logs go to `<home>/logs/`; a demo agent writes its
+output to `<home>/agents/<gateway>/agent.out`.
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from domain import names
 from domain.certs import self_signed
+from domain.gateway import GatewayFile, GatewayState, GatewayStatus, default_account_name
+from domain.sealing import AgentKey
 from starters.settings import Settings, tool_path, vcsim_binary
+
+if TYPE_CHECKING:
+    from starters.client import KubegateClient
 
 SIM_USER = "administrator@vsphere.local"
 SIM_TEMPLATE = "templates/ubuntu-2204-kube-v1.30"
@@ -43,15 +52,23 @@ SIM_PLACEMENT = {
 
 
 class DevStackError(Exception):
-    """A component of the local stack did not start; the message says where to look."""
+    """A component of the local stack (or its gateway) could not be made ready; the message
+    says why and where to look."""
+
+
+#: pid files of gateway agents started by `dev agent` (the stack's own is "gateway-agent")
+AGENT_PREFIX = "agent-"
+#: how long `up` waits for the system gateway to be configured and Running
+GATEWAY_TIMEOUT = 120.0
 
 
 @dataclass
 class Component:
     name: str
     argv: list[str]
-    ready: Callable[[], Awaitable[bool]]
+    ready: Callable[[int], Awaitable[bool]]  # given the pid of the process started
     address: str
+    log: Path | None = None  # default <home>/logs/<name>.log
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -83,28 +100,78 @@ class DevStack:
     # -- public ---------------------------------------------------------------------------
 
     async def up(self, timeout: float = 90.0) -> list[tuple[str, str]]:
-        """Start what is not running; return (component, 'started'|'running') pairs."""
+        """Start what is not running and make sure the system gateway is Running with its
+        agent; return (component, 'started'|'running') pairs, then the gateway's line."""
         for folder in (self.pids, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         password = self._sim_password()
         self._sim_certificate()
         outcome = []
         for component in self.components(password):
-            if self._alive(component.name):
-                outcome.append((component.name, "running"))
-                continue
-            if component.name == "vcsim":
-                self.vcsim_ready_file.unlink(missing_ok=True)
-            process = self._spawn(component)
-            await self._wait_ready(component, process, timeout)
-            outcome.append((component.name, "started"))
+            if component.name != "gateway-agent":  # it pairs first: see _system_gateway
+                outcome.append((component.name, await self._start(component, timeout)))
         self._write_dev_account()
+        outcome += await self._system_gateway(password, timeout)
         return outcome
 
+    async def agent(
+        self,
+        gateway: str,
+        *,
+        installer_vm: str | None = None,
+        vcenter: Path | None = None,
+        pairing_code: str | None = None,
+        timeout: float = 90.0,
+    ) -> str:
+        """Start an agent for a gateway made outside the stack (the demo's `lab`), recorded
+        like the stack's components so `down` stops it. A paired agent starts from its key
+        alone; an unpaired one needs the installer VM (and a file reaching its vCenter) or the
+        pairing code. Returns 'started', or 'running' if a paired agent runs already."""
+        if not names.is_dns_label(gateway):
+            raise DevStackError(f"NAME: {gateway!r} must be a DNS label")
+        if gateway == self.settings.gateway:
+            raise DevStackError(
+                f"gateway {gateway} is the stack's own: `kubegate dev up` runs its agent"
+            )
+        if installer_vm is not None and vcenter is None:
+            raise DevStackError("--installer-vm needs --vcenter (a file reaching its vCenter)")
+        self.pids.mkdir(parents=True, exist_ok=True)
+        client = await self._client()
+        state = await self._gateway(client, gateway)
+        if state is None:
+            raise DevStackError(
+                f"gateway {gateway} does not exist: kubegate gateway create {gateway} first"
+            )
+        name = AGENT_PREFIX + gateway
+        pid = self._pid(name)
+        if state.agent is not None:
+            self._check_key(
+                state,
+                f"kubegate gateway delete {gateway} --wait, then create, install and pair it "
+                "again (make demo does all three for lab)",
+            )
+            if pid is not None:
+                return "running"
+            # paired: its key is all it needs (the installer VM may be gone, e.g. with a
+            # simulator started afresh)
+            installer_vm, vcenter, pairing_code = None, None, None
+        else:
+            if pid is not None:  # it paired with an earlier gateway of that name: pair again
+                _terminate(pid)
+            if installer_vm is None and pairing_code is None:
+                raise DevStackError(
+                    f"gateway {gateway} is {state.status.value} and not paired: give "
+                    "--installer-vm with --vcenter, or the code in KUBEGATE_PAIRING_CODE"
+                )
+        component = self.agent_component(gateway, installer_vm, vcenter)
+        env = {"KUBEGATE_PAIRING_CODE": pairing_code} if pairing_code else None
+        return await self._start(component, timeout, env)
+
     def down(self) -> list[tuple[str, str]]:
-        """Stop the processes `up` started, newest first."""
+        """Stop the processes `up` and `agent` started: the demo's agents, then the stack
+        newest first."""
         outcome = []
-        for name in reversed(self._names()):
+        for name in [*reversed(self._agent_names()), *reversed(self._names())]:
             pidfile = self.pids / f"{name}.pid"
             if not pidfile.exists():
                 continue
@@ -117,7 +184,11 @@ class DevStack:
 
     def status(self) -> list[dict[str, str]]:
         rows = []
-        for component in self.components("-"):
+        components = self.components("-")
+        components += [
+            self.agent_component(n.removeprefix(AGENT_PREFIX)) for n in self._agent_names()
+        ]
+        for component in components:
             pid = self._pid(component.name)
             alive = pid is not None
             rows.append(
@@ -126,7 +197,7 @@ class DevStack:
                     "state": "running" if alive else "stopped",
                     "pid": str(pid) if alive else "",
                     "address": component.address,
-                    "log": str(self.logs / f"{component.name}.log"),
+                    "log": str(self._log(component)),
                 }
             )
         return rows
@@ -134,7 +205,6 @@ class DevStack:
     def components(self, sim_password: str) -> list[Component]:
         s = self.settings
         temporal_host, temporal_port = _split(s.temporal_address)
-        cli = [sys.executable, "-m", "starters.cli"]
         temporal = [
             str(tool_path("temporal")),
             "server",
@@ -170,22 +240,39 @@ class DevStack:
             str(self.key_file),
             *s.vcsim_options.split(),
         ]
+        agent_queue = names.gateway_task_queue(s.gateway)
         return [
             Component("temporal", temporal, self._temporal_ready, s.temporal_address),
             Component("vcsim", vcsim, self._vcsim_ready, s.vcsim_address),
             Component(
                 "control-worker",
-                [*cli, "worker", "control"],
-                self._control_ready,
+                [*_cli(), "worker", "control"],
+                lambda pid: self._polling(names.CONTROL_TASK_QUEUE, True, pid),
                 names.CONTROL_TASK_QUEUE,
             ),
             Component(
                 "gateway-agent",
-                [*cli, "gateway", "agent", s.gateway],
-                self._agent_ready,
-                names.gateway_task_queue(s.gateway),
+                [*_cli(), "gateway", "agent", s.gateway],
+                lambda pid: self._polling(agent_queue, False, pid),
+                agent_queue,
             ),
         ]
+
+    def agent_component(
+        self, gateway: str, installer_vm: str | None = None, vcenter: Path | None = None
+    ) -> Component:
+        """A gateway agent started by `agent`: its output in <home>/agents/<gateway>/agent.out."""
+        argv = [*_cli(), "gateway", "agent", gateway]
+        if installer_vm is not None and vcenter is not None:
+            argv += ["--installer-vm", installer_vm, "--vcenter", str(vcenter.resolve())]
+        queue = names.gateway_task_queue(gateway)
+        return Component(
+            AGENT_PREFIX + gateway,
+            argv,
+            lambda pid: self._polling(queue, False, pid),
+            queue,
+            log=self.settings.agent_dir(gateway).resolve() / "agent.out",
+        )
 
     def thumbprint(self) -> str | None:
         try:
@@ -193,24 +280,209 @@ class DevStack:
         except (FileNotFoundError, KeyError, json.JSONDecodeError):
             return None
 
+    def sim_vcenter(self) -> dict[str, str | None]:
+        """The vcenter block of a file reaching the simulator: its password file, its
+        certificate pinned."""
+        return {
+            "server": self.settings.vcsim_address,
+            "username": SIM_USER,
+            "password_file": str(self.password_file),
+            "thumbprint": self.thumbprint(),
+        }
+
+    def gateway_file(self) -> GatewayFile:
+        """The system gateway's configuration: the simulator, its placement, DHCP."""
+        return GatewayFile.model_validate(
+            {"vcenter": self.sim_vcenter(), "placement": SIM_PLACEMENT, "ip_allocation": "dhcp"}
+        )
+
+    # -- the system gateway -----------------------------------------------------------------
+
+    async def _system_gateway(self, sim_password: str, timeout: float) -> list[tuple[str, str]]:
+        """Gateway `local`: created as a system gateway and paired with the stack's agent the
+        first time (the code only in the agent's environment; its key persists), configured on
+        the simulator, Running; its agent running."""
+        from starters.client import KubegateError
+
+        name = self.settings.gateway
+        agent = self.components(sim_password)[-1]
+        client = await self._client()
+        try:
+            state = await self._gateway(client, name)
+            code: str | None = None
+            if state is None:
+                state, code = await client.create_gateway(name, system=True)
+            elif state.agent is None:  # never paired: its code was shown once; reset for another
+                code = await self._new_code(client, state)
+            else:
+                self._check_key(
+                    state, f"kubegate gateway delete {name} --wait, then kubegate dev up"
+                )
+            if code is not None and (pid := self._pid(agent.name)) is not None:
+                _terminate(pid)  # it paired with an earlier gateway of that name: pair again
+            started = await self._start(
+                agent, timeout, {"KUBEGATE_PAIRING_CODE": code} if code else None
+            )
+            state = await self._configured(client, name, sim_password)
+        except KubegateError as exc:
+            raise DevStackError(f"gateway {name}: {exc}") from None
+        kind = "system gateway; " if state.system else ""
+        return [
+            (agent.name, started),
+            (
+                f"gateway {name}",
+                f"{state.status.value} ({kind}default cloud account {default_account_name(name)})",
+            ),
+        ]
+
+    async def _new_code(self, client: KubegateClient, state: GatewayState) -> str:
+        before = state.pairing.code_hash
+        _, code = await client.reset_gateway(state.name)
+        if code is None:
+            raise DevStackError(f"gateway {state.name}: reset gave no pairing code")
+        await self._wait(client, state.name, lambda s: s.pairing.code_hash != before, "reset")
+        return code
+
+    async def _configured(
+        self, client: KubegateClient, name: str, sim_password: str
+    ) -> GatewayState:
+        state = await client.gateway_state(name)
+        if state.status is GatewayStatus.FAILED and not (state.nodes and state.nodes.provisioned):
+            await client.reset_gateway(name)  # its configuration failed: start over
+            state = await self._wait(
+                client, name, lambda s: s.status is not GatewayStatus.FAILED, "reset"
+            )
+        if state.status in (GatewayStatus.PENDING, GatewayStatus.REGISTERED):
+            await client.configure_gateway(name, self.gateway_file(), sim_password)
+        state = await self._wait(
+            client,
+            name,
+            lambda s: s.status in (GatewayStatus.RUNNING, GatewayStatus.FAILED),
+            "Running",
+        )
+        if state.status is GatewayStatus.FAILED:
+            raise DevStackError(
+                f"gateway {name} failed: {state.error}; see kubegate gateway describe {name}"
+            )
+        self._check_simulator(state)
+        return state
+
+    def _check_simulator(self, state: GatewayState) -> None:
+        """Refuse a gateway configured for another simulator (address or certificate)."""
+        if state.config is None:
+            return
+        endpoint = state.config.credentials.endpoint
+        wanted = self.gateway_file().vcenter
+        if (endpoint.address, endpoint.thumbprint) == (wanted.address, wanted.thumbprint):
+            return
+        live = sorted(state.live_clusters())
+        raise DevStackError(
+            f"gateway {state.name} is configured for {endpoint.address} (thumbprint "
+            f"{endpoint.thumbprint}), but the simulator is {wanted.address} (thumbprint "
+            f"{wanted.thumbprint}). A running gateway keeps its vCenter. Recover: "
+            + (f"delete its clusters ({', '.join(live)}), then " if live else "")
+            + f"kubegate gateway delete {state.name} --wait, then kubegate dev up"
+        )
+
+    async def _wait(
+        self,
+        client: KubegateClient,
+        name: str,
+        done: Callable[[GatewayState], bool],
+        what: str,
+    ) -> GatewayState:
+        from starters.client import KubegateError
+
+        try:
+            return await client.wait_gateway(name, done, timeout=GATEWAY_TIMEOUT, interval=0.2)
+        except KubegateError as exc:
+            raise DevStackError(
+                f"{exc} (waiting for {what}); see kubegate gateway describe {name}"
+            ) from None
+
+    async def _gateway(self, client: KubegateClient, name: str) -> GatewayState | None:
+        """The gateway's state; None if it does not exist, is deleted or its workflow ended."""
+        from temporalio.client import WorkflowExecutionStatus
+        from temporalio.service import RPCError, RPCStatusCode
+
+        try:
+            described = await client.gateway_handle(name).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        if described.status is not WorkflowExecutionStatus.RUNNING:
+            return None
+        state = await client.gateway_state(name)
+        if state.status is GatewayStatus.DELETING:
+            state = await self._wait(
+                client, name, lambda s: s.status is GatewayStatus.DELETED, "its deletion"
+            )
+        return None if state.status is GatewayStatus.DELETED else state
+
+    def _check_key(self, state: GatewayState, recovery: str) -> None:
+        """Refuse a gateway paired with another key than the agent's own on this machine."""
+        assert state.agent is not None
+        path = self.settings.agent_key_path(state.name)
+        mine = AgentKey.load_or_create(path) if path.exists() else None
+        if mine is not None and mine.public_key_b64 == state.agent.public_key:
+            return
+        found = f"its key {path} is another ({mine.key_id})" if mine else f"{path} is missing"
+        live = sorted(state.live_clusters())
+        raise DevStackError(
+            f"gateway {state.name} is {state.status.value} and paired with agent key "
+            f"{state.agent.key_id}, but {found} (was {path.parent} removed?). A gateway pairs "
+            "once, so this agent cannot serve it. Recover: "
+            + (f"delete its clusters ({', '.join(live)}), then " if live else "")
+            + recovery
+        )
+
     # -- processes ------------------------------------------------------------------------
 
     def _names(self) -> list[str]:
         return [c.name for c in self.components("-")]
 
-    def _spawn(self, component: Component) -> subprocess.Popen[bytes]:
+    def _agent_names(self) -> list[str]:
+        """Agents `agent` recorded (pid files agent-<gateway>.pid)."""
+        return sorted(p.stem for p in self.pids.glob(f"{AGENT_PREFIX}*.pid"))
+
+    def _log(self, component: Component) -> Path:
+        return component.log or self.logs / f"{component.name}.log"
+
+    async def _start(
+        self, component: Component, timeout: float, env: dict[str, str] | None = None
+    ) -> str:
+        if self._alive(component.name):
+            return "running"
+        if component.name == "vcsim":
+            self.vcsim_ready_file.unlink(missing_ok=True)
+        process = self._spawn(component, env)
+        await self._wait_ready(component, process, timeout)
+        return "started"
+
+    def _spawn(
+        self, component: Component, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         if not Path(component.argv[0]).exists():
             raise DevStackError(
                 f"{component.name}: {component.argv[0]} is missing (run `make setup`)"
             )
-        log = open(self.logs / f"{component.name}.log", "ab")  # noqa: SIM115 - handed to the child
+        # a pairing code reaches only the agent it is given to, never one inherited
+        environ = {k: v for k, v in os.environ.items() if k != "KUBEGATE_PAIRING_CODE"}
+        environ["KUBEGATE_HOME"] = str(self.home)
+        environ.update(env or {})
+        path = self._log(component)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "ab")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
             component.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=environ,
             start_new_session=True,
         )
+        log.close()
         # pid and kernel start time: together they name this process even after pid reuse
         (self.pids / f"{component.name}.pid").write_text(
             f"{process.pid} {_start_time(process.pid)}\n"
@@ -237,18 +509,24 @@ class DevStack:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise DevStackError(
-                    f"{component.name} exited during start; see {self.logs / component.name}.log"
+                    f"{component.name} exited during start; see {self._log(component)}"
+                    + _last_error(self._log(component))
                 )
-            if await component.ready():
+            if await component.ready(process.pid):
                 return
             await asyncio.sleep(0.3)
         raise DevStackError(
-            f"{component.name} not ready after {timeout:.0f}s; see {self.logs / component.name}.log"
+            f"{component.name} not ready after {timeout:.0f}s; see {self._log(component)}"
         )
 
     # -- readiness ------------------------------------------------------------------------
 
-    async def _temporal_ready(self) -> bool:
+    async def _client(self) -> KubegateClient:
+        from starters.client import KubegateClient
+
+        return await KubegateClient.connect(self.settings)
+
+    async def _temporal_ready(self, pid: int) -> bool:
         if not _port_open(self.settings.temporal_address):
             return False
         from starters.client import connect
@@ -259,19 +537,16 @@ class DevStack:
             return False
         return True
 
-    async def _vcsim_ready(self) -> bool:
+    async def _vcsim_ready(self, pid: int) -> bool:
         return self.vcsim_ready_file.exists()
 
-    async def _control_ready(self) -> bool:
-        return await self._polling(names.CONTROL_TASK_QUEUE, workflow=True)
-
-    async def _agent_ready(self) -> bool:
-        return await self._polling(names.gateway_task_queue(self.settings.gateway), workflow=False)
-
-    async def _polling(self, queue: str, workflow: bool) -> bool:
+    async def _polling(self, queue: str, workflow: bool, pid: int) -> bool:
+        """True once the process `pid` polls the queue (a poller's identity is pid@host), so a
+        poller that stopped a minute ago, still listed by the server, does not count."""
         from temporalio.api.enums.v1 import TaskQueueType
         from temporalio.api.taskqueue.v1 import TaskQueue
         from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+        from temporalio.service import RPCError
 
         from starters.client import connect
 
@@ -281,12 +556,17 @@ class DevStack:
             if workflow
             else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
         )
-        response = await client.workflow_service.describe_task_queue(
-            DescribeTaskQueueRequest(
-                namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind
+        try:
+            response = await client.workflow_service.describe_task_queue(
+                DescribeTaskQueueRequest(
+                    namespace=client.namespace,
+                    task_queue=TaskQueue(name=queue),
+                    task_queue_type=kind,
+                )
             )
-        )
-        return len(response.pollers) > 0
+        except RPCError:
+            return False  # a busy server may drop the call: ask again
+        return any(p.identity.startswith(f"{pid}@") for p in response.pollers)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -319,16 +599,27 @@ class DevStack:
         account = {
             "name": "dev",
             "gateway": self.settings.gateway,
-            "vcenter": {
-                "server": self.settings.vcsim_address,
-                "username": SIM_USER,
-                "password_file": str(self.password_file),
-                "thumbprint": self.thumbprint(),
-            },
+            "vcenter": self.sim_vcenter(),
             "placement": SIM_PLACEMENT,
         }
         self.account_file.parent.mkdir(parents=True, exist_ok=True)
         self.account_file.write_text(yaml.safe_dump(account, sort_keys=False))
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "starters.cli"]
+
+
+def _last_error(log: Path) -> str:
+    """The log's last line that says error, to show beside where to look."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()[-40:]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return f"\n  {line.strip()[:300]}"
+    return ""
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:

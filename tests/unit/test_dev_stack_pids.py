@@ -33,3 +33,18 @@ def test_down_stops_the_process_it_recorded(tmp_path: Path) -> None:
     assert {r["component"]: r["state"] for r in stack.status()}["vcsim"] == "running"
     assert stack.down() == [("vcsim", "stopped")]
     assert ours.wait(5) is not None
+
+
+def test_down_stops_recorded_gateway_agents_first_and_status_lists_them(tmp_path: Path) -> None:
+    stack = DevStack(Settings(home=tmp_path))
+    stack.pids.mkdir(parents=True)
+    agent = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    worker = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    (stack.pids / "agent-lab.pid").write_text(f"{agent.pid} {_start_time(agent.pid)}\n")
+    (stack.pids / "control-worker.pid").write_text(f"{worker.pid} {_start_time(worker.pid)}\n")
+    rows = {r["component"]: r for r in stack.status()}
+    assert rows["agent-lab"]["state"] == "running"
+    assert rows["agent-lab"]["address"] == "kubegate-gateway-lab"
+    assert rows["agent-lab"]["log"].endswith("agents/lab/agent.out")
+    assert stack.down() == [("agent-lab", "stopped"), ("control-worker", "stopped")]
+    assert agent.wait(5) is not None and worker.wait(5) is not None
