@@ -15,10 +15,7 @@ ui=$(python -c 'from starters.settings import Settings; print(Settings().ui_addr
 vm=/DC0/vm/kubegate-installer-lab
 link() { printf '%s/namespaces/default/workflows/%s' "$ui" "${1//\//%2F}"; }
 
-# `kubegate dev agent` lives in starters/dev_cli.py; where the CLI does not list it yet, the
-# module runs the same command
-if kubegate dev --help 2>/dev/null | grep ' agent ' >/dev/null; then agent_cmd="kubegate dev agent"
-else agent_cmd="python -m starters.dev_cli agent"; fi
+agent_cmd="kubegate dev agent"
 dev_agent() { $agent_cmd "$@"; }
 
 # "<status> <paired|unpaired> <ran|new>" of gateway lab, or "None unpaired new"
@@ -93,7 +90,7 @@ else
     say "gateway lab is left from an earlier demo ($state, $paired): taking it on"
   fi
   # a paired agent starts from its key alone; its gateway's steps run on it
-  [ "$paired" = paired ] && dev_agent lab
+  [ "$paired" = paired ] && [ "$state" != Deleted ] && dev_agent lab
   case "$state" in
     Deleting) wait_lab Deleted ;;
     Provisioning | Upgrading) wait_lab Running Failed ;;

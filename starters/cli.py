@@ -778,7 +778,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
 
 
 # the gateway and account commands live in their own module and register on the apps above
-from starters import gateway_cli  # noqa: E402, F401
+from starters import dev_cli, gateway_cli  # noqa: E402, F401
 
 if __name__ == "__main__":
     # run as `python -m starters.cli`: use the module the commands registered on

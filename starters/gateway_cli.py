@@ -102,8 +102,12 @@ def _show(state: GatewayState, output: Output, describe: bool) -> None:
         c = state.config
         out.print(
             f"  vCenter {c.credentials.endpoint.address} as {c.credentials.username}; "
-            f"{c.size} node(s), {c.ip_allocation}"
-            + (f" from pool {c.ip_pool}" if c.ip_pool else "")
+            + (
+                "system gateway (no nodes of its own)"
+                if state.system
+                else f"{c.size} node(s), {c.ip_allocation}"
+                + (f" from pool {c.ip_pool}" if c.ip_pool else "")
+            )
             + (f"; VIP {state.nodes.vip}" if state.nodes and state.nodes.vip else ""),
             highlight=False,
         )

@@ -262,7 +262,7 @@ class GatewayWorkflow(NodeMachinery):
         )
         step.objects = [result.ref] if result.ref else []
         step.detail = (
-            f"{agent.installer_vm}: {result.power_state or action.replace('_', ' ')}"
+            f"{agent.installer_vm}: {result.power_state or 'destroyed'}"
             if result.found
             else result.note or f"{agent.installer_vm}: not found (removed already)"
         )

@@ -140,7 +140,8 @@ class NodeMachinery:
         self._publish()
         try:
             await body(step)
-            step.state = StepState.DONE
+            if step.state is StepState.RUNNING:  # a body may have said SKIPPED
+                step.state = StepState.DONE
         except asyncio.CancelledError:
             step.state = StepState.CANCELLED
             step.error = "aborted" if self.aborting else "stopped: another step failed"

@@ -604,9 +604,12 @@ class VmActivities:
             vm = session.content.searchIndex.FindByUuid(None, request.instance_uuid, True, True)
             props: dict[str, Any] | None = None
             if vm is None and request.folder:
-                vm = session.content.searchIndex.FindChild(
-                    from_ref(session, request.folder), request.name
-                )
+                try:
+                    vm = session.content.searchIndex.FindChild(
+                        from_ref(session, request.folder), request.name
+                    )
+                except vmodl.fault.ManagedObjectNotFound:
+                    vm = None  # the folder is gone (e.g. a simulator restarted): so is the VM
                 if vm is not None:
                     props = retrieve(
                         session, [vm], ["config.extraConfig", "runtime.powerState", "runtime.host"]
