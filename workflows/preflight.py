@@ -10,12 +10,12 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from activities.preflight import PreflightActivities
     from domain import errors, names
     from domain.preflight import (
         CheckBatch,
         CheckResult,
         CheckStatus,
+        InventoryBatch,
         ObjectChecksRequest,
         PreflightReport,
         PreflightRequest,
@@ -47,11 +47,14 @@ class PreflightWorkflow:
         queue = names.gateway_task_queue(request.gateway)
         requests = 0
 
-        async def step(method: Any, arg: Any, summary: str) -> CheckBatch:
+        async def step(
+            activity: str, arg: Any, summary: str, result: type[CheckBatch] = CheckBatch
+        ) -> CheckBatch:
             nonlocal requests
-            batch: CheckBatch = await workflow.execute_activity_method(
-                method,
+            batch: CheckBatch = await workflow.execute_activity(
+                activity,
                 arg,
+                result_type=result,
                 task_queue=queue,
                 start_to_close_timeout=timedelta(seconds=90),
                 schedule_to_start_timeout=timedelta(minutes=2),
@@ -65,7 +68,7 @@ class PreflightWorkflow:
         self._phase = "connecting"
         self._show(request)
         connection = await step(
-            PreflightActivities.connection, request, f"Connect to {endpoint.address} as {user}"
+            "preflight_connection", request, f"Connect to {endpoint.address} as {user}"
         )
         self._results += connection.results
         failed = any(r.status is CheckStatus.FAIL for r in connection.results)
@@ -78,9 +81,10 @@ class PreflightWorkflow:
             self._phase = "finding placement objects"
             self._show(request)
             inventory = await step(
-                PreflightActivities.inventory,
+                "preflight_inventory",
                 request,
                 f"Find placement objects in datacenter {placement.datacenter}",
+                InventoryBatch,
             )
             self._results += inventory.results
             found = getattr(inventory, "found", {})
@@ -101,11 +105,11 @@ class PreflightWorkflow:
             self._phase = "checking privileges, NTP and shared storage"
             self._show(request)
             # independent checks: run them at the same time, report in a fixed order
-            checks = [step(PreflightActivities.privileges, objects, f"Check privileges of {user}")]
+            checks = [step("preflight_privileges", objects, f"Check privileges of {user}")]
             if clusters:
                 checks.append(
                     step(
-                        PreflightActivities.hosts,
+                        "preflight_hosts",
                         objects,
                         f"Check NTP and shared storage on {', '.join(clusters)}",
                     )
