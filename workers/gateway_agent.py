@@ -90,7 +90,7 @@ async def serve(
     state = await KubegateClient(client, settings).register_agent(
         gateway,
         key,
-        pairing_code or settings.pairing_code,
+        pairing_code or settings.pairing_code or None,
         host=socket.gethostname(),
         installer_vm=installer_vm,
     )
