@@ -32,6 +32,7 @@ from domain.gateway import (
     GatewayStatus,
     InstallerProperties,
 )
+from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Timing
 from domain.sealing import AgentKey
 from starters.client import KubegateClient, RequestRefused
@@ -278,9 +279,7 @@ async def test_gateway_story(
 
         # a cluster through the default account
         await kubegate.create_pool(
-            __import__("domain.ipam", fromlist=["IpPoolSpec"]).IpPoolSpec.model_validate(
-                {**pool_fields("gw1-clusters", 92, 20), "gateway": name}
-            )
+            IpPoolSpec.model_validate({**pool_fields("gw1-clusters", 92, 20), "gateway": name})
         )
         await kubegate.deploy_cluster(
             small_cluster("gwc1", "gw1-default", "gw1-clusters"), timing=FAST
