@@ -187,6 +187,12 @@ class VCenterAccess(VCenterEndpoint, PasswordSource):
 
     username: str = Field(min_length=1, description="vCenter user, e.g. kubegate@vsphere.local.")
 
+    def endpoint(self) -> VCenterEndpoint:
+        """Where the vCenter is and how to trust it, without the user or password source."""
+        return VCenterEndpoint.model_validate(
+            self.model_dump(include=set(VCenterEndpoint.model_fields))
+        )
+
 
 class CloudAccountSpec(BaseModel):
     """A cloud account file as the user writes it (account.yaml)."""

@@ -333,9 +333,7 @@ class KubegateClient:
         workflow_id: str | None = None,
     ) -> PreflightReport:
         """Run the preflight of a cloud account (and its placement) on its gateway's agent."""
-        endpoint = VCenterEndpoint.model_validate(
-            spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-        )
+        endpoint = spec.vcenter.endpoint()
         credentials = await self.seal_credentials(
             spec.gateway, endpoint, spec.vcenter.username, password
         )
@@ -611,9 +609,7 @@ class KubegateClient:
 
     async def gateway_config(self, gateway: str, file: GatewayFile, password: str) -> GatewayConfig:
         """The configuration with the password sealed to the gateway's agent."""
-        endpoint = VCenterEndpoint.model_validate(
-            file.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-        )
+        endpoint = file.vcenter.endpoint()
         ip_pool = file.ip_pool
         if file.create_ip_pool is not None:
             ip_pool = ip_pool or file.create_ip_pool.get("name")
@@ -634,14 +630,13 @@ class KubegateClient:
         self, gateway: str, file: GatewayFile, password: str
     ) -> GatewayState:
         """Create the file's IP pool if asked, seal the password, configure: provisioning."""
-        await self.gateway_public_key(gateway)  # paired, else a clear error
+        config = await self.gateway_config(gateway, file, password)  # needs it paired
         await self.require_agent(gateway)
         if file.create_ip_pool is not None:
             pool = IpPoolSpec.model_validate({**file.create_ip_pool, "gateway": gateway})
             existing = {p.spec.name for p in await self.list_pools(gateway, strict=True)}
             if pool.name not in existing:
                 await self.create_pool(pool)
-        config = await self.gateway_config(gateway, file, password)
         state: GatewayState = await self._gateway_update(gateway, GatewayWorkflow.configure, config)
         return state
 
@@ -702,9 +697,7 @@ class KubegateClient:
                 raise RequestRefused(
                     f"name: cloud account {spec.name} exists already (gateway {state.name})"
                 )
-        endpoint = VCenterEndpoint.model_validate(
-            spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-        )
+        endpoint = spec.vcenter.endpoint()
         request = AccountRequest(
             name=spec.name,
             credentials=await self.seal_credentials(

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.table import Table
 
 from domain import names
-from domain.account import CloudAccountSpec, Placement, VCenterAccess, VCenterEndpoint
+from domain.account import CloudAccountSpec, Placement, VCenterAccess
 from domain.gateway import (
     GatewayFile,
     GatewayState,
@@ -29,6 +29,7 @@ from starters.cli import (
     WaitOption,
     _bad_input,
     _failed,
+    _invalid_fields,
     _Progress,
     _run,
     _short,
@@ -263,18 +264,10 @@ def gateway_install(
         properties = InstallerProperties.model_validate(
             {**props_data, "installer_name": name, "pairing_code": pairing_code}
         )
-    except Exception as exc:  # pydantic ValidationError: name the fields
-        from pydantic import ValidationError
-
-        from domain.errors import field_errors
-
-        if isinstance(exc, ValidationError):
-            _bad_input(f"{file}: " + "; ".join(field_errors(exc)))
-        raise
+    except ValidationError as exc:
+        _invalid_fields(file, exc)
     password = read_password(spec.vcenter, file.parent)
-    endpoint = VCenterEndpoint.model_validate(
-        spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-    )
+    endpoint = spec.vcenter.endpoint()
     from activities.vsphere.ovf import OvaError
     from starters.installer import install
 
@@ -299,9 +292,7 @@ def _from_installer(name: str, vm: str, vcenter: Path) -> tuple[str, str]:
     """The pairing code and the console endpoint from the installer VM's vApp properties."""
     spec = load_spec(vcenter, InstallFile)
     password = read_password(spec.vcenter, vcenter.parent)
-    endpoint = VCenterEndpoint.model_validate(
-        spec.vcenter.model_dump(include=set(VCenterEndpoint.model_fields))
-    )
+    endpoint = spec.vcenter.endpoint()
     from activities.vsphere.ovf import OvaError
     from starters.installer import read_installer
 

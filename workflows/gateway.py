@@ -498,13 +498,13 @@ class GatewayWorkflow(NodeMachinery):
                 f"gateway {self.gw.name} is {status}: reset is for a gateway stuck in "
                 "provisioning, a failed one, or one whose installer never registered"
             )
-        if status is GatewayStatus.FAILED and self.state_provisioned():
+        if status is GatewayStatus.FAILED and self._provisioned():
             raise invalid_state(
                 f"gateway {self.gw.name} failed after it ran ({self.gw.error}); its clusters "
                 f"depend on it: fix the cause and repeat the {self.gw.failed_operation}"
             )
 
-    def state_provisioned(self) -> bool:
+    def _provisioned(self) -> bool:
         return self.gw.nodes is not None and self.gw.nodes.provisioned
 
     @workflow.update
@@ -583,7 +583,7 @@ class GatewayWorkflow(NodeMachinery):
         """Running, or Failed in this same operation after it ran (repeating it resumes)."""
         ok = self.gw.status is GatewayStatus.RUNNING or (
             self.gw.status is GatewayStatus.FAILED
-            and self.state_provisioned()
+            and self._provisioned()
             and self.gw.failed_operation == what
         )
         if not ok or self.op is not None or self.busy:

@@ -111,7 +111,7 @@ class NodeMachinery:
 
     The inheriting workflow sets: `state` (ClusterState), `account` (ClusterAccount),
     `timing`, `readiness`, `secrets`, `refs`, `refs_for`, `plans`, `aborting`, and
-    implements `_publish` and `_owner`.
+    defines `_publish` and `_owner`.
     """
 
     state: ClusterState
@@ -126,12 +126,10 @@ class NodeMachinery:
     #: bound on an agent activity's whole life, queue time included (None: unbounded); set
     #: while an Update waits on the agent, so a missing agent cannot hold it forever
     agent_deadline: timedelta | None = None
-
-    def _publish(self) -> None:
-        raise NotImplementedError
-
-    def _owner(self) -> str:
-        raise NotImplementedError
+    #: the inheriting workflow's: write the Web UI details (and search attributes)
+    _publish: Callable[[], None]
+    #: the inheriting workflow's: who owns addresses and VM marks ('cluster/x', 'gateway/y')
+    _owner: Callable[[], str]
 
     async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
         step = Step(name=name, title=title, started=workflow.now())
