@@ -15,11 +15,10 @@ from secrets import choice, token_hex
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.secrets import open_cluster_secrets
+from activities.secrets import current_lifecycle, open_cluster_secrets, secrets_binding
 from domain import errors
 from domain.account import SealedSecret
 from domain.bootstrap import (
-    SECRETS_PURPOSE,
     ClusterSecrets,
     RenderRequest,
     RenderResult,
@@ -64,7 +63,8 @@ class BootstrapActivities:
         self.key = key
 
     def _seal(self, secrets: ClusterSecrets) -> SealedSecret:
-        return seal(secrets.model_dump_json(), self.key.public_bytes, SECRETS_PURPOSE)
+        use = secrets_binding(self.key.gateway, current_lifecycle())
+        return seal(secrets.model_dump_json(), self.key.public_bytes, use)
 
     @activity.defn(name="bootstrap_secrets")
     def secrets(self, request: SecretsRequest) -> SealedSecret:

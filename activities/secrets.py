@@ -1,14 +1,20 @@
-"""Opening sealed secrets on the gateway agent; the errors never quote what was sealed."""
+"""Opening sealed secrets on the gateway agent; the errors never quote what was sealed.
+
+A secret opens only for the use it was sealed for: a vCenter password for its gateway,
+account, server, port, user and trust mode (and only for a vCenter the agent's policy
+allows); a cluster's secrets for the one lifecycle (workflow) they were generated for.
+"""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from domain import errors
-from domain.account import SealedSecret, VCenterCredentials
+from domain.account import SealBinding, SealedSecret, VCenterCredentials
 from domain.bootstrap import SECRETS_PURPOSE, ClusterSecrets
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, SealError
+from domain.sealing import AgentKey, SealError
 
 
 def _unreadable(message: str) -> ApplicationError:
@@ -16,20 +22,43 @@ def _unreadable(message: str) -> ApplicationError:
 
 
 def open_password(key: AgentKey, credentials: VCenterCredentials) -> str:
-    """The vCenter password sealed to this agent."""
+    """The vCenter password sealed to this agent, for exactly these credentials' use."""
+    policy = key.policy
+    if policy is not None:
+        problem = policy().endpoint_problem(credentials.endpoint)
+        if problem:
+            raise ApplicationError(
+                f"refused by the agent's policy: {problem}",
+                type=errors.POLICY_REFUSED,
+                non_retryable=True,
+            )
+    binding = credentials.password.binding
+    account = binding.account if binding is not None else ""
     try:
-        return key.open(credentials.password, PASSWORD_PURPOSE)
+        return key.open(credentials.password, credentials.binding(key.gateway, account))
     except SealError as exc:
         raise _unreadable(
             f"cannot open the sealed vCenter password: {exc}; seal it again to this "
-            "gateway's current key"
+            "gateway's current key for this account and vCenter"
         ) from None
 
 
+def secrets_binding(gateway: str, lifecycle: str) -> SealBinding:
+    """What a cluster's secrets are sealed for: this gateway and this lifecycle's workflow."""
+    return SealBinding(purpose=SECRETS_PURPOSE, gateway=gateway, cluster=lifecycle)
+
+
+def current_lifecycle() -> str:
+    """The workflow the running activity works for."""
+    return activity.info().workflow_id or ""
+
+
 def open_cluster_secrets(key: AgentKey, sealed: SealedSecret) -> ClusterSecrets:
-    """A cluster's secrets sealed to this agent."""
+    """A cluster's secrets sealed to this agent, for the lifecycle this activity serves."""
     try:
-        return ClusterSecrets.model_validate_json(key.open(sealed, SECRETS_PURPOSE))
+        use = secrets_binding(key.gateway, current_lifecycle())
+        # secrets sealed before bindings (older clusters) still open: only the agent seals them
+        return ClusterSecrets.model_validate_json(key.open(sealed, use, legacy=True))
     except SealError as exc:
         problem = str(exc)
     except ValidationError:  # its message would quote the secrets: say less

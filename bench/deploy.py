@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.api.enums.v1 import EventType
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.guard import write_policy
 from bench.sequential import run_sequential
 from bench.vcproxy import (
     DEFAULT_DELAYS,
@@ -61,9 +61,12 @@ from domain.cluster import ClusterSpec
 from domain.gateway import GatewayFile
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Step
+from domain.trust import policy_for
 from starters.client import KubegateClient
+from starters.codec import ReadableMetadata, data_converter
 from starters.settings import Settings, tool_path
 from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim
+from workers.gateway_agent import load_key, policy_path
 
 GATEWAY = "bench"
 POOL = "bench-pool"
@@ -216,7 +219,8 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
         env = await WorkflowEnvironment.start_local(
             dev_server_existing_path=str(tool_path("temporal")),
             search_attributes=names.SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter,
+            data_converter=data_converter(),
+            interceptors=[ReadableMetadata()],
             dev_server_log_level="error",
         )
     finally:
@@ -231,10 +235,37 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
         "KUBEGATE_TEMPORAL_ADDRESS": address,
     }
     control = _spawn(["worker", "control"], environ, work / "control.log")
-    # a system gateway: created here, paired by the agent at its first start
-    _, code = await KubegateClient(env.client, settings).create_gateway(GATEWAY, system=True)
-    environ["KUBEGATE_PAIRING_CODE"] = code
-    agent = _spawn(["gateway", "agent", GATEWAY], environ, work / "agent.log")
+    # the gateway's vCenter is the counting proxy: the agent's policy allows exactly it (its
+    # address, its pinned thumbprint)
+    gateway_file = GatewayFile.model_validate(
+        {
+            "vcenter": {
+                "server": proxy.address,
+                "username": ADMIN,
+                "thumbprint": proxy.thumbprint,
+            },
+            "placement": PLACEMENT,
+        }
+    )
+    # the agent's key made first (on its machine: this one), so the system gateway is created
+    # with its fingerprint and approved as the agent pairs at its first start; the code reaches
+    # the agent in a 0600 file only, removed once it paired
+    key = load_key(settings, GATEWAY)
+    write_policy(
+        policy_path(settings, GATEWAY), policy_for(GATEWAY, gateway_file.vcenter.endpoint())
+    )
+    _, code = await KubegateClient(env.client, settings).create_gateway(
+        GATEWAY, system=True, fingerprint=key.fingerprint
+    )
+    code_file = settings.agent_dir(GATEWAY) / "pairing-code"
+    fd = os.open(code_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(code + "\n")
+    agent = _spawn(
+        ["gateway", "agent", GATEWAY],
+        {**environ, "KUBEGATE_PAIRING_CODE_FILE": str(code_file)},
+        work / "agent.log",
+    )
     stack = Stack(work, sim, proxy, env, control, agent, KubegateClient(env.client, settings))
     stack.delays = delays
     stack.pids = {"agent": agent.pid, "control": control.pid, "vcsim": sim.info["pid"]}
@@ -244,18 +275,10 @@ async def start_stack(work: Path, delays: dict[str, int]) -> Stack:
     if temporal is not None:
         stack.pids["temporal"] = temporal
     try:
-        if not await stack.client.agent_is_polling(GATEWAY, wait=60):
+        polling = await stack.client.agent_is_polling(GATEWAY, wait=60)
+        code_file.unlink(missing_ok=True)  # paired (or failed): the code is of no more use
+        if not polling:
             raise RuntimeError(f"the agent does not poll; see {work / 'agent.log'}")
-        gateway_file = GatewayFile.model_validate(
-            {
-                "vcenter": {
-                    "server": proxy.address,
-                    "username": ADMIN,
-                    "thumbprint": proxy.thumbprint,
-                },
-                "placement": PLACEMENT,
-            }
-        )
         await stack.client.configure_gateway(GATEWAY, gateway_file, sim.password)
         ready = await stack.client.wait_gateway(
             GATEWAY, lambda s: s.status.value in ("Running", "Failed"), timeout=120

@@ -19,13 +19,13 @@ import sys
 import time
 import uuid
 
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from domain.ipam import IpPoolSpec
 from domain.names import SEARCH_ATTRIBUTES
 from starters.client import KubegateClient
-from starters.settings import tool_path
+from starters.codec import ReadableMetadata, settings_data_converter
+from starters.settings import Settings, tool_path
 
 
 async def measure(
@@ -56,7 +56,8 @@ async def main(per_caller: int, prefill: int) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(tool_path("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=settings_data_converter(Settings()),  # the worker's keys
+        interceptors=[ReadableMetadata()],
     )
     address = env.client.service_client.config.target_host
     worker = subprocess.Popen(  # noqa: ASYNC220 - starts, does not wait

@@ -15,17 +15,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from activities.guard import write_policy
 from activities.vsphere.session import SessionPool
 from domain.account import CloudAccountSpec
 from domain.names import SEARCH_ATTRIBUTES
+from domain.trust import policy_for
 from starters.client import KubegateClient
+from starters.codec import ReadableMetadata, data_converter
 from starters.settings import Settings, tool_path
 from tests.support import ADMIN, PLACEMENT, Vcsim
 from workers.control import build_worker
-from workers.gateway_agent import build_agent, load_key
+from workers.gateway_agent import build_agent, load_key, policy_path
 
 
 async def main(hosts: int, runs: int) -> None:
@@ -34,28 +36,38 @@ async def main(hosts: int, runs: int) -> None:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(tool_path("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
+        interceptors=[ReadableMetadata()],
     )
     settings = Settings(home=work / "home", temporal_address="unused")
     pool = SessionPool()
+    spec = CloudAccountSpec.model_validate(
+        {
+            "name": "bench",
+            "gateway": "bench",
+            "vcenter": {
+                "server": sim.address,
+                "username": ADMIN,
+                "thumbprint": sim.thumbprint,
+            },
+            "placement": PLACEMENT,
+        }
+    )
     try:
+        # the agent as the trust model has it: its key, its policy allowing the simulator
+        # (pinned), and gateway "bench" created with its fingerprint and paired (so approved);
+        # not configured, so that the first account check is the first login (cold)
         key = load_key(settings, "bench")
+        policy = policy_path(settings, "bench")
+        write_policy(policy, policy_for("bench", spec.vcenter.endpoint()))
         with ThreadPoolExecutor(8) as executor:
-            agent = build_agent(env.client, "bench", key, pool, executor, 8)
+            agent = build_agent(env.client, "bench", key, pool, executor, 8, policy=policy)
             async with build_worker(env.client), agent:
                 client = KubegateClient(env.client, settings)
-                spec = CloudAccountSpec.model_validate(
-                    {
-                        "name": "bench",
-                        "gateway": "bench",
-                        "vcenter": {
-                            "server": sim.address,
-                            "username": ADMIN,
-                            "thumbprint": sim.thumbprint,
-                        },
-                        "placement": PLACEMENT,
-                    }
+                _, code = await client.create_gateway(
+                    "bench", system=True, fingerprint=key.fingerprint
                 )
+                await client.register_agent("bench", key, code)
                 samples: list[tuple[float, int]] = []
                 for _ in range(runs + 1):
                     start = time.perf_counter()

@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from domain.names import DnsLabel
+from domain.names import DnsLabel, is_host
 
 _HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class SealBinding(BaseModel):
+    """Everything a sealed secret is for: the agent opens it only for exactly this use.
+
+    Kept beside the ciphertext in clear (it names no secret) and authenticated as the
+    ciphertext's associated data, so it cannot be changed without the seal failing.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    purpose: str = Field(description="What the secret is: a vCenter password, cluster secrets.")
+    gateway: str = Field(default="", description="The gateway whose agent may open it.")
+    account: str = Field(default="", description="The cloud account it belongs to.")
+    cluster: str = Field(default="", description="The cluster it belongs to (cluster secrets).")
+    server: str = Field(default="", description="vCenter host it may be sent to.")
+    port: int = Field(default=0, description="vCenter port it may be sent to.")
+    user: str = Field(default="", description="vCenter user it logs in as.")
+    trust: str = Field(
+        default="", description="How the vCenter is trusted: ca, thumbprint:<SHA>, insecure."
+    )
+
+    def associated_data(self, key_id: str) -> bytes:
+        """The bytes AES-GCM authenticates: every field, in a fixed order, and the key id."""
+        fields = [f"{name}={getattr(self, name)}" for name in sorted(type(self).model_fields)]
+        return ("kubegate-seal-v2|" + "|".join(fields) + f"|key={key_id}").encode()
+
+    def differences(self, other: SealBinding) -> list[str]:
+        """Fields in which `other` (a use) differs from this binding, as 'field: a, not b'."""
+        return [
+            f"{name}: sealed for {getattr(self, name)!r}, used for {getattr(other, name)!r}"
+            for name in type(self).model_fields
+            if getattr(self, name) != getattr(other, name)
+        ]
 
 
 class SealedSecret(BaseModel):
@@ -21,6 +56,14 @@ class SealedSecret(BaseModel):
     ephemeral_public_key: str = Field(description="Sender's one-time X25519 key, base64.")
     nonce: str = Field(description="AES-GCM nonce, base64.")
     ciphertext: str = Field(description="AES-GCM ciphertext and tag, base64.")
+    binding: SealBinding | None = Field(
+        default=None, description="The one use it was sealed for (absent: an old seal)."
+    )
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of this seal (which password, without revealing it)."""
+        return hashlib.sha256(self.ciphertext.encode()).hexdigest()[:32]
 
 
 def normalize_thumbprint(value: str) -> str:
@@ -78,6 +121,10 @@ class VCenterEndpoint(BaseModel):
             if not port.isdigit():
                 raise ValueError(f"server: port {port!r} is not a number")
             self.server, self.port = host, int(port)
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"server: port {self.port} is not between 1 and 65535")
+        if not is_host(self.server):
+            raise ValueError(f"server: {self.server!r} is not a host name or IP address")
         if self.thumbprint and self.insecure:
             raise ValueError(
                 "thumbprint and insecure exclude each other: pin, or skip verification"
@@ -90,6 +137,33 @@ class VCenterEndpoint(BaseModel):
         return f"{host}:{self.port}"
 
 
+def trust_mode(endpoint: VCenterEndpoint) -> str:
+    """How a vCenter's certificate is trusted: 'insecure', 'thumbprint:<SHA>' or 'ca'."""
+    if endpoint.insecure:
+        return "insecure"
+    if endpoint.thumbprint:
+        return f"thumbprint:{endpoint.thumbprint}"
+    return "ca"
+
+
+PASSWORD_PURPOSE = "vcenter-password"
+
+
+def password_binding(
+    gateway: str, account: str, endpoint: VCenterEndpoint, username: str
+) -> SealBinding:
+    """What a vCenter password is sealed for: this gateway, account, server, user and trust."""
+    return SealBinding(
+        purpose=PASSWORD_PURPOSE,
+        gateway=gateway,
+        account=account,
+        server=endpoint.server.lower(),
+        port=endpoint.port,
+        user=username,
+        trust=trust_mode(endpoint),
+    )
+
+
 class VCenterCredentials(BaseModel):
     """A vCenter endpoint with a user and that user's sealed password."""
 
@@ -98,6 +172,10 @@ class VCenterCredentials(BaseModel):
     endpoint: VCenterEndpoint
     username: str = Field(min_length=1, description="vCenter user, e.g. kubegate@vsphere.local.")
     password: SealedSecret = Field(description="The password sealed to the gateway agent.")
+
+    def binding(self, gateway: str, account: str) -> SealBinding:
+        """The use these credentials stand for, as the agent checks it against the seal."""
+        return password_binding(gateway, account, self.endpoint, self.username)
 
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]

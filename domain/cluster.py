@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from domain.names import DnsLabel, is_dns_label
+from domain.names import DnsLabel, HostName, is_dns_label
 
 #: Profile layers, in the order they must appear.
 LAYER_ORDER = ("os", "kubernetes", "network", "storage", "addon")
@@ -28,6 +28,18 @@ _SSH_KEY = re.compile(
     r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/=]+"
 )
 _TAG = re.compile(r"^[A-Za-z0-9_.:/=+-]{1,128}$")
+
+#: most nodes one worker pool may have
+MAX_POOL_NODES = 200
+#: most nodes of a cluster: control plane and every worker pool together
+MAX_CLUSTER_NODES = 500
+#: most worker pools of a cluster
+MAX_WORKER_POOLS = 20
+#: most placement domains of one pool
+MAX_DOMAINS = 16
+#: largest cluster spec, as JSON: it travels in workflow inputs and updates, whose payloads
+#: Temporal warns about at 512 KiB and refuses at 2 MiB
+MAX_SPEC_BYTES = 128 * 1024
 
 
 class Pack(BaseModel):
@@ -127,7 +139,9 @@ class ClusterPlacement(BaseModel):
     datacenter: str = Field(min_length=1, description="Datacenter of the nodes.")
     folder: str = Field(default="", description="VM folder; the cluster gets a folder inside it.")
     ssh_keys: list[str] = Field(default_factory=list, description="Public keys for the nodes.")
-    ntp_servers: list[str] = Field(default_factory=list, description="NTP servers for the nodes.")
+    ntp_servers: list[HostName] = Field(
+        default_factory=list, max_length=16, description="NTP servers (host names or addresses)."
+    )
     ip_allocation: Literal["static", "dhcp"] = Field(description="Node addressing.")
 
     @field_validator("ssh_keys")
@@ -173,12 +187,14 @@ class WorkerPool(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: DnsLabel = Field(description="Pool name, e.g. 'general' or 'large'.")
-    size: int = Field(ge=0, le=500, description="Number of nodes.")
+    size: int = Field(ge=0, le=MAX_POOL_NODES, description="Number of nodes.")
     cpu: Cpu = 4
     memory_gb: MemoryGb = 8
     disk_gb: DiskGb = 60
     placement: list[PlacementDomain] = Field(
-        min_length=1, description="Placement domains; nodes go round-robin over them, in order."
+        min_length=1,
+        max_length=MAX_DOMAINS,
+        description="Placement domains; nodes go round-robin over them, in order.",
     )
 
 
@@ -189,7 +205,9 @@ class ClusterSpec(BaseModel):
 
     name: DnsLabel = Field(description="Cluster name, a DNS label.")
     description: str = Field(default="", max_length=1024)
-    tags: list[str] = Field(default_factory=list, description="Tags (not propagated to VMs).")
+    tags: list[str] = Field(
+        default_factory=list, max_length=64, description="Tags (not propagated to VMs)."
+    )
     profile: ClusterProfile | ProfileFile = Field(description="Inline profile, or {file: PATH}.")
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Pack values to change, keyed by pack name."
@@ -197,7 +215,7 @@ class ClusterSpec(BaseModel):
     cloud_account: DnsLabel = Field(description="Cloud account whose gateway runs the cluster.")
     placement: ClusterPlacement
     control_plane: ControlPlanePool
-    workers: list[WorkerPool] = Field(default_factory=list)
+    workers: list[WorkerPool] = Field(default_factory=list, max_length=MAX_WORKER_POOLS)
 
     @field_validator("tags")
     @classmethod
@@ -215,6 +233,18 @@ class ClusterSpec(BaseModel):
             raise ValueError(f"workers: pool names must be unique ({', '.join(duplicates)})")
         if "cp" in names:
             raise ValueError("workers: 'cp' is the control plane's name; choose another")
+        total = self.control_plane.size + sum(pool.size for pool in self.workers)
+        if total > MAX_CLUSTER_NODES:
+            raise ValueError(
+                f"workers: {total} nodes in all; a cluster has at most {MAX_CLUSTER_NODES} "
+                "(control plane and worker pools together)"
+            )
+        size = len(self.model_dump_json())
+        if size > MAX_SPEC_BYTES:
+            raise ValueError(
+                f"the spec is {size} bytes as JSON; at most {MAX_SPEC_BYTES} (shrink the "
+                "profile's or overrides' values)"
+            )
         for pool in self.workers:
             longest = node_name(self.name, pool.name, max(pool.size - 1, 0))
             if not is_dns_label(longest):

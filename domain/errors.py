@@ -44,9 +44,11 @@ def field_errors(exc: ValidationError) -> list[str]:
     """A pydantic error as 'field.path: rule' lines (what the CLI and Update validators say)."""
     lines = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in error["loc"])
         hint = " (quote it in YAML)" if error["type"] == "string_type" else ""
-        lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}{hint}")
+        message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        # a rule over several fields names them itself
+        lines.append(f"{where}: {message}{hint}" if where else f"{message}{hint}")
     return lines
 
 
@@ -54,3 +56,13 @@ def field_errors(exc: ValidationError) -> list[str]:
 GATEWAY_NOT_READY = "GatewayNotReady"
 PAIRING_REFUSED = "PairingRefused"
 IN_USE = "InUse"
+
+#: the agent's local policy forbids what a task asks (endpoint, trust, datacenter, folder)
+POLICY_REFUSED = "PolicyRefused"
+#: the agent works only for lifecycles its gateway authorized, with live accounts
+NOT_AUTHORIZED = "NotAuthorized"
+#: a result not signed by the gateway's approved agent for this request
+FORGED_RESULT = "ForgedResult"
+#: credentials that were current when work was scheduled were rotated meanwhile
+STALE_CREDENTIALS = "StaleCredentials"
+NON_RETRYABLE += [POLICY_REFUSED, NOT_AUTHORIZED, FORGED_RESULT, STALE_CREDENTIALS]

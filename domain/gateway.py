@@ -15,12 +15,22 @@ from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from domain.account import Placement, SealedSecret, VCenterAccess, VCenterCredentials
 from domain.cluster import ClusterPlacement, ClusterSpec
+from domain.errors import field_errors
+from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, Step, Timing
-from domain.names import DnsLabel
+from domain.names import DnsLabel, HostName, is_host
 
 #: How long a pairing code can be used, and when a gateway that has not registered is overdue.
 PAIRING_CODE_LIFETIME = timedelta(hours=24)
@@ -108,23 +118,79 @@ def pairing_matches(code: str, salt: str, expected_hash: str) -> bool:
     return hmac.compare_digest(pairing_hash(code, salt), expected_hash)
 
 
-class PairingState(BaseModel):
-    """A gateway's pairing: the hash of its single-use code, when it expires, if it was used."""
+def pairing_proof(code: str, salt: str) -> str:
+    """What an agent presents instead of the code (the code itself never leaves the agent)."""
+    return pairing_hash(code, salt)
 
-    code_hash: str
+
+def pairing_verifier(proof: str) -> str:
+    """What the gateway keeps: a hash of the proof, so its history cannot be replayed."""
+    return hashlib.sha256(("kubegate-pairing|" + proof).encode()).hexdigest()
+
+
+#: wrong pairing attempts allowed before a lockout; each further run doubles it
+PAIRING_ATTEMPTS = 5
+PAIRING_LOCKOUT = timedelta(minutes=1)
+PAIRING_LOCKOUT_MAX = timedelta(hours=1)
+
+
+class PairingState(BaseModel):
+    """A gateway's pairing: a verifier of its single-use code, expiry, use, wrong attempts."""
+
+    code_hash: str = Field(default="", description="Old form (scrypt of the code); kept empty.")
     salt: str
     expires_at: datetime
     used: bool = False
+    verifier: str = Field(default="", description="SHA-256 of the agent's proof.")
+    fingerprint: str | None = Field(
+        default=None, description="The agent fingerprint approved in advance (gateway create)."
+    )
+    failures: int = Field(default=0, description="Wrong codes presented so far.")
+    locked_until: datetime | None = None
 
     def check(self, code: str, now: datetime) -> str | None:
         """None if the code may register the gateway now, else why not (for the agent)."""
+        problem = self.usable(now)
+        if problem is None and not self.proof_matches(pairing_proof(code, self.salt)):
+            return "wrong pairing code for this gateway (check for typos)"
+        return problem
+
+    def usable(self, now: datetime) -> str | None:
+        """Why no code can pair now (used, expired, locked out), or None."""
         if self.used:
             return "this pairing code was already used; create a new one (gateway reset)"
         if now >= self.expires_at:
             return "this pairing code has expired; create a new one (gateway reset)"
-        if not pairing_matches(code, self.salt, self.code_hash):
-            return "wrong pairing code for this gateway (check for typos)"
+        if self.locked_until is not None and now < self.locked_until:
+            return (
+                f"{self.failures} wrong pairing codes: locked until "
+                f"{self.locked_until:%H:%M:%S} UTC"
+            )
         return None
+
+    def proof_matches(self, proof: str) -> bool:
+        if self.verifier:
+            return hmac.compare_digest(pairing_verifier(proof), self.verifier)
+        return bool(self.code_hash) and hmac.compare_digest(proof, self.code_hash)
+
+    def count_failure(self, now: datetime) -> None:
+        """One more wrong code; every PAIRING_ATTEMPTS of them lock pairing for a while."""
+        self.failures += 1
+        if self.failures % PAIRING_ATTEMPTS == 0:
+            runs = self.failures // PAIRING_ATTEMPTS
+            wait = min(PAIRING_LOCKOUT * 2 ** (runs - 1), PAIRING_LOCKOUT_MAX)
+            self.locked_until = now + wait
+
+
+def _url_host_ok(url: str) -> bool:
+    """True if the URL's host is a host name or an IP address (and its port a number)."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    host = parts.hostname
+    return host is not None and is_host(host) and all(ch not in url for ch in " \t\n\"'`$;|<>")
 
 
 def _cidr(value: str, field: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -160,7 +226,7 @@ class InstallerProperties(BaseModel):
         if value.endswith("/"):
             raise ValueError("must not end with a slash (the installer appends paths to it)")
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not _url_host_ok(value):
             raise ValueError("must be a URL like https://kubegate.example.com or host:port URL")
         return value
 
@@ -181,9 +247,35 @@ class InstallerProperties(BaseModel):
         if value is None or value == "":
             return None
         parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme not in ("http", "https") or not _url_host_ok(value):
             raise ValueError("must be a URL like http://proxy.example.com:3128")
         return value
+
+    @field_validator("no_proxy")
+    @classmethod
+    def _no_proxy(cls, value: str | None) -> str | None:
+        for entry in (value or "").split(","):
+            entry = entry.strip()
+            bare = entry.removeprefix("*").removeprefix(".")
+            if not entry or entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(bare, strict=False)
+            except ValueError:
+                if not is_host(bare):
+                    raise ValueError(
+                        f"{entry!r} is not a host name, domain, address or CIDR"
+                    ) from None
+        return value
+
+    @field_validator("ssh_public_key")
+    @classmethod
+    def _ssh_key(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        return ClusterPlacement.model_validate(
+            {"datacenter": "x", "ip_allocation": "dhcp", "ssh_keys": [value]}
+        ).ssh_keys[0]
 
     @model_validator(mode="after")
     def _rules(self) -> InstallerProperties:
@@ -285,7 +377,7 @@ class GatewayConfig(BaseModel):
     credentials: VCenterCredentials
     placement: Placement = Field(description="Where the gateway's nodes go; template required.")
     ssh_keys: list[str] = Field(default_factory=list)
-    ntp_servers: list[str] = Field(default_factory=list)
+    ntp_servers: list[HostName] = Field(default_factory=list, max_length=16)
     ip_allocation: Literal["static", "dhcp"] = "dhcp"
     ip_pool: DnsLabel | None = Field(
         default=None, description="IP pool of this gateway (static): nodes and the VIP."
@@ -304,13 +396,21 @@ class GatewayConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rules(self) -> GatewayConfig:
-        if self.placement.template is None:
-            raise ValueError("placement.template: required (the gateway nodes' VM template)")
-        if self.ip_allocation == "static" and self.vip is not None:
-            raise ValueError("vip: with static addressing it comes from the IP pool")
-        if self.ip_allocation == "dhcp" and self.ip_pool is not None:
-            raise ValueError("ip_pool: not allowed with DHCP (remove it)")
+        _addressing_rules(self.placement, self.ip_allocation, self.vip, self.ip_pool)
         return self
+
+
+def _addressing_rules(
+    placement: Placement, ip_allocation: str, vip: object, ip_pool: str | None
+) -> None:
+    """A template to clone; with static addressing the VIP comes from the pool, with DHCP
+    there is no pool."""
+    if placement.template is None:
+        raise ValueError("placement.template: required (the gateway nodes' VM template)")
+    if ip_allocation == "static" and vip is not None:
+        raise ValueError("vip: with static addressing it comes from the IP pool")
+    if ip_allocation == "dhcp" and ip_pool is not None:
+        raise ValueError("ip_pool: not allowed with DHCP (remove it)")
 
 
 class GatewayFile(BaseModel):
@@ -321,7 +421,7 @@ class GatewayFile(BaseModel):
     vcenter: VCenterAccess
     placement: Placement
     ssh_keys: list[str] = Field(default_factory=list)
-    ntp_servers: list[str] = Field(default_factory=list)
+    ntp_servers: list[HostName] = Field(default_factory=list, max_length=16)
     ip_allocation: Literal["static", "dhcp"] = "dhcp"
     ip_pool: DnsLabel | None = None
     create_ip_pool: dict[str, Any] | None = Field(
@@ -331,6 +431,37 @@ class GatewayFile(BaseModel):
     )
     vip: IPvAnyAddress | None = None
     size: Literal[1, 3] = 1
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        return GatewayConfig._keys(keys)
+
+    @model_validator(mode="after")
+    def _rules(self) -> GatewayFile:
+        """The rules GatewayConfig keeps, checked before anything is sent or created."""
+        _addressing_rules(self.placement, self.ip_allocation, self.vip, self.ip_pool)
+        if self.ip_allocation == "dhcp" and self.create_ip_pool is not None:
+            raise ValueError("create_ip_pool: only with static IP allocation (remove it)")
+        if self.create_ip_pool is not None:
+            if "gateway" in self.create_ip_pool:
+                raise ValueError("create_ip_pool.gateway: not allowed (it is this gateway)")
+            pool = self.pool_to_create("placeholder")
+            if self.ip_pool is not None and self.ip_pool != pool.name:
+                raise ValueError(
+                    f"ip_pool: {self.ip_pool!r} differs from create_ip_pool.name {pool.name!r}"
+                )
+        return self
+
+    def pool_to_create(self, gateway: str) -> IpPoolSpec:
+        """create_ip_pool as a pool of the gateway; ValueError naming each bad field."""
+        assert self.create_ip_pool is not None
+        try:
+            return IpPoolSpec.model_validate({**self.create_ip_pool, "gateway": gateway})
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(f"create_ip_pool.{line}" for line in field_errors(exc))
+            ) from None
 
 
 #: the end of a gateway's node cluster name; no user cluster may end so
@@ -416,6 +547,10 @@ class AgentInfo(BaseModel):
 
     public_key: str = Field(description="X25519 public key, base64.")
     key_id: str
+    signing_key: str | None = Field(default=None, description="Ed25519 public key, base64.")
+    fingerprint: str = Field(default="", description="What the operator approves.")
+    approved: bool = Field(default=False, description="The operator approved this agent.")
+    approved_at: datetime | None = None
     host: str = ""
     installer_vm: str | None = Field(default=None, description="Inventory path of the installer.")
     installer_address: str | None = None
@@ -521,11 +656,15 @@ class GatewayInput(BaseModel):
 
 
 class RegisterRequest(BaseModel):
-    """What an agent presents to pair: the code, its public key, where it runs."""
+    """What an agent presents to pair: proof of the code, its public keys, where it runs."""
 
-    pairing_code: str = Field(description="The code `gateway create` printed (single use).")
+    pairing_code: str = Field(default="", description="Never sent (old agents sent it).")
+    pairing_proof: str = Field(
+        default="", description="scrypt of the code with the gateway's salt (single use)."
+    )
     public_key: str
     key_id: str
+    signing_key: str = Field(default="", description="Ed25519 public key, base64.")
     host: str = ""
     installer_vm: str | None = None
     installer_address: str | None = None
@@ -590,6 +729,56 @@ class ResetRequest(BaseModel):
     """Reset a stuck or failed gateway; a new pairing when its installer never registered."""
 
     pairing: PairingState | None = None
+
+
+class ApproveRequest(BaseModel):
+    """The operator approves the agent whose fingerprint they read on its console."""
+
+    fingerprint: str = Field(min_length=8, max_length=200)
+
+
+class AccountCheckRequest(BaseModel):
+    """Check a cloud account's credentials and placement on the agent, without keeping it."""
+
+    name: DnsLabel
+    credentials: VCenterCredentials
+    placement: Placement | None = None
+    workflow_id: str = Field(description="Id of the preflight workflow the gateway starts.")
+
+
+class RekeyRequest(BaseModel):
+    """The agent's new keys and everything the gateway keeps sealed, sealed again to them;
+    signed by the agent's current key (only its holder can re-key it)."""
+
+    public_key: str
+    key_id: str
+    signing_key: str
+    accounts: dict[str, SealedSecret] = Field(
+        default_factory=dict, description="Each account's password, sealed to the new key."
+    )
+    config_password: SealedSecret | None = Field(
+        default=None, description="The configuration's password, sealed to the new key."
+    )
+    signature: str = Field(description="By the current signing key over `statement()`.")
+
+    def statement(self, gateway: str) -> bytes:
+        """What the current key signs: the gateway, the new keys, every re-sealed secret."""
+        parts = [
+            "kubegate-rekey-v1",
+            gateway,
+            self.public_key,
+            self.signing_key,
+            *(f"{name}={seal.digest}" for name, seal in sorted(self.accounts.items())),
+            f"config={self.config_password.digest if self.config_password else ''}",
+        ]
+        return "\n".join(parts).encode()
+
+
+class RotateRequest(BaseModel):
+    """A cloud account's new credentials (sealed to the agent); checked before they are kept."""
+
+    name: DnsLabel
+    credentials: VCenterCredentials
 
 
 class AccountRequest(BaseModel):

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from domain.names import DnsLabel
+from domain.names import DnsLabel, is_host
 
 #: Largest pool: a /16 of IPv4 (or the same number of IPv6 addresses).
 MAX_POOL_ADDRESSES = 65_536
@@ -46,8 +46,10 @@ class IpPoolSpec(BaseModel):
         default=None, ge=1, le=128, description="Prefix length of the node network."
     )
     network_gateway: str = Field(description="Default gateway of the node network.")
-    nameservers: list[str] = Field(default_factory=list, description="DNS servers.")
-    search_domains: list[str] = Field(default_factory=list, description="DNS search domains.")
+    nameservers: list[str] = Field(default_factory=list, max_length=8, description="DNS servers.")
+    search_domains: list[str] = Field(
+        default_factory=list, max_length=16, description="DNS search domains."
+    )
     restrict_to_single_cluster: bool = Field(
         default=False, description="Reserve the pool for the first cluster that allocates."
     )
@@ -55,22 +57,34 @@ class IpPoolSpec(BaseModel):
     @field_validator("first", "last", "network_gateway")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        return None if value is None else str(ipaddress.ip_address(value.strip()))
+        return None if value is None else usable_address(value)
 
     @field_validator("subnet")
     @classmethod
     def _subnet(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        if "%" in value:
+            raise ValueError("must not carry a zone id (%…)")
         try:
-            return str(ipaddress.ip_network(value.strip(), strict=True))
+            network = ipaddress.ip_network(value.strip(), strict=True)
         except ValueError as exc:
             raise ValueError(f"must be a CIDR with no host bits set ({exc})") from None
+        usable_address(str(network.network_address), what="the subnet")
+        return str(network)
 
     @field_validator("nameservers")
     @classmethod
     def _nameservers(cls, value: list[str]) -> list[str]:
-        return [str(ipaddress.ip_address(v.strip())) for v in value]
+        return [usable_address(v, what=f"entry {i}") for i, v in enumerate(value)]
+
+    @field_validator("search_domains")
+    @classmethod
+    def _search_domains(cls, value: list[str]) -> list[str]:
+        for i, domain in enumerate(value):
+            if not is_host(domain.strip()):
+                raise ValueError(f"entry {i}: {domain!r} is not a domain name")
+        return [d.strip() for d in value]
 
     @model_validator(mode="after")
     def _rules(self) -> IpPoolSpec:
@@ -137,9 +151,11 @@ class IpPoolSpec(BaseModel):
         return self.network.broadcast_address
 
     def reserved(self) -> set[int]:
-        """Addresses inside first..last that are never handed out, as integers."""
+        """Addresses inside first..last that are never handed out, as integers: the network's
+        own address, its broadcast address, its gateway and the pool's name servers."""
         network = self.network
         out = {int(ipaddress.ip_address(self.network_gateway)), int(network.network_address)}
+        out |= {int(ipaddress.ip_address(a)) for a in self.nameservers}
         if network.version == 4 and network.prefixlen < 31:
             out.add(int(network.broadcast_address))
         return {a for a in out if int(self.lower) <= a <= int(self.upper)}
@@ -151,6 +167,40 @@ class IpPoolSpec(BaseModel):
 
     def describe_range(self) -> str:
         return self.subnet if self.kind == "subnet" else f"{self.first}-{self.last}"  # type: ignore[return-value]
+
+
+def usable_address(value: str, what: str = "") -> str:
+    """The address in normal form if a node could use it; ValueError naming the rule otherwise.
+
+    Refused: zone ids, IPv4-mapped IPv6, multicast, loopback, link-local, unspecified and the
+    limited broadcast address (255.255.255.255).
+    """
+    prefix = f"{what}: " if what else ""
+    value = value.strip()
+    if "%" in value:
+        raise ValueError(f"{prefix}{value!r}: must not carry a zone id (%…)")
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{prefix}{value!r} is not an IP address") from None
+    kind = (
+        "an IPv4-mapped IPv6 address (write the IPv4 address)"
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None
+        else "a multicast address"
+        if address.is_multicast
+        else "a loopback address"
+        if address.is_loopback
+        else "a link-local address"
+        if address.is_link_local
+        else "the unspecified address"
+        if address.is_unspecified
+        else "the broadcast address"
+        if address == ipaddress.IPv4Address("255.255.255.255")
+        else None
+    )
+    if kind is not None:
+        raise ValueError(f"{prefix}{address} is {kind}; nodes cannot use it")
+    return str(address)
 
 
 def allocatable_count(spec: IpPoolSpec) -> int:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
-from domain.cluster import ClusterSpec, WorkerPool
+from domain.cluster import MAX_POOL_NODES, ClusterSpec, WorkerPool
 
 
 class ClusterStatus(StrEnum):
@@ -78,12 +78,25 @@ class Node(BaseModel):
 
 
 class ClusterAccount(BaseModel):
-    """The cloud account a cluster runs on, resolved by the client before the start."""
+    """The cloud account a cluster runs on. Its credentials are not carried in the cluster's
+    input: the cluster asks its gateway for the current ones when work is scheduled."""
 
     name: str
     gateway: str
-    credentials: VCenterCredentials
+    credentials: VCenterCredentials | None = Field(
+        default=None, description="Current credentials (fetched from the gateway)."
+    )
     template: str = Field(description="VM template path below the datacenter's VM folder.")
+    agent_signing_key: str | None = Field(
+        default=None, description="The gateway's approved agent's Ed25519 key (base64)."
+    )
+
+    @property
+    def current(self) -> VCenterCredentials:
+        """The credentials, once fetched (a workflow bug if not)."""
+        if self.credentials is None:
+            raise ValueError(f"cloud account {self.name}: credentials not fetched yet")
+        return self.credentials
 
 
 class Timing(BaseModel):
@@ -154,7 +167,7 @@ class ClusterSummary(BaseModel):
 
 class ScaleRequest(BaseModel):
     pool: str = Field(description="Worker pool name, or 'cp' for the control plane.")
-    size: int = Field(ge=0, le=500)
+    size: int = Field(ge=0, le=MAX_POOL_NODES)
 
 
 class AddPoolRequest(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated
 
@@ -31,6 +32,35 @@ def check_dns_label(value: str) -> str:
 
 #: A name that must be a DNS label (clusters, gateways, pools, accounts).
 DnsLabel = Annotated[str, AfterValidator(check_dns_label)]
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?$")
+
+
+def is_host(value: str) -> bool:
+    """True if value is an IP address (no zone id) or a DNS host name (labels of 1-63 letters,
+    digits, '-' or '_', at most 253 characters, an optional final dot)."""
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return not (isinstance(address, ipaddress.IPv6Address) and address.scope_id)
+    name = value[:-1] if value.endswith(".") else value
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    return all(_HOST_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def check_host(value: str) -> str:
+    value = value.strip()
+    if not is_host(value):
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    return value
+
+
+#: A host name or IP address (NTP servers, vCenter, proxies).
+HostName = Annotated[str, AfterValidator(check_host)]
 
 
 def gateway_task_queue(gateway: str) -> str:

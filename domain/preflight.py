@@ -48,6 +48,11 @@ class PreflightRequest(BaseModel):
         description="Log in anew for the Login check (and log out the worker's cached session); "
         "False reuses the cached session.",
     )
+    agent_signing_key: str | None = Field(
+        default=None,
+        description="The approved agent's Ed25519 key: results must carry its "
+        "signature (set by the gateway that starts the preflight).",
+    )
 
     @model_validator(mode="after")
     def _same_datacenter(self) -> PreflightRequest:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The story on the simulator: bring the stack up, create a private cloud gateway, install its
-# installer in vCenter, pair its agent, configure it (its own node, static addresses, its
-# default cloud account), then define an IP pool, deploy a cluster through the gateway and
+# installer in vCenter, pair its agent, approve the fingerprint the agent printed, configure it
+# (its own node, static addresses, its default cloud account), then define an IP pool, deploy a cluster through the gateway and
 # watch its steps, change it, and delete it leaving nothing. Idempotent: a gateway `lab`
 # Running from an earlier demo is kept (only its agent is started again), one stopped half-way
 # is taken on from where it stopped. Any failure stops the demo with a non-zero exit.
@@ -28,6 +28,27 @@ print(d["status"], "paired" if d.get("agent") else "unpaired", "ran" if ran else
 ' 2>/dev/null || echo "None unpaired new"
 }
 
+# The operator's step after pairing: the fingerprint the agent printed on its console (its
+# output: $home/agents/lab/agent.out) must be the one the gateway shows for the agent that
+# paired; then approve it. Until then no secret is sealed to the agent and lab stays Pending.
+approve_lab() {
+  local printed shown approved
+  read -r shown approved < <(kubegate gateway get lab -o json | python -c '
+import json, sys
+agent = json.load(sys.stdin).get("agent") or {}
+print(agent.get("fingerprint") or "-", "yes" if agent.get("approved") else "no")
+')
+  [ -n "$shown" ] && [ "$shown" != - ] \
+    || die "gateway lab has no paired agent to approve; see: kubegate gateway describe lab"
+  printed=$(sed -n 's/.*gateway agent lab: key fingerprint \([0-9a-f:]*\).*/\1/p' \
+    "$home/agents/lab/agent.out" 2>/dev/null | tail -n1)
+  echo "the agent printed key fingerprint ${printed:-?}; gateway lab shows ${shown}"
+  [ "$approved" = yes ] && { echo "(approved already)"; return 0; }
+  [ "$printed" = "$shown" ] || die "gateway lab was paired by another agent ($shown, not $printed): kubegate gateway reset lab, then run the demo again"
+  say "kubegate gateway approve lab $printed   (the fingerprint the agent printed)"
+  kubegate gateway approve lab "$printed"
+}
+
 # wait until gateway lab's status is one of the arguments (at most 3 minutes)
 wait_lab() {
   local state deadline=$((SECONDS + 180))
@@ -43,10 +64,9 @@ say "kubegate dev up"
 kubegate dev up
 
 # install.yaml and gateway.yaml as in examples/, with the simulator's certificate pinned (its
-# thumbprint is made per machine by `dev up`) and its address; the password comes from the
-# environment, read from the file `dev up` made
-export KUBEGATE_VCSIM_PASSWORD
-KUBEGATE_VCSIM_PASSWORD=$(head -n1 "$home/vcsim-password")
+# thumbprint is made per machine by `dev up`) and its address; the password is read from the
+# file `dev up` made (password_file: the agent `dev agent` starts reads install.yaml too, and
+# gets no password from any environment)
 read -r address thumbprint < <(python -c '
 from starters.dev import DevStack
 stack = DevStack()
@@ -57,23 +77,34 @@ mkdir -p "$files"
 echo "examples/install.yaml and examples/gateway.yaml for this simulator: $files/"
 for name in install gateway; do
   sed -E -e "s/^(\s*thumbprint:)\s*null(\s*)/\1 \"$thumbprint\"\2/" \
-    -e "s/^(\s*server:)\s*127\.0\.0\.1:8989(\s*)/\1 $address\2/" "examples/$name.yaml" >"$files/$name.yaml"
+    -e "s/^(\s*server:)\s*127\.0\.0\.1:8989(\s*)/\1 $address\2/" \
+    -e "s/^(\s*)password_env:\s*KUBEGATE_VCSIM_PASSWORD\b.*$/\1password_file: ..\/vcsim-password/" \
+    "examples/$name.yaml" >"$files/$name.yaml"
   grep -q "$thumbprint" "$files/$name.yaml" || die "could not pin the thumbprint in $files/$name.yaml"
+  grep -q "password_file: ../vcsim-password" "$files/$name.yaml" \
+    || die "could not point $files/$name.yaml at the simulator's password file"
 done
 
 # -- the gateway ---------------------------------------------------------------------------
 
+# the pairing code on its way to the installer: a file only we can read, removed right after
+code_file=$files/lab.pairing-code
+trap 'rm -f "$code_file"' EXIT
+
 create_and_install() {
-  say "kubegate gateway create lab -o json   (keeping the pairing code only in this shell)"
-  local code
-  code=$(kubegate gateway create lab -o json | python -c '
+  say "kubegate gateway create lab -o json   (the pairing code goes to a 0600 file, never an argument)"
+  (
+    umask 077
+    kubegate gateway create lab -o json | python -c '
 import json, sys
 d = json.load(sys.stdin)
 print(d["pairing_code"])
 print("gateway {name}: {status}; installer OVA {installer_ova}".format(**d), file=sys.stderr)
-')
-  say "kubegate gateway install lab -f $files/install.yaml --pairing-code \$CODE"
-  kubegate gateway install lab -f "$files/install.yaml" --pairing-code "$code"
+' >"$code_file"
+  )
+  say "kubegate gateway install lab -f $files/install.yaml --pairing-code-file $code_file"
+  kubegate gateway install lab -f "$files/install.yaml" --pairing-code-file "$code_file"
+  rm -f "$code_file"  # the installer VM holds it now (a vApp property), until the agent pairs
 }
 
 start_agent_from_installer() {
@@ -85,12 +116,16 @@ read -r state paired ran < <(lab_state)
 if [ "$state" = Running ]; then
   say "gateway lab is Running (kept from an earlier demo): starting its agent if it is not running"
   dev_agent lab
+  approve_lab  # one paired before agents signed their results registers again: approve it
 else
   if [ "$state" != None ] && [ "$state" != Deleted ]; then
     say "gateway lab is left from an earlier demo ($state, $paired): taking it on"
   fi
-  # a paired agent starts from its key alone; its gateway's steps run on it
-  [ "$paired" = paired ] && [ "$state" != Deleted ] && dev_agent lab
+  # a paired agent starts from its key alone; its gateway's steps run on it once approved
+  if [ "$paired" = paired ] && [ "$state" != Deleted ]; then
+    dev_agent lab
+    approve_lab
+  fi
   case "$state" in
     Deleting) wait_lab Deleted ;;
     Provisioning | Upgrading) wait_lab Running Failed ;;
@@ -116,9 +151,15 @@ else
     create_and_install
     start_agent_from_installer
   fi
+  read -r state paired ran < <(lab_state)
+  if [ "$state" = Pending ] && [ "$paired" = paired ]; then
+    say "kubegate gateway get lab   (paired, waiting for the operator's approval: Pending)"
+    kubegate gateway get lab
+    approve_lab
+  fi
   if [ "$state" != Running ]; then
-    say "kubegate gateway get lab   (paired: Registered)"
-    wait_lab Registered Pending Running
+    say "kubegate gateway get lab   (paired and approved: Registered)"
+    wait_lab Registered Running
     kubegate gateway get lab
     read -r state paired ran < <(lab_state)
   fi

@@ -1,7 +1,7 @@
 """The kubegate command.
 
-Exit codes: 0 success; 1 the request ran and failed (e.g. a check failed) or kubegate could
-not carry it out; 2 bad input (nothing was started).
+Exit codes (docs/cli.md): 0 success; 1 the request ran and failed (e.g. a check failed) or
+kubegate could not carry it out; 2 bad input or refused (nothing was started or changed).
 """
 
 from __future__ import annotations
@@ -21,22 +21,23 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
 from domain import errors, names
 from domain.account import CloudAccountSpec, VCenterAccess
-from domain.cluster import ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
+from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.gateway import GatewayState
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
 from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary
 from domain.preflight import CheckStatus, PreflightReport
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.settings import Settings
+from starters.yamlfile import YamlFileError, read_yaml
 
 app = typer.Typer(
     help="kubegate: Kubernetes clusters on vSphere through private cloud gateways.",
@@ -75,6 +76,13 @@ class Output(StrEnum):
 
 
 OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+PairingCodeFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the code `gateway create` printed (first start; or "
+        "KUBEGATE_PAIRING_CODE_FILE). Never on the command line."
+    ),
+]
 
 
 def main() -> None:
@@ -105,31 +113,28 @@ def exit_now(code: int) -> NoReturn:
 
 
 def _bad_input(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
 def _failed(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(EXIT_FAILED)
 
 
 def load_spec(path: Path, model: type[M]) -> M:
     """Read a YAML spec; bad input exits 2 naming the field and the rule."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        _bad_input(f"{path}: no such file")
-    except OSError as exc:
-        _bad_input(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})")
-    except yaml.YAMLError as exc:
-        # never the parser's snippet of the line: it may be the password
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        _bad_input(f"{path}: not valid YAML{where}: {problem}")
+        data = read_yaml(path)
+    except YamlFileError as exc:
+        _bad_input(str(exc))
+    if data is None:
+        _bad_input(f"{path}: the file is empty; expected a mapping of fields")
     if not isinstance(data, dict):
-        _bad_input(f"{path}: expected a mapping of fields at the top level")
+        _bad_input(
+            f"{path}: expected a mapping of fields at the top level, not a "
+            f"{'list' if isinstance(data, list) else 'single value'}"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -156,8 +161,8 @@ def read_password(access: VCenterAccess, base: Path) -> str:
         path = Path(access.password_file)
         path = path if path.is_absolute() else base / path
         try:
-            return path.read_text().splitlines()[0]
-        except (OSError, IndexError):
+            return path.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
             _bad_input(f"vcenter.password_file: cannot read a password from {path}")
     if sys.stdin.isatty():
         return getpass.getpass(f"Password for {access.username}: ")
@@ -293,7 +298,11 @@ def ippool_create(
     spec = load_spec(file, IpPoolSpec)
 
     async def run() -> PoolStatus:
-        return await (await KubegateClient.connect()).create_pool(spec)
+        client = await KubegateClient.connect()
+        gateway = await client.gateway_state(spec.gateway)  # refused if there is none
+        if gateway.status.value == "Deleted":
+            raise RequestRefused(f"gateway: gateway {spec.gateway} is deleted")
+        return await client.create_pool(spec)
 
     status: PoolStatus = _run(run())
     if output is Output.json:
@@ -702,8 +711,8 @@ def cluster_scale(
     output: OutputOption = Output.table,
 ) -> None:
     """Resize a worker pool (down removes the newest nodes first); waits until done."""
-    if size < 0:
-        _bad_input("--size: must be 0 or more")
+    if not 0 <= size <= MAX_POOL_NODES:
+        _bad_input(f"--size: between 0 and {MAX_POOL_NODES} (nodes per worker pool), not {size}")
     _change(name, lambda c: c.scale_pool(name, pool, size), output)
 
 
@@ -778,7 +787,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
 
 
 # the gateway and account commands live in their own module and register on the apps above
-from starters import dev_cli, gateway_cli  # noqa: E402, F401
+from starters import codec_cli, dev_cli, gateway_cli  # noqa: E402, F401
 
 if __name__ == "__main__":
     # run as `python -m starters.cli`: use the module the commands registered on

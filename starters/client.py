@@ -18,6 +18,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pydantic_core
+from pydantic import ValidationError
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -29,18 +31,25 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from domain import errors, names
-from domain.account import CloudAccountSpec, VCenterCredentials, VCenterEndpoint
-from domain.cluster import ClusterSpec, WorkerPool
+from domain.account import (
+    CloudAccountSpec,
+    SealedSecret,
+    VCenterCredentials,
+    VCenterEndpoint,
+    password_binding,
+)
+from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
 from domain.events import EventsResult
 from domain.gateway import (
     PAIRING_CODE_LIFETIME,
+    AccountCheckRequest,
     AccountRequest,
     AccountSummary,
+    ApproveRequest,
     ClusterRequest,
     GatewayConfig,
     GatewayFile,
@@ -49,11 +58,15 @@ from domain.gateway import (
     GatewayStatus,
     PairingState,
     RegisterRequest,
+    RekeyRequest,
     ResetRequest,
     ResizeRequest,
+    RotateRequest,
     UpgradeRequest,
+    default_account_name,
     new_pairing_code,
-    pairing_hash,
+    pairing_proof,
+    pairing_verifier,
 )
 from domain.ipam import (
     MAX_BATCH,
@@ -81,13 +94,13 @@ from domain.lifecycle import (
     StepState,
     Timing,
 )
-from domain.preflight import PreflightReport, PreflightRequest
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, seal
+from domain.preflight import PreflightReport
+from domain.sealing import AgentKey, fingerprint, normalize_fingerprint, seal
+from starters.codec import CodecKeyError, ReadableMetadata, settings_data_converter
 from starters.settings import Settings
 from workflows.cluster import ClusterWorkflow
 from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
-from workflows.preflight import PreflightWorkflow
 
 T = TypeVar("T")
 
@@ -233,6 +246,10 @@ _TRANSIENT_RPC = (
 )
 
 
+#: largest argument of an Update the client sends (Temporal warns at 512 KiB, refuses at 2 MiB)
+MAX_REQUEST_BYTES = 256 * 1024
+
+
 class KubegateError(Exception):
     """A request kubegate refused or could not carry out; the message says why."""
 
@@ -242,8 +259,13 @@ class RequestRefused(KubegateError):
 
 
 async def connect(settings: Settings | None = None) -> Client:
-    """Connect to Temporal with the project's data converter and TLS settings."""
+    """Connect to Temporal with the project's data converter (payloads encrypted with the
+    configured codec keys, see starters/codec.py) and TLS settings."""
     settings = settings or Settings()
+    try:
+        converter = settings_data_converter(settings)
+    except CodecKeyError as exc:
+        raise KubegateError(f"payload encryption keys: {exc}") from None
     tls: TLSConfig | bool = False
     if settings.temporal_tls or settings.temporal_tls_cert:
         tls = TLSConfig(
@@ -255,7 +277,8 @@ async def connect(settings: Settings | None = None) -> Client:
     return await Client.connect(
         settings.temporal_address,
         namespace=settings.temporal_namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=converter,
+        interceptors=[ReadableMetadata()],
         tls=tls,
         api_key=settings.temporal_api_key,
     )
@@ -281,11 +304,41 @@ class KubegateClient:
         """The public key the gateway's agent registered; secrets are sealed to it."""
         state = await self.gateway_state(gateway)
         if state.agent is None:
-            raise KubegateError(
+            raise RequestRefused(
                 f"gateway {gateway} has no registered agent yet ({state.status}): deploy its "
                 f"installer and start its agent (kubegate gateway agent {gateway})"
             )
-        return base64.b64decode(state.agent.public_key)
+        agent = state.agent
+        if not agent.approved:
+            raise RequestRefused(
+                f"gateway {gateway}: its agent (fingerprint {agent.fingerprint}) is not "
+                f"approved; no secret is sealed to it until you approve it (kubegate gateway "
+                f"approve {gateway} FINGERPRINT)"
+            )
+        public = base64.b64decode(agent.public_key)
+        actual = fingerprint(public, base64.b64decode(agent.signing_key or ""))
+        approved = self._approved_fingerprint(gateway)
+        if approved is not None and actual != approved:
+            raise KubegateError(
+                f"gateway {gateway}: its agent's keys (fingerprint {actual}) are not the ones "
+                f"approved from this machine ({approved}); nothing sealed. If the agent was "
+                f"re-keyed on purpose, approve it again; else someone replaced them"
+            )
+        return public
+
+    def _approved_path(self, gateway: str) -> Path:
+        return self.settings.home / "gateways" / gateway / "approved-agent"
+
+    def _approved_fingerprint(self, gateway: str) -> str | None:
+        """The agent fingerprint approved from this machine, if it approved one."""
+        path = self._approved_path(gateway)
+        return path.read_text().strip() if path.exists() else None
+
+    def _record_approval(self, gateway: str, value: str) -> None:
+        path = self._approved_path(gateway)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(normalize_fingerprint(value) + "\n")
+        path.chmod(0o600)
 
     async def require_agent(self, gateway: str) -> None:
         """Refuse (KubegateError) unless an agent of the gateway polls its task queue."""
@@ -318,10 +371,19 @@ class KubegateClient:
             await asyncio.sleep(0.25)
 
     async def seal_credentials(
-        self, gateway: str, endpoint: VCenterEndpoint, username: str, password: str
+        self,
+        gateway: str,
+        endpoint: VCenterEndpoint,
+        username: str,
+        password: str,
+        account: str | None = None,
     ) -> VCenterCredentials:
-        """The password sealed to the gateway's agent (only it can open it)."""
-        sealed = seal(password, await self.gateway_public_key(gateway), PASSWORD_PURPOSE)
+        """The password sealed to the gateway's approved agent, for this account, vCenter,
+        user and trust only (default account: the gateway's own)."""
+        use = password_binding(
+            gateway, account or default_account_name(gateway), endpoint, username
+        )
+        sealed = seal(password, await self.gateway_public_key(gateway), use)
         return VCenterCredentials(endpoint=endpoint, username=username, password=sealed)
 
     async def validate_account(
@@ -332,33 +394,24 @@ class KubegateClient:
         timeout: timedelta = timedelta(minutes=5),
         workflow_id: str | None = None,
     ) -> PreflightReport:
-        """Run the preflight of a cloud account (and its placement) on its gateway's agent."""
+        """Run the preflight of a cloud account (and its placement) on its gateway's agent;
+        the gateway starts it (the agent works only for what its gateway started)."""
         endpoint = spec.vcenter.endpoint()
         credentials = await self.seal_credentials(
-            spec.gateway, endpoint, spec.vcenter.username, password
+            spec.gateway, endpoint, spec.vcenter.username, password, spec.name
         )
         await self.require_agent(spec.gateway)
-        request = PreflightRequest(
-            account=spec.name,
-            gateway=spec.gateway,
+        request = AccountCheckRequest(
+            name=spec.name,
             credentials=credentials,
             placement=spec.placement,
+            workflow_id=workflow_id or names.preflight_workflow_id(str(uuid.uuid4())),
         )
-        return await self.client.execute_workflow(
-            PreflightWorkflow.run,
-            request,
-            id=workflow_id or names.preflight_workflow_id(str(uuid.uuid4())),
-            task_queue=names.CONTROL_TASK_QUEUE,
-            execution_timeout=timeout,
-            static_summary=f"Preflight of cloud account {spec.name} on gateway {spec.gateway}",
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(names.KIND, "preflight"),
-                    SearchAttributePair(names.STATUS, "Running"),
-                    SearchAttributePair(names.GATEWAY, spec.gateway),
-                ]
-            ),
+        report: PreflightReport = await asyncio.wait_for(
+            self._gateway_update(spec.gateway, GatewayWorkflow.validate_account, request),
+            timeout.total_seconds(),
         )
+        return report
 
     # -- clusters -------------------------------------------------------------------------------
 
@@ -379,6 +432,12 @@ class KubegateClient:
         is accepted and waits, Queued. `gateway` skips the search for the account's gateway.
         """
         gateway = gateway or await self.account_gateway(spec.cloud_account)
+        state = await self.gateway_state(gateway)
+        if state.status.value not in ("Running", "Upgrading"):
+            raise RequestRefused(
+                f"gateway {gateway} is {state.status.value}: clusters need a Running gateway"
+            )
+        await self.check_pools(gateway, spec)
         request = ClusterRequest(
             spec=spec,
             readiness=readiness,
@@ -386,6 +445,37 @@ class KubegateClient:
         )
         await self._gateway_update(gateway, GatewayWorkflow.request_cluster, request)
         return await self.cluster_state(spec.name)
+
+    async def check_pools(self, gateway: str, spec: ClusterSpec) -> None:
+        """Refuse (RequestRefused, naming the field) a spec whose IP pools the gateway lacks or
+        that need more addresses than those pools have free."""
+        needed: dict[str, int] = {}
+        where: dict[str, str] = {}
+        for plan in plan_nodes(spec):
+            if plan.domain.ip_pool is not None:
+                needed[plan.domain.ip_pool] = needed.get(plan.domain.ip_pool, 0) + 1
+        vip_pool = spec.control_plane.placement[0].ip_pool
+        if vip_pool is not None:
+            needed[vip_pool] = needed.get(vip_pool, 0) + 1
+        for path, domain in spec.domains():
+            if domain.ip_pool is not None:
+                where.setdefault(domain.ip_pool, f"{path}.ip_pool")
+        if not needed:
+            return
+        pools = {s.spec.name: s for s in await self.list_pools(gateway, strict=True)}
+        owner = names.cluster_workflow_id(spec.name)
+        for pool in sorted(needed, key=lambda p: where.get(p, p)):
+            status = pools.get(pool)
+            if status is None:
+                raise RequestRefused(
+                    f"{where.get(pool, 'ip_pool')}: gateway {gateway} has no IP pool {pool!r} "
+                    f"(kubegate ippool list -g {gateway})"
+                )
+            if owner not in status.owners and status.free < needed[pool]:
+                raise RequestRefused(
+                    f"{where.get(pool, 'ip_pool')}: IP pool {pool} has {status.free} free "
+                    f"address(es); the cluster needs {needed[pool]}"
+                )
 
     async def cluster_state(self, name: str) -> ClusterState:
         """The cluster's state (also of a deleted cluster, while its history is kept)."""
@@ -395,7 +485,7 @@ class KubegateClient:
             state: ClusterState = await self.cluster_handle(name).query(ClusterWorkflow.state_query)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
-                raise KubegateError(f"cluster {name} does not exist") from None
+                raise RequestRefused(f"cluster {name} does not exist") from None
             raise
         except WorkflowQueryFailedError as exc:
             raise KubegateError(
@@ -446,6 +536,11 @@ class KubegateClient:
         self, handle: WorkflowHandle[Any, Any], what: str, update: Any, *args: Any
     ) -> Any:
         """Send an Update; a refusal by its validator raises RequestRefused with the reason."""
+        size = sum(len(pydantic_core.to_json(arg)) for arg in args)
+        if size > MAX_REQUEST_BYTES:
+            raise RequestRefused(
+                f"the request is {size} bytes as JSON; at most {MAX_REQUEST_BYTES} allowed"
+            )
         try:
             return await send_update(
                 handle.id, lambda: handle.execute_update(update, *args), client=self.client
@@ -519,11 +614,13 @@ class KubegateClient:
         system: bool = False,
         timing: Timing | None = None,
         task_queue: str = names.CONTROL_TASK_QUEUE,
+        fingerprint: str | None = None,
     ) -> tuple[GatewayState, str]:
-        """Start the gateway (Pending); returns its state and the pairing code (shown once)."""
+        """Start the gateway (Pending); returns its state and the pairing code (shown once).
+        With the agent's fingerprint, the agent that pairs with it is approved at once."""
         if not names.is_dns_label(name) or len(name) > 40:
             raise RequestRefused(f"NAME: {name!r} must be a DNS label of at most 40 characters")
-        code, pairing = _new_pairing()
+        code, pairing = _new_pairing(fingerprint)
         try:
             handle = await self.client.start_workflow(
                 GatewayWorkflow.run,
@@ -542,6 +639,10 @@ class KubegateClient:
             )
         except WorkflowAlreadyStartedError:
             raise RequestRefused(f"gateway {name} already exists") from None
+        # a gateway of the same name before this one: its approval is not this one's
+        self._approved_path(name).unlink(missing_ok=True)
+        if fingerprint is not None:
+            self._record_approval(name, fingerprint)
         state: GatewayState = await handle.query(GatewayWorkflow.state_query)
         return state, code
 
@@ -552,7 +653,7 @@ class KubegateClient:
             state: GatewayState = await self.gateway_handle(name).query(GatewayWorkflow.state_query)
         except RPCError as exc:
             if exc.status == RPCStatusCode.NOT_FOUND:
-                raise KubegateError(f"gateway {name} does not exist") from None
+                raise RequestRefused(f"gateway {name} does not exist") from None
             raise
         except WorkflowQueryFailedError as exc:
             raise KubegateError(f"gateway {name} did not answer ({exc.message})") from None
@@ -588,16 +689,29 @@ class KubegateClient:
         """Pair an agent with its gateway (once, with the code); a paired agent just checks."""
         state = await self.gateway_state(gateway)
         if state.agent is not None and state.agent.public_key == key.public_key_b64:
+            if state.agent.signing_key != key.signing_key_b64:  # paired before signatures
+                request = RegisterRequest(
+                    public_key=key.public_key_b64,
+                    key_id=key.key_id,
+                    signing_key=key.signing_key_b64,
+                    host=host,
+                )
+                again: GatewayState = await self._gateway_update(
+                    gateway, GatewayWorkflow.register, request
+                )
+                return again
             return state
         if pairing_code is None:
             raise RequestRefused(
                 f"gateway {gateway} is not paired with this agent: give the pairing code "
-                "(--pairing-code, KUBEGATE_PAIRING_CODE, or --installer-vm to read it)"
+                "(--pairing-code-file, KUBEGATE_PAIRING_CODE_FILE, or --installer-vm to read it)"
             )
+        salt = await self.gateway_handle(gateway).query(GatewayWorkflow.pairing_salt)
         request = RegisterRequest(
-            pairing_code=pairing_code,
+            pairing_proof=await asyncio.to_thread(pairing_proof, pairing_code, salt),
             public_key=key.public_key_b64,
             key_id=key.key_id,
+            signing_key=key.signing_key_b64,
             host=host,
             installer_vm=installer_vm,
             installer_address=installer_address,
@@ -613,37 +727,100 @@ class KubegateClient:
         ip_pool = file.ip_pool
         if file.create_ip_pool is not None:
             ip_pool = ip_pool or file.create_ip_pool.get("name")
-        return GatewayConfig(
-            credentials=await self.seal_credentials(
-                gateway, endpoint, file.vcenter.username, password
-            ),
-            placement=file.placement,
-            ssh_keys=file.ssh_keys,
-            ntp_servers=file.ntp_servers,
-            ip_allocation=file.ip_allocation,
-            ip_pool=ip_pool,
-            vip=file.vip,
-            size=file.size,
+        credentials = await self.seal_credentials(
+            gateway, endpoint, file.vcenter.username, password, default_account_name(gateway)
         )
+        try:
+            return GatewayConfig(
+                credentials=credentials,
+                placement=file.placement,
+                ssh_keys=file.ssh_keys,
+                ntp_servers=file.ntp_servers,
+                ip_allocation=file.ip_allocation,
+                ip_pool=ip_pool,
+                vip=file.vip,
+                size=file.size,
+            )
+        except ValidationError as exc:
+            raise RequestRefused("; ".join(errors.field_errors(exc))) from None
+
+    async def approve_agent(self, gateway: str, fingerprint: str) -> GatewayState:
+        """Approve the gateway's paired agent by the fingerprint it showed on its console."""
+        result: GatewayState = await self._gateway_update(
+            gateway, GatewayWorkflow.approve, ApproveRequest(fingerprint=fingerprint)
+        )
+        self._record_approval(gateway, fingerprint)
+        return result
+
+    async def rekey_agent(self, gateway: str, old: AgentKey, new: AgentKey) -> GatewayState:
+        """Re-seal what the gateway keeps to `new` (opening it with `old`, the agent's current
+        key, on this machine) and have the gateway take the new keys, signed by the old."""
+        state = await self.gateway_state(gateway)
+        agent = state.agent
+        if agent is None or agent.key_id != old.key_id:
+            raise RequestRefused(
+                f"gateway {gateway}: this machine's agent key ({old.key_id}) is not the "
+                "gateway's agent key: run rekey where its agent runs"
+            )
+
+        def reseal(credentials: VCenterCredentials) -> SealedSecret:
+            binding = credentials.password.binding
+            if binding is None:
+                raise RequestRefused(
+                    "a password sealed without a binding: rotate it first (account rotate)"
+                )
+            return seal(old.open(credentials.password, binding), new.public_bytes, binding)
+
+        accounts = {a.name: reseal(a.credentials) for a in state.accounts}
+        config = reseal(state.config.credentials) if state.config is not None else None
+        request = RekeyRequest(
+            public_key=new.public_key_b64,
+            key_id=new.key_id,
+            signing_key=new.signing_key_b64,
+            accounts=accounts,
+            config_password=config,
+            signature="",
+        )
+        request.signature = old.sign(request.statement(gateway))
+        result: GatewayState = await self._gateway_update(gateway, GatewayWorkflow.rekey, request)
+        self._record_approval(gateway, new.fingerprint)
+        return result
 
     async def configure_gateway(
         self, gateway: str, file: GatewayFile, password: str
     ) -> GatewayState:
-        """Create the file's IP pool if asked, seal the password, configure: provisioning."""
+        """Create the file's IP pool if asked, seal the password, configure: provisioning.
+
+        A pool this call created is deleted again if the configuration is refused or fails.
+        """
         config = await self.gateway_config(gateway, file, password)  # needs it paired
         await self.require_agent(gateway)
+        created: IpPoolSpec | None = None
         if file.create_ip_pool is not None:
-            pool = IpPoolSpec.model_validate({**file.create_ip_pool, "gateway": gateway})
+            try:
+                pool = file.pool_to_create(gateway)
+            except ValueError as exc:
+                raise RequestRefused(str(exc)) from None
             existing = {p.spec.name for p in await self.list_pools(gateway, strict=True)}
             if pool.name not in existing:
                 await self.create_pool(pool)
-        state: GatewayState = await self._gateway_update(gateway, GatewayWorkflow.configure, config)
+                created = pool
+        try:
+            state: GatewayState = await self._gateway_update(
+                gateway, GatewayWorkflow.configure, config
+            )
+        except KubegateError:
+            if created is not None:
+                with contextlib.suppress(KubegateError, RPCError):
+                    await self.delete_pool(gateway, created.name)
+            raise
         return state
 
     async def reset_gateway(self, gateway: str) -> tuple[GatewayState, str | None]:
         """Reset a stuck or failed gateway; a new pairing code if its installer never paired."""
         state = await self.gateway_state(gateway)
-        code, pairing = _new_pairing() if state.agent is None else (None, None)
+        unpaired = state.agent is None or not state.agent.approved
+        code, pairing = _new_pairing() if unpaired else (None, None)
         result: GatewayState = await self._gateway_update(
             gateway, GatewayWorkflow.reset, ResetRequest(pairing=pairing)
         )
@@ -701,13 +878,35 @@ class KubegateClient:
         request = AccountRequest(
             name=spec.name,
             credentials=await self.seal_credentials(
-                spec.gateway, endpoint, spec.vcenter.username, password
+                spec.gateway, endpoint, spec.vcenter.username, password, spec.name
             ),
             placement=spec.placement,
         )
         await self.require_agent(spec.gateway)
         result: AccountSummary = await self._gateway_update(
             spec.gateway, GatewayWorkflow.add_account, request
+        )
+        return result
+
+    async def rotate_account(
+        self, name: str, password: str, gateway: str | None = None
+    ) -> AccountSummary:
+        """New password for an account: sealed, checked by preflight on the agent, then kept."""
+        gateway = gateway or await self.account_gateway(name)
+        state = await self.gateway_state(gateway)
+        account = state.account(name)
+        if account is None:
+            raise RequestRefused(f"NAME: gateway {gateway} has no cloud account {name!r}")
+        current = account.credentials
+        request = RotateRequest(
+            name=name,
+            credentials=await self.seal_credentials(
+                gateway, current.endpoint, current.username, password, name
+            ),
+        )
+        await self.require_agent(gateway)
+        result: AccountSummary = await self._gateway_update(
+            gateway, GatewayWorkflow.rotate_account, request
         )
         return result
 
@@ -789,9 +988,11 @@ class KubegateClient:
         """
         for other in await self.list_pools(spec.gateway, strict=True):
             if other.spec.name == spec.name:
-                raise KubegateError(f"IP pool {spec.name} of gateway {spec.gateway} already exists")
+                raise RequestRefused(
+                    f"IP pool {spec.name} of gateway {spec.gateway} already exists"
+                )
             if spec.overlaps(other.spec):
-                raise KubegateError(
+                raise RequestRefused(
                     f"IP pool {spec.name} ({spec.describe_range()}) overlaps pool "
                     f"{other.spec.name} ({other.spec.describe_range()}) of gateway {spec.gateway}"
                 )
@@ -815,7 +1016,7 @@ class KubegateClient:
                 ),
             )
         except WorkflowAlreadyStartedError:
-            raise KubegateError(
+            raise RequestRefused(
                 f"IP pool {spec.name} of gateway {spec.gateway} already exists"
             ) from None
         status: PoolStatus = await handle.query(IpPoolWorkflow.status)
@@ -827,7 +1028,7 @@ class KubegateClient:
         except RPCError as exc:
             raise self._pool_error(exc, gateway, pool) from None
         if status.deleting:  # a closed pool still answers queries by replay
-            raise KubegateError(f"IP pool {pool} of gateway {gateway} does not exist (deleted)")
+            raise RequestRefused(f"IP pool {pool} of gateway {gateway} does not exist (deleted)")
         return status
 
     async def pool_allocations(
@@ -889,6 +1090,9 @@ class KubegateClient:
             )
             status: PoolStatus = await handle.result()
         except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.type == errors.POOL_IN_USE:
+                raise RequestRefused(cause.message) from None
             raise KubegateError(_cause(exc)) from None
         except RPCError as exc:
             raise self._pool_error(exc, gateway, pool) from None
@@ -899,7 +1103,7 @@ class KubegateClient:
         if exc.status == RPCStatusCode.NOT_FOUND or "workflow execution already completed" in str(
             exc
         ):
-            return KubegateError(f"IP pool {pool} of gateway {gateway} does not exist")
+            return RequestRefused(f"IP pool {pool} of gateway {gateway} does not exist")
         return exc
 
 
@@ -909,6 +1113,8 @@ _REFUSALS = (
     errors.GATEWAY_NOT_READY,
     errors.PAIRING_REFUSED,
     errors.IN_USE,
+    errors.OUT_OF_ADDRESSES,
+    errors.POOL_NOT_FOUND,
 )
 
 
@@ -949,14 +1155,16 @@ async def _poll(
         await asyncio.sleep(interval)
 
 
-def _new_pairing() -> tuple[str, PairingState]:
-    """A fresh pairing code and what the gateway keeps of it (salted hash, expiry)."""
+def _new_pairing(fingerprint: str | None = None) -> tuple[str, PairingState]:
+    """A fresh pairing code and what the gateway keeps of it: a hash of the agent's proof
+    (never the code, nor what an agent presents), its expiry, the approved fingerprint."""
     code = new_pairing_code()
     salt = secrets.token_hex(8)
     return code, PairingState(
-        code_hash=pairing_hash(code, salt),
         salt=salt,
+        verifier=pairing_verifier(pairing_proof(code, salt)),
         expires_at=datetime.now(UTC) + PAIRING_CODE_LIFETIME,
+        fingerprint=normalize_fingerprint(fingerprint) if fingerprint else None,
     )
 
 

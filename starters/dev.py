@@ -2,7 +2,11 @@
 gateway `local` with its agent; and gateway agents started for the demo (`dev agent`).
 
 `up` is idempotent (a component already running is left alone; the gateway is created,
-paired and configured only when it is not Running yet). `down` stops only the processes `up`
+paired and configured only when it is not Running yet). Before an agent starts, the stack makes
+its key (`<home>/agents/<gateway>/agent.key`) and, unless the operator wrote one, its policy
+(`policy.yaml` beside it) allowing the simulator; the system gateway is created with that key's
+fingerprint (or its agent approved by it); a pairing code reaches the agent only in a 0600 file
+in its directory, removed once it paired. `down` stops only the processes `up`
 and `agent` started, found by the pid files under `<home>/pids/` (pid and kernel start time,
 so a reused pid is never taken for ours). Logs go to `<home>/logs/`; a demo agent writes its
 output to `<home>/agents/<gateway>/agent.out`.
@@ -15,13 +19,14 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +37,7 @@ from domain import names
 from domain.certs import self_signed
 from domain.gateway import GatewayFile, GatewayState, GatewayStatus, default_account_name
 from domain.sealing import AgentKey
+from starters.codec import CodecKeyError, create_key_file, load_keys
 from starters.settings import Settings, tool_path, vcsim_binary
 
 if TYPE_CHECKING:
@@ -96,14 +102,26 @@ class DevStack:
         self.cert_file = self.home / "vcsim-tls.pem"
         self.key_file = self.home / "vcsim-tls.key"
         self.account_file = self.home / "accounts" / "dev.yaml"
+        self.codec_key_file = (
+            self.settings.codec_key_file or self.settings.default_codec_key_file
+        ).resolve()
 
     # -- public ---------------------------------------------------------------------------
 
     async def up(self, timeout: float = 90.0) -> list[tuple[str, str]]:
         """Start what is not running and make sure the system gateway is Running with its
-        agent; return (component, 'started'|'running') pairs, then the gateway's line."""
+        agent; return (component, 'started'|'running') pairs, then the gateway's line.
+
+        Everything under the home is private (directories 0700, files 0600), and the stack's
+        payload key file is created there if no key file exists."""
+        with _private_umask():
+            self._secure_home()
+            self._codec_key()
+            return await self._up(timeout)
+
+    async def _up(self, timeout: float) -> list[tuple[str, str]]:
         for folder in (self.pids, self.logs):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         password = self._sim_password()
         self._sim_certificate()
         outcome = []
@@ -126,7 +144,11 @@ class DevStack:
         """Start an agent for a gateway made outside the stack (the demo's `lab`), recorded
         like the stack's components so `down` stops it. A paired agent starts from its key
         alone; an unpaired one needs the installer VM (and a file reaching its vCenter) or the
-        pairing code. Returns 'started', or 'running' if a paired agent runs already."""
+        pairing code (handed to it in a 0600 file in its directory, removed once it paired).
+        Its key is created first (see `agent_key`) and its policy allows the simulator unless
+        the operator wrote one. The gateway's operator approves it (`kubegate gateway approve`)
+        unless the gateway was created with its fingerprint. Returns 'started', or 'running'
+        if a paired agent runs already."""
         if not names.is_dns_label(gateway):
             raise DevStackError(f"NAME: {gateway!r} must be a DNS label")
         if gateway == self.settings.gateway:
@@ -135,7 +157,7 @@ class DevStack:
             )
         if installer_vm is not None and vcenter is None:
             raise DevStackError("--installer-vm needs --vcenter (a file reaching its vCenter)")
-        self.pids.mkdir(parents=True, exist_ok=True)
+        self._secure_home()
         client = await self._client()
         state = await self._gateway(client, gateway)
         if state is None:
@@ -150,8 +172,11 @@ class DevStack:
                 f"kubegate gateway delete {gateway} --wait, then create, install and pair it "
                 "again (make demo does all three for lab)",
             )
-            if pid is not None:
+            key = self._agent_files(gateway)
+            if pid is not None and not _registers_again(state, key):
                 return "running"
+            if pid is not None:  # paired before signed results: it registers its keys again
+                _terminate(pid)
             # paired: its key is all it needs (the installer VM may be gone, e.g. with a
             # simulator started afresh)
             installer_vm, vcenter, pairing_code = None, None, None
@@ -161,11 +186,109 @@ class DevStack:
             if installer_vm is None and pairing_code is None:
                 raise DevStackError(
                     f"gateway {gateway} is {state.status.value} and not paired: give "
-                    "--installer-vm with --vcenter, or the code in KUBEGATE_PAIRING_CODE"
+                    "--installer-vm with --vcenter, or --pairing-code-file (or "
+                    "KUBEGATE_PAIRING_CODE_FILE)"
                 )
+            self._agent_files(gateway)
         component = self.agent_component(gateway, installer_vm, vcenter)
-        env = {"KUBEGATE_PAIRING_CODE": pairing_code} if pairing_code else None
-        return await self._start(component, timeout, env)
+        pairs = state.agent is None
+        return await self._start_agent(component, gateway, pairing_code, timeout, pairs=pairs)
+
+    async def agent_approved(self, gateway: str) -> bool:
+        """Whether the gateway approved this machine's agent (its key, its signing key)."""
+        client = await self._client()
+        state = await self._gateway(client, gateway)
+        paired = state.agent if state is not None else None
+        if paired is None or not paired.approved:
+            return False
+        key = self.agent_key(gateway)
+        return (paired.public_key, paired.signing_key) == (
+            key.public_key_b64,
+            key.signing_key_b64,
+        )
+
+    def agent_key(self, gateway: str) -> AgentKey:
+        """The agent's key (created if missing: the stack runs on the agent's machine)."""
+        from workers.gateway_agent import load_key
+
+        with _private_umask():
+            return load_key(self.settings, gateway)
+
+    def agent_policy(self, gateway: str, *, on_simulator: bool = True) -> str:
+        """The agent's policy.yaml: written to allow the simulator (its address, its pinned
+        thumbprint) unless the file exists — the operator's then, kept as it is (but with
+        `on_simulator`, for a gateway that works on the simulator, refused if it does not let
+        the agent reach it). Returns 'written' or 'kept'."""
+        from activities.guard import PolicyError, load_policy, write_policy
+        from domain.trust import policy_for
+        from workers.gateway_agent import policy_path
+
+        path = policy_path(self.settings, gateway).resolve()
+        endpoint = self.gateway_file().vcenter.endpoint()
+        if path.exists():
+            try:
+                policy = load_policy(path)
+            except PolicyError as exc:
+                raise DevStackError(
+                    f"{exc}; fix it, or remove it and the stack writes one for the simulator"
+                ) from None
+            problem = (
+                f"it is for gateway {policy.gateway}"
+                if policy.gateway != gateway
+                else policy.endpoint_problem(endpoint)
+                if on_simulator
+                else None
+            )
+            if problem:
+                raise DevStackError(
+                    f"{path}: the agent's policy (kept: it exists) does not let it work on the "
+                    f"simulator: {problem}. Add the simulator ({endpoint.address}, trust: "
+                    f"thumbprint, thumbprint: {endpoint.thumbprint}), or remove the file and "
+                    "the stack writes one"
+                )
+            return "kept"
+        if endpoint.thumbprint is None:
+            raise DevStackError(
+                "the simulator's thumbprint is unknown (no vcsim.json): start the stack first "
+                "(kubegate dev up)"
+            )
+        with _private_umask():
+            write_policy(path, policy_for(gateway, endpoint))
+        return "written"
+
+    def _agent_files(self, gateway: str) -> AgentKey:
+        """What a demo agent needs before it starts: its key, then its policy (one the
+        operator wrote is kept, whichever vCenters it allows)."""
+        key = self.agent_key(gateway)
+        self.agent_policy(gateway, on_simulator=False)
+        return key
+
+    async def _start_agent(
+        self,
+        component: Component,
+        gateway: str,
+        code: str | None,
+        timeout: float,
+        *,
+        pairs: bool = False,
+    ) -> str:
+        """Start an agent; a pairing code reaches it in a 0600 file in its directory only
+        (KUBEGATE_PAIRING_CODE_FILE), removed once it is up (paired) or failed.
+
+        `pairs`: it pairs now with a gateway of that name (a new one, e.g. deleted and created
+        again): the gateway workflow it pinned on an earlier pairing (`gateway.pin` beside its
+        key, see activities/guard.py) is forgotten, as the operator would remove it."""
+        if pairs:
+            (self.settings.agent_dir(gateway).resolve() / "gateway.pin").unlink(missing_ok=True)
+        if code is None:
+            return await self._start(component, timeout)
+        path = self.settings.agent_dir(gateway).resolve() / "pairing-code"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(path, code + "\n")
+        try:
+            return await self._start(component, timeout, {"KUBEGATE_PAIRING_CODE_FILE": str(path)})
+        finally:
+            path.unlink(missing_ok=True)
 
     def down(self) -> list[tuple[str, str]]:
         """Stop the processes `up` and `agent` started: the demo's agents, then the stack
@@ -222,6 +345,8 @@ class DevStack:
             "--log-level",
             "warn",
         ]
+        if s.ui_codec_endpoint:  # the UI decodes payloads with `kubegate codec-server`
+            temporal += ["--ui-codec-endpoint", s.ui_codec_endpoint]
         for key in names.SEARCH_ATTRIBUTES:
             temporal += ["--search-attribute", f"{key.name}=Keyword"]
         vcsim = [
@@ -230,8 +355,8 @@ class DevStack:
             s.vcsim_address,
             "-username",
             SIM_USER,
-            "-password",
-            sim_password,
+            "-password-file",  # never the password itself on a command line
+            str(self.password_file),
             "-ready-file",
             str(self.vcsim_ready_file),
             "-tls-cert",
@@ -299,8 +424,10 @@ class DevStack:
     # -- the system gateway -----------------------------------------------------------------
 
     async def _system_gateway(self, sim_password: str, timeout: float) -> list[tuple[str, str]]:
-        """Gateway `local`: created as a system gateway and paired with the stack's agent the
-        first time (the code only in the agent's environment; its key persists), configured on
+        """Gateway `local`: created as a system gateway with its agent's fingerprint (the key
+        is made here first, with the agent's policy for the simulator) and paired by the
+        stack's agent the first time (the code in a 0600 file of the agent's only; its key
+        persists), its agent approved by `dev up` if the gateway waits for that, configured on
         the simulator, Running; its agent running."""
         from starters.client import KubegateError
 
@@ -309,38 +436,65 @@ class DevStack:
         client = await self._client()
         try:
             state = await self._gateway(client, name)
-            code: str | None = None
-            if state is None:
-                state, code = await client.create_gateway(name, system=True)
-            elif state.agent is None:  # never paired: its code was shown once; reset for another
-                code = await self._new_code(client, state)
-            else:
-                self._check_key(
+            if state is not None and state.agent is not None:
+                self._check_key(  # before any key is made: a missing one is refused
                     state, f"kubegate gateway delete {name} --wait, then kubegate dev up"
                 )
-            if code is not None and (pid := self._pid(agent.name)) is not None:
-                _terminate(pid)  # it paired with an earlier gateway of that name: pair again
-            started = await self._start(
-                agent, timeout, {"KUBEGATE_PAIRING_CODE": code} if code else None
-            )
+            key = self.agent_key(name)
+            policy = self.agent_policy(name)
+            code: str | None = None
+            if state is None:
+                state, code = await client.create_gateway(
+                    name, system=True, fingerprint=key.fingerprint
+                )
+            elif state.agent is None:  # never paired: its code was shown once; reset for another
+                code = await self._new_code(client, state)
+            restart = code is not None or _registers_again(state, key)
+            if restart and (pid := self._pid(agent.name)) is not None:
+                # it paired with an earlier gateway of that name, or before signed results
+                _terminate(pid)
+            started = await self._start_agent(agent, name, code, timeout, pairs=code is not None)
+            await self._approve(client, name, key)
             state = await self._configured(client, name, sim_password)
         except KubegateError as exc:
             raise DevStackError(f"gateway {name}: {exc}") from None
         kind = "system gateway; " if state.system else ""
         return [
             (agent.name, started),
+            (f"agent {name}", f"fingerprint {key.fingerprint}, approved"),
+            ("agent policy", f"{policy}: <home>/agents/{name}/policy.yaml"),
             (
                 f"gateway {name}",
                 f"{state.status.value} ({kind}default cloud account {default_account_name(name)})",
             ),
         ]
 
+    async def _approve(self, client: KubegateClient, name: str, key: AgentKey) -> None:
+        """Approve the stack's own agent when the gateway waits for that (it was paired after
+        a reset, or registered again with its signing key): the fingerprint is its key's."""
+        state = await client.gateway_state(name)
+        paired = state.agent
+        if paired is None or paired.approved:
+            return
+        if (paired.public_key, paired.signing_key) != (key.public_key_b64, key.signing_key_b64):
+            raise DevStackError(
+                f"gateway {name} waits for approval of agent {paired.fingerprint}, not of this "
+                f"stack's agent ({key.fingerprint}): kubegate gateway reset {name}, then "
+                "kubegate dev up"
+            )
+        await client.approve_agent(name, key.fingerprint)
+
     async def _new_code(self, client: KubegateClient, state: GatewayState) -> str:
-        before = state.pairing.code_hash
+        before = (state.pairing.salt, state.pairing.verifier)
         _, code = await client.reset_gateway(state.name)
         if code is None:
             raise DevStackError(f"gateway {state.name}: reset gave no pairing code")
-        await self._wait(client, state.name, lambda s: s.pairing.code_hash != before, "reset")
+        await self._wait(
+            client,
+            state.name,
+            lambda s: (s.pairing.salt, s.pairing.verifier) != before,
+            "reset",
+        )
         return code
 
     async def _configured(
@@ -468,12 +622,14 @@ class DevStack:
                 f"{component.name}: {component.argv[0]} is missing (run `make setup`)"
             )
         # a pairing code reaches only the agent it is given to, never one inherited
-        environ = {k: v for k, v in os.environ.items() if k != "KUBEGATE_PAIRING_CODE"}
+        environ = {k: v for k, v in child_environment().items() if k not in _PAIRING}
         environ["KUBEGATE_HOME"] = str(self.home)
+        if self.codec_key_file.exists():
+            environ["KUBEGATE_CODEC_KEY_FILE"] = str(self.codec_key_file)
         environ.update(env or {})
         path = self._log(component)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(path, "ab")  # noqa: SIM115 - handed to the child
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         process = subprocess.Popen(
             component.argv,
             stdout=log,
@@ -481,11 +637,13 @@ class DevStack:
             stdin=subprocess.DEVNULL,
             env=environ,
             start_new_session=True,
+            umask=0o077,  # what it writes (the SQLite database, logs, keys) is private
         )
         log.close()
         # pid and kernel start time: together they name this process even after pid reuse
-        (self.pids / f"{component.name}.pid").write_text(
-            f"{process.pid} {_start_time(process.pid)}\n"
+        self.pids.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(
+            self.pids / f"{component.name}.pid", f"{process.pid} {_start_time(process.pid)}\n"
         )
         return process
 
@@ -570,6 +728,36 @@ class DevStack:
 
     # -- files ----------------------------------------------------------------------------
 
+    def _secure_home(self) -> None:
+        """Make the home and everything in it private: directories 0700, files 0600 (0700
+        if executable); symbolic links are left alone."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for folder in (self.pids, self.logs):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        for root, _, files in os.walk(self.home):
+            _chmod(Path(root), 0o700)
+            for name in files:
+                path = Path(root, name)
+                with contextlib.suppress(OSError):
+                    if not path.is_symlink():
+                        _chmod(path, 0o700 if path.stat().st_mode & 0o100 else 0o600)
+
+    def _codec_key(self) -> None:
+        """The stack's payload key file (created under the home if missing); its processes
+        get its path, never the keys."""
+        if self.settings.codec_keys:
+            raise DevStackError(
+                "KUBEGATE_CODEC_KEYS is set, but the dev stack gives its processes keys only as "
+                "a file: put them in a file ('KEY_ID BASE64KEY' a line, the newest last) and set "
+                "KUBEGATE_CODEC_KEY_FILE instead"
+            )
+        if self.settings.codec_key_file is None:
+            create_key_file(self.codec_key_file)
+        try:
+            load_keys(self.settings)
+        except CodecKeyError as exc:
+            raise DevStackError(f"payload encryption keys: {exc}") from None
+
     def _sim_password(self) -> str:
         """The simulator's password: random, made once, kept in a 0600 file."""
         if self.password_file.exists():
@@ -608,6 +796,57 @@ class DevStack:
 
 def _cli() -> list[str]:
     return [sys.executable, "-m", "starters.cli"]
+
+
+def _registers_again(state: GatewayState, key: AgentKey) -> bool:
+    """True when the gateway knows this agent without its signing key (paired before signed
+    results): the agent registers it on its next start, and the gateway waits for approval."""
+    return state.agent is not None and state.agent.signing_key != key.signing_key_b64
+
+
+#: what a process of the stack inherits, besides the KUBEGATE_* settings
+_INHERITED = ("PATH", "HOME", "LANG", "TZ")
+#: how an agent is given its pairing code: only by `_start_agent`, never inherited
+_PAIRING = ("KUBEGATE_PAIRING_CODE", "KUBEGATE_PAIRING_CODE_FILE")
+#: settings that are secrets: never in a child's environment
+_SECRET = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|_KEYS$|PAIRING_CODE$")
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The allow-listed environment of a process the stack starts: PATH, HOME, LANG, LC_*,
+    TZ and the KUBEGATE_* settings, minus any secret (passwords, API keys, inline codec keys,
+    pairing codes); nothing else is inherited."""
+    environ = os.environ if environ is None else environ
+    settings = {f"KUBEGATE_{name.upper()}" for name in Settings.model_fields}
+    return {
+        k: v
+        for k, v in environ.items()
+        if k in _INHERITED or k.startswith("LC_") or (k in settings and not _SECRET.search(k))
+    }
+
+
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Files and directories made meanwhile are private to the user (umask 077)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o7777 != mode:
+            path.chmod(mode)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (0600, also when it exists already)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        os.fchmod(handle.fileno(), 0o600)
+        handle.write(text)
 
 
 def _last_error(log: Path) -> str:

@@ -5,7 +5,10 @@ Registered on the apps of starters/cli.py (imported at its end). Exit codes as t
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,20 +19,23 @@ from rich.table import Table
 
 from domain import names
 from domain.account import CloudAccountSpec, Placement, VCenterAccess
+from domain.errors import field_errors
 from domain.gateway import (
     GatewayFile,
     GatewayState,
     GatewayStatus,
     InstallerProperties,
 )
+from domain.sealing import normalize_fingerprint
 from starters.cli import (
     EXIT_FAILED,
+    GatewayOption,
     Output,
     OutputOption,
+    PairingCodeFileOption,
     WaitOption,
     _bad_input,
     _failed,
-    _invalid_fields,
     _Progress,
     _run,
     _short,
@@ -201,11 +207,20 @@ def gateway_create(
     system: Annotated[
         bool, typer.Option(help="A system gateway: its agent runs beside kubegate, no nodes.")
     ] = False,
+    fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="The agent's key fingerprint, if known: the agent that pairs with it is "
+            "approved at once (otherwise: kubegate gateway approve)."
+        ),
+    ] = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Create a gateway (Pending) and print its pairing code and installer OVA."""
     _check_name(name)
-    state, code = _call(lambda c: c.create_gateway(name, system=system))
+    if fingerprint is not None and len(normalize_fingerprint(fingerprint)) != 39:
+        _bad_input("--fingerprint: 32 hex digits, as the agent prints it (e.g. 1a2b:3c4d:…)")
+    state, code = _call(lambda c: c.create_gateway(name, system=system, fingerprint=fingerprint))
     ova = _ova_path()
     if output is Output.json:
         data = json.loads(_gateway_json(state))
@@ -221,10 +236,40 @@ def gateway_create(
     )
     out.print(f"installer OVA: {ova}", highlight=False)
     out.print(
-        f"next: kubegate gateway install {name} --ova {ova} -f install.yaml --pairing-code "
-        f"{code}   (or import the OVA in vSphere with these properties)",
+        f"next: write the code to a file only you can read, then kubegate gateway install "
+        f"{name} --ova {ova} -f install.yaml --pairing-code-file FILE   (or import the OVA "
+        "in vSphere with these properties); approve the agent's fingerprint when it pairs: "
+        f"kubegate gateway approve {name} FINGERPRINT",
         highlight=False,
     )
+
+
+@gateway_app.command("approve")
+def gateway_approve(
+    name: GatewayArg,
+    fingerprint: Annotated[
+        str, typer.Argument(help="The key fingerprint the agent printed when it started.")
+    ],
+    output: OutputOption = Output.table,
+) -> None:
+    """Approve the agent that paired with the gateway: only then is any secret sealed to it."""
+    _check_name(name)
+    if len(normalize_fingerprint(fingerprint)) != 39:
+        _bad_input("FINGERPRINT: 32 hex digits, as the agent prints it (e.g. 1a2b:3c4d:…)")
+    state = _call(lambda c: c.approve_agent(name, fingerprint))
+    _finish(state, False, output, state.status)
+
+
+def read_code_file(path: Path) -> str:
+    """A pairing code from a file (first line); exit 2 naming the file when unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad_input(f"--pairing-code-file: {path}: cannot read it ({type(exc).__name__})")
+    lines = text.strip().splitlines()
+    if not lines:
+        _bad_input(f"--pairing-code-file: {path}: empty")
+    return lines[0].strip()
 
 
 def _ova_path() -> Path:
@@ -251,13 +296,20 @@ class InstallFile(BaseModel):
 def gateway_install(
     name: GatewayArg,
     file: Annotated[Path, typer.Option("--file", "-f", help="install.yaml (vCenter, placement).")],
-    pairing_code: Annotated[str, typer.Option(help="The code `gateway create` printed.")],
+    pairing_code_file: Annotated[
+        Path,
+        typer.Option(
+            help="File holding the code `gateway create` printed (its first line; readable by "
+            "you only). Never the code itself on the command line."
+        ),
+    ],
     ova: Annotated[Path | None, typer.Option(help="Installer OVA (default: built one).")] = None,
     output: OutputOption = Output.table,
 ) -> None:
     """Import the installer OVA into vSphere (OVF import) with its properties, power it on."""
     _check_name(name)
     spec = load_spec(file, InstallFile)
+    pairing_code = read_code_file(pairing_code_file)
     props_data = {k: v for k, v in spec.properties.items() if v not in (None, "")}
     props_data.setdefault("console_endpoint", f"http://{Settings().temporal_address}")
     try:
@@ -265,7 +317,13 @@ def gateway_install(
             {**props_data, "installer_name": name, "pairing_code": pairing_code}
         )
     except ValidationError as exc:
-        _invalid_fields(file, exc)
+        lines = [
+            f"--pairing-code-file: {pairing_code_file}: {line.partition(': ')[2]}"
+            if line.startswith("pairing_code")
+            else f"properties.{line}"
+            for line in field_errors(exc)
+        ]
+        _bad_input("\n".join([f"{file}: invalid installer properties", *lines]))
     password = read_password(spec.vcenter, file.parent)
     endpoint = spec.vcenter.endpoint()
     from activities.vsphere.ovf import OvaError
@@ -278,6 +336,8 @@ def gateway_install(
         )
     except OvaError as exc:
         _failed(str(exc))
+    except Exception as exc:  # every vCenter failure, classified for the user
+        _failed(_vcenter_failure(exc, endpoint.address))
     if output is Output.json:
         out.print_json(result.model_dump_json())
         return
@@ -302,11 +362,22 @@ def _from_installer(name: str, vm: str, vcenter: Path) -> tuple[str, str]:
         )
     except OvaError as exc:
         _failed(str(exc))
+    except ValidationError as exc:
+        _failed(f"{vm}: its installer properties are not valid: {'; '.join(field_errors(exc))}")
+    except Exception as exc:  # every vCenter failure, classified for the user
+        _failed(_vcenter_failure(exc, endpoint.address))
     if props.installer_name != name:
         _bad_input(
             f"--installer-vm: {vm} was installed for gateway {props.installer_name!r}, not {name!r}"
         )
     return props.pairing_code, props.console_endpoint
+
+
+def _vcenter_failure(exc: BaseException, address: str) -> str:
+    """What went wrong talking to vCenter, in the words the agent's activities use."""
+    from activities.vsphere.faults import classify
+
+    return classify(exc, f"vCenter {address}").message
 
 
 @gateway_app.command("get")
@@ -407,12 +478,7 @@ def gateway_delete(
 @gateway_app.command("agent")
 def gateway_agent(
     name: Annotated[str, typer.Argument(help="Gateway name.")],
-    pairing_code: Annotated[
-        str | None,
-        typer.Option(
-            help="The code `gateway create` printed (first start; or KUBEGATE_PAIRING_CODE)."
-        ),
-    ] = None,
+    pairing_code_file: PairingCodeFileOption = None,
     installer_vm: Annotated[
         str | None,
         typer.Option(
@@ -425,9 +491,13 @@ def gateway_agent(
         typer.Option(help="Cloud account YAML whose vcenter block reaches the installer VM."),
     ] = None,
 ) -> None:
-    """Run a gateway agent: pairs once, then polls the gateway's task queue."""
+    """Run a gateway agent: pairs once, shows its key fingerprint for the operator to approve,
+    then polls the gateway's task queue. Its policy (policy.yaml beside its key) decides what
+    it may do: see docs/security.md."""
     if not names.is_dns_label(name):
         _bad_input(f"NAME: {name!r} must be a DNS label")
+    code_file = pairing_code_file or Settings().pairing_code_file
+    pairing_code = read_code_file(code_file) if code_file is not None else None
     temporal_address = None
     if installer_vm is not None and vcenter is not None:
         pairing_code, endpoint = _from_installer(name, installer_vm, vcenter)
@@ -435,7 +505,7 @@ def gateway_agent(
         default_port = 443 if parts.scheme == "https" else 7233
         temporal_address = f"{parts.hostname}:{parts.port or default_port}"
     elif installer_vm is not None and pairing_code is None:
-        _bad_input("--installer-vm: give --vcenter to read its properties, or --pairing-code")
+        _bad_input("--installer-vm: give --vcenter to read its properties, or --pairing-code-file")
     from workers import gateway_agent as agent
 
     try:
@@ -449,6 +519,51 @@ def gateway_agent(
         _bad_input(str(exc))
     except KubegateError as exc:
         _failed(str(exc))
+
+
+@gateway_app.command("rekey")
+def gateway_rekey(name: GatewayArg) -> None:
+    """Give the gateway's agent new keys; run it on the agent's machine, then restart the
+    agent. What the gateway keeps is sealed again to the new key; clusters' secrets stay
+    readable (the old key is kept, retired, beside the new one)."""
+    _check_name(name)
+    from workers import gateway_agent as agent
+
+    key = _run(agent.rekey(Settings(), name))
+    out.print(
+        f"gateway {name}: agent re-keyed, new fingerprint {key.fingerprint}; restart the agent",
+        highlight=False,
+    )
+
+
+@gateway_app.command("policy")
+def gateway_policy(
+    name: GatewayArg,
+    check: Annotated[
+        Path | None,
+        typer.Option("--check", help="Validate this policy file instead of the agent's own."),
+    ] = None,
+) -> None:
+    """Show (and validate) the agent's local policy: the vCenters it may reach, with their
+    trust, and the datacenters and folders it may touch. Run it on the agent's machine."""
+    _check_name(name)
+    from activities.guard import PolicyError, load_policy
+    from workers.gateway_agent import policy_path
+
+    path = check or policy_path(Settings(), name)
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        _bad_input(str(exc))
+    if policy.gateway != name:
+        _bad_input(f"gateway: the policy at {path} is for gateway {policy.gateway}, not {name}")
+    out.print(f"policy {path}: valid", highlight=False)
+    for vc in policy.vcenters:
+        trust = f"thumbprint {vc.thumbprint}" if vc.thumbprint else vc.trust
+        out.print(f"  vCenter {vc.server}:{vc.port}  trust {trust}", highlight=False)
+    out.print(f"  insecure allowed: {'yes' if policy.allow_insecure else 'no'}", highlight=False)
+    out.print(f"  datacenters: {', '.join(policy.datacenters) or 'any'}", highlight=False)
+    out.print(f"  folders: {', '.join(policy.folders) or 'any'}", highlight=False)
 
 
 @gateway_app.command("logs")
@@ -518,6 +633,47 @@ def account_create(
         f"{summary.server} (checked)",
         highlight=False,
     )
+
+
+@account_app.command("rotate")
+def account_rotate(
+    name: Annotated[str, typer.Argument(help="Cloud account name.")],
+    password_file: Annotated[
+        Path | None, typer.Option(help="File holding the new password (first line).")
+    ] = None,
+    password_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the new password.")
+    ] = None,
+    gateway: GatewayOption = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Give an account a new password: sealed to the agent, checked by preflight, then kept;
+    its clusters use it from their next work on. The old one stays if the check fails."""
+    if not names.is_dns_label(name):
+        _bad_input(f"NAME: {name!r} must be a DNS label")
+    if password_file is not None and password_env is not None:
+        _bad_input("give --password-file or --password-env, not both")
+    if password_file is not None:
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            _bad_input(f"--password-file: {password_file}: cannot read it ({type(exc).__name__})")
+        password = lines[0] if lines else ""
+    elif password_env is not None:
+        password = os.environ.get(password_env, "")
+        if not password:
+            _bad_input(f"--password-env: {password_env} is not set")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"new password of cloud account {name}: ")
+    else:
+        _bad_input("give the new password with --password-file or --password-env")
+    if not password:
+        _bad_input("password: empty")
+    summary = _call(lambda c: c.rotate_account(name, password, gateway))
+    if output is Output.json:
+        out.print_json(summary.model_dump_json())
+        return
+    out.print(f"cloud account {summary.name}: new password checked and kept", highlight=False)
 
 
 @account_app.command("list")

@@ -33,10 +33,28 @@ class Settings(BaseSettings):
         description="Flags for the dev simulator's inventory (see tools/vcsim/README.md).",
     )
     gateway: str = Field(default="local", description="Gateway the dev stack's agent serves.")
-    pairing_code: str | None = Field(
-        default=None, description="Pairing code an agent registers with (first start only)."
+    pairing_code_file: Path | None = Field(
+        default=None,
+        description="File holding the pairing code an agent registers with (first start only; "
+        "never the code itself in the environment or on a command line).",
     )
     agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
+    codec_key_file: Path | None = Field(
+        default=None,
+        description="Payload encryption keys, one 'KEY_ID BASE64KEY' a line, the last one "
+        "encrypts; default <home>/codec.key if it exists (dev up creates it).",
+    )
+    codec_keys: str | None = Field(
+        default=None,
+        description="The same keys inline, 'KEY_ID:BASE64KEY,...' (the last one encrypts); "
+        "a secret: never given to the dev stack's processes.",
+    )
+    codec_server_port: int = Field(default=8234, description="Port of `kubegate codec-server`.")
+    ui_codec_endpoint: str | None = Field(
+        default=None,
+        description="Codec server the dev stack's Web UI decodes payloads with "
+        "(--ui-codec-endpoint of the dev server), e.g. http://127.0.0.1:8234.",
+    )
     max_ops_per_host: int = Field(
         default=8, ge=1, description="Concurrent VM operations per ESXi host (vCenter: 8-16 units)."
     )
@@ -48,6 +66,11 @@ class Settings(BaseSettings):
     def ui_address(self) -> str:
         host = self.temporal_address.rsplit(":", 1)[0]
         return f"http://{host}:{self.ui_port}"
+
+    @property
+    def default_codec_key_file(self) -> Path:
+        """Where `dev up` keeps the local stack's payload key."""
+        return self.home / "codec.key"
 
     def account_path(self, name: str) -> Path:
         """Where `cluster deploy` looks for a cloud account file by default."""

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.vsphere.session import SessionPool
 from domain.names import SEARCH_ATTRIBUTES
 from domain.privileges import CLUSTER_ROLE
 from starters.client import KubegateClient
+from starters.codec import ReadableMetadata, data_converter
 from starters.settings import Settings, tool_path
-from tests.support import Vcsim, grant_roles, system_gateway
+from tests.support import Vcsim, agent_policy, grant_roles, system_gateway
 from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key
 
@@ -61,7 +61,8 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(tool_path("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
+        interceptors=[ReadableMetadata()],
         dev_server_log_level="error",
     )
     yield env
@@ -87,7 +88,8 @@ async def sessions(
     pool = SessionPool()
     executor = ThreadPoolExecutor(max_workers=16)
     control = build_worker(temporal.client)
-    agent = build_agent(temporal.client, GATEWAY, key, pool, executor, 16)
+    policy = agent_policy(settings.agent_dir(GATEWAY) / "policy.yaml", GATEWAY)
+    agent = build_agent(temporal.client, GATEWAY, key, pool, executor, 16, policy=policy)
     async with control, agent:
         await system_gateway(KubegateClient(temporal.client, settings), GATEWAY, vcsim, key)
         yield pool

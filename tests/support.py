@@ -43,6 +43,38 @@ def ensure_vcsim_built() -> Path:
     return VCSIM
 
 
+#: every simulator this test process started, and the test agents' policy files: each
+#: agent's policy allows exactly the simulators started so far (as an operator would list them)
+STARTED: list[Vcsim] = []
+POLICIES: list[tuple[Path, str]] = []
+
+
+def sims_policy(gateway: str) -> Any:
+    """A policy allowing every simulator started so far, each pinned by its thumbprint."""
+    from domain.trust import AgentPolicy, PolicyVCenter
+
+    return AgentPolicy(
+        gateway=gateway,
+        vcenters=[
+            PolicyVCenter(server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint)
+            for sim in STARTED
+        ],
+    )
+
+
+def agent_policy(path: Path, gateway: str) -> Path:
+    """A test agent's policy file, kept listing the simulators as they start."""
+    POLICIES.append((path, gateway))
+    write_policy(path, sims_policy(gateway))
+    return path
+
+
+def write_policy(path: Path, policy: Any) -> None:
+    from activities.guard import write_policy as write
+
+    write(path, policy)
+
+
 @dataclass
 class Vcsim:
     """A running simulator started with its own flags."""
@@ -56,14 +88,20 @@ class Vcsim:
     def start(self) -> Vcsim:
         ready = self.workdir / f"vcsim-{id(self)}.json"
         ready.unlink(missing_ok=True)
+        # the password from a 0600 file: never on a command line
+        password_file = self.workdir / f"vcsim-{id(self)}.password"
+        password_file.unlink(missing_ok=True)
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.password + "\n")
         argv = [
             str(ensure_vcsim_built()),
             "-listen",
             "127.0.0.1:0",
             "-username",
             ADMIN,
-            "-password",
-            self.password,
+            "-password-file",
+            str(password_file),
             "-ready-file",
             str(ready),
             "-watch-pid",
@@ -78,6 +116,9 @@ class Vcsim:
                 raise RuntimeError(f"vcsim did not start: {argv}")
             time.sleep(0.05)
         self.info = json.loads(ready.read_text())
+        STARTED.append(self)
+        for path, gateway in POLICIES:
+            write_policy(path, sims_policy(gateway))
         return self
 
     def stop(self) -> None:
@@ -226,18 +267,23 @@ def sim_file(sim: Vcsim, **extra: Any) -> Any:
     )
 
 
-async def system_gateway(kubegate: Any, name: str, sim: Vcsim, key: Any = None) -> str | None:
+async def system_gateway(
+    kubegate: Any, name: str, sim: Vcsim, key: Any = None, *, fingerprint: str | None = None
+) -> str | None:
     """Create a system gateway, pair `key` with it (if given) and configure it on `sim`.
 
-    Without a key, returns the pairing code for an agent process to pair with; then call
-    `configure_system_gateway` once that agent runs.
+    Without a key, returns the pairing code for an agent process to pair with (approved as it
+    pairs if `fingerprint` is its key's); then call `configure_system_gateway` once that agent
+    runs.
     """
     from domain.gateway import GatewayStatus
 
     existing = {s.name: s for s in await kubegate.list_gateways()}
     if name in existing and existing[name].status is GatewayStatus.RUNNING:
         return None
-    _, code = await kubegate.create_gateway(name, system=True)
+    if key is not None:
+        fingerprint = key.fingerprint
+    _, code = await kubegate.create_gateway(name, system=True, fingerprint=fingerprint)
     if key is None:
         return str(code)
     await kubegate.register_agent(name, key, code)

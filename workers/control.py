@@ -7,8 +7,10 @@ import logging
 
 from temporalio.client import Client
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ipam import IpamActivities
+from activities.lifecycles import LifecycleActivities
 from domain.names import CONTROL_TASK_QUEUE
 from starters.client import connect
 from starters.settings import Settings
@@ -21,18 +23,31 @@ from workflows.preflight import PreflightWorkflow
 WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow]
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The sandbox, with `cryptography` passed through: workflows verify the agent's
+    signatures with it, and its native module can be loaded only once per process."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("cryptography")
+    )
+
+
 def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:
     """The control worker on its task queue (tests pass their own queue)."""
     ipam = IpamActivities(client)
+    facts = LifecycleActivities(client)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
+        workflow_runner=workflow_runner(),
         activities=[
             ipam.allocate_addresses,
             ipam.release_addresses,
             ipam.list_addresses,
             ipam.describe_pool,
+            facts.gateway_account,
+            facts.lifecycle_fact,
+            facts.confirm_release,
         ],
     )
 

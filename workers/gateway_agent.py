@@ -1,8 +1,11 @@
 """The gateway agent: the on-premises side of a gateway, the only process that talks to its vCenter.
 
-It connects outbound to Temporal, pairs with its gateway once (the pairing code, by Update;
-only its public key leaves this machine), then polls `kubegate-gateway-<name>`. Its key
-pair lives in `<home>/agents/<name>/agent.key` (private, 0600) and its log beside it.
+It connects outbound to Temporal, pairs with its gateway once (a proof of the pairing code,
+by Update; only its public keys leave this machine), shows its key fingerprint for the
+operator to approve, then polls `kubegate-gateway-<name>`. Its key pair lives in
+`<home>/agents/<name>/agent.key` (private, 0600), its policy in `policy.yaml` beside it (the
+datacenter operator's file: see docs/security.md) and its log beside them. Every task is
+checked by the guard (activities/guard.py) and every result signed.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ import asyncio
 import logging
 import logging.handlers
 import socket
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.bootstrap import BootstrapActivities
+from activities.guard import AgentGuard, GuardInterceptor, PolicyError, PolicyFile, load_policy
 from activities.preflight import PreflightActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue
 from domain.sealing import AgentKey
-from starters.client import KubegateClient, connect
+from starters.client import KubegateClient, RequestRefused, connect
 from starters.settings import Settings
 from workers.run import run_until_signalled
 
@@ -32,7 +38,34 @@ log = logging.getLogger("kubegate.agent")
 
 def load_key(settings: Settings, gateway: str) -> AgentKey:
     """The agent's key pair, created on first start (the private half never leaves)."""
-    return AgentKey.load_or_create(settings.agent_key_path(gateway))
+    key = AgentKey.load_or_create(settings.agent_key_path(gateway))
+    key.gateway = gateway
+    return key
+
+
+async def rekey(settings: Settings, gateway: str) -> AgentKey:
+    """Give the agent new keys: the next key is written first, the gateway takes it (signed
+    by the current one), then it becomes the agent's key and the old one is kept, retired,
+    to open what clusters sealed to it. Restart the agent afterwards."""
+    path = settings.agent_key_path(gateway)
+    if not path.exists():
+        raise RequestRefused(f"no agent key at {path}: run rekey on the agent's machine")
+    old = AgentKey.load(path)
+    following = path.with_name(path.name + ".next")
+    new = AgentKey.load(following) if following.exists() else AgentKey.generate()
+    new.save(following)  # a crash after the gateway took it must not lose it
+    client = KubegateClient(await connect(settings), settings)
+    state = await client.gateway_state(gateway)
+    if state.agent is None or state.agent.key_id != new.key_id:
+        await client.rekey_agent(gateway, old, new)
+    old.save(path.with_name(f"{path.name}.retired-{old.key_id}"))
+    following.replace(path)
+    return new
+
+
+def policy_path(settings: Settings, gateway: str) -> Path:
+    """The agent's local policy file, beside its key."""
+    return settings.agent_dir(gateway) / "policy.yaml"
 
 
 def build_agent(
@@ -44,10 +77,16 @@ def build_agent(
     max_concurrent: int,
     task_queue: str | None = None,
     *,
+    policy: Path,
     max_ops_per_host: int = 8,
     max_ops_per_datastore: int = 128,
 ) -> Worker:
-    """The agent's worker: every vSphere activity, on the gateway's task queue."""
+    """The agent's worker: every vSphere activity, on the gateway's task queue, behind the
+    guard (policy, gateway authorization, signed results)."""
+    key.gateway = gateway
+    policy_file = PolicyFile(policy)
+    key.policy = policy_file.current
+    guard = AgentGuard(client, gateway, key, policy_file, pin=policy.parent / "gateway.pin")
     preflight = PreflightActivities(key, sessions)
     bootstrap = BootstrapActivities(key)
     vms = VmActivities(
@@ -73,6 +112,7 @@ def build_agent(
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,
+        interceptors=[GuardInterceptor(guard)],
     )
 
 
@@ -86,15 +126,29 @@ async def serve(
     """Pair (first start), then run the agent until SIGTERM/SIGINT."""
     settings = settings or Settings()
     key = load_key(settings, gateway)
+    policy = policy_path(settings, gateway)
+    show_fingerprint(gateway, key)
+    try:
+        load_policy(policy)
+    except PolicyError as exc:
+        log.warning("%s: every vSphere task is refused until the policy is written", exc)
     client = await connect(settings)
     state = await KubegateClient(client, settings).register_agent(
         gateway,
         key,
-        pairing_code or settings.pairing_code or None,
+        pairing_code or None,
         host=socket.gethostname(),
         installer_vm=installer_vm,
     )
-    log.info("gateway agent %s paired (key %s), gateway is %s", gateway, key.key_id, state.status)
+    approved = state.agent is not None and state.agent.approved
+    log.info(
+        "gateway agent %s paired (key %s, fingerprint %s, %s), gateway is %s",
+        gateway,
+        key.key_id,
+        key.fingerprint,
+        "approved" if approved else "waiting for approval",
+        state.status,
+    )
     sessions = SessionPool()
     with ThreadPoolExecutor(max_workers=settings.agent_threads) as executor:
         worker = build_agent(
@@ -104,6 +158,7 @@ async def serve(
             sessions,
             executor,
             settings.agent_threads,
+            policy=policy,
             max_ops_per_host=settings.max_ops_per_host,
             max_ops_per_datastore=settings.max_ops_per_datastore,
         )
@@ -112,6 +167,13 @@ async def serve(
             await run_until_signalled(worker)
         finally:
             sessions.close_all()
+
+
+def show_fingerprint(gateway: str, key: AgentKey) -> None:
+    """The fingerprint the operator approves, on the console and in the log."""
+    line = f"gateway agent {gateway}: key fingerprint {key.fingerprint}"
+    print(line, file=sys.stderr, flush=True)
+    log.info("%s (approve: kubegate gateway approve %s %s)", line, gateway, key.fingerprint)
 
 
 def setup_logging(settings: Settings, gateway: str) -> None:

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ApplicationError
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from domain import errors, names
     from domain.account import SealedSecret
-    from domain.cluster import ClusterSpec, NodePlan, WorkerPool
+    from domain.cluster import ClusterSpec, NodePlan, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
+    from domain.ipam import PoolRef, PoolStatus
     from domain.lifecycle import (
         AddPoolRequest,
         ChangeResult,
+        ClusterAccount,
         ClusterInput,
         ClusterState,
         ClusterStatus,
@@ -25,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         RemovePoolRequest,
         ScaleRequest,
     )
+    from domain.trust import AccountRef, ReleaseIntent
     from domain.vm import PlacementRefs
     from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
 
@@ -62,6 +67,7 @@ class ClusterWorkflow(NodeMachinery):
         #: waiting for the gateway's `proceed` signal (requested during a gateway upgrade)
         self.queued = input.queued and input.state is None
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
+        self.releasing = ReleaseIntent()
 
     # -- run ------------------------------------------------------------------------------
 
@@ -113,7 +119,8 @@ class ClusterWorkflow(NodeMachinery):
             workflow.continue_as_new(
                 ClusterInput(
                     spec=self.state.spec,
-                    account=self.input.account,
+                    # credentials are not carried: the next work fetches the current ones
+                    account=self.account.model_copy(update={"credentials": None}),
                     readiness=self.input.readiness,
                     timing=self.input.timing,
                     gateway_workflow=self.input.gateway_workflow,
@@ -172,6 +179,33 @@ class ClusterWorkflow(NodeMachinery):
         self.state.reason = reason
         self.state.error = None
         self._set_status(ClusterStatus.DELETED)
+        return True
+
+    # -- facts for others -----------------------------------------------------------------
+
+    @workflow.query(name="releasing")
+    def releasing_query(self) -> ReleaseIntent:
+        """The addresses this cluster is giving back right now (pools confirm with it)."""
+        return self.releasing
+
+    async def _refresh_account(self) -> bool:
+        """The account's current credentials and agent key, from the gateway."""
+        if self.input.gateway_workflow is None:
+            return False
+        fresh: ClusterAccount = await workflow.execute_activity(
+            "gateway_account",
+            AccountRef(gateway=self.state.gateway, account=self.state.account),
+            result_type=ClusterAccount,
+            task_queue=names.CONTROL_TASK_QUEUE,
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=RetryPolicy(
+                maximum_attempts=5, non_retryable_error_types=errors.NON_RETRYABLE
+            ),
+            summary=f"Current credentials of cloud account {self.state.account}",
+        )
+        self.account = self.account.model_copy(
+            update={"credentials": fresh.credentials, "agent_signing_key": fresh.agent_signing_key}
+        )
         return True
 
     # -- updates --------------------------------------------------------------------------
@@ -238,7 +272,9 @@ class ClusterWorkflow(NodeMachinery):
     @workflow.update
     async def add_pool(self, request: AddPoolRequest) -> ChangeResult:
         spec = self._changed_spec(add=request.pool)
-        return await self._change(spec, f"Add worker pool {request.pool.name}")
+        return await self._change(
+            spec, f"Add worker pool {request.pool.name}", undo_on_failure=True
+        )
 
     @add_pool.validator
     def _add_ok(self, request: AddPoolRequest) -> None:
@@ -265,16 +301,26 @@ class ClusterWorkflow(NodeMachinery):
         """Status, step history and nodes (what `cluster describe` shows)."""
         return self.state
 
-    async def _change(self, spec: ClusterSpec, title: str) -> ChangeResult:
+    async def _change(
+        self, spec: ClusterSpec, title: str, undo_on_failure: bool = False
+    ) -> ChangeResult:
+        """Apply a changed spec; refused (OutOfAddresses) before anything changes when its IP
+        pools lack the new nodes' addresses. With `undo_on_failure` a failed change leaves the
+        previous spec (a failed add-pool is not kept; `retry` removes what it made)."""
         async with self.lock:
             self._require_running()
+            if workflow.patched("check-free-addresses"):
+                await self._check_free(spec)
             before = {n.name for n in self.state.nodes}
+            previous = self.state.spec
             self.state.spec = spec
             self.refs = self.refs if self.refs_for == self._distinct_domains() else None
             self._set_status(ClusterStatus.UPDATING, title)
             try:
                 await self._converge()
             except StepFailed as exc:
+                if undo_on_failure and workflow.patched("undo-failed-add-pool"):
+                    self.state.spec = previous
                 self.state.error = str(exc)
                 self._set_status(ClusterStatus.FAILED)
                 raise ApplicationError(str(exc), type="ChangeFailed") from None
@@ -286,6 +332,38 @@ class ClusterWorkflow(NodeMachinery):
                 added=sorted(after - before),
                 removed=sorted(before - after),
             )
+
+    async def _check_free(self, spec: ClusterSpec) -> None:
+        """Refuse a change whose new nodes need more addresses than their pools have free."""
+        known = {n.name for n in self.state.nodes}
+        needed: dict[str, int] = {}
+        for plan in plan_nodes(spec):
+            rev = self.state.revisions.get(plan.name, 0)
+            name = f"{plan.name}-r{rev}" if rev else plan.name
+            if plan.domain.ip_pool is not None and name not in known:
+                needed[plan.domain.ip_pool] = needed.get(plan.domain.ip_pool, 0) + 1
+        for pool in sorted(needed):
+            try:
+                status = await self._control(
+                    "describe_pool",
+                    PoolRef(gateway=self.state.gateway, pool=pool),
+                    PoolStatus,
+                    f"Check IP pool {pool}",
+                )
+            except ActivityError as exc:
+                raise ApplicationError(
+                    f"IP pool {pool}: {getattr(exc.cause, 'message', None) or exc}",
+                    type=errors.POOL_NOT_FOUND,
+                    non_retryable=True,
+                ) from None
+            if status.free < needed[pool]:
+                raise ApplicationError(
+                    f"IP pool {pool} has {status.free} free address(es); the change needs "
+                    f"{needed[pool]}; nothing was changed (add addresses to the pool, or ask "
+                    "for fewer nodes)",
+                    type=errors.OUT_OF_ADDRESSES,
+                    non_retryable=True,
+                )
 
     def _require_running(self) -> None:
         """Changes need Running, or Failed after a change (so a failed change can be undone)."""

@@ -8,28 +8,31 @@ upgrade and delete. The gateway agent is the only process that talks to its vCen
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 from datetime import timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from domain import errors, names
-    from domain.account import SealedSecret
+    from domain.account import Placement, SealedSecret, VCenterCredentials
     from domain.cluster import NodePlan
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
         TROUBLESHOOTING_HINTS,
+        AccountCheckRequest,
         AccountRequest,
         AccountSummary,
         AgentInfo,
+        ApproveRequest,
         CloudAccount,
         ClusterAdmission,
         ClusterChanged,
@@ -40,8 +43,10 @@ with workflow.unsafe.imports_passed_through():
         GatewayState,
         GatewayStatus,
         RegisterRequest,
+        RekeyRequest,
         ResetRequest,
         ResizeRequest,
+        RotateRequest,
         UpgradeRequest,
         can_resize,
         can_upgrade,
@@ -51,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         gateway_cluster_spec,
         newest_release_after,
         nodes_config_problem,
+        pairing_proof,
     )
     from domain.gateway import (
         REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
@@ -64,6 +70,15 @@ with workflow.unsafe.imports_passed_through():
         StepState,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.sealing import fingerprint, normalize_fingerprint, verify_signature
+    from domain.trust import (
+        AccountAnswer,
+        AccountCheck,
+        AgentAuthorization,
+        LifecycleFact,
+        LifecycleRef,
+        ReleaseIntent,
+    )
     from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
     from workflows.nodes import (
         RETRY_ATTEMPTS,
@@ -80,6 +95,9 @@ _ADMITTING = (GatewayStatus.RUNNING, GatewayStatus.UPGRADING)
 
 #: how long an Update waits for the agent to take and finish its checks
 _AGENT_DEADLINE = timedelta(minutes=3)
+
+#: patch: a cluster's "Deleted" is believed only once Temporal shows it ended so
+VERIFIED_DELETES = "verified-cluster-deletes"
 
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
@@ -108,6 +126,10 @@ class GatewayWorkflow(NodeMachinery):
         self.starting = 0  # cluster workflows being started by request_cluster
         self.provisioning: asyncio.Task[None] | None = None
         self.published: GatewayStatus | None = None
+        #: credentials being checked before they are kept (the agent may use these too)
+        self.checks: list[AccountCheck] = []
+        self.verifying = 0  # cluster "Deleted" signals being confirmed
+        self.releasing = ReleaseIntent()
         if self.gw.nodes is not None and self.gw.config is not None:
             self._attach(self.gw.nodes, self.gw.config)
 
@@ -181,6 +203,7 @@ class GatewayWorkflow(NodeMachinery):
         return (
             workflow.info().is_continue_as_new_suggested()
             and not self.busy
+            and not self.verifying
             and self.provisioning is None
         )
 
@@ -284,6 +307,8 @@ class GatewayWorkflow(NodeMachinery):
         self.gw.nodes, self.gw.config, self.secrets = None, None, None
         self.gw.accounts = [a for a in self.gw.accounts if not a.default]
         self.gw.error = None
+        if self.gw.agent is not None and not self.gw.agent.approved and self.gw.config is None:
+            self.gw.agent = None  # paired by an agent nobody approved: drop it, pair anew
         if request is not None and request.pairing is not None and self.gw.agent is None:
             self.gw.pairing = request.pairing
             self.gw.pairing_issued_at = workflow.now()
@@ -367,20 +392,61 @@ class GatewayWorkflow(NodeMachinery):
 
     @workflow.update
     def register(self, request: RegisterRequest) -> GatewayState:
-        """Pair the agent: the code is used up; only the agent's public key is kept."""
-        if self.gw.agent is None:
-            self.gw.agent = AgentInfo(
-                public_key=request.public_key,
-                key_id=request.key_id,
-                host=request.host,
-                installer_vm=request.installer_vm,
-                installer_address=request.installer_address,
-                registered_at=workflow.now(),
+        """Pair the agent: its proof of the code is checked (wrong ones counted), the code is
+        used up, and the agent's keys kept; it works once the operator approves it."""
+        now = workflow.now()
+        agent = self.gw.agent
+        if agent is not None:  # the same agent again (a restart)
+            if request.signing_key and agent.signing_key != request.signing_key:
+                # an agent from before signatures: its new key needs the operator's approval
+                agent.signing_key = request.signing_key
+                agent.fingerprint = _fingerprint(request)
+                agent.approved = False
+                self.gw.reason = self._approval_hint(agent)
+                self._publish()
+            return self.gw
+        proof = request.pairing_proof
+        if request.pairing_code and not proof:  # recorded before proofs (validators refuse it now)
+            proof = pairing_proof(request.pairing_code, self.gw.pairing.salt)
+        if not self.gw.pairing.proof_matches(proof):
+            self.gw.pairing.count_failure(now)
+            self._publish()
+            raise ApplicationError(
+                f"gateway {self.gw.name}: wrong pairing code for this gateway (check for typos; "
+                f"{self.gw.pairing.failures} wrong so far)",
+                type=errors.PAIRING_REFUSED,
+                non_retryable=True,
             )
-            self.gw.pairing.used = True
-            self.gw.overdue, self.gw.hints = False, []
-            self._set_status(GatewayStatus.REGISTERED, "paired; configure it next")
+        fingerprint = _fingerprint(request)
+        expected = self.gw.pairing.fingerprint
+        approved = expected is not None and normalize_fingerprint(expected) == fingerprint
+        approved = approved or bool(request.pairing_code)  # recorded before approvals existed
+        self.gw.agent = AgentInfo(
+            public_key=request.public_key,
+            key_id=request.key_id,
+            signing_key=request.signing_key or None,
+            fingerprint=fingerprint,
+            approved=approved,
+            approved_at=now if approved else None,
+            host=request.host,
+            installer_vm=request.installer_vm,
+            installer_address=request.installer_address,
+            registered_at=now,
+        )
+        self.gw.pairing.used = True
+        self.gw.overdue, self.gw.hints = False, []
+        if approved:
+            self._set_status(GatewayStatus.REGISTERED, "paired and approved; configure it next")
+        else:
+            self._set_status(GatewayStatus.PENDING, self._approval_hint(self.gw.agent))
         return self.gw
+
+    def _approval_hint(self, agent: AgentInfo) -> str:
+        return (
+            f"an agent on {agent.host or 'an unnamed host'} paired with key fingerprint "
+            f"{agent.fingerprint}: if it is the fingerprint your agent shows, approve it "
+            f"(kubegate gateway approve {self.gw.name} {agent.fingerprint}); if not, reset"
+        )
 
     @register.validator
     def _register_ok(self, request: RegisterRequest) -> None:
@@ -390,16 +456,116 @@ class GatewayWorkflow(NodeMachinery):
                 return  # the same agent again (a restart): nothing to do
             raise ApplicationError(
                 f"gateway {self.gw.name} is paired with another agent (key {agent.key_id}); "
-                "a gateway pairs once: delete it and create a new one to pair another",
+                "a gateway pairs once: reset it (before approval) or delete and create it",
                 type=errors.PAIRING_REFUSED,
                 non_retryable=True,
             )
+        if request.pairing_code:
+            raise invalid_spec(
+                "pairing_code: never sent; send pairing_proof (this agent is too old)"
+            )
+        if not request.pairing_proof or not request.signing_key:
+            raise invalid_spec("pairing_proof and signing_key: required to pair")
         if self.gw.status is not GatewayStatus.PENDING:
             raise invalid_state(f"gateway {self.gw.name} is {self.gw.status}: cannot pair now")
-        problem = self.gw.pairing.check(request.pairing_code, workflow.now())
+        problem = self.gw.pairing.usable(workflow.now())
         if problem is not None:
             raise ApplicationError(
                 f"gateway {self.gw.name}: {problem}",
+                type=errors.PAIRING_REFUSED,
+                non_retryable=True,
+            )
+
+    @workflow.update
+    def approve(self, request: ApproveRequest) -> GatewayState:
+        """The operator approves the paired agent: it may now get secrets and do work."""
+        agent = self.gw.agent
+        if agent is None:
+            raise invalid_state(f"gateway {self.gw.name} has no paired agent to approve")
+        agent.approved, agent.approved_at = True, workflow.now()
+        if self.gw.status is GatewayStatus.PENDING:
+            self._set_status(GatewayStatus.REGISTERED, "agent approved; configure it next")
+        else:
+            self._set_status(self.gw.status, "agent approved")
+        return self.gw
+
+    @workflow.update
+    def rekey(self, request: RekeyRequest) -> GatewayState:
+        """New agent keys (signed by the current ones); what the gateway keeps sealed is
+        replaced by the same secrets sealed to the new key. Clusters' own secrets stay
+        sealed to the old key, which the agent keeps for opening them."""
+        agent = self.gw.agent
+        if agent is None:
+            raise invalid_state(f"gateway {self.gw.name} has no agent to re-key")
+        for name, sealed in request.accounts.items():
+            account = self.gw.account(name)
+            if account is not None:
+                account.credentials = account.credentials.model_copy(update={"password": sealed})
+        if self.gw.config is not None and request.config_password is not None:
+            credentials = self.gw.config.credentials.model_copy(
+                update={"password": request.config_password}
+            )
+            self.gw.config = self.gw.config.model_copy(update={"credentials": credentials})
+            self.account = self.account.model_copy(update={"credentials": credentials})
+        agent.public_key, agent.key_id = request.public_key, request.key_id
+        agent.signing_key = request.signing_key
+        agent.fingerprint = fingerprint(
+            base64.b64decode(request.public_key), base64.b64decode(request.signing_key)
+        )
+        agent.approved_at = workflow.now()
+        self._set_status(self.gw.status, f"agent re-keyed (fingerprint {agent.fingerprint})")
+        return self.gw
+
+    @rekey.validator
+    def _rekey_ok(self, request: RekeyRequest) -> None:
+        agent = self.gw.agent
+        if agent is None or not agent.approved or not agent.signing_key:
+            raise invalid_state(f"gateway {self.gw.name} has no approved agent to re-key")
+        if self.busy or self.op is not None:
+            raise invalid_state(f"gateway {self.gw.name} is busy ({self.gw.status}): try later")
+        if not verify_signature(
+            agent.signing_key, request.statement(self.gw.name), request.signature
+        ):
+            raise ApplicationError(
+                "signature: not made by the gateway's current agent key",
+                type=errors.PAIRING_REFUSED,
+                non_retryable=True,
+            )
+        names_kept = {a.name for a in self.gw.accounts}
+        if set(request.accounts) != names_kept:
+            raise invalid_spec(
+                f"accounts: re-seal exactly {', '.join(sorted(names_kept)) or 'none'}"
+            )
+        for name, sealed in request.accounts.items():
+            account = self.gw.account(name)
+            assert account is not None
+            if sealed.key_id != request.key_id or sealed.binding != (
+                account.credentials.password.binding
+            ):
+                raise invalid_spec(f"accounts.{name}: not sealed to the new key for its use")
+        if (self.gw.config is None) != (request.config_password is None):
+            raise invalid_spec("config_password: give it exactly when the gateway is configured")
+        if (
+            self.gw.config is not None
+            and request.config_password is not None
+            and (
+                request.config_password.key_id != request.key_id
+                or request.config_password.binding != self.gw.config.credentials.password.binding
+            )
+        ):
+            raise invalid_spec("config_password: not sealed to the new key for its use")
+
+    @approve.validator
+    def _approve_ok(self, request: ApproveRequest) -> None:
+        agent = self.gw.agent
+        if agent is None:
+            raise invalid_state(f"gateway {self.gw.name} has no paired agent to approve yet")
+        if agent.approved:
+            raise invalid_state(f"gateway {self.gw.name}: agent {agent.fingerprint} is approved")
+        if normalize_fingerprint(request.fingerprint) != agent.fingerprint:
+            raise ApplicationError(
+                f"fingerprint: {request.fingerprint} is not the paired agent's; compare with "
+                "what the agent printed when it started (reset the gateway if it is not yours)",
                 type=errors.PAIRING_REFUSED,
                 non_retryable=True,
             )
@@ -472,11 +638,26 @@ class GatewayWorkflow(NodeMachinery):
                 f"gateway {self.gw.name} is {self.gw.status}: configure needs a registered "
                 "gateway (reset a failed one first)"
             )
-        if config.credentials.password.key_id != self.gw.agent.key_id:
+        self._require_sealed_for(config.credentials, default_account_name(self.gw.name))
+
+    def _require_sealed_for(self, credentials: VCenterCredentials, account: str) -> None:
+        """Refuse credentials not sealed to the approved agent for this account and vCenter."""
+        agent = self.gw.agent
+        if agent is None or not agent.approved:
+            raise invalid_state(
+                f"gateway {self.gw.name}: its agent is not approved; approve it first "
+                f"(kubegate gateway approve {self.gw.name} FINGERPRINT)"
+            )
+        if credentials.password.key_id != agent.key_id:
             raise invalid_spec(
                 "credentials.password: sealed to another key than this gateway's agent "
-                f"({self.gw.agent.key_id})"
+                f"({agent.key_id})"
             )
+        binding = credentials.password.binding
+        wanted = credentials.binding(self.gw.name, account)
+        if binding is None or binding != wanted:
+            what = "; ".join(binding.differences(wanted)) if binding else "no binding"
+            raise invalid_spec(f"credentials.password: sealed for another use ({what})")
 
     @workflow.update
     def reset(self, request: ResetRequest) -> GatewayState:
@@ -490,8 +671,9 @@ class GatewayWorkflow(NodeMachinery):
     @reset.validator
     def _reset_ok(self, request: ResetRequest) -> None:
         status = self.gw.status
+        unapproved = self.gw.agent is None or not self.gw.agent.approved
         resettable = status in (GatewayStatus.PROVISIONING, GatewayStatus.FAILED) or (
-            status is GatewayStatus.PENDING and self.gw.agent is None
+            status is GatewayStatus.PENDING and unapproved
         )
         if not resettable or self.busy or self.op in ("reset", "delete"):
             raise invalid_state(
@@ -594,32 +776,14 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     async def add_account(self, request: AccountRequest) -> AccountSummary:
         """Check the account (preflight on the agent) and keep it."""
-        self.busy += 1
-        self.agent_deadline = _AGENT_DEADLINE
-        try:
-            report = await self._agent(
-                "preflight_all",
-                PreflightRequest(
-                    account=request.name,
-                    gateway=self.gw.name,
-                    credentials=request.credentials,
-                    placement=request.placement,
-                    fresh_login=True,
-                ),
-                PreflightReport,
-                f"Preflight of cloud account {request.name} "
-                f"({request.credentials.username}@{request.credentials.endpoint.server})",
-                timeout=timedelta(minutes=2),
-            )
-        finally:
-            self.busy -= 1
-            self.agent_deadline = None if not self.busy else _AGENT_DEADLINE
-        failed = [r for r in report.results if r.status is CheckStatus.FAIL]
-        if failed:
-            raise invalid_spec(
-                f"cloud account {request.name} failed its checks: "
-                + "; ".join(f"{r.title} ({r.object}): {r.detail}" for r in failed[:5])
-            )
+        await self._check_on_agent(
+            request.name,
+            request.credentials,
+            request.placement,
+            f"Preflight of cloud account {request.name} "
+            f"({request.credentials.username}@{request.credentials.endpoint.server})",
+            f"cloud account {request.name} failed its checks",
+        )
         if self.gw.account(request.name) is not None:
             raise invalid_state(f"cloud account {request.name} exists already")
         account = CloudAccount(
@@ -633,6 +797,49 @@ class GatewayWorkflow(NodeMachinery):
         self._publish()
         return self._summary(account)
 
+    async def _check_on_agent(
+        self,
+        account: str,
+        credentials: VCenterCredentials,
+        placement: Placement | None,
+        summary: str,
+        refusal: str,
+    ) -> None:
+        """Preflight credentials on the agent before they are kept (the agent may use them
+        meanwhile: a check in progress); refused (InvalidSpec) naming what failed."""
+        self.busy += 1
+        self.agent_deadline = _AGENT_DEADLINE
+        check = AccountCheck(
+            workflow_id=workflow.info().workflow_id,
+            account=account,
+            digest=credentials.password.digest,
+        )
+        self.checks.append(check)
+        try:
+            report = await self._agent(
+                "preflight_all",
+                PreflightRequest(
+                    account=account,
+                    gateway=self.gw.name,
+                    credentials=credentials,
+                    placement=placement,
+                    fresh_login=True,
+                ),
+                PreflightReport,
+                summary,
+                timeout=timedelta(minutes=2),
+            )
+        finally:
+            self.checks.remove(check)
+            self.busy -= 1
+            self.agent_deadline = None if not self.busy else _AGENT_DEADLINE
+        failed = [r for r in report.results if r.status is CheckStatus.FAIL]
+        if failed:
+            raise invalid_spec(
+                f"{refusal}: "
+                + "; ".join(f"{r.title} ({r.object}): {r.detail}" for r in failed[:5])
+            )
+
     @add_account.validator
     def _add_account_ok(self, request: AccountRequest) -> None:
         if self.gw.status not in _ADMITTING or self.op == "delete":
@@ -641,12 +848,7 @@ class GatewayWorkflow(NodeMachinery):
             )
         if self.gw.account(request.name) is not None:
             raise invalid_state(f"cloud account {request.name} exists already")
-        assert self.gw.agent is not None
-        if request.credentials.password.key_id != self.gw.agent.key_id:
-            raise invalid_spec(
-                "credentials.password: sealed to another key than this gateway's agent "
-                f"({self.gw.agent.key_id})"
-            )
+        self._require_sealed_for(request.credentials, request.name)
 
     @workflow.update
     def delete_account(self, name: str) -> list[AccountSummary]:
@@ -698,6 +900,158 @@ class GatewayWorkflow(NodeMachinery):
                 f"gateway {self.gw.name} is {self.gw.status}: not configured, no vCenter to ask"
             )
 
+    @workflow.update
+    async def validate_account(self, request: AccountCheckRequest) -> PreflightReport:
+        """Check an account on the agent (a preflight child workflow) without keeping it."""
+        check = AccountCheck(
+            workflow_id=request.workflow_id,
+            account=request.name,
+            digest=request.credentials.password.digest,
+        )
+        self.checks.append(check)
+        self.busy += 1
+        try:
+            agent = self.gw.agent
+            report: PreflightReport = await workflow.execute_child_workflow(
+                "PreflightWorkflow",
+                PreflightRequest(
+                    account=request.name,
+                    gateway=self.gw.name,
+                    credentials=request.credentials,
+                    placement=request.placement,
+                    agent_signing_key=agent.signing_key if agent else None,
+                ),
+                id=request.workflow_id,
+                task_queue=workflow.info().task_queue,
+                result_type=PreflightReport,
+                execution_timeout=_AGENT_DEADLINE * 2,
+                static_summary=f"Preflight of cloud account {request.name} on gateway "
+                f"{self.gw.name}",
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "preflight"),
+                        SearchAttributePair(names.STATUS, "Running"),
+                        SearchAttributePair(names.GATEWAY, self.gw.name),
+                    ]
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            raise invalid_state(f"workflow {request.workflow_id} exists already") from None
+        except ChildWorkflowError as exc:
+            raise ApplicationError(
+                f"preflight of {request.name} did not finish: {exc.cause or exc}",
+                type="PreflightFailed",
+            ) from None
+        finally:
+            self.checks.remove(check)
+            self.busy -= 1
+        return report
+
+    @validate_account.validator
+    def _validate_account_ok(self, request: AccountCheckRequest) -> None:
+        if not request.workflow_id.startswith("preflight/"):
+            raise invalid_spec("workflow_id: must start with preflight/")
+        if self.gw.status is GatewayStatus.DELETED or self.op == "delete":
+            raise invalid_state(f"gateway {self.gw.name} is {self.gw.status}")
+        self._require_sealed_for(request.credentials, request.name)
+
+    @workflow.update
+    async def rotate_account(self, request: RotateRequest) -> AccountSummary:
+        """New credentials for an account: checked by preflight on the agent, then kept;
+        its clusters get them when their next work is scheduled."""
+        kept = self.gw.account(request.name)
+        if kept is None:
+            raise invalid_state(f"cloud account {request.name} was deleted meanwhile")
+        await self._check_on_agent(
+            request.name,
+            request.credentials,
+            kept.placement,
+            f"Preflight of new credentials of cloud account {request.name}",
+            f"new credentials of {request.name} failed their checks (the old ones are kept)",
+        )
+        account = self.gw.account(request.name)
+        if account is None:
+            raise invalid_state(f"cloud account {request.name} was deleted meanwhile")
+        account.credentials = request.credentials
+        if account.default and self.gw.config is not None:
+            self.gw.config = self.gw.config.model_copy(update={"credentials": request.credentials})
+            self.account = self.account.model_copy(update={"credentials": request.credentials})
+        self._publish()
+        return self._summary(account)
+
+    @rotate_account.validator
+    def _rotate_ok(self, request: RotateRequest) -> None:
+        account = self.gw.account(request.name)
+        if account is None:
+            raise invalid_spec(
+                f"name: gateway {self.gw.name} has no cloud account {request.name!r}"
+            )
+        if self.gw.status not in _ADMITTING or self.op == "delete" or self.busy:
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: rotation needs a Running gateway"
+            )
+        current = account.credentials
+        if (current.endpoint, current.username) != (
+            request.credentials.endpoint,
+            request.credentials.username,
+        ):
+            raise invalid_spec(
+                "credentials: rotation changes the password only; the vCenter and user stay "
+                f"{current.username}@{current.endpoint.address}"
+            )
+        self._require_sealed_for(request.credentials, request.name)
+
+    @workflow.query
+    def pairing_salt(self) -> str:
+        """The salt an agent needs to prove it holds the pairing code (not a secret)."""
+        return self.gw.pairing.salt
+
+    @workflow.query
+    def authorization(self) -> AgentAuthorization:
+        """What the agent may work for: this gateway, its live clusters and running checks,
+        with the live accounts' credentials (digests only) and the approved agent's key."""
+        agent = self.gw.agent
+        accounts = {a.name: a.credentials.password.digest for a in self.gw.accounts}
+        if self.gw.config is not None:
+            default = default_account_name(self.gw.name)
+            accounts.setdefault(default, self.gw.config.credentials.password.digest)
+        live = [
+            names.cluster_workflow_id(c.name)
+            for c in self.gw.clusters
+            if c.status != ClusterStatus.DELETED.value
+        ]
+        checking = [c.workflow_id for c in self.checks]
+        return AgentAuthorization(
+            gateway=self.gw.name,
+            status=self.gw.status.value,
+            agent_key_id=agent.key_id if agent is not None and agent.approved else None,
+            lifecycles=[names.gateway_workflow_id(self.gw.name), *live, *checking],
+            accounts=accounts if self.gw.status is not GatewayStatus.DELETED else {},
+            checking=list(self.checks),
+        )
+
+    @workflow.query
+    def cluster_account(self, name: str) -> AccountAnswer:
+        """A live account's current credentials and the approved agent's signing key."""
+        account = self.gw.account(name)
+        agent = self.gw.agent
+        if account is None or agent is None or not agent.approved:
+            return AccountAnswer()
+        return AccountAnswer(
+            account=ClusterAccount(
+                name=account.name,
+                gateway=self.gw.name,
+                credentials=account.credentials,
+                template="",
+                agent_signing_key=agent.signing_key,
+            )
+        )
+
+    @workflow.query(name="releasing")
+    def releasing_query(self) -> ReleaseIntent:
+        """The addresses this gateway is giving back right now (pools confirm with it)."""
+        return self.releasing
+
     @workflow.query
     def accounts(self) -> list[AccountSummary]:
         return [self._summary(a) for a in self.gw.accounts]
@@ -741,7 +1095,6 @@ class GatewayWorkflow(NodeMachinery):
                     account=ClusterAccount(
                         name=account.name,
                         gateway=self.gw.name,
-                        credentials=account.credentials,
                         template=cluster_template(spec, account),
                     ),
                     readiness=request.readiness,
@@ -803,23 +1156,51 @@ class GatewayWorkflow(NodeMachinery):
             raise invalid_state(f"cluster {spec.name} already exists ({record.status})")
 
     @workflow.signal
-    def cluster_changed(self, change: ClusterChanged) -> None:
-        """A cluster of this gateway changed status (it tells us; deleted ones are dropped)."""
+    async def cluster_changed(self, change: ClusterChanged) -> None:
+        """A cluster of this gateway says its new status. Anyone can send this signal, so a
+        "Deleted" is believed only once Temporal shows the cluster's workflow ended Deleted."""
         record = self.gw.cluster(change.name)
         if record is None:
             return  # not started through this gateway, or deleted already
-        if change.status == ClusterStatus.DELETED.value:
-            self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
-            self.gw.queue = [n for n in self.gw.queue if n != change.name]
-        else:
+        if change.status != ClusterStatus.DELETED.value:
             record.status = change.status
+            self._publish()
+            return
+        if workflow.patched(VERIFIED_DELETES):
+            self.verifying += 1
+            try:
+                fact: LifecycleFact = await workflow.execute_activity(
+                    "lifecycle_fact",
+                    LifecycleRef(workflow_id=names.cluster_workflow_id(change.name)),
+                    result_type=LifecycleFact,
+                    task_queue=names.CONTROL_TASK_QUEUE,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    heartbeat_timeout=timedelta(seconds=20),
+                    summary=f"Confirm cluster {change.name} has ended",
+                )
+            finally:
+                self.verifying -= 1
+            record = self.gw.cluster(change.name)
+            if record is None:
+                return
+            if not fact.closed:
+                workflow.logger.warning(
+                    "ignored a 'Deleted' for cluster %s: its workflow still runs", change.name
+                )
+                return
+            if not fact.deleted:
+                record.status = "Lost"  # ended without removing its VMs: still counts as used
+                self._publish()
+                return
+        self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
+        self.gw.queue = [n for n in self.gw.queue if n != change.name]
         self._publish()
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:
         """Status, pairing (without its hash), agent, configuration, steps, nodes, accounts,
         clusters, queue."""
-        hidden = self.gw.pairing.model_copy(update={"code_hash": "", "salt": ""})
+        hidden = self.gw.pairing.model_copy(update={"code_hash": "", "salt": "", "verifier": ""})
         return self.gw.model_copy(update={"pairing": hidden})
 
     # -- helpers --------------------------------------------------------------------------
@@ -837,6 +1218,10 @@ class GatewayWorkflow(NodeMachinery):
 
     def _owner(self) -> str:
         return names.gateway_workflow_id(self.gw.name)
+
+    def _agent_signing_key(self) -> str | None:
+        agent = self.gw.agent
+        return agent.signing_key if agent is not None and agent.approved else None
 
     def _fail(self, operation: Operation) -> None:
         """Failed in `operation` (its error is set); queued clusters keep waiting."""
@@ -906,3 +1291,13 @@ def render_details(gw: GatewayState) -> str:
     if gw.queue:
         lines += ["", "Queued: " + ", ".join(gw.queue)]
     return "\n".join(lines)
+
+
+def _fingerprint(request: RegisterRequest) -> str:
+    """The fingerprint of the keys an agent presents (what the operator approves)."""
+    try:
+        public = base64.b64decode(request.public_key)
+        signing = base64.b64decode(request.signing_key)
+    except ValueError:
+        return ""
+    return fingerprint(public, signing)

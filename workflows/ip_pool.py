@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -25,7 +28,12 @@ with workflow.unsafe.imports_passed_through():
         ReleaseRequest,
         ReleaseResult,
     )
+    from domain.trust import ConfirmRelease, ReleaseConfirmation
 
+
+#: patch: releases of a lifecycle's addresses are confirmed with the lifecycle first
+CONFIRMED_RELEASES = "confirmed-releases"
+_LIFECYCLES = ("cluster/", "gateway/")
 
 #: continue as new well before the server's per-run update limit (2,000 by default)
 MAX_UPDATES_PER_RUN = 1_000
@@ -148,9 +156,30 @@ class IpPoolWorkflow:
     # -- release ----------------------------------------------------------------------------
 
     @workflow.update
-    def release(self, request: ReleaseRequest) -> ReleaseResult:
-        """Give back the owner's addresses (all, or the named slots); repeating it is a no-op."""
+    async def release(self, request: ReleaseRequest) -> ReleaseResult:
+        """Give back the owner's addresses (all, or the named slots); repeating it is a no-op.
+
+        Anyone can send this Update, so a lifecycle's addresses are released only when
+        Temporal shows the lifecycle has ended or its own state says it is giving them back.
+        """
         self.updates += 1
+        if request.owner.startswith(_LIFECYCLES) and workflow.patched(CONFIRMED_RELEASES):
+            confirmation: ReleaseConfirmation = await workflow.execute_activity(
+                "confirm_release",
+                ConfirmRelease(owner=request.owner, pool=self.pool.spec.name, slots=request.slots),
+                result_type=ReleaseConfirmation,
+                task_queue=names.CONTROL_TASK_QUEUE,
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=RetryPolicy(maximum_attempts=5),
+                summary=f"Confirm {request.owner} gives its addresses back",
+            )
+            if not confirmation.confirmed:
+                raise ApplicationError(
+                    f"release refused: {confirmation.reason}; addresses of a lifecycle are "
+                    "released only by it or once it has ended",
+                    type=errors.NOT_AUTHORIZED,
+                    non_retryable=True,
+                )
         released = self.pool.release(request.owner, request.slots)
         self._publish()
         return ReleaseResult(released=released)

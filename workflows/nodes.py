@@ -26,10 +26,10 @@ from temporalio.exceptions import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import ValidationError
+    from pydantic import BaseModel, TypeAdapter, ValidationError
 
     from domain import errors, names
-    from domain.account import Placement, SealedSecret
+    from domain.account import Placement, SealedSecret, VCenterCredentials
     from domain.bootstrap import (
         NodeBootstrap,
         NodeNetwork,
@@ -56,6 +56,13 @@ with workflow.unsafe.imports_passed_through():
         Timing,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.trust import (
+        ReleaseIntent,
+        SignedResult,
+        canonical_json,
+        result_statement,
+        verified_body,
+    )
     from domain.vm import (
         CreateVmRequest,
         DestroyResult,
@@ -76,6 +83,40 @@ with workflow.unsafe.imports_passed_through():
     )
 
 T = TypeVar("T")
+
+#: patch: agent results are signed and verified (recorded once per run)
+SIGNED_RESULTS = "signed-agent-results"
+
+
+def verify_result(
+    raw: Any, arg: Any, activity: str, signing_key: str | None, result_type: type[T]
+) -> T | None:
+    """The result when the approved agent signed it for this request in this run, else None
+    (also for anything that is not a signed result at all)."""
+    try:
+        signed = SignedResult.model_validate(raw)
+    except ValidationError:
+        return None
+    info = workflow.info()
+    statement = result_statement(
+        info.workflow_id, info.run_id, activity, canonical_json([arg]), signed.body
+    )
+    body = verified_body(signed, signing_key, statement)
+    if body is None:
+        return None
+    try:
+        value: T = TypeAdapter(result_type).validate_json(body)
+    except ValidationError:
+        return None  # signed, but not the result this activity gives
+    return value
+
+
+def _with_credentials(arg: Any, credentials: VCenterCredentials) -> Any:
+    """The same request with other credentials (after a rotation)."""
+    if isinstance(arg, BaseModel) and "credentials" in type(arg).model_fields:
+        return arg.model_copy(update={"credentials": credentials})
+    return arg
+
 
 #: attempts an activity gets before its step fails
 RETRY_ATTEMPTS = 8
@@ -118,6 +159,8 @@ class NodeMachinery:
     account: ClusterAccount
     timing: Timing
     readiness: str
+    #: addresses this lifecycle is giving back right now (pools confirm releases with it)
+    releasing: ReleaseIntent
     secrets: SealedSecret | None
     refs: PlacementRefs | None
     refs_for: list[tuple[str, str, str, str]]
@@ -137,6 +180,8 @@ class NodeMachinery:
         _CURRENT.set(step)  # this task's step: its activities' attempts count here
         self._publish()
         try:
+            if self.account.credentials is None:  # not carried in inputs: fetch current ones
+                await self._refresh_account()
             await body(step)
             if step.state is StepState.RUNNING:  # a body may have said SKIPPED
                 step.state = StepState.DONE
@@ -201,7 +246,7 @@ class NodeMachinery:
         request = PreflightRequest(
             account=account.name,
             gateway=account.gateway,
-            credentials=account.credentials,
+            credentials=account.current,
             placement=placements[0],
             more_placements=placements[1:],
             fresh_login=False,
@@ -210,7 +255,7 @@ class NodeMachinery:
             "preflight_all",
             request,
             PreflightReport,
-            f"Preflight of {len(placements)} placement domain(s) as {account.credentials.username}",
+            f"Preflight of {len(placements)} placement domain(s) as {account.current.username}",
             timeout=timedelta(minutes=2),
         )
         step.objects = sorted(set(report.refs.values()))
@@ -408,7 +453,7 @@ class NodeMachinery:
             result = await self._agent(
                 "vm_power_on",
                 PowerOnRequest(
-                    credentials=self.account.credentials,
+                    credentials=self.account.current,
                     nodes=[(n.vm or "", n.name, n.address) for n in stopped],
                     wait_guest=True,
                     timeout_seconds=self.timing.readiness_minutes * 60,
@@ -491,7 +536,7 @@ class NodeMachinery:
         node.phase = "creating"
         self._publish()
         request = CreateVmRequest(
-            credentials=self.account.credentials,
+            credentials=self.account.current,
             name=node.name,
             instance_uuid=node.instance_uuid,
             owner=OwnerMark(cluster_id=self._owner(), pool=node.pool, node=node.name),
@@ -538,7 +583,7 @@ class NodeMachinery:
         result = await self._agent(
             "vm_wait_ready",
             ReadinessRequest(
-                credentials=self.account.credentials,
+                credentials=self.account.current,
                 mode=self.readiness,
                 nodes=[(n.vm or "", n.name, n.address) for n in nodes],
                 vip=self.state.vip,
@@ -571,19 +616,25 @@ class NodeMachinery:
         for node in nodes:
             if node.ip_pool is not None:
                 slots.setdefault(node.ip_pool, []).append(node.name)
-        await self._all(
-            [
-                self._control(
-                    "release_addresses",
-                    ReleaseAddresses(
-                        gateway=self.state.gateway, pool=pool, owner=self._owner(), slots=names_
-                    ),
-                    ReleaseResult,
-                    f"Release {len(names_)} address(es) to {pool}",
-                )
-                for pool, names_ in sorted(slots.items())
-            ]
-        )
+        for pool, names_ in slots.items():
+            self.releasing.pools[pool] = sorted(names_)
+        try:
+            await self._all(
+                [
+                    self._control(
+                        "release_addresses",
+                        ReleaseAddresses(
+                            gateway=self.state.gateway, pool=pool, owner=self._owner(), slots=names_
+                        ),
+                        ReleaseResult,
+                        f"Release {len(names_)} address(es) to {pool}",
+                    )
+                    for pool, names_ in sorted(slots.items())
+                ]
+            )
+        finally:
+            for pool in slots:
+                self.releasing.pools.pop(pool, None)
         removed = {n.name for n in nodes}
         step.objects = [n.vm for n in nodes if n.vm]
         step.detail = ", ".join(sorted(removed))
@@ -598,7 +649,7 @@ class NodeMachinery:
                 self._agent(
                     "vm_destroy",
                     DestroyVmRequest(
-                        credentials=self.account.credentials,
+                        credentials=self.account.current,
                         name=node.name,
                         instance_uuid=node.instance_uuid,
                         folder=self.state.folder_ref,
@@ -632,7 +683,7 @@ class NodeMachinery:
         sweep = await self._agent(
             "vm_sweep",
             SweepRequest(
-                credentials=self.account.credentials,
+                credentials=self.account.current,
                 datacenter=self.state.spec.placement.datacenter,
                 cluster_id=self._owner(),
             ),
@@ -655,17 +706,23 @@ class NodeMachinery:
             step.detail = "DHCP: no addresses held"
             return
         owner = self._owner()
-        await self._all(
-            [
-                self._control(
-                    "release_addresses",
-                    ReleaseAddresses(gateway=self.state.gateway, pool=pool, owner=owner),
-                    ReleaseResult,
-                    f"Release every address of {owner} in {pool}",
-                )
-                for pool in pools
-            ]
-        )
+        for pool in pools:
+            self.releasing.pools[pool] = None
+        try:
+            await self._all(
+                [
+                    self._control(
+                        "release_addresses",
+                        ReleaseAddresses(gateway=self.state.gateway, pool=pool, owner=owner),
+                        ReleaseResult,
+                        f"Release every address of {owner} in {pool}",
+                    )
+                    for pool in pools
+                ]
+            )
+        finally:
+            for pool in pools:
+                self.releasing.pools.pop(pool, None)
         left = await self._all(
             [
                 self._control(
@@ -700,7 +757,7 @@ class NodeMachinery:
     def _folder_request(self) -> FolderRequest:
         spec = self.state.spec
         return FolderRequest(
-            credentials=self.account.credentials,
+            credentials=self.account.current,
             datacenter=spec.placement.datacenter,
             parent=spec.placement.folder,
             name=spec.name,
@@ -762,7 +819,7 @@ class NodeMachinery:
             self.refs = await self._agent(
                 "vm_resolve_placement",
                 PlacementRequest(
-                    credentials=self.account.credentials,
+                    credentials=self.account.current,
                     datacenter=self.state.spec.placement.datacenter,
                     template=self.account.template,
                     domains=self._distinct_domains(),
@@ -795,23 +852,72 @@ class NodeMachinery:
         heartbeat: bool = False,
         retry: RetryPolicy = _RETRY,
     ) -> T:
-        result: T = await workflow.execute_activity(
-            activity,
-            arg,
-            result_type=result_type,
-            task_queue=names.gateway_task_queue(self.state.gateway),
-            start_to_close_timeout=timeout,
-            schedule_to_close_timeout=self.agent_deadline,
-            heartbeat_timeout=(
-                timedelta(seconds=self.timing.heartbeat_seconds) if heartbeat else None
-            ),
-            retry_policy=retry,
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            summary=summary,
-        )
+        """Run an agent activity; its result counts only when the approved agent signed it."""
+        signed = workflow.patched(SIGNED_RESULTS)
+        forged = 0
+        refreshed = rekeyed = False
+        while True:
+            try:
+                raw = await workflow.execute_activity(
+                    activity,
+                    arg,
+                    # signed: taken as plain JSON, so a payload of any shape is refused below
+                    # instead of failing the workflow task
+                    result_type=None if signed else result_type,
+                    task_queue=names.gateway_task_queue(self.state.gateway),
+                    start_to_close_timeout=timeout,
+                    schedule_to_close_timeout=self.agent_deadline,
+                    heartbeat_timeout=(
+                        timedelta(seconds=self.timing.heartbeat_seconds) if heartbeat else None
+                    ),
+                    retry_policy=retry,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                    summary=summary,
+                )
+            except ActivityError as exc:
+                cause = exc.cause
+                stale = isinstance(cause, ApplicationError) and (
+                    cause.type == errors.STALE_CREDENTIALS
+                )
+                if signed and stale and not refreshed and await self._refresh_account():
+                    refreshed = True  # rotated meanwhile: the same request, current credentials
+                    arg = _with_credentials(arg, self.account.current)
+                    continue
+                raise
+            if not signed:
+                result: T = raw
+                break
+            verified = verify_result(raw, arg, activity, self._agent_signing_key(), result_type)
+            if verified is None and not rekeyed and await self._refresh_account():
+                rekeyed = True  # the agent may have been re-keyed: check with its current key
+                verified = verify_result(raw, arg, activity, self._agent_signing_key(), result_type)
+            if verified is not None:
+                result = verified
+                break
+            forged += 1
+            step = _CURRENT.get()
+            note = f"forged result from a worker that is not the gateway's agent ({forged})"
+            workflow.logger.warning("%s: %s", activity, note)
+            if step is not None:
+                step.detail = note
+                self._publish()
+            if forged >= RETRY_ATTEMPTS:
+                raise ApplicationError(
+                    f"{activity}: {note}: refusing it",
+                    type=errors.FORGED_RESULT,
+                    non_retryable=True,
+                )
         self.state.vcenter_requests += int(getattr(result, "vcenter_requests", 0) or 0)
         self._attempted(result)
         return result
+
+    def _agent_signing_key(self) -> str | None:
+        """The approved agent's signing key (each workflow says where it keeps it)."""
+        return self.account.agent_signing_key
+
+    async def _refresh_account(self) -> bool:
+        """Fetch the account's current credentials; False when the workflow cannot."""
+        return False
 
     async def _control(
         self,

@@ -8,6 +8,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from domain import errors, names
@@ -21,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
         PreflightRequest,
         skipped,
     )
+    from workflows.nodes import RETRY_ATTEMPTS, SIGNED_RESULTS, verify_result
 
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -51,25 +53,58 @@ class PreflightWorkflow:
             activity: str, arg: Any, summary: str, result: type[CheckBatch] = CheckBatch
         ) -> CheckBatch:
             nonlocal requests
-            batch: CheckBatch = await workflow.execute_activity(
-                activity,
-                arg,
-                result_type=result,
-                task_queue=queue,
-                start_to_close_timeout=timedelta(seconds=90),
-                schedule_to_start_timeout=timedelta(minutes=2),
-                retry_policy=_RETRY,
-                summary=summary,
+            signed = workflow.patched(SIGNED_RESULTS)
+            for _ in range(RETRY_ATTEMPTS):
+                raw = await workflow.execute_activity(
+                    activity,
+                    arg,
+                    result_type=None if signed else result,
+                    task_queue=queue,
+                    start_to_close_timeout=timedelta(seconds=90),
+                    schedule_to_start_timeout=timedelta(minutes=2),
+                    retry_policy=_RETRY,
+                    summary=summary,
+                )
+                batch = (
+                    verify_result(raw, arg, activity, request.agent_signing_key, result)
+                    if signed
+                    else raw
+                )
+                if batch is not None:
+                    requests += batch.vcenter_requests
+                    return batch
+                workflow.logger.warning("%s: forged result (not the gateway's agent)", activity)
+            raise ApplicationError(
+                f"{activity}: results not signed by the gateway's approved agent",
+                type=errors.FORGED_RESULT,
+                non_retryable=True,
             )
-            requests += batch.vcenter_requests
-            return batch
 
         endpoint, user = request.credentials.endpoint, request.credentials.username
         self._phase = "connecting"
         self._show(request)
-        connection = await step(
-            "preflight_connection", request, f"Connect to {endpoint.address} as {user}"
-        )
+        try:
+            connection = await step(
+                "preflight_connection", request, f"Connect to {endpoint.address} as {user}"
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if not (isinstance(cause, ApplicationError) and cause.type == errors.POLICY_REFUSED):
+                raise
+            # the agent's local policy forbids this vCenter or trust: nothing was contacted
+            connection = CheckBatch(
+                results=[
+                    CheckResult(
+                        check="agent.policy",
+                        title="Allowed by the gateway agent's policy",
+                        status=CheckStatus.FAIL,
+                        object=endpoint.address,
+                        detail=cause.message,
+                        remedy="use a vCenter and trust the agent's policy lists, or have the "
+                        "datacenter operator add it to policy.yaml beside the agent's key",
+                    )
+                ]
+            )
         self._results += connection.results
         failed = any(r.status is CheckStatus.FAIL for r in connection.results)
         placement = request.placement

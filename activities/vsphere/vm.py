@@ -705,6 +705,9 @@ class VmActivities:
                 with contextlib.suppress(vim.fault.InvalidPowerState):
                     self._await(session, vm.PowerOffVM_Task(), progress)
             result.power_state = "poweredOff"
+            if clear_pairing_code(session, vm):
+                self._await(session, clear_pairing_code(session, vm, apply=True), progress)
+                result.note = "pairing code removed from its properties"
 
         with request_meter() as meter, activity.shield_thread_cancel_exception():
             self._call(request.credentials, f"{request.action} installer {request.vm}", run)
@@ -727,6 +730,42 @@ class VmActivities:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+PAIRING_CODE_PROPERTY = "kubegate.pairing_code"
+
+
+def clear_pairing_code(session: VSphereSession, vm: Any, apply: bool = False) -> Any:
+    """Whether the installer still carries its (used) pairing code; with `apply`, the
+    reconfigure task that blanks it (in its vApp properties, or the extraConfig key the
+    simulator keeps them in)."""
+    props = retrieve(session, [vm], ["config.vAppConfig", "config.extraConfig"]).get(ref(vm), {})
+    vapp = props.get("config.vAppConfig")
+    spec = vim.vm.ConfigSpec()
+    if vapp is not None and vapp.property:
+        found = [
+            p
+            for p in vapp.property
+            if ".".join(x for x in (p.classId, p.id, p.instanceId) if x) == PAIRING_CODE_PROPERTY
+            and (p.value or p.defaultValue)
+        ]
+        if not found:
+            return None
+        spec.vAppConfig = vim.vApp.VmConfigSpec(
+            property=[
+                vim.vApp.PropertySpec(
+                    operation="edit",
+                    info=vim.vApp.PropertyInfo(key=p.key, value="", defaultValue=""),
+                )
+                for p in found
+            ]
+        )
+    else:
+        extra = props.get("config.extraConfig") or []
+        if not any(o.key == PAIRING_CODE_PROPERTY and o.value for o in extra):
+            return None
+        spec.extraConfig = [vim.option.OptionValue(key=PAIRING_CODE_PROPERTY, value="")]
+    return vm.ReconfigVM_Task(spec) if apply else True
 
 
 def _not_found(what: str, path: str) -> ApplicationError:

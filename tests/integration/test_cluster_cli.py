@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from domain.ipam import IpPoolSpec
 from starters.client import KubegateClient
 from starters.settings import Settings
 from tests.conftest import GATEWAY
@@ -123,7 +124,20 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     kubegate: KubegateClient,
     tmp_path: Path,
 ) -> None:
-    await make_pool(kubegate, "cli-pool", 81)
+    # 6 addresses: the VIP and two nodes, then room for one more
+    await kubegate.create_pool(
+        IpPoolSpec.model_validate(
+            {
+                "name": "cli-pool",
+                "gateway": GATEWAY,
+                "kind": "range",
+                "first": "10.81.0.10",
+                "last": "10.81.0.15",
+                "prefix": 24,
+                "network_gateway": "10.81.0.1",
+            }
+        )
+    )
     write_account(settings, sim)
     account_file = str(settings.home / "accounts" / "cliacct.yaml")
     code, output = await run_cli(settings, "account", "create", "-f", account_file)
@@ -131,6 +145,18 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     code, output = await run_cli(settings, "account", "create", "-f", account_file)
     assert code == 2 and "exists already" in output, output
     path = tmp_path / "cluster.yaml"
+
+    # what the spec names must exist, checked before anything starts
+    for data, expected in [
+        (base("no-such-pool"), "has no IP pool 'no-such-pool'"),
+        ({**base("cli-pool"), "cloud_account": "nobody"}, "no gateway has a cloud account"),
+        (changed("workers.0.size", 6, base("cli-pool")), "the cluster needs 8"),
+    ]:
+        path.write_text(yaml.safe_dump(data))
+        code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path))
+        assert code == 2 and expected in output, output
+        code, output = await run_cli(settings, "cluster", "get", "cli")
+        assert code == 2 and "does not exist" in output, output
     path.write_text(yaml.safe_dump(base("cli-pool")))
 
     code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path), "--wait")
@@ -153,8 +179,26 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     code, output = await run_cli(settings, "cluster", "scale", "cli", "nope", "--size", "2")
     assert code == 2 and "no worker pool named 'nope'" in output, output
 
+    # beyond the pool's free addresses: refused before anything changes
+    code, output = await run_cli(settings, "cluster", "scale", "cli", "w", "--size", "10")
+    assert code == 2 and "has 3 free address(es); the change needs 9" in output, output
+    state = await kubegate.cluster_state("cli")
+    assert state.status.value == "Running" and len(state.nodes) == 2
+    assert state.spec.workers[0].size == 1
+
     code, output = await run_cli(settings, "cluster", "scale", "cli", "w", "--size", "2")
     assert code == 0 and "added cli-w-1" in output, output
+
+    # a pool whose steps fail is not kept in the spec
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text(
+        yaml.safe_dump({"name": "bad", "size": 1, "placement": [domain("DC0_NOPE", "cli-pool")]})
+    )
+    code, output = await run_cli(settings, "cluster", "add-pool", "cli", "-f", str(pool_path))
+    assert code == 1, output
+    state = await kubegate.cluster_state("cli")
+    assert state.status.value == "Failed"
+    assert [p.name for p in state.spec.workers] == ["w"]
 
     code, output = await run_cli(settings, "cluster", "delete", "cli", "--wait")
     assert code == 0, output
@@ -162,7 +206,7 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")
     assert json.loads(output)["status"] == "Deleted"
     code, output = await run_cli(settings, "cluster", "get", "nope")
-    assert code == 1 and "does not exist" in output, output
+    assert code == 2 and "does not exist" in output, output
     code, output = await run_cli(settings, "account", "list", "-o", "json")
     assert code == 0 and "cliacct" in [a["name"] for a in json.loads(output)], output
     assert sim.password not in output

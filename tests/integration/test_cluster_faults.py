@@ -27,11 +27,13 @@ from tests.integration.test_cluster import (
 from tests.support import (
     INVENTORY,
     Vcsim,
+    agent_policy,
     configure_system_gateway,
     ensure_account,
     record_history,
     system_gateway,
 )
+from workers.gateway_agent import load_key, policy_path
 
 pytestmark = pytest.mark.integration
 
@@ -125,19 +127,35 @@ async def test_abort_after_vm_creation_while_nodes_start(
 
 
 class AgentProcess:
-    """A gateway agent in its own process, so it can be killed like a crashed one."""
+    """A gateway agent in its own process, so it can be killed like a crashed one. Its first
+    start may get a pairing code, in a 0600 file of its own (KUBEGATE_PAIRING_CODE_FILE)."""
 
     def __init__(self, settings: Settings, gateway: str, code: str | None) -> None:
-        self.settings, self.gateway, self.code = settings, gateway, code
+        self.settings, self.gateway = settings, gateway
+        self.code_file: Path | None = None
+        if code is not None:
+            self.code_file = settings.agent_dir(gateway) / "pairing-code"
+            fd = os.open(self.code_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(code + "\n")
         self.process: subprocess.Popen[bytes] | None = None
+
+    def paired(self) -> None:
+        """The code is used up: remove its file; later starts pair from the key alone."""
+        if self.code_file is not None:
+            self.code_file.unlink(missing_ok=True)
+            self.code_file = None
 
     def start(self) -> None:
         env = {
-            **os.environ,
-            "KUBEGATE_HOME": str(self.settings.home),
-            "KUBEGATE_TEMPORAL_ADDRESS": self.settings.temporal_address,
-            **({"KUBEGATE_PAIRING_CODE": self.code} if self.code else {}),
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("KUBEGATE_PAIRING_CODE", "KUBEGATE_PAIRING_CODE_FILE")
         }
+        env["KUBEGATE_HOME"] = str(self.settings.home)
+        env["KUBEGATE_TEMPORAL_ADDRESS"] = self.settings.temporal_address
+        if self.code_file is not None:
+            env["KUBEGATE_PAIRING_CODE_FILE"] = str(self.code_file)
         log = open(self.settings.home / f"agent-{self.gateway}.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "starters.cli", "gateway", "agent", self.gateway],
@@ -162,12 +180,19 @@ async def crash_agent(
     settings: Settings, kubegate: KubegateClient, slow: Vcsim
 ) -> AsyncIterator[AgentProcess]:
     """A system gateway 'crash' whose agent (paired with the code at its first start) runs in
-    its own process."""
+    its own process: its key made first and the gateway created with its fingerprint (so it is
+    approved as it pairs), its policy allowing the test simulators."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    code = await system_gateway(kubegate, "crash", slow)
+    key = load_key(settings, "crash")
+    agent_policy(policy_path(settings, "crash"), "crash")
+    code = await system_gateway(kubegate, "crash", slow, fingerprint=key.fingerprint)
     agent = AgentProcess(settings, "crash", code)
     agent.start()
     assert await kubegate.agent_is_polling("crash", wait=30)
+    agent.paired()
+    state = await kubegate.gateway_state("crash")
+    assert state.agent is not None and state.agent.approved
+    assert state.agent.fingerprint == key.fingerprint
     if code is not None:
         await configure_system_gateway(kubegate, "crash", slow)
     yield agent

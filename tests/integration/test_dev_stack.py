@@ -8,19 +8,26 @@ import asyncio
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import yaml
+from temporalio.client import Client
 
+from activities.guard import load_policy
+from domain import names
 from domain.gateway import GatewayState, GatewayStatus
 from starters.client import KubegateClient
 from starters.dev import DevStack, DevStackError
 from starters.settings import Settings
-from tests.support import ensure_vcsim_built
+from tests.support import Vcsim, ensure_vcsim_built
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +40,78 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: what `dev up` runs with but never passes on
+INHERITED_SECRETS = {
+    "KUBEGATE_VCSIM_PASSWORD": "inherited-vcsim-password-3e1",
+    "KUBEGATE_CODEC_KEY_PASSWORD": "inherited-key-password-9b2",
+    "DB_PASSWORD": "inherited-db-password-5c7",
+}
+#: what a process of the stack may inherit besides KUBEGATE_* settings
+ALLOWED = {"PATH", "HOME", "LANG", "TZ"}
+
+
+def assert_private(home: Path) -> None:
+    """Directories 0700, files 0600 (0700 if executable), the SQLite database among them."""
+    assert (home / "temporal.db").exists()
+    for root, _, files in os.walk(home):
+        assert stat.S_IMODE(Path(root).stat().st_mode) == 0o700, root
+        for name in files:
+            path = Path(root, name)
+            if path.is_symlink():
+                continue
+            mode = stat.S_IMODE(path.stat().st_mode)
+            assert mode in (0o600, 0o700), f"{path} {mode:o}"
+
+
+def assert_no_secret(pid: int, secrets: list[str]) -> None:
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    for secret in secrets:
+        assert secret not in cmdline, (pid, cmdline)
+        assert secret not in environ, pid
+    keys = {entry.partition("=")[0] for entry in environ.split("\0") if entry}
+    foreign = {k for k in keys if k not in ALLOWED and not k.startswith(("LC_", "KUBEGATE_"))}
+    assert not foreign, (pid, foreign)
+    assert not {k for k in keys if "PASSWORD" in k or "SECRET" in k}, (pid, keys)
+
+
+async def encrypted_gateway_input(client: KubegateClient) -> bool:
+    """The gateway workflow's input, read without the codec: encrypted with the stack's key."""
+    raw = await Client.connect(client.client.service_client.config.target_host)
+    history = await raw.get_workflow_handle(names.gateway_workflow_id("local")).fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    return all(p.metadata["encoding"] == b"binary/encrypted" for p in started.input.payloads)
+
+
+def assert_policy_allows_simulator(home: Path, gateway: str, stack: DevStack) -> None:
+    """The agent's policy.yaml (0600, beside its key) allows exactly the simulator, pinned."""
+    path = home / "agents" / gateway / "policy.yaml"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    policy = load_policy(path)
+    endpoint = stack.gateway_file().vcenter.endpoint()
+    assert policy.gateway == gateway and policy.endpoint_problem(endpoint) is None
+    assert [(vc.trust, vc.thumbprint) for vc in policy.vcenters] == [
+        ("thumbprint", endpoint.thumbprint)
+    ]
+
+
+def test_vcsim_reads_its_password_from_a_file(tmp_path: Path) -> None:
+    sim = Vcsim(tmp_path, password="from-a-file-42").start()
+    try:
+        cmdline = Path(f"/proc/{sim.process.pid}/cmdline").read_bytes()  # type: ignore[union-attr]
+        assert b"from-a-file-42" not in cmdline and b"-password-file" in cmdline
+        Vcsim.disconnect(sim.connect())  # the password from the file logs in
+    finally:
+        sim.stop()
+    both = subprocess.run(
+        [str(ensure_vcsim_built()), "-password", "x", "-password-file", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert both.returncode == 1 and "not both" in both.stderr
+
+
 def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -42,6 +121,8 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         "KUBEGATE_VCSIM_ADDRESS": f"127.0.0.1:{free_port()}",
         "KUBEGATE_VCSIM_BINARY": str(ensure_vcsim_built()),
         "COLUMNS": "200",
+        # secrets `dev up` must not hand to the processes it starts
+        **INHERITED_SECRETS,
     }
 
     def kubegate(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -79,24 +160,81 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
             "gateway local   Running (system gateway; default cloud account local-default)"
             in up.stdout
         ), up.stdout
+        # the agent's key made first, the gateway created with its fingerprint (so approved as
+        # it paired), its policy written for the simulator, the code's file gone
+        stack = DevStack(settings)
+        local_key = stack.agent_key("local")
+        assert f"agent local     fingerprint {local_key.fingerprint}, approved" in up.stdout
+        assert "agent policy    written: <home>/agents/local/policy.yaml" in up.stdout
+        assert_policy_allows_simulator(home, "local", stack)
+        assert not (home / "agents" / "local" / "pairing-code").exists()
 
         again = kubegate("dev", "up")  # idempotent: nothing started twice, nothing paired again
         assert again.returncode == 0, again.stdout + again.stderr
         assert again.stdout.count("running") == 4, again.stdout
         assert "gateway local   Running" in again.stdout
+        assert "agent policy    kept: <home>/agents/local/policy.yaml" in again.stdout
 
         gateway = gateway_state("local")
         assert (gateway.status, gateway.system) == (GatewayStatus.RUNNING, True)
         assert [a.name for a in gateway.accounts] == ["local-default"]
+        assert gateway.agent is not None and gateway.agent.approved
+        assert gateway.agent.fingerprint == local_key.fingerprint
 
-        # a gateway of the demo's kind: its agent pairs with the code from the environment,
-        # runs in the background, is listed and stopped by `dev down`; none for `local`
+        # a gateway of the demo's kind: its agent pairs with the code from a file (copied to a
+        # 0600 file of the agent's, removed once it paired), runs in the background, is listed
+        # and stopped by `dev down`; none for `local`. Created without the fingerprint, it waits
+        # for the operator to approve the one the agent printed.
         _, code = run(lambda client: client.create_gateway("side"))
-        side = kubegate("-m", "starters.dev_cli", "agent", "side", KUBEGATE_PAIRING_CODE=code)
+        code_file = tmp_path / "side-pairing-code"
+        code_file.write_text(code + "\n")
+        code_file.chmod(0o600)
+        side = kubegate(
+            "-m", "starters.dev_cli", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file)
+        )
         assert side.returncode == 0, side.stdout + side.stderr
         assert "agent-side      started" in side.stdout
+        side_key = stack.agent_key("side")
+        flat = " ".join(side.stdout.split())
+        assert f"key fingerprint {side_key.fingerprint}: not approved yet" in flat, flat
+        assert f"kubegate gateway approve side {side_key.fingerprint}" in flat, flat
+        printed = (home / "agents" / "side" / "agent.out").read_text()
+        assert f"key fingerprint {side_key.fingerprint}" in printed  # on the agent's console
+        assert not (home / "agents" / "side" / "pairing-code").exists()
+        assert_policy_allows_simulator(home, "side", stack)
+        pending = gateway_state("side")
+        assert pending.status is GatewayStatus.PENDING, pending.status
+        assert pending.agent is not None and pending.agent.fingerprint == side_key.fingerprint
+        run(lambda client: client.approve_agent("side", side_key.fingerprint))
         assert gateway_state("side").status is GatewayStatus.REGISTERED
-        stack = DevStack(settings)
+        # approved, it works on the simulator (its policy) and pins its gateway's workflow
+        side_account = tmp_path / "side-account.yaml"
+        data = yaml.safe_load((home / "accounts" / "dev.yaml").read_text())
+        side_account.write_text(yaml.safe_dump({**data, "gateway": "side"}))
+        check = kubegate("account", "validate", "-f", str(side_account))
+        assert check.returncode == 0 and "passed" in check.stdout, check.stdout + check.stderr
+        assert (home / "agents" / "side" / "gateway.pin").exists()
+        # deleted and created again (now with the fingerprint: approved as it pairs): the same
+        # agent pairs with the new gateway, forgetting the old one's pin, and works again
+        run(lambda client: client.delete_gateway("side"))
+        run(
+            lambda client: client.wait_gateway(
+                "side", lambda s: s.status is GatewayStatus.DELETED, timeout=60
+            )
+        )
+        _, code2 = run(
+            lambda client: client.create_gateway("side", fingerprint=side_key.fingerprint)
+        )
+        code_file.write_text(code2 + "\n")
+        again_side = kubegate(
+            "-m", "starters.dev_cli", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file)
+        )
+        assert again_side.returncode == 0, again_side.stdout + again_side.stderr
+        assert "agent-side      started" in again_side.stdout
+        assert f"key fingerprint {side_key.fingerprint} (approved)" in again_side.stdout
+        assert gateway_state("side").status is GatewayStatus.REGISTERED
+        check = kubegate("account", "validate", "-f", str(side_account))
+        assert check.returncode == 0 and "passed" in check.stdout, check.stdout + check.stderr
         assert asyncio.run(stack.agent("side")) == "running"  # paired and running: left alone
         with pytest.raises(DevStackError, match="dev up` runs its agent"):
             asyncio.run(stack.agent("local"))
@@ -114,10 +252,43 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         agent_log = home / "agents" / "local" / "agent.log"
         assert "paired" in agent_log.read_text()
 
+        # hygiene: a private home; no password on a command line or in an environment; the
+        # simulator read its password from its file (the gateway reached it: Running above)
+        assert_private(home)
+        sim_password = (home / "vcsim-password").read_text().strip()
+        for row in status:
+            secrets = [sim_password, code, code2, *INHERITED_SECRETS.values()]
+            assert_no_secret(int(row["pid"]), secrets)
+        vcsim_pid = next(int(row["pid"]) for row in status if row["component"] == "vcsim")
+        assert "-password-file" in Path(f"/proc/{vcsim_pid}/cmdline").read_bytes().decode()
+        # the stack's payload key: every process uses it, histories hold only ciphertext
+        assert (home / "codec.key").exists()
+        assert run(encrypted_gateway_input)
+
         account = home / "accounts" / "dev.yaml"
         check = kubegate("account", "validate", "-f", str(account))
         assert check.returncode == 0, check.stdout + check.stderr
         assert "passed" in check.stdout
+
+        # what the Web UI's API answers (every workflow's history) and every file under the
+        # home hold neither the simulator's password nor a pairing code
+        ui = f"http://127.0.0.1:{env['KUBEGATE_UI_PORT']}/api/v1/namespaces/default/workflows"
+        listed = json.loads(urllib.request.urlopen(ui, timeout=30).read())
+        ids = [w["execution"]["workflowId"] for w in listed.get("executions", [])]
+        assert "gateway/local" in ids and "gateway/side" in ids, ids
+        answers = [json.dumps(listed)]
+        for workflow_id in ids:
+            quoted = urllib.parse.quote(workflow_id, safe="")
+            url = f"{ui}/{quoted}/history?maximumPageSize=1000"
+            answers.append(urllib.request.urlopen(url, timeout=30).read().decode())  # noqa: S310
+        for answer in answers:
+            for secret in (sim_password, code, code2):
+                assert secret not in answer
+        for path in home.rglob("*"):
+            if path.is_file() and path.name != "vcsim-password":
+                data = path.read_bytes()
+                for secret in (sim_password, code, code2):
+                    assert secret.encode() not in data, path
 
         # the agent's key gone: the gateway cannot pair again; `dev up` says how to recover
         keys = home / "agents" / "local"

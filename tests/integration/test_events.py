@@ -16,9 +16,9 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
-from domain.account import VCenterCredentials, VCenterEndpoint
+from domain.account import VCenterCredentials, VCenterEndpoint, password_binding
 from domain.events import EventsRequest, EventsResult, TaskRecord
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, seal
+from domain.sealing import AgentKey, seal
 from tests.support import ADMIN, TEMPLATE, Vcsim
 
 pytestmark = pytest.mark.integration
@@ -40,12 +40,12 @@ class World:
 @pytest.fixture(scope="module")
 def world(vcsim: Vcsim) -> Any:
     key = AgentKey.generate()
+    endpoint = VCenterEndpoint(
+        server="127.0.0.1", port=vcsim.info["port"], thumbprint=vcsim.thumbprint
+    )
+    use = password_binding(key.gateway, "events", endpoint, ADMIN)
     creds = VCenterCredentials(
-        endpoint=VCenterEndpoint(
-            server="127.0.0.1", port=vcsim.info["port"], thumbprint=vcsim.thumbprint
-        ),
-        username=ADMIN,
-        password=seal(vcsim.password, key.public_bytes, PASSWORD_PURPOSE),
+        endpoint=endpoint, username=ADMIN, password=seal(vcsim.password, key.public_bytes, use)
     )
     name = f"events-{uuid.uuid4().hex[:6]}"
     si = vcsim.connect()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from tests.support import (
     INVENTORY,
     PLACEMENT,
     Vcsim,
+    agent_policy,
     history_text,
     record_history,
     run_cli,
@@ -82,8 +84,13 @@ async def agent_of(
     temporal: WorkflowEnvironment, sessions: SessionPool, gateway: str, key: AgentKey
 ) -> AsyncIterator[None]:
     """The gateway's agent, in this process, polling its own task queue."""
+    policy = agent_policy(
+        Path(tempfile.mkdtemp(prefix=f"agent-{gateway}-")) / "policy.yaml", gateway
+    )
     with ThreadPoolExecutor(max_workers=16) as executor:
-        async with build_agent(temporal.client, gateway, key, sessions, executor, 16):
+        async with build_agent(
+            temporal.client, gateway, key, sessions, executor, 16, policy=policy
+        ):
             yield
 
 
@@ -160,6 +167,18 @@ def vms_in(sim: Vcsim, path: str) -> list[str] | None:
         sim.disconnect(si)
 
 
+def installer_properties(sim: Vcsim, path: str) -> dict[str, str]:
+    """The kubegate.* properties vCenter keeps for the installer VM."""
+    from activities.vsphere.ovf import vapp_properties
+
+    si = sim.connect()
+    try:
+        vm = si.RetrieveContent().searchIndex.FindByInventoryPath(path)
+        return vapp_properties(vm.config.vAppConfig, vm.config.extraConfig)
+    finally:
+        sim.disconnect(si)
+
+
 def vm_power(sim: Vcsim, path: str) -> str | None:
     si = sim.connect()
     try:
@@ -215,8 +234,16 @@ async def test_gateway_story(
         state = await kubegate.register_agent(
             name, key, read.pairing_code, installer_vm=installed.inventory_path
         )
-        assert state.status is GatewayStatus.REGISTERED
+        # paired, but nothing is sealed to it until the operator approves its fingerprint
+        assert state.status is GatewayStatus.PENDING, state.reason
         assert state.agent is not None and state.agent.public_key == key.public_key_b64
+        assert key.fingerprint in state.reason and not state.agent.approved
+        with pytest.raises(RequestRefused, match="not approved"):
+            await kubegate.gateway_public_key(name)
+        with pytest.raises(RequestRefused, match="not the paired agent"):
+            await kubegate.approve_agent(name, AgentKey.generate().fingerprint)
+        state = await kubegate.approve_agent(name, key.fingerprint)
+        assert state.status is GatewayStatus.REGISTERED
         again = await kubegate.register_agent(name, key, None)  # a restart: nothing to do
         assert again.status is GatewayStatus.REGISTERED
         with pytest.raises(RequestRefused, match="paired with another agent"):
@@ -256,6 +283,11 @@ async def test_gateway_story(
         assert state.nodes.vip is not None and state.nodes.nodes[0].address is not None
         assert vms_in(gsim, "/DC0/vm/gw1-pcg") == ["gw1-pcg-cp-0"]
         assert vm_power(gsim, installed.inventory_path) == "poweredOff"
+        # the used pairing code is gone from the installer's properties (others stay)
+        left = installer_properties(gsim, installed.inventory_path)
+        assert left.get("kubegate.pairing_code", "") == "", left
+        assert left["kubegate.installer_name"] == name
+        assert read.pairing_code not in json.dumps(left)
         held = await kubegate.pool_allocations(name, "gw1-pool", owner="gateway/gw1")
         assert sorted(a.slot for a in held) == ["gw1-pcg-cp-0", "vip"]
         assert [a.name for a in state.accounts] == ["gw1-default"]
@@ -418,6 +450,7 @@ async def test_reset_after_a_failed_provisioning(
     key = AgentKey.generate()
     async with agent_of(temporal, sessions, name, key):
         await kubegate.register_agent(name, key, code)
+        await kubegate.approve_agent(name, key.fingerprint)
         file = gateway_file(gsim, ip_allocation="dhcp", vip="10.62.0.50")
         await kubegate.configure_gateway(name, file, gsim.password)
         state = await until_gateway(kubegate, name, GatewayStatus.FAILED)
@@ -463,6 +496,7 @@ async def test_configuration_refused_by_the_preflight(
     key = AgentKey.generate()
     async with agent_of(temporal, sessions, name, key):
         await kubegate.register_agent(name, key, code)
+        await kubegate.approve_agent(name, key.fingerprint)
         file = gateway_file(gsim, vip="10.62.0.51")
         file.placement = file.placement.model_copy(update={"datastore": "NoSuchDS"})
         with pytest.raises(RequestRefused, match="NoSuchDS"):
@@ -492,6 +526,7 @@ async def test_reset_while_provisioning_cancels_and_removes_everything(
         key = AgentKey.generate()
         async with agent_of(temporal, sessions, name, key):
             await kubegate.register_agent(name, key, code)
+            await kubegate.approve_agent(name, key.fingerprint)
             file = gateway_file(
                 slow, ip_allocation="static", create_ip_pool=pool_fields("sgw-pool", 93, 4)
             )
@@ -556,6 +591,7 @@ async def test_failed_upgrade_resumes_where_it_stopped(
     key = AgentKey.generate()
     async with agent_of(temporal, sessions, name, key):
         await kubegate.register_agent(name, key, code)
+        await kubegate.approve_agent(name, key.fingerprint)
         await kubegate.configure_gateway(name, gateway_file(gsim, vip="10.62.0.52"), gsim.password)
         await until_gateway(kubegate, name, GatewayStatus.RUNNING)
         foreign_vm(gsim, "/DC0/vm/ugw-pcg", "ugw-pcg-cp-0-r1")

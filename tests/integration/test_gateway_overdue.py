@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -19,7 +18,9 @@ from domain.gateway import TROUBLESHOOTING_HINTS, GatewayStatus
 from domain.names import SEARCH_ATTRIBUTES
 from domain.sealing import AgentKey
 from starters.client import KubegateClient, RequestRefused
+from starters.codec import ReadableMetadata, data_converter
 from starters.settings import Settings, tool_path
+from workers.control import workflow_runner
 from workflows.gateway import GatewayWorkflow
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.integration
 async def test_unregistered_gateway_is_overdue_after_ten_minutes_and_keeps_waiting() -> None:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=str(tool_path("temporal-test-server")),
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(),
+        interceptors=[ReadableMetadata()],
     )
     try:
         await env.client.operator_service.add_search_attributes(
@@ -41,7 +43,12 @@ async def test_unregistered_gateway_is_overdue_after_ten_minutes_and_keeps_waiti
             )
         )
         queue = f"overdue-{uuid.uuid4()}"
-        async with Worker(env.client, task_queue=queue, workflows=[GatewayWorkflow]):
+        async with Worker(
+            env.client,
+            task_queue=queue,
+            workflows=[GatewayWorkflow],
+            workflow_runner=workflow_runner(),
+        ):
             kubegate = KubegateClient(env.client, Settings())
             state, code = await kubegate.create_gateway("late", task_queue=queue)
             assert state.status is GatewayStatus.PENDING and not state.overdue
@@ -61,15 +68,34 @@ async def test_unregistered_gateway_is_overdue_after_ten_minutes_and_keeps_waiti
             with pytest.raises(RequestRefused, match="wrong pairing code"):
                 await kubegate.register_agent("late", key, "ABCDE-FGHJK")
             state = await kubegate.register_agent("late", key, code)
+            # paired: no longer overdue, but Registered only once the operator approves it
+            assert state.status is GatewayStatus.PENDING and not state.overdue
+            assert key.fingerprint in state.reason
+            state = await kubegate.approve_agent("late", key.fingerprint)
             assert state.status is GatewayStatus.REGISTERED and not state.overdue
 
-            # paired in time: never overdue, also after the ten minutes
-            _, code3 = await kubegate.create_gateway("early", task_queue=queue)
+            # paired in time (its agent approved in advance): never overdue
+            early = AgentKey.generate()
+            _, code3 = await kubegate.create_gateway(
+                "early", task_queue=queue, fingerprint=early.fingerprint
+            )
             await env.sleep(timedelta(minutes=2))
-            await kubegate.register_agent("early", AgentKey.generate(), code3)
+            await kubegate.register_agent("early", early, code3)
             await env.sleep(timedelta(minutes=10))
             state = await kubegate.gateway_state("early")
             assert state.status is GatewayStatus.REGISTERED and not state.overdue, state.reason
+
+            # wrong codes are counted; five of them lock pairing for a minute, even for
+            # the right code, then it pairs
+            _, code4 = await kubegate.create_gateway("guessed", task_queue=queue)
+            for _ in range(5):
+                with pytest.raises(RequestRefused, match="wrong pairing code"):
+                    await kubegate.register_agent("guessed", AgentKey.generate(), "ABCDE-FGHJK")
+            with pytest.raises(RequestRefused, match="5 wrong pairing codes: locked until"):
+                await kubegate.register_agent("guessed", AgentKey.generate(), code4)
+            await env.sleep(timedelta(seconds=61))
+            state = await kubegate.register_agent("guessed", AgentKey.generate(), code4)
+            assert state.agent is not None and state.pairing.failures == 5
 
             # a code is single use and expires after 24 h (a second gateway shows it)
             _, code2 = await kubegate.create_gateway("later", task_queue=queue)

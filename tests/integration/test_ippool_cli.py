@@ -32,6 +32,10 @@ async def test_create_list_get_delete(
 ) -> None:
     path, gw = pool_file(tmp_path)
     code, output = await run_cli(settings, "ippool", "create", "-f", str(path))
+    assert code == 2 and f"gateway {gw} does not exist" in output, output  # nothing started
+    assert await kubegate.list_pools(gw) == []
+    await kubegate.create_gateway(gw)
+    code, output = await run_cli(settings, "ippool", "create", "-f", str(path))
     assert code == 0, output
     assert "100 allocatable addresses" in output
 
@@ -51,14 +55,14 @@ async def test_create_list_get_delete(
     assert {a["slot"] for a in data["allocations"]} == {"vip", "cp-0"}
 
     code, output = await run_cli(settings, "ippool", "delete", "lab-pool", "-g", gw)
-    assert code == 1
+    assert code == 2
     assert "held by cluster/demo" in output
 
     await kubegate.release(gw, "lab-pool", "cluster/demo")
     code, output = await run_cli(settings, "ippool", "delete", "lab-pool", "-g", gw)
     assert code == 0, output
     code, output = await run_cli(settings, "ippool", "get", "lab-pool", "-g", gw)
-    assert code == 1 and "does not exist" in output
+    assert code == 2 and "does not exist" in output
 
 
 @pytest.mark.parametrize(
@@ -83,7 +87,8 @@ async def test_bad_pool_files_exit_2_naming_the_field(
 async def test_overlap_is_refused_with_both_ranges(
     settings: Settings, kubegate: KubegateClient, tmp_path: Path
 ) -> None:
-    path, _ = pool_file(tmp_path)
+    path, gw = pool_file(tmp_path)
+    await kubegate.create_gateway(gw)
     assert (await run_cli(settings, "ippool", "create", "-f", str(path)))[0] == 0
     other = tmp_path / "other.yaml"
     data = yaml.safe_load(path.read_text()) | {
@@ -93,5 +98,5 @@ async def test_overlap_is_refused_with_both_ranges(
     }
     other.write_text(yaml.safe_dump(data))
     code, output = await run_cli(settings, "ippool", "create", "-f", str(other))
-    assert code == 1
+    assert code == 2
     assert "overlaps pool lab-pool (10.10.0.100-10.10.0.199)" in output

@@ -153,48 +153,50 @@ async def test_password_is_sealed_in_history_and_summaries_are_readable(
     await record_history(temporal.client, workflow_id, "preflight_passed")
 
 
-async def test_thumbprint_mismatch_fails_tls(vcsim: Vcsim, kubegate: KubegateClient) -> None:
+def refused_by_policy(report: PreflightReport, words: str) -> None:
+    """The agent refused before contacting anything: one failed policy check, naming why."""
+    assert not report.passed
+    (policy,) = results(report, "agent.policy")
+    assert policy.status is CheckStatus.FAIL and words in policy.detail, policy.detail
+    ran = [r.check for r in report.results if r.status is not CheckStatus.SKIPPED]
+    assert ran == ["agent.policy"]
+
+
+async def test_thumbprint_mismatch_is_refused_by_the_agents_policy(
+    vcsim: Vcsim, kubegate: KubegateClient
+) -> None:
     other = ":".join(["AB"] * 32)
     report = await kubegate.validate_account(
         spec(vcsim, vcenter={"thumbprint": other}), vcsim.password
     )
-
-    (tls,) = results(report, "vcenter.tls")
-    assert tls.status is CheckStatus.FAIL
-    assert "thumbprint" in tls.detail
-    assert status(report, "vcenter.login") is CheckStatus.SKIPPED
+    refused_by_policy(report, "the policy trusts it as thumbprint")
 
 
-async def test_unverified_certificate_without_pin_fails_tls(
+async def test_unverified_certificate_without_pin_is_refused_by_the_policy(
     vcsim: Vcsim, kubegate: KubegateClient
 ) -> None:
     report = await kubegate.validate_account(
         spec(vcsim, vcenter={"thumbprint": None}), vcsim.password
     )
+    refused_by_policy(report, "the task asks ca")
 
-    assert status(report, "vcenter.tls") is CheckStatus.FAIL
 
-
-async def test_insecure_connection_passes_with_a_warning(
+async def test_insecure_connection_is_refused_unless_the_policy_allows_it(
     vcsim: Vcsim, kubegate: KubegateClient
 ) -> None:
     report = await kubegate.validate_account(
         spec(vcsim, vcenter={"thumbprint": None, "insecure": True}), vcsim.password
     )
-
-    assert report.passed
-    assert status(report, "vcenter.tls") is CheckStatus.WARN
+    refused_by_policy(report, "insecure connections are not allowed")
 
 
-async def test_unreachable_vcenter_fails_first_check(
+async def test_a_vcenter_outside_the_policy_is_never_contacted(
     kubegate: KubegateClient, vcsim: Vcsim
 ) -> None:
     report = await kubegate.validate_account(
         spec(vcsim, vcenter={"server": "127.0.0.1:1"}), "irrelevant"
     )
-
-    assert status(report, "vcenter.reachable") is CheckStatus.FAIL
-    assert status(report, "vcenter.login") is CheckStatus.SKIPPED
+    refused_by_policy(report, "not a vCenter this agent's policy allows")
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +268,12 @@ async def test_gateway_without_agent_is_refused_before_starting(
         await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
     # paired (its key registered) but its agent is not running
     _, code = await kubegate.create_gateway("nobody")
-    await kubegate.register_agent("nobody", AgentKey.generate(), code)
+    key = AgentKey.generate()
+    await kubegate.register_agent("nobody", key, code)
+    # paired but not approved: nothing is sealed to it
+    with pytest.raises(KubegateError, match="not approved"):
+        await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
+    await kubegate.approve_agent("nobody", key.fingerprint)
     with pytest.raises(KubegateError, match="no agent of gateway 'nobody'"):
         await kubegate.validate_account(spec(vcsim, gateway="nobody"), vcsim.password)
     await kubegate.delete_gateway("nobody")

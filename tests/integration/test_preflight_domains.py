@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from temporalio.testing import ActivityEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
+from temporalio.worker import Worker
 
+from activities.guard import AgentGuard, GuardInterceptor, PolicyFile
 from activities.preflight import PreflightActivities
 from activities.vsphere.session import SessionPool
 from domain import names
-from domain.account import Placement, VCenterEndpoint
+from domain.account import Placement, VCenterCredentials, VCenterEndpoint, password_binding
 from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+from domain.sealing import AgentKey, seal
 from starters.client import KubegateClient
 from starters.settings import Settings
 from tests.conftest import GATEWAY
@@ -51,6 +55,37 @@ def endpoint(sim: Vcsim) -> VCenterEndpoint:
     return VCenterEndpoint(server=sim.address, thumbprint=sim.thumbprint)
 
 
+#: a gateway whose agent runs in this module: the workflow is started directly, which the
+#: real agent's guard refuses (tests/integration/test_trust.py); this one signs its results
+#: but asks no gateway
+DOMAINS = "pfdomains"
+AGENT: dict[str, AgentKey] = {}
+
+
+class SigningOnly(AgentGuard):
+    async def check(self, info: Any, args: Any) -> None:
+        return None
+
+
+@pytest.fixture(autouse=True)
+async def domains_agent(
+    temporal: WorkflowEnvironment, sessions: SessionPool
+) -> AsyncIterator[AgentKey]:
+    key = AGENT.setdefault("key", AgentKey.generate())
+    key.gateway = DOMAINS
+    checks = PreflightActivities(key, sessions)
+    guard = SigningOnly(temporal.client, DOMAINS, key, PolicyFile(Path("/nonexistent")))
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        async with Worker(
+            temporal.client,
+            task_queue=names.gateway_task_queue(DOMAINS),
+            activities=[checks.connection, checks.inventory, checks.privileges, checks.hosts],
+            activity_executor=executor,
+            interceptors=[GuardInterceptor(guard)],
+        ):
+            yield key
+
+
 async def preflight(
     kubegate: KubegateClient,
     sim: Vcsim,
@@ -58,13 +93,20 @@ async def preflight(
     *more: Placement,
     fresh_login: bool = False,
 ) -> PreflightReport:
+    key = AGENT["key"]
+    use = password_binding(DOMAINS, "cluster-preflight", endpoint(sim), ADMIN)
     request = PreflightRequest(
         account="cluster-preflight",
-        gateway=GATEWAY,
-        credentials=await kubegate.seal_credentials(GATEWAY, endpoint(sim), ADMIN, sim.password),
+        gateway=DOMAINS,
+        credentials=VCenterCredentials(
+            endpoint=endpoint(sim),
+            username=ADMIN,
+            password=seal(sim.password, key.public_bytes, use),
+        ),
         placement=placement,
         more_placements=list(more),
         fresh_login=fresh_login,
+        agent_signing_key=key.signing_key_b64,
     )
     return await kubegate.client.execute_workflow(
         PreflightWorkflow.run,

@@ -25,13 +25,13 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.bootstrap import generate_secrets
+from activities.secrets import secrets_binding
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
 from activities.vsphere.watch import watcher_for, watcher_requests
-from domain.account import VCenterCredentials, VCenterEndpoint
-from domain.bootstrap import SECRETS_PURPOSE, NodeBootstrap, NodeNetwork, decode
-from domain.names import gateway_task_queue
-from domain.sealing import PASSWORD_PURPOSE, AgentKey, seal
+from domain.account import VCenterCredentials, VCenterEndpoint, password_binding
+from domain.bootstrap import NodeBootstrap, NodeNetwork, decode
+from domain.sealing import AgentKey, seal
 from domain.vm import (
     MARK_CLUSTER,
     MARK_NODE,
@@ -74,14 +74,16 @@ DHCP = "VM Network=10.20.0.100-10.20.0.199,DC0_DVPG0=10.21.0.100-10.21.0.199"
 
 @workflow.defn(sandboxed=False)
 class CallVmActivity:
-    """Runs one VM activity on the test gateway's queue (a real Temporal run)."""
+    """Runs one VM activity on a test agent's queue (a real Temporal run). The activities
+    run as the agent runs them, without its guard: the guard refuses work for any workflow
+    that is not its gateway's lifecycle (tests/integration/test_trust.py)."""
 
     @workflow.run
-    async def run(self, name: str, request: Any) -> Any:
+    async def run(self, name: str, request: Any, queue: str) -> Any:
         return await workflow.execute_activity(
             name,
             request,
-            task_queue=gateway_task_queue(GATEWAY),
+            task_queue=queue,
             start_to_close_timeout=timedelta(minutes=2),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=RetryPolicy(maximum_attempts=2),
@@ -104,29 +106,55 @@ def slow_sim(workdir: Path) -> Iterator[Vcsim]:
     s.stop()
 
 
+#: the workflow id every call() runs under (one at a time): cluster secrets are bound to it
+LIFECYCLE = "vm-test/lifecycle"
+
+
 def credentials(sim: Vcsim, key_public: bytes) -> VCenterCredentials:
+    endpoint = VCenterEndpoint(server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint)
+    user = "administrator@vsphere.local"
+    use = password_binding(GATEWAY, "vm-test", endpoint, user)
     return VCenterCredentials(
-        endpoint=VCenterEndpoint(
-            server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint
-        ),
-        username="administrator@vsphere.local",
-        password=seal(sim.password, key_public, PASSWORD_PURPOSE),
+        endpoint=endpoint, username=user, password=seal(sim.password, key_public, use)
     )
 
 
+def sealed_secrets(key: AgentKey, lifecycle: str = LIFECYCLE) -> Any:
+    """Fresh cluster secrets sealed to the agent for one lifecycle (ActivityEnvironment's
+    workflow id is 'test')."""
+    use = secrets_binding(key.gateway, lifecycle)
+    return seal(generate_secrets().model_dump_json(), key.public_bytes, use)
+
+
+AGENT: dict[str, Any] = {}
+
+
 @pytest.fixture(scope="module")
-def agent_key(settings: Settings) -> AgentKey:
-    return load_key(settings, GATEWAY)
+def agent_key(settings: Settings, sessions: SessionPool) -> Iterator[AgentKey]:
+    key = load_key(settings, GATEWAY)
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        AGENT.update(activities=VmActivities(key, sessions), executor=executor)
+        yield key
+    AGENT.clear()
 
 
 async def call(client: Client, name: str, request: Any, result: type[Any]) -> Any:
-    """Run one activity through Temporal on the test agent."""
+    """Run one activity through Temporal on a test agent (the test gateway's key)."""
     queue = f"vm-test-{uuid.uuid4().hex[:8]}"
-    async with Worker(client, task_queue=queue, workflows=[CallVmActivity]):
+    agent = AGENT["activities"]
+    async with (
+        Worker(client, task_queue=queue, workflows=[CallVmActivity]),
+        Worker(
+            client,
+            task_queue=queue + "-agent",
+            activities=agent.all(),
+            activity_executor=AGENT["executor"],
+        ),
+    ):
         out = await client.execute_workflow(
             CallVmActivity.run,
-            args=[name, request],
-            id=f"vm-test/{uuid.uuid4()}",
+            args=[name, request, queue + "-agent"],
+            id=LIFECYCLE,
             task_queue=queue,
         )
     return result.model_validate(out)
@@ -194,7 +222,7 @@ async def test_create_wait_recreate_destroy(
     assert folder.created and not again.created and again.ref == folder.ref
     assert again.vcenter_requests == 1
 
-    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    secrets = sealed_secrets(agent_key)
     static = NodeNetwork(
         mode="static",
         address="10.30.0.11",
@@ -592,7 +620,7 @@ def task_description(task: Any) -> str:
 def test_create_waits_for_the_guest_static_and_dhcp(sim: Vcsim, agent_key: AgentKey) -> None:
     pool = SessionPool()
     acts, creds, (refs, folder) = setup(sim, agent_key, pool, "guestwait")
-    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    secrets = sealed_secrets(agent_key, "test")
     env = ActivityEnvironment()
     beats: list[dict[str, Any]] = []
     env.on_heartbeat = lambda *d: beats.append(d[0])
@@ -643,7 +671,7 @@ async def test_power_on_several_vms_and_wait_for_their_guests(
 ) -> None:
     pool = SessionPool()
     acts, creds, (refs, folder) = setup(sim, agent_key, pool, "poweron")
-    secrets = seal(generate_secrets().model_dump_json(), agent_key.public_bytes, SECRETS_PURPOSE)
+    secrets = sealed_secrets(agent_key, "test")
     env = ActivityEnvironment()
     try:
         requests = [

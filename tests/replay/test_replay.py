@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from starters.codec import data_converter
 from tests.support import HISTORIES
-from workers.control import WORKFLOWS
+from workers.control import WORKFLOWS, workflow_runner
 
 FILES = sorted(HISTORIES.glob("*.json"))
 
@@ -38,5 +38,7 @@ def test_histories_are_stored() -> None:
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    )
     await replayer.replay_workflow(history)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -19,10 +20,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
 from activities.bootstrap import BootstrapActivities, generate_secrets
+from activities.secrets import secrets_binding
 from domain.bootstrap import (
-    SECRETS_PURPOSE,
     ClusterSecrets,
     NodeBootstrap,
     NodeNetwork,
@@ -323,15 +325,34 @@ def test_generated_secrets_have_kubeadm_formats(secrets: ClusterSecrets) -> None
     assert generate_secrets().bootstrap_token != secrets.bootstrap_token
 
 
+ENV = ActivityEnvironment()
+#: what the secrets are bound to: this (test) lifecycle on an agent of no named gateway
+USE = secrets_binding("", ENV.info.workflow_id)
+
+
+def run(fn: Any, *args: Any) -> Any:
+    """Run an activity as the agent would: inside an activity context (its workflow id)."""
+    return ENV.run(fn, *args)
+
+
+def test_secrets_of_one_lifecycle_do_not_open_for_another() -> None:
+    key = AgentKey.generate()
+    sealed = run(BootstrapActivities(key).secrets, SecretsRequest(cluster="demo"))
+    other = ActivityEnvironment()
+    other.info = dataclasses.replace(other.info, workflow_id="cluster/other")
+    with pytest.raises(ApplicationError, match="cluster: sealed for"):
+        other.run(BootstrapActivities(key).render, RenderRequest(nodes=[node()], secrets=sealed))
+
+
 def test_activities_seal_to_the_agent_and_return_no_secret() -> None:
     key = AgentKey.generate()
     acts = BootstrapActivities(key)
-    sealed = acts.secrets(SecretsRequest(cluster="demo"))
-    opened = ClusterSecrets.model_validate_json(key.open(sealed, SECRETS_PURPOSE))
+    sealed = run(acts.secrets, SecretsRequest(cluster="demo"))
+    opened = ClusterSecrets.model_validate_json(key.open(sealed, USE))
     with pytest.raises(SealError):
-        AgentKey.generate().open(sealed, SECRETS_PURPOSE)
+        AgentKey.generate().open(sealed, USE)
     request = RenderRequest(nodes=list(nodes().values()), secrets=sealed)
-    result = acts.render(request)
+    result = run(acts.render, request)
     assert [n.hostname for n in result.nodes] == [n.hostname for n in request.nodes]
     for summary, n in zip(result.nodes, request.nodes, strict=True):
         assert summary.digest == digest(guestinfo(n, opened))
@@ -365,16 +386,16 @@ def test_render_without_secrets_generates_seals_and_returns_them() -> None:
     key = AgentKey.generate()
     acts = BootstrapActivities(key)
     request = RenderRequest(nodes=list(nodes().values()))
-    result = acts.render(request)
+    result = run(acts.render, request)
     assert result.secrets is not None
-    opened = ClusterSecrets.model_validate_json(key.open(result.secrets, SECRETS_PURPOSE))
+    opened = ClusterSecrets.model_validate_json(key.open(result.secrets, USE))
     for summary, n in zip(result.nodes, request.nodes, strict=True):
         assert summary.digest == digest(guestinfo(n, opened))  # rendered with those secrets
     # the returned bundle renders the same bytes again; secrets given = none returned
-    again = acts.render(RenderRequest(nodes=request.nodes, secrets=result.secrets))
+    again = run(acts.render, RenderRequest(nodes=request.nodes, secrets=result.secrets))
     assert again.secrets is None and again.nodes == result.nodes
     with pytest.raises(SealError):
-        AgentKey.generate().open(result.secrets, SECRETS_PURPOSE)
+        AgentKey.generate().open(result.secrets, USE)
     payload = result.model_dump_json()
     for value in (
         opened.bootstrap_token,
@@ -382,14 +403,15 @@ def test_render_without_secrets_generates_seals_and_returns_them() -> None:
         opened.ca_key_pem.splitlines()[1],
     ):
         assert value not in payload
-    assert acts.render(request).secrets != result.secrets  # fresh ones per call
+    assert run(acts.render, request).secrets != result.secrets  # fresh ones per call
 
 
 def test_render_refuses_secrets_of_another_agent() -> None:
-    sealed = BootstrapActivities(AgentKey.generate()).secrets(SecretsRequest(cluster="demo"))
+    sealed = run(BootstrapActivities(AgentKey.generate()).secrets, SecretsRequest(cluster="demo"))
     with pytest.raises(ApplicationError) as caught:
-        BootstrapActivities(AgentKey.generate()).render(
-            RenderRequest(nodes=[node()], secrets=sealed)
+        run(
+            BootstrapActivities(AgentKey.generate()).render,
+            RenderRequest(nodes=[node()], secrets=sealed),
         )
     assert caught.value.type == "SecretUnreadable" and caught.value.non_retryable
 
@@ -397,12 +419,13 @@ def test_render_refuses_secrets_of_another_agent() -> None:
 def test_render_reports_the_bad_node_without_secrets() -> None:
     key = AgentKey.generate()
     acts = BootstrapActivities(key)
-    sealed = acts.secrets(SecretsRequest(cluster="demo"))
+    sealed = run(acts.secrets, SecretsRequest(cluster="demo"))
     with pytest.raises(ApplicationError, match="node demo-general-0: vip: ") as caught:
-        acts.render(
+        run(
+            acts.render,
             RenderRequest(
                 nodes=[node("worker", hostname="demo-general-0", vip=None)], secrets=sealed
-            )
+            ),
         )
     assert caught.value.type == "InvalidSpec"
 

@@ -43,7 +43,7 @@ def test_gateway_yaml_makes_one_node_with_static_addresses_from_its_own_pool() -
 def test_install_yaml_reads_as_the_cli_reads_it() -> None:
     spec = InstallFile.model_validate(load("install.yaml"))
     assert spec.placement.template is None
-    assert "pairing_code" not in spec.properties  # given on the command line only
+    assert "pairing_code" not in spec.properties  # given in a file of its own only
 
 
 @pytest.mark.parametrize("name", ["install.yaml", "gateway.yaml"])
@@ -64,3 +64,16 @@ def test_cluster_and_account_examples_name_the_demo_gateway() -> None:
     cluster["profile"] = load("profile.yaml")
     assert ClusterSpec.model_validate(cluster).cloud_account == "lab-default"
     assert CloudAccountSpec.model_validate(load("account.yaml")).gateway == "lab"
+
+
+def test_policy_yaml_is_the_compose_agents_valid_policy() -> None:
+    from activities.guard import load_policy
+
+    policy = load_policy(EXAMPLES / "policy.yaml")
+    assert policy.gateway == "local" and [vc.trust for vc in policy.vcenters] == ["thumbprint"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    agent = compose["services"]["gateway-agent"]
+    assert "KUBEGATE_PAIRING_CODE" not in agent["environment"]  # the code only in a file
+    assert agent["environment"]["KUBEGATE_PAIRING_CODE_FILE"] == "/run/secrets/pairing-code"
+    mounts = [m for m in agent["volumes"] if isinstance(m, dict)]
+    assert [m["target"] for m in mounts] == ["/var/lib/kubegate/agents/local/policy.yaml"]

@@ -63,11 +63,59 @@ def test_subnet_excludes_network_broadcast_and_gateway() -> None:
     ]
 
 
-def test_range_excludes_the_gateway_inside_it() -> None:
-    spec = IpPoolSpec.model_validate({**RANGE, "first": "10.10.0.1", "last": "10.10.0.3"})
-    assert allocatable_count(spec) == 2  # .1 is the gateway
-    got = PoolAllocator(spec).allocate("c1", ["a", "b"], NOW)
-    assert set(got.values()) == {"10.10.0.2", "10.10.0.3"}
+def test_range_excludes_the_gateway_and_name_servers_inside_it() -> None:
+    spec = IpPoolSpec.model_validate(
+        {**RANGE, "first": "10.10.0.1", "last": "10.10.0.5", "nameservers": ["10.10.0.3"]}
+    )
+    assert allocatable_count(spec) == 3  # .1 is the gateway, .3 the name server
+    pool = PoolAllocator(spec)
+    got = pool.allocate("c1", ["vip", "a", "b"], NOW)
+    assert set(got.values()) == {"10.10.0.2", "10.10.0.4", "10.10.0.5"}
+    with pytest.raises(OutOfAddresses):
+        pool.allocate("c1", ["c"], NOW)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"first": "fe80::1%eth0", "last": "fe80::9", "network_gateway": "fe80::1"}, "zone id"),
+        ({"network_gateway": "::ffff:10.10.0.1"}, "IPv4-mapped"),
+        ({"nameservers": ["224.0.0.251"]}, "multicast"),
+        ({"nameservers": ["127.0.0.53"]}, "loopback"),
+        ({"nameservers": ["::1"]}, "loopback"),
+        (
+            {"first": "169.254.0.10", "last": "169.254.0.20", "network_gateway": "169.254.0.1"},
+            "link-local",
+        ),
+        ({"nameservers": ["::"]}, "unspecified"),
+        ({"nameservers": ["255.255.255.255"]}, "broadcast"),
+        (
+            {
+                "kind": "subnet",
+                "first": None,
+                "last": None,
+                "prefix": None,
+                "subnet": "ff02::/120",
+                "network_gateway": "ff02::1",
+            },
+            "multicast",
+        ),
+        (
+            {
+                "kind": "subnet",
+                "first": None,
+                "last": None,
+                "prefix": None,
+                "subnet": "fe80::%eth0/120",
+                "network_gateway": "fe80::1",
+            },
+            "zone id",
+        ),
+        ({"search_domains": ["lab.example.com; reboot"]}, "search_domains"),
+    ],
+)
+def test_addresses_nodes_cannot_use_are_refused(change: dict[str, Any], message: str) -> None:
+    assert message in errors_of({**RANGE, **change})
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ type options struct {
 	Listen          string
 	Username        string
 	Password        string
+	PasswordFile    string
 	Users           listFlag
 	TLS             bool
 	TLSCert         string
@@ -90,6 +91,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.StringVar(&o.Listen, "listen", "127.0.0.1:8989", "address to listen on (port 0 picks a free port)")
 	fs.StringVar(&o.Username, "username", "administrator@vsphere.local", "primary user (gets the Admin role on the root folder)")
 	fs.StringVar(&o.Password, "password", "kubegate-dev-password", "password of the primary user")
+	fs.StringVar(&o.PasswordFile, "password-file", "", "read the primary user's password from this file (its first line), keeping it off the command line")
 	fs.Var(&o.Users, "users", "extra users that may log in, \"user@domain:password,...\" (repeatable)")
 	fs.BoolVar(&o.TLS, "tls", true, "serve https with a self-signed certificate")
 	fs.StringVar(&o.TLSCert, "tls-cert", "", "PEM certificate to use instead of a generated one (needs -tls-key)")
@@ -173,6 +175,28 @@ func applyConfigFile(fs *flag.FlagSet, path string) error {
 			}
 		}
 	}
+	return nil
+}
+
+// readPasswordFile sets the primary password from -password-file (not with -password).
+func readPasswordFile(fs *flag.FlagSet, o *options) error {
+	if o.PasswordFile == "" {
+		return nil
+	}
+	explicit := false
+	fs.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "password" })
+	if explicit {
+		return fmt.Errorf("give -password or -password-file, not both")
+	}
+	data, err := ioutil.ReadFile(o.PasswordFile)
+	if err != nil {
+		return fmt.Errorf("-password-file: %v", err)
+	}
+	password := strings.TrimRight(strings.SplitN(string(data), "\n", 2)[0], "\r")
+	if password == "" {
+		return fmt.Errorf("-password-file %s: the first line is empty", o.PasswordFile)
+	}
+	o.Password = password
 	return nil
 }
 
@@ -301,7 +325,7 @@ func writeFileAtomic(path string, data []byte) error {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Chmod(tmp, 0644)
+		err = os.Chmod(tmp, 0600) // private, like everything under the kubegate home
 	}
 	if err == nil {
 		err = os.Rename(tmp, path)
@@ -337,6 +361,9 @@ func run(args []string) error {
 		if err := applyConfigFile(fs, o.Config); err != nil {
 			return err
 		}
+	}
+	if err := readPasswordFile(fs, o); err != nil {
+		return err
 	}
 	if o.Datacenters < 1 || o.Clusters < 1 || o.Hosts < 1 {
 		return fmt.Errorf("-datacenters, -clusters and -hosts must be >= 1")

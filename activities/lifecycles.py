@@ -1,0 +1,111 @@
+"""Facts workflows decide on, taken from Temporal itself (control worker activities).
+
+A workflow cannot tell a forged signal or Update from a real one; these activities let it
+check what Temporal records instead: whether a lifecycle has really ended and how, which
+credentials its gateway holds now, whether an address owner is really giving addresses back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from domain import errors, names
+from domain.lifecycle import ClusterAccount, ClusterState, ClusterStatus
+from domain.trust import (
+    AccountAnswer,
+    AccountRef,
+    ConfirmRelease,
+    LifecycleFact,
+    LifecycleRef,
+    ReleaseConfirmation,
+    ReleaseIntent,
+)
+
+#: owners whose addresses only they (or their end) can give back
+LIFECYCLE_PREFIXES = ("cluster/", "gateway/")
+
+
+class LifecycleActivities:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @activity.defn(name="gateway_account")
+    async def gateway_account(self, ref: AccountRef) -> ClusterAccount:
+        """The account's current credentials and the gateway's approved agent's signing key."""
+        handle = self.client.get_workflow_handle(names.gateway_workflow_id(ref.gateway))
+        answer: AccountAnswer = await handle.query(
+            "cluster_account", ref.account, result_type=AccountAnswer
+        )
+        account = answer.account
+        if account is None:
+            raise ApplicationError(
+                f"gateway {ref.gateway} has no live cloud account {ref.account}",
+                type=errors.NOT_AUTHORIZED,
+                non_retryable=True,
+            )
+        return account
+
+    @activity.defn(name="lifecycle_fact")
+    async def lifecycle_fact(self, ref: LifecycleRef) -> LifecycleFact:
+        """Whether a lifecycle has ended (waiting a little for one that is about to), and
+        whether it ended Deleted, as Temporal records it."""
+        handle = self.client.get_workflow_handle(ref.workflow_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ref.wait_seconds
+        while True:
+            try:
+                described = await handle.describe()
+            except RPCError as exc:
+                if exc.status == RPCStatusCode.NOT_FOUND:
+                    return LifecycleFact(
+                        workflow_id=ref.workflow_id, status="NOT_FOUND", closed=True
+                    )
+                raise
+            status = described.status
+            if status is not None and status != WorkflowExecutionStatus.RUNNING:
+                deleted = False
+                if status == WorkflowExecutionStatus.COMPLETED:
+                    result = self.client.get_workflow_handle(
+                        ref.workflow_id, result_type=ClusterState
+                    )
+                    state = await result.result()
+                    deleted = state.status is ClusterStatus.DELETED
+                return LifecycleFact(
+                    workflow_id=ref.workflow_id, status=status.name, closed=True, deleted=deleted
+                )
+            if loop.time() >= deadline:
+                return LifecycleFact(workflow_id=ref.workflow_id, status="RUNNING", closed=False)
+            activity.heartbeat()
+            await asyncio.sleep(0.5)
+
+    @activity.defn(name="confirm_release")
+    async def confirm_release(self, request: ConfirmRelease) -> ReleaseConfirmation:
+        """True when the owner is gone, or its own state says it is giving these back."""
+        if not request.owner.startswith(LIFECYCLE_PREFIXES):
+            return ReleaseConfirmation(confirmed=True, reason="not a lifecycle's addresses")
+        fact = await self.lifecycle_fact(LifecycleRef(workflow_id=request.owner, wait_seconds=0))
+        if fact.closed:
+            return ReleaseConfirmation(confirmed=True, reason=f"{request.owner} has ended")
+        handle = self.client.get_workflow_handle(request.owner)
+        try:
+            intent: ReleaseIntent = await handle.query("releasing", result_type=ReleaseIntent)
+        except Exception as exc:
+            return ReleaseConfirmation(confirmed=False, reason=f"{request.owner}: {exc}")
+        if request.pool not in intent.pools:
+            return ReleaseConfirmation(
+                confirmed=False, reason=f"{request.owner} is not releasing from {request.pool}"
+            )
+        releasing = intent.pools[request.pool]
+        if releasing is None:
+            return ReleaseConfirmation(confirmed=True, reason="the owner releases all")
+        if request.slots is None or not set(request.slots) <= set(releasing):
+            return ReleaseConfirmation(
+                confirmed=False,
+                reason=f"{request.owner} releases only {', '.join(sorted(releasing)) or 'none'}",
+            )
+        return ReleaseConfirmation(confirmed=True, reason="the owner releases these")

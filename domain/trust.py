@@ -1,0 +1,303 @@
+"""The gateway agent's trust model: its local policy, what its gateway authorizes, and the
+signed results workflows verify. Pure and deterministic (workflows verify signatures here).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any, Literal
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from domain.account import VCenterEndpoint, normalize_thumbprint, trust_mode
+from domain.lifecycle import ClusterAccount
+from domain.sealing import verify_signature
+
+# -- the agent's local policy ------------------------------------------------------------------
+
+
+class PolicyVCenter(BaseModel):
+    """One vCenter the agent may reach, and how it trusts it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: str = Field(min_length=1, description="vCenter host name or address (no port).")
+    port: int = Field(default=443, ge=1, le=65535, description="HTTPS port.")
+    trust: Literal["thumbprint", "ca", "insecure"] = Field(
+        default="thumbprint",
+        description="thumbprint: only a certificate with `thumbprint`; ca: a CA-verified "
+        "certificate; insecure: no verification (needs allow_insecure).",
+    )
+    thumbprint: str | None = Field(
+        default=None, description="SHA-256 (or SHA-1) thumbprint, with trust: thumbprint."
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value or any(c in value for c in "/ \t"):
+            raise ValueError("must be a host name or address without scheme, path or port")
+        return value.strip("[]")
+
+    @field_validator("thumbprint")
+    @classmethod
+    def _thumbprint(cls, value: str | None) -> str | None:
+        return None if value in (None, "") else normalize_thumbprint(value)
+
+    @model_validator(mode="after")
+    def _trust(self) -> PolicyVCenter:
+        if self.trust == "thumbprint" and self.thumbprint is None:
+            raise ValueError("thumbprint: required with trust: thumbprint")
+        if self.trust != "thumbprint" and self.thumbprint is not None:
+            raise ValueError(f"thumbprint: only with trust: thumbprint, not {self.trust}")
+        return self
+
+
+class AgentPolicy(BaseModel):
+    """What the datacenter's operator allows this agent to do, whatever a task asks.
+
+    Kept beside the agent's key (policy.yaml); written and changed on that machine only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    gateway: str = Field(min_length=1, description="The gateway this agent serves.")
+    vcenters: list[PolicyVCenter] = Field(
+        default_factory=list, description="The only vCenters the agent logs in to."
+    )
+    allow_insecure: bool = Field(
+        default=False, description="Whether any vCenter may be reached without verification."
+    )
+    datacenters: list[str] = Field(
+        default_factory=list, description="If set, the only datacenters the agent touches."
+    )
+    folders: list[str] = Field(
+        default_factory=list,
+        description="If set, the only VM folders (paths below a datacenter's VM folder, "
+        "e.g. 'kubegate', and what is below them) that placements may name and the agent may "
+        "create or remove folders in. Tasks naming a VM by reference are bounded by the "
+        "vCenter account's role instead.",
+    )
+
+    @field_validator("datacenters", "folders")
+    @classmethod
+    def _paths(cls, values: list[str]) -> list[str]:
+        return [v.strip().strip("/") for v in values]
+
+    @model_validator(mode="after")
+    def _insecure(self) -> AgentPolicy:
+        for vc in self.vcenters:
+            if vc.trust == "insecure" and not self.allow_insecure:
+                raise ValueError(f"vcenters: {vc.server} is insecure but allow_insecure is false")
+        return self
+
+    def endpoint_problem(self, endpoint: VCenterEndpoint) -> str | None:
+        """Why the agent must not reach this endpoint with this trust, or None."""
+        server = endpoint.server.lower().strip("[]")
+        mode = trust_mode(endpoint)
+        for vc in self.vcenters:
+            if vc.server != server or vc.port != endpoint.port:
+                continue
+            allowed = (
+                "insecure"
+                if vc.trust == "insecure"
+                else (f"thumbprint:{vc.thumbprint}" if vc.trust == "thumbprint" else "ca")
+            )
+            if mode == "insecure" and not self.allow_insecure:
+                return f"{endpoint.address}: insecure connections are not allowed by the policy"
+            if mode != allowed:
+                return (
+                    f"{endpoint.address}: the policy trusts it as {allowed}, the task asks {mode}"
+                )
+            return None
+        return f"{endpoint.address}: not a vCenter this agent's policy allows"
+
+    def datacenter_problem(self, datacenter: str) -> str | None:
+        name = datacenter.strip().strip("/")
+        if self.datacenters and name not in self.datacenters:
+            return f"datacenter {name}: not one the agent's policy allows"
+        return None
+
+    def folder_problem(self, folder: str) -> str | None:
+        """`folder` is a path below the datacenter's VM folder."""
+        path = folder.strip().strip("/")
+        if not self.folders:
+            return None
+        for allowed in self.folders:
+            if path == allowed or path.startswith(allowed + "/") or allowed == "":
+                return None
+        return f"folder {path or '/'}: not below a folder the agent's policy allows"
+
+
+def policy_for(gateway: str, endpoint: VCenterEndpoint) -> AgentPolicy:
+    """A policy allowing exactly one vCenter with the trust the endpoint names."""
+    mode = trust_mode(endpoint)
+    trust: Literal["thumbprint", "ca", "insecure"] = "ca"
+    if mode.startswith("thumbprint:"):
+        trust = "thumbprint"
+    elif mode == "insecure":
+        trust = "insecure"
+    return AgentPolicy(
+        gateway=gateway,
+        vcenters=[
+            PolicyVCenter(
+                server=endpoint.server,
+                port=endpoint.port,
+                trust=trust,
+                thumbprint=endpoint.thumbprint,
+            )
+        ],
+        allow_insecure=endpoint.insecure,
+    )
+
+
+# -- what the gateway authorizes ----------------------------------------------------------------
+
+
+class AccountCheck(BaseModel):
+    """Credentials a lifecycle of the gateway is checking before they are kept."""
+
+    workflow_id: str
+    account: str
+    digest: str
+
+
+class AgentAuthorization(BaseModel):
+    """What the gateway lets its agent work for (its `authorization` query)."""
+
+    gateway: str
+    status: str
+    agent_key_id: str | None = Field(default=None, description="The approved agent's key id.")
+    lifecycles: list[str] = Field(
+        default_factory=list, description="Workflow ids the agent may work for."
+    )
+    accounts: dict[str, str] = Field(
+        default_factory=dict, description="Live cloud accounts: name -> seal digest."
+    )
+    checking: list[AccountCheck] = Field(default_factory=list)
+
+    def credentials_problem(self, workflow_id: str, account: str, digest: str) -> str | None:
+        """Why these credentials are not live for this workflow, or None."""
+        if self.accounts.get(account) == digest:
+            return None
+        for check in self.checking:
+            if (check.workflow_id, check.account, check.digest) == (workflow_id, account, digest):
+                return None
+        if account in self.accounts:
+            return f"cloud account {account}: these are not its current credentials (rotated)"
+        return f"cloud account {account}: not a live account of gateway {self.gateway}"
+
+
+# -- signed results -----------------------------------------------------------------------------
+
+
+class SignedResult(BaseModel):
+    """An agent activity's result with the agent's signature over it and its request."""
+
+    body: str = Field(description="The result, as JSON.")
+    key_id: str = Field(description="The signing agent's key id.")
+    signature: str = Field(description="Ed25519 over the statement, base64.")
+
+
+def canonical_json(value: Any) -> bytes:
+    """The same bytes for the same value, on the agent and in the workflow."""
+    return json.dumps(
+        json.loads(pydantic_core.to_json(value)),
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode()
+
+
+def result_statement(
+    workflow_id: str,
+    run_id: str,
+    activity_type: str,
+    request: bytes,
+    body: str,
+) -> bytes:
+    """What the agent signs: which request (workflow run, activity type, arguments) got which
+    result. A signature cannot be moved to another request, run or result."""
+    parts = [
+        "kubegate-result-v1",
+        workflow_id,
+        run_id,
+        activity_type,
+        hashlib.sha256(request).hexdigest(),
+        hashlib.sha256(body.encode()).hexdigest(),
+    ]
+    return "\n".join(parts).encode()
+
+
+def verified_body(
+    signed: SignedResult,
+    signing_key_b64: str | None,
+    statement: bytes,
+) -> str | None:
+    """The result's JSON when the signature is the agent's over this statement, else None."""
+    if not signing_key_b64:
+        return None
+    if not verify_signature(signing_key_b64, statement, signed.signature):
+        return None
+    return signed.body
+
+
+def decode_b64(value: str) -> bytes:
+    return base64.b64decode(value)
+
+
+# -- facts the deciding workflows ask for -------------------------------------------------------
+
+
+class AccountRef(BaseModel):
+    """A cloud account of a gateway, asked for by one of its lifecycles."""
+
+    gateway: str
+    account: str
+
+
+class AccountAnswer(BaseModel):
+    """A gateway's answer to `cluster_account`: the account, or None when it has none."""
+
+    account: ClusterAccount | None = None
+
+
+class LifecycleRef(BaseModel):
+    """A lifecycle (workflow id) whose fate a workflow wants to verify."""
+
+    workflow_id: str
+    wait_seconds: float = Field(default=30.0, description="How long to wait for it to close.")
+
+
+class LifecycleFact(BaseModel):
+    """What Temporal says of a lifecycle: closed or not, and whether it ended Deleted."""
+
+    workflow_id: str
+    status: str = Field(description="Temporal's execution status, e.g. RUNNING, COMPLETED.")
+    closed: bool
+    deleted: bool = Field(default=False, description="Completed with its state Deleted.")
+
+
+class ReleaseIntent(BaseModel):
+    """An owner's own word on which addresses it is giving back (its `releasing` query)."""
+
+    pools: dict[str, list[str] | None] = Field(
+        default_factory=dict, description="pool -> slots being released (None: all of them)."
+    )
+
+
+class ConfirmRelease(BaseModel):
+    """Ask whether an owner really gives these addresses back."""
+
+    owner: str
+    pool: str
+    slots: list[str] | None = None
+
+
+class ReleaseConfirmation(BaseModel):
+    confirmed: bool
+    reason: str = ""

@@ -1,0 +1,439 @@
+"""Attacks by someone who can reach Temporal (real simulator, real Temporal): each fails.
+
+The attacker reads every history and query, starts workflows, sends signals and updates,
+and polls task queues. The agent of gateway `test` and the control worker are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from domain import names
+from domain.account import VCenterCredentials, VCenterEndpoint
+from domain.gateway import ClusterChanged
+from domain.ipam import IpPoolSpec, ReleaseRequest
+from domain.lifecycle import ClusterInput, ClusterStatus
+from domain.preflight import PreflightReport, PreflightRequest
+from domain.sealing import AgentKey
+from domain.vm import VmInfo
+from starters.client import KubegateClient, KubegateError
+from starters.codec import data_converter
+from tests.conftest import GATEWAY
+from tests.integration.test_cluster import deploy, domain, owned_vms, small_spec, until
+from tests.support import ADMIN, Vcsim, ensure_account, run_cli
+
+
+class Listener:
+    """A TCP listener on loopback that counts who connects (the attacker's 'vCenter')."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def spec_for(name: str, pool: str = "trust-pool") -> Any:
+    """One control-plane node and one worker on DC0_C0 (every host there keeps time)."""
+    spec = small_spec(name, pool)
+    data = spec.model_dump(mode="json")
+    data["workers"][0]["placement"] = [domain("DC0_C0", pool)]
+    return type(spec).model_validate(data)
+
+
+@pytest.fixture
+async def trust_pool(kubegate: KubegateClient) -> str:
+    pools = {p.spec.name for p in await kubegate.list_pools(GATEWAY)}
+    if "trust-pool" not in pools:
+        await kubegate.create_pool(
+            IpPoolSpec.model_validate(
+                {
+                    "name": "trust-pool",
+                    "gateway": GATEWAY,
+                    "kind": "range",
+                    "first": "10.57.0.10",
+                    "last": "10.57.0.60",
+                    "prefix": 24,
+                    "network_gateway": "10.57.0.1",
+                }
+            )
+        )
+    return "trust-pool"
+
+
+async def live_credentials(kubegate: KubegateClient, account: str) -> VCenterCredentials:
+    state = await kubegate.gateway_state(GATEWAY)
+    found = state.account(account)
+    assert found is not None
+    return found.credentials
+
+
+async def test_a_stolen_seal_sent_to_another_endpoint_reaches_nothing(
+    kubegate: KubegateClient, vcsim: Vcsim, temporal: WorkflowEnvironment
+) -> None:
+    account = await ensure_account(kubegate, vcsim, GATEWAY)
+    stolen = await live_credentials(kubegate, account)  # from the gateway's state query
+    listener = Listener()
+    try:
+        forged = stolen.model_copy(
+            update={"endpoint": VCenterEndpoint(server=f"127.0.0.1:{listener.port}", insecure=True)}
+        )
+        for credentials in (forged, stolen):  # the attacker's endpoint, then the real one
+            request = PreflightRequest(account=account, gateway=GATEWAY, credentials=credentials)
+            try:
+                report = await temporal.client.execute_workflow(
+                    "PreflightWorkflow",
+                    request,
+                    id=f"preflight/{uuid.uuid4()}",
+                    task_queue=names.CONTROL_TASK_QUEUE,
+                    result_type=PreflightReport,
+                    execution_timeout=timedelta(seconds=60),
+                )
+            except WorkflowFailureError as exc:  # not a lifecycle of the gateway: refused
+                assert "not a lifecycle of gateway" in str(exc.cause.cause), exc.cause
+                continue
+            # the attacker's endpoint: the agent's policy refused it before any connection
+            assert not report.passed and report.results[0].check == "agent.policy"
+        await asyncio.sleep(0.5)
+        assert listener.connections == 0
+    finally:
+        listener.close()
+
+
+async def test_a_seal_copied_into_another_account_is_refused(
+    kubegate: KubegateClient, vcsim: Vcsim
+) -> None:
+    from domain.gateway import AccountRequest
+    from workflows.gateway import GatewayWorkflow
+
+    account = await ensure_account(kubegate, vcsim, GATEWAY)
+    stolen = await live_credentials(kubegate, account)
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await kubegate.gateway_handle(GATEWAY).execute_update(
+            GatewayWorkflow.add_account, AccountRequest(name="copycat", credentials=stolen)
+        )
+    assert "sealed for another use" in str(refused.value.cause)
+    assert "account: sealed for" in str(refused.value.cause)
+
+
+async def test_a_directly_started_cluster_gets_nothing_done(
+    kubegate: KubegateClient, vcsim: Vcsim, temporal: WorkflowEnvironment, trust_pool: str
+) -> None:
+    """A ClusterWorkflow started with a copied input, bypassing the gateway: no VM is made."""
+    account = await ensure_account(kubegate, vcsim, GATEWAY)
+    state = await kubegate.gateway_state(GATEWAY)
+    stolen = state.account(account)
+    assert stolen is not None
+    from domain.lifecycle import ClusterAccount
+
+    spec = spec_for("rogue").model_copy(update={"cloud_account": account})
+    await temporal.client.start_workflow(
+        "ClusterWorkflow",
+        ClusterInput(
+            spec=spec,
+            account=ClusterAccount(
+                name=account,
+                gateway=GATEWAY,
+                credentials=stolen.credentials,
+                template="templates/ubuntu-2204-kube-v1.30",
+            ),
+        ),
+        id=names.cluster_workflow_id("rogue"),
+        task_queue=names.CONTROL_TASK_QUEUE,
+    )
+    result = await until(kubegate, "rogue", ClusterStatus.FAILED)
+    assert "NotAuthorized" in (result.error or "") or "not a lifecycle" in (result.error or "")
+    assert owned_vms(vcsim, "cluster/rogue") == []
+
+
+async def test_forged_deleted_signal_and_release_change_nothing(
+    kubegate: KubegateClient, vcsim: Vcsim, trust_pool: str
+) -> None:
+    await deploy(kubegate, vcsim, spec_for("victim"))
+    running = await until(kubegate, "victim", ClusterStatus.RUNNING)
+    account = running.account
+
+    # "victim was deleted", says anyone: the gateway checks Temporal's record and keeps it
+    await kubegate.gateway_handle(GATEWAY).signal(
+        "cluster_changed", ClusterChanged(name="victim", account=account, status="Deleted")
+    )
+    await asyncio.sleep(1.5)
+    state = await kubegate.gateway_state(GATEWAY)
+    assert "victim" in state.live_clusters(account=account)
+    with pytest.raises(KubegateError, match="used by"):
+        await kubegate.delete_account(account, GATEWAY)
+
+    # "release victim's addresses", says anyone: refused, the VIP stays the victim's
+    handle = kubegate.client.get_workflow_handle(names.ippool_workflow_id(GATEWAY, "trust-pool"))
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update(
+            "release", ReleaseRequest(owner="cluster/victim"), result_type=None
+        )
+    assert "release refused" in str(refused.value.cause)
+    held = await kubegate.pool_allocations(GATEWAY, "trust-pool")
+    assert running.vip in {a.address for a in held}
+
+    await kubegate.delete_cluster("victim")
+    await until(kubegate, "victim", ClusterStatus.DELETED)
+    # the real end is believed: the gateway drops it, the pool holds nothing for it
+    for _ in range(100):
+        state = await kubegate.gateway_state(GATEWAY)
+        if "victim" not in state.live_clusters():
+            break
+        await asyncio.sleep(0.2)
+    assert "victim" not in state.live_clusters()
+    assert [
+        a for a in await kubegate.pool_allocations(GATEWAY, "trust-pool") if "victim" in a.owner
+    ] == []
+
+
+async def test_a_rogue_worker_on_the_gateway_queue_cannot_forge_results(
+    kubegate: KubegateClient, vcsim: Vcsim, temporal: WorkflowEnvironment, trust_pool: str
+) -> None:
+    """A worker beside the real agent answers VM tasks with made-up VMs: they are refused,
+    the real agent's results are taken, and no forged VM is recorded."""
+    answered: list[str] = []
+
+    @activity.defn(name="vm_create")
+    async def vm_create(request: dict[str, object]) -> VmInfo:
+        answered.append("vm_create")
+        return VmInfo(name=str(request.get("name")), ref="VirtualMachine:vm-forged")
+
+    attacker = await Client.connect(
+        temporal.client.service_client.config.target_host, data_converter=data_converter()
+    )
+    rogue = Worker(
+        attacker,
+        task_queue=names.gateway_task_queue(GATEWAY),
+        activities=[vm_create],
+    )
+    async with rogue:
+        await deploy(kubegate, vcsim, spec_for("guarded"))
+        state = await until(kubegate, "guarded", ClusterStatus.RUNNING)
+    assert all(n.vm != "VirtualMachine:vm-forged" for n in state.nodes)
+    assert {vm["name"] for vm in owned_vms(vcsim, "cluster/guarded")} == {
+        n.name for n in state.nodes
+    }
+    await kubegate.delete_cluster("guarded")
+    await until(kubegate, "guarded", ClusterStatus.DELETED)
+    assert ADMIN  # the simulator's administrator made every VM, through the real agent
+
+
+async def test_rekey_reseals_what_the_gateway_keeps_and_clusters_carry_on(
+    kubegate: KubegateClient,
+    vcsim: Vcsim,
+    temporal: WorkflowEnvironment,
+    sessions: Any,
+    settings: Any,
+    trust_pool: str,
+) -> None:
+    """A system gateway with its own agent: a cluster deployed, the agent re-keyed (on its
+    machine) and restarted with the new key; the cluster is scaled and deleted through it."""
+    from tests.integration.test_gateway import agent_of
+    from tests.support import configure_system_gateway
+    from workers.gateway_agent import load_key, rekey
+
+    name = "rk"
+    old = load_key(settings, name)
+    _, code = await kubegate.create_gateway(name, system=True, fingerprint=old.fingerprint)
+    async with agent_of(temporal, sessions, name, old):
+        await kubegate.register_agent(name, old, code)
+        await configure_system_gateway(kubegate, name, vcsim)
+        await kubegate.create_pool(
+            IpPoolSpec.model_validate(
+                {
+                    "name": "rk-pool",
+                    "gateway": name,
+                    "kind": "range",
+                    "first": "10.58.0.10",
+                    "last": "10.58.0.30",
+                    "prefix": 24,
+                    "network_gateway": "10.58.0.1",
+                }
+            )
+        )
+        await deploy(kubegate, vcsim, spec_for("rekeyed", "rk-pool"), gateway=name)
+        await until(kubegate, "rekeyed", ClusterStatus.RUNNING)
+    before = await kubegate.gateway_state(name)
+
+    new = await rekey(settings, name)
+    after = await kubegate.gateway_state(name)
+    assert after.agent is not None and after.agent.key_id == new.key_id != old.key_id
+    assert after.agent.fingerprint == new.fingerprint and after.agent.approved
+    for account in after.accounts:
+        assert account.credentials.password.key_id == new.key_id
+        with pytest.raises(Exception, match="sealed to key"):
+            old.open(account.credentials.password, account.credentials.password.binding)  # type: ignore[arg-type]
+    assert {a.name for a in after.accounts} == {a.name for a in before.accounts}
+    # a forged rekey (not signed by the current key) is refused
+    from domain.gateway import RekeyRequest
+    from workflows.gateway import GatewayWorkflow
+
+    forged = RekeyRequest(
+        public_key=old.public_key_b64,
+        key_id=old.key_id,
+        signing_key=old.signing_key_b64,
+        accounts={},
+        signature=old.sign(b"anything"),
+    )
+    with pytest.raises(WorkflowUpdateFailedError):
+        await kubegate.gateway_handle(name).execute_update(GatewayWorkflow.rekey, forged)
+
+    restarted = load_key(settings, name)
+    assert restarted.key_id == new.key_id and old.key_id in restarted.retired
+    async with agent_of(temporal, sessions, name, restarted):
+        result = await kubegate.scale_pool("rekeyed", "w", 2)
+        assert result.status == "Running", result
+        await kubegate.delete_cluster("rekeyed")
+        await until(kubegate, "rekeyed", ClusterStatus.DELETED)
+        assert owned_vms(vcsim, "cluster/rekeyed") == []
+
+
+async def test_rotation_is_checked_before_it_is_kept_and_clusters_pick_it_up(
+    kubegate: KubegateClient, vcsim: Vcsim, trust_pool: str, settings: Any
+) -> None:
+    """A wrong new password is refused and the old one kept; a right one (sealed anew) is
+    kept, and a running cluster's next change uses it (its copy is stale: refreshed)."""
+    await deploy(kubegate, vcsim, spec_for("rotated"))
+    running = await until(kubegate, "rotated", ClusterStatus.RUNNING)
+    account = running.account
+    before = await live_credentials(kubegate, account)
+
+    with pytest.raises(KubegateError, match="failed their checks"):
+        await kubegate.rotate_account(account, "not-the-password", GATEWAY)
+    assert (await live_credentials(kubegate, account)).password == before.password
+
+    summary = await kubegate.rotate_account(account, vcsim.password, GATEWAY)
+    assert summary.name == account
+    after = await live_credentials(kubegate, account)
+    assert after.password.digest != before.password.digest
+    # the old seal is no longer live: a lifecycle holding it is told to fetch the current one
+    result = await kubegate.scale_pool("rotated", "w", 2)
+    assert result.status == "Running", result
+    state = await kubegate.cluster_state("rotated")
+    assert len(state.nodes) == 3
+    code, out = await run_cli(settings, "account", "rotate", account, "--gateway", GATEWAY)
+    assert code == 2 and "--password-file" in out, out  # no password given: nothing done
+    await kubegate.delete_cluster("rotated")
+    await until(kubegate, "rotated", ClusterStatus.DELETED)
+
+
+async def test_only_a_rogue_worker_on_the_queue_cannot_make_a_cluster_run(
+    kubegate: KubegateClient,
+    vcsim: Vcsim,
+    temporal: WorkflowEnvironment,
+    sessions: Any,
+    settings: Any,
+) -> None:
+    """The gateway's agent is away; a rogue worker answers every agent task with a made-up
+    success. Each answer is refused as forged; the cluster fails with ForgedResult, no VM."""
+    from tests.integration.test_gateway import agent_of
+    from tests.support import configure_system_gateway
+    from workers.gateway_agent import load_key
+
+    name = "rg"
+    key = load_key(settings, name)
+    _, code = await kubegate.create_gateway(name, system=True, fingerprint=key.fingerprint)
+    async with agent_of(temporal, sessions, name, key):
+        await kubegate.register_agent(name, key, code)
+        await configure_system_gateway(kubegate, name, vcsim)
+        await ensure_account(kubegate, vcsim, name)
+    calls: list[str] = []
+
+    @activity.defn(name="preflight_all")
+    async def preflight_all(request: PreflightRequest) -> PreflightReport:
+        calls.append("preflight_all")
+        return PreflightReport(
+            account=request.account,
+            gateway=request.gateway,
+            server=request.credentials.endpoint.address,
+            username=request.credentials.username,
+            results=[],
+            vcenter_requests=0,
+        )
+
+    attacker = await Client.connect(
+        temporal.client.service_client.config.target_host, data_converter=data_converter()
+    )
+    spec = small_spec("forged", "unused").model_dump(mode="json")
+    for pool in [spec["control_plane"], *spec["workers"]]:
+        for placement in pool["placement"]:
+            placement["ip_pool"] = None
+            placement["compute_cluster"] = "DC0_C0"
+    spec["placement"]["ip_allocation"] = "dhcp"
+    spec["control_plane"]["vip"] = None
+    async with Worker(
+        attacker, task_queue=names.gateway_task_queue(name), activities=[preflight_all]
+    ):
+        await deploy(kubegate, vcsim, type(small_spec("x", "p")).model_validate(spec), gateway=name)
+        state = await kubegate.wait_cluster(
+            "forged", lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        )
+    assert state.status is ClusterStatus.FAILED
+    assert "forged result" in (state.error or ""), state.error
+    assert len(calls) >= 8
+    assert owned_vms(vcsim, "cluster/forged") == []
+    await kubegate.delete_cluster("forged")
+
+
+async def test_an_agent_that_raced_the_real_one_gets_nothing_and_reset_drops_it(
+    kubegate: KubegateClient, vcsim: Vcsim
+) -> None:
+    """Someone who read the code pairs first: nothing is sealed to their key, the operator
+    cannot approve it by mistake for their own agent, and a reset gives a new code."""
+    from domain.gateway import GatewayStatus
+    from starters.client import RequestRefused
+    from tests.support import sim_file
+
+    _, code = await kubegate.create_gateway("raced")
+    thief, mine = AgentKey.generate(), AgentKey.generate()
+    state = await kubegate.register_agent("raced", thief, code)
+    assert state.status is GatewayStatus.PENDING and thief.fingerprint in state.reason
+    with pytest.raises(RequestRefused, match="not approved"):
+        await kubegate.configure_gateway("raced", sim_file(vcsim), vcsim.password)
+    with pytest.raises(RequestRefused, match="not the paired agent"):
+        await kubegate.approve_agent("raced", mine.fingerprint)
+    with pytest.raises(RequestRefused, match="paired with another agent"):
+        await kubegate.register_agent("raced", mine, code)
+    _, new_code = await kubegate.reset_gateway("raced")
+    assert new_code is not None and new_code != code
+    state = await kubegate.wait_gateway("raced", lambda s: s.agent is None, timeout=30)
+    assert state.status is GatewayStatus.PENDING
+    state = await kubegate.register_agent("raced", mine, new_code)
+    state = await kubegate.approve_agent("raced", mine.fingerprint)
+    assert state.status is GatewayStatus.REGISTERED
+    assert state.agent is not None and state.agent.fingerprint == mine.fingerprint
+    history = await kubegate.gateway_handle("raced").fetch_history()
+    text = history.to_json()
+    assert code not in text and new_code not in text  # proofs and a verifier only
+    await kubegate.delete_gateway("raced")
