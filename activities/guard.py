@@ -80,6 +80,17 @@ def write_policy(path: Path, policy: AgentPolicy) -> None:
     tmp.replace(path)
 
 
+async def pin_gateway(client: Client, gateway: str, pin: Path) -> None:
+    """Record the first run of the gateway workflow the agent just paired with (once): a
+    workflow started again under the same id is not that gateway."""
+    if pin.exists():
+        return
+    described = await client.get_workflow_handle(names.gateway_workflow_id(gateway)).describe()
+    pin.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pin.write_text(described.raw_description.workflow_execution_info.first_run_id + "\n")
+    pin.chmod(0o600)
+
+
 class PolicyFile:
     """The policy file, read again whenever it changes on disk."""
 
@@ -277,7 +288,9 @@ class AgentGuard:
     async def _authorized(self, info: activity.Info, args: Any, auth: AgentAuthorization) -> None:
         """Refuse unless the gateway authorizes this workflow, this agent and these credentials."""
         workflow_id = info.workflow_id or ""
-        if auth.agent_key_id != self.key.key_id:
+        if auth.agent_key_id != self.key.key_id or (
+            auth.agent_signing_key != self.key.signing_key_b64
+        ):
             raise ApplicationError(
                 f"gateway {self.gateway} has not approved this agent (key {self.key.key_id})",
                 type=errors.NOT_AUTHORIZED,
@@ -331,6 +344,7 @@ class AgentGuard:
         statement = result_statement(
             info.workflow_id or "",
             info.workflow_run_id or "",
+            info.activity_id,
             info.activity_type,
             canonical_json(list(args)),
             body,

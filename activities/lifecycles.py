@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from domain import errors, names
-from domain.lifecycle import ClusterAccount, ClusterState, ClusterStatus
+from domain.lifecycle import ClusterAccount
 from domain.trust import (
     AccountAnswer,
     AccountRef,
@@ -53,7 +53,8 @@ class LifecycleActivities:
     @activity.defn(name="lifecycle_fact")
     async def lifecycle_fact(self, ref: LifecycleRef) -> LifecycleFact:
         """Whether a lifecycle has ended (waiting a little for one that is about to), and
-        whether it ended Deleted, as Temporal records it."""
+        whether it ended Deleted, as Temporal records it. A workflow under that id that is
+        not the one meant (another parent or first run) means the one meant is gone."""
         handle = self.client.get_workflow_handle(ref.workflow_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ref.wait_seconds
@@ -66,15 +67,18 @@ class LifecycleActivities:
                         workflow_id=ref.workflow_id, status="NOT_FOUND", closed=True
                     )
                 raise
+            first = described.raw_description.workflow_execution_info.first_run_id
+            if (ref.parent and described.parent_id != ref.parent) or (
+                ref.first_run and first != ref.first_run
+            ):
+                return LifecycleFact(
+                    workflow_id=ref.workflow_id, status="REPLACED", closed=True, replaced=True
+                )
             status = described.status
             if status is not None and status != WorkflowExecutionStatus.RUNNING:
-                deleted = False
-                if status == WorkflowExecutionStatus.COMPLETED:
-                    result = self.client.get_workflow_handle(
-                        ref.workflow_id, result_type=ClusterState
-                    )
-                    state = await result.result()
-                    deleted = state.status is ClusterStatus.DELETED
+                deleted = status == WorkflowExecutionStatus.COMPLETED and await self._deleted(
+                    ref.workflow_id
+                )
                 return LifecycleFact(
                     workflow_id=ref.workflow_id, status=status.name, closed=True, deleted=deleted
                 )
@@ -83,14 +87,41 @@ class LifecycleActivities:
             activity.heartbeat()
             await asyncio.sleep(0.5)
 
+    async def _deleted(self, workflow_id: str) -> bool:
+        """A completed cluster's or gateway's result says Deleted."""
+        try:
+            result = await self.client.get_workflow_handle(workflow_id, result_type=dict).result()
+        except Exception:  # not a lifecycle's state: not Deleted
+            return False
+        return isinstance(result, dict) and result.get("status") == "Deleted"
+
     @activity.defn(name="confirm_release")
     async def confirm_release(self, request: ConfirmRelease) -> ReleaseConfirmation:
-        """True when the owner is gone, or its own state says it is giving these back."""
+        """True when the owner has been deleted (or never existed), or its own state says it
+        is giving these addresses back. A cluster must be its gateway's child."""
         if not request.owner.startswith(LIFECYCLE_PREFIXES):
             return ReleaseConfirmation(confirmed=True, reason="not a lifecycle's addresses")
-        fact = await self.lifecycle_fact(LifecycleRef(workflow_id=request.owner, wait_seconds=0))
+        parent = (
+            names.gateway_workflow_id(request.gateway)
+            if request.owner.startswith("cluster/") and request.gateway
+            else ""
+        )
+        fact = await self.lifecycle_fact(
+            LifecycleRef(workflow_id=request.owner, wait_seconds=0, parent=parent)
+        )
+        if fact.status == "NOT_FOUND" or fact.deleted:
+            return ReleaseConfirmation(confirmed=True, reason=f"{request.owner} is gone")
+        if fact.replaced:
+            return ReleaseConfirmation(
+                confirmed=False,
+                reason=f"{request.owner} is not a lifecycle of gateway {request.gateway}",
+            )
         if fact.closed:
-            return ReleaseConfirmation(confirmed=True, reason=f"{request.owner} has ended")
+            return ReleaseConfirmation(
+                confirmed=False,
+                reason=f"{request.owner} ended ({fact.status}) without being deleted: its "
+                "nodes may still hold these addresses",
+            )
         handle = self.client.get_workflow_handle(request.owner)
         try:
             intent: ReleaseIntent = await handle.query("releasing", result_type=ReleaseIntent)

@@ -588,6 +588,7 @@ class ClusterRecord(BaseModel):
     account: str
     status: str
     queued: bool = False
+    first_run: str = Field(default="", description="The first run of its workflow.")
 
 
 class GatewayState(BaseModel):

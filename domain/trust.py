@@ -172,6 +172,9 @@ class AgentAuthorization(BaseModel):
     gateway: str
     status: str
     agent_key_id: str | None = Field(default=None, description="The approved agent's key id.")
+    agent_signing_key: str | None = Field(
+        default=None, description="The approved agent's signing key (base64)."
+    )
     lifecycles: list[str] = Field(
         default_factory=list, description="Workflow ids the agent may work for."
     )
@@ -216,16 +219,19 @@ def canonical_json(value: Any) -> bytes:
 def result_statement(
     workflow_id: str,
     run_id: str,
+    activity_id: str,
     activity_type: str,
     request: bytes,
     body: str,
 ) -> bytes:
-    """What the agent signs: which request (workflow run, activity type, arguments) got which
-    result. A signature cannot be moved to another request, run or result."""
+    """What the agent signs: which request (workflow run, activity id chosen afresh by the
+    workflow for each call, activity type, arguments) got which result. A signature cannot
+    be moved to another call, request, run or result."""
     parts = [
-        "kubegate-result-v1",
+        "kubegate-result-v2",
         workflow_id,
         run_id,
+        activity_id,
         activity_type,
         hashlib.sha256(request).hexdigest(),
         hashlib.sha256(body.encode()).hexdigest(),
@@ -271,6 +277,8 @@ class LifecycleRef(BaseModel):
 
     workflow_id: str
     wait_seconds: float = Field(default=30.0, description="How long to wait for it to close.")
+    parent: str = Field(default="", description="Its parent workflow, if it must have one.")
+    first_run: str = Field(default="", description="Its first run's id, if known.")
 
 
 class LifecycleFact(BaseModel):
@@ -280,6 +288,11 @@ class LifecycleFact(BaseModel):
     status: str = Field(description="Temporal's execution status, e.g. RUNNING, COMPLETED.")
     closed: bool
     deleted: bool = Field(default=False, description="Completed with its state Deleted.")
+    replaced: bool = Field(
+        default=False,
+        description="The workflow under this id is not the one meant (another parent or first "
+        "run): the one meant has ended, somehow.",
+    )
 
 
 class ReleaseIntent(BaseModel):
@@ -296,6 +309,7 @@ class ConfirmRelease(BaseModel):
     owner: str
     pool: str
     slots: list[str] | None = None
+    gateway: str = Field(default="", description="The pool's gateway (its clusters' parent).")
 
 
 class ReleaseConfirmation(BaseModel):

@@ -258,12 +258,13 @@ class RequestRefused(KubegateError):
     """The request was refused before anything started (wrong state, invalid change)."""
 
 
-async def connect(settings: Settings | None = None) -> Client:
+async def connect(settings: Settings | None = None, *, worker: bool = False) -> Client:
     """Connect to Temporal with the project's data converter (payloads encrypted with the
-    configured codec keys, see starters/codec.py) and TLS settings."""
+    configured codec keys, see starters/codec.py) and TLS settings. A worker's converter
+    passes a payload it cannot decrypt on unopened (its workflows refuse it)."""
     settings = settings or Settings()
     try:
-        converter = settings_data_converter(settings)
+        converter = settings_data_converter(settings, strict=not worker)
     except CodecKeyError as exc:
         raise KubegateError(f"payload encryption keys: {exc}") from None
     tls: TLSConfig | bool = False
@@ -763,13 +764,21 @@ class KubegateClient:
                 "gateway's agent key: run rekey where its agent runs"
             )
 
+        resealed: dict[str, SealedSecret] = {}
+
         def reseal(credentials: VCenterCredentials) -> SealedSecret:
+            """The same secret, sealed to the new key once (the gateway's configuration and
+            its default account share one seal, and must go on sharing it)."""
             binding = credentials.password.binding
             if binding is None:
                 raise RequestRefused(
                     "a password sealed without a binding: rotate it first (account rotate)"
                 )
-            return seal(old.open(credentials.password, binding), new.public_bytes, binding)
+            digest = credentials.password.digest
+            if digest not in resealed:
+                password = old.open(credentials.password, binding)
+                resealed[digest] = seal(password, new.public_bytes, binding)
+            return resealed[digest]
 
         accounts = {a.name: reseal(a.credentials) for a in state.accounts}
         config = reseal(state.config.credentials) if state.config is not None else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import re
 import secrets
@@ -48,6 +49,9 @@ METADATA_QUERY = "__temporal_workflow_metadata"
 
 _KEY_ID_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NONCE = 12
+
+
+log = logging.getLogger("kubegate.codec")
 
 
 class CodecKeyError(ValueError):
@@ -163,9 +167,12 @@ def create_key_file(path: Path) -> bool:
 class EncryptionCodec(PayloadCodec):
     """AES-256-GCM with several keys: the last encrypts, any decrypts (by the key id)."""
 
-    def __init__(self, keys: Sequence[CodecKey]) -> None:
+    def __init__(self, keys: Sequence[CodecKey], strict: bool = True) -> None:
         self.keys = {k.key_id: AESGCM(k.key) for k in keys}
         self.current = keys[-1].key_id if keys else None
+        #: False on workers: a payload that cannot be decrypted is passed on as it is (the
+        #: workflow then refuses it) instead of failing the workflow task again and again
+        self.strict = strict
 
     def encode_payloads(self, payloads: Sequence[Payload]) -> list[Payload]:
         return [self._encrypt(p) for p in payloads]
@@ -196,6 +203,15 @@ class EncryptionCodec(PayloadCodec):
     def _decrypt(self, payload: Payload) -> Payload:
         if payload.metadata.get("encoding") != ENCODING:
             return payload  # not ours to open: written in clear
+        try:
+            return self._open(payload)
+        except PayloadDecryptError as exc:
+            if self.strict:
+                raise
+            log.warning("left a payload encrypted: %s", exc)
+            return payload
+
+    def _open(self, payload: Payload) -> Payload:
         key_id = payload.metadata.get(KEY_ID, b"").decode(errors="replace")
         aead = self.keys.get(key_id)
         if aead is None:
@@ -212,7 +228,10 @@ class EncryptionCodec(PayloadCodec):
                 "key of that id is another, or the payload was altered"
             ) from None
         decoded = Payload()
-        decoded.ParseFromString(plain)
+        try:
+            decoded.ParseFromString(plain)
+        except Exception:
+            raise PayloadDecryptError(f"payload under key {key_id!r} holds no payload") from None
         return decoded
 
 
@@ -307,14 +326,14 @@ class ReadableMetadata(temporalio.client.Interceptor, temporalio.worker.Intercep
         return _WorkflowInbound
 
 
-def data_converter(keys: Sequence[CodecKey] = ()) -> DataConverter:
-    """Pydantic JSON, encrypted with `keys` (none: in clear)."""
+def data_converter(keys: Sequence[CodecKey] = (), strict: bool = True) -> DataConverter:
+    """Pydantic JSON, encrypted with `keys` (none: in clear); `strict=False` for workers."""
     return DataConverter(
         payload_converter_class=KubegatePayloadConverter,
-        payload_codec=EncryptionCodec(keys),
+        payload_codec=EncryptionCodec(keys, strict=strict),
     )
 
 
-def settings_data_converter(settings: Settings) -> DataConverter:
+def settings_data_converter(settings: Settings, strict: bool = True) -> DataConverter:
     """The data converter for the keys the settings configure."""
-    return data_converter(load_keys(settings))
+    return data_converter(load_keys(settings), strict=strict)

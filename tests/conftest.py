@@ -61,7 +61,7 @@ async def temporal() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(tool_path("temporal")),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
+        data_converter=data_converter(strict=False),  # it hosts the workers
         interceptors=[ReadableMetadata()],
         dev_server_log_level="error",
     )

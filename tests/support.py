@@ -226,6 +226,8 @@ async def record_history(client: Any, workflow_id: str, name: str) -> None:
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
     (HISTORIES / f"{name}.json").write_text(history.to_json())
+    # replays must see the real id: agents sign results over it, workflows verify them
+    (HISTORIES / f"{name}.workflow-id").write_text(workflow_id + "\n")
 
 
 async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tuple[int, str]:

@@ -53,7 +53,7 @@ def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker
 
 
 async def serve(settings: Settings | None = None) -> None:
-    client = await connect(settings)
+    client = await connect(settings, worker=True)
     worker = build_worker(client)
     logging.getLogger("kubegate").info("control worker polling %s", CONTROL_TASK_QUEUE)
     await run_until_signalled(worker)

@@ -22,7 +22,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from activities.bootstrap import BootstrapActivities
-from activities.guard import AgentGuard, GuardInterceptor, PolicyError, PolicyFile, load_policy
+from activities.guard import (
+    AgentGuard,
+    GuardInterceptor,
+    PolicyError,
+    PolicyFile,
+    load_policy,
+    pin_gateway,
+)
 from activities.preflight import PreflightActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
@@ -63,6 +70,14 @@ async def rekey(settings: Settings, gateway: str) -> AgentKey:
     return new
 
 
+#: beside the agent's key: the first run id of the gateway workflow it paired with
+PIN_FILE = "gateway.pin"
+
+
+def pin_path(settings: Settings, gateway: str) -> Path:
+    return settings.agent_dir(gateway) / PIN_FILE
+
+
 def policy_path(settings: Settings, gateway: str) -> Path:
     """The agent's local policy file, beside its key."""
     return settings.agent_dir(gateway) / "policy.yaml"
@@ -86,7 +101,7 @@ def build_agent(
     key.gateway = gateway
     policy_file = PolicyFile(policy)
     key.policy = policy_file.current
-    guard = AgentGuard(client, gateway, key, policy_file, pin=policy.parent / "gateway.pin")
+    guard = AgentGuard(client, gateway, key, policy_file, pin=policy.parent / PIN_FILE)
     preflight = PreflightActivities(key, sessions)
     bootstrap = BootstrapActivities(key)
     vms = VmActivities(
@@ -140,6 +155,7 @@ async def serve(
         host=socket.gethostname(),
         installer_vm=installer_vm,
     )
+    await pin_gateway(client, gateway, pin_path(settings, gateway))
     approved = state.agent is not None and state.agent.approved
     log.info(
         "gateway agent %s paired (key %s, fingerprint %s, %s), gateway is %s",

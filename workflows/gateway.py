@@ -14,8 +14,13 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
-from temporalio.exceptions import ApplicationError, ChildWorkflowError, WorkflowAlreadyStartedError
+from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    ChildWorkflowError,
+    WorkflowAlreadyStartedError,
+)
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -70,7 +75,7 @@ with workflow.unsafe.imports_passed_through():
         StepState,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
-    from domain.sealing import fingerprint, normalize_fingerprint, verify_signature
+    from domain.sealing import fingerprint, key_id, normalize_fingerprint, verify_signature
     from domain.trust import (
         AccountAnswer,
         AccountCheck,
@@ -129,6 +134,7 @@ class GatewayWorkflow(NodeMachinery):
         #: credentials being checked before they are kept (the agent may use these too)
         self.checks: list[AccountCheck] = []
         self.verifying = 0  # cluster "Deleted" signals being confirmed
+        self.confirming: set[str] = set()  # the clusters they are about
         self.releasing = ReleaseIntent()
         if self.gw.nodes is not None and self.gw.config is not None:
             self._attach(self.gw.nodes, self.gw.config)
@@ -397,11 +403,16 @@ class GatewayWorkflow(NodeMachinery):
         now = workflow.now()
         agent = self.gw.agent
         if agent is not None:  # the same agent again (a restart)
-            if request.signing_key and agent.signing_key != request.signing_key:
-                # an agent from before signatures: its new key needs the operator's approval
+            if (
+                not agent.approved
+                and request.signing_key
+                and (agent.signing_key != request.signing_key)
+            ):
+                # not approved yet (an agent from before signatures, or a key presented anew):
+                # whatever is presented, the operator approves only the fingerprint the real
+                # agent shows; once approved, keys change only through rekey
                 agent.signing_key = request.signing_key
                 agent.fingerprint = _fingerprint(request)
-                agent.approved = False
                 self.gw.reason = self._approval_hint(agent)
                 self._publish()
             return self.gw
@@ -450,9 +461,21 @@ class GatewayWorkflow(NodeMachinery):
 
     @register.validator
     def _register_ok(self, request: RegisterRequest) -> None:
+        problem = _keys_problem(request.public_key, request.signing_key or None)
+        if problem is None and request.key_id != key_id(base64.b64decode(request.public_key)):
+            problem = "key_id: not the public key's"
+        if problem:
+            raise invalid_spec(problem)
         agent = self.gw.agent
         if agent is not None:
             if agent.public_key == request.public_key:
+                if agent.approved and request.signing_key not in ("", agent.signing_key):
+                    raise ApplicationError(
+                        f"gateway {self.gw.name}: its approved agent's keys change only with "
+                        "kubegate gateway rekey (on the agent's machine)",
+                        type=errors.PAIRING_REFUSED,
+                        non_retryable=True,
+                    )
                 return  # the same agent again (a restart): nothing to do
             raise ApplicationError(
                 f"gateway {self.gw.name} is paired with another agent (key {agent.key_id}); "
@@ -523,6 +546,11 @@ class GatewayWorkflow(NodeMachinery):
             raise invalid_state(f"gateway {self.gw.name} has no approved agent to re-key")
         if self.busy or self.op is not None:
             raise invalid_state(f"gateway {self.gw.name} is busy ({self.gw.status}): try later")
+        problem = _keys_problem(request.public_key, request.signing_key)
+        if problem is None and request.key_id != key_id(base64.b64decode(request.public_key)):
+            problem = "key_id: not the public key's"
+        if problem:
+            raise invalid_spec(problem)
         if not verify_signature(
             agent.signing_key, request.statement(self.gw.name), request.signature
         ):
@@ -562,7 +590,7 @@ class GatewayWorkflow(NodeMachinery):
             raise invalid_state(f"gateway {self.gw.name} has no paired agent to approve yet")
         if agent.approved:
             raise invalid_state(f"gateway {self.gw.name}: agent {agent.fingerprint} is approved")
-        if normalize_fingerprint(request.fingerprint) != agent.fingerprint:
+        if not agent.fingerprint or normalize_fingerprint(request.fingerprint) != agent.fingerprint:
             raise ApplicationError(
                 f"fingerprint: {request.fingerprint} is not the paired agent's; compare with "
                 "what the agent printed when it started (reset the gateway if it is not yours)",
@@ -1025,6 +1053,7 @@ class GatewayWorkflow(NodeMachinery):
             gateway=self.gw.name,
             status=self.gw.status.value,
             agent_key_id=agent.key_id if agent is not None and agent.approved else None,
+            agent_signing_key=agent.signing_key if agent is not None and agent.approved else None,
             lifecycles=[names.gateway_workflow_id(self.gw.name), *live, *checking],
             accounts=accounts if self.gw.status is not GatewayStatus.DELETED else {},
             checking=list(self.checks),
@@ -1088,7 +1117,7 @@ class GatewayWorkflow(NodeMachinery):
             self.gw.queue.append(spec.name)
         self.starting += 1
         try:
-            await workflow.start_child_workflow(
+            child = await workflow.start_child_workflow(
                 "ClusterWorkflow",
                 ClusterInput(
                     spec=spec,
@@ -1115,6 +1144,7 @@ class GatewayWorkflow(NodeMachinery):
                     ]
                 ),
             )
+            record.first_run = child.first_execution_run_id or ""
         except BaseException as exc:
             self.gw.clusters = [c for c in self.gw.clusters if c is not record]
             self.gw.queue = [n for n in self.gw.queue if n != spec.name]
@@ -1167,19 +1197,33 @@ class GatewayWorkflow(NodeMachinery):
             self._publish()
             return
         if workflow.patched(VERIFIED_DELETES):
+            if change.name in self.confirming:
+                return  # being confirmed already: one check answers every such signal
+            self.confirming.add(change.name)
             self.verifying += 1
             try:
                 fact: LifecycleFact = await workflow.execute_activity(
                     "lifecycle_fact",
-                    LifecycleRef(workflow_id=names.cluster_workflow_id(change.name)),
+                    LifecycleRef(
+                        workflow_id=names.cluster_workflow_id(change.name),
+                        parent=workflow.info().workflow_id,
+                        first_run=record.first_run,
+                    ),
                     result_type=LifecycleFact,
                     task_queue=names.CONTROL_TASK_QUEUE,
                     start_to_close_timeout=timedelta(minutes=2),
                     heartbeat_timeout=timedelta(seconds=20),
+                    retry_policy=RetryPolicy(maximum_attempts=5),
                     summary=f"Confirm cluster {change.name} has ended",
                 )
+            except ActivityError as exc:
+                workflow.logger.warning(
+                    "could not confirm cluster %s has ended: %s", change.name, exc.cause
+                )
+                return
             finally:
                 self.verifying -= 1
+                self.confirming.discard(change.name)
             record = self.gw.cluster(change.name)
             if record is None:
                 return
@@ -1222,6 +1266,13 @@ class GatewayWorkflow(NodeMachinery):
     def _agent_signing_key(self) -> str | None:
         agent = self.gw.agent
         return agent.signing_key if agent is not None and agent.approved else None
+
+    async def _refresh_account(self) -> bool:
+        """The gateway keeps its credentials itself: take the configuration's current ones."""
+        if self.gw.config is None:
+            return False
+        self.account = self.account.model_copy(update={"credentials": self.gw.config.credentials})
+        return True
 
     def _fail(self, operation: Operation) -> None:
         """Failed in `operation` (its error is set); queued clusters keep waiting."""
@@ -1301,3 +1352,17 @@ def _fingerprint(request: RegisterRequest) -> str:
     except ValueError:
         return ""
     return fingerprint(public, signing)
+
+
+def _keys_problem(public_key: str, signing_key: str | None) -> str | None:
+    """Why an agent's public keys are not 32-byte keys in base64, or None."""
+    for field, value in (("public_key", public_key), ("signing_key", signing_key)):
+        if value is None:
+            continue
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except ValueError:
+            return f"{field}: not base64"
+        if len(raw) != 32:
+            return f"{field}: a 32-byte key, not {len(raw)} bytes"
+    return None

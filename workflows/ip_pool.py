@@ -166,7 +166,12 @@ class IpPoolWorkflow:
         if request.owner.startswith(_LIFECYCLES) and workflow.patched(CONFIRMED_RELEASES):
             confirmation: ReleaseConfirmation = await workflow.execute_activity(
                 "confirm_release",
-                ConfirmRelease(owner=request.owner, pool=self.pool.spec.name, slots=request.slots),
+                ConfirmRelease(
+                    owner=request.owner,
+                    pool=self.pool.spec.name,
+                    slots=request.slots,
+                    gateway=self.pool.spec.gateway,
+                ),
                 result_type=ReleaseConfirmation,
                 task_queue=names.CONTROL_TASK_QUEUE,
                 start_to_close_timeout=timedelta(minutes=1),

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -89,7 +89,12 @@ SIGNED_RESULTS = "signed-agent-results"
 
 
 def verify_result(
-    raw: Any, arg: Any, activity: str, signing_key: str | None, result_type: type[T]
+    raw: Any,
+    arg: Any,
+    activity: str,
+    signing_key: str | None,
+    result_type: type[T],
+    activity_id: str,
 ) -> T | None:
     """The result when the approved agent signed it for this request in this run, else None
     (also for anything that is not a signed result at all)."""
@@ -99,7 +104,7 @@ def verify_result(
         return None
     info = workflow.info()
     statement = result_statement(
-        info.workflow_id, info.run_id, activity, canonical_json([arg]), signed.body
+        info.workflow_id, info.run_id, activity_id, activity, canonical_json([arg]), signed.body
     )
     body = verified_body(signed, signing_key, statement)
     if body is None:
@@ -109,6 +114,37 @@ def verify_result(
     except ValidationError:
         return None  # signed, but not the result this activity gives
     return value
+
+
+#: a result payload that could not be decoded at all
+UNREADABLE = object()
+
+
+def decoded(raw: RawValue) -> Any:
+    """The result's JSON value, or UNREADABLE: a worker that is not the agent may send
+    anything, and an undecodable payload must not fail the workflow task."""
+    try:
+        return workflow.payload_converter().from_payload(raw.payload)
+    except Exception:
+        return UNREADABLE
+
+
+def unsigned_result(value: Any, activity: str, result_type: type[T]) -> T:
+    """A result as a run from before signed results takes it (unwrapping a signed one, which
+    today's agent sends): it cannot be verified in such a run."""
+    if isinstance(value, dict) and {"body", "key_id", "signature"} <= value.keys():
+        value = value["body"]
+        reader: Callable[[Any], T] = TypeAdapter(result_type).validate_json
+    else:
+        reader = TypeAdapter(result_type).validate_python
+    try:
+        if value is UNREADABLE:
+            raise ValueError("undecodable payload")
+        return reader(value)
+    except ValueError:
+        raise ApplicationError(
+            f"{activity}: an unreadable result", type=errors.FORGED_RESULT, non_retryable=True
+        ) from None
 
 
 def _with_credentials(arg: Any, credentials: VCenterCredentials) -> Any:
@@ -857,13 +893,16 @@ class NodeMachinery:
         forged = 0
         refreshed = rekeyed = False
         while True:
+            # a fresh id per call: a signed result cannot stand in for another call's
+            activity_id = str(workflow.uuid4()) if signed else None
             try:
                 raw = await workflow.execute_activity(
                     activity,
                     arg,
-                    # signed: taken as plain JSON, so a payload of any shape is refused below
-                    # instead of failing the workflow task
-                    result_type=None if signed else result_type,
+                    activity_id=activity_id,
+                    # taken raw and decoded below: a payload of any shape or encoding is
+                    # refused there instead of failing the workflow task
+                    result_type=RawValue,
                     task_queue=names.gateway_task_queue(self.state.gateway),
                     start_to_close_timeout=timeout,
                     schedule_to_close_timeout=self.agent_deadline,
@@ -884,13 +923,19 @@ class NodeMachinery:
                     arg = _with_credentials(arg, self.account.current)
                     continue
                 raise
-            if not signed:
-                result: T = raw
+            value = decoded(raw)
+            if not signed:  # a run from before signed results: as it did then
+                result: T = unsigned_result(value, activity, result_type)
                 break
-            verified = verify_result(raw, arg, activity, self._agent_signing_key(), result_type)
+            call = activity_id or ""
+            verified = verify_result(
+                value, arg, activity, self._agent_signing_key(), result_type, call
+            )
             if verified is None and not rekeyed and await self._refresh_account():
                 rekeyed = True  # the agent may have been re-keyed: check with its current key
-                verified = verify_result(raw, arg, activity, self._agent_signing_key(), result_type)
+                verified = verify_result(
+                    value, arg, activity, self._agent_signing_key(), result_type, call
+                )
             if verified is not None:
                 result = verified
                 break

@@ -7,7 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
+from temporalio.common import RawValue, RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -22,7 +22,13 @@ with workflow.unsafe.imports_passed_through():
         PreflightRequest,
         skipped,
     )
-    from workflows.nodes import RETRY_ATTEMPTS, SIGNED_RESULTS, verify_result
+    from workflows.nodes import (
+        RETRY_ATTEMPTS,
+        SIGNED_RESULTS,
+        decoded,
+        unsigned_result,
+        verify_result,
+    )
 
 _RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -55,20 +61,25 @@ class PreflightWorkflow:
             nonlocal requests
             signed = workflow.patched(SIGNED_RESULTS)
             for _ in range(RETRY_ATTEMPTS):
+                activity_id = str(workflow.uuid4()) if signed else None
                 raw = await workflow.execute_activity(
                     activity,
                     arg,
-                    result_type=None if signed else result,
+                    activity_id=activity_id,
+                    result_type=RawValue,
                     task_queue=queue,
                     start_to_close_timeout=timedelta(seconds=90),
                     schedule_to_start_timeout=timedelta(minutes=2),
                     retry_policy=_RETRY,
                     summary=summary,
                 )
+                value = decoded(raw)
                 batch = (
-                    verify_result(raw, arg, activity, request.agent_signing_key, result)
+                    verify_result(
+                        value, arg, activity, request.agent_signing_key, result, activity_id or ""
+                    )
                     if signed
-                    else raw
+                    else unsigned_result(value, activity, result)
                 )
                 if batch is not None:
                     requests += batch.vcenter_requests

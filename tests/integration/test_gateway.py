@@ -501,6 +501,14 @@ async def test_configuration_refused_by_the_preflight(
         file.placement = file.placement.model_copy(update={"datastore": "NoSuchDS"})
         with pytest.raises(RequestRefused, match="NoSuchDS"):
             await kubegate.configure_gateway(name, file, gsim.password)
+        # the same refusal with a pool the file asks for: the pool is not left behind
+        static = gateway_file(
+            gsim, ip_allocation="static", create_ip_pool=pool_fields("pgw-pool", 94, 4)
+        )
+        static.placement = static.placement.model_copy(update={"datastore": "NoSuchDS"})
+        with pytest.raises(RequestRefused, match="NoSuchDS"):
+            await kubegate.configure_gateway(name, static, gsim.password)
+        assert [p.spec.name for p in await kubegate.list_pools(name)] == []
         state = await kubegate.gateway_state(name)
         assert state.status is GatewayStatus.REGISTERED and state.config is None
         assert any(s.name == "preflight" and s.error for s in state.steps)

@@ -7,15 +7,19 @@ and polls task queues. The agent of gateway `test` and the control worker are th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from temporalio import activity
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.converter import PayloadCodec
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -26,12 +30,32 @@ from domain.ipam import IpPoolSpec, ReleaseRequest
 from domain.lifecycle import ClusterInput, ClusterStatus
 from domain.preflight import PreflightReport, PreflightRequest
 from domain.sealing import AgentKey
+from domain.trust import AccountAnswer, AgentAuthorization, ReleaseIntent
 from domain.vm import VmInfo
 from starters.client import KubegateClient, KubegateError
 from starters.codec import data_converter
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import deploy, domain, owned_vms, small_spec, until
-from tests.support import ADMIN, Vcsim, ensure_account, run_cli
+from tests.support import ADMIN, Vcsim, ensure_account, record_history, run_cli
+
+
+class Garbling(PayloadCodec):
+    """An attacker's codec: every other payload it sends is JSON that does not parse."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        out = []
+        for payload in payloads:
+            self.sent += 1
+            if self.sent % 2:
+                payload = Payload(metadata={"encoding": b"json/plain"}, data=b"{")
+            out.append(payload)
+        return out
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return list(payloads)
 
 
 class Listener:
@@ -215,6 +239,9 @@ async def test_forged_deleted_signal_and_release_change_nothing(
     assert [
         a for a in await kubegate.pool_allocations(GATEWAY, "trust-pool") if "victim" in a.owner
     ] == []
+    await record_history(
+        kubegate.client, names.ippool_workflow_id(GATEWAY, "trust-pool"), "ippool_release_refused"
+    )
 
 
 async def test_a_rogue_worker_on_the_gateway_queue_cannot_forge_results(
@@ -312,11 +339,16 @@ async def test_rekey_reseals_what_the_gateway_keeps_and_clusters_carry_on(
     restarted = load_key(settings, name)
     assert restarted.key_id == new.key_id and old.key_id in restarted.retired
     async with agent_of(temporal, sessions, name, restarted):
+        # the gateway's own work (its configuration's credentials, sealed anew with the
+        # default account's: one seal) goes on
+        await kubegate.gateway_events(name)
         result = await kubegate.scale_pool("rekeyed", "w", 2)
         assert result.status == "Running", result
         await kubegate.delete_cluster("rekeyed")
         await until(kubegate, "rekeyed", ClusterStatus.DELETED)
         assert owned_vms(vcsim, "cluster/rekeyed") == []
+    await record_history(temporal.client, names.gateway_workflow_id(name), "gateway_rekeyed")
+    await record_history(temporal.client, "cluster/rekeyed", "cluster_rekeyed")
 
 
 async def test_rotation_is_checked_before_it_is_kept_and_clusters_pick_it_up(
@@ -342,10 +374,25 @@ async def test_rotation_is_checked_before_it_is_kept_and_clusters_pick_it_up(
     assert result.status == "Running", result
     state = await kubegate.cluster_state("rotated")
     assert len(state.nodes) == 3
+    # what every query answers holds the password sealed only
+    handle = kubegate.gateway_handle(GATEWAY)
+    answers = [
+        (await kubegate.gateway_state(GATEWAY)).model_dump_json(),
+        (await handle.query("authorization", result_type=AgentAuthorization)).model_dump_json(),
+        (
+            await handle.query("cluster_account", account, result_type=AccountAnswer)
+        ).model_dump_json(),
+        state.model_dump_json(),
+        (
+            await kubegate.cluster_handle("rotated").query("releasing", result_type=ReleaseIntent)
+        ).model_dump_json(),
+    ]
+    assert all(vcsim.password not in answer for answer in answers)
     code, out = await run_cli(settings, "account", "rotate", account, "--gateway", GATEWAY)
     assert code == 2 and "--password-file" in out, out  # no password given: nothing done
     await kubegate.delete_cluster("rotated")
     await until(kubegate, "rotated", ClusterStatus.DELETED)
+    await record_history(kubegate.client, "cluster/rotated", "cluster_rotated")
 
 
 async def test_only_a_rogue_worker_on_the_queue_cannot_make_a_cluster_run(
@@ -382,8 +429,11 @@ async def test_only_a_rogue_worker_on_the_queue_cannot_make_a_cluster_run(
             vcenter_requests=0,
         )
 
+    # every other answer is not even decodable (a payload of '{'): refused the same way,
+    # without failing the workflow's task
     attacker = await Client.connect(
-        temporal.client.service_client.config.target_host, data_converter=data_converter()
+        temporal.client.service_client.config.target_host,
+        data_converter=dataclasses.replace(data_converter(), payload_codec=Garbling()),
     )
     spec = small_spec("forged", "unused").model_dump(mode="json")
     for pool in [spec["control_plane"], *spec["workers"]]:
@@ -437,3 +487,5 @@ async def test_an_agent_that_raced_the_real_one_gets_nothing_and_reset_drops_it(
     text = history.to_json()
     assert code not in text and new_code not in text  # proofs and a verifier only
     await kubegate.delete_gateway("raced")
+    await kubegate.wait_gateway("raced", lambda s: s.status is GatewayStatus.DELETED)
+    await record_history(kubegate.client, "gateway/raced", "gateway_raced")

@@ -69,22 +69,36 @@ def test_a_seal_without_binding_is_refused() -> None:
         key.open(old, password_binding("lab", "prod", VC, "admin"))
 
 
-def test_signatures_verify_only_for_the_request_run_and_result_they_cover() -> None:
+def test_signatures_verify_only_for_the_call_request_run_and_result_they_cover() -> None:
     key = AgentKey.generate()
     body = canonical_json({"vm": "vm-42", "power": "on"}).decode()
     statement = result_statement(
-        "cluster/a", "run-1", "vm_create", canonical_json([{"n": 1}]), body
+        "cluster/a", "run-1", "id-1", "vm_create", canonical_json([{"n": 1}]), body
     )
     signed = SignedResult(body=body, key_id=key.key_id, signature=key.sign(statement))
     assert verified_body(signed, key.signing_key_b64, statement) == body
     assert verified_body(signed, AgentKey.generate().signing_key_b64, statement) is None
     assert verified_body(signed, None, statement) is None
     for other in (
-        result_statement("cluster/b", "run-1", "vm_create", canonical_json([{"n": 1}]), body),
-        result_statement("cluster/a", "run-2", "vm_create", canonical_json([{"n": 1}]), body),
-        result_statement("cluster/a", "run-1", "vm_destroy", canonical_json([{"n": 1}]), body),
-        result_statement("cluster/a", "run-1", "vm_create", canonical_json([{"n": 2}]), body),
-        result_statement("cluster/a", "run-1", "vm_create", canonical_json([{"n": 1}]), "{}"),
+        result_statement(
+            "cluster/b", "run-1", "id-1", "vm_create", canonical_json([{"n": 1}]), body
+        ),
+        result_statement(
+            "cluster/a", "run-2", "id-1", "vm_create", canonical_json([{"n": 1}]), body
+        ),
+        result_statement(
+            "cluster/a", "run-1", "id-1", "vm_destroy", canonical_json([{"n": 1}]), body
+        ),
+        result_statement(
+            "cluster/a", "run-1", "id-1", "vm_create", canonical_json([{"n": 2}]), body
+        ),
+        result_statement(
+            "cluster/a", "run-1", "id-1", "vm_create", canonical_json([{"n": 1}]), "{}"
+        ),
+        # the same request and result, answering another call (a replayed answer)
+        result_statement(
+            "cluster/a", "run-1", "id-2", "vm_create", canonical_json([{"n": 1}]), body
+        ),
     ):
         assert verified_body(signed, key.signing_key_b64, other) is None
     assert not verify_signature(key.signing_key_b64, b"x", "not base64!")
