@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.table import Table
 
 from domain import names
-from domain.account import CloudAccountSpec, Placement, VCenterAccess
+from domain.account import CloudAccountSpec, Placement, VCenterAccess, VCenterEndpoint
 from domain.errors import field_errors
 from domain.gateway import (
     GatewayFile,
@@ -370,7 +370,26 @@ def _from_installer(name: str, vm: str, vcenter: Path) -> tuple[str, str]:
         _bad_input(
             f"--installer-vm: {vm} was installed for gateway {props.installer_name!r}, not {name!r}"
         )
+    _first_policy(name, endpoint)
     return props.pairing_code, props.console_endpoint
+
+
+def _first_policy(name: str, endpoint: VCenterEndpoint) -> None:
+    """At pairing, with no policy yet: one allowing exactly the vCenter the operator named
+    (with its trust), written beside the agent's key; an existing policy is kept."""
+    from activities.guard import write_policy
+    from domain.trust import policy_for
+    from workers.gateway_agent import policy_path
+
+    path = policy_path(Settings(), name)
+    if path.exists():
+        return
+    write_policy(path, policy_for(name, endpoint))
+    err.print(
+        f"agent policy written: {path} (the vCenter {endpoint.address} only; edit it to add "
+        "more: kubegate gateway policy)",
+        highlight=False,
+    )
 
 
 def _vcenter_failure(exc: BaseException, address: str) -> str:

@@ -290,3 +290,57 @@ def test_uploads_to_another_host_are_pinned_to_the_lease_thumbprint(
         upload("AB" * 20)
     with pytest.raises(OvaError, match="HTTP 404"):  # trusted, then refused by the host
         upload(sha1)
+
+
+@pytest.mark.parametrize(
+    ("trust", "expected"),
+    [({"thumbprint": ":".join(["AB"] * 32)}, "thumbprint"), ({}, "TLS")],
+    ids=["wrong thumbprint", "no pin, untrusted certificate"],
+)
+def test_install_against_an_untrusted_certificate_says_so_without_a_traceback(
+    vcsim: Vcsim, tmp_path: Path, ova: Path, trust: dict[str, Any], expected: str
+) -> None:
+    """`gateway install` to a vCenter whose certificate is not the pinned one (or not
+    verifiable): a clear message, exit 1, nothing imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "pw").write_text(vcsim.password + "\n")
+    (tmp_path / "code").write_text(new_pairing_code() + "\n")
+    spec = {
+        "vcenter": {
+            "server": vcsim.address,
+            "username": ADMIN,
+            "password_file": str(tmp_path / "pw"),
+            **trust,
+        },
+        "placement": PLACEMENT,
+        "properties": {"node_network": "10.90.0.0/24"},
+    }
+    (tmp_path / "install.yaml").write_text(json.dumps(spec))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starters.cli",
+            "gateway",
+            "install",
+            "untrusted",
+            "-f",
+            str(tmp_path / "install.yaml"),
+            "--pairing-code-file",
+            str(tmp_path / "code"),
+            "--ova",
+            str(ova),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KUBEGATE_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
+    )
+    said = done.stdout + done.stderr
+    assert done.returncode == 1, said
+    assert expected in said and "Traceback" not in said, said
+    assert vcsim.password not in said

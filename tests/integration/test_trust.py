@@ -7,6 +7,7 @@ and polls task queues. The agent of gateway `test` and the control worker are th
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import socket
 import threading
@@ -23,20 +24,23 @@ from temporalio.converter import PayloadCodec
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.bootstrap import generate_secrets
+from activities.secrets import secrets_binding
 from domain import names
 from domain.account import VCenterCredentials, VCenterEndpoint
+from domain.bootstrap import RenderResult, ca_cert_hash, decode
 from domain.gateway import ClusterChanged
 from domain.ipam import IpPoolSpec, ReleaseRequest
 from domain.lifecycle import ClusterInput, ClusterStatus
 from domain.preflight import PreflightReport, PreflightRequest
-from domain.sealing import AgentKey
+from domain.sealing import AgentKey, seal
 from domain.trust import AccountAnswer, AgentAuthorization, ReleaseIntent
 from domain.vm import VmInfo
 from starters.client import KubegateClient, KubegateError
 from starters.codec import data_converter
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import deploy, domain, owned_vms, small_spec, until
-from tests.support import ADMIN, Vcsim, ensure_account, record_history, run_cli
+from tests.support import Vcsim, ensure_account, record_history, run_cli
 
 
 class Garbling(PayloadCodec):
@@ -247,14 +251,30 @@ async def test_forged_deleted_signal_and_release_change_nothing(
 async def test_a_rogue_worker_on_the_gateway_queue_cannot_forge_results(
     kubegate: KubegateClient, vcsim: Vcsim, temporal: WorkflowEnvironment, trust_pool: str
 ) -> None:
-    """A worker beside the real agent answers VM tasks with made-up VMs: they are refused,
-    the real agent's results are taken, and no forged VM is recorded."""
+    """A worker beside the real agent answers VM tasks with made-up VMs and bootstrap tasks
+    with its own cluster CA (sealed to the agent's public key, bound to the cluster: anyone
+    can make such a seal). Its answers are refused, the real agent's are taken: no forged VM
+    is recorded and no node carries the attacker's CA."""
     answered: list[str] = []
+
+    state = await kubegate.gateway_state(GATEWAY)
+    assert state.agent is not None
+    theirs = generate_secrets()
+    planted = seal(
+        theirs.model_dump_json(),
+        base64.b64decode(state.agent.public_key),
+        secrets_binding(GATEWAY, "cluster/guarded"),
+    )
 
     @activity.defn(name="vm_create")
     async def vm_create(request: dict[str, object]) -> VmInfo:
         answered.append("vm_create")
         return VmInfo(name=str(request.get("name")), ref="VirtualMachine:vm-forged")
+
+    @activity.defn(name="bootstrap_render")
+    async def bootstrap_render(request: dict[str, object]) -> RenderResult:
+        answered.append("bootstrap_render")
+        return RenderResult(nodes=[], secrets=planted)
 
     attacker = await Client.connect(
         temporal.client.service_client.config.target_host, data_converter=data_converter()
@@ -262,18 +282,22 @@ async def test_a_rogue_worker_on_the_gateway_queue_cannot_forge_results(
     rogue = Worker(
         attacker,
         task_queue=names.gateway_task_queue(GATEWAY),
-        activities=[vm_create],
+        activities=[vm_create, bootstrap_render],
     )
     async with rogue:
         await deploy(kubegate, vcsim, spec_for("guarded"))
-        state = await until(kubegate, "guarded", ClusterStatus.RUNNING)
-    assert all(n.vm != "VirtualMachine:vm-forged" for n in state.nodes)
-    assert {vm["name"] for vm in owned_vms(vcsim, "cluster/guarded")} == {
-        n.name for n in state.nodes
-    }
+        state_c = await until(kubegate, "guarded", ClusterStatus.RUNNING)
+    assert all(n.vm != "VirtualMachine:vm-forged" for n in state_c.nodes)
+    vms = owned_vms(vcsim, "cluster/guarded")
+    assert {vm["name"] for vm in vms} == {n.name for n in state_c.nodes}
+    their_ca, their_hash = theirs.ca_cert_pem.splitlines()[1], ca_cert_hash(theirs.ca_cert_pem)
+    for vm in vms:
+        userdata = decode(vm["extra"]["guestinfo.userdata"])
+        # control-plane nodes carry the cluster's CA, joiners its hash: never the attacker's
+        assert "BEGIN CERTIFICATE" in userdata or "sha256:" in userdata, vm["name"]
+        assert their_ca not in userdata and their_hash not in userdata, vm["name"]
     await kubegate.delete_cluster("guarded")
     await until(kubegate, "guarded", ClusterStatus.DELETED)
-    assert ADMIN  # the simulator's administrator made every VM, through the real agent
 
 
 async def test_rekey_reseals_what_the_gateway_keeps_and_clusters_carry_on(
