@@ -25,6 +25,8 @@ COPY workflows workflows
 COPY activities activities
 COPY workers workers
 COPY starters starters
+# read at run time: the installer OVA's builder and its descriptor template
+COPY tools/installer tools/installer
 RUN uv sync --frozen --no-dev && ln -s /app/.venv/bin/kubegate /usr/local/bin/kubegate
 ENV KUBEGATE_HOME=/var/lib/kubegate
 ENTRYPOINT ["kubegate"]

@@ -28,6 +28,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import (
     ActivityInboundInterceptor,
+    ActivityOutboundInterceptor,
     ExecuteActivityInput,
     Interceptor,
 )
@@ -362,13 +363,48 @@ class GuardInterceptor(Interceptor):
         return _Guarded(next, self.guard)
 
 
+#: how often the agent tells Temporal a task is alive, whatever the activity does meanwhile
+KEEPALIVE_SECONDS = 1.0
+
+
 class _Guarded(ActivityInboundInterceptor):
     def __init__(self, next: ActivityInboundInterceptor, guard: AgentGuard) -> None:
         super().__init__(next)
         self.guard = guard
+        self.beats: _Beats | None = None
+
+    def init(self, outbound: ActivityOutboundInterceptor) -> None:
+        self.beats = _Beats(outbound)
+        super().init(self.beats)
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
-        await self.guard.check(info, input.args)
-        result = await self.next.execute_activity(input)
+        keepalive = asyncio.create_task(self._keepalive())
+        try:
+            await self.guard.check(info, input.args)
+            result = await self.next.execute_activity(input)
+        finally:
+            keepalive.cancel()
         return self.guard.sign(info, input.args, result)
+
+    async def _keepalive(self) -> None:
+        """Heartbeat every task, repeating its own last details (a vCenter task's ref), so a
+        short heartbeat timeout finds a dead agent quickly and a retry still re-attaches."""
+        while self.beats is not None:
+            self.beats.again()
+            await asyncio.sleep(KEEPALIVE_SECONDS)
+
+
+class _Beats(ActivityOutboundInterceptor):
+    """Remembers the activity's last heartbeat details, to repeat them."""
+
+    def __init__(self, next: ActivityOutboundInterceptor) -> None:
+        super().__init__(next)
+        self.details: tuple[Any, ...] = ()
+
+    def heartbeat(self, *details: Any) -> None:
+        self.details = details
+        super().heartbeat(*details)
+
+    def again(self) -> None:
+        super().heartbeat(*self.details)

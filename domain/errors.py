@@ -66,3 +66,6 @@ FORGED_RESULT = "ForgedResult"
 #: credentials that were current when work was scheduled were rotated meanwhile
 STALE_CREDENTIALS = "StaleCredentials"
 NON_RETRYABLE += [POLICY_REFUSED, NOT_AUTHORIZED, FORGED_RESULT, STALE_CREDENTIALS]
+
+#: the agent stopped (SIGTERM) while vCenter worked: retryable, the next attempt re-attaches
+AGENT_STOPPING = "AgentStopping"

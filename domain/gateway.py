@@ -551,6 +551,7 @@ class AgentInfo(BaseModel):
     fingerprint: str = Field(default="", description="What the operator approves.")
     approved: bool = Field(default=False, description="The operator approved this agent.")
     approved_at: datetime | None = None
+    version: str = Field(default="", description="The kubegate release the agent runs.")
     host: str = ""
     installer_vm: str | None = Field(default=None, description="Inventory path of the installer.")
     installer_address: str | None = None
@@ -619,6 +620,11 @@ class GatewayState(BaseModel):
     accounts: list[CloudAccount] = Field(default_factory=list)
     clusters: list[ClusterRecord] = Field(default_factory=list)
     queue: list[str] = Field(default_factory=list, description="Clusters waiting, in order.")
+    agent_problem: str | None = Field(
+        default=None,
+        description="Why the agent cannot take new work (its release), as the state query "
+        "reports it.",
+    )
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -666,6 +672,7 @@ class RegisterRequest(BaseModel):
     public_key: str
     key_id: str
     signing_key: str = Field(default="", description="Ed25519 public key, base64.")
+    version: str = Field(default="", description="The kubegate release the agent runs.")
     host: str = ""
     installer_vm: str | None = None
     installer_address: str | None = None

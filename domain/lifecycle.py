@@ -102,7 +102,12 @@ class ClusterAccount(BaseModel):
 class Timing(BaseModel):
     """Activity timeouts; tests shorten the heartbeat timeout to see crashes sooner."""
 
-    heartbeat_seconds: int = Field(default=60, ge=2)
+    heartbeat_seconds: int = Field(
+        default=20,
+        ge=2,
+        description="A task whose agent stays silent this long goes to the next agent (every "
+        "agent task heartbeats every 2 s).",
+    )
     create_vm_minutes: int = Field(default=60, ge=1)
     readiness_minutes: int = Field(default=30, ge=1)
 

@@ -35,6 +35,7 @@ from domain.gateway import GatewayState
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
 from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary
 from domain.preflight import CheckStatus, PreflightReport
+from domain.version import VERSION, accepted_agents
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.settings import Settings
 from starters.yamlfile import YamlFileError, read_yaml
@@ -62,6 +63,31 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(ippool_app, name="ippool")
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"kubegate {VERSION} (works with gateway agents {accepted_agents()})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """kubegate: Kubernetes clusters on vSphere through private cloud gateways."""
+
+
+@app.command("version")
+def show_version() -> None:
+    """Print kubegate's version and the gateway agent releases it works with."""
+    _print_version(True)
+
 
 out = Console()
 err = Console(stderr=True)

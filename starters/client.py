@@ -96,6 +96,7 @@ from domain.lifecycle import (
 )
 from domain.preflight import PreflightReport
 from domain.sealing import AgentKey, fingerprint, normalize_fingerprint, seal
+from domain.version import VERSION
 from starters.codec import CodecKeyError, ReadableMetadata, settings_data_converter
 from starters.settings import Settings
 from workflows.cluster import ClusterWorkflow
@@ -686,16 +687,19 @@ class KubegateClient:
         host: str = "",
         installer_vm: str | None = None,
         installer_address: str | None = None,
+        version: str = VERSION,
     ) -> GatewayState:
         """Pair an agent with its gateway (once, with the code); a paired agent just checks."""
         state = await self.gateway_state(gateway)
         if state.agent is not None and state.agent.public_key == key.public_key_b64:
-            if state.agent.signing_key != key.signing_key_b64:  # paired before signatures
+            # paired before signatures, or started from another release: say so
+            if (state.agent.signing_key, state.agent.version) != (key.signing_key_b64, version):
                 request = RegisterRequest(
                     public_key=key.public_key_b64,
                     key_id=key.key_id,
                     signing_key=key.signing_key_b64,
                     host=host,
+                    version=version,
                 )
                 again: GatewayState = await self._gateway_update(
                     gateway, GatewayWorkflow.register, request
@@ -713,6 +717,7 @@ class KubegateClient:
             public_key=key.public_key_b64,
             key_id=key.key_id,
             signing_key=key.signing_key_b64,
+            version=version,
             host=host,
             installer_vm=installer_vm,
             installer_address=installer_address,

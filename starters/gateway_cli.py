@@ -104,7 +104,18 @@ def _show(state: GatewayState, output: Output, describe: bool) -> None:
     if state.agent:
         where = state.agent.installer_vm or state.agent.host or "?"
         address = f" ({state.agent.installer_address})" if state.agent.installer_address else ""
-        out.print(f"  agent key {state.agent.key_id} — {where}{address}", highlight=False)
+        agent = state.agent
+        out.print(
+            f"  agent key {agent.key_id} — {where}{address}; fingerprint {agent.fingerprint or '?'}"
+            f" ({'approved' if agent.approved else 'not approved'}); release "
+            f"{agent.version or 'unknown'}",
+            highlight=False,
+        )
+        if state.agent_problem:
+            out.print(
+                f"  [red]agent:[/red] {state.agent_problem} (no new work until then)",
+                highlight=False,
+            )
     if state.config:
         c = state.config
         out.print(

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         "never the code itself in the environment or on a command line).",
     )
     agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
+    agent_shutdown_grace: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a stopping agent lets short tasks finish; waits on vCenter stop at "
+        "once either way, leaving vCenter's tasks running for the next agent.",
+    )
     codec_key_file: Path | None = Field(
         default=None,
         description="Payload encryption keys, one 'KEY_ID BASE64KEY' a line, the last one "

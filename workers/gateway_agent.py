@@ -16,6 +16,7 @@ import logging.handlers
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.client import Client
@@ -93,6 +94,7 @@ def build_agent(
     task_queue: str | None = None,
     *,
     policy: Path,
+    shutdown_grace: float = 10.0,
     max_ops_per_host: int = 8,
     max_ops_per_datastore: int = 128,
 ) -> Worker:
@@ -128,6 +130,9 @@ def build_agent(
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,
         interceptors=[GuardInterceptor(guard)],
+        # SIGTERM: running activities stop waiting at once and leave vCenter's tasks running
+        # (activities/vsphere/vm.py); short ones may finish meanwhile
+        graceful_shutdown_timeout=timedelta(seconds=shutdown_grace),
     )
 
 
@@ -175,6 +180,7 @@ async def serve(
             executor,
             settings.agent_threads,
             policy=policy,
+            shutdown_grace=settings.agent_shutdown_grace,
             max_ops_per_host=settings.max_ops_per_host,
             max_ops_per_datastore=settings.max_ops_per_datastore,
         )

@@ -84,6 +84,7 @@ with workflow.unsafe.imports_passed_through():
         LifecycleRef,
         ReleaseIntent,
     )
+    from domain.version import agent_version_problem
     from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
     from workflows.nodes import (
         RETRY_ATTEMPTS,
@@ -287,7 +288,6 @@ class GatewayWorkflow(NodeMachinery):
             ),
             InstallerVmResult,
             f"{'Power off' if action == 'power_off' else 'Destroy'} installer {agent.installer_vm}",
-            heartbeat=True,
         )
         step.objects = [result.ref] if result.ref else []
         step.detail = (
@@ -403,6 +403,9 @@ class GatewayWorkflow(NodeMachinery):
         now = workflow.now()
         agent = self.gw.agent
         if agent is not None:  # the same agent again (a restart)
+            if request.version and agent.version != request.version:
+                agent.version = request.version  # the agent's release, as it starts
+                self._publish()
             if (
                 not agent.approved
                 and request.signing_key
@@ -443,6 +446,7 @@ class GatewayWorkflow(NodeMachinery):
             installer_vm=request.installer_vm,
             installer_address=request.installer_address,
             registered_at=now,
+            version=request.version,
         )
         self.gw.pairing.used = True
         self.gw.overdue, self.gw.hints = False, []
@@ -729,6 +733,7 @@ class GatewayWorkflow(NodeMachinery):
 
     @resize.validator
     def _resize_ok(self, request: ResizeRequest) -> None:
+        self._require_current_agent()
         self._require_running("resize")
         if self.gw.system:
             raise invalid_state(f"gateway {self.gw.name} is a system gateway: it has no nodes")
@@ -870,6 +875,7 @@ class GatewayWorkflow(NodeMachinery):
 
     @add_account.validator
     def _add_account_ok(self, request: AccountRequest) -> None:
+        self._require_current_agent()
         if self.gw.status not in _ADMITTING or self.op == "delete":
             raise invalid_state(
                 f"gateway {self.gw.name} is {self.gw.status}: cloud accounts need a Running gateway"
@@ -1160,6 +1166,7 @@ class GatewayWorkflow(NodeMachinery):
     @request_cluster.validator
     def _request_ok(self, request: ClusterRequest) -> None:
         spec = request.spec
+        self._require_current_agent()
         if self.gw.status not in _ADMITTING or self.op == "delete":
             raise ApplicationError(
                 f"gateway {self.gw.name} is {self.gw.status}: clusters need a Running gateway",
@@ -1245,7 +1252,24 @@ class GatewayWorkflow(NodeMachinery):
         """Status, pairing (without its hash), agent, configuration, steps, nodes, accounts,
         clusters, queue."""
         hidden = self.gw.pairing.model_copy(update={"code_hash": "", "salt": "", "verifier": ""})
-        return self.gw.model_copy(update={"pairing": hidden})
+        return self.gw.model_copy(update={"pairing": hidden, "agent_problem": self._skew()})
+
+    def _skew(self) -> str | None:
+        """Why the agent's release cannot take new work (validators and queries only: never a
+        decision that is replayed)."""
+        agent = self.gw.agent
+        if agent is None:
+            return None
+        return agent_version_problem(agent.version)
+
+    def _require_current_agent(self) -> None:
+        problem = self._skew()
+        if problem:
+            raise ApplicationError(
+                f"gateway {self.gw.name}: {problem}",
+                type=errors.GATEWAY_NOT_READY,
+                non_retryable=True,
+            )
 
     # -- helpers --------------------------------------------------------------------------
 

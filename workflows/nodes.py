@@ -497,7 +497,6 @@ class NodeMachinery:
                 ReadinessResult,
                 f"Start {len(stopped)} joining node(s) and wait for their guests",
                 timeout=timedelta(minutes=self.timing.readiness_minutes + 1),
-                heartbeat=True,
                 retry=_RETRY_WAITING,
             )
             self._mark_ready(stopped, result)
@@ -597,7 +596,6 @@ class NodeMachinery:
                 f"Create VM {node.name} in {node.compute_cluster}"
                 + (f" ({node.address})" if node.address else ""),
                 timeout=timedelta(minutes=self.timing.create_vm_minutes),
-                heartbeat=True,
                 retry=_RETRY_WAITING,
             )
         except ActivityError as exc:
@@ -630,7 +628,6 @@ class NodeMachinery:
             if len(nodes) <= 3
             else f"Wait for {len(nodes)} nodes ({self.readiness})",
             timeout=timedelta(minutes=self.timing.readiness_minutes + 1),
-            heartbeat=True,
             retry=_RETRY_WAITING,
         )
         self._mark_ready(nodes, result)
@@ -693,7 +690,6 @@ class NodeMachinery:
                     ),
                     DestroyResult,
                     f"Power off and destroy {node.name}",
-                    heartbeat=True,
                 )
                 for node in nodes
             ]
@@ -725,7 +721,6 @@ class NodeMachinery:
             ),
             SweepResult,
             "Find and destroy any VM still marked as this cluster's",
-            heartbeat=True,
         )
         destroyed += sweep.destroyed
         step.objects = destroyed
@@ -885,7 +880,6 @@ class NodeMachinery:
         result_type: type[T],
         summary: str,
         timeout: timedelta = timedelta(minutes=5),
-        heartbeat: bool = False,
         retry: RetryPolicy = _RETRY,
     ) -> T:
         """Run an agent activity; its result counts only when the approved agent signed it."""
@@ -906,9 +900,9 @@ class NodeMachinery:
                     task_queue=names.gateway_task_queue(self.state.gateway),
                     start_to_close_timeout=timeout,
                     schedule_to_close_timeout=self.agent_deadline,
-                    heartbeat_timeout=(
-                        timedelta(seconds=self.timing.heartbeat_seconds) if heartbeat else None
-                    ),
+                    # every agent task heartbeats (the agent's guard keeps it alive): a dead
+                    # agent's tasks go to the next agent within the heartbeat timeout
+                    heartbeat_timeout=timedelta(seconds=self.timing.heartbeat_seconds),
                     retry_policy=retry,
                     cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     summary=summary,

@@ -154,7 +154,23 @@ class _Progress:
 
 
 def _cancelled() -> bool:
-    return activity.is_cancelled()
+    """The workflow cancelled this activity (an abort); not the agent stopping."""
+    return activity.is_cancelled() and not activity.is_worker_shutdown()
+
+
+def _stopping() -> bool:
+    """The agent is stopping (SIGTERM): stop waiting, leave vCenter's work running."""
+    return activity.is_worker_shutdown()
+
+
+def _stopped(what: str) -> ApplicationError:
+    """A retryable failure that leaves the vCenter task running: the next attempt, on the
+    next agent, re-attaches to it (its ref is in the last heartbeat)."""
+    return ApplicationError(
+        f"the gateway agent is stopping during {what}; vCenter's work goes on and the next "
+        "attempt takes it up",
+        type=errors.AGENT_STOPPING,
+    )
 
 
 class VmActivities:
@@ -193,6 +209,8 @@ class VmActivities:
         semaphore = _semaphore(kind, server, obj, limit)
         while not semaphore.acquire(timeout=2.0):
             progress.beat()
+            if _stopping():
+                raise _stopped(f"the wait for {obj}")
             if _cancelled():
                 raise CancelledError(f"cancelled while queued for {obj}")
         try:
@@ -205,8 +223,13 @@ class VmActivities:
         progress.task = task if isinstance(task, str) else ref(task)
         progress.beat()
         try:
-            result = await_task(session, progress.task, progress.beat, cancelled=_cancelled)
+            result = await_task(
+                session, progress.task, progress.beat, cancelled=lambda: _cancelled() or _stopping()
+            )
         except CancelRequested:
+            if _stopping():  # never cancel vCenter's work because the agent stops
+                progress.beat()
+                raise _stopped(progress.stage) from None
             _cancel_and_await(session, progress.task, progress.beat)
             progress.task = None
             raise CancelledError(f"cancelled during {progress.stage}") from None
@@ -1084,6 +1107,8 @@ def _await_guests(
         )
         version = ""
         while left:
+            if _stopping():
+                raise _stopped("the wait for guests")
             if _cancelled():
                 raise CancelledError("cancelled while waiting for guests")
             if time.monotonic() > deadline:
@@ -1204,6 +1229,8 @@ def _wait_kubernetes(request: ReadinessRequest) -> ReadinessResult:
         except (OSError, http.client.HTTPException) as exc:
             last = type(exc).__name__
         activity.heartbeat({"stage": "kubernetes", "last": last})
+        if _stopping():
+            raise _stopped("the wait for the API server")
         if _cancelled():
             raise CancelledError("cancelled while waiting for the API server")
         if time.monotonic() > deadline:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,8 @@ class AgentProcess:
         }
         env["KUBEGATE_HOME"] = str(self.settings.home)
         env["KUBEGATE_TEMPORAL_ADDRESS"] = self.settings.temporal_address
+        # a stopping agent gets no grace: whatever still waits on vCenter stops at once
+        env["KUBEGATE_AGENT_SHUTDOWN_GRACE"] = "0"
         if self.code_file is not None:
             env["KUBEGATE_PAIRING_CODE_FILE"] = str(self.code_file)
         log = open(self.settings.home / f"agent-{self.gateway}.log", "ab")  # noqa: SIM115
@@ -234,3 +237,59 @@ async def test_agent_killed_mid_deploy_resumes_without_duplicates(
     await kubegate.wait_cluster("crashy", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
     assert owned_vms(slow, "cluster/crashy") == []
     assert await kubegate.pool_allocations("crash", pool.name) == []
+
+
+async def test_agent_stopped_with_sigterm_mid_clone_leaves_the_clones_running(
+    slow: Vcsim, kubegate: KubegateClient, crash_agent: AgentProcess
+) -> None:
+    """SIGTERM is not a cancel: the agent stops waiting, vCenter's clones go on (none is
+    cancelled), the next agent takes them up, and each node is made exactly once."""
+    pool = await make_pool(kubegate, "term-pool", 75, gateway="crash")
+    spec = static_spec("termy", pool.name)
+    spec.cloud_account = await ensure_account(kubegate, slow, "crash")
+    started = datetime.now(UTC)
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
+    await wait_for(
+        kubegate,
+        "termy",
+        "second phase cloning",
+        lambda s: sum(n.phase == "creating" for n in s.nodes) >= 3,
+    )
+    await asyncio.sleep(0.8)  # clones in flight in vCenter
+    crash_agent.stop()  # SIGTERM, waits for the process to end
+    crash_agent.start()
+
+    state = await kubegate.wait_cluster(
+        "termy",
+        lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED),
+        timeout=180,
+    )
+    assert state.status is ClusterStatus.RUNNING, state.error
+    vms = owned_vms(slow, "cluster/termy")
+    assert sorted(vm["name"] for vm in vms) == sorted(n.name for n in state.nodes)
+    clones = clone_tasks_since(slow, started)
+    assert len(clones) == len(state.nodes), clones  # each clone issued once ...
+    assert all(state_ == "success" for state_, _ in clones), clones  # ... and none cancelled
+
+    await kubegate.delete_cluster("termy")
+    await kubegate.wait_cluster("termy", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
+    assert owned_vms(slow, "cluster/termy") == []
+
+
+def clone_tasks_since(sim: Vcsim, since: datetime) -> list[tuple[str, str]]:
+    """(state, error) of every clone task vCenter queued since `since`."""
+    si = sim.connect()
+    try:
+        found = []
+        for task in si.RetrieveContent().taskManager.recentTask:
+            try:
+                info = task.info
+            except TypeError:  # vcsim's tasks on a VirtualDiskManager name it as their entity
+                continue
+            # vcsim names it VirtualMachine.cloneVm, vCenter VirtualMachine.clone
+            clone = str(info.descriptionId).startswith("VirtualMachine.clone")
+            if clone and info.queueTime >= since:
+                found.append((str(info.state), type(info.error).__name__ if info.error else ""))
+        return found
+    finally:
+        Vcsim.disconnect(si)

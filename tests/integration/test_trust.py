@@ -513,3 +513,31 @@ async def test_an_agent_that_raced_the_real_one_gets_nothing_and_reset_drops_it(
     await kubegate.delete_gateway("raced")
     await kubegate.wait_gateway("raced", lambda s: s.status is GatewayStatus.DELETED)
     await record_history(kubegate.client, "gateway/raced", "gateway_raced")
+
+
+async def test_an_agent_of_another_release_is_shown_and_takes_no_new_work(
+    kubegate: KubegateClient, vcsim: Vcsim
+) -> None:
+    """The agent says its release when it starts; outside this release's window (N, N-1) the
+    gateway shows why and refuses new work, until the agent runs a release it accepts."""
+    from domain.gateway import GatewayStatus
+    from domain.version import VERSION
+    from starters.client import RequestRefused
+    from tests.support import sim_file
+
+    key = AgentKey.generate()
+    _, code = await kubegate.create_gateway("skewed", fingerprint=key.fingerprint)
+    state = await kubegate.register_agent("skewed", key, code, version="99.0.0")
+    assert state.status is GatewayStatus.REGISTERED
+    state = await kubegate.gateway_state("skewed")
+    assert state.agent is not None and state.agent.version == "99.0.0"
+    assert state.agent_problem is not None and "upgrade the agent" in state.agent_problem
+    with pytest.raises(RequestRefused, match=r"its agent is 99\.0\.0"):
+        await kubegate.resize_gateway("skewed", 3)
+    # the agent restarts on this release: it says so, the problem is gone
+    state = await kubegate.register_agent("skewed", key, None)
+    state = await kubegate.gateway_state("skewed")
+    assert state.agent is not None and state.agent.version == VERSION
+    assert state.agent_problem is None
+    await kubegate.delete_gateway("skewed")
+    assert sim_file(vcsim) is not None

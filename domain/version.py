@@ -1,0 +1,54 @@
+"""kubegate's version, and which gateway agents this release works with.
+
+Read only where decisions are not replayed (Update validators, queries, the CLI): a workflow
+must never decide on the version of the code that happens to replay it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+
+def _installed() -> str:
+    try:
+        return importlib.metadata.version("kubegate")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0"
+
+
+VERSION = _installed()
+
+
+def _minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    if len(parts) < 2 or not all(p.isdigit() for p in parts[:2]):
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def accepted_agents(version: str = VERSION) -> str:
+    """The agent releases this one works with, in words: its own minor release and the one
+    before (N and N-1)."""
+    minor = _minor(version)
+    if minor is None:
+        return "the same release"
+    major, number = minor
+    return f"{major}.{number}.x" + (f" and {major}.{number - 1}.x" if number > 0 else "")
+
+
+def agent_version_problem(agent: str, version: str = VERSION) -> str | None:
+    """Why an agent of release `agent` cannot serve this release, or None (unknown = too old)."""
+    mine, theirs = _minor(version), _minor(agent)
+    if mine is None:
+        return None
+    if theirs is None:
+        return (
+            f"its agent reports no version (older than this release's); this kubegate "
+            f"({version}) works with agents {accepted_agents(version)}: upgrade the agent"
+        )
+    if theirs[0] != mine[0] or not (mine[1] - 1 <= theirs[1] <= mine[1]):
+        return (
+            f"its agent is {agent}; this kubegate ({version}) works with agents "
+            f"{accepted_agents(version)}: upgrade the agent"
+        )
+    return None

@@ -1,0 +1,42 @@
+"""The Docker image holds every file the code opens at run time (no Docker engine needed:
+the Dockerfile's COPY lines are read and compared with what the packages reference)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("domain", "workflows", "activities", "workers", "starters")
+
+
+def copied_into_the_image() -> set[str]:
+    """The repository paths the kubegate stage copies."""
+    stage = ROOT.joinpath("Dockerfile").read_text().split("AS kubegate", 1)[1]
+    copied: set[str] = set()
+    for line in stage.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            copied.update(line.split()[1:-1])
+    return copied
+
+
+def opened_beside_the_packages() -> set[str]:
+    """Paths the packages build from their own location: Path(__file__) ... / "a" / "b"."""
+    found: set[str] = set()
+    for package in PACKAGES:
+        for source in ROOT.joinpath(package).rglob("*.py"):
+            for match in re.finditer(r"Path\(__file__\)[^\n]*", source.read_text()):
+                parts = re.findall(r'/ "([^"]+)"', match.group(0))
+                if parts:
+                    found.add("/".join(parts[:2]))
+    return found
+
+
+def test_the_image_copies_every_package_and_what_they_open() -> None:
+    copied = copied_into_the_image()
+    assert set(PACKAGES) <= copied, copied
+    opened = opened_beside_the_packages()
+    assert "tools/installer" in opened  # the check finds what it must
+    for path in opened:
+        assert any(path == c or path.startswith(c + "/") for c in copied), (path, copied)
+        assert ROOT.joinpath(path).exists(), path
