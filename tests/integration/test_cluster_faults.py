@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -220,12 +221,7 @@ async def test_agent_killed_mid_deploy_resumes_without_duplicates(
     await asyncio.sleep(1)
     crash_agent.start()
 
-    state = await kubegate.wait_cluster(
-        "crashy",
-        lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED),
-        timeout=180,
-    )
-    assert state.status is ClusterStatus.RUNNING, state.error
+    state = await settled_running(kubegate, "crashy")
     vms = owned_vms(slow, "cluster/crashy")
     names = sorted(vm["name"] for vm in vms)
     assert names == sorted(n.name for n in state.nodes)  # each node exactly once
@@ -259,12 +255,7 @@ async def test_agent_stopped_with_sigterm_mid_clone_leaves_the_clones_running(
     crash_agent.stop()  # SIGTERM, waits for the process to end
     crash_agent.start()
 
-    state = await kubegate.wait_cluster(
-        "termy",
-        lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED),
-        timeout=180,
-    )
-    assert state.status is ClusterStatus.RUNNING, state.error
+    state = await settled_running(kubegate, "termy")
     vms = owned_vms(slow, "cluster/termy")
     assert sorted(vm["name"] for vm in vms) == sorted(n.name for n in state.nodes)
     clones = clone_tasks_since(slow, started)
@@ -274,6 +265,15 @@ async def test_agent_stopped_with_sigterm_mid_clone_leaves_the_clones_running(
     await kubegate.delete_cluster("termy")
     await kubegate.wait_cluster("termy", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
     assert owned_vms(slow, "cluster/termy") == []
+
+
+async def settled_running(kubegate: KubegateClient, name: str) -> Any:
+    """The cluster once Running (or Failed: the assertion shows why)."""
+    state = await kubegate.wait_cluster(
+        name, lambda s: s.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED), timeout=180
+    )
+    assert state.status is ClusterStatus.RUNNING, state.error
+    return state
 
 
 def clone_tasks_since(sim: Vcsim, since: datetime) -> list[tuple[str, str]]:
