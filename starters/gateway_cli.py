@@ -498,11 +498,51 @@ def gateway_upgrade(
 
 @gateway_app.command("delete")
 def gateway_delete(
-    name: GatewayArg, wait: WaitOption = False, output: OutputOption = Output.table
+    name: GatewayArg,
+    wait: WaitOption = False,
+    vcenter: Annotated[
+        Path | None,
+        typer.Option(
+            help="install.yaml (its vcenter and placement): also remove the installer VM when "
+            "the gateway holds no vCenter credentials (never configured, or reset); works on a "
+            "gateway deleted already."
+        ),
+    ] = None,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Delete a gateway: refused while any of its clusters is not deleted."""
-    state = _call(lambda c: c.delete_gateway(name))
-    _finish(state, wait, output, GatewayStatus.DELETED)
+    """Delete a gateway: refused while any of its clusters is not deleted. A configured gateway
+    removes its installer VM itself; one that never got vCenter credentials needs --vcenter."""
+    _check_name(name)
+    spec = load_spec(vcenter, InstallFile) if vcenter is not None else None
+    password = read_password(spec.vcenter, vcenter.parent) if spec and vcenter else None
+    state = _call(lambda c: c.gateway_state(name))
+    if state.status is not GatewayStatus.DELETED:
+        state = _call(lambda c: c.delete_gateway(name))
+        if spec is not None or wait:
+            state = _follow(name, _settled)
+    if spec is not None and password is not None:
+        from activities.vsphere.ovf import OvaError
+        from starters.installer import uninstall
+
+        endpoint = spec.vcenter.endpoint()
+        try:
+            removed = uninstall(endpoint, spec.vcenter.username, password, spec.placement, name)
+        except OvaError as exc:
+            _failed(str(exc))
+        except Exception as exc:  # every vCenter failure, classified for the user
+            _failed(_vcenter_failure(exc, endpoint.address))
+        err.print(
+            f"installer VM {removed} removed" if removed else "no installer VM to remove",
+            highlight=False,
+        )
+    elif state.config is None:
+        err.print(
+            f"gateway {name} holds no vCenter credentials: its installer VM "
+            f"(kubegate-installer-{name}), if one was installed, is not removed; remove it with "
+            f"kubegate gateway delete {name} --vcenter install.yaml",
+            highlight=False,
+        )
+    _finish(state, wait or spec is not None, output, GatewayStatus.DELETED)
 
 
 @gateway_app.command("agent")

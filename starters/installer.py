@@ -21,10 +21,12 @@ from activities.vsphere.ovf import (
     OvaError,
     find_vm_by_path,
     import_ova,
+    power_off,
     read_ova,
     read_properties,
 )
 from activities.vsphere.session import open_session, request_meter
+from activities.vsphere.tasks import wait_for_task
 from domain.account import Placement, VCenterEndpoint
 from domain.gateway import InstallerProperties
 from starters.settings import Settings
@@ -141,3 +143,27 @@ def read_installer(
         if key.removeprefix(PROPERTY_PREFIX) in fields
     }
     return InstallerProperties.model_validate(given)
+
+
+def uninstall(
+    endpoint: VCenterEndpoint, username: str, password: str, placement: Placement, gateway: str
+) -> str | None:
+    """Remove the gateway's installer VM (at its default name in the placement's folder), off
+    first; its path, or None if there is none. A VM there that is not this gateway's
+    installer (its kubegate.installer_name) is refused (OvaError) and left alone."""
+    folder = "/".join(p for p in (placement.folder.strip("/"),) if p)
+    name = f"kubegate-installer-{gateway}"
+    path = f"/{placement.datacenter.strip('/')}/vm/" + (f"{folder}/{name}" if folder else name)
+    session = open_session(endpoint, username, password)
+    try:
+        vm = find_vm_by_path(session, path)
+        if vm is None:
+            return None
+        owner = read_properties(session, vm).get(f"{PROPERTY_PREFIX}installer_name")
+        if owner != gateway:
+            raise OvaError(f"{path} is not gateway {gateway}'s installer ({owner!r}): left alone")
+        power_off(session, vm)
+        wait_for_task(session, vm.Destroy_Task(), lambda _task, _progress: None)
+    finally:
+        session.logout()
+    return path

@@ -391,7 +391,14 @@ class GatewayWorkflow(NodeMachinery):
             return False
         self.gw.accounts = []
         self.gw.error = None
-        self._set_status(GatewayStatus.DELETED, "deleted")
+        left = (
+            ""
+            if self.gw.config is not None
+            else f"; it held no vCenter credentials, so an installer VM (kubegate-installer-"
+            f"{self.gw.name}) is left if one was installed: kubegate gateway delete "
+            f"{self.gw.name} --vcenter install.yaml removes it"
+        )
+        self._set_status(GatewayStatus.DELETED, "deleted" + left)
         return True
 
     # -- pairing and configuration (Updates) ----------------------------------------------

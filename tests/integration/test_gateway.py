@@ -623,3 +623,66 @@ async def test_failed_upgrade_resumes_where_it_stopped(
         await kubegate.delete_gateway(name)
         await until_gateway(kubegate, name, GatewayStatus.DELETED)
     assert vms_in(gsim, "/DC0/vm/ugw-pcg") is None
+
+
+async def test_delete_removes_the_installer_in_every_state(
+    gsim: Vcsim,
+    kubegate: KubegateClient,
+    temporal: WorkflowEnvironment,
+    sessions: SessionPool,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """A gateway that never got vCenter credentials (Pending: never paired; Registered: paired
+    and approved, never configured; Pending again after a reset) cannot remove its installer
+    itself: `gateway delete --vcenter install.yaml` does, and says so. (Configured gateways
+    remove it themselves: the story above.)"""
+    (tmp_path / "vc.pw").write_text(gsim.password + "\n")
+    install_yaml = tmp_path / "install.yaml"
+    install_yaml.write_text(
+        json.dumps(
+            {
+                "vcenter": {
+                    "server": gsim.address,
+                    "username": ADMIN,
+                    "thumbprint": gsim.thumbprint,
+                    "password_file": str(tmp_path / "vc.pw"),
+                },
+                "placement": PLACEMENT,
+                "properties": {},
+            }
+        )
+    )
+    placement = Placement.model_validate(PLACEMENT)
+    for name, paired in (("idle-pending", False), ("idle-registered", True)):
+        _, code = await kubegate.create_gateway(name, timing=FAST)
+        props = InstallerProperties(
+            installer_name=name,
+            console_endpoint=f"http://{settings.temporal_address}",
+            pairing_code=code,
+        )
+        installed = await asyncio.to_thread(
+            install, endpoint(gsim), ADMIN, gsim.password, placement, props, installer_ova(settings)
+        )
+        if paired:
+            key = AgentKey.generate()
+            await kubegate.register_agent(name, key, code)
+            await kubegate.approve_agent(name, key.fingerprint)
+        assert vm_power(gsim, installed.inventory_path) == "poweredOn"
+        # without --vcenter: deleted, and told that the installer stays
+        if not paired:
+            status, out = await run_cli(settings, "gateway", "delete", name, "--wait")
+            assert status == 0 and "--vcenter install.yaml" in " ".join(out.split()), out
+            assert vm_power(gsim, installed.inventory_path) == "poweredOn"
+        # with it (also once the gateway is deleted): the installer goes
+        status, out = await run_cli(
+            settings, "gateway", "delete", name, "--vcenter", str(install_yaml), "--wait"
+        )
+        assert status == 0, out
+        assert f"installer VM {installed.inventory_path} removed" in " ".join(out.split()), out
+        assert vm_power(gsim, installed.inventory_path) is None
+        assert (await kubegate.gateway_state(name)).status is GatewayStatus.DELETED
+        status, out = await run_cli(
+            settings, "gateway", "delete", name, "--vcenter", str(install_yaml)
+        )
+        assert status == 0 and "no installer VM to remove" in out, out
