@@ -252,7 +252,8 @@ class GatewayWorkflow(NodeMachinery):
         await self._step("installer", "Power off the installer VM", self._installer_off)
 
     async def _default(self, step: Step) -> None:
-        assert self.gw.config is not None
+        if self.gw.config is None:  # a step body: this fails the step, not the workflow task
+            raise invalid_state("the gateway lost its configuration meanwhile")
         name = default_account_name(self.gw.name)
         if self.gw.account(name) is None:
             self.gw.accounts.insert(
@@ -327,7 +328,10 @@ class GatewayWorkflow(NodeMachinery):
         )
 
     async def _resize(self, request: ResizeRequest) -> None:
-        assert self.gw.config is not None
+        if self.gw.config is None:  # validators make this impossible; fail, never crash
+            self.gw.error = "resize: the gateway has no configuration"
+            self._fail("resize")
+            return
         config = self.gw.config.model_copy(update={"size": request.size})
         self.state.spec = gateway_cluster_spec(self.gw.name, config, self.gw.version)
         try:
@@ -341,7 +345,10 @@ class GatewayWorkflow(NodeMachinery):
         await self._back_to_running(f"resized to {request.size} nodes")
 
     async def _upgrade(self, version: str) -> None:
-        assert self.gw.config is not None
+        if self.gw.config is None:  # validators make this impossible; fail, never crash
+            self.gw.error = "upgrade: the gateway has no configuration"
+            self._fail("upgrade")
+            return
         if not self.gw.system:
             self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, version)
             try:
@@ -577,7 +584,8 @@ class GatewayWorkflow(NodeMachinery):
             )
         for name, sealed in request.accounts.items():
             account = self.gw.account(name)
-            assert account is not None
+            if account is None:
+                raise invalid_spec(f"accounts.{name}: no such account")
             if sealed.key_id != request.key_id or sealed.binding != (
                 account.credentials.password.binding
             ):
@@ -731,7 +739,8 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     def resize(self, request: ResizeRequest) -> GatewayState:
         """1 -> 3 nodes: two nodes added (with addresses from the gateway's pool)."""
-        assert self.gw.config is not None
+        if self.gw.config is None:
+            raise invalid_state(f"gateway {self.gw.name} is not configured: nothing to resize")
         self.op, self.op_arg = "resize", request
         self._set_status(
             GatewayStatus.UPGRADING, f"resizing from {self.gw.config.size} to {request.size} nodes"
@@ -744,7 +753,8 @@ class GatewayWorkflow(NodeMachinery):
         self._require_running("resize")
         if self.gw.system:
             raise invalid_state(f"gateway {self.gw.name} is a system gateway: it has no nodes")
-        assert self.gw.config is not None
+        if self.gw.config is None:
+            raise invalid_state(f"gateway {self.gw.name} is not configured: nothing to resize")
         reason = can_resize(self.gw.config.size, request.size)
         if reason:
             raise invalid_spec(f"size: {reason}")
@@ -914,7 +924,8 @@ class GatewayWorkflow(NodeMachinery):
     async def collect_events(self) -> EventsResult:
         """Recent vCenter events and tasks of the gateway's VMs (for `gateway logs`)."""
         config = self.gw.config
-        assert config is not None
+        if config is None:
+            raise invalid_state(f"gateway {self.gw.name} is not configured: no vCenter to ask")
         nodes = self.gw.nodes
         objects = [n.vm for n in nodes.nodes if n.vm] if nodes else []
         if nodes and nodes.folder_ref:
@@ -1115,7 +1126,8 @@ class GatewayWorkflow(NodeMachinery):
         """Start the cluster's workflow; during an upgrade it waits, Queued, in order."""
         spec = request.spec
         account = self.gw.account(spec.cloud_account)
-        assert account is not None
+        if account is None:  # deleted between the validator and now
+            raise invalid_spec(f"cloud_account: no cloud account {spec.cloud_account!r}")
         # behind an upgrade, or behind clusters still waiting from one: keep the order
         queued = self.gw.status is GatewayStatus.UPGRADING or bool(self.gw.queue)
         workflow_id = names.cluster_workflow_id(spec.name)
@@ -1283,12 +1295,11 @@ class GatewayWorkflow(NodeMachinery):
     def _attach(self, nodes: ClusterState, config: GatewayConfig) -> None:
         """Point the node machinery at the gateway's node cluster."""
         self.state = nodes
-        assert config.placement.template is not None
         self.account = ClusterAccount(
             name=default_account_name(self.gw.name),
             gateway=self.gw.name,
             credentials=config.credentials,
-            template=config.placement.template,
+            template=config.placement.template or "",  # required by GatewayConfig
         )
 
     def _owner(self) -> str:
