@@ -379,6 +379,8 @@ class _Guarded(ActivityInboundInterceptor):
 
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
         info = activity.info()
+        if self.beats is not None:  # until this attempt says more, what the last one said
+            self.beats.details = tuple(info.heartbeat_details)
         keepalive = asyncio.create_task(self._keepalive())
         try:
             await self.guard.check(info, input.args)
@@ -388,9 +390,11 @@ class _Guarded(ActivityInboundInterceptor):
         return self.guard.sign(info, input.args, result)
 
     async def _keepalive(self) -> None:
-        """Heartbeat every task, repeating its own last details (a vCenter task's ref), so a
-        short heartbeat timeout finds a dead agent quickly and a retry still re-attaches."""
-        while self.beats is not None:
+        """Heartbeat a task whose activity does not heartbeat itself, repeating the details
+        its last attempt left (a vCenter task's ref): a short heartbeat timeout then finds a
+        dead agent quickly and a retry still re-attaches. Once the activity heartbeats itself
+        it is judged by its own heartbeats (a hung wait is not kept alive)."""
+        while self.beats is not None and not self.beats.own:
             self.beats.again()
             await asyncio.sleep(KEEPALIVE_SECONDS)
 
@@ -401,9 +405,10 @@ class _Beats(ActivityOutboundInterceptor):
     def __init__(self, next: ActivityOutboundInterceptor) -> None:
         super().__init__(next)
         self.details: tuple[Any, ...] = ()
+        self.own = False  # the activity heartbeated itself
 
     def heartbeat(self, *details: Any) -> None:
-        self.details = details
+        self.details, self.own = details, True
         super().heartbeat(*details)
 
     def again(self) -> None:

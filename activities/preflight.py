@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.secrets import open_password
+from activities.vsphere.calls import shielded
 from activities.vsphere.faults import classify
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve_mixed, retrieve_spec
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
@@ -62,9 +63,10 @@ class PreflightActivities:
         return open_password(self.key, credentials)
 
     def _run(self, credentials: VCenterCredentials, call: Any) -> Any:
-        return self.sessions.run(
-            credentials.endpoint, credentials.username, self.password(credentials), call
-        )
+        with shielded():  # a cancellation never cuts a SOAP exchange on a pooled session
+            return self.sessions.run(
+                credentials.endpoint, credentials.username, self.password(credentials), call
+            )
 
     @activity.defn(name="preflight_connection")
     def connection(self, request: PreflightRequest) -> CheckBatch:

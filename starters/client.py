@@ -692,8 +692,13 @@ class KubegateClient:
         """Pair an agent with its gateway (once, with the code); a paired agent just checks."""
         state = await self.gateway_state(gateway)
         if state.agent is not None and state.agent.public_key == key.public_key_b64:
-            # paired before signatures, or started from another release: say so
-            if (state.agent.signing_key, state.agent.version) != (key.signing_key_b64, version):
+            # paired before signatures, or started from another release: say so (a deleted
+            # gateway takes no more Updates: nothing to say)
+            known = (state.agent.signing_key, state.agent.version)
+            if (
+                known != (key.signing_key_b64, version)
+                and state.status is not GatewayStatus.DELETED
+            ):
                 request = RegisterRequest(
                     public_key=key.public_key_b64,
                     key_id=key.key_id,

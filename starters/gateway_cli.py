@@ -520,6 +520,9 @@ def gateway_delete(
         state = _call(lambda c: c.delete_gateway(name))
         if spec is not None or wait:
             state = _follow(name, _settled)
+    if spec is not None and password is not None and state.status is not GatewayStatus.DELETED:
+        _show(state, output, describe=True)
+        _failed(f"gateway {name} is {state.status.value}, not deleted: its installer VM stays")
     if spec is not None and password is not None:
         from activities.vsphere.ovf import OvaError
         from starters.installer import uninstall

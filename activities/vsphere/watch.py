@@ -160,7 +160,9 @@ class TaskWatcher:
         deadline: float | None,
     ) -> dict[str, Any] | None:
         """The task's final state, or None if this watcher did not see the task for two
-        of its turns (then the caller reads the task itself)."""
+        of its turns or has stopped (then the caller reads the task itself). A watcher that
+        stopped for idleness just before this wait began may hold the task's state from
+        before it ended: never wait on it."""
         with self._cond:
             self._waiters += 1
             first_turn = self.turns
@@ -172,7 +174,9 @@ class TaskWatcher:
                     state = self._state(task_id)
                     if state is not None and state.get("info.state") in _TERMINAL:
                         return dict(state)
-                    if state is None and (self._stopped or self.turns - first_turn >= 2):
+                    if self._stopped:  # (idle, just before this wait began): ask vCenter
+                        return None
+                    if state is None and self.turns - first_turn >= 2:
                         return None
                     self._cond.wait(timeout=beat_every)
                 on_turn(0)  # progress is not watched

@@ -212,3 +212,28 @@ def test_forget_keeps_a_session_another_thread_already_renewed(vcsim: Vcsim) -> 
         assert pool.get(endpoint(vcsim), ADMIN, vcsim.password) is fresh
     finally:
         pool.close_all()
+
+
+def test_a_wait_on_a_watcher_that_stopped_asks_vcenter_instead_of_hanging() -> None:
+    """A watcher that stopped (idle) holding a task's running state: a wait returns None at
+    once (the caller then reads the task itself), it does not wait for a turn that never
+    comes."""
+    import time as _time
+
+    from activities.vsphere.watch import TaskWatcher
+
+    watcher = TaskWatcher(session=None)  # type: ignore[arg-type]  # never started
+    watcher._states["task-1"] = {"info.state": "running"}
+    watcher._stopped = True
+    started = _time.monotonic()
+    assert (
+        watcher.wait(
+            "task-1",
+            lambda _p: None,
+            cancelled=lambda: False,
+            beat_every=1,
+            deadline=_time.monotonic() + 3,  # (a hang would end as TaskTimeout)
+        )
+        is None
+    )
+    assert _time.monotonic() - started < 1
