@@ -26,9 +26,6 @@ from domain.trust import (
     ReleaseIntent,
 )
 
-#: owners whose addresses only they (or their end) can give back
-LIFECYCLE_PREFIXES = ("cluster/", "gateway/")
-
 
 class LifecycleActivities:
     def __init__(self, client: Client) -> None:
@@ -99,7 +96,7 @@ class LifecycleActivities:
     async def confirm_release(self, request: ConfirmRelease) -> ReleaseConfirmation:
         """True when the owner has been deleted (or never existed), or its own state says it
         is giving these addresses back. A cluster must be its gateway's child."""
-        if not request.owner.startswith(LIFECYCLE_PREFIXES):
+        if not request.owner.startswith(names.LIFECYCLE_PREFIXES):
             return ReleaseConfirmation(confirmed=True, reason="not a lifecycle's addresses")
         parent = (
             names.gateway_workflow_id(request.gateway)

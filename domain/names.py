@@ -82,3 +82,7 @@ def cluster_workflow_id(cluster: str) -> str:
 
 def gateway_workflow_id(gateway: str) -> str:
     return f"gateway/{gateway}"
+
+
+#: owners of IP addresses that are lifecycles: only they (or their end) give them back
+LIFECYCLE_PREFIXES = ("cluster/", "gateway/")

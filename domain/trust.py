@@ -4,7 +4,6 @@ signed results workflows verify. Pure and deterministic (workflows verify signat
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from typing import Any, Literal
@@ -250,10 +249,6 @@ def verified_body(
     if not verify_signature(signing_key_b64, statement, signed.signature):
         return None
     return signed.body
-
-
-def decode_b64(value: str) -> bytes:
-    return base64.b64decode(value)
 
 
 # -- facts the deciding workflows ask for -------------------------------------------------------

@@ -273,14 +273,19 @@ def gateway_approve(
 
 def read_code_file(path: Path) -> str:
     """A pairing code from a file (first line); exit 2 naming the file when unreadable."""
+    return first_line(path, "--pairing-code-file").strip()
+
+
+def first_line(path: Path, option: str) -> str:
+    """A secret's file: its first line; exit 2 naming the option and file when unreadable
+    or empty (the content is never quoted)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        _bad_input(f"--pairing-code-file: {path}: cannot read it ({type(exc).__name__})")
-    lines = text.strip().splitlines()
-    if not lines:
-        _bad_input(f"--pairing-code-file: {path}: empty")
-    return lines[0].strip()
+        _bad_input(f"{option}: {path}: cannot read it ({type(exc).__name__})")
+    if not lines or not lines[0].strip():
+        _bad_input(f"{option}: {path}: empty")
+    return lines[0]
 
 
 def _ova_path() -> Path:
@@ -727,11 +732,7 @@ def account_rotate(
     if password_file is not None and password_env is not None:
         _bad_input("give --password-file or --password-env, not both")
     if password_file is not None:
-        try:
-            lines = password_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            _bad_input(f"--password-file: {password_file}: cannot read it ({type(exc).__name__})")
-        password = lines[0] if lines else ""
+        password = first_line(password_file, "--password-file")
     elif password_env is not None:
         password = os.environ.get(password_env, "")
         if not password:

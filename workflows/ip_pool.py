@@ -33,7 +33,6 @@ with workflow.unsafe.imports_passed_through():
 
 #: patch: releases of a lifecycle's addresses are confirmed with the lifecycle first
 CONFIRMED_RELEASES = "confirmed-releases"
-_LIFECYCLES = ("cluster/", "gateway/")
 
 #: continue as new well before the server's per-run update limit (2,000 by default)
 MAX_UPDATES_PER_RUN = 1_000
@@ -163,7 +162,9 @@ class IpPoolWorkflow:
         Temporal shows the lifecycle has ended or its own state says it is giving them back.
         """
         self.updates += 1
-        if request.owner.startswith(_LIFECYCLES) and workflow.patched(CONFIRMED_RELEASES):
+        if request.owner.startswith(names.LIFECYCLE_PREFIXES) and workflow.patched(
+            CONFIRMED_RELEASES
+        ):
             confirmation: ReleaseConfirmation = await workflow.execute_activity(
                 "confirm_release",
                 ConfirmRelease(

@@ -207,16 +207,7 @@ async def test_agent_killed_mid_deploy_resumes_without_duplicates(
     slow: Vcsim, kubegate: KubegateClient, crash_agent: AgentProcess
 ) -> None:
     pool = await make_pool(kubegate, "crash-pool", 74, gateway="crash")
-    spec = static_spec("crashy", pool.name)
-    spec.cloud_account = await ensure_account(kubegate, slow, "crash")
-    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
-    await wait_for(
-        kubegate,
-        "crashy",
-        "second phase cloning",
-        lambda s: sum(n.phase == "creating" for n in s.nodes) >= 3,
-    )
-    await asyncio.sleep(0.8)  # clones in flight in vCenter
+    await deploy_until_cloning(kubegate, slow, "crashy", pool.name)
     crash_agent.kill()
     await asyncio.sleep(1)
     crash_agent.start()
@@ -241,17 +232,8 @@ async def test_agent_stopped_with_sigterm_mid_clone_leaves_the_clones_running(
     """SIGTERM is not a cancel: the agent stops waiting, vCenter's clones go on (none is
     cancelled), the next agent takes them up, and each node is made exactly once."""
     pool = await make_pool(kubegate, "term-pool", 75, gateway="crash")
-    spec = static_spec("termy", pool.name)
-    spec.cloud_account = await ensure_account(kubegate, slow, "crash")
     started = datetime.now(UTC)
-    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
-    await wait_for(
-        kubegate,
-        "termy",
-        "second phase cloning",
-        lambda s: sum(n.phase == "creating" for n in s.nodes) >= 3,
-    )
-    await asyncio.sleep(0.8)  # clones in flight in vCenter
+    await deploy_until_cloning(kubegate, slow, "termy", pool.name)
     crash_agent.stop()  # SIGTERM, waits for the process to end
     crash_agent.start()
 
@@ -265,6 +247,21 @@ async def test_agent_stopped_with_sigterm_mid_clone_leaves_the_clones_running(
     await kubegate.delete_cluster("termy")
     await kubegate.wait_cluster("termy", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
     assert owned_vms(slow, "cluster/termy") == []
+
+
+async def deploy_until_cloning(kubegate: KubegateClient, sim: Vcsim, name: str, pool: str) -> None:
+    """Deploy a cluster through gateway 'crash' and return while its joiners' clones run in
+    vCenter."""
+    spec = static_spec(name, pool)
+    spec.cloud_account = await ensure_account(kubegate, sim, "crash")
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
+    await wait_for(
+        kubegate,
+        name,
+        "second phase cloning",
+        lambda s: sum(n.phase == "creating" for n in s.nodes) >= 3,
+    )
+    await asyncio.sleep(0.8)  # clones in flight in vCenter
 
 
 async def settled_running(kubegate: KubegateClient, name: str) -> Any:

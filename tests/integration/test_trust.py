@@ -311,15 +311,13 @@ async def test_rekey_reseals_what_the_gateway_keeps_and_clusters_carry_on(
     """A system gateway with its own agent: a cluster deployed, the agent re-keyed (on its
     machine) and restarted with the new key; the cluster is scaled and deleted through it."""
     from tests.integration.test_gateway import agent_of
-    from tests.support import configure_system_gateway
+    from tests.support import system_gateway
     from workers.gateway_agent import load_key, rekey
 
     name = "rk"
     old = load_key(settings, name)
-    _, code = await kubegate.create_gateway(name, system=True, fingerprint=old.fingerprint)
     async with agent_of(temporal, sessions, name, old):
-        await kubegate.register_agent(name, old, code)
-        await configure_system_gateway(kubegate, name, vcsim)
+        await system_gateway(kubegate, name, vcsim, old)  # approved as it pairs, configured
         await kubegate.create_pool(
             IpPoolSpec.model_validate(
                 {
@@ -429,15 +427,13 @@ async def test_only_a_rogue_worker_on_the_queue_cannot_make_a_cluster_run(
     """The gateway's agent is away; a rogue worker answers every agent task with a made-up
     success. Each answer is refused as forged; the cluster fails with ForgedResult, no VM."""
     from tests.integration.test_gateway import agent_of
-    from tests.support import configure_system_gateway
+    from tests.support import system_gateway
     from workers.gateway_agent import load_key
 
     name = "rg"
     key = load_key(settings, name)
-    _, code = await kubegate.create_gateway(name, system=True, fingerprint=key.fingerprint)
     async with agent_of(temporal, sessions, name, key):
-        await kubegate.register_agent(name, key, code)
-        await configure_system_gateway(kubegate, name, vcsim)
+        await system_gateway(kubegate, name, vcsim, key)
         await ensure_account(kubegate, vcsim, name)
     calls: list[str] = []
 
@@ -516,14 +512,13 @@ async def test_an_agent_that_raced_the_real_one_gets_nothing_and_reset_drops_it(
 
 
 async def test_an_agent_of_another_release_is_shown_and_takes_no_new_work(
-    kubegate: KubegateClient, vcsim: Vcsim
+    kubegate: KubegateClient,
 ) -> None:
     """The agent says its release when it starts; outside this release's window (N, N-1) the
     gateway shows why and refuses new work, until the agent runs a release it accepts."""
     from domain.gateway import GatewayStatus
     from domain.version import VERSION
     from starters.client import RequestRefused
-    from tests.support import sim_file
 
     key = AgentKey.generate()
     _, code = await kubegate.create_gateway("skewed", fingerprint=key.fingerprint)
@@ -540,4 +535,3 @@ async def test_an_agent_of_another_release_is_shown_and_takes_no_new_work(
     assert state.agent is not None and state.agent.version == VERSION
     assert state.agent_problem is None
     await kubegate.delete_gateway("skewed")
-    assert sim_file(vcsim) is not None

@@ -1,0 +1,41 @@
+"""The layers point one way: domain <- workflows <- activities <- workers and starters."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: what each layer must not import (the layers above it)
+ABOVE = {
+    "domain": ("workflows", "activities", "workers", "starters"),
+    "workflows": ("activities", "workers", "starters"),
+    "activities": ("workers", "starters"),
+}
+
+
+def imported(source: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_no_import_runs_upward() -> None:
+    upward = [
+        f"{source.relative_to(ROOT)} imports {name}"
+        for layer, above in ABOVE.items()
+        for source in sorted(ROOT.joinpath(layer).rglob("*.py"))
+        for name in sorted(imported(source))
+        if name.split(".")[0] in above
+    ]
+    assert upward == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
+    source = tmp_path / "bad.py"
+    source.write_text("from starters.client import KubegateClient\nimport workers.run\n")
+    assert imported(source) == {"starters.client", "workers.run"}
