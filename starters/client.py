@@ -1030,7 +1030,11 @@ async def _poll(
         if done(state):
             return state
         if loop.time() > deadline:
-            raise KubegateError(f"{what} still {state.status} after {timeout:.0f}s")
+            at = ""
+            if step is not None:
+                detail = f": {step.detail}" if step.detail else ""
+                at = f" (at {step.title}, {step.state.value}{detail})"
+            raise KubegateError(f"{what} still {state.status} after {timeout:.0f}s{at}")
         await asyncio.sleep(interval)
 
 

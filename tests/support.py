@@ -333,3 +333,24 @@ async def ensure_account(kubegate: Any, sim: Vcsim, gateway: str) -> str:
             sim.password,
         )
     return name
+
+
+async def pending_work(client: Any) -> str:
+    """What every running workflow waits on (its pending activities with their attempts,
+    last failures and heartbeats): printed when a test's wait runs out, to show where."""
+    lines: list[str] = []
+    async for execution in client.list_workflows("ExecutionStatus = 'Running'"):
+        described = await client.get_workflow_handle(execution.id).describe()
+        raw = described.raw_description
+        lines.append(f"{execution.id} ({execution.workflow_type})")
+        for act in raw.pending_activities:
+            failure = act.last_failure.message if act.HasField("last_failure") else ""
+            beat = act.heartbeat_details.payloads[0].data[:200] if act.heartbeat_details else b""
+            lines.append(
+                f"  {act.activity_type.name} id={act.activity_id} state={act.state} "
+                f"attempt={act.attempt} worker={act.last_worker_identity} "
+                f"failure={failure!r} heartbeat={beat!r}"
+            )
+        for child in raw.pending_children:
+            lines.append(f"  child {child.workflow_id}")
+    return "\n".join(lines)

@@ -160,7 +160,8 @@ class TaskWatcher:
         deadline: float | None,
     ) -> dict[str, Any] | None:
         """The task's final state, or None if this watcher did not see the task for two
-        of its turns or has stopped (then the caller reads the task itself). A watcher that
+        of its turns, saw it leave `recentTask` unfinished (vCenter keeps a bounded list:
+        200 in vcsim) or has stopped (then the caller reads the task itself). A watcher that
         stopped for idleness just before this wait began may hold the task's state from
         before it ended: never wait on it."""
         with self._cond:
@@ -175,6 +176,8 @@ class TaskWatcher:
                     if state is not None and state.get("info.state") in _TERMINAL:
                         return dict(state)
                     if self._stopped:  # (idle, just before this wait began): ask vCenter
+                        return None
+                    if task_id in self._gone:  # left recentTask unfinished: ask vCenter
                         return None
                     if state is None and self.turns - first_turn >= 2:
                         return None

@@ -32,6 +32,7 @@ from tests.support import (
     Vcsim,
     ensure_account,
     history_text,
+    pending_work,
     record_history,
 )
 from tests.unit.test_bootstrap import cloud_init_check
@@ -165,9 +166,12 @@ async def deploy(
 
 async def until(kubegate: KubegateClient, name: str, *statuses: ClusterStatus) -> ClusterState:
     """Wait for one of the statuses; a Failed cluster ends the wait too (and shows why)."""
-    state = await kubegate.wait_cluster(
-        name, lambda s: s.status in statuses or s.status is ClusterStatus.FAILED, timeout=300
-    )
+    try:
+        state = await kubegate.wait_cluster(
+            name, lambda s: s.status in statuses or s.status is ClusterStatus.FAILED, timeout=300
+        )
+    except KubegateError as exc:
+        raise AssertionError(f"{exc}\n{await pending_work(kubegate.client)}") from None
     assert state.status in statuses, f"{state.status}: {state.error}"
     return state
 
