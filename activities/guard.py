@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ log = logging.getLogger("kubegate.agent.guard")
 
 #: how long a gateway's answer is reused (revocations take effect within this)
 AUTHORIZATION_TTL = 1.0
+#: how long one question to Temporal may take: a check never hangs (a slow answer is a
+#: retryable GatewayUnavailable, never a task kept alive while it waits)
+ASK_TIMEOUT = timedelta(seconds=10)
 
 
 class PolicyError(Exception):
@@ -204,9 +208,9 @@ class AgentGuard:
     async def _fetch(self) -> AgentAuthorization:
         handle = self.client.get_workflow_handle(self.gateway_id)
         try:
-            described = await handle.describe()
+            described = await handle.describe(rpc_timeout=ASK_TIMEOUT)
             auth: AgentAuthorization = await handle.query(
-                "authorization", result_type=AgentAuthorization
+                "authorization", result_type=AgentAuthorization, rpc_timeout=ASK_TIMEOUT
             )
         except Exception as exc:  # the gateway cannot answer now: try the task again later
             raise ApplicationError(
@@ -234,7 +238,8 @@ class AgentGuard:
         """The parent workflow id Temporal recorded for this run (cached: it never changes)."""
         key = (workflow_id, run_id)
         if key not in self._parents:
-            described = await self.client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+            handle = self.client.get_workflow_handle(workflow_id, run_id=run_id)
+            described = await handle.describe(rpc_timeout=ASK_TIMEOUT)
             self._parents[key] = described.parent_id
         return self._parents[key]
 

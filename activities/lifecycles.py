@@ -8,6 +8,7 @@ credentials its gateway holds now, whether an address owner is really giving add
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -26,6 +27,9 @@ from domain.trust import (
     ReleaseIntent,
 )
 
+#: how long one question to Temporal may take (then the activity fails and is retried)
+ASK_TIMEOUT = timedelta(seconds=10)
+
 
 class LifecycleActivities:
     def __init__(self, client: Client) -> None:
@@ -36,7 +40,7 @@ class LifecycleActivities:
         """The account's current credentials and the gateway's approved agent's signing key."""
         handle = self.client.get_workflow_handle(names.gateway_workflow_id(ref.gateway))
         answer: AccountAnswer = await handle.query(
-            "cluster_account", ref.account, result_type=AccountAnswer
+            "cluster_account", ref.account, result_type=AccountAnswer, rpc_timeout=ASK_TIMEOUT
         )
         account = answer.account
         if account is None:
@@ -57,7 +61,7 @@ class LifecycleActivities:
         deadline = loop.time() + ref.wait_seconds
         while True:
             try:
-                described = await handle.describe()
+                described = await handle.describe(rpc_timeout=ASK_TIMEOUT)
             except RPCError as exc:
                 if exc.status == RPCStatusCode.NOT_FOUND:
                     return LifecycleFact(
@@ -121,7 +125,9 @@ class LifecycleActivities:
             )
         handle = self.client.get_workflow_handle(request.owner)
         try:
-            intent: ReleaseIntent = await handle.query("releasing", result_type=ReleaseIntent)
+            intent: ReleaseIntent = await handle.query(
+                "releasing", result_type=ReleaseIntent, rpc_timeout=ASK_TIMEOUT
+            )
         except Exception as exc:
             return ReleaseConfirmation(confirmed=False, reason=f"{request.owner}: {exc}")
         if request.pool not in intent.pools:

@@ -118,7 +118,10 @@ class Proxy:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 verb, path, headers = _parse_head(head)
-                body = await _read_body(reader, headers)
+                try:
+                    body = await _read_body(reader, headers)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the client went away mid-request (e.g. a killed agent)
                 if path.startswith("/_vcproxy/"):
                     payload = self.tally.as_json(with_log=path.startswith("/_vcproxy/log"))
                     writer.write(

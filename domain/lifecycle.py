@@ -103,10 +103,11 @@ class Timing(BaseModel):
     """Activity timeouts; tests shorten the heartbeat timeout to see crashes sooner."""
 
     heartbeat_seconds: int = Field(
-        default=20,
+        default=15,
         ge=2,
         description="A task whose agent stays silent this long goes to the next agent (every "
-        "agent task heartbeats every 2 s).",
+        "agent task heartbeats, at most every 0.8 of this): work resumes within about this "
+        "long of a new agent's start.",
     )
     create_vm_minutes: int = Field(default=60, ge=1)
     readiness_minutes: int = Field(default=30, ge=1)

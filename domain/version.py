@@ -7,16 +7,26 @@ must never decide on the version of the code that happens to replay it.
 from __future__ import annotations
 
 import importlib.metadata
+import tomllib
+from pathlib import Path
+
+_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 
-def _installed() -> str:
+def _version() -> str:
+    """The version of this source tree (its pyproject.toml), else of the installed package:
+    code checked out beside another release's environment reports its own release."""
+    try:
+        return str(tomllib.loads(_PYPROJECT.read_text())["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        pass
     try:
         return importlib.metadata.version("kubegate")
     except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
         return "0.0.0"
 
 
-VERSION = _installed()
+VERSION = _version()
 
 
 def _minor(version: str) -> tuple[int, int] | None:

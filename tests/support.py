@@ -220,14 +220,19 @@ HISTORIES = ROOT / "tests" / "replay" / "histories"
 
 
 async def record_history(client: Any, workflow_id: str, name: str) -> None:
-    """With KUBEGATE_RECORD_HISTORIES=1, store a run's history for the replay tests."""
+    """With KUBEGATE_RECORD_HISTORIES=1, store a run's history for the replay tests, in the
+    folder of this release (`histories/<version>/`). Earlier releases' folders are never
+    written: their histories replay as they were recorded, forever."""
     if os.environ.get("KUBEGATE_RECORD_HISTORIES") != "1":
         return
+    from domain.version import VERSION
+
+    folder = HISTORIES / VERSION
     history = await client.get_workflow_handle(workflow_id).fetch_history()
-    HISTORIES.mkdir(parents=True, exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(history.to_json())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(history.to_json())
     # replays must see the real id: agents sign results over it, workflows verify them
-    (HISTORIES / f"{name}.workflow-id").write_text(workflow_id + "\n")
+    (folder / f"{name}.workflow-id").write_text(workflow_id + "\n")
 
 
 async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tuple[int, str]:

@@ -1238,7 +1238,7 @@ class GatewayWorkflow(NodeMachinery):
                     result_type=LifecycleFact,
                     task_queue=names.CONTROL_TASK_QUEUE,
                     start_to_close_timeout=timedelta(minutes=2),
-                    heartbeat_timeout=timedelta(seconds=20),
+                    heartbeat_timeout=timedelta(seconds=15),
                     retry_policy=RetryPolicy(maximum_attempts=5),
                     summary=f"Confirm cluster {change.name} has ended",
                 )

@@ -70,7 +70,7 @@ class PreflightWorkflow:
                     task_queue=queue,
                     start_to_close_timeout=timedelta(seconds=90),
                     schedule_to_start_timeout=timedelta(minutes=2),
-                    heartbeat_timeout=timedelta(seconds=20),
+                    heartbeat_timeout=timedelta(seconds=15),
                     retry_policy=_RETRY,
                     summary=summary,
                 )

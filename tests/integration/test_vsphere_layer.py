@@ -239,7 +239,6 @@ def test_a_wait_on_a_watcher_that_stopped_asks_vcenter_instead_of_hanging() -> N
     assert _time.monotonic() - started < 1
 
 
-
 def test_a_task_that_left_recent_tasks_unfinished_is_asked_of_vcenter() -> None:
     """vCenter keeps a bounded list of recent tasks: a long clone pushed out of it leaves the
     watcher's view unfinished, and no update about it comes again. The wait returns None at

@@ -1,25 +1,36 @@
-"""Every stored history replays against today's workflow code (determinism guard).
+"""Every kept history of every release replays against today's workflow code.
 
-Record new histories with: KUBEGATE_RECORD_HISTORIES=1 make test PYTEST_ARGS=tests/integration
+Histories live in `histories/<version>/`, one folder per release, and are never re-recorded:
+a change that breaks one uses `workflow.patched()` or a new workflow type (docs/development.md).
+A released folder carries SHA256SUMS, so a history changed after its release fails here.
+
+Record this release's histories with: KUBEGATE_RECORD_HISTORIES=1 make test
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from domain.version import VERSION
 from starters.codec import data_converter
 from tests.support import HISTORIES
 from workers.control import WORKFLOWS, workflow_runner
 
-FILES = sorted(HISTORIES.glob("*.json"))
+FILES = sorted(HISTORIES.glob("*/*.json"))
+RELEASES = sorted(p for p in HISTORIES.iterdir() if p.is_dir())
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3])
 
 
 def test_histories_are_stored() -> None:
-    names = {f.stem for f in FILES}
+    names = {f.stem for f in HISTORIES.glob("0.1.0/*.json")}
     assert {
         "preflight_passed",
         "preflight_wrong_password",
@@ -41,7 +52,33 @@ def test_histories_are_stored() -> None:
     } <= names
 
 
-@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_every_release_folder_is_a_release_up_to_this_one() -> None:
+    assert RELEASES, "no kept histories"
+    for folder in RELEASES:
+        assert _release(folder.name) <= _release(VERSION), folder.name
+        kinds = {f.stem.split("_")[0] for f in folder.glob("*.json")}
+        assert {"cluster", "gateway", "ippool", "preflight"} <= kinds, folder.name
+
+
+@pytest.mark.parametrize("folder", RELEASES, ids=[p.name for p in RELEASES])
+def test_released_histories_are_unchanged(folder: Path) -> None:
+    """Each earlier release's folder matches the sums taken at its release."""
+    sums = folder / "SHA256SUMS"
+    if folder.name == VERSION and not sums.exists():
+        pytest.skip(f"{VERSION} is this release: its histories may still be recorded")
+    assert sums.exists(), f"{folder.name}: a released folder needs its SHA256SUMS"
+    listed = {}
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        listed[name.lstrip("*")] = digest
+    present = {f.name for f in folder.iterdir() if f.name != "SHA256SUMS"}
+    assert present == set(listed), "files added to or removed from a released folder"
+    for name, digest in listed.items():
+        actual = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        assert actual == digest, f"{folder.name}/{name} changed after its release"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f"{f.parent.name}/{f.stem}" for f in FILES])
 async def test_history_replays(path: Path) -> None:
     # the workflow's own id (agents' signatures cover it); older files did not keep it
     id_file = path.with_suffix(".workflow-id")
