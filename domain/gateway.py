@@ -617,6 +617,8 @@ class GatewayState(BaseModel):
     history: list[Step] = Field(
         default_factory=list, description="Steps of earlier attempts (before a reset)."
     )
+    #: operations run so far (numbers the steps' operations: configure, resize, upgrade, ...)
+    operations_run: int = 0
     accounts: list[CloudAccount] = Field(default_factory=list)
     clusters: list[ClusterRecord] = Field(default_factory=list)
     queue: list[str] = Field(default_factory=list, description="Clusters waiting, in order.")

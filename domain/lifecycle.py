@@ -46,12 +46,60 @@ class Step(BaseModel):
     error: str | None = None
     objects: list[str] = Field(default_factory=list, description="vSphere objects touched.")
     detail: str = ""
+    operation: str = Field(
+        default="",
+        description="The operation the step belongs to: deploy, retry, a change (e.g. 'Scale "
+        "workers to 5'), abort, delete; a gateway's configure, resize, upgrade, reset.",
+    )
+    #: which run of that operation (operations repeat: two scales, a retry after a failure)
+    operation_number: int = 0
 
     @property
     def seconds(self) -> float | None:
         if self.started is None or self.ended is None:
             return None
         return (self.ended - self.started).total_seconds()
+
+
+#: a lifecycle's step history keeps the steps of this many operations, newest first ...
+KEEP_OPERATIONS = 20
+#: ... and never more steps than this (an operation's own steps are kept whole when it fits)
+KEEP_STEPS = 300
+
+
+def trim_steps(steps: list[Step]) -> tuple[list[Step], int]:
+    """The steps of the newest operations within the bounds, and how many operations were
+    dropped. Steps of a running operation are always kept."""
+    numbers: list[int] = []
+    for step in steps:
+        if step.operation_number not in numbers:
+            numbers.append(step.operation_number)
+    kept_numbers: set[int] = set()
+    count = 0
+    full = False
+    for number in reversed(numbers):
+        size = sum(1 for s in steps if s.operation_number == number)
+        running = any(s.operation_number == number and s.state is StepState.RUNNING for s in steps)
+        full = full or bool(
+            kept_numbers and (len(kept_numbers) >= KEEP_OPERATIONS or count + size > KEEP_STEPS)
+        )
+        if full and not running:
+            continue
+        kept_numbers.add(number)
+        count += size
+    kept = [s for s in steps if s.operation_number in kept_numbers]
+    return kept, len(numbers) - len(kept_numbers)
+
+
+def operations(steps: list[Step]) -> list[tuple[str, int, list[Step]]]:
+    """Steps grouped by operation, in order: (operation, its number, its steps)."""
+    groups: list[tuple[str, int, list[Step]]] = []
+    for step in steps:
+        if groups and groups[-1][1] == step.operation_number and groups[-1][0] == step.operation:
+            groups[-1][2].append(step)
+        else:
+            groups.append((step.operation, step.operation_number, [step]))
+    return groups
 
 
 NodePhase = Literal["planned", "creating", "created", "ready", "deleting", "deleted", "failed"]
@@ -146,6 +194,10 @@ class ClusterState(BaseModel):
     #: per IP pool: prefix, gateway and name servers of its network (static addressing)
     networks: dict[str, NodeNetwork] = Field(default_factory=dict)
     steps: list[Step] = Field(default_factory=list)
+    #: operations whose steps were dropped from `steps` (the oldest; see trim_steps)
+    trimmed_operations: int = 0
+    #: operations run so far (numbers the steps' operations)
+    operations_run: int = 0
     nodes: list[Node] = Field(default_factory=list)
     created_at: datetime | None = None
     updated_at: datetime | None = None

@@ -33,7 +33,7 @@ from domain.account import CloudAccountSpec, VCenterAccess
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.gateway import GatewayState
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
-from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary
+from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary, operations
 from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
 from starters.client import KubegateClient, KubegateError, RequestRefused
@@ -784,17 +784,22 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
     steps = Table(title="Steps")
     for column in ("step", "state", "started", "seconds", "attempts", "detail / error"):
         steps.add_column(column)
-    for s in state.steps:
-        seconds = f"{s.seconds:.1f}" if s.seconds is not None else ""
-        started = s.started.strftime("%H:%M:%S") if s.started else ""
-        steps.add_row(
-            s.title,
-            s.state.value,
-            started,
-            seconds,
-            str(s.attempts),
-            _short(s.error or s.detail, 60),
-        )
+    if state.trimmed_operations:
+        steps.add_row(f"({state.trimmed_operations} earlier operations not kept)")
+    for operation, _, group in operations(state.steps):
+        if operation:
+            steps.add_row(f"[bold]{escape(operation)}[/bold]")
+        for s in group:
+            seconds = f"{s.seconds:.1f}" if s.seconds is not None else ""
+            started = s.started.strftime("%H:%M:%S") if s.started else ""
+            steps.add_row(
+                ("  " if operation else "") + s.title,
+                s.state.value,
+                started,
+                seconds,
+                str(s.attempts),
+                _short(s.error or s.detail, 60),
+            )
     out.print(steps)
     nodes = Table(title="Nodes")
     for column in ("name", "pool", "domain", "VM", "address", "power", "phase"):

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from domain import names
@@ -26,6 +27,7 @@ from domain.gateway import (
     GatewayStatus,
     InstallerProperties,
 )
+from domain.lifecycle import operations
 from domain.sealing import normalize_fingerprint
 from starters.cli import (
     EXIT_FAILED,
@@ -141,15 +143,18 @@ def _show(state: GatewayState, output: Output, describe: bool) -> None:
         table = Table(title="steps")
         for column in ("step", "state", "seconds", "attempts", "detail / error", "objects"):
             table.add_column(column, overflow="fold")
-        for s in steps:
-            table.add_row(
-                s.title,
-                s.state.value,
-                f"{s.seconds:.1f}" if s.seconds is not None else "",
-                str(s.attempts),
-                s.error or s.detail,
-                _short(", ".join(s.objects), 60),
-            )
+        for operation, _, group in operations(steps):
+            if operation:
+                table.add_row(f"[bold]{escape(operation)}[/bold]")
+            for s in group:
+                table.add_row(
+                    ("  " if operation else "") + s.title,
+                    s.state.value,
+                    f"{s.seconds:.1f}" if s.seconds is not None else "",
+                    str(s.attempts),
+                    s.error or s.detail,
+                    _short(", ".join(s.objects), 60),
+                )
         out.print(table)
     if state.nodes and state.nodes.nodes:
         table = Table(title="nodes")

@@ -34,6 +34,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
 
 PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
+#: patches (kept forever: histories of earlier releases take the old branches)
+#: a cluster that was never queued is Provisioning from its first moment, not Queued
+NOT_QUEUED = "not-queued-unless-queued"
+#: continue as new when an operation ends (Running, Failed), not only when Temporal suggests
+SETTLE_POINTS = "continue-at-settle-points"
 
 
 @workflow.defn(name="ClusterWorkflow")
@@ -68,6 +73,10 @@ class ClusterWorkflow(NodeMachinery):
         self.queued = input.queued and input.state is None
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
         self.releasing = ReleaseIntent()
+        #: an operation ended in this run (continue as new at the next quiet moment)
+        self.settled = False
+        #: whether this run continues as new at settle points (None: not decided yet)
+        self.settle_points: bool | None = None
 
     # -- run ------------------------------------------------------------------------------
 
@@ -80,6 +89,12 @@ class ClusterWorkflow(NodeMachinery):
     async def _life(self) -> ClusterState:
         if self.state.created_at is None:
             self.state.created_at = workflow.now()
+            if (
+                not self.queued
+                and self.state.status is ClusterStatus.QUEUED
+                and workflow.patched(NOT_QUEUED)
+            ):
+                self.state.status = ClusterStatus.PROVISIONING  # never shown Queued
             self._notify_gateway()
         self._publish()
         if self.queued:
@@ -98,9 +113,15 @@ class ClusterWorkflow(NodeMachinery):
                 lambda: (
                     self.deleting is not None
                     or self.retrying
-                    or (workflow.info().is_continue_as_new_suggested() and not self.lock.locked())
+                    or (
+                        (workflow.info().is_continue_as_new_suggested() or self._settled())
+                        and not self.lock.locked()
+                    )
                 )
             )
+            if self.deleting is None and not self.retrying and not self._settle_now():
+                self.settled = False  # (a run from before settle points: as it did then)
+                continue
             if self.deleting is not None:
                 async with self.lock:
                     if await self._teardown(self.deleting.reason):
@@ -109,7 +130,7 @@ class ClusterWorkflow(NodeMachinery):
                 continue
             if self.retrying:
                 self.retrying = False
-                if not await self._provision():
+                if not await self._provision("retry"):
                     return self.state
                 continue
             await self._notices_sent()
@@ -131,8 +152,24 @@ class ClusterWorkflow(NodeMachinery):
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state
 
-    async def _provision(self) -> bool:
+    def _settled(self) -> bool:
+        """An operation ended (Running or Failed) and a run from before settle points is not
+        being replayed: time to continue as new with compact state."""
+        return self.settled and self.settle_points is not False
+
+    def _settle_now(self) -> bool:
+        """Whether to continue as new now (decided once per run: the patch marker)."""
+        if workflow.info().is_continue_as_new_suggested():
+            return True
+        if not self.settled:
+            return False
+        if self.settle_points is None:
+            self.settle_points = workflow.patched(SETTLE_POINTS)
+        return self.settle_points
+
+    async def _provision(self, operation: str = "deploy") -> bool:
         """Deploy (or retry a failed deploy); False when it was aborted (the cluster is gone)."""
+        self._begin(operation)
         self._set_status(ClusterStatus.PROVISIONING)
         self.provisioning = asyncio.create_task(self._deploy_steps())
         if self.aborting:  # accepted before provisioning began
@@ -168,6 +205,7 @@ class ClusterWorkflow(NodeMachinery):
 
     async def _teardown(self, reason: str) -> bool:
         """Remove everything; True when done (Deleted), False when a step failed (Failed)."""
+        self._begin("abort" if reason == "aborted" else "delete")
         self._set_status(ClusterStatus.DELETING)
         try:
             await self._teardown_steps()
@@ -315,6 +353,7 @@ class ClusterWorkflow(NodeMachinery):
             previous = self.state.spec
             self.state.spec = spec
             self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+            self._begin(title)
             self._set_status(ClusterStatus.UPDATING, title)
             try:
                 await self._converge()
@@ -416,6 +455,9 @@ class ClusterWorkflow(NodeMachinery):
         self.state.updated_at = workflow.now()
         if detail:
             self.state.reason = detail
+        if changed and status in (ClusterStatus.RUNNING, ClusterStatus.FAILED):
+            self._trim_steps()
+            self.settled = True  # an operation ended: a settle point
         self._publish()
         if changed:
             self._notify_gateway()

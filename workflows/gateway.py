@@ -73,6 +73,7 @@ with workflow.unsafe.imports_passed_through():
         ClusterStatus,
         Step,
         StepState,
+        trim_steps,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
     from domain.sealing import fingerprint, key_id, normalize_fingerprint, verify_signature
@@ -108,6 +109,18 @@ VERIFIED_DELETES = "verified-cluster-deletes"
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
 
+#: patch: continue as new when an operation ends, not only when Temporal suggests it
+SETTLE_POINTS = "continue-at-settle-points"
+
+#: how each operation is named in the step history
+_OPERATION_NAMES: dict[str, str] = {
+    "provision": "configure",
+    "reset": "reset",
+    "resize": "resize",
+    "upgrade": "upgrade",
+    "delete": "delete",
+}
+
 
 @workflow.defn(name="GatewayWorkflow")
 class GatewayWorkflow(NodeMachinery):
@@ -137,6 +150,10 @@ class GatewayWorkflow(NodeMachinery):
         self.verifying = 0  # cluster "Deleted" signals being confirmed
         self.confirming: set[str] = set()  # the clusters they are about
         self.releasing = ReleaseIntent()
+        #: an operation ended in this run (continue as new at the next quiet moment)
+        self.settled = False
+        #: whether this run continues as new at settle points (None: not decided yet)
+        self.settle_points: bool | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
             self._attach(self.gw.nodes, self.gw.config)
 
@@ -169,6 +186,12 @@ class GatewayWorkflow(NodeMachinery):
             if op is None:
                 if not self._may_continue_as_new():
                     continue
+                if not workflow.info().is_continue_as_new_suggested():
+                    if self.settle_points is None:
+                        self.settle_points = workflow.patched(SETTLE_POINTS)
+                    if not self.settle_points:  # a run from before settle points
+                        self.settled = False
+                        continue
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if self.op is None:
                     workflow.continue_as_new(
@@ -182,6 +205,8 @@ class GatewayWorkflow(NodeMachinery):
                         )
                     )
                 continue
+            if op != "provision":  # (a configure began in its Update, with its checks)
+                self._begin(_OPERATION_NAMES[op])
             if op == "provision":
                 await self._provision()
             elif op == "reset":
@@ -194,6 +219,10 @@ class GatewayWorkflow(NodeMachinery):
                 break
             if self.op == op:
                 self.op, self.op_arg = None, None
+            if self.gw.nodes is not None:
+                self.gw.nodes.steps, dropped = trim_steps(self.gw.nodes.steps)
+                self.gw.nodes.trimmed_operations += dropped
+            self.settled = True  # an operation ended: a settle point
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.gw
 
@@ -206,9 +235,19 @@ class GatewayWorkflow(NodeMachinery):
             or (overdue_timer and self._overdue_in() is None)
         )
 
+    def _begin(self, operation: str) -> None:
+        """Steps from now on belong to a new run of `operation` (numbered on the gateway:
+        its nodes' state comes and goes with resets)."""
+        self.gw.operations_run += 1
+        self.operation = operation
+
+    def _operation_number(self) -> int:
+        return self.gw.operations_run
+
     def _may_continue_as_new(self) -> bool:
+        settled = self.settled and self.settle_points is not False
         return (
-            workflow.info().is_continue_as_new_suggested()
+            (workflow.info().is_continue_as_new_suggested() or settled)
             and not self.busy
             and not self.verifying
             and self.provisioning is None
@@ -635,6 +674,7 @@ class GatewayWorkflow(NodeMachinery):
             )
             self.gw.nodes = self.state
             self.gw.config = config
+            self._begin("configure")  # its checks here, its provisioning in the main loop
             self._set_status(GatewayStatus.PROVISIONING, "checking the configuration")
             if not self.gw.system:
                 await self._step(

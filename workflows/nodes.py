@@ -54,6 +54,7 @@ with workflow.unsafe.imports_passed_through():
         Step,
         StepState,
         Timing,
+        trim_steps,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
     from domain.trust import (
@@ -210,8 +211,31 @@ class NodeMachinery:
     #: the inheriting workflow's: who owns addresses and VM marks ('cluster/x', 'gateway/y')
     _owner: Callable[[], str]
 
+    #: the operation new steps belong to (see `_begin`)
+    operation: str = ""
+
+    def _begin(self, operation: str) -> None:
+        """Steps from now on belong to a new run of `operation` (deploy, a change, delete)."""
+        self.state.operations_run += 1
+        self.operation = operation
+
+    def _operation_number(self) -> int:
+        """The number of the operation new steps belong to."""
+        return self.state.operations_run
+
+    def _trim_steps(self) -> None:
+        """Keep the step history bounded: the newest operations' steps (trim_steps)."""
+        self.state.steps, dropped = trim_steps(self.state.steps)
+        self.state.trimmed_operations += dropped
+
     async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
-        step = Step(name=name, title=title, started=workflow.now())
+        step = Step(
+            name=name,
+            title=title,
+            started=workflow.now(),
+            operation=self.operation,
+            operation_number=self._operation_number(),
+        )
         self.state.steps.append(step)
         _CURRENT.set(step)  # this task's step: its activities' attempts count here
         self._publish()

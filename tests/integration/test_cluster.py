@@ -21,7 +21,7 @@ from temporalio.testing import WorkflowEnvironment
 from domain.account import CloudAccountSpec
 from domain.cluster import ClusterSpec, WorkerPool
 from domain.ipam import IpPoolSpec
-from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
 from domain.vm import MARK_CLUSTER
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from tests.conftest import GATEWAY
@@ -513,3 +513,50 @@ async def test_failed_change_can_be_undone_and_failed_delete_repeated(
     await kubegate.delete_cluster("eps")
     state = await until(kubegate, "eps", ClusterStatus.DELETED)
     assert await kubegate.pool_allocations(GATEWAY, "cl-tiny") == []
+
+
+async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """Each operation that ends (deploy, a scale, a failed one) is a settle point: the cluster
+    continues as new there, so a resting cluster's current history is short; its step history
+    is grouped by operation. A cluster that was never queued is never shown Queued."""
+    pool = await make_pool(kubegate, "cl-settle", 88)
+    await deploy(kubegate, sim, small_spec("settle", pool.name))
+    handle = kubegate.cluster_handle("settle")
+    first_run = (await handle.describe()).run_id  # (the deploy takes seconds)
+    state = await until(kubegate, "settle", ClusterStatus.RUNNING)
+    first = await kubegate.client.get_workflow_handle(
+        "cluster/settle", run_id=first_run
+    ).fetch_history()  # the deploy's run, ended with continue-as-new
+    statuses = [
+        e.upsert_workflow_search_attributes_event_attributes.search_attributes.indexed_fields[
+            "KubegateStatus"
+        ].data
+        for e in first.events
+        if e.HasField("upsert_workflow_search_attributes_event_attributes")
+    ]
+    assert statuses and b"Queued" not in statuses[0], statuses
+    assert first.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
+    resting = await kubegate.client.get_workflow_handle("cluster/settle").describe()
+    assert resting.run_id != first_run  # continued as new once Running
+    events = [
+        e
+        async for e in kubegate.client.get_workflow_handle("cluster/settle").fetch_history_events()
+    ]
+    assert len(events) < 20, len(events)  # a resting cluster's history: a few events
+    assert {s.operation for s in state.steps} == {"deploy"}
+    assert {s.operation_number for s in state.steps} == {1}
+
+    await kubegate.scale_pool("settle", "w", 2)
+    state = await until(kubegate, "settle", ClusterStatus.RUNNING)
+    groups = [(op, n) for op, n, _ in operations(state.steps)]
+    assert groups == [("deploy", 1), ("Scale w to 2", 2)], groups
+    scale_steps = [s for s in state.steps if s.operation_number == 2]
+    assert scale_steps and all(s.state.value in ("done", "skipped") for s in scale_steps)
+    assert (await handle.describe()).run_id != resting.run_id
+
+    await kubegate.delete_cluster("settle")
+    state = await until(kubegate, "settle", ClusterStatus.DELETED)
+    assert [op for op, _, _ in operations(state.steps)] == ["deploy", "Scale w to 2", "delete"]
+    assert owned_vms(sim, "cluster/settle") == []

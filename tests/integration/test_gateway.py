@@ -34,7 +34,7 @@ from domain.gateway import (
     InstallerProperties,
 )
 from domain.ipam import IpPoolSpec
-from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
 from domain.sealing import AgentKey
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.installer import install, installer_ova, read_installer
@@ -603,12 +603,17 @@ async def test_failed_upgrade_resumes_where_it_stopped(
     (the node is replaced once, not twice) and the gateway runs the new version."""
     name = "ugw"
     _, code = await kubegate.create_gateway(name, timing=FAST)
+    first_run = (await kubegate.gateway_handle(name).describe()).run_id
     key = AgentKey.generate()
     async with agent_of(temporal, sessions, name, key):
         await kubegate.register_agent(name, key, code)
         await kubegate.approve_agent(name, key.fingerprint)
         await kubegate.configure_gateway(name, gateway_file(gsim, vip="10.62.0.52"), gsim.password)
-        await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
+        assert [op for op, _, _ in operations(state.steps)] == ["configure"]
+        # settled once Running: continued as new (the agent's pin is the first run: kept)
+        run = (await kubegate.gateway_handle(name).describe()).run_id
+        assert run != first_run
         foreign_vm(gsim, "/DC0/vm/ugw-pcg", "ugw-pcg-cp-0-r1")
 
         await kubegate.upgrade_gateway(name, "1.1.0")
@@ -624,6 +629,11 @@ async def test_failed_upgrade_resumes_where_it_stopped(
         await kubegate.upgrade_gateway(name)  # the pending target, 1.1.0
         state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
         assert state.version == "1.1.0" and state.failed_operation is None
+        assert [(op, n) for op, n, _ in operations(state.steps)] == [
+            ("configure", 1),
+            ("upgrade", 2),
+            ("upgrade", 3),
+        ]
         assert state.nodes is not None
         assert [n.name for n in state.nodes.nodes] == ["ugw-pcg-cp-0-r1"]
         assert vms_in(gsim, "/DC0/vm/ugw-pcg") == ["ugw-pcg-cp-0-r1"]
