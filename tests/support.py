@@ -350,7 +350,8 @@ async def pending_work(client: Any) -> str:
         lines.append(f"{execution.id} ({execution.workflow_type})")
         for act in raw.pending_activities:
             failure = act.last_failure.message if act.HasField("last_failure") else ""
-            beat = act.heartbeat_details.payloads[0].data[:200] if act.heartbeat_details else b""
+            payloads = act.heartbeat_details.payloads
+            beat = payloads[0].data[:200] if payloads else b""
             lines.append(
                 f"  {act.activity_type.name} id={act.activity_id} state={act.state} "
                 f"attempt={act.attempt} worker={act.last_worker_identity} "

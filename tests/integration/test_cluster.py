@@ -5,6 +5,7 @@ What kubegate did is checked behind its back with an independent pyvmomi connect
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import ipaddress
@@ -515,6 +516,17 @@ async def test_failed_change_can_be_undone_and_failed_delete_repeated(
     assert await kubegate.pool_allocations(GATEWAY, "cl-tiny") == []
 
 
+async def next_run(kubegate: KubegateClient, workflow_id: str, run: str) -> str:
+    """The run after `run` (continue-as-new follows a settle point within moments)."""
+    handle = kubegate.client.get_workflow_handle(workflow_id)
+    for _ in range(100):
+        current = (await handle.describe()).run_id
+        if current != run:
+            return current
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{workflow_id} did not continue as new after run {run}")
+
+
 async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     sim: Vcsim, kubegate: KubegateClient
 ) -> None:
@@ -538,8 +550,7 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     ]
     assert statuses and b"Queued" not in statuses[0], statuses
     assert first.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
-    resting = await kubegate.client.get_workflow_handle("cluster/settle").describe()
-    assert resting.run_id != first_run  # continued as new once Running
+    resting_run = await next_run(kubegate, "cluster/settle", first_run)  # once Running
     events = [
         e
         async for e in kubegate.client.get_workflow_handle("cluster/settle").fetch_history_events()
@@ -554,7 +565,7 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     assert groups == [("deploy", 1), ("Scale w to 2", 2)], groups
     scale_steps = [s for s in state.steps if s.operation_number == 2]
     assert scale_steps and all(s.state.value in ("done", "skipped") for s in scale_steps)
-    assert (await handle.describe()).run_id != resting.run_id
+    await next_run(kubegate, "cluster/settle", resting_run)  # once the scale ended
 
     await kubegate.delete_cluster("settle")
     state = await until(kubegate, "settle", ClusterStatus.DELETED)

@@ -39,7 +39,7 @@ from domain.sealing import AgentKey
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.installer import install, installer_ova, read_installer
 from starters.settings import Settings
-from tests.integration.test_cluster import PROFILE, domain
+from tests.integration.test_cluster import PROFILE, domain, next_run
 from tests.support import (
     ADMIN,
     INVENTORY,
@@ -612,8 +612,7 @@ async def test_failed_upgrade_resumes_where_it_stopped(
         state = await until_gateway(kubegate, name, GatewayStatus.RUNNING)
         assert [op for op, _, _ in operations(state.steps)] == ["configure"]
         # settled once Running: continued as new (the agent's pin is the first run: kept)
-        run = (await kubegate.gateway_handle(name).describe()).run_id
-        assert run != first_run
+        await next_run(kubegate, f"gateway/{name}", first_run)
         foreign_vm(gsim, "/DC0/vm/ugw-pcg", "ugw-pcg-cp-0-r1")
 
         await kubegate.upgrade_gateway(name, "1.1.0")
