@@ -355,7 +355,12 @@ class AgentGuard:
             canonical_json(list(args)),
             body,
         )
-        return SignedResult(body=body, key_id=self.key.key_id, signature=self.key.sign(statement))
+        return SignedResult(
+            body=body,
+            key_id=self.key.key_id,
+            signature=self.key.sign(statement),
+            attempt=info.attempt,
+        )
 
 
 class GuardInterceptor(Interceptor):

@@ -203,6 +203,11 @@ class SignedResult(BaseModel):
     body: str = Field(description="The result, as JSON.")
     key_id: str = Field(description="The signing agent's key id.")
     signature: str = Field(description="Ed25519 over the statement, base64.")
+    attempt: int = Field(
+        default=1,
+        description="The activity attempt that produced it (for step histories; not signed: "
+        "it decides nothing).",
+    )
 
 
 def canonical_json(value: Any) -> bytes:

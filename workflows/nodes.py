@@ -242,6 +242,13 @@ class NodeMachinery:
         try:
             if self.account.credentials is None:  # not carried in inputs: fetch current ones
                 await self._refresh_account()
+            if self.account.credentials is None:  # (a workflow no gateway started)
+                raise ApplicationError(
+                    f"no credentials for cloud account {self.account.name}: only the gateway "
+                    "that keeps it can give them, and this lifecycle has no gateway",
+                    type=errors.NOT_AUTHORIZED,
+                    non_retryable=True,
+                )
             await body(step)
             if step.state is StepState.RUNNING:  # a body may have said SKIPPED
                 step.state = StepState.DONE
@@ -956,6 +963,8 @@ class NodeMachinery:
                 )
             if verified is not None:
                 result = verified
+                if isinstance(value, dict):  # how many attempts it took (the agent says)
+                    self._attempts(int(value.get("attempt", 1) or 1))
                 break
             forged += 1
             step = _CURRENT.get()
@@ -1016,9 +1025,11 @@ class NodeMachinery:
 
     def _attempted(self, result: Any) -> None:
         """Count the attempts the step's activities took (results carry `attempt`)."""
+        self._attempts(int(getattr(result, "attempt", 1) or 1))
+
+    def _attempts(self, attempt: int) -> None:
         step = _CURRENT.get()
         if step is not None:
-            attempt = int(getattr(result, "attempt", 1) or 1)
             step.attempts = max(step.attempts, attempt)
 
 

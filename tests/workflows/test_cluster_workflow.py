@@ -1,0 +1,253 @@
+"""ClusterWorkflow's own logic with stand-in activities (tests/workflows/world.py) on a
+Temporal dev server of its own: step order, refusals, retries, abort, settle points, forged
+results. No simulator: each runs in about a second.
+
+(Temporal's time-skipping server was tried first: with Updates, queries and continue-as-new
+it stalled or timed out a query in about one run of four; the dev server does not.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.testing import WorkflowEnvironment
+
+from domain import names
+from domain.cluster import ClusterSpec
+from domain.lifecycle import (
+    ClusterInput,
+    ClusterState,
+    ClusterStatus,
+    DeleteRequest,
+    ScaleRequest,
+    Timing,
+    operations,
+)
+from domain.names import SEARCH_ATTRIBUTES
+from domain.sealing import AgentKey
+from starters.codec import ReadableMetadata, data_converter
+from starters.settings import tool_path
+from tests.workflows.world import TEMPLATE, World, fail, forever, unique
+from workflows.cluster import ClusterWorkflow
+from workflows.nodes import RETRY_ATTEMPTS
+
+PROFILE: dict[str, Any] = {
+    "name": "ubuntu-k8s",
+    "layers": [
+        {
+            "layer": "os",
+            "pack": {"name": "ubuntu", "version": "22.04", "values": {"template": TEMPLATE}},
+        },
+        {"layer": "kubernetes", "pack": {"name": "kubernetes", "version": "1.30.4"}},
+        {"layer": "network", "pack": {"name": "cni-calico", "version": "3.28.0"}},
+    ],
+}
+
+
+def spec(name: str, cp: int = 1, workers: int = 2) -> ClusterSpec:
+    domain = {
+        "compute_cluster": "DC0_C0",
+        "datastore": "LocalDS_0",
+        "network": "VM Network",
+        "ip_pool": "pool",
+    }
+    return ClusterSpec.model_validate(
+        {
+            "name": name,
+            "profile": PROFILE,
+            "cloud_account": "acct",
+            "placement": {"datacenter": "DC0", "ip_allocation": "static"},
+            "control_plane": {"size": cp, "placement": [domain]},
+            "workers": [{"name": "w", "size": workers, "placement": [domain]}],
+        }
+    )
+
+
+@pytest_asyncio.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(tool_path("temporal")),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=data_converter(),
+        interceptors=[ReadableMetadata()],
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+class Running:
+    """One test's world and workers (a gateway name and task queue of its own)."""
+
+    def __init__(self, env: WorkflowEnvironment) -> None:
+        self.env = env
+        self.world = World(gateway=unique("gw"))
+        self.queue = unique("wf")
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Running:
+        for worker in self.world.workers(self.env.client, self.queue):
+            await self._stack.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stack.aclose()
+
+    async def deploy(
+        self, cluster: ClusterSpec, gateway: bool = True, **account: Any
+    ) -> WorkflowHandle[Any, Any]:
+        """Start the cluster as its gateway would (credentials then come from the stand-in
+        `gateway_account`; the gateway itself is not there: its notices go nowhere)."""
+        return await self.env.client.start_workflow(
+            ClusterWorkflow.run,
+            ClusterInput(
+                spec=cluster,
+                account=self.world.account().model_copy(update=account),
+                timing=Timing(heartbeat_seconds=5),
+                gateway_workflow=f"gateway/{self.world.gateway}" if gateway else None,
+            ),
+            id=names.cluster_workflow_id(cluster.name),
+            task_queue=self.queue,
+        )
+
+    async def until(self, name: str, *statuses: ClusterStatus) -> ClusterState:
+        handle = self.env.client.get_workflow_handle(names.cluster_workflow_id(name))
+        for _ in range(400):
+            state: ClusterState = await handle.query(ClusterWorkflow.state_query)
+            if state.status in statuses:
+                return state
+            await asyncio.sleep(0.05)
+        pending = (await handle.describe()).raw_description.pending_activities
+        raise AssertionError(
+            f"cluster {name}: still {state.status}; steps "
+            + ", ".join(f"{s.name} {s.state.value}" for s in state.steps)
+            + "; pending: "
+            + ", ".join(f"{a.activity_type.name} {a.state} attempt {a.attempt}" for a in pending)
+        )
+
+
+async def test_a_deploy_runs_its_steps_in_order_and_settles(env: WorkflowEnvironment) -> None:
+    async with Running(env) as run:
+        name = unique("order")
+        handle = await run.deploy(spec(name, cp=1, workers=2))
+        first_run = (await handle.describe()).run_id
+        state = await run.until(name, ClusterStatus.RUNNING)
+
+        steps = [s.name for s in state.steps]
+        assert steps[:2] == ["validate", "preflight"]
+        assert set(steps[2:4]) == {"folder", "addresses"}  # these two run at once
+        assert steps[4:] == ["bootstrap", "create-vms", "readiness"]
+        assert [op for op, _, _ in operations(state.steps)] == ["deploy"]
+        calls = run.world.calls
+        assert calls.index("preflight_all") < calls.index("vm_ensure_folder")
+        assert calls.index("allocate_addresses") < calls.index("bootstrap_render")
+        assert calls.index("bootstrap_render") < calls.index("vm_create")
+        assert len(run.world.vms) == 3 and all(n.phase == "ready" for n in state.nodes)
+        assert len(run.world.allocations) == 4  # three nodes and the VIP
+
+        for _ in range(100):  # settled: continued as new with its state
+            if (await handle.describe()).run_id != first_run:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no continue-as-new after Running")
+        again = await run.until(name, ClusterStatus.RUNNING)
+        assert again.steps == state.steps and again.nodes == state.nodes
+
+
+async def test_requests_the_status_does_not_allow_are_refused_and_abort_cleans_up(
+    env: WorkflowEnvironment,
+) -> None:
+    async with Running(env) as run:
+        name = unique("refuse")
+        run.world.hooks["vm_create"] = forever  # clones that do not end
+        handle = await run.deploy(spec(name))
+        for _ in range(200):
+            if "vm_create" in run.world.calls:
+                break
+            await asyncio.sleep(0.05)
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(ClusterWorkflow.delete, DeleteRequest())
+        assert "use abort" in str(refused.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError):
+            await handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(ClusterWorkflow.retry)
+        assert "only a Failed cluster" in str(refused.value.cause)
+
+        await handle.execute_update(ClusterWorkflow.abort)
+        state = await run.until(name, ClusterStatus.DELETED)
+        assert state.reason == "aborted"
+        assert [op for op, _, _ in operations(state.steps)] == ["deploy", "abort"]
+        assert run.world.allocations == {}  # every address given back
+        assert "vm_sweep" in run.world.calls and "vm_remove_folder" in run.world.calls
+
+
+async def test_failing_attempts_are_retried_and_a_permanent_failure_names_its_step(
+    env: WorkflowEnvironment,
+) -> None:
+    async with Running(env) as run:
+        name = unique("fails")
+        run.world.hooks["vm_ensure_folder"] = fail("vCenter is not answering", times=2)
+        run.world.hooks["vm_power_on"] = fail(
+            "guest never reported", kind="GuestTimeout", non_retryable=True
+        )
+        handle = await run.deploy(spec(name))
+        state = await run.until(name, ClusterStatus.FAILED)
+        folder = next(s for s in state.steps if s.name == "folder")
+        assert folder.state.value == "done" and folder.attempts == 3  # two failed, then done
+        readiness = next(s for s in state.steps if s.name == "readiness")
+        assert readiness.state.value == "failed" and readiness.attempts == 1  # not retried
+        assert "guest never reported" in (state.error or "")
+        assert "Start nodes" in (state.error or "")  # the step, in the user's words
+
+        del run.world.hooks["vm_power_on"]  # fixed: retry runs the steps again
+        await handle.execute_update(ClusterWorkflow.retry)
+        state = await run.until(name, ClusterStatus.RUNNING)
+        assert [op for op, _, _ in operations(state.steps)] == ["deploy", "retry"]
+        assert len(run.world.vms) == 3  # each VM once: the retry found them
+
+
+async def test_a_result_signed_by_another_key_is_refused(env: WorkflowEnvironment) -> None:
+    """The stand-in agent signs with its key; the cluster trusts another: every result is a
+    forgery, retried and then refused, and nothing after it runs."""
+    async with Running(env) as run:
+        name = unique("forged")
+        other = AgentKey.generate().signing_key_b64
+        trusted = run.world.account().model_copy(update={"agent_signing_key": other})
+        run.world.hooks["gateway_account"] = lambda _: trusted  # the gateway says so too
+        await run.deploy(spec(name), agent_signing_key=other)
+        state = await run.until(name, ClusterStatus.FAILED)
+        preflight = next(s for s in state.steps if s.name == "preflight")
+        assert preflight.state.value == "failed"
+        assert "forged result" in (state.error or "")
+        assert run.world.calls.count("preflight_all") == RETRY_ATTEMPTS
+        assert "vm_ensure_folder" not in run.world.calls
+
+
+async def test_a_lifecycle_without_a_gateway_fails_cleanly_once_its_credentials_are_gone(
+    env: WorkflowEnvironment,
+) -> None:
+    """Credentials are not carried across continue-as-new; a cluster nobody's gateway started
+    cannot fetch them again: its next step fails saying so (the workflow is not wedged)."""
+    async with Running(env) as run:
+        name = unique("orphan")
+        run.world.hooks["vm_ensure_folder"] = fail("folder refused", non_retryable=True)
+        handle = await run.deploy(spec(name), gateway=False)
+        await run.until(name, ClusterStatus.FAILED)
+        del run.world.hooks["vm_ensure_folder"]
+        await asyncio.sleep(0.5)  # (settled: continued as new without credentials)
+        await handle.execute_update(ClusterWorkflow.retry)
+        state = await run.until(name, ClusterStatus.FAILED, ClusterStatus.RUNNING)
+        for _ in range(100):
+            state = await handle.query(ClusterWorkflow.state_query)
+            if state.status is ClusterStatus.FAILED:
+                break
+            await asyncio.sleep(0.05)
+        assert state.status is ClusterStatus.FAILED
+        assert "no credentials for cloud account acct" in (state.error or "")
