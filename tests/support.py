@@ -220,19 +220,27 @@ HISTORIES = ROOT / "tests" / "replay" / "histories"
 
 
 async def record_history(client: Any, workflow_id: str, name: str) -> None:
-    """With KUBEGATE_RECORD_HISTORIES=1, store a run's history for the replay tests, in the
-    folder of this release (`histories/<version>/`). Earlier releases' folders are never
-    written: their histories replay as they were recorded, forever."""
+    """With KUBEGATE_RECORD_HISTORIES=1, store a workflow's histories for the replay tests, in
+    the folder of this release (`histories/<version>/`): every run under the id, oldest first
+    (`NAME-1.json`, `NAME-2.json`, ... when it continued as new; `NAME.json` for one run).
+    Earlier releases' folders are never written: they replay as they were recorded, forever."""
     if os.environ.get("KUBEGATE_RECORD_HISTORIES") != "1":
         return
     from domain.version import VERSION
 
     folder = HISTORIES / VERSION
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    runs = [
+        (execution.start_time, execution.run_id)
+        async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")
+    ]
+    runs.sort()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(history.to_json())
-    # replays must see the real id: agents sign results over it, workflows verify them
-    (folder / f"{name}.workflow-id").write_text(workflow_id + "\n")
+    for number, (_, run_id) in enumerate(runs, start=1):
+        stem = name if len(runs) == 1 else f"{name}-{number}"
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        (folder / f"{stem}.json").write_text(history.to_json())
+        # replays must see the real id: agents sign results over it, workflows verify them
+        (folder / f"{stem}.workflow-id").write_text(workflow_id + "\n")
 
 
 async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tuple[int, str]:

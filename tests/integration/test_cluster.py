@@ -571,3 +571,4 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     state = await until(kubegate, "settle", ClusterStatus.DELETED)
     assert [op for op, _, _ in operations(state.steps)] == ["deploy", "Scale w to 2", "delete"]
     assert owned_vms(sim, "cluster/settle") == []
+    await record_history(kubegate.client, "cluster/settle", "cluster_settled")

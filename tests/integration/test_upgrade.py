@@ -34,7 +34,7 @@ from starters.codec import ReadableMetadata, data_converter
 from starters.settings import Settings, tool_path
 from tests.integration.test_cluster import PROFILE, owned_vms
 from tests.integration.test_gateway import vms_in
-from tests.support import ADMIN, INVENTORY, PLACEMENT, ROOT, Vcsim, agent_policy
+from tests.support import ADMIN, INVENTORY, PLACEMENT, ROOT, Vcsim, agent_policy, record_history
 
 pytestmark = pytest.mark.integration
 
@@ -353,6 +353,9 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         )
         assert gone.status is GatewayStatus.DELETED, gone.error
         assert vms_in(usim, f"/DC0/vm/{GW}-pcg") is None
+        # lives begun by the previous release and ended by this one: replayed from now on
+        await record_history(own_temporal.client, "cluster/second", "cluster_upgraded")
+        await record_history(own_temporal.client, f"gateway/{GW}", "gateway_upgraded")
     finally:
         old.stop()
         new.stop()

@@ -40,3 +40,30 @@ def test_the_image_copies_every_package_and_what_they_open() -> None:
     for path in opened:
         assert any(path == c or path.startswith(c + "/") for c in copied), (path, copied)
         assert ROOT.joinpath(path).exists(), path
+
+
+def test_compose_runs_a_supported_server_after_its_schema_job_and_keeps_the_simulator() -> None:
+    import yaml
+
+    services = yaml.safe_load(ROOT.joinpath("docker-compose.yml").read_text())["services"]
+    images = {name: str(s.get("image", "")) for name, s in services.items()}
+    assert not any("auto-setup" in image for image in images.values())  # not for production
+    server = images["temporal"].partition(":")[2]
+    assert images["temporal"].startswith("temporalio/server:")
+    assert images["temporal-schema"] == f"temporalio/admin-tools:{server}"
+    assert services["temporal"]["depends_on"]["temporal-schema"] == {
+        "condition": "service_completed_successfully"
+    }
+    schema = services["temporal-schema"]["command"][0]
+    assert "update-schema" in schema and "temporal_visibility" in schema
+    setup = services["temporal-setup"]["command"][0]
+    assert "namespace create" in setup and "KubegateKind" in setup
+    assert images["temporal-ui"].startswith("temporalio/ui:")
+    assert ROOT.joinpath("deploy/compose/dynamicconfig/kubegate.yaml").exists()
+    # the simulator: its certificate and password made once in a volume, never on a command line
+    vcsim = services["vcsim"]
+    flags = " ".join(vcsim["command"])
+    assert "-password-file=/vcsim/password" in flags and "-password=" not in flags
+    assert "-tls-cert=/vcsim/tls.pem" in flags
+    assert any(str(v).startswith("vcsim:") for v in vcsim["volumes"])
+    assert 'if not (home / "tls.pem").exists()' in services["vcsim-init"]["command"][0]
