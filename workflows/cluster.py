@@ -37,7 +37,9 @@ PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 #: patches (kept forever: histories of earlier releases take the old branches)
 #: a cluster that was never queued is Provisioning from its first moment, not Queued
 NOT_QUEUED = "not-queued-unless-queued"
-#: continue as new when an operation ends (Running, Failed), not only when Temporal suggests
+#: continue as new when an operation ends (Running, Failed), not only when Temporal suggests;
+#: one marker per settle point ("<this>-<operation number>"): a run begun before settle
+#: points replays without them and settles from its first operation under this release on
 SETTLE_POINTS = "continue-at-settle-points"
 
 
@@ -75,8 +77,6 @@ class ClusterWorkflow(NodeMachinery):
         self.releasing = ReleaseIntent()
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
-        #: whether this run continues as new at settle points (None: not decided yet)
-        self.settle_points: bool | None = None
 
     # -- run ------------------------------------------------------------------------------
 
@@ -153,19 +153,17 @@ class ClusterWorkflow(NodeMachinery):
         return self.state
 
     def _settled(self) -> bool:
-        """An operation ended (Running or Failed) and a run from before settle points is not
-        being replayed: time to continue as new with compact state."""
-        return self.settled and self.settle_points is not False
+        """An operation ended (Running or Failed): time to continue as new, compact."""
+        return self.settled
 
     def _settle_now(self) -> bool:
-        """Whether to continue as new now (decided once per run: the patch marker)."""
+        """Whether to continue as new now: Temporal suggests it, or a settle point that this
+        release reached live (its patch marker; a replayed older run has none there)."""
         if workflow.info().is_continue_as_new_suggested():
             return True
         if not self.settled:
             return False
-        if self.settle_points is None:
-            self.settle_points = workflow.patched(SETTLE_POINTS)
-        return self.settle_points
+        return workflow.patched(f"{SETTLE_POINTS}-{self.state.operations_run}")
 
     async def _provision(self, operation: str = "deploy") -> bool:
         """Deploy (or retry a failed deploy); False when it was aborted (the cluster is gone)."""

@@ -109,7 +109,8 @@ VERIFIED_DELETES = "verified-cluster-deletes"
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
 
-#: patch: continue as new when an operation ends, not only when Temporal suggests it
+#: patch: continue as new when an operation ends, not only when Temporal suggests it; one
+#: marker per settle point ("<this>-<operation number>"), as in ClusterWorkflow
 SETTLE_POINTS = "continue-at-settle-points"
 
 #: how each operation is named in the step history
@@ -152,8 +153,6 @@ class GatewayWorkflow(NodeMachinery):
         self.releasing = ReleaseIntent()
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
-        #: whether this run continues as new at settle points (None: not decided yet)
-        self.settle_points: bool | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
             self._attach(self.gw.nodes, self.gw.config)
 
@@ -186,12 +185,11 @@ class GatewayWorkflow(NodeMachinery):
             if op is None:
                 if not self._may_continue_as_new():
                     continue
-                if not workflow.info().is_continue_as_new_suggested():
-                    if self.settle_points is None:
-                        self.settle_points = workflow.patched(SETTLE_POINTS)
-                    if not self.settle_points:  # a run from before settle points
-                        self.settled = False
-                        continue
+                if not workflow.info().is_continue_as_new_suggested() and not workflow.patched(
+                    f"{SETTLE_POINTS}-{self.gw.operations_run}"
+                ):
+                    self.settled = False  # a replayed run from before settle points
+                    continue
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if self.op is None:
                     workflow.continue_as_new(
@@ -245,9 +243,8 @@ class GatewayWorkflow(NodeMachinery):
         return self.gw.operations_run
 
     def _may_continue_as_new(self) -> bool:
-        settled = self.settled and self.settle_points is not False
         return (
-            (workflow.info().is_continue_as_new_suggested() or settled)
+            (workflow.info().is_continue_as_new_suggested() or self.settled)
             and not self.busy
             and not self.verifying
             and self.provisioning is None

@@ -126,10 +126,8 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
     }
 
     def kubegate(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        # `kubegate -m MODULE …` runs another entry point (starters.dev_cli) the same way
-        argv = list(args) if args[0] == "-m" else ["-m", "starters.cli", *args]
         return subprocess.run(
-            [sys.executable, *argv],
+            [sys.executable, "-m", "starters.cli", *args],
             env={**env, **extra},
             capture_output=True,
             text=True,
@@ -189,9 +187,7 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         code_file = tmp_path / "side-pairing-code"
         code_file.write_text(code + "\n")
         code_file.chmod(0o600)
-        side = kubegate(
-            "-m", "starters.dev_cli", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file)
-        )
+        side = kubegate("dev", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file))
         assert side.returncode == 0, side.stdout + side.stderr
         assert "agent-side      started" in side.stdout
         side_key = stack.agent_key("side")
@@ -226,9 +222,7 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
             lambda client: client.create_gateway("side", fingerprint=side_key.fingerprint)
         )
         code_file.write_text(code2 + "\n")
-        again_side = kubegate(
-            "-m", "starters.dev_cli", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file)
-        )
+        again_side = kubegate("dev", "agent", "side", KUBEGATE_PAIRING_CODE_FILE=str(code_file))
         assert again_side.returncode == 0, again_side.stdout + again_side.stderr
         assert "agent-side      started" in again_side.stdout
         assert f"key fingerprint {side_key.fingerprint} (approved)" in again_side.stdout

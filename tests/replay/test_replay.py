@@ -60,6 +60,24 @@ def test_every_release_folder_is_a_release_up_to_this_one() -> None:
         assert {"cluster", "gateway", "ippool", "preflight"} <= kinds, folder.name
 
 
+def test_this_release_keeps_its_new_shapes() -> None:
+    """0.2.0: settle points (continue-as-new at every operation's end, one file per run) and
+    lifecycles begun by 0.1.0 and finished by 0.2.0."""
+    names = {f.stem.rsplit("-", 1)[0] for f in HISTORIES.glob("0.2.0/*.json")}
+    assert {
+        "cluster_deployed_deleted",
+        "cluster_dhcp_day2",
+        "cluster_settled",
+        "cluster_upgraded",
+        "gateway_story",
+        "gateway_reset",
+        "gateway_upgraded",
+        "ippool_live",
+        "preflight_passed",
+    } <= names
+    assert len(list(HISTORIES.glob("0.2.0/cluster_settled-*.json"))) == 3  # deploy, scale, delete
+
+
 @pytest.mark.parametrize("folder", RELEASES, ids=[p.name for p in RELEASES])
 def test_released_histories_are_unchanged(folder: Path) -> None:
     """Each earlier release's folder matches the sums taken at its release."""

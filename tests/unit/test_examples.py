@@ -15,7 +15,7 @@ from domain.account import CloudAccountSpec, VCenterEndpoint
 from domain.cluster import ClusterSpec
 from domain.gateway import GatewayFile
 from domain.ipam import IpPoolSpec
-from starters.gateway_cli import InstallFile
+from starters.cli.gateway import InstallFile
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"

@@ -39,3 +39,19 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     source = tmp_path / "bad.py"
     source.write_text("from starters.client import KubegateClient\nimport workers.run\n")
     assert imported(source) == {"starters.client", "workers.run"}
+
+
+def test_only_the_cli_imports_the_cli() -> None:
+    """The command is the top: nothing else (the SDK client, the dev stack, workers) imports
+    it; they run it as `python -m starters.cli` when they need it."""
+    cli = ROOT / "starters" / "cli"
+    assert cli.joinpath("__init__.py").is_file()
+    importers = [
+        f"{source.relative_to(ROOT)} imports {name}"
+        for layer in (*ABOVE, "workers", "starters")
+        for source in sorted(ROOT.joinpath(layer).rglob("*.py"))
+        if cli not in source.parents
+        for name in sorted(imported(source))
+        if name == "starters.cli" or name.startswith("starters.cli.")
+    ]
+    assert importers == []

@@ -1,19 +1,78 @@
-"""`kubegate dev agent`: start a gateway agent beside the local stack, as the demo does.
+"""`kubegate dev …`: the local stack (up, down, status) and gateway agents beside it.
 
-Registers on the `dev` app of starters/cli.py when imported there. Until then it runs as
-`python -m starters.dev_cli agent NAME …` (the same command, the same options).
+Registers on the `dev` app of starters/cli/common.py. Exit codes as there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
-from starters.cli import PairingCodeFileOption, _failed, dev_app, out
+from starters.cli.common import (
+    Output,
+    OutputOption,
+    PairingCodeFileOption,
+    _failed,
+    dev_app,
+    out,
+    read_code_file,
+)
 from starters.settings import Settings
+
+
+@dev_app.command("up")
+def dev_up() -> None:
+    """Start the local stack (idempotent)."""
+    from starters.dev import DevStack, DevStackError
+
+    stack = DevStack()
+    try:
+        outcome = asyncio.run(stack.up())
+    except DevStackError as exc:
+        _failed(str(exc))
+    for name, state in outcome:
+        out.print(f"{name:15} {state}", highlight=False)
+    settings = stack.settings
+    out.print(
+        f"Temporal      {settings.temporal_address}  (namespace {settings.temporal_namespace})"
+    )
+    out.print(f"Web UI        {settings.ui_address}")
+    out.print(
+        f"vCenter sim   https://{settings.vcsim_address}/sdk  thumbprint {stack.thumbprint()}"
+    )
+    out.print(f"account file  {stack.account_file}")
+    out.print("stop with     make down  (or kubegate dev down)")
+
+
+@dev_app.command("down")
+def dev_down() -> None:
+    """Stop the processes `dev up` started."""
+    from starters.dev import DevStack
+
+    for name, state in DevStack().down():
+        out.print(f"{name:15} {state}", highlight=False)
+
+
+@dev_app.command("status")
+def dev_status(output: OutputOption = Output.table) -> None:
+    """Show which components of the local stack run."""
+    from starters.dev import DevStack
+
+    rows = DevStack().status()
+    if output is Output.json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table()
+    for column in ("component", "state", "pid", "address", "log"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
 
 
 @dev_app.command("agent")
@@ -38,7 +97,6 @@ def dev_agent(
     with it. Output goes to <home>/agents/NAME/agent.out; waits until it polls.
     """
     from starters.dev import DevStack, DevStackError
-    from starters.gateway_cli import read_code_file
 
     code_file = pairing_code_file or Settings().pairing_code_file
     code = read_code_file(code_file) if code_file is not None and installer_vm is None else None
@@ -62,12 +120,3 @@ def dev_agent(
             f"{fingerprint}",
             highlight=False,
         )
-
-
-if __name__ == "__main__":
-    import sys
-
-    from starters.cli import main
-
-    sys.argv[1:1] = ["dev"]
-    main()

@@ -1,14 +1,11 @@
-"""`kubegate gateway …` and `kubegate account …`: gateways and the cloud accounts they keep.
+"""`kubegate gateway …`: private cloud gateways, their installer and agent.
 
-Registered on the apps of starters/cli.py (imported at its end). Exit codes as there.
+Registers on the `gateway` app of starters/cli/common.py. Exit codes as there.
 """
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from domain import names
-from domain.account import CloudAccountSpec, Placement, VCenterAccess, VCenterEndpoint
+from domain.account import Placement, VCenterAccess, VCenterEndpoint
 from domain.errors import field_errors
 from domain.gateway import (
     GatewayFile,
@@ -29,23 +26,23 @@ from domain.gateway import (
 )
 from domain.lifecycle import operations
 from domain.sealing import normalize_fingerprint
-from starters.cli import (
+from starters.cli.common import (
     EXIT_FAILED,
-    GatewayOption,
     Output,
     OutputOption,
     PairingCodeFileOption,
     WaitOption,
     _bad_input,
+    _call,
     _failed,
     _Progress,
     _run,
     _short,
-    account_app,
     err,
     gateway_app,
     load_spec,
     out,
+    read_code_file,
     read_password,
     workflow_link,
 )
@@ -53,16 +50,6 @@ from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.settings import Settings
 
 GatewayArg = Annotated[str, typer.Argument(help="Gateway name.")]
-
-
-def _call(fn: Any) -> Any:
-    """Connect, run fn(client), map refusals to exit 2 and failures to exit 1."""
-
-    async def run() -> Any:
-        client = await KubegateClient.connect()
-        return await fn(client)
-
-    return _run(run())
 
 
 def _check_name(name: str) -> None:
@@ -274,23 +261,6 @@ def gateway_approve(
         _bad_input("FINGERPRINT: 32 hex digits, as the agent prints it (e.g. 1a2b:3c4d:…)")
     state = _call(lambda c: c.approve_agent(name, fingerprint))
     _finish(state, False, output, state.status)
-
-
-def read_code_file(path: Path) -> str:
-    """A pairing code from a file (first line); exit 2 naming the file when unreadable."""
-    return first_line(path, "--pairing-code-file").strip()
-
-
-def first_line(path: Path, option: str) -> str:
-    """A secret's file: its first line; exit 2 naming the option and file when unreadable
-    or empty (the content is never quoted)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        _bad_input(f"{option}: {path}: cannot read it ({type(exc).__name__})")
-    if not lines or not lines[0].strip():
-        _bad_input(f"{option}: {path}: empty")
-    return lines[0]
 
 
 def _ova_path() -> Path:
@@ -694,99 +664,3 @@ def gateway_logs(
     )
     for note in summary.notes:
         err.print(f"  note: {note}", highlight=False)
-
-
-# -- account ----------------------------------------------------------------------------------
-
-
-@account_app.command("create")
-def account_create(
-    file: Annotated[Path, typer.Option("--file", "-f", help="Cloud account YAML.")],
-    output: OutputOption = Output.table,
-) -> None:
-    """Check a cloud account on its gateway (preflight) and keep it there."""
-    spec = load_spec(file, CloudAccountSpec)
-    password = read_password(spec.vcenter, file.parent)
-    summary = _call(lambda c: c.create_account(spec, password))
-    if output is Output.json:
-        out.print_json(summary.model_dump_json())
-        return
-    out.print(
-        f"cloud account {summary.name} on gateway {summary.gateway}: {summary.username} @ "
-        f"{summary.server} (checked)",
-        highlight=False,
-    )
-
-
-@account_app.command("rotate")
-def account_rotate(
-    name: Annotated[str, typer.Argument(help="Cloud account name.")],
-    password_file: Annotated[
-        Path | None, typer.Option(help="File holding the new password (first line).")
-    ] = None,
-    password_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the new password.")
-    ] = None,
-    gateway: GatewayOption = None,
-    output: OutputOption = Output.table,
-) -> None:
-    """Give an account a new password: sealed to the agent, checked by preflight, then kept;
-    its clusters use it from their next work on. The old one stays if the check fails."""
-    if not names.is_dns_label(name):
-        _bad_input(f"NAME: {name!r} must be a DNS label")
-    if password_file is not None and password_env is not None:
-        _bad_input("give --password-file or --password-env, not both")
-    if password_file is not None:
-        password = first_line(password_file, "--password-file")
-    elif password_env is not None:
-        password = os.environ.get(password_env, "")
-        if not password:
-            _bad_input(f"--password-env: {password_env} is not set")
-    elif sys.stdin.isatty():
-        password = getpass.getpass(f"new password of cloud account {name}: ")
-    else:
-        _bad_input("give the new password with --password-file or --password-env")
-    if not password:
-        _bad_input("password: empty")
-    summary = _call(lambda c: c.rotate_account(name, password, gateway))
-    if output is Output.json:
-        out.print_json(summary.model_dump_json())
-        return
-    out.print(f"cloud account {summary.name}: new password checked and kept", highlight=False)
-
-
-@account_app.command("list")
-def account_list(
-    gateway: Annotated[
-        str | None, typer.Option("--gateway", "-g", help="Only this gateway.")
-    ] = None,
-    output: OutputOption = Output.table,
-) -> None:
-    """Cloud accounts of every gateway (or one), and the clusters using them."""
-    accounts = _call(lambda c: c.list_accounts(gateway))
-    if output is Output.json:
-        out.print_json(json.dumps([a.model_dump(mode="json") for a in accounts]))
-        return
-    table = Table()
-    for column in ("account", "gateway", "vCenter", "user", "default", "clusters"):
-        table.add_column(column)
-    for a in accounts:
-        table.add_row(
-            a.name,
-            a.gateway,
-            a.server,
-            a.username,
-            "yes" if a.default else "",
-            ", ".join(a.clusters),
-        )
-    out.print(table)
-
-
-@account_app.command("delete")
-def account_delete(
-    name: Annotated[str, typer.Argument(help="Cloud account name.")],
-    gateway: Annotated[str | None, typer.Option("--gateway", "-g")] = None,
-) -> None:
-    """Delete a cloud account (refused while clusters use it)."""
-    _call(lambda c: c.delete_account(name, gateway))
-    out.print(f"cloud account {name} deleted", highlight=False)

@@ -1,4 +1,7 @@
-"""`kubegate codec-server`: decode kubegate's encrypted payloads for the Temporal Web UI."""
+"""`kubegate codec-server`: decode kubegate's encrypted payloads for the Temporal Web UI.
+
+Registers on the root app of starters/cli/common.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from starters.cli import _bad_input, _failed, app, out
+from starters.cli.common import _bad_input, _failed, app, out
 
 
 @app.command("codec-server")

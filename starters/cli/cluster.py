@@ -1,0 +1,311 @@
+"""`kubegate cluster …`: deploy, watch, change and delete clusters.
+
+Registers on the `cluster` app of starters/cli/common.py. Exit codes as there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.markup import escape
+from rich.table import Table
+
+from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
+from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary, operations
+from starters.cli.common import (
+    EXIT_FAILED,
+    GatewayOption,
+    Output,
+    OutputOption,
+    WaitOption,
+    _bad_input,
+    _invalid_fields,
+    _Progress,
+    _run,
+    _short,
+    cluster_app,
+    load_spec,
+    out,
+)
+from starters.client import KubegateClient
+
+NameArg = Annotated[str, typer.Argument(help="Cluster name.")]
+
+
+def load_cluster(path: Path) -> ClusterSpec:
+    """A cluster spec with its profile file resolved (relative to the spec); exits 2 if bad."""
+    spec = load_spec(path, ClusterSpec)
+    if isinstance(spec.profile, ProfileFile):
+        profile_path = Path(spec.profile.file)
+        if not profile_path.is_absolute():
+            profile_path = path.parent / profile_path
+        profile = load_spec(profile_path, ClusterProfile)
+        data = spec.model_dump(mode="json")
+        data["profile"] = profile.model_dump(mode="json")
+        try:
+            spec = ClusterSpec.model_validate(data)
+        except ValidationError as exc:
+            _invalid_fields(path, exc)
+    return spec
+
+
+def _follow(client: KubegateClient, name: str, done: Any) -> ClusterState:
+    async def run() -> ClusterState:
+        return await client.wait_cluster(name, done, on_change=_Progress(), interval=0.25)
+
+    state: ClusterState = _run(run())
+    return state
+
+
+def _settled(state: ClusterState) -> bool:
+    return state.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED, ClusterStatus.DELETED)
+
+
+def _state_json(state: ClusterState) -> str:
+    return state.model_dump_json(exclude={"spec"})
+
+
+@cluster_app.command("deploy")
+def cluster_deploy(
+    file: Annotated[Path, typer.Option("--file", "-f", help="Cluster YAML.")],
+    readiness: Annotated[
+        str, typer.Option(help="guest (VMware Tools report address and hostname) or kubernetes.")
+    ] = "guest",
+    wait: WaitOption = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Deploy a cluster through its cloud account's gateway; --wait follows each step.
+
+    While the gateway upgrades, the cluster is accepted and waits (Queued) in order.
+    """
+    if readiness not in ("guest", "kubernetes"):
+        _bad_input("--readiness: guest or kubernetes")
+    spec = load_cluster(file)
+
+    async def start() -> tuple[KubegateClient, ClusterState]:
+        client = await KubegateClient.connect()
+        return client, await client.deploy_cluster(spec, readiness=readiness)
+
+    client, state = _run(start())
+    if not wait:
+        if output is Output.json:
+            out.print_json(_state_json(state))
+        else:
+            out.print(f"cluster {spec.name}: {state.status.value}", highlight=False)
+        return
+    state = _follow(client, spec.name, _settled)
+    _show_cluster(state, output, describe=True)
+    if state.status is not ClusterStatus.RUNNING:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _get(name: str) -> tuple[KubegateClient, ClusterState]:
+    async def run() -> tuple[KubegateClient, ClusterState]:
+        client = await KubegateClient.connect()
+        return client, await client.cluster_state(name)
+
+    result: tuple[KubegateClient, ClusterState] = _run(run())
+    return result
+
+
+@cluster_app.command("get")
+def cluster_get(name: NameArg, output: OutputOption = Output.table) -> None:
+    """A cluster's status, current step and nodes count."""
+    _, state = _get(name)
+    _show_cluster(state, output, describe=False)
+
+
+@cluster_app.command("describe")
+def cluster_describe(name: NameArg, output: OutputOption = Output.table) -> None:
+    """A cluster's step history (with durations) and its nodes."""
+    _, state = _get(name)
+    _show_cluster(state, output, describe=True)
+
+
+@cluster_app.command("list")
+def cluster_list(
+    gateway: GatewayOption = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include deleted clusters.")] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Clusters with their status and current step."""
+
+    async def run() -> list[ClusterSummary]:
+        client = await KubegateClient.connect()
+        return await client.list_clusters(gateway, include_deleted=all_)
+
+    rows: list[ClusterSummary] = _run(run())
+    if output is Output.json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+        return
+    table = Table()
+    for column in ("name", "status", "gateway", "nodes", "step"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.name, row.status, row.gateway, str(row.nodes), row.step)
+    out.print(table)
+
+
+@cluster_app.command("abort")
+def cluster_abort(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Stop a provisioning cluster and remove everything it created."""
+    _lifecycle(name, lambda c: c.abort_cluster(name), "abort", ClusterStatus.DELETED, wait, output)
+
+
+@cluster_app.command("delete")
+def cluster_delete(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Delete a Running or Failed cluster: its VMs, addresses and folder."""
+    _lifecycle(
+        name, lambda c: c.delete_cluster(name), "delete", ClusterStatus.DELETED, wait, output
+    )
+
+
+@cluster_app.command("retry")
+def cluster_retry(
+    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+) -> None:
+    """Run a Failed cluster's steps again."""
+    _lifecycle(name, lambda c: c.retry_cluster(name), "retry", ClusterStatus.RUNNING, wait, output)
+
+
+def _lifecycle(
+    name: str, call: Any, verb: str, goal: ClusterStatus, wait: bool, output: Output
+) -> None:
+    """Send abort/delete/retry; with --wait follow it and exit 1 unless it reaches `goal`."""
+    client, state = _update(name, call)
+    if not wait:
+        if output is Output.json:
+            out.print_json(_state_json(state))
+        else:
+            out.print(f"cluster {name}: {verb} accepted", highlight=False)
+        return
+    ends = (ClusterStatus.DELETED, ClusterStatus.FAILED, ClusterStatus.RUNNING)
+    state = _follow(client, name, lambda s: s.status in ends and s.status is not state.status)
+    _show_cluster(state, output, describe=True)
+    if state.status is not goal:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _update(name: str, call: Any) -> tuple[KubegateClient, Any]:
+    async def run() -> tuple[KubegateClient, Any]:
+        client = await KubegateClient.connect()
+        return client, await call(client)
+
+    result: tuple[KubegateClient, Any] = _run(run())  # a refusal exits 2
+    return result
+
+
+def _change(name: str, call: Any, output: Output) -> None:
+    _, result = _update(name, call)
+    _, state = _get(name)
+    if output is Output.json:
+        out.print_json(
+            json.dumps(
+                {
+                    "change": result.model_dump(mode="json"),
+                    "cluster": json.loads(_state_json(state)),
+                }
+            )
+        )
+        return
+    added = ", ".join(result.added) or "none"
+    removed = ", ".join(result.removed) or "none"
+    out.print(
+        f"cluster {name}: {state.status.value}; added {added}; removed {removed}", highlight=False
+    )
+
+
+@cluster_app.command("scale")
+def cluster_scale(
+    name: NameArg,
+    pool: Annotated[str, typer.Argument(help="Worker pool name.")],
+    size: Annotated[int, typer.Option("--size", help="New number of nodes.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Resize a worker pool (down removes the newest nodes first); waits until done."""
+    if not 0 <= size <= MAX_POOL_NODES:
+        _bad_input(f"--size: between 0 and {MAX_POOL_NODES} (nodes per worker pool), not {size}")
+    _change(name, lambda c: c.scale_pool(name, pool, size), output)
+
+
+@cluster_app.command("add-pool")
+def cluster_add_pool(
+    name: NameArg,
+    file: Annotated[Path, typer.Option("--file", "-f", help="Worker pool YAML.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Add a worker pool; waits until its nodes are ready."""
+    pool = load_spec(file, WorkerPool)
+    _change(name, lambda c: c.add_pool(name, pool), output)
+
+
+@cluster_app.command("remove-pool")
+def cluster_remove_pool(
+    name: NameArg,
+    pool: Annotated[str, typer.Argument(help="Worker pool name.")],
+    output: OutputOption = Output.table,
+) -> None:
+    """Remove a worker pool: its VMs and addresses."""
+    _change(name, lambda c: c.remove_pool(name, pool), output)
+
+
+def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
+    if output is Output.json:
+        out.print_json(_state_json(state))
+        return
+    step = state.current_step()
+    out.print(
+        f"cluster {state.name}  status {state.status.value}"
+        + (f" ({state.reason})" if state.reason and state.status is ClusterStatus.DELETED else "")
+        + f"  gateway {state.gateway}  nodes {len(state.nodes)}"
+        + (f"  VIP {state.vip}" if state.vip else ""),
+        highlight=False,
+    )
+    if step is not None:
+        out.print(f"step: {step.title} ({step.state.value})", highlight=False)
+    if state.error:
+        out.print(f"[red]error:[/red] {state.error}", highlight=False)
+    if not describe:
+        return
+    steps = Table(title="Steps")
+    for column in ("step", "state", "started", "seconds", "attempts", "detail / error"):
+        steps.add_column(column)
+    if state.trimmed_operations:
+        steps.add_row(f"({state.trimmed_operations} earlier operations not kept)")
+    for operation, _, group in operations(state.steps):
+        if operation:
+            steps.add_row(f"[bold]{escape(operation)}[/bold]")
+        for s in group:
+            seconds = f"{s.seconds:.1f}" if s.seconds is not None else ""
+            started = s.started.strftime("%H:%M:%S") if s.started else ""
+            steps.add_row(
+                ("  " if operation else "") + s.title,
+                s.state.value,
+                started,
+                seconds,
+                str(s.attempts),
+                _short(s.error or s.detail, 60),
+            )
+    out.print(steps)
+    nodes = Table(title="Nodes")
+    for column in ("name", "pool", "domain", "VM", "address", "power", "phase"):
+        nodes.add_column(column)
+    for n in state.nodes:
+        nodes.add_row(
+            n.name,
+            n.pool,
+            f"{n.domain_index}: {n.compute_cluster}",
+            (n.vm or "").partition(":")[2],
+            n.address or "",
+            n.power_state.removeprefix("powered"),
+            n.phase,
+        )
+    out.print(nodes)

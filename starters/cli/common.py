@@ -1,0 +1,297 @@
+"""The kubegate command: its typer apps, shared options and helpers, `main()`.
+
+Exit codes (docs/cli.md): 0 success; 1 the request ran and failed (e.g. a check failed) or
+kubegate could not carry it out; 2 bad input or refused (nothing was started or changed).
+
+The noun modules of starters/cli/ register their commands on the apps defined here; this
+module imports none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import sys
+import traceback
+import urllib.parse
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.markup import escape
+from temporalio.client import WorkflowFailureError
+from temporalio.service import RPCError
+
+from domain import errors
+from domain.account import VCenterAccess
+from domain.gateway import GatewayState
+from domain.lifecycle import ClusterState
+from domain.version import VERSION, accepted_agents
+from starters.client import KubegateClient, KubegateError, RequestRefused
+from starters.settings import Settings
+from starters.yamlfile import YamlFileError, read_yaml
+
+app = typer.Typer(
+    help="kubegate: Kubernetes clusters on vSphere through private cloud gateways.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+account_app = typer.Typer(
+    help="Cloud accounts: vCenter credentials a gateway uses.", no_args_is_help=True
+)
+dev_app = typer.Typer(
+    help="The local stack: Temporal, vCenter simulator, workers.", no_args_is_help=True
+)
+worker_app = typer.Typer(help="Run worker processes.", no_args_is_help=True)
+gateway_app = typer.Typer(help="Private cloud gateways.", no_args_is_help=True)
+ippool_app = typer.Typer(
+    help="IP pools linked to gateways: static addresses for nodes.", no_args_is_help=True
+)
+cluster_app = typer.Typer(
+    help="Kubernetes clusters: deploy, watch, change and delete.", no_args_is_help=True
+)
+app.add_typer(account_app, name="account")
+app.add_typer(dev_app, name="dev")
+app.add_typer(worker_app, name="worker")
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(ippool_app, name="ippool")
+app.add_typer(cluster_app, name="cluster")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"kubegate {VERSION} (works with gateway agents {accepted_agents()})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """kubegate: Kubernetes clusters on vSphere through private cloud gateways."""
+
+
+@app.command("version")
+def show_version() -> None:
+    """Print kubegate's version and the gateway agent releases it works with."""
+    _print_version(True)
+
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+PairingCodeFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the code `gateway create` printed (first start; or "
+        "KUBEGATE_PAIRING_CODE_FILE). Never on the command line."
+    ),
+]
+
+
+def main() -> None:
+    """Run the command and exit with its code.
+
+    The process ends with os._exit once the command is done: the Temporal client's native
+    threads can abort interpreter finalization (temporalio/sdk-python#300), which would turn
+    a finished command's exit code into SIGABRT.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush what was written and end the process without interpreter teardown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _bad_input(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _failed(message: str) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(EXIT_FAILED)
+
+
+def load_spec(path: Path, model: type[M]) -> M:
+    """Read a YAML spec; bad input exits 2 naming the field and the rule."""
+    try:
+        data = read_yaml(path)
+    except YamlFileError as exc:
+        _bad_input(str(exc))
+    if data is None:
+        _bad_input(f"{path}: the file is empty; expected a mapping of fields")
+    if not isinstance(data, dict):
+        _bad_input(
+            f"{path}: expected a mapping of fields at the top level, not a "
+            f"{'list' if isinstance(data, list) else 'single value'}"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        _invalid_fields(path, exc)
+
+
+def _invalid_fields(path: Path, exc: ValidationError) -> NoReturn:
+    lines = [f"{path}: {exc.error_count()} invalid field(s)"]
+    _bad_input("\n".join(lines + [f"  {line}" for line in errors.field_errors(exc)]))
+
+
+def read_password(access: VCenterAccess, base: Path) -> str:
+    """The password from the account file's source, or a prompt; never echoed."""
+    if access.password:
+        return access.password
+    if access.password_env:
+        value = os.environ.get(access.password_env)
+        if not value:
+            _bad_input(
+                f"vcenter.password_env: environment variable {access.password_env} is not set"
+            )
+        return value
+    if access.password_file:
+        path = Path(access.password_file)
+        path = path if path.is_absolute() else base / path
+        try:
+            return path.read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
+            _bad_input(f"vcenter.password_file: cannot read a password from {path}")
+    if sys.stdin.isatty():
+        return getpass.getpass(f"Password for {access.username}: ")
+    _bad_input("vcenter: give one of password, password_env or password_file")
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except RequestRefused as exc:
+        _bad_input(str(exc))
+    except KubegateError as exc:
+        _failed(str(exc))
+    except WorkflowFailureError as exc:
+        cause = exc.cause
+        _failed(f"{getattr(cause, 'message', None) or cause}")
+    except RPCError as exc:
+        _failed(f"Temporal refused the request ({exc.status.name}): {exc.message}")
+    except RuntimeError as exc:
+        if "connect" in str(exc).lower():
+            _failed(
+                f"cannot reach Temporal at {Settings().temporal_address}: start it "
+                "(kubegate dev up) or set KUBEGATE_TEMPORAL_ADDRESS"
+            )
+        raise
+
+
+def workflow_link(workflow_id: str) -> str:
+    """The Web UI page of a workflow's latest run."""
+    settings = Settings()
+    quoted = urllib.parse.quote(workflow_id, safe="")
+    return f"{settings.ui_address}/namespaces/{settings.temporal_namespace}/workflows/{quoted}"
+
+
+GatewayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--gateway", "-g", help="Gateway the pool is linked to (default: KUBEGATE_GATEWAY)."
+    ),
+]
+
+
+WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Follow until it is done.")]
+
+
+class _Progress:
+    """Prints each step once when it starts and once when it ends (live --wait output)."""
+
+    def __init__(self) -> None:
+        self.printed: set[tuple[int, str]] = set()
+        self.status = ""
+
+    def __call__(self, state: ClusterState | GatewayState) -> None:
+        if state.status.value != self.status and not self.status:
+            self.status = state.status.value
+            err.print(f"[bold]{self.status}[/bold]", highlight=False)
+        self._steps(state)
+        if state.status.value != self.status:
+            self.status = state.status.value
+            err.print(f"[bold]{self.status}[/bold]", highlight=False)
+
+    def _steps(self, state: ClusterState | GatewayState) -> None:
+        for i, step in enumerate(state.steps):
+            if (i, step.state.value) in self.printed:
+                continue
+            self.printed.add((i, step.state.value))
+            if step.state.value == "running":
+                err.print(f"  … {step.title}", highlight=False)
+                continue
+            seconds = f" {step.seconds:.1f}s" if step.seconds is not None else ""
+            detail = (
+                f" — {_short(step.error or step.detail, 90)}" if step.error or step.detail else ""
+            )
+            err.print(f"  {step.state.value:<9} {step.title}{seconds}{detail}", highlight=False)
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _call(fn: Any) -> Any:
+    """Connect, run fn(client), map refusals to exit 2 and failures to exit 1."""
+
+    async def run() -> Any:
+        client = await KubegateClient.connect()
+        return await fn(client)
+
+    return _run(run())
+
+
+def read_code_file(path: Path) -> str:
+    """A pairing code from a file (first line); exit 2 naming the file when unreadable."""
+    return first_line(path, "--pairing-code-file").strip()
+
+
+def first_line(path: Path, option: str) -> str:
+    """A secret's file: its first line; exit 2 naming the option and file when unreadable
+    or empty (the content is never quoted)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad_input(f"{option}: {path}: cannot read it ({type(exc).__name__})")
+    if not lines or not lines[0].strip():
+        _bad_input(f"{option}: {path}: empty")
+    return lines[0]
