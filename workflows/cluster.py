@@ -119,6 +119,8 @@ class ClusterWorkflow(NodeMachinery):
                     )
                 )
             )
+            # (a replayed run from before settle points wakes here where it did not then: no
+            # command follows, so it replays; this wait must stay without a timeout)
             if self.deleting is None and not self.retrying and not self._settle_now():
                 self.settled = False  # (a run from before settle points: as it did then)
                 continue

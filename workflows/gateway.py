@@ -88,7 +88,6 @@ with workflow.unsafe.imports_passed_through():
     from domain.version import agent_version_problem
     from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
     from workflows.nodes import (
-        RETRY_ATTEMPTS,
         NodeMachinery,
         StepFailed,
         invalid_spec,
@@ -185,11 +184,6 @@ class GatewayWorkflow(NodeMachinery):
             if op is None:
                 if not self._may_continue_as_new():
                     continue
-                if not workflow.info().is_continue_as_new_suggested() and not workflow.patched(
-                    f"{SETTLE_POINTS}-{self.gw.operations_run}"
-                ):
-                    self.settled = False  # a replayed run from before settle points
-                    continue
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 if self.op is None:
                     workflow.continue_as_new(
@@ -220,7 +214,11 @@ class GatewayWorkflow(NodeMachinery):
             if self.gw.nodes is not None:
                 self.gw.nodes.steps, dropped = trim_steps(self.gw.nodes.steps)
                 self.gw.nodes.trimmed_operations += dropped
-            self.settled = True  # an operation ended: a settle point
+            # an operation ended: a settle point, when this release reached it live. Decided
+            # here, not when the loop wakes: a replayed run from before settle points must
+            # wake exactly as it did then (an extra wake restarts the overdue timer and shifts
+            # every later timer's id)
+            self.settled = workflow.patched(f"{SETTLE_POINTS}-{self.gw.operations_run}")
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.gw
 
@@ -682,8 +680,10 @@ class GatewayWorkflow(NodeMachinery):
             self.gw.history = (self.gw.history + self.state.steps)[-_HISTORY_KEPT:]
             self.gw.nodes, self.gw.config = None, None
             failed = self.state.steps[-1] if self.state.steps else None
+            # decided on Temporal's own record of the failure (retries ran out, or a
+            # timeout), never on the attempt count an agent reports
             passing = failed is not None and (
-                failed.attempts >= RETRY_ATTEMPTS or (failed.error or "").startswith("timed out")
+                self.retries_ran_out or (failed.error or "").startswith("timed out")
             )
             if passing:  # the checks could not run (agent or vCenter away): not a refusal
                 self._set_status(GatewayStatus.REGISTERED, "configuration not checked; try again")

@@ -213,6 +213,8 @@ class NodeMachinery:
 
     #: the operation new steps belong to (see `_begin`)
     operation: str = ""
+    #: the last failed step's activity ran out of retries (Temporal's record of it)
+    retries_ran_out: bool = False
 
     def _begin(self, operation: str) -> None:
         """Steps from now on belong to a new run of `operation` (deploy, a change, delete)."""
@@ -262,6 +264,7 @@ class NodeMachinery:
                 raise StepFailed("aborted") from None
             step.state = StepState.FAILED
             step.error = _message(exc)
+            self.retries_ran_out = _attempts_of(exc) >= RETRY_ATTEMPTS
             step.attempts = max(step.attempts, _attempts_of(exc))
             raise StepFailed(f"{title}: {step.error}") from None
         finally:

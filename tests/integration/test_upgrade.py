@@ -355,6 +355,7 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         assert vms_in(usim, f"/DC0/vm/{GW}-pcg") is None
         # lives begun by the previous release and ended by this one: replayed from now on
         await record_history(own_temporal.client, "cluster/second", "cluster_upgraded")
+        await record_history(own_temporal.client, "cluster/first", "cluster_upgraded_scaled")
         await record_history(own_temporal.client, f"gateway/{GW}", "gateway_upgraded")
     finally:
         old.stop()

@@ -10,6 +10,7 @@ Record this release's histories with: KUBEGATE_RECORD_HISTORIES=1 make test
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,68 @@ async def test_history_replays(path: Path) -> None:
     id_file = path.with_suffix(".workflow-id")
     workflow_id = id_file.read_text().strip() if id_file.exists() else path.stem
     history = WorkflowHistory.from_json(workflow_id, path.read_text())
+    replayer = Replayer(
+        workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
+    )
+    await replayer.replay_workflow(history)
+
+
+async def test_a_gateway_of_the_previous_release_waiting_after_a_reset_replays_its_timer() -> None:
+    """Found by review: a 0.1.0 gateway reset back to Pending waits on its overdue timer; when
+    that timer fires under 0.2.0, the replay must expect the same timer (an extra wake at a
+    settle point once restarted the timer and shifted its id: a non-determinism error). The
+    history is the kept 0.1.0 `gateway_raced`, cut while the reset's timer runs, with the
+    timer firing appended (built in memory: the released folder stays as it was)."""
+    path = HISTORIES / "0.1.0" / "gateway_raced.json"
+    data = json.loads(path.read_text())
+    timers = [e for e in data["events"] if e["eventType"] == "EVENT_TYPE_TIMER_STARTED"]
+    assert len(timers) >= 2  # the first overdue timer, then the reset's
+    reset_timer = timers[1]
+    cut = int(reset_timer["eventId"])
+    events = data["events"][:cut]
+    at = reset_timer["eventTime"]
+
+    def event(number: int, kind: str, field: str, attributes: dict[str, object]) -> dict:
+        return {"eventId": str(number), "eventTime": at, "eventType": kind, field: attributes}
+
+    scheduled = {"taskQueue": {"name": "kubegate-control"}, "startToCloseTimeout": "10s"}
+    events += [
+        event(
+            cut + 1,
+            "EVENT_TYPE_TIMER_FIRED",
+            "timerFiredEventAttributes",
+            {
+                "timerId": reset_timer["timerStartedEventAttributes"]["timerId"],
+                "startedEventId": str(cut),
+            },
+        ),
+        event(
+            cut + 2,
+            "EVENT_TYPE_WORKFLOW_TASK_SCHEDULED",
+            "workflowTaskScheduledEventAttributes",
+            {**scheduled, "attempt": 1},
+        ),
+        event(
+            cut + 3,
+            "EVENT_TYPE_WORKFLOW_TASK_STARTED",
+            "workflowTaskStartedEventAttributes",
+            {"scheduledEventId": str(cut + 2), "identity": "replay", "requestId": "replay"},
+        ),
+        event(
+            cut + 4,
+            "EVENT_TYPE_WORKFLOW_TASK_COMPLETED",
+            "workflowTaskCompletedEventAttributes",
+            {"scheduledEventId": str(cut + 2), "startedEventId": str(cut + 3)},
+        ),
+        event(
+            cut + 5,
+            "EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED",
+            "workflowExecutionTerminatedEventAttributes",
+            {"reason": "the replay ends here"},
+        ),
+    ]
+    workflow_id = path.with_suffix(".workflow-id").read_text().strip()
+    history = WorkflowHistory.from_json(workflow_id, json.dumps({"events": events}))
     replayer = Replayer(
         workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
     )
