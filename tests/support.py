@@ -229,15 +229,24 @@ async def record_history(client: Any, workflow_id: str, name: str) -> None:
     from domain.version import VERSION
 
     folder = HISTORIES / VERSION
-    runs = [
-        (execution.start_time, execution.run_id)
-        async for execution in client.list_workflows(f"WorkflowId = '{workflow_id}'")
-    ]
-    runs.sort()
-    folder.mkdir(parents=True, exist_ok=True)
-    for number, (_, run_id) in enumerate(runs, start=1):
-        stem = name if len(runs) == 1 else f"{name}-{number}"
+    # the chain of runs, followed from the first through each continue-as-new (visibility
+    # may not list a run started a moment ago, and lists earlier lifecycles under the id too)
+    handle = client.get_workflow_handle(workflow_id)
+    described = await handle.describe()
+    run_id: str | None = described.raw_description.workflow_execution_info.first_run_id
+    histories = []
+    while run_id:
         history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        histories.append(history)
+        last = history.events[-1]
+        continued = last.HasField("workflow_execution_continued_as_new_event_attributes")
+        attributes = last.workflow_execution_continued_as_new_event_attributes
+        run_id = attributes.new_execution_run_id if continued else None
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob(f"{name}.*"), *folder.glob(f"{name}-[0-9]*.*")]:
+        stale.unlink()  # a re-recording replaces every file of this name
+    for number, history in enumerate(histories, start=1):
+        stem = name if len(histories) == 1 else f"{name}-{number}"
         (folder / f"{stem}.json").write_text(history.to_json())
         # replays must see the real id: agents sign results over it, workflows verify them
         (folder / f"{stem}.workflow-id").write_text(workflow_id + "\n")
