@@ -357,6 +357,17 @@ async def ensure_account(kubegate: Any, sim: Vcsim, gateway: str) -> str:
     return name
 
 
+async def explained(kubegate: Any, wait: Any) -> Any:
+    """Await a KubegateClient wait; if it runs out, fail with every running workflow's
+    pending activities (where it stopped, and why)."""
+    from starters.client import KubegateError
+
+    try:
+        return await wait
+    except KubegateError as exc:
+        raise AssertionError(f"{exc}\n{await pending_work(kubegate.client)}") from None
+
+
 async def pending_work(client: Any) -> str:
     """What every running workflow waits on (its pending activities with their attempts,
     last failures and heartbeats): printed when a test's wait runs out, to show where."""

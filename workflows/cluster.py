@@ -31,16 +31,18 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.trust import AccountRef, ReleaseIntent
     from domain.vm import PlacementRefs
-    from workflows.nodes import NodeMachinery, StepFailed, invalid_spec, invalid_state
+    from workflows.nodes import (
+        SETTLE_POINTS,
+        NodeMachinery,
+        StepFailed,
+        invalid_spec,
+        invalid_state,
+    )
 
 PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 #: patches (kept forever: histories of earlier releases take the old branches)
 #: a cluster that was never queued is Provisioning from its first moment, not Queued
 NOT_QUEUED = "not-queued-unless-queued"
-#: continue as new when an operation ends (Running, Failed), not only when Temporal suggests;
-#: one marker per settle point ("<this>-<operation number>"): a run begun before settle
-#: points replays without them and settles from its first operation under this release on
-SETTLE_POINTS = "continue-at-settle-points"
 
 
 @workflow.defn(name="ClusterWorkflow")
@@ -114,7 +116,7 @@ class ClusterWorkflow(NodeMachinery):
                     self.deleting is not None
                     or self.retrying
                     or (
-                        (workflow.info().is_continue_as_new_suggested() or self._settled())
+                        (workflow.info().is_continue_as_new_suggested() or self.settled)
                         and not self.lock.locked()
                     )
                 )
@@ -153,10 +155,6 @@ class ClusterWorkflow(NodeMachinery):
             )
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.state
-
-    def _settled(self) -> bool:
-        """An operation ended (Running or Failed): time to continue as new, compact."""
-        return self.settled
 
     def _settle_now(self) -> bool:
         """Whether to continue as new now: Temporal suggests it, or a settle point that this

@@ -88,6 +88,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.version import agent_version_problem
     from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
     from workflows.nodes import (
+        SETTLE_POINTS,
         NodeMachinery,
         StepFailed,
         invalid_spec,
@@ -107,19 +108,6 @@ VERIFIED_DELETES = "verified-cluster-deletes"
 
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
-
-#: patch: continue as new when an operation ends, not only when Temporal suggests it; one
-#: marker per settle point ("<this>-<operation number>"), as in ClusterWorkflow
-SETTLE_POINTS = "continue-at-settle-points"
-
-#: how each operation is named in the step history
-_OPERATION_NAMES: dict[str, str] = {
-    "provision": "configure",
-    "reset": "reset",
-    "resize": "resize",
-    "upgrade": "upgrade",
-    "delete": "delete",
-}
 
 
 @workflow.defn(name="GatewayWorkflow")
@@ -198,7 +186,7 @@ class GatewayWorkflow(NodeMachinery):
                     )
                 continue
             if op != "provision":  # (a configure began in its Update, with its checks)
-                self._begin(_OPERATION_NAMES[op])
+                self._begin(op)
             if op == "provision":
                 await self._provision()
             elif op == "reset":

@@ -87,6 +87,10 @@ T = TypeVar("T")
 
 #: patch: agent results are signed and verified (recorded once per run)
 SIGNED_RESULTS = "signed-agent-results"
+#: continue as new when an operation ends (Running, Failed), not only when Temporal suggests;
+#: one marker per settle point ("<this>-<operation number>"): a run begun before settle
+#: points replays without them and settles from its first operation under this release on
+SETTLE_POINTS = "continue-at-settle-points"
 
 
 def verify_result(

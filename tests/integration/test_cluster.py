@@ -32,8 +32,8 @@ from tests.support import (
     TEMPLATE,
     Vcsim,
     ensure_account,
+    explained,
     history_text,
-    pending_work,
     record_history,
 )
 from tests.unit.test_bootstrap import cloud_init_check
@@ -167,12 +167,12 @@ async def deploy(
 
 async def until(kubegate: KubegateClient, name: str, *statuses: ClusterStatus) -> ClusterState:
     """Wait for one of the statuses; a Failed cluster ends the wait too (and shows why)."""
-    try:
-        state = await kubegate.wait_cluster(
+    state = await explained(
+        kubegate,
+        kubegate.wait_cluster(
             name, lambda s: s.status in statuses or s.status is ClusterStatus.FAILED, timeout=300
-        )
-    except KubegateError as exc:
-        raise AssertionError(f"{exc}\n{await pending_work(kubegate.client)}") from None
+        ),
+    )
     assert state.status in statuses, f"{state.status}: {state.error}"
     return state
 

@@ -36,7 +36,7 @@ from domain.gateway import (
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
 from domain.sealing import AgentKey
-from starters.client import KubegateClient, KubegateError, RequestRefused
+from starters.client import KubegateClient, RequestRefused
 from starters.installer import install, installer_ova, read_installer
 from starters.settings import Settings
 from tests.integration.test_cluster import PROFILE, domain, next_run
@@ -46,8 +46,8 @@ from tests.support import (
     PLACEMENT,
     Vcsim,
     agent_policy,
+    explained,
     history_text,
-    pending_work,
     record_history,
     run_cli,
 )
@@ -133,15 +133,15 @@ def small_cluster(name: str, account: str, pool: str) -> ClusterSpec:
 async def until_gateway(
     kubegate: KubegateClient, name: str, *statuses: GatewayStatus
 ) -> GatewayState:
-    try:
-        state = await kubegate.wait_gateway(
+    state = await explained(
+        kubegate,
+        kubegate.wait_gateway(
             name,
             lambda s: s.status in statuses or s.status is GatewayStatus.FAILED,
             timeout=180,
             interval=0.1,
-        )
-    except KubegateError as exc:
-        raise AssertionError(f"{exc}\n{await pending_work(kubegate.client)}") from None
+        ),
+    )
     assert state.status in statuses, (state.status, state.error, [s.error for s in state.steps])
     return state
 
@@ -149,15 +149,15 @@ async def until_gateway(
 async def until_cluster(
     kubegate: KubegateClient, name: str, *statuses: ClusterStatus
 ) -> ClusterState:
-    try:
-        state = await kubegate.wait_cluster(
+    state = await explained(
+        kubegate,
+        kubegate.wait_cluster(
             name,
             lambda s: s.status in statuses or s.status is ClusterStatus.FAILED,
             timeout=180,
             interval=0.1,
-        )
-    except KubegateError as exc:
-        raise AssertionError(f"{exc}\n{await pending_work(kubegate.client)}") from None
+        ),
+    )
     assert state.status in statuses, (state.status, state.error)
     return state
 

@@ -222,17 +222,6 @@ def _cluster(name: str, workers: int) -> dict[str, Any]:
     }
 
 
-async def _until(read: Any, done: Any, what: str, timeout: float = 180) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await read()
-        if done(value):
-            return value
-        assert loop.time() < deadline, f"{what}: still {value!r:.2000}"
-        await asyncio.sleep(0.2)
-
-
 async def test_lifecycles_of_the_previous_release_finish_on_this_one(
     old_tree: Path, usim: Vcsim, own_temporal: WorkflowEnvironment, tmp_path: Path
 ) -> None:
@@ -262,9 +251,7 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
             handle.write(created["pairing_code"] + "\n")
         agent_policy(home / "agents" / GW / "policy.yaml", GW)  # the operator's file
         old.spawn("agent-old", "gateway", "agent", GW, KUBEGATE_PAIRING_CODE_FILE=str(code))
-        registered = await _until(
-            lambda: client.gateway_state(GW), lambda s: s.agent is not None, "agent pairing"
-        )
+        registered = await client.wait_gateway(GW, lambda s: s.agent is not None, timeout=180)
         assert registered.agent.version == version  # the agent says which release it runs
         await old.ok("gateway", "approve", GW, registered.agent.fingerprint)
         gateway_file = _write(
@@ -289,10 +276,8 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         await old.ok("cluster", "deploy", "-f", str(first), "--wait")
         second = _write(tmp_path / "second.yaml", _cluster("second", 2))
         await old.ok("cluster", "deploy", "-f", str(second))
-        await _until(
-            lambda: client.cluster_state("second"),
-            lambda s: any(n.phase == "creating" for n in s.nodes),
-            "second cluster cloning",
+        await client.wait_cluster(
+            "second", lambda s: any(n.phase == "creating" for n in s.nodes), timeout=180
         )
 
         # -- the upgrade: old workers stop mid-deploy, this release's take over ----------------
@@ -300,10 +285,8 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         code.unlink(missing_ok=True)  # paired long ago: the key alone pairs from now on
         new.spawn("control-new", "worker", "control")
         new.spawn("agent-new", "gateway", "agent", GW)
-        state = await _until(
-            lambda: client.gateway_state(GW),
-            lambda s: s.agent is not None and s.agent.version == VERSION,
-            "the new agent's registration",
+        state = await client.wait_gateway(
+            GW, lambda s: s.agent is not None and s.agent.version == VERSION, timeout=180
         )
         assert state.agent_problem in (None, "")
 
