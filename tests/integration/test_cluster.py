@@ -538,6 +538,7 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     handle = kubegate.cluster_handle("settle")
     first_run = (await handle.describe()).run_id  # (the deploy takes seconds)
     state = await until(kubegate, "settle", ClusterStatus.RUNNING)
+    resting_run = await next_run(kubegate, "cluster/settle", first_run)  # continued as new
     first = await kubegate.client.get_workflow_handle(
         "cluster/settle", run_id=first_run
     ).fetch_history()  # the deploy's run, ended with continue-as-new
@@ -550,7 +551,6 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     ]
     assert statuses and b"Queued" not in statuses[0], statuses
     assert first.events[-1].HasField("workflow_execution_continued_as_new_event_attributes")
-    resting_run = await next_run(kubegate, "cluster/settle", first_run)  # once Running
     events = [
         e
         async for e in kubegate.client.get_workflow_handle("cluster/settle").fetch_history_events()
