@@ -21,6 +21,7 @@ RUN pip install --no-cache-dir uv
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 COPY domain domain
+COPY plumbing plumbing
 COPY workflows workflows
 COPY activities activities
 COPY workers workers

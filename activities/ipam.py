@@ -13,7 +13,6 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.updates import AllocationBatcher, send_update
 from domain import errors
 from domain.ipam import (
     AllocateAddresses,
@@ -29,6 +28,7 @@ from domain.ipam import (
     ReleaseResult,
 )
 from domain.names import ippool_workflow_id
+from plumbing.updates import AllocationBatcher, send_update
 from workflows.ip_pool import IpPoolWorkflow
 
 

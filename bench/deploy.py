@@ -62,9 +62,9 @@ from domain.gateway import GatewayFile
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Step
 from domain.trust import policy_for
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim
 from workers.gateway_agent import load_key, policy_path
 

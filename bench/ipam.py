@@ -23,9 +23,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from domain.ipam import IpPoolSpec
 from domain.names import SEARCH_ATTRIBUTES
+from plumbing.codec import ReadableMetadata, settings_data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, settings_data_converter
-from starters.settings import Settings, tool_path
 
 
 async def measure(

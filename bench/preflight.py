@@ -22,9 +22,9 @@ from activities.vsphere.session import SessionPool
 from domain.account import CloudAccountSpec
 from domain.names import SEARCH_ATTRIBUTES
 from domain.trust import policy_for
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from tests.support import ADMIN, PLACEMENT, Vcsim
 from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key, policy_path

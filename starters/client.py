@@ -1,4 +1,4 @@
-"""The one way to reach Temporal (`connect`) and the typed client the CLI is built on.
+"""The typed client the CLI is built on (the SDK client); `connect` comes from plumbing.
 
 Programmatic use: see docs/client.md and examples/validate_account.py.
 """
@@ -15,14 +15,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydantic_core
 from pydantic import ValidationError
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import (
     Client,
-    TLSConfig,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
@@ -31,7 +29,6 @@ from temporalio.common import SearchAttributePair, TypedSearchAttributes, Workfl
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.updates import AllocationBatcher, send_update
 from domain import errors, names
 from domain.account import (
     CloudAccountSpec,
@@ -92,11 +89,20 @@ from domain.lifecycle import (
 from domain.preflight import PreflightReport
 from domain.sealing import AgentKey, fingerprint, normalize_fingerprint, seal
 from domain.version import VERSION
-from starters.codec import CodecKeyError, ReadableMetadata, settings_data_converter
-from starters.settings import Settings
+from plumbing.connect import connect
+from plumbing.errors import KubegateError, RequestRefused
+from plumbing.settings import Settings
+from plumbing.updates import (
+    AllocationBatcher,
+    failure_message,
+    request,
+    send_update,
+)
 from workflows.cluster import ClusterWorkflow
 from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
+
+__all__ = ["KubegateClient", "KubegateError", "RequestRefused", "connect"]
 
 T = TypeVar("T")
 
@@ -105,49 +111,6 @@ _TRANSIENT_RPC = (
     RPCStatusCode.UNAVAILABLE,
     RPCStatusCode.DEADLINE_EXCEEDED,
 )
-
-
-#: largest argument of an Update the client sends (Temporal warns at 512 KiB, refuses at 2 MiB)
-MAX_REQUEST_BYTES = 256 * 1024
-
-
-class KubegateError(Exception):
-    """A request kubegate refused or could not carry out; the message says why."""
-
-
-class RequestRefused(KubegateError):
-    """The request was refused before anything started (wrong state, invalid change)."""
-
-
-async def connect(settings: Settings | None = None, *, worker: bool = False) -> Client:
-    """Connect to Temporal with the project's data converter (payloads encrypted with the
-    configured codec keys, see starters/codec.py) and TLS settings. A worker's converter
-    passes a payload it cannot decrypt on unopened (its workflows refuse it)."""
-    settings = settings or Settings()
-    try:
-        converter = settings_data_converter(settings, strict=not worker)
-    except CodecKeyError as exc:
-        raise KubegateError(f"payload encryption keys: {exc}") from None
-    tls: TLSConfig | bool = False
-    if settings.temporal_tls or settings.temporal_tls_cert:
-        tls = TLSConfig(
-            server_root_ca_cert=_read(settings.temporal_tls_ca),
-            client_cert=_read(settings.temporal_tls_cert),
-            client_private_key=_read(settings.temporal_tls_key),
-            domain=settings.temporal_tls_server_name,
-        )
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=converter,
-        interceptors=[ReadableMetadata()],
-        tls=tls,
-        api_key=settings.temporal_api_key,
-    )
-
-
-def _read(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path else None
 
 
 class KubegateClient:
@@ -398,24 +361,7 @@ class KubegateClient:
         self, handle: WorkflowHandle[Any, Any], what: str, update: Any, *args: Any
     ) -> Any:
         """Send an Update; a refusal by its validator raises RequestRefused with the reason."""
-        size = sum(len(pydantic_core.to_json(arg)) for arg in args)
-        if size > MAX_REQUEST_BYTES:
-            raise RequestRefused(
-                f"the request is {size} bytes as JSON; at most {MAX_REQUEST_BYTES} allowed"
-            )
-        try:
-            return await send_update(
-                handle.id, lambda: handle.execute_update(update, *args), client=self.client
-            )
-        except WorkflowUpdateFailedError as exc:
-            cause = exc.cause
-            if isinstance(cause, ApplicationError) and cause.type in _REFUSALS:
-                raise RequestRefused(cause.message) from None
-            raise KubegateError(_cause(exc)) from None
-        except RPCError as exc:
-            if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
-                raise RequestRefused(f"{what} does not exist (or is deleted)") from None
-            raise
+        return await request(handle, what, update, *args)
 
     async def abort_cluster(self, name: str) -> ClusterState:
         """Stop a provisioning cluster; it removes what it made and ends Deleted (aborted)."""
@@ -938,7 +884,7 @@ class KubegateClient:
         except ApplicationError as exc:
             raise KubegateError(exc.message) from None
         except WorkflowUpdateFailedError as exc:
-            raise KubegateError(_cause(exc)) from None
+            raise KubegateError(failure_message(exc)) from None
         except RPCError as exc:
             raise self._pool_error(exc, gateway, pool) from None
         return result
@@ -955,7 +901,7 @@ class KubegateClient:
                 client=self.client,
             )
         except WorkflowUpdateFailedError as exc:
-            raise KubegateError(_cause(exc)) from None
+            raise KubegateError(failure_message(exc)) from None
         except RPCError as exc:
             raise self._pool_error(exc, gateway, pool) from None
         return result
@@ -972,7 +918,7 @@ class KubegateClient:
             cause = exc.cause
             if isinstance(cause, ApplicationError) and cause.type == errors.POOL_IN_USE:
                 raise RequestRefused(cause.message) from None
-            raise KubegateError(_cause(exc)) from None
+            raise KubegateError(failure_message(exc)) from None
         except RPCError as exc:
             raise self._pool_error(exc, gateway, pool) from None
         return status
@@ -984,17 +930,6 @@ class KubegateClient:
         ):
             return RequestRefused(f"IP pool {pool} of gateway {gateway} does not exist")
         return exc
-
-
-_REFUSALS = (
-    errors.INVALID_STATE,
-    errors.INVALID_SPEC,
-    errors.GATEWAY_NOT_READY,
-    errors.PAIRING_REFUSED,
-    errors.IN_USE,
-    errors.OUT_OF_ADDRESSES,
-    errors.POOL_NOT_FOUND,
-)
 
 
 S = TypeVar("S", ClusterState, GatewayState)
@@ -1049,8 +984,3 @@ def _new_pairing(fingerprint: str | None = None) -> tuple[str, PairingState]:
         expires_at=datetime.now(UTC) + PAIRING_CODE_LIFETIME,
         fingerprint=normalize_fingerprint(fingerprint) if fingerprint else None,
     )
-
-
-def _cause(exc: WorkflowUpdateFailedError) -> str:
-    cause = exc.cause
-    return str(getattr(cause, "message", None) or cause)

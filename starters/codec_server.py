@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payloads
 
-from starters.codec import CodecKey, EncryptionCodec, PayloadDecryptError
+from plumbing.codec import CodecKey, EncryptionCodec, PayloadDecryptError
 
 MAX_BODY = 64 * 1024 * 1024
 

@@ -37,8 +37,8 @@ from domain import names
 from domain.certs import self_signed
 from domain.gateway import GatewayFile, GatewayState, GatewayStatus, default_account_name
 from domain.sealing import AgentKey
-from starters.codec import CodecKeyError, create_key_file, load_keys
-from starters.settings import Settings, tool_path, vcsim_binary
+from plumbing.codec import CodecKeyError, create_key_file, load_keys
+from plumbing.settings import Settings, tool_path, vcsim_binary
 
 if TYPE_CHECKING:
     from starters.client import KubegateClient
@@ -429,7 +429,7 @@ class DevStack:
         stack's agent the first time (the code in a 0600 file of the agent's only; its key
         persists), its agent approved by `dev up` if the gateway waits for that, configured on
         the simulator, Running; its agent running."""
-        from starters.client import KubegateError
+        from plumbing.errors import KubegateError
 
         name = self.settings.gateway
         agent = self.components(sim_password)[-1]
@@ -545,7 +545,7 @@ class DevStack:
         done: Callable[[GatewayState], bool],
         what: str,
     ) -> GatewayState:
-        from starters.client import KubegateError
+        from plumbing.errors import KubegateError
 
         try:
             return await client.wait_gateway(name, done, timeout=GATEWAY_TIMEOUT, interval=0.2)
@@ -687,7 +687,7 @@ class DevStack:
     async def _temporal_ready(self, pid: int) -> bool:
         if not _port_open(self.settings.temporal_address):
             return False
-        from starters.client import connect
+        from plumbing.connect import connect
 
         try:
             await connect(self.settings)
@@ -706,7 +706,7 @@ class DevStack:
         from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
         from temporalio.service import RPCError
 
-        from starters.client import connect
+        from plumbing.connect import connect
 
         client = await connect(self.settings)
         kind = (

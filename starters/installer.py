@@ -29,7 +29,7 @@ from activities.vsphere.session import open_session, request_meter
 from activities.vsphere.tasks import wait_for_task
 from domain.account import Placement, VCenterEndpoint
 from domain.gateway import InstallerProperties
-from starters.settings import Settings
+from plumbing.settings import Settings
 
 INSTALLER_VERSION = "1.0.0"
 #: The OVA builder: a stdlib-only script, also run by hand (python tools/installer/build.py).

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from domain.events import EventsResult
 from domain.lifecycle import Step
-from starters.settings import Settings
+from plumbing.settings import Settings
 
 REDACTED = "<redacted>"
 

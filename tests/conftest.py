@@ -13,9 +13,9 @@ from temporalio.testing import WorkflowEnvironment
 from activities.vsphere.session import SessionPool
 from domain.names import SEARCH_ATTRIBUTES
 from domain.privileges import CLUSTER_ROLE
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from tests.support import Vcsim, agent_policy, grant_roles, system_gateway
 from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key

@@ -6,14 +6,15 @@ import asyncio
 import logging
 
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.worker import Worker, WorkerDeploymentConfig
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ipam import IpamActivities
 from activities.lifecycles import LifecycleActivities
 from domain.names import CONTROL_TASK_QUEUE
-from starters.client import connect
-from starters.settings import Settings
+from plumbing.connect import connect
+from plumbing.settings import Settings
+from plumbing.versioning import deployment_config, promote_if_first
 from workers.run import run_until_signalled
 from workflows.cluster import ClusterWorkflow
 from workflows.gateway import GatewayWorkflow
@@ -31,8 +32,13 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
-def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker:
-    """The control worker on its task queue (tests pass their own queue)."""
+def build_worker(
+    client: Client,
+    task_queue: str = CONTROL_TASK_QUEUE,
+    deployment: WorkerDeploymentConfig | None = None,
+) -> Worker:
+    """The control worker on its task queue (tests pass their own queue), a version of a
+    worker deployment when `deployment` is given."""
     ipam = IpamActivities(client)
     facts = LifecycleActivities(client)
     return Worker(
@@ -49,14 +55,39 @@ def build_worker(client: Client, task_queue: str = CONTROL_TASK_QUEUE) -> Worker
             facts.lifecycle_fact,
             facts.confirm_release,
         ],
+        deployment_config=deployment,
     )
 
 
 async def serve(settings: Settings | None = None) -> None:
+    settings = settings or Settings()
     client = await connect(settings, worker=True)
-    worker = build_worker(client)
-    logging.getLogger("kubegate").info("control worker polling %s", CONTROL_TASK_QUEUE)
-    await run_until_signalled(worker)
+    config = deployment_config(settings)
+    worker = build_worker(client, deployment=config)
+    log = logging.getLogger("kubegate")
+    log.info("control worker polling %s", CONTROL_TASK_QUEUE)
+    if config is None:
+        await run_until_signalled(worker)
+        return
+    version = config.version
+
+    async def started() -> None:
+        current = await promote_if_first(client, version)
+        if current != version.build_id:
+            log.warning(
+                "worker deployment %s: current version is %s; this worker (%s) takes new "
+                "runs once promoted: kubegate worker promote %s",
+                version.deployment_name,
+                current,
+                version.build_id,
+                version.build_id,
+            )
+        else:
+            log.info(
+                "worker deployment %s: %s is current", version.deployment_name, version.build_id
+            )
+
+    await run_until_signalled(worker, started=started)
 
 
 def main() -> None:

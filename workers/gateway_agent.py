@@ -37,8 +37,10 @@ from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue
 from domain.sealing import AgentKey
-from starters.client import KubegateClient, RequestRefused, connect
-from starters.settings import Settings
+from plumbing.connect import connect
+from plumbing.errors import RequestRefused
+from plumbing.settings import Settings
+from starters.client import KubegateClient
 from workers.run import run_until_signalled
 
 log = logging.getLogger("kubegate.agent")

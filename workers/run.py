@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 
 from temporalio.worker import Worker
 
 
-async def run_until_signalled(worker: Worker) -> None:
+async def run_until_signalled(
+    worker: Worker, started: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Run `worker` until SIGTERM/SIGINT; `started` runs once it polls."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with worker:
+        if started is not None:
+            await started()
         await stop.wait()

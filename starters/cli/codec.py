@@ -34,9 +34,9 @@ def codec_server(
     Point the Web UI at it (its Codec Server setting, or KUBEGATE_UI_CODEC_ENDPOINT before
     `kubegate dev up`) to see payloads decoded; without it they show as encrypted.
     """
-    from starters.codec import CodecKeyError, load_keys
+    from plumbing.codec import CodecKeyError, load_keys
+    from plumbing.settings import Settings
     from starters.codec_server import CodecServer
-    from starters.settings import Settings
 
     settings = Settings()
     try:

@@ -33,8 +33,8 @@ from domain.account import VCenterAccess
 from domain.gateway import GatewayState
 from domain.lifecycle import ClusterState
 from domain.version import VERSION, accepted_agents
+from plumbing.settings import Settings
 from starters.client import KubegateClient, KubegateError, RequestRefused
-from starters.settings import Settings
 from starters.yamlfile import YamlFileError, read_yaml
 
 app = typer.Typer(

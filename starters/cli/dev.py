@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from plumbing.settings import Settings
 from starters.cli.common import (
     Output,
     OutputOption,
@@ -22,7 +23,6 @@ from starters.cli.common import (
     out,
     read_code_file,
 )
-from starters.settings import Settings
 
 
 @dev_app.command("up")

@@ -26,6 +26,7 @@ from domain.gateway import (
 )
 from domain.lifecycle import operations
 from domain.sealing import normalize_fingerprint
+from plumbing.settings import Settings
 from starters.cli.common import (
     EXIT_FAILED,
     Output,
@@ -47,7 +48,6 @@ from starters.cli.common import (
     workflow_link,
 )
 from starters.client import KubegateClient, KubegateError, RequestRefused
-from starters.settings import Settings
 
 GatewayArg = Annotated[str, typer.Argument(help="Gateway name.")]
 

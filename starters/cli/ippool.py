@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from domain.ipam import Allocation, IpPoolSpec, PoolStatus
+from plumbing.settings import Settings
 from starters.cli.common import (
     GatewayOption,
     Output,
@@ -23,7 +24,6 @@ from starters.cli.common import (
     out,
 )
 from starters.client import KubegateClient, RequestRefused
-from starters.settings import Settings
 
 
 def _pool_row(status: PoolStatus) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from temporalio.testing import WorkflowEnvironment
 
-from starters.settings import Settings
+from plumbing.settings import Settings
 from tests.conftest import GATEWAY
 from tests.support import ADMIN, PLACEMENT, TEMPLATE, Vcsim, run_cli
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from domain.ipam import IpPoolSpec
+from plumbing.settings import Settings
 from starters.client import KubegateClient
-from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import PROFILE, domain, make_pool, sim  # noqa: F401
 from tests.support import ADMIN, Vcsim, run_cli

@@ -17,8 +17,8 @@ import pytest_asyncio
 from temporalio.testing import WorkflowEnvironment
 
 from domain.lifecycle import ClusterState, ClusterStatus, Timing
+from plumbing.settings import Settings
 from starters.client import KubegateClient
-from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import (
     datastore_files,

@@ -21,7 +21,7 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from starters.codec import ENCODING, KEY_ID, READABLE, CodecKey, ReadableMetadata, data_converter
+from plumbing.codec import ENCODING, KEY_ID, READABLE, CodecKey, ReadableMetadata, data_converter
 from starters.codec_server import CodecServer
 
 pytestmark = pytest.mark.integration

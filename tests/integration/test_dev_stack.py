@@ -24,9 +24,9 @@ from temporalio.client import Client
 from activities.guard import load_policy
 from domain import names
 from domain.gateway import GatewayState, GatewayStatus
+from plumbing.settings import Settings
 from starters.client import KubegateClient
 from starters.dev import DevStack, DevStackError
-from starters.settings import Settings
 from tests.support import Vcsim, ensure_vcsim_built
 
 pytestmark = pytest.mark.integration

@@ -36,9 +36,9 @@ from domain.gateway import (
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
 from domain.sealing import AgentKey
+from plumbing.settings import Settings
 from starters.client import KubegateClient, RequestRefused
 from starters.installer import install, installer_ova, read_installer
-from starters.settings import Settings
 from tests.integration.test_cluster import PROFILE, domain, next_run
 from tests.support import (
     ADMIN,

@@ -17,9 +17,9 @@ from temporalio.worker import Worker
 from domain.gateway import TROUBLESHOOTING_HINTS, GatewayStatus
 from domain.names import SEARCH_ATTRIBUTES
 from domain.sealing import AgentKey
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient, RequestRefused
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from workers.control import workflow_runner
 from workflows.gateway import GatewayWorkflow
 

@@ -333,7 +333,7 @@ async def test_a_cancelled_queued_allocation_is_never_sent(
 async def test_concurrent_updates_across_continue_as_new_lose_nothing(
     kubegate: KubegateClient,
 ) -> None:
-    from activities.updates import send_update
+    from plumbing.updates import send_update
 
     gw = unique_gateway()
     await kubegate.create_pool(

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from plumbing.settings import Settings
 from starters.client import KubegateClient
-from starters.settings import Settings
 from tests.support import run_cli
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,8 @@ from domain import names
 from domain.account import Placement, VCenterCredentials, VCenterEndpoint, password_binding
 from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
 from domain.sealing import AgentKey, seal
+from plumbing.settings import Settings
 from starters.client import KubegateClient
-from starters.settings import Settings
 from tests.conftest import GATEWAY
 from tests.support import ADMIN, INVENTORY, PLACEMENT, Vcsim
 from workers.gateway_agent import load_key

@@ -38,8 +38,8 @@ from domain.preflight import PreflightReport, PreflightRequest
 from domain.sealing import AgentKey, seal
 from domain.trust import AccountAnswer, AgentAuthorization, ReleaseIntent
 from domain.vm import VmInfo
+from plumbing.codec import data_converter
 from starters.client import KubegateClient, KubegateError
-from starters.codec import data_converter
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import deploy, domain, owned_vms, small_spec, until
 from tests.support import Vcsim, ensure_account, record_history, run_cli

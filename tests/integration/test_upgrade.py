@@ -29,9 +29,9 @@ from domain.gateway import GatewayStatus
 from domain.lifecycle import ClusterStatus
 from domain.names import SEARCH_ATTRIBUTES
 from domain.version import VERSION
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from tests.integration.test_cluster import PROFILE, owned_vms
 from tests.integration.test_gateway import vms_in
 from tests.support import ADMIN, INVENTORY, PLACEMENT, ROOT, Vcsim, agent_policy, record_history
@@ -283,7 +283,9 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         # -- the upgrade: old workers stop mid-deploy, this release's take over ----------------
         old.stop()
         code.unlink(missing_ok=True)  # paired long ago: the key alone pairs from now on
-        new.spawn("control-new", "worker", "control")
+        # this release's control worker is versioned (the old one was not): the first version
+        # of its deployment becomes current, and the old release's runs move to it
+        new.spawn("control-new", "worker", "control", KUBEGATE_WORKER_DEPLOYMENT="kubegate")
         new.spawn("agent-new", "gateway", "agent", GW)
         state = await client.wait_gateway(
             GW, lambda s: s.agent is not None and s.agent.version == VERSION, timeout=180
@@ -304,6 +306,10 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         first_state = await client.cluster_state("first")
         made = sorted(vm["name"] for vm in owned_vms(usim, "cluster/first"))
         assert made == sorted(n.name for n in first_state.nodes) and len(made) == 3
+        for lifecycle in (client.cluster_handle("first"), client.gateway_handle(GW)):
+            info = (await lifecycle.describe()).raw_description.workflow_execution_info
+            moved = info.versioning_info.deployment_version
+            assert (moved.deployment_name, moved.build_id) == ("kubegate", VERSION)
 
         for name in ("second", "first"):
             await client.delete_cluster(name)

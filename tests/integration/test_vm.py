@@ -52,7 +52,7 @@ from domain.vm import (
     VmInfo,
     instance_uuid,
 )
-from starters.settings import Settings
+from plumbing.settings import Settings
 from tests.conftest import GATEWAY
 from tests.support import TEMPLATE, Vcsim
 from workers.gateway_agent import load_key

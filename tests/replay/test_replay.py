@@ -18,7 +18,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
 from domain.version import VERSION
-from starters.codec import data_converter
+from plumbing.codec import data_converter
 from tests.support import HISTORIES
 from workers.control import WORKFLOWS, workflow_runner
 

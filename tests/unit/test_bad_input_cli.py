@@ -371,6 +371,8 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["gateway", "create", "Lab_1"], "NAME"),
         (["gateway", "agent", "Lab_1"], "NAME"),
         (["gateway", "install", "lab", "-f", "x.yaml", "--pairing-code-file", CODE_FILE], "x.yaml"),
+        (["worker", "promote", "$(reboot)", "--deployment", "kubegate"], "BUILD_ID"),
+        (["worker", "versions"], "KUBEGATE_WORKER_DEPLOYMENT"),
     ],
 )
 def test_bad_options_are_refused(args: list[str], expected: str) -> None:

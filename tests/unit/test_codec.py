@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload, Payloads
 
-from starters.codec import (
+from plumbing.codec import (
     ENCODING,
     KEY_ID,
     READABLE,
@@ -32,8 +32,8 @@ from starters.codec import (
     parse_key_file,
     parse_key_list,
 )
+from plumbing.settings import Settings
 from starters.codec_server import CodecServer
-from starters.settings import Settings
 
 OLD = CodecKey("old", os.urandom(32))
 NEW = CodecKey("new", os.urandom(32))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from plumbing.settings import Settings
 from starters.dev import DevStack, _start_time
-from starters.settings import Settings
 
 
 def test_down_leaves_a_process_whose_start_time_differs(tmp_path: Path) -> None:

@@ -19,8 +19,8 @@ from pyVmomi import vim
 
 from activities.vsphere.ovf import OvaError, read_ova, vapp_properties
 from domain.gateway import InstallerProperties
+from plumbing.settings import Settings
 from starters.installer import INSTALLER_VERSION, builder, installer_ova
-from starters.settings import Settings
 
 build = builder()
 OVF = "{http://schemas.dmtf.org/ovf/envelope/1}"

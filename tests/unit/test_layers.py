@@ -1,15 +1,19 @@
-"""The layers point one way: domain <- workflows <- activities <- workers and starters."""
+"""The layers point one way: domain <- plumbing, workflows <- activities <- workers and
+starters. `plumbing` (Temporal connect, data converter, Update sending) sits on `domain`
+beside the workflows, which never import it (they run in the sandbox)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 #: what each layer must not import (the layers above it)
 ABOVE = {
-    "domain": ("workflows", "activities", "workers", "starters"),
-    "workflows": ("activities", "workers", "starters"),
+    "domain": ("plumbing", "workflows", "activities", "workers", "starters"),
+    "plumbing": ("workflows", "activities", "workers", "starters"),
+    "workflows": ("plumbing", "activities", "workers", "starters"),
     "activities": ("workers", "starters"),
 }
 
@@ -39,6 +43,17 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     source = tmp_path / "bad.py"
     source.write_text("from starters.client import KubegateClient\nimport workers.run\n")
     assert imported(source) == {"starters.client", "workers.run"}
+
+
+def test_every_process_connects_through_plumbing() -> None:
+    """One way to reach Temporal: nothing but plumbing calls Client.connect."""
+    callers = [
+        str(source.relative_to(ROOT))
+        for layer in (*ABOVE, "workers", "starters")
+        for source in sorted(ROOT.joinpath(layer).rglob("*.py"))
+        if re.search(r"(?<![\w.])Client\.connect\(", source.read_text())
+    ]
+    assert callers == ["plumbing/connect.py"]
 
 
 def test_only_the_cli_imports_the_cli() -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from domain.events import EventRecord, EventsResult, TaskRecord
 from domain.lifecycle import Step, StepState
+from plumbing.settings import Settings
 from starters.logs import (
     REDACTED,
     BundleSummary,
@@ -19,7 +20,6 @@ from starters.logs import (
     redact_text,
     write_bundle,
 )
-from starters.settings import Settings
 
 SECRET = "hunter2-Sup3r-s3cret"
 CIPHERTEXT = "c2VhbGVkLWNpcGhlcnRleHQ="

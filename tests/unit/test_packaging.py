@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("domain", "workflows", "activities", "workers", "starters")
+PACKAGES = ("domain", "plumbing", "workflows", "activities", "workers", "starters")
 
 
 def copied_into_the_image() -> set[str]:

@@ -30,8 +30,8 @@ from domain.lifecycle import (
 )
 from domain.names import SEARCH_ATTRIBUTES
 from domain.sealing import AgentKey
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import tool_path
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import tool_path
 from tests.workflows.world import TEMPLATE, World, fail, forever, unique
 from workflows.cluster import ClusterWorkflow
 from workflows.nodes import RETRY_ATTEMPTS

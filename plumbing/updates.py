@@ -1,6 +1,6 @@
 """Sending Updates to entity workflows: bounded per workflow, retried while the server is
-busy, and the IP pool's allocations batched. Used by the IPAM activities and by the client
-(starters/client.py imports it from here: the layers point down)."""
+busy, a validator's refusal turned into `RequestRefused`, and the IP pool's allocations
+batched. Used by the IPAM activities, the gateway agent and the SDK client."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from temporalio.client import WorkflowHandle
+import pydantic_core
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from domain import errors
 from domain.ipam import (
     MAX_BATCH,
     AllocateBatch,
@@ -23,7 +25,7 @@ from domain.ipam import (
     AllocateRequest,
     AllocateResult,
 )
-from workflows.ip_pool import IpPoolWorkflow
+from plumbing.errors import KubegateError, RequestRefused
 
 T = TypeVar("T")
 
@@ -65,6 +67,51 @@ async def send_update(
                     raise
         await asyncio.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 1.0)
+
+
+#: largest argument of an Update the client sends (Temporal warns at 512 KiB, refuses at 2 MiB)
+MAX_REQUEST_BYTES = 256 * 1024
+
+#: error types of a validator's refusal (nothing started)
+REFUSALS = (
+    errors.INVALID_STATE,
+    errors.INVALID_SPEC,
+    errors.GATEWAY_NOT_READY,
+    errors.PAIRING_REFUSED,
+    errors.IN_USE,
+    errors.OUT_OF_ADDRESSES,
+    errors.POOL_NOT_FOUND,
+)
+
+
+async def request(handle: WorkflowHandle[Any, Any], what: str, update: Any, *args: Any) -> Any:
+    """Send an Update for a caller who waits on it: a refusal by its validator (or an
+    entity that does not exist) raises RequestRefused with the reason, any other failure
+    KubegateError with the workflow's message."""
+    size = sum(len(pydantic_core.to_json(arg)) for arg in args)
+    if size > MAX_REQUEST_BYTES:
+        raise RequestRefused(
+            f"the request is {size} bytes as JSON; at most {MAX_REQUEST_BYTES} allowed"
+        )
+    try:
+        return await send_update(
+            handle.id, lambda: handle.execute_update(update, *args), client=handle._client
+        )
+    except WorkflowUpdateFailedError as exc:
+        cause = exc.cause
+        if isinstance(cause, ApplicationError) and cause.type in REFUSALS:
+            raise RequestRefused(cause.message) from None
+        raise KubegateError(failure_message(exc)) from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND or "already completed" in str(exc):
+            raise RequestRefused(f"{what} does not exist (or is deleted)") from None
+        raise
+
+
+def failure_message(exc: WorkflowUpdateFailedError) -> str:
+    """The workflow's own message for a failed Update."""
+    cause = exc.cause
+    return str(getattr(cause, "message", None) or cause)
 
 
 @dataclass(eq=False)
@@ -130,7 +177,7 @@ class AllocationBatcher:
                     result: AllocateBatchResult = await send_update(
                         self.handle.id,
                         lambda u=update: self.handle.execute_update(  # type: ignore[misc]
-                            IpPoolWorkflow.allocate_batch, u
+                            "allocate_batch", u, result_type=AllocateBatchResult
                         ),
                         client=self.handle._client,
                     )

@@ -38,6 +38,18 @@ class Settings(BaseSettings):
         description="File holding the pairing code an agent registers with (first start only; "
         "never the code itself in the environment or on a command line).",
     )
+    worker_deployment: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Worker deployment of the control worker (Temporal worker versioning); "
+        "unset: unversioned. Each release's workers register as a version of it; new runs go "
+        "to the current version (see docs/operations.md#upgrading-kubegate).",
+    )
+    worker_build_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,62}$",  # plumbing.versioning.BUILD_ID
+        description="Build id of this control worker in its deployment; default the release.",
+    )
     agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
     agent_shutdown_grace: float = Field(
         default=10.0,
