@@ -207,6 +207,8 @@ class ClusterState(BaseModel):
     revisions: dict[str, int] = Field(default_factory=dict)
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
+    #: the last day-2 change (scale, add-pool, remove-pool) once it ended: what it did
+    last_change: ChangeResult | None = None
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]
@@ -241,11 +243,17 @@ class DeleteRequest(BaseModel):
 
 
 class ChangeResult(BaseModel):
-    """What a day-2 change did."""
+    """A day-2 change: accepted (status Updating: follow `operation` in the step history
+    and `last_change`), or what it did once it ended."""
 
     status: str
     added: list[str] = Field(default_factory=list)
     removed: list[str] = Field(default_factory=list)
+    #: the operation carrying the change (0: answered by a release before operations)
+    operation: int = 0
+    #: the error of a change that failed
+    error: str | None = None
 
 
+ClusterState.model_rebuild()
 ClusterInput.model_rebuild()

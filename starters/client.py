@@ -79,6 +79,7 @@ from domain.lifecycle import (
     AddPoolRequest,
     ChangeResult,
     ClusterState,
+    ClusterStatus,
     ClusterSummary,
     DeleteRequest,
     RemovePoolRequest,
@@ -379,23 +380,58 @@ class KubegateClient:
         state: ClusterState = await self._cluster_update(name, ClusterWorkflow.retry)
         return state
 
-    async def scale_pool(self, name: str, pool: str, size: int) -> ChangeResult:
-        result: ChangeResult = await self._cluster_update(
-            name, ClusterWorkflow.scale, ScaleRequest(pool=pool, size=size)
+    async def scale_pool(
+        self, name: str, pool: str, size: int, *, wait: bool = True, timeout: float = 3600.0
+    ) -> ChangeResult:
+        """Resize a worker pool (down removes the newest nodes first). The change is an
+        operation of the cluster: with `wait` (default) this returns what it did once it
+        ended, else at once with its operation number (status Updating)."""
+        return await self._day2(
+            name, ClusterWorkflow.scale, ScaleRequest(pool=pool, size=size), wait, timeout
         )
-        return result
 
-    async def add_pool(self, name: str, pool: WorkerPool) -> ChangeResult:
-        result: ChangeResult = await self._cluster_update(
-            name, ClusterWorkflow.add_pool, AddPoolRequest(pool=pool)
+    async def add_pool(
+        self, name: str, pool: WorkerPool, *, wait: bool = True, timeout: float = 3600.0
+    ) -> ChangeResult:
+        """Add a worker pool; with `wait` returns once its nodes are ready (see scale_pool)."""
+        return await self._day2(
+            name, ClusterWorkflow.add_pool, AddPoolRequest(pool=pool), wait, timeout
         )
-        return result
 
-    async def remove_pool(self, name: str, pool: str) -> ChangeResult:
-        result: ChangeResult = await self._cluster_update(
-            name, ClusterWorkflow.remove_pool, RemovePoolRequest(pool=pool)
+    async def remove_pool(
+        self, name: str, pool: str, *, wait: bool = True, timeout: float = 3600.0
+    ) -> ChangeResult:
+        """Remove a worker pool: its VMs and addresses (see scale_pool)."""
+        return await self._day2(
+            name, ClusterWorkflow.remove_pool, RemovePoolRequest(pool=pool), wait, timeout
         )
-        return result
+
+    async def _day2(
+        self, name: str, update: Any, request: Any, wait: bool, timeout: float
+    ) -> ChangeResult:
+        accepted: ChangeResult = await self._cluster_update(name, update, request)
+        if not wait or not accepted.operation:  # (a release before operations: done already)
+            return accepted
+        return await self.wait_change(name, accepted.operation, timeout=timeout)
+
+    async def wait_change(self, name: str, operation: int, timeout: float = 3600.0) -> ChangeResult:
+        """What change `operation` of a cluster did, once it ended; KubegateError when it
+        failed (the cluster is Failed; `retry` or another change goes on from there)."""
+
+        def ended(state: ClusterState) -> bool:
+            last = state.last_change
+            return (last is not None and last.operation >= operation) or state.status in (
+                ClusterStatus.DELETING,
+                ClusterStatus.DELETED,
+            )
+
+        state = await self.wait_cluster(name, ended, timeout=timeout)
+        last = state.last_change
+        if last is None or last.operation != operation:
+            raise KubegateError(f"cluster {name}: change {operation} ended {state.status}")
+        if last.error:
+            raise KubegateError(last.error)
+        return last
 
     async def wait_cluster(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +46,22 @@ PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 NOT_QUEUED = "not-queued-unless-queued"
 
 
+#: patch: a day-2 change's Update returns its operation number once accepted; the change runs
+#: in the main loop (before it, the Update ran the whole change)
+CHANGES_ARE_OPERATIONS = "changes-are-operations"
+
+
+@dataclass
+class _Change:
+    """An accepted day-2 change waiting for the main loop."""
+
+    spec: ClusterSpec
+    previous: ClusterSpec
+    title: str
+    undo_on_failure: bool
+    before: set[str]
+
+
 @workflow.defn(name="ClusterWorkflow")
 class ClusterWorkflow(NodeMachinery):
     """Provision, change and delete one cluster; every step recorded in its state."""
@@ -70,6 +87,8 @@ class ClusterWorkflow(NodeMachinery):
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None
         self.retrying = False
+        #: an accepted change the main loop carries out next
+        self.change: _Change | None = None
         self.aborting = False
         self.provisioning: asyncio.Task[None] | None = None
         self.published: ClusterStatus | None = None  # status last written to search attributes
@@ -115,6 +134,7 @@ class ClusterWorkflow(NodeMachinery):
                 lambda: (
                     self.deleting is not None
                     or self.retrying
+                    or self.change is not None
                     or (
                         (workflow.info().is_continue_as_new_suggested() or self.settled)
                         and not self.lock.locked()
@@ -123,8 +143,18 @@ class ClusterWorkflow(NodeMachinery):
             )
             # (a replayed run from before settle points wakes here where it did not then: no
             # command follows, so it replays; this wait must stay without a timeout)
-            if self.deleting is None and not self.retrying and not self._settle_now():
+            if (
+                self.deleting is None
+                and not self.retrying
+                and self.change is None
+                and not self._settle_now()
+            ):
                 self.settled = False  # (a run from before settle points: as it did then)
+                continue
+            if self.change is not None:  # (only a run with CHANGES_ARE_OPERATIONS sets it)
+                change, self.change = self.change, None
+                async with self.lock:
+                    await self._carry_out(change)
                 continue
             if self.deleting is not None:
                 async with self.lock:
@@ -139,7 +169,7 @@ class ClusterWorkflow(NodeMachinery):
                 continue
             await self._notices_sent()
             await workflow.wait_condition(workflow.all_handlers_finished)
-            if self.deleting is not None or self.retrying or self.notices:
+            if self.deleting is not None or self.retrying or self.change or self.notices:
                 continue  # accepted while handlers finished: do it in this run
             workflow.continue_as_new(
                 ClusterInput(
@@ -340,9 +370,55 @@ class ClusterWorkflow(NodeMachinery):
     async def _change(
         self, spec: ClusterSpec, title: str, undo_on_failure: bool = False
     ) -> ChangeResult:
-        """Apply a changed spec; refused (OutOfAddresses) before anything changes when its IP
-        pools lack the new nodes' addresses. With `undo_on_failure` a failed change leaves the
-        previous spec (a failed add-pool is not kept; `retry` removes what it made)."""
+        """Accept a changed spec and return its operation number; the main loop carries it
+        out. Refused (OutOfAddresses) before anything changes when its IP pools lack the new
+        nodes' addresses. With `undo_on_failure` a failed change leaves the previous spec (a
+        failed add-pool is not kept; `retry` removes what it made)."""
+        if not workflow.patched(CHANGES_ARE_OPERATIONS):
+            return await self._change_in_update(spec, title, undo_on_failure)
+        self._require_running()
+        await self._check_free(spec)
+        self._require_running()  # another change may have been accepted meanwhile
+        if self.change is not None or self.lock.locked():
+            raise invalid_state(f"cluster {self.state.name}: another change is in progress")
+        self.change = _Change(
+            spec=spec,
+            previous=self.state.spec,
+            title=title,
+            undo_on_failure=undo_on_failure,
+            before={n.name for n in self.state.nodes},
+        )
+        self.state.spec = spec
+        self._begin(title)
+        self._set_status(ClusterStatus.UPDATING, title)
+        return ChangeResult(status=self.state.status, operation=self.state.operations_run)
+
+    async def _carry_out(self, change: _Change) -> None:
+        """Make vCenter match an accepted change; Running or Failed, with `last_change`."""
+        self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+        error: str | None = None
+        try:
+            await self._converge()
+        except StepFailed as exc:
+            if change.undo_on_failure:
+                self.state.spec = change.previous
+            error = str(exc)
+        after = {n.name for n in self.state.nodes}
+        self.state.last_change = ChangeResult(
+            status=(ClusterStatus.FAILED if error else ClusterStatus.RUNNING).value,
+            added=sorted(after - change.before),
+            removed=sorted(change.before - after),
+            operation=self.state.operations_run,
+            error=error,
+        )
+        self.state.error = error
+        self._set_status(ClusterStatus.FAILED if error else ClusterStatus.RUNNING)
+
+    async def _change_in_update(
+        self, spec: ClusterSpec, title: str, undo_on_failure: bool
+    ) -> ChangeResult:
+        """The whole change inside its Update, as runs from before CHANGES_ARE_OPERATIONS
+        did (kept so their histories replay)."""
         async with self.lock:
             self._require_running()
             if workflow.patched("check-free-addresses"):

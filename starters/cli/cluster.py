@@ -216,6 +216,14 @@ def _change(name: str, call: Any, output: Output) -> None:
             )
         )
         return
+    if result.status == ClusterStatus.UPDATING.value:  # --no-wait
+        out.print(
+            f"cluster {name}: Updating (operation {result.operation}: {state.reason}); follow "
+            f"with: kubegate cluster describe {name}",
+            highlight=False,
+            markup=False,
+        )
+        return
     added = ", ".join(result.added) or "none"
     removed = ", ".join(result.removed) or "none"
     out.print(
@@ -223,38 +231,50 @@ def _change(name: str, call: Any, output: Output) -> None:
     )
 
 
+ChangeWaitOption = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait",
+        help="Follow the change until it ends (default), or return once it is accepted.",
+    ),
+]
+
+
 @cluster_app.command("scale")
 def cluster_scale(
     name: NameArg,
     pool: Annotated[str, typer.Argument(help="Worker pool name.")],
     size: Annotated[int, typer.Option("--size", help="New number of nodes.")],
+    wait: ChangeWaitOption = True,
     output: OutputOption = Output.table,
 ) -> None:
     """Resize a worker pool (down removes the newest nodes first); waits until done."""
     if not 0 <= size <= MAX_POOL_NODES:
         _bad_input(f"--size: between 0 and {MAX_POOL_NODES} (nodes per worker pool), not {size}")
-    _change(name, lambda c: c.scale_pool(name, pool, size), output)
+    _change(name, lambda c: c.scale_pool(name, pool, size, wait=wait), output)
 
 
 @cluster_app.command("add-pool")
 def cluster_add_pool(
     name: NameArg,
     file: Annotated[Path, typer.Option("--file", "-f", help="Worker pool YAML.")],
+    wait: ChangeWaitOption = True,
     output: OutputOption = Output.table,
 ) -> None:
     """Add a worker pool; waits until its nodes are ready."""
     pool = load_spec(file, WorkerPool)
-    _change(name, lambda c: c.add_pool(name, pool), output)
+    _change(name, lambda c: c.add_pool(name, pool, wait=wait), output)
 
 
 @cluster_app.command("remove-pool")
 def cluster_remove_pool(
     name: NameArg,
     pool: Annotated[str, typer.Argument(help="Worker pool name.")],
+    wait: ChangeWaitOption = True,
     output: OutputOption = Output.table,
 ) -> None:
     """Remove a worker pool: its VMs and addresses."""
-    _change(name, lambda c: c.remove_pool(name, pool), output)
+    _change(name, lambda c: c.remove_pool(name, pool, wait=wait), output)
 
 
 def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:

@@ -20,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from domain import names
 from domain.cluster import ClusterSpec
 from domain.lifecycle import (
+    ChangeResult,
     ClusterInput,
     ClusterState,
     ClusterStatus,
@@ -245,3 +246,41 @@ async def test_a_lifecycle_without_a_gateway_fails_cleanly_once_its_credentials_
         await handle.execute_update(ClusterWorkflow.retry)
         state = await run.until(name, ClusterStatus.FAILED)  # (retry made it Provisioning)
         assert "no credentials for cloud account acct" in (state.error or "")
+
+
+async def test_a_change_returns_its_operation_at_once_and_runs_in_the_main_loop(
+    env: WorkflowEnvironment,
+) -> None:
+    async with Running(env) as run:
+        name = unique("change")
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        deployed = await run.until(name, ClusterStatus.RUNNING)
+        cloned = asyncio.Event()
+
+        async def held(_: Any) -> None:  # the new node's clone ends when the test says
+            await cloned.wait()
+
+        run.world.hooks["vm_create"] = held
+
+        accepted: ChangeResult = await asyncio.wait_for(
+            handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=2)), 10
+        )
+        assert accepted.status == ClusterStatus.UPDATING.value
+        assert accepted.operation == deployed.operations_run + 1
+        assert accepted.added == [] and accepted.removed == []  # nothing done yet
+        state = await run.until(name, ClusterStatus.UPDATING)
+        assert state.last_change is None
+        steps = operations(state.steps)
+        assert [op for op, _, _ in steps][-1] == "Scale w to 2"
+
+        # one change at a time: another is refused, with the reason
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
+        assert "changes need Running" in str(refused.value.cause)
+
+        cloned.set()
+        done = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        assert done.status is ClusterStatus.RUNNING, done.error
+        assert done.last_change is not None
+        assert done.last_change.operation == accepted.operation
+        assert len(done.last_change.added) == 1 and done.last_change.removed == []
