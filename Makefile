@@ -47,8 +47,12 @@ setup: uv go-deps cloud-init
 demo: setup
 	@$(UV) run --frozen bash scripts/demo.sh
 
+#: test processes (pytest-xdist); each runs its own simulator, Temporal and workers, and takes
+#: whole files (fixtures are per file or per process). TEST_PROCESSES=0 runs in one process.
+TEST_PROCESSES ?= 2
+
 test: setup
-	@$(UV) run --frozen pytest $(PYTEST_ARGS)
+	@$(UV) run --frozen pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	@$(UV) run --frozen ruff check .
