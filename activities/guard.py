@@ -43,6 +43,8 @@ from domain.trust import (
     AgentPolicy,
     SignedResult,
     canonical_json,
+    compact_request,
+    compact_statement,
     result_statement,
 )
 from domain.vm import FolderRequest
@@ -347,18 +349,14 @@ class AgentGuard:
     def sign(self, info: activity.Info, args: Any, result: Any) -> SignedResult:
         """The result as JSON, signed over the request it answers."""
         body = canonical_json(result).decode()
-        statement = result_statement(
-            info.workflow_id or "",
-            info.workflow_run_id or "",
-            info.activity_id,
-            info.activity_type,
-            canonical_json(list(args)),
-            body,
-        )
+        call = (info.workflow_id or "", info.workflow_run_id or "", info.activity_id)
+        full = result_statement(*call, info.activity_type, canonical_json(list(args)), body)
+        compact = compact_statement(*call, info.activity_type, compact_request(args), body)
         return SignedResult(
             body=body,
             key_id=self.key.key_id,
-            signature=self.key.sign(statement),
+            signature=self.key.sign(full),
+            compact_signature=self.key.sign(compact),
             attempt=info.attempt,
         )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import pydantic_core
@@ -203,6 +204,11 @@ class SignedResult(BaseModel):
     body: str = Field(description="The result, as JSON.")
     key_id: str = Field(description="The signing agent's key id.")
     signature: str = Field(description="Ed25519 over the statement, base64.")
+    compact_signature: str | None = Field(
+        default=None,
+        description="Ed25519 over the compact statement (compact_request), base64; agents from "
+        "0.2.0 on add it, so a later release may add request fields an earlier agent lacks.",
+    )
     attempt: int = Field(
         default=1,
         description="The activity attempt that produced it (for step histories; not signed: "
@@ -220,6 +226,19 @@ def canonical_json(value: Any) -> bytes:
     ).encode()
 
 
+def compact_request(args: Sequence[Any]) -> bytes:
+    """A request as the compact statement covers it: each argument without its fields at
+    their defaults. A field a later release adds to a request (at its default) then does not
+    change what an agent of the release before signs; a field it sets does, and that agent's
+    results for it are refused. (So a request field's default never changes.)"""
+    return canonical_json(
+        [
+            a.model_dump(mode="json", exclude_defaults=True) if isinstance(a, BaseModel) else a
+            for a in args
+        ]
+    )
+
+
 def result_statement(
     workflow_id: str,
     run_id: str,
@@ -231,8 +250,36 @@ def result_statement(
     """What the agent signs: which request (workflow run, activity id chosen afresh by the
     workflow for each call, activity type, arguments) got which result. A signature cannot
     be moved to another call, request, run or result."""
+    return _statement(
+        "kubegate-result-v2", workflow_id, run_id, activity_id, activity_type, request, body
+    )
+
+
+def compact_statement(
+    workflow_id: str,
+    run_id: str,
+    activity_id: str,
+    activity_type: str,
+    request: bytes,
+    body: str,
+) -> bytes:
+    """The same statement over a compact_request (what SignedResult.compact_signature signs)."""
+    return _statement(
+        "kubegate-result-v3", workflow_id, run_id, activity_id, activity_type, request, body
+    )
+
+
+def _statement(
+    version: str,
+    workflow_id: str,
+    run_id: str,
+    activity_id: str,
+    activity_type: str,
+    request: bytes,
+    body: str,
+) -> bytes:
     parts = [
-        "kubegate-result-v2",
+        version,
         workflow_id,
         run_id,
         activity_id,
@@ -247,10 +294,18 @@ def verified_body(
     signed: SignedResult,
     signing_key_b64: str | None,
     statement: bytes,
+    compact: bytes | None = None,
 ) -> str | None:
-    """The result's JSON when the signature is the agent's over this statement, else None."""
+    """The result's JSON when the signature is the agent's over this statement (or its
+    compact signature over the `compact` statement), else None."""
     if not signing_key_b64:
         return None
+    if (
+        compact is not None
+        and signed.compact_signature
+        and verify_signature(signing_key_b64, compact, signed.compact_signature)
+    ):
+        return signed.body
     if not verify_signature(signing_key_b64, statement, signed.signature):
         return None
     return signed.body

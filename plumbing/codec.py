@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import re
@@ -35,6 +36,7 @@ import temporalio.client
 import temporalio.worker
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import ValidationError
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import DataConverter, PayloadCodec
@@ -259,7 +261,42 @@ class Readable:
 
 
 class KubegatePayloadConverter(PydanticPayloadConverter):
-    """Pydantic JSON; values marked readable get the metadata the codec leaves alone."""
+    """Pydantic JSON; values marked readable get the metadata the codec leaves alone.
+
+    A payload from a later release may carry fields this release's models do not know (many
+    models forbid unknown fields, to refuse typos in users' files). Decoding drops such
+    fields and keeps the rest, so an agent of the release before can still take a request a
+    newer control worker sent; what it ignored is caught by the workflow, which takes its
+    result only when the agent's compact signature covers the request as sent (a new field
+    at its default, see domain/trust.compact_request)."""
+
+    def from_payloads(
+        self, payloads: Sequence[Payload], type_hints: list[type] | None = None
+    ) -> list[Any]:
+        try:
+            return super().from_payloads(payloads, type_hints)
+        except ValidationError:
+            hints: list[Any] = list(type_hints) if type_hints else [Any] * len(payloads)
+            return [
+                self._tolerant(payload, hint) for payload, hint in zip(payloads, hints, strict=True)
+            ]
+
+    def _tolerant(self, payload: Payload, hint: Any) -> Any:
+        """One payload, decoded without the fields its model does not know."""
+        try:
+            return super().from_payloads([payload], [hint])[0]
+        except ValidationError as exc:
+            unknown = _unknown_fields(exc)
+            if not unknown:
+                raise
+        data = json.loads(payload.data)
+        for path in unknown:
+            holder = data
+            for key in path[:-1]:
+                holder = holder[key]
+            holder.pop(path[-1], None)
+        trimmed = Payload(metadata=payload.metadata, data=json.dumps(data).encode())
+        return super().from_payloads([trimmed], [hint])[0]
 
     def to_payloads(self, values: Sequence[Any]) -> list[Payload]:
         # duck-typed: the workflow sandbox may hold its own copy of the marker classes
@@ -270,6 +307,15 @@ class KubegatePayloadConverter(PydanticPayloadConverter):
             if readable:
                 payload.metadata[READABLE] = b"true"
         return payloads
+
+
+def _unknown_fields(exc: ValidationError) -> list[tuple[int | str, ...]] | None:
+    """The paths of the fields a payload had that its model does not know; None when it
+    failed for anything else."""
+    found = exc.errors()
+    if not found or any(e["type"] != "extra_forbidden" for e in found):
+        return None
+    return [tuple(e["loc"]) for e in found]
 
 
 def _readable(text: str | None) -> str | None:

@@ -61,6 +61,8 @@ with workflow.unsafe.imports_passed_through():
         ReleaseIntent,
         SignedResult,
         canonical_json,
+        compact_request,
+        compact_statement,
         result_statement,
         verified_body,
     )
@@ -108,10 +110,10 @@ def verify_result(
     except ValidationError:
         return None
     info = workflow.info()
-    statement = result_statement(
-        info.workflow_id, info.run_id, activity_id, activity, canonical_json([arg]), signed.body
-    )
-    body = verified_body(signed, signing_key, statement)
+    call = (info.workflow_id, info.run_id, activity_id, activity)
+    statement = result_statement(*call, canonical_json([arg]), signed.body)
+    compact = compact_statement(*call, compact_request([arg]), signed.body)
+    body = verified_body(signed, signing_key, statement, compact)
     if body is None:
         return None
     try:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import json_format
+from pydantic import BaseModel, ConfigDict, ValidationError
 from temporalio.api.common.v1 import Payload, Payloads
 
 from plumbing.codec import (
@@ -224,3 +225,28 @@ def test_codec_server_refuses_other_namespaces_origins_and_bad_input(
     unknown = Payload(metadata={"encoding": ENCODING, KEY_ID: b"gone"}, data=b"x" * 40)
     status, _, body = post(server, "/decode", [unknown])
     assert status == 400 and b"not configured" in body
+
+
+class _PlacementBefore(BaseModel):
+    """A nested model as the release before knows it (unknown fields refused, as in specs)."""
+
+    model_config = ConfigDict(extra="forbid")
+    datastore: str
+
+
+class _RequestBefore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vm: str
+    placement: list[_PlacementBefore]
+
+
+def test_fields_of_a_later_release_are_dropped_when_decoding_and_nothing_else() -> None:
+    converter = data_converter().payload_converter
+    newer = {"vm": "vm-1", "zone": "a", "placement": [{"datastore": "ds", "tier": "gold"}]}
+    (payload,) = converter.to_payloads([newer])
+    (value,) = converter.from_payloads([payload], [_RequestBefore])
+    assert value == _RequestBefore(vm="vm-1", placement=[_PlacementBefore(datastore="ds")])
+    # a field of the wrong type (or a missing one) is still an error
+    (bad,) = converter.to_payloads([{"vm": 7, "zone": "a", "placement": []}])
+    with pytest.raises(ValidationError):
+        converter.from_payloads([bad], [_RequestBefore])

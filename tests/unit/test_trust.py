@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from domain.account import SealedSecret, VCenterEndpoint, password_binding
 from domain.gateway import PairingState, pairing_proof, pairing_verifier
@@ -17,6 +17,8 @@ from domain.trust import (
     AgentPolicy,
     SignedResult,
     canonical_json,
+    compact_request,
+    compact_statement,
     policy_for,
     result_statement,
     verified_body,
@@ -102,6 +104,58 @@ def test_signatures_verify_only_for_the_call_request_run_and_result_they_cover()
     ):
         assert verified_body(signed, key.signing_key_b64, other) is None
     assert not verify_signature(key.signing_key_b64, b"x", "not base64!")
+
+
+class PowerOnBefore(BaseModel):
+    """A request as the release before knows it."""
+
+    vm: str
+    wait: bool = True
+
+
+class PowerOnNow(PowerOnBefore):
+    """The same request after this release added a field."""
+
+    timeout_seconds: int = 600
+
+
+def _signed_by_agent(key: AgentKey, request: BaseModel, body: str, compact: bool) -> SignedResult:
+    """What the agent's guard returns for `request` as it decoded it."""
+    call = ("cluster/a", "run-1", "id-1", "vm_power_on")
+    full = result_statement(*call, canonical_json([request]), body)
+    signed = SignedResult(body=body, key_id=key.key_id, signature=key.sign(full))
+    if compact:
+        statement = compact_statement(*call, compact_request([request]), body)
+        signed.compact_signature = key.sign(statement)
+    return signed
+
+
+def _accepted(key: AgentKey, signed: SignedResult, sent: BaseModel) -> bool:
+    """Whether the workflow that sent `sent` takes the result (as workflows/nodes.py does)."""
+    call = ("cluster/a", "run-1", "id-1", "vm_power_on")
+    statement = result_statement(*call, canonical_json([sent]), signed.body)
+    compact = compact_statement(*call, compact_request([sent]), signed.body)
+    return verified_body(signed, key.signing_key_b64, statement, compact) is not None
+
+
+def test_an_agent_of_the_release_before_is_not_refused_for_a_field_it_does_not_know() -> None:
+    key = AgentKey.generate()
+    body = canonical_json({"power": "on"}).decode()
+    # the workflow sends a new field at its default; the older agent decodes without it
+    sent = PowerOnNow(vm="vm-42")
+    decoded = PowerOnBefore.model_validate(sent.model_dump(mode="json"), strict=False)
+    assert _accepted(key, _signed_by_agent(key, decoded, body, compact=True), sent)
+    # the full statement alone could not tell: it covers every field
+    assert not _accepted(key, _signed_by_agent(key, decoded, body, compact=False), sent)
+    # a new field the older agent cannot honour (set, not default) is never taken
+    honoured = PowerOnNow(vm="vm-42", timeout_seconds=30)
+    decoded = PowerOnBefore.model_validate(honoured.model_dump(mode="json"))
+    assert not _accepted(key, _signed_by_agent(key, decoded, body, compact=True), honoured)
+    # an agent from before compact signatures (0.1.0) is taken on its full statement
+    assert _accepted(key, _signed_by_agent(key, sent, body, compact=False), sent)
+    # and the compact signature binds the request like the full one
+    other = PowerOnNow(vm="vm-43")
+    assert not _accepted(key, _signed_by_agent(key, sent, body, compact=True), other)
 
 
 def test_the_fingerprint_covers_both_keys_and_is_stable() -> None:
