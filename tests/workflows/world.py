@@ -13,20 +13,31 @@ import base64
 import inspect
 import ipaddress
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import (
+    Client,
+    WorkflowHandle,
+    WorkflowHistory,
+    WorkflowUpdateFailedError,
+)
 from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.guard import AgentGuard, GuardInterceptor, PolicyFile
+from activities.updates import send_update
 from domain import names
-from domain.account import VCenterCredentials, VCenterEndpoint, password_binding
+from domain.account import Placement, VCenterCredentials, VCenterEndpoint, password_binding
 from domain.bootstrap import RenderedNode, RenderRequest, RenderResult
+from domain.gateway import GatewayConfig, GatewayState, GatewayStatus, default_account_name
 from domain.ipam import (
     AllocateAddresses,
     AllocateResult,
@@ -38,7 +49,8 @@ from domain.ipam import (
     ReleaseAddresses,
     ReleaseResult,
 )
-from domain.lifecycle import ClusterAccount
+from domain.lifecycle import ClusterAccount, Timing
+from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
 from domain.sealing import AgentKey, seal
 from domain.trust import AccountRef
@@ -50,6 +62,8 @@ from domain.vm import (
     FolderRequest,
     FolderResult,
     GuestsRequest,
+    InstallerVmRequest,
+    InstallerVmResult,
     PlacementRefs,
     PlacementRequest,
     PowerOnRequest,
@@ -59,7 +73,14 @@ from domain.vm import (
     SweepResult,
     VmInfo,
 )
-from workers.control import WORKFLOWS, workflow_runner
+from starters.client import KubegateClient
+from starters.codec import ReadableMetadata, data_converter
+from starters.settings import Settings, tool_path
+from tests.support import pending_work
+from workers.control import WORKFLOWS, build_worker, workflow_runner
+from workflows.gateway import GatewayWorkflow
+
+T = TypeVar("T")
 
 SERVER = "vcenter.example.test"
 TEMPLATE = "templates/ubuntu-2204-kube-v1.30"
@@ -80,6 +101,7 @@ class World:
     gateway: str
     key: AgentKey = field(default_factory=AgentKey.generate)
     calls: list[str] = field(default_factory=list)
+    requests: list[tuple[str, Any]] = field(default_factory=list)  # (activity, request)
     vms: dict[str, VmInfo] = field(default_factory=dict)  # instance uuid -> VM
     allocations: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, slot)
     hooks: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
@@ -107,6 +129,7 @@ class World:
 
     async def _called(self, name: str, request: Any) -> Any:
         self.calls.append(name)
+        self.requests.append((name, request))
         self.attempts[name] = activity.info().attempt
         hook = self.hooks.get(name)
         answer = hook(request) if hook is not None else None
@@ -231,6 +254,14 @@ class World:
             await world._called("vm_sweep", request)
             return SweepResult()
 
+        @activity.defn(name="vm_installer")
+        async def vm_installer(request: InstallerVmRequest) -> InstallerVmResult:
+            answer = await world._called("vm_installer", request)
+            off = request.action == "power_off"
+            return answer or InstallerVmResult(
+                found=True, ref="VirtualMachine:vm-42", power_state="poweredOff" if off else ""
+            )
+
         return [
             preflight_all,
             vm_resolve_placement,
@@ -242,6 +273,7 @@ class World:
             vm_wait_ready,
             vm_destroy,
             vm_sweep,
+            vm_installer,
         ]
 
     # -- the control side: IP pools --------------------------------------------------------
@@ -332,17 +364,27 @@ class World:
 
     # -- workers -----------------------------------------------------------------------------
 
-    def workers(self, client: Client, queue: str) -> list[Worker]:
+    def workers(self, client: Client, queue: str, real_control: bool = False) -> list[Worker]:
         """The workflows on `queue`, the control stand-ins on the control queue, the agent's
-        on the gateway's queue (the workflows send their activities there)."""
+        on the gateway's queue (the workflows send their activities there).
+
+        With `real_control`, the control queue has the real control worker instead: real
+        IP pools (IpPoolWorkflow, by Update), and the facts a workflow checks with Temporal
+        (a lifecycle's end, an owner's `releasing` query, a gateway's current credentials).
+        """
         guard = Unchecked(client, self.gateway, self.key, PolicyFile(Path("/nonexistent")))
+        control = (
+            build_worker(client)
+            if real_control
+            else Worker(
+                client, task_queue=names.CONTROL_TASK_QUEUE, activities=self.control_activities()
+            )
+        )
         return [
             Worker(
                 client, task_queue=queue, workflows=WORKFLOWS, workflow_runner=workflow_runner()
             ),
-            Worker(
-                client, task_queue=names.CONTROL_TASK_QUEUE, activities=self.control_activities()
-            ),
+            control,
             Worker(
                 client,
                 task_queue=names.gateway_task_queue(self.gateway),
@@ -374,3 +416,203 @@ async def forever(_: Any) -> Any:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+class Stage:
+    """One test's world and its workers: a gateway name and a task queue of its own."""
+
+    def __init__(self, env: WorkflowEnvironment, real_control: bool = False) -> None:
+        self.client = env.client
+        self.world = World(gateway=unique("gw"))
+        self.queue = unique("wf")
+        self.real_control = real_control
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Stage:
+        for worker in self.world.workers(self.client, self.queue, self.real_control):
+            await self._stack.enter_async_context(worker)
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._stack.aclose()
+
+
+FAST = Timing(heartbeat_seconds=5)
+PLACEMENT = Placement(
+    datacenter="DC0",
+    compute_cluster="DC0_C0",
+    datastore="LocalDS_0",
+    network="VM Network",
+    template=TEMPLATE,
+)
+
+
+class Entity:
+    """An entity workflow of a stage (a gateway, an IP pool) and the Updates anyone may send
+    it, as a client sends them."""
+
+    def __init__(self, stage: Stage, workflow_id: str, result_type: type | None = None) -> None:
+        self.stage = stage
+        self.handle: WorkflowHandle[Any, Any] = stage.client.get_workflow_handle(
+            workflow_id, result_type=result_type
+        )
+
+    async def update(self, update: Any, *args: Any) -> Any:
+        """An Update (sent again if the run closed under it by continue-as-new)."""
+        return await send_update(
+            self.handle.id,
+            lambda: self.handle.execute_update(update, *args),
+            client=self.stage.client,
+        )
+
+    async def refused(self, update: Any, *args: Any) -> ApplicationError:
+        """The error an Update is refused with (by its validator, or its handler)."""
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await self.update(update, *args)
+        cause = refused.value.cause
+        assert isinstance(cause, ApplicationError), cause
+        return cause
+
+
+class Gateway(Entity):
+    """A stage's gateway, driven as its operator (the real client) and its agent would."""
+
+    def __init__(self, stage: Stage, home: Path) -> None:
+        super().__init__(stage, names.gateway_workflow_id(stage.world.gateway), GatewayState)
+        self.world = stage.world
+        self.name = stage.world.gateway
+        self.key = stage.world.key  # the stand-in agent signs with it
+        self.installer = f"/DC0/vm/kubegate-installer-{self.name}"
+        self.kubegate = KubegateClient(stage.client, Settings(home=home))
+
+    async def create(self, approved: bool = True) -> str:
+        """Pending; returns the pairing code (its agent approved in advance if `approved`)."""
+        _, code = await self.kubegate.create_gateway(
+            self.name,
+            timing=FAST,
+            task_queue=self.stage.queue,
+            fingerprint=self.key.fingerprint if approved else None,
+        )
+        return code
+
+    async def pair(self, code: str | None, key: AgentKey | None = None) -> GatewayState:
+        return await self.kubegate.register_agent(
+            self.name, key or self.key, code, installer_vm=self.installer, host="installer"
+        )
+
+    def config(self, ip_pool: str | None = None) -> GatewayConfig:
+        """One node, on DHCP behind a VIP or with its addresses from `ip_pool`; the password
+        sealed to the agent for this use."""
+        account = self.world.account(default_account_name(self.name))
+        return GatewayConfig(
+            credentials=account.credentials,
+            placement=PLACEMENT,
+            ip_allocation="static" if ip_pool else "dhcp",
+            ip_pool=ip_pool,
+            vip=None if ip_pool else "10.9.0.5",
+        )
+
+    async def registered(self) -> None:
+        await self.pair(await self.create())
+
+    async def running(self, ip_pool: str | None = None) -> GatewayState:
+        await self.registered()
+        await self.update(GatewayWorkflow.configure, self.config(ip_pool))
+        return await self.until(GatewayStatus.RUNNING)
+
+    async def failed(self) -> GatewayState:
+        """Configured, its node made, then its installer VM cannot be powered off: Failed
+        in provisioning (the hook is gone again once it failed)."""
+        self.world.hooks["vm_installer"] = fail("the installer VM is locked", non_retryable=True)
+        await self.registered()
+        await self.update(GatewayWorkflow.configure, self.config())
+        state = await self.until(GatewayStatus.FAILED)
+        del self.world.hooks["vm_installer"]
+        return state
+
+    async def state(self) -> GatewayState:
+        return await self.kubegate.gateway_state(self.name)
+
+    async def until(self, *statuses: GatewayStatus) -> GatewayState:
+        return await until(
+            self.stage.client,
+            self.state,
+            lambda s: s.status in statuses,
+            f"gateway {self.name} {'/'.join(statuses)}",
+        )
+
+    async def next_run(self, run_id: str) -> str:
+        """The run after `run_id` (the gateway continued as new)."""
+        described = await until(
+            self.stage.client,
+            self.handle.describe,
+            lambda d: d.run_id != run_id,
+            f"gateway {self.name}: a run after {run_id}",
+        )
+        return described.run_id
+
+    def installer_calls(self) -> list[tuple[str, str]]:
+        """(action, VM) of every installer request the agent got."""
+        return [
+            (r.action, r.vm)
+            for name, r in self.world.requests
+            if name == "vm_installer" and isinstance(r, InstallerVmRequest)
+        ]
+
+
+async def dev_server() -> WorkflowEnvironment:
+    """A Temporal dev server of the tests' own, with kubegate's search attributes and codec."""
+    return await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(tool_path("temporal")),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=data_converter(),
+        interceptors=[ReadableMetadata()],
+        dev_server_log_level="error",
+    )
+
+
+async def until(
+    client: Client,
+    read: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+    what: str,
+    seconds: float = 20.0,
+) -> T:
+    """Poll `read()` until `done` holds; past the deadline, fail with the last value read and
+    every running workflow's pending activities (where it stopped, and why)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        value = await read()
+        if done(value):
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(
+                f"{what}: not reached in {seconds:.0f} s; last: {value!r}\n"
+                + await pending_work(client)
+            )
+        await asyncio.sleep(0.05)
+
+
+async def runs(client: Client, workflow_id: str) -> list[WorkflowHistory]:
+    """The history of every run under the id up to the current one, oldest first (followed
+    back from the current run through each run's continued-from link)."""
+    run_id = (await client.get_workflow_handle(workflow_id).describe()).run_id
+    out: list[WorkflowHistory] = []
+    while run_id:
+        history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+        out.insert(0, history)
+        started = history.events[0].workflow_execution_started_event_attributes
+        run_id = started.continued_execution_run_id
+    return out
+
+
+async def accepted_updates(client: Client, workflow_id: str) -> list[str]:
+    """The Updates the workflow accepted, in order, over all its runs (a validator's refusal
+    leaves no event: a refused request never enters the history)."""
+    return [
+        event.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+        for history in await runs(client, workflow_id)
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED
+    ]
