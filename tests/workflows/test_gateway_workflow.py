@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from domain import errors, names
@@ -34,7 +35,6 @@ from domain.gateway import (
 )
 from domain.lifecycle import ClusterStatus, operations
 from domain.sealing import AgentKey
-from domain.version import VERSION
 from starters.client import RequestRefused, _new_pairing
 from tests.workflows.test_cluster_workflow import spec
 from tests.workflows.world import (
@@ -276,14 +276,21 @@ async def test_reset_of_an_overdue_gateway_issues_a_new_code_and_restarts_its_cl
     assert state.pairing_issued_at is not None and state.pairing_issued_at > long_ago
     with pytest.raises(RequestRefused, match="wrong pairing code"):
         await gw.pair(old_code)
-    # the overdue timer runs again, ten minutes from the new code
-    timers = [
-        event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
-        for history in await runs(gw.stage.client, gw.handle.id)
-        for event in history.events
-        if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED
-    ]
-    assert timers[-1] > timedelta(minutes=9), timers
+    # the overdue timer runs again, ten minutes from the new code (in the run after the
+    # reset's settle point: waited for, it may not have started yet)
+
+    async def timers() -> list[timedelta]:
+        return [
+            event.timer_started_event_attributes.start_to_fire_timeout.ToTimedelta()
+            for history in await runs(gw.stage.client, gw.handle.id)
+            for event in history.events
+            if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED
+        ]
+
+    started = await until(
+        gw.stage.client, timers, lambda t: t[-1] > timedelta(minutes=9), "overdue timer again"
+    )
+    assert started[0] < timedelta(minutes=1)  # the first: overdue already, at once
     state = await gw.pair(code)
     assert state.agent is not None and not state.overdue
 
@@ -310,7 +317,7 @@ async def test_updates_the_state_does_not_allow_are_refused_and_never_enter_the_
         assert says in (await gw.refused(update, *args)).message
 
     # its agent restarts on a release this one does not work with: no new work
-    await gw.kubegate.register_agent(gw.name, gw.key, None, version="99.0.0")
+    await gw.pair(None, version="99.0.0")
     state = await gw.state()
     assert state.agent_problem is not None and "upgrade the agent" in state.agent_problem
     for update, args in (
@@ -320,7 +327,7 @@ async def test_updates_the_state_does_not_allow_are_refused_and_never_enter_the_
         refused = await gw.refused(update, *args)
         assert "its agent is 99.0.0" in refused.message, refused.message
         assert refused.type == errors.GATEWAY_NOT_READY
-    await gw.kubegate.register_agent(gw.name, gw.key, None, version=VERSION)
+    await gw.pair(None)
     assert (await gw.state()).agent_problem is None
 
     assert await accepted_updates(gw.stage.client, gw.handle.id) == [
@@ -329,3 +336,26 @@ async def test_updates_the_state_does_not_allow_are_refused_and_never_enter_the_
         "register",
         "register",
     ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="production bug: GatewayWorkflow's configure validator (_configure_ok) does not "
+    "call _require_current_agent(), so a gateway whose agent runs a release this one does "
+    "not accept (state.agent_problem set) is configured and provisions its nodes through "
+    "that agent; docs/development.md: such a gateway 'refuses new work until the agent is "
+    "upgraded' (upgrade, rotate_account and validate_account have the same gap)",
+)
+async def test_configure_is_refused_while_the_agents_release_is_not_accepted(gw: Gateway) -> None:
+    await gw.pair(await gw.create(), version="99.0.0")
+    assert (await gw.state()).agent_problem is not None
+    try:
+        await gw.update(GatewayWorkflow.configure, gw.config())
+    except WorkflowUpdateFailedError as exc:
+        refused = exc.cause
+    else:  # accepted: it provisions through the agent it should not use
+        await gw.until(GatewayStatus.RUNNING)
+        refused = None
+    assert isinstance(refused, ApplicationError), "configure was accepted"
+    assert "its agent is 99.0.0" in refused.message
+    assert refused.type == errors.GATEWAY_NOT_READY

@@ -54,6 +54,7 @@ from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
 from domain.sealing import AgentKey, seal
 from domain.trust import AccountRef
+from domain.version import VERSION
 from domain.vm import (
     CreateVmRequest,
     DestroyResult,
@@ -495,9 +496,18 @@ class Gateway(Entity):
         )
         return code
 
-    async def pair(self, code: str | None, key: AgentKey | None = None) -> GatewayState:
+    async def pair(
+        self, code: str | None, key: AgentKey | None = None, version: str = VERSION
+    ) -> GatewayState:
+        """The agent registers as it starts: pairs with the code, or (paired already, code
+        None) says its release."""
         return await self.kubegate.register_agent(
-            self.name, key or self.key, code, installer_vm=self.installer, host="installer"
+            self.name,
+            key or self.key,
+            code,
+            installer_vm=self.installer,
+            host="installer",
+            version=version,
         )
 
     def config(self, ip_pool: str | None = None) -> GatewayConfig:
