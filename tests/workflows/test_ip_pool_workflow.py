@@ -102,12 +102,14 @@ async def test_allocations_repeat_skip_reserved_addresses_and_exhaustion_names_t
         }
 
         assert await pool.release("tool/b", "p") == [b["p"]]
+        assert await pool.release("tool/b", "p") == []  # again: nothing more
         assert await pool.allocate("tool/c", "z") == {"z": b["p"]}  # given again
         # the refusals never entered the history
         assert await accepted_updates(stage.client, pool.handle.id) == [
             "allocate",
             "allocate",
             "allocate",
+            "release",
             "release",
             "allocate",
         ]
@@ -134,6 +136,9 @@ async def test_a_lifecycles_addresses_go_back_only_when_it_releases_them(
         # an owner releases only its own: a slot it does not hold is no one's
         assert await pool.release("tool/x", *(slot for _, slot in ours)) == []
         assert await pool.release("tool/x") == [tool["a"]]
+        # a lifecycle that does not exist (any more) cannot object: its addresses go back
+        ghost = await pool.allocate("cluster/ghost", "cp-0")
+        assert await pool.release("cluster/ghost") == [ghost["cp-0"]]
         assert await pool.held() == ours
 
         await gw.update(GatewayWorkflow.delete)
