@@ -713,7 +713,9 @@ class GatewayWorkflow(NodeMachinery):
         self._require_sealed_for(config.credentials, default_account_name(self.gw.name))
 
     def _require_sealed_for(self, credentials: VCenterCredentials, account: str) -> None:
-        """Refuse credentials not sealed to the approved agent for this account and vCenter."""
+        """Refuse credentials not sealed to the approved agent for this account and vCenter,
+        and new work for an agent whose release this one does not accept."""
+        self._require_current_agent()
         agent = self.gw.agent
         if agent is None or not agent.approved:
             raise invalid_state(
@@ -796,6 +798,7 @@ class GatewayWorkflow(NodeMachinery):
     @upgrade.validator
     def _upgrade_ok(self, request: UpgradeRequest) -> None:
         self._require_running("upgrade")
+        self._require_current_agent()
         version = request.version or self._newest()
         reason = can_upgrade(self.gw.version, version) if version else "version: none newer"
         if reason:

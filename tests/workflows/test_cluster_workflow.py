@@ -8,12 +8,10 @@ it stalled or timed out a query in about one run of four; the dev server does no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
@@ -29,10 +27,8 @@ from domain.lifecycle import (
     Timing,
     operations,
 )
-from domain.names import SEARCH_ATTRIBUTES
 from domain.sealing import AgentKey
-from plumbing.codec import ReadableMetadata, data_converter
-from plumbing.settings import tool_path
+from plumbing.updates import send_update
 from tests.workflows.world import TEMPLATE, World, fail, forever, unique
 from workflows.cluster import ClusterWorkflow
 from workflows.nodes import RETRY_ATTEMPTS
@@ -69,19 +65,6 @@ def spec(name: str, cp: int = 1, workers: int = 2) -> ClusterSpec:
     )
 
 
-@pytest_asyncio.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(tool_path("temporal")),
-        search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=data_converter(),
-        interceptors=[ReadableMetadata()],
-        dev_server_log_level="error",
-    )
-    yield env
-    await env.shutdown()
-
-
 class Running:
     """One test's world and workers (a gateway name and task queue of its own)."""
 
@@ -104,7 +87,7 @@ class Running:
     ) -> WorkflowHandle[Any, Any]:
         """Start the cluster as its gateway would (credentials then come from the stand-in
         `gateway_account`; the gateway itself is not there: its notices go nowhere)."""
-        return await self.env.client.start_workflow(
+        started = await self.env.client.start_workflow(
             ClusterWorkflow.run,
             ClusterInput(
                 spec=cluster,
@@ -115,6 +98,12 @@ class Running:
             id=names.cluster_workflow_id(cluster.name),
             task_queue=self.queue,
         )
+        # not pinned to the first run: a settled cluster continues as new
+        return self.env.client.get_workflow_handle(started.id)
+
+    async def update(self, handle: WorkflowHandle[Any, Any], *args: Any) -> Any:
+        """An Update to the cluster's current run (retried while a settling run closes)."""
+        return await send_update(handle.id, lambda: handle.execute_update(*args))
 
     async def until(self, name: str, *statuses: ClusterStatus) -> ClusterState:
         handle = self.env.client.get_workflow_handle(names.cluster_workflow_id(name))
@@ -173,15 +162,15 @@ async def test_requests_the_status_does_not_allow_are_refused_and_abort_cleans_u
                 break
             await asyncio.sleep(0.05)
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(ClusterWorkflow.delete, DeleteRequest())
+            await run.update(handle, ClusterWorkflow.delete, DeleteRequest())
         assert "use abort" in str(refused.value.cause)
         with pytest.raises(WorkflowUpdateFailedError):
-            await handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
+            await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(ClusterWorkflow.retry)
+            await run.update(handle, ClusterWorkflow.retry)
         assert "only a Failed cluster" in str(refused.value.cause)
 
-        await handle.execute_update(ClusterWorkflow.abort)
+        await run.update(handle, ClusterWorkflow.abort)
         state = await run.until(name, ClusterStatus.DELETED)
         assert state.reason == "aborted"
         assert [op for op, _, _ in operations(state.steps)] == ["deploy", "abort"]
@@ -208,7 +197,7 @@ async def test_failing_attempts_are_retried_and_a_permanent_failure_names_its_st
         assert "Start nodes" in (state.error or "")  # the step, in the user's words
 
         del run.world.hooks["vm_power_on"]  # fixed: retry runs the steps again
-        await handle.execute_update(ClusterWorkflow.retry)
+        await run.update(handle, ClusterWorkflow.retry)
         state = await run.until(name, ClusterStatus.RUNNING)
         assert [op for op, _, _ in operations(state.steps)] == ["deploy", "retry"]
         assert len(run.world.vms) == 3  # each VM once: the retry found them
@@ -243,7 +232,7 @@ async def test_a_lifecycle_without_a_gateway_fails_cleanly_once_its_credentials_
         await run.until(name, ClusterStatus.FAILED)
         del run.world.hooks["vm_ensure_folder"]
         await asyncio.sleep(0.5)  # (settled: continued as new without credentials)
-        await handle.execute_update(ClusterWorkflow.retry)
+        await run.update(handle, ClusterWorkflow.retry)
         state = await run.until(name, ClusterStatus.FAILED)  # (retry made it Provisioning)
         assert "no credentials for cloud account acct" in (state.error or "")
 
@@ -263,7 +252,7 @@ async def test_a_change_returns_its_operation_at_once_and_runs_in_the_main_loop(
         run.world.hooks["vm_create"] = held
 
         accepted: ChangeResult = await asyncio.wait_for(
-            handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=2)), 10
+            run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=2)), 10
         )
         assert accepted.status == ClusterStatus.UPDATING.value
         assert accepted.operation == deployed.operations_run + 1
@@ -275,7 +264,7 @@ async def test_a_change_returns_its_operation_at_once_and_runs_in_the_main_loop(
 
         # one change at a time: another is refused, with the reason
         with pytest.raises(WorkflowUpdateFailedError) as refused:
-            await handle.execute_update(ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
+            await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=3))
         assert "changes need Running" in str(refused.value.cause)
 
         cloned.set()

@@ -338,14 +338,6 @@ async def test_updates_the_state_does_not_allow_are_refused_and_never_enter_the_
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="production bug: GatewayWorkflow's configure validator (_configure_ok) does not "
-    "call _require_current_agent(), so a gateway whose agent runs a release this one does "
-    "not accept (state.agent_problem set) is configured and provisions its nodes through "
-    "that agent; docs/development.md: such a gateway 'refuses new work until the agent is "
-    "upgraded' (upgrade, rotate_account and validate_account have the same gap)",
-)
 async def test_configure_is_refused_while_the_agents_release_is_not_accepted(gw: Gateway) -> None:
     await gw.pair(await gw.create(), version="99.0.0")
     assert (await gw.state()).agent_problem is not None

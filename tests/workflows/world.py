@@ -33,7 +33,6 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.guard import AgentGuard, GuardInterceptor, PolicyFile
-from activities.updates import send_update
 from domain import names
 from domain.account import Placement, VCenterCredentials, VCenterEndpoint, password_binding
 from domain.bootstrap import RenderedNode, RenderRequest, RenderResult
@@ -74,9 +73,10 @@ from domain.vm import (
     SweepResult,
     VmInfo,
 )
+from plumbing.codec import ReadableMetadata, data_converter
+from plumbing.settings import Settings, tool_path
+from plumbing.updates import send_update
 from starters.client import KubegateClient
-from starters.codec import ReadableMetadata, data_converter
-from starters.settings import Settings, tool_path
 from tests.support import pending_work
 from workers.control import WORKFLOWS, build_worker, workflow_runner
 from workflows.gateway import GatewayWorkflow
