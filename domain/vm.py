@@ -110,6 +110,11 @@ class VmInfo(BaseModel):
     hostname: str | None = None
     vcenter_requests: int = 0
     attempt: int = Field(default=1, description="The activity attempt that returned this.")
+    bootstrap_digest: str | None = Field(
+        default=None,
+        description="digest() of the cloud-init data rendered for this VM (None: not rendered "
+        "by this call, e.g. the VM existed).",
+    )
 
 
 class GuestsRequest(BaseModel):

@@ -36,7 +36,7 @@ from activities.vsphere.session import SessionPool, VSphereSession, request_mete
 from activities.vsphere.watch import CancelRequested, await_task
 from domain import errors
 from domain.account import Placement, VCenterCredentials
-from domain.bootstrap import guestinfo
+from domain.bootstrap import digest, rendered
 from domain.sealing import AgentKey
 from domain.vm import (
     MARK_CLUSTER,
@@ -249,7 +249,13 @@ class VmActivities:
                 type=errors.INVALID_SPEC,
                 non_retryable=True,
             )
-        return guestinfo(request.bootstrap, secrets)
+        try:
+            entries, _ = rendered(request.bootstrap, secrets)
+        except ValueError as exc:
+            raise ApplicationError(
+                f"node {request.name}: {exc}", type=errors.INVALID_SPEC, non_retryable=True
+            ) from None
+        return entries
 
     # --- placement and folders --------------------------------------------------------------
 
@@ -343,6 +349,7 @@ class VmActivities:
             )
         info.vcenter_requests = meter[0]
         info.attempt = activity.info().attempt
+        info.bootstrap_digest = digest(extra) if extra else None
         return info
 
     def _create(
