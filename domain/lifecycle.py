@@ -177,17 +177,11 @@ class ClusterInput(BaseModel):
     secrets: SealedSecret | None = None
 
 
-class ClusterState(BaseModel):
-    """Everything the cluster workflow knows; returned by its `state` query."""
+class NodeSetState(BaseModel):
+    """A set of nodes as the node machinery keeps it: its VMs, addresses, folder and the steps
+    that made them (a cluster's, or a gateway's own nodes)."""
 
-    name: str
-    status: ClusterStatus = ClusterStatus.QUEUED
-    reason: str = ""
-    error: str | None = None
-    spec: ClusterSpec
-    account: str
-    gateway: str
-    readiness: str = "guest"
+    gateway: str = Field(description="The gateway whose agent and IP pools the nodes use.")
     vip: str | None = None
     folder: str | None = Field(default=None, description="Inventory path of the folder.")
     folder_ref: str | None = None
@@ -196,17 +190,29 @@ class ClusterState(BaseModel):
     steps: list[Step] = Field(default_factory=list)
     #: operations whose steps were dropped from `steps` (the oldest; see trim_steps)
     trimmed_operations: int = 0
-    #: operations run so far (numbers the steps' operations)
-    operations_run: int = 0
     nodes: list[Node] = Field(default_factory=list)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
     vcenter_requests: int = 0
     provisioned: bool = Field(default=False, description="It has been Running at least once.")
     #: node slot (name at revision 0) -> revision; a replaced node is named '<slot>-r<rev>'
     revisions: dict[str, int] = Field(default_factory=dict)
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class ClusterState(NodeSetState):
+    """Everything the cluster workflow knows; returned by its `state` query."""
+
+    name: str
+    status: ClusterStatus = ClusterStatus.QUEUED
+    reason: str = ""
+    error: str | None = None
+    spec: ClusterSpec
+    account: str
+    readiness: str = "guest"
+    #: operations run so far (numbers the steps' operations)
+    operations_run: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]
