@@ -32,6 +32,7 @@ from domain.cluster import (
     ClusterSpec,
     NodeLayout,
     NodePlan,
+    NodeSpec,
     PlacementDomain,
     node_name,
 )
@@ -603,6 +604,9 @@ class GatewayNodes(NodeSetState):
     as a ClusterState: its other fields are dropped, its spec converted)."""
 
     spec: GatewayNodeSpec
+
+    def node_spec(self) -> NodeSpec:
+        return self.spec
 
 
 def default_account_name(gateway: str) -> str:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
-from domain.cluster import MAX_POOL_NODES, ClusterSpec, WorkerPool
+from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
 
 
 class ClusterStatus(StrEnum):
@@ -198,6 +198,10 @@ class NodeSetState(BaseModel):
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
 
+    def node_spec(self) -> NodeSpec:
+        """The spec the nodes are built from (each kind of node set keeps its own)."""
+        raise NotImplementedError
+
 
 class ClusterState(NodeSetState):
     """Everything the cluster workflow knows; returned by its `state` query."""
@@ -213,6 +217,9 @@ class ClusterState(NodeSetState):
     operations_run: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    def node_spec(self) -> NodeSpec:
+        return self.spec
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]

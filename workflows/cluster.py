@@ -61,7 +61,6 @@ class ClusterWorkflow:
         self.nodes = NodeSet(
             self,
             record=self.state,
-            spec=lambda: self.state.spec,
             owner=names.cluster_workflow_id(self.state.name),
             account=input.account,
             timing=input.timing,

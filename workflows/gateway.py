@@ -1328,7 +1328,6 @@ class GatewayWorkflow:
         return NodeSet(
             self,
             record=record,
-            spec=lambda: record.spec,
             owner=names.gateway_workflow_id(self.gw.name),
             account=ClusterAccount(
                 name=default_account_name(self.gw.name),

@@ -218,8 +218,8 @@ class NodeSet:
 
     The owning workflow keeps it as a field and passes what differs between owners: `host` (its
     Web UI, operation numbering, abort flag, account refresh and agent key), `record` (the state
-    the nodes are kept in: a ClusterState, or the gateway's GatewayNodes), `spec` (reads the
-    record's current spec: ClusterSpec or GatewayNodeSpec, both a NodeSpec), `owner` (who owns
+    the nodes are kept in, with the spec they are built from: a ClusterState with its
+    ClusterSpec, or the gateway's GatewayNodes with its GatewayNodeSpec), `owner` (who owns
     addresses and VM marks: 'cluster/x', 'gateway/y') and the account, timing, readiness mode
     and the nodes' sealed secrets.
     """
@@ -228,7 +228,6 @@ class NodeSet:
         self,
         host: NodeHost,
         record: NodeSetState,
-        spec: Callable[[], NodeSpec],
         owner: str,
         account: ClusterAccount,
         timing: Timing,
@@ -237,7 +236,6 @@ class NodeSet:
     ) -> None:
         self.host = host
         self.record = record
-        self.spec = spec
         self.owner = owner
         self.account = account
         self.timing = timing
@@ -259,7 +257,7 @@ class NodeSet:
     @property
     def layout(self) -> NodeLayout:
         """The current spec's layout (made again when the record's spec is another one)."""
-        spec = self.spec()
+        spec = self.record.node_spec()
         if self._layout is None or self._layout[0] is not spec:
             self._layout = (spec, spec.layout())
         return self._layout[1]
@@ -318,7 +316,7 @@ class NodeSet:
 
     async def validate(self, step: Step) -> None:
         try:
-            self.spec().check()
+            self.record.node_spec().check()
             layout = self.layout
         except (ValidationError, ValueError) as exc:
             raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
