@@ -294,10 +294,7 @@ class ClusterSpec(BaseModel):
         vip = self.control_plane.vip
         return NodeLayout(
             name=self.name,
-            datacenter=self.placement.datacenter,
-            folder=self.placement.folder,
-            ssh_keys=self.placement.ssh_keys,
-            ntp_servers=self.placement.ntp_servers,
+            placement=self.placement,
             plans=plan_nodes(self),
             domains=[domain for _, domain in self.domains()],
             vip=str(vip) if vip is not None else None,
@@ -355,10 +352,9 @@ class NodeLayout(BaseModel):
     every planned node, where the nodes go and what they boot."""
 
     name: str = Field(description="The folder's name; node names start with it.")
-    datacenter: str
-    folder: str = Field(description="The VM folder the set's own folder goes in.")
-    ssh_keys: list[str]
-    ntp_servers: list[str]
+    placement: ClusterPlacement = Field(
+        description="Datacenter, the folder the set's own folder goes in, keys, NTP servers."
+    )
     plans: list[NodePlan] = Field(description="Every node, by slot name (revision 0).")
     domains: list[PlacementDomain] = Field(
         description="Every placement domain, control plane's first (repeats kept)."

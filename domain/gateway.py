@@ -473,12 +473,12 @@ class GatewayFile(BaseModel):
             ) from None
 
 
-#: the end of a gateway's node cluster name; no user cluster may end so
+#: the end of the name of a gateway's own nodes (their folder); no user cluster may end so
 GATEWAY_NODES_SUFFIX = "-pcg"
 
 
-def gateway_cluster_name(gateway: str) -> str:
-    """The name of the gateway's own node cluster (its folder and node names start with it)."""
+def gateway_nodes_name(gateway: str) -> str:
+    """The name of the gateway's own nodes: their folder's, and their names start with it."""
     return f"{gateway}{GATEWAY_NODES_SUFFIX}"
 
 
@@ -525,10 +525,7 @@ class GatewayNodeSpec(BaseModel):
         rel = release(self.version) or GATEWAY_RELEASES[0]
         return NodeLayout(
             name=self.name,
-            datacenter=self.placement.datacenter,
-            folder=self.placement.folder,
-            ssh_keys=self.placement.ssh_keys,
-            ntp_servers=self.placement.ntp_servers,
+            placement=self.placement,
             plans=[
                 NodePlan(
                     name=node_name(self.name, "cp", index),
@@ -577,7 +574,7 @@ def gateway_node_spec(gateway: str, config: GatewayConfig, version: str) -> Gate
     """The gateway's nodes as its configuration and release say."""
     placement = config.placement
     return GatewayNodeSpec(
-        name=gateway_cluster_name(gateway),
+        name=gateway_nodes_name(gateway),
         version=version,
         size=config.size,
         template=placement.template or "",  # required by GatewayConfig

@@ -388,7 +388,7 @@ class NodeSet:
             "vm_ensure_folder",
             self._folder_request(),
             FolderResult,
-            f"Create folder {layout.name} in {layout.datacenter}",
+            f"Create folder {layout.name} in {layout.placement.datacenter}",
         )
         self.record.folder, self.record.folder_ref = result.path, result.ref
         step.objects = [result.ref]
@@ -628,8 +628,8 @@ class NodeSet:
             instance_id=node.instance_uuid,
             role=role,
             network=network,
-            ssh_keys=layout.ssh_keys,
-            ntp_servers=layout.ntp_servers,
+            ssh_keys=layout.placement.ssh_keys,
+            ntp_servers=layout.placement.ntp_servers,
             vip=self.record.vip,
             first_control_plane=first_address,
             kubernetes_version=kube.version if kube else "",
@@ -791,7 +791,7 @@ class NodeSet:
             "vm_sweep",
             SweepRequest(
                 credentials=self.account.current,
-                datacenter=self.layout.datacenter,
+                datacenter=self.layout.placement.datacenter,
                 cluster_id=self.owner,
             ),
             SweepResult,
@@ -863,8 +863,8 @@ class NodeSet:
         layout = self.layout
         return FolderRequest(
             credentials=self.account.current,
-            datacenter=layout.datacenter,
-            parent=layout.folder,
+            datacenter=layout.placement.datacenter,
+            parent=layout.placement.folder,
             name=layout.name,
         )
 
@@ -874,12 +874,12 @@ class NodeSet:
         for domain in self._distinct_domains():
             out.append(
                 Placement(
-                    datacenter=layout.datacenter,
+                    datacenter=layout.placement.datacenter,
                     compute_cluster=domain[0],
                     resource_pool=domain[1],
                     datastore=domain[2],
                     network=domain[3],
-                    folder=layout.folder,
+                    folder=layout.placement.folder,
                     template=self.account.template,
                 )
             )
@@ -925,7 +925,7 @@ class NodeSet:
                 "vm_resolve_placement",
                 PlacementRequest(
                     credentials=self.account.current,
-                    datacenter=self.layout.datacenter,
+                    datacenter=self.layout.placement.datacenter,
                     template=self.account.template,
                     domains=self._distinct_domains(),
                 ),
