@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -284,6 +284,24 @@ class ClusterSpec(BaseModel):
             raise ValueError("profile: a file reference must be resolved before use")
         return self.profile.with_overrides(self.overrides)
 
+    def check(self) -> None:
+        """Validate the spec again as a whole (ValueError naming the field otherwise)."""
+        ClusterSpec.model_validate(self.model_dump(mode="json"))
+        self.effective_profile()
+
+    def layout(self) -> NodeLayout:
+        """The cluster's nodes as a node set builds them (plan_nodes)."""
+        vip = self.control_plane.vip
+        return NodeLayout(
+            name=self.name,
+            placement=self.placement,
+            plans=plan_nodes(self),
+            domains=[domain for _, domain in self.domains()],
+            vip=str(vip) if vip is not None else None,
+            profile=self.effective_profile(),
+            allow_worker_capability=self.control_plane.allow_worker_capability,
+        )
+
 
 def node_name(cluster: str, pool: str, index: int) -> str:
     return f"{cluster}-{pool}-{index}"
@@ -327,3 +345,37 @@ def plan_nodes(spec: ClusterSpec) -> list[NodePlan]:
                 )
             )
     return plan
+
+
+class NodeLayout(BaseModel):
+    """What a node set is built from, whatever its spec (a cluster's, a gateway's nodes'):
+    every planned node, where the nodes go and what they boot."""
+
+    name: str = Field(description="The folder's name; node names start with it.")
+    placement: ClusterPlacement = Field(
+        description="Datacenter, the folder the set's own folder goes in, keys, NTP servers."
+    )
+    plans: list[NodePlan] = Field(description="Every node, by slot name (revision 0).")
+    domains: list[PlacementDomain] = Field(
+        description="Every placement domain, control plane's first (repeats kept)."
+    )
+    vip: str | None = Field(default=None, description="The fixed VIP (DHCP), if any.")
+    profile: ClusterProfile = Field(description="What the nodes boot (overrides merged).")
+    allow_worker_capability: bool = False
+
+    @property
+    def vip_pool(self) -> str | None:
+        """The pool the VIP comes from (static addressing): the control plane's."""
+        return self.domains[0].ip_pool
+
+
+class NodeSpec(Protocol):
+    """A spec a node set can build: ClusterSpec, GatewayNodeSpec."""
+
+    def check(self) -> None:
+        """Validate the spec again; ValueError (or ValidationError) naming what is wrong."""
+        ...
+
+    def layout(self) -> NodeLayout:
+        """The nodes to build; ValueError when the spec cannot be planned."""
+        ...

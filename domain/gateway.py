@@ -26,10 +26,19 @@ from pydantic import (
 )
 
 from domain.account import Placement, SealedSecret, VCenterAccess, VCenterCredentials
-from domain.cluster import ClusterPlacement, ClusterSpec
+from domain.cluster import (
+    ClusterPlacement,
+    ClusterProfile,
+    ClusterSpec,
+    NodeLayout,
+    NodePlan,
+    NodeSpec,
+    PlacementDomain,
+    node_name,
+)
 from domain.errors import field_errors
 from domain.ipam import IpPoolSpec
-from domain.lifecycle import ClusterState, Step, Timing
+from domain.lifecycle import NodeSetState, Step, Timing
 from domain.names import DnsLabel, HostName, is_host
 
 #: How long a pairing code can be used, and when a gateway that has not registered is overdue.
@@ -464,75 +473,137 @@ class GatewayFile(BaseModel):
             ) from None
 
 
-#: the end of a gateway's node cluster name; no user cluster may end so
+#: the end of the name of a gateway's own nodes (their folder); no user cluster may end so
 GATEWAY_NODES_SUFFIX = "-pcg"
 
 
-def gateway_cluster_name(gateway: str) -> str:
-    """The name of the gateway's own node cluster (its folder and node names start with it)."""
+def gateway_nodes_name(gateway: str) -> str:
+    """The name of the gateway's own nodes: their folder's, and their names start with it."""
     return f"{gateway}{GATEWAY_NODES_SUFFIX}"
 
 
-def gateway_cluster_spec(gateway: str, config: GatewayConfig, version: str) -> ClusterSpec:
-    """The gateway's nodes as a cluster: 1 or 3 control-plane nodes behind a VIP."""
-    rel = release(version) or GATEWAY_RELEASES[0]
-    placement = config.placement
-    assert placement.template is not None
-    return ClusterSpec.model_validate(
+class GatewayNodeSpec(BaseModel):
+    """The gateway's own nodes: 1 or 3 control-plane nodes that also run its workloads, behind
+    a VIP, booting the gateway release's packs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: DnsLabel = Field(description="'<gateway>-pcg': the folder's name, the nodes' prefix.")
+    version: str = Field(description="The gateway release the nodes run.")
+    size: Literal[1, 3] = 1
+    template: str = Field(min_length=1, description="The nodes' VM template.")
+    placement: ClusterPlacement = Field(description="Datacenter, folder, keys, NTP, addressing.")
+    domain: PlacementDomain = Field(description="Where the nodes go; ip_pool when static.")
+    vip: IPvAnyAddress | None = Field(default=None, description="The VIP with DHCP.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_cluster_spec(cls, data: Any) -> Any:
+        """A gateway's nodes recorded before GatewayNodeSpec were a ClusterSpec (a one-pool
+        "kubegate-gateway" cluster): the same nodes, said in this shape."""
+        if not isinstance(data, dict) or "control_plane" not in data:
+            return data
+        control_plane = data["control_plane"]
+        os_pack = next(e["pack"] for e in data["profile"]["layers"] if e["layer"] == "os")
+        return {
+            "name": data["name"],
+            "version": data["profile"]["version"],
+            "size": control_plane["size"],
+            "template": os_pack["values"]["template"],
+            "placement": data["placement"],
+            "domain": control_plane["placement"][0],
+            "vip": control_plane.get("vip"),
+        }
+
+    def check(self) -> None:
+        """Validate the spec again as a whole (ValueError naming the field otherwise)."""
+        GatewayNodeSpec.model_validate(self.model_dump(mode="json"))
+
+    def layout(self) -> NodeLayout:
+        """The nodes: `<name>-cp-N`, each NODE_CPU/NODE_MEMORY_GB/NODE_DISK_GB, booting the
+        release's os, Kubernetes, CNI and gateway packs."""
+        rel = release(self.version) or GATEWAY_RELEASES[0]
+        return NodeLayout(
+            name=self.name,
+            placement=self.placement,
+            plans=[
+                NodePlan(
+                    name=node_name(self.name, "cp", index),
+                    pool="cp",
+                    index=index,
+                    control_plane=True,
+                    cpu=NODE_CPU,
+                    memory_gb=NODE_MEMORY_GB,
+                    disk_gb=NODE_DISK_GB,
+                    domain_index=0,
+                    domain=self.domain,
+                )
+                for index in range(self.size)
+            ],
+            domains=[self.domain],
+            vip=str(self.vip) if self.vip is not None else None,
+            profile=_gateway_profile(rel, self.template),
+            allow_worker_capability=True,
+        )
+
+
+def _gateway_profile(rel: GatewayRelease, template: str) -> ClusterProfile:
+    """What a gateway release's nodes boot."""
+    return ClusterProfile.model_validate(
         {
-            "name": gateway_cluster_name(gateway),
-            "description": f"nodes of private cloud gateway {gateway}",
-            "profile": {
-                "name": "kubegate-gateway",
-                "version": rel.version,
-                "layers": [
-                    {
-                        "layer": "os",
-                        "pack": {
-                            "name": "ubuntu",
-                            "version": "22.04",
-                            "values": {"template": placement.template},
-                        },
+            "name": "kubegate-gateway",
+            "version": rel.version,
+            "layers": [
+                {
+                    "layer": "os",
+                    "pack": {
+                        "name": "ubuntu",
+                        "version": "22.04",
+                        "values": {"template": template},
                     },
-                    {
-                        "layer": "kubernetes",
-                        "pack": {"name": "kubernetes", "version": rel.kubernetes},
-                    },
-                    {"layer": "network", "pack": {"name": "cni-calico", "version": "3.28.0"}},
-                    {
-                        "layer": "addon",
-                        "pack": {"name": "kubegate-gateway", "version": rel.version},
-                    },
-                ],
-            },
-            "cloud_account": default_account_name(gateway),
-            "placement": {
-                "datacenter": placement.datacenter,
-                "folder": placement.folder,
-                "ssh_keys": config.ssh_keys,
-                "ntp_servers": config.ntp_servers,
-                "ip_allocation": config.ip_allocation,
-            },
-            "control_plane": {
-                "size": config.size,
-                "allow_worker_capability": True,
-                "cpu": NODE_CPU,
-                "memory_gb": NODE_MEMORY_GB,
-                "disk_gb": NODE_DISK_GB,
-                "placement": [
-                    {
-                        "compute_cluster": placement.compute_cluster,
-                        "resource_pool": placement.resource_pool,
-                        "datastore": placement.datastore,
-                        "network": placement.network,
-                        "ip_pool": config.ip_pool,
-                    }
-                ],
-                "vip": str(config.vip) if config.vip is not None else None,
-            },
-            "workers": [],
+                },
+                {"layer": "kubernetes", "pack": {"name": "kubernetes", "version": rel.kubernetes}},
+                {"layer": "network", "pack": {"name": "cni-calico", "version": "3.28.0"}},
+                {"layer": "addon", "pack": {"name": "kubegate-gateway", "version": rel.version}},
+            ],
         }
     )
+
+
+def gateway_node_spec(gateway: str, config: GatewayConfig, version: str) -> GatewayNodeSpec:
+    """The gateway's nodes as its configuration and release say."""
+    placement = config.placement
+    return GatewayNodeSpec(
+        name=gateway_nodes_name(gateway),
+        version=version,
+        size=config.size,
+        template=placement.template or "",  # required by GatewayConfig
+        placement=ClusterPlacement(
+            datacenter=placement.datacenter,
+            folder=placement.folder,
+            ssh_keys=config.ssh_keys,
+            ntp_servers=config.ntp_servers,
+            ip_allocation=config.ip_allocation,
+        ),
+        domain=PlacementDomain(
+            compute_cluster=placement.compute_cluster,
+            resource_pool=placement.resource_pool,
+            datastore=placement.datastore,
+            network=placement.network,
+            ip_pool=config.ip_pool,
+        ),
+        vip=config.vip,
+    )
+
+
+class GatewayNodes(NodeSetState):
+    """The gateway's own nodes and the steps that made them (recorded before GatewayNodeSpec
+    as a ClusterState: its other fields are dropped, its spec converted)."""
+
+    spec: GatewayNodeSpec
+
+    def node_spec(self) -> NodeSpec:
+        return self.spec
 
 
 def default_account_name(gateway: str) -> str:
@@ -611,7 +682,7 @@ class GatewayState(BaseModel):
     config: GatewayConfig | None = None
     version: str = GATEWAY_RELEASES[0].version
     target_version: str | None = None
-    nodes: ClusterState | None = Field(
+    nodes: GatewayNodes | None = Field(
         default=None, description="The gateway's nodes and the steps that made them."
     )
     history: list[Step] = Field(

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
-from domain.cluster import MAX_POOL_NODES, ClusterSpec, WorkerPool
+from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
 
 
 class ClusterStatus(StrEnum):
@@ -177,17 +177,24 @@ class ClusterInput(BaseModel):
     secrets: SealedSecret | None = None
 
 
-class ClusterState(BaseModel):
-    """Everything the cluster workflow knows; returned by its `state` query."""
+class ChangeResult(BaseModel):
+    """A day-2 change: accepted (status Updating: follow `operation` in the step history
+    and `last_change`), or what it did once it ended."""
 
-    name: str
-    status: ClusterStatus = ClusterStatus.QUEUED
-    reason: str = ""
+    status: str
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    #: the operation carrying the change (0: answered by a release before operations)
+    operation: int = 0
+    #: the error of a change that failed
     error: str | None = None
-    spec: ClusterSpec
-    account: str
-    gateway: str
-    readiness: str = "guest"
+
+
+class NodeSetState(BaseModel):
+    """A set of nodes as the node machinery keeps it: its VMs, addresses, folder and the steps
+    that made them (a cluster's, or a gateway's own nodes)."""
+
+    gateway: str = Field(description="The gateway whose agent and IP pools the nodes use.")
     vip: str | None = None
     folder: str | None = Field(default=None, description="Inventory path of the folder.")
     folder_ref: str | None = None
@@ -196,19 +203,38 @@ class ClusterState(BaseModel):
     steps: list[Step] = Field(default_factory=list)
     #: operations whose steps were dropped from `steps` (the oldest; see trim_steps)
     trimmed_operations: int = 0
-    #: operations run so far (numbers the steps' operations)
-    operations_run: int = 0
     nodes: list[Node] = Field(default_factory=list)
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
     vcenter_requests: int = 0
     provisioned: bool = Field(default=False, description="It has been Running at least once.")
     #: node slot (name at revision 0) -> revision; a replaced node is named '<slot>-r<rev>'
     revisions: dict[str, int] = Field(default_factory=dict)
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
+
+    def node_spec(self) -> NodeSpec:
+        """The spec the nodes are built from (each kind of node set keeps its own)."""
+        raise NotImplementedError
+
+
+class ClusterState(NodeSetState):
+    """Everything the cluster workflow knows; returned by its `state` query."""
+
+    name: str
+    status: ClusterStatus = ClusterStatus.QUEUED
+    reason: str = ""
+    error: str | None = None
+    spec: ClusterSpec
+    account: str
+    readiness: str = "guest"
+    #: operations run so far (numbers the steps' operations)
+    operations_run: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
     #: the last day-2 change (scale, add-pool, remove-pool) once it ended: what it did
     last_change: ChangeResult | None = None
+
+    def node_spec(self) -> NodeSpec:
+        return self.spec
 
     def current_step(self) -> Step | None:
         running = [s for s in self.steps if s.state is StepState.RUNNING]
@@ -242,18 +268,4 @@ class DeleteRequest(BaseModel):
     reason: str = "deleted"
 
 
-class ChangeResult(BaseModel):
-    """A day-2 change: accepted (status Updating: follow `operation` in the step history
-    and `last_change`), or what it did once it ended."""
-
-    status: str
-    added: list[str] = Field(default_factory=list)
-    removed: list[str] = Field(default_factory=list)
-    #: the operation carrying the change (0: answered by a release before operations)
-    operation: int = 0
-    #: the error of a change that failed
-    error: str | None = None
-
-
-ClusterState.model_rebuild()
 ClusterInput.model_rebuild()

@@ -15,8 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from domain import errors, names
-    from domain.account import SealedSecret
-    from domain.cluster import ClusterSpec, NodePlan, WorkerPool, plan_nodes
+    from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
     from domain.ipam import PoolRef, PoolStatus
     from domain.lifecycle import (
@@ -31,10 +30,9 @@ with workflow.unsafe.imports_passed_through():
         ScaleRequest,
     )
     from domain.trust import AccountRef, ReleaseIntent
-    from domain.vm import PlacementRefs
     from workflows.nodes import (
         SETTLE_POINTS,
-        NodeMachinery,
+        NodeSet,
         StepFailed,
         invalid_spec,
         invalid_state,
@@ -63,7 +61,7 @@ class _Change:
 
 
 @workflow.defn(name="ClusterWorkflow")
-class ClusterWorkflow(NodeMachinery):
+class ClusterWorkflow:
     """Provision, change and delete one cluster; every step recorded in its state."""
 
     @workflow.init
@@ -77,13 +75,16 @@ class ClusterWorkflow(NodeMachinery):
             gateway=input.account.gateway,
             readiness=input.readiness,
         )
-        self.account = input.account
-        self.timing = input.timing
-        self.readiness = input.readiness
-        self.secrets: SealedSecret | None = input.secrets
-        self.refs: PlacementRefs | None = None
-        self.plans: dict[str, NodePlan] = {}  # the current spec's node plans, by name
-        self.refs_for: list[tuple[str, str, str, str]] = []  # the domains refs.domains are of
+        self.nodes = NodeSet(
+            self,
+            record=self.state,
+            owner=names.cluster_workflow_id(self.state.name),
+            account=input.account,
+            timing=input.timing,
+            readiness=input.readiness,
+            secrets=input.secrets,
+        )
+        self.operation = ""  # the operation new steps belong to (see `_begin`)
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None
         self.retrying = False
@@ -95,7 +96,6 @@ class ClusterWorkflow(NodeMachinery):
         #: waiting for the gateway's `proceed` signal (requested during a gateway upgrade)
         self.queued = input.queued and input.state is None
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
-        self.releasing = ReleaseIntent()
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
 
@@ -117,10 +117,10 @@ class ClusterWorkflow(NodeMachinery):
             ):
                 self.state.status = ClusterStatus.PROVISIONING  # never shown Queued
             self._notify_gateway()
-        self._publish()
+        self.publish()
         if self.queued:
             self.state.reason = f"waiting for gateway {self.state.gateway} to finish its upgrade"
-            self._publish()
+            self.publish()
             await workflow.wait_condition(lambda: not self.queued or self.aborting)
             if self.aborting:  # nothing was made yet
                 self.state.reason = "aborted while queued"
@@ -175,12 +175,12 @@ class ClusterWorkflow(NodeMachinery):
                 ClusterInput(
                     spec=self.state.spec,
                     # credentials are not carried: the next work fetches the current ones
-                    account=self.account.model_copy(update={"credentials": None}),
+                    account=self.nodes.account.model_copy(update={"credentials": None}),
                     readiness=self.input.readiness,
                     timing=self.input.timing,
                     gateway_workflow=self.input.gateway_workflow,
                     state=self.state,
-                    secrets=self.secrets,
+                    secrets=self.nodes.secrets,
                 )
             )
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -194,6 +194,11 @@ class ClusterWorkflow(NodeMachinery):
         if not self.settled:
             return False
         return workflow.patched(f"{SETTLE_POINTS}-{self.state.operations_run}")
+
+    def _begin(self, operation: str) -> None:
+        """Steps from now on belong to a new run of `operation` (deploy, a change, delete)."""
+        self.state.operations_run += 1
+        self.operation = operation
 
     async def _provision(self, operation: str = "deploy") -> bool:
         """Deploy (or retry a failed deploy); False when it was aborted (the cluster is gone)."""
@@ -223,11 +228,9 @@ class ClusterWorkflow(NodeMachinery):
         return True
 
     async def _deploy_steps(self) -> None:
-        await self._step("validate", "Validate the spec, plan nodes", self._validate)
-        await self._step("preflight", "Preflight checks", self._preflight)
-        await self._converge(folder=True)
-
-    # -- steps ----------------------------------------------------------------------------
+        await self.nodes.step("validate", "Validate the spec, plan nodes", self.nodes.validate)
+        await self.nodes.step("preflight", "Preflight checks", self.nodes.preflight)
+        await self.nodes.converge(folder=True)
 
     # -- teardown (abort and delete) ------------------------------------------------------
 
@@ -236,7 +239,7 @@ class ClusterWorkflow(NodeMachinery):
         self._begin("abort" if reason == "aborted" else "delete")
         self._set_status(ClusterStatus.DELETING)
         try:
-            await self._teardown_steps()
+            await self.nodes.teardown()
         except StepFailed as exc:
             self.aborting = False
             self.state.error = f"{reason} incomplete: {exc}; fix it and delete again"
@@ -252,12 +255,21 @@ class ClusterWorkflow(NodeMachinery):
     @workflow.query(name="releasing")
     def releasing_query(self) -> ReleaseIntent:
         """The addresses this cluster is giving back right now (pools confirm with it)."""
-        return self.releasing
+        return self.nodes.releasing
 
-    async def _refresh_account(self) -> bool:
+    # -- the node set's host --------------------------------------------------------------
+
+    def current_operation(self) -> tuple[str, int]:
+        return self.operation, self.state.operations_run
+
+    def agent_signing_key(self, account: ClusterAccount) -> str | None:
+        """The gateway's approved agent's key, as the gateway gave it with the credentials."""
+        return account.agent_signing_key
+
+    async def refreshed_account(self, account: ClusterAccount) -> ClusterAccount | None:
         """The account's current credentials and agent key, from the gateway."""
         if self.input.gateway_workflow is None:
-            return False
+            return None
         fresh: ClusterAccount = await workflow.execute_activity(
             "gateway_account",
             AccountRef(gateway=self.state.gateway, account=self.state.account),
@@ -269,10 +281,9 @@ class ClusterWorkflow(NodeMachinery):
             ),
             summary=f"Current credentials of cloud account {self.state.account}",
         )
-        self.account = self.account.model_copy(
+        return account.model_copy(
             update={"credentials": fresh.credentials, "agent_signing_key": fresh.agent_signing_key}
         )
-        return True
 
     # -- updates --------------------------------------------------------------------------
 
@@ -395,10 +406,10 @@ class ClusterWorkflow(NodeMachinery):
 
     async def _carry_out(self, change: _Change) -> None:
         """Make vCenter match an accepted change; Running or Failed, with `last_change`."""
-        self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+        self.nodes.spec_changed()
         error: str | None = None
         try:
-            await self._converge()
+            await self.nodes.converge()
         except StepFailed as exc:
             if change.undo_on_failure:
                 self.state.spec = change.previous
@@ -426,11 +437,11 @@ class ClusterWorkflow(NodeMachinery):
             before = {n.name for n in self.state.nodes}
             previous = self.state.spec
             self.state.spec = spec
-            self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+            self.nodes.spec_changed()
             self._begin(title)
             self._set_status(ClusterStatus.UPDATING, title)
             try:
-                await self._converge()
+                await self.nodes.converge()
             except StepFailed as exc:
                 if undo_on_failure and workflow.patched("undo-failed-add-pool"):
                     self.state.spec = previous
@@ -457,7 +468,7 @@ class ClusterWorkflow(NodeMachinery):
                 needed[plan.domain.ip_pool] = needed.get(plan.domain.ip_pool, 0) + 1
         for pool in sorted(needed):
             try:
-                status = await self._control(
+                status = await self.nodes.control(
                     "describe_pool",
                     PoolRef(gateway=self.state.gateway, pool=pool),
                     PoolStatus,
@@ -520,9 +531,6 @@ class ClusterWorkflow(NodeMachinery):
     # -- helpers --------------------------------------------------------------------------
     # -- status ---------------------------------------------------------------------------
 
-    def _owner(self) -> str:
-        return names.cluster_workflow_id(self.state.name)
-
     def _set_status(self, status: ClusterStatus, detail: str = "") -> None:
         changed = status is not self.state.status
         self.state.status = status
@@ -530,9 +538,9 @@ class ClusterWorkflow(NodeMachinery):
         if detail:
             self.state.reason = detail
         if changed and status in (ClusterStatus.RUNNING, ClusterStatus.FAILED):
-            self._trim_steps()
+            self.nodes.trim_steps()
             self.settled = True  # an operation ended: a settle point
-        self._publish()
+        self.publish()
         if changed:
             self._notify_gateway()
 
@@ -566,7 +574,7 @@ class ClusterWorkflow(NodeMachinery):
             await asyncio.gather(*sent)
             self.notices = [t for t in self.notices if t not in sent]
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""
         if self.published != self.state.status:
             workflow.upsert_search_attributes(

@@ -1,6 +1,6 @@
 """GatewayWorkflow: one private cloud gateway's whole life (an entity workflow).
 
-Pairing, configuration, its own nodes (through the node machinery the clusters use), cloud
+Pairing, configuration, its own nodes (a node set, as a cluster's), cloud
 accounts, the clusters deployed through it and their queue during an upgrade, reset, resize,
 upgrade and delete. The gateway agent is the only process that talks to its vCenter.
 """
@@ -28,7 +28,6 @@ with workflow.unsafe.imports_passed_through():
 
     from domain import errors, names
     from domain.account import Placement, SealedSecret, VCenterCredentials
-    from domain.cluster import NodePlan
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
@@ -45,6 +44,8 @@ with workflow.unsafe.imports_passed_through():
         ClusterRequest,
         GatewayConfig,
         GatewayInput,
+        GatewayNodes,
+        GatewayNodeSpec,
         GatewayState,
         GatewayStatus,
         RegisterRequest,
@@ -57,8 +58,7 @@ with workflow.unsafe.imports_passed_through():
         can_upgrade,
         cluster_template,
         default_account_name,
-        gateway_cluster_name,
-        gateway_cluster_spec,
+        gateway_node_spec,
         newest_release_after,
         nodes_config_problem,
         pairing_proof,
@@ -69,11 +69,9 @@ with workflow.unsafe.imports_passed_through():
     from domain.lifecycle import (
         ClusterAccount,
         ClusterInput,
-        ClusterState,
         ClusterStatus,
         Step,
         StepState,
-        trim_steps,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
     from domain.sealing import fingerprint, key_id, normalize_fingerprint, verify_signature
@@ -86,10 +84,10 @@ with workflow.unsafe.imports_passed_through():
         ReleaseIntent,
     )
     from domain.version import agent_version_problem
-    from domain.vm import InstallerVmRequest, InstallerVmResult, PlacementRefs
+    from domain.vm import InstallerVmRequest, InstallerVmResult
     from workflows.nodes import (
         SETTLE_POINTS,
-        NodeMachinery,
+        NodeSet,
         StepFailed,
         invalid_spec,
         invalid_state,
@@ -111,7 +109,7 @@ _HISTORY_KEPT = 200
 
 
 @workflow.defn(name="GatewayWorkflow")
-class GatewayWorkflow(NodeMachinery):
+class GatewayWorkflow:
     """Pair, configure, provision, change and delete one gateway; every step recorded."""
 
     @workflow.init
@@ -121,12 +119,8 @@ class GatewayWorkflow(NodeMachinery):
             name=input.name, pairing=input.pairing, system=input.system
         )
         self.timing = input.timing
-        self.readiness = "guest"
-        self.secrets: SealedSecret | None = input.secrets
-        self.refs: PlacementRefs | None = None
-        self.plans: dict[str, NodePlan] = {}
-        self.refs_for: list[tuple[str, str, str, str]] = []
         self.aborting = False
+        self.operation = ""  # the operation new steps belong to (see `_begin`)
         self.op: Operation | None = None
         self.op_arg: Any = None
         self.busy = 0  # Update handlers running checks on the agent (configure, add account)
@@ -137,11 +131,12 @@ class GatewayWorkflow(NodeMachinery):
         self.checks: list[AccountCheck] = []
         self.verifying = 0  # cluster "Deleted" signals being confirmed
         self.confirming: set[str] = set()  # the clusters they are about
-        self.releasing = ReleaseIntent()
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
+        #: the gateway's own nodes, once configured (with `gw.nodes` and `gw.config`)
+        self.nodes: NodeSet | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
-            self._attach(self.gw.nodes, self.gw.config)
+            self.nodes = self._node_set(self.gw.nodes, self.gw.config, input.secrets)
 
     # -- run ------------------------------------------------------------------------------
 
@@ -150,7 +145,7 @@ class GatewayWorkflow(NodeMachinery):
         if self.gw.created_at is None:
             self.gw.created_at = self.gw.pairing_issued_at = workflow.now()
             self.gw.updated_at = workflow.now()
-        self._publish()
+        self.publish()
         while True:
             timeout = self._overdue_in()
             try:
@@ -166,7 +161,7 @@ class GatewayWorkflow(NodeMachinery):
                     f"the installer has not registered {int(OVERDUE_AFTER.total_seconds() // 60)}"
                     " minutes after the gateway was created; still waiting"
                 )
-                self._publish()
+                self.publish()
                 continue
             op, arg = self.op, self.op_arg
             if op is None:
@@ -181,7 +176,7 @@ class GatewayWorkflow(NodeMachinery):
                             system=self.gw.system,
                             timing=self.timing,
                             state=self.gw,
-                            secrets=self.secrets,
+                            secrets=self.nodes.secrets if self.nodes is not None else None,
                         )
                     )
                 continue
@@ -199,9 +194,8 @@ class GatewayWorkflow(NodeMachinery):
                 break
             if self.op == op:
                 self.op, self.op_arg = None, None
-            if self.gw.nodes is not None:
-                self.gw.nodes.steps, dropped = trim_steps(self.gw.nodes.steps)
-                self.gw.nodes.trimmed_operations += dropped
+            if self.nodes is not None:
+                self.nodes.trim_steps()
             # an operation ended: a settle point, when this release reached it live. Decided
             # here, not when the loop wakes: a replayed run from before settle points must
             # wake exactly as it did then (an extra wake restarts the overdue timer and shifts
@@ -225,8 +219,8 @@ class GatewayWorkflow(NodeMachinery):
         self.gw.operations_run += 1
         self.operation = operation
 
-    def _operation_number(self) -> int:
-        return self.gw.operations_run
+    def current_operation(self) -> tuple[str, int]:
+        return self.operation, self.gw.operations_run
 
     def _may_continue_as_new(self) -> bool:
         return (
@@ -264,14 +258,15 @@ class GatewayWorkflow(NodeMachinery):
         finally:
             self.provisioning = None
         self.gw.error = None
-        self.state.provisioned = True
+        self._configured().record.provisioned = True
         self._set_status(GatewayStatus.RUNNING, "ready for cluster requests")
 
     async def _provision_steps(self) -> None:
+        nodes = self._configured()
         if not self.gw.system:
-            await self._converge(folder=True)
-        await self._step("default-account", "Create the default cloud account", self._default)
-        await self._step("installer", "Power off the installer VM", self._installer_off)
+            await nodes.converge(folder=True)
+        await nodes.step("default-account", "Create the default cloud account", self._default)
+        await nodes.step("installer", "Power off the installer VM", self._installer_off)
 
     async def _default(self, step: Step) -> None:
         if self.gw.config is None:  # a step body: this fails the step, not the workflow task
@@ -301,7 +296,7 @@ class GatewayWorkflow(NodeMachinery):
             step.state = StepState.SKIPPED
             step.detail = "no installer VM known (the agent did not name one)"
             return
-        result = await self._agent(
+        result = await self._configured().agent(
             "vm_installer",
             InstallerVmRequest(
                 credentials=config.credentials,
@@ -326,14 +321,14 @@ class GatewayWorkflow(NodeMachinery):
         if self.gw.config is not None and self.gw.nodes is not None and not self.gw.system:
             self._set_status(GatewayStatus.DELETING, "reset: removing what the attempt created")
             try:
-                await self._teardown_steps()
+                await self._configured().teardown()
             except StepFailed as exc:
                 self.gw.error = f"reset incomplete: {exc}; fix it and reset again"
                 self._fail("reset")
                 return
         if self.gw.nodes is not None:
             self.gw.history = (self.gw.history + self.gw.nodes.steps)[-_HISTORY_KEPT:]
-        self.gw.nodes, self.gw.config, self.secrets = None, None, None
+        self.gw.nodes, self.gw.config, self.nodes = None, None, None
         self.gw.accounts = [a for a in self.gw.accounts if not a.default]
         self.gw.error = None
         if self.gw.agent is not None and not self.gw.agent.approved and self.gw.config is None:
@@ -350,16 +345,17 @@ class GatewayWorkflow(NodeMachinery):
         )
 
     async def _resize(self, request: ResizeRequest) -> None:
-        if self.gw.config is None:  # validators make this impossible; fail, never crash
-            self.gw.error = "resize: the gateway has no configuration"
+        nodes, record = self.nodes, self.gw.nodes
+        if self.gw.config is None or nodes is None or record is None:  # validators make this
+            self.gw.error = "resize: the gateway has no configuration"  # impossible; fail
             self._fail("resize")
             return
         config = self.gw.config.model_copy(update={"size": request.size})
-        self.state.spec = gateway_cluster_spec(self.gw.name, config, self.gw.version)
+        record.spec = gateway_node_spec(self.gw.name, config, self.gw.version)
         try:
-            await self._converge()
+            await nodes.converge()
         except StepFailed as exc:
-            self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, self.gw.version)
+            record.spec = gateway_node_spec(self.gw.name, self.gw.config, self.gw.version)
             self.gw.error = f"resize failed: {exc}"
             self._fail("resize")
             return
@@ -367,14 +363,15 @@ class GatewayWorkflow(NodeMachinery):
         await self._back_to_running(f"resized to {request.size} nodes")
 
     async def _upgrade(self, version: str) -> None:
-        if self.gw.config is None:  # validators make this impossible; fail, never crash
-            self.gw.error = "upgrade: the gateway has no configuration"
+        nodes, record = self.nodes, self.gw.nodes
+        if self.gw.config is None or nodes is None or record is None:  # validators make this
+            self.gw.error = "upgrade: the gateway has no configuration"  # impossible; fail
             self._fail("upgrade")
             return
         if not self.gw.system:
-            self.state.spec = gateway_cluster_spec(self.gw.name, self.gw.config, version)
+            record.spec = gateway_node_spec(self.gw.name, self.gw.config, version)
             try:
-                await self._roll()
+                await nodes.roll()
             except StepFailed as exc:
                 self.gw.error = f"upgrade to {version} failed: {exc}; upgrade again to resume"
                 self._fail("upgrade")
@@ -400,16 +397,16 @@ class GatewayWorkflow(NodeMachinery):
                 )
             except Exception as exc:  # the cluster is gone (aborted while queued)
                 workflow.logger.info("queued cluster %s not told to proceed: %s", name, exc)
-            self._publish()
+            self.publish()
 
     async def _delete(self) -> bool:
         """Remove the gateway's VMs and addresses; True when it is gone."""
         self._set_status(GatewayStatus.DELETING, "deleting the gateway")
         try:
             if self.gw.nodes is not None and self.gw.config is not None and not self.gw.system:
-                await self._teardown_steps()
+                await self._configured().teardown()
             if self.gw.config is not None and self.gw.nodes is not None:
-                await self._step(
+                await self._configured().step(
                     "remove-installer",
                     "Destroy the installer VM",
                     lambda step: self._installer(step, "destroy"),
@@ -441,7 +438,7 @@ class GatewayWorkflow(NodeMachinery):
         if agent is not None:  # the same agent again (a restart)
             if request.version and agent.version != request.version:
                 agent.version = request.version  # the agent's release, as it starts
-                self._publish()
+                self.publish()
             if (
                 not agent.approved
                 and request.signing_key
@@ -453,14 +450,14 @@ class GatewayWorkflow(NodeMachinery):
                 agent.signing_key = request.signing_key
                 agent.fingerprint = _fingerprint(request)
                 self.gw.reason = self._approval_hint(agent)
-                self._publish()
+                self.publish()
             return self.gw
         proof = request.pairing_proof
         if request.pairing_code and not proof:  # recorded before proofs (validators refuse it now)
             proof = pairing_proof(request.pairing_code, self.gw.pairing.salt)
         if not self.gw.pairing.proof_matches(proof):
             self.gw.pairing.count_failure(now)
-            self._publish()
+            self.publish()
             raise ApplicationError(
                 f"gateway {self.gw.name}: wrong pairing code for this gateway (check for typos; "
                 f"{self.gw.pairing.failures} wrong so far)",
@@ -569,7 +566,10 @@ class GatewayWorkflow(NodeMachinery):
                 update={"password": request.config_password}
             )
             self.gw.config = self.gw.config.model_copy(update={"credentials": credentials})
-            self.account = self.account.model_copy(update={"credentials": credentials})
+            if self.nodes is not None:
+                self.nodes.account = self.nodes.account.model_copy(
+                    update={"credentials": credentials}
+                )
         agent.public_key, agent.key_id = request.public_key, request.key_id
         agent.signing_key = request.signing_key
         agent.fingerprint = fingerprint(
@@ -642,36 +642,28 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     async def configure(self, config: GatewayConfig) -> GatewayState:
         """Check the configuration (validate, preflight) and start provisioning."""
+        record = GatewayNodes(spec=self._node_spec(config), gateway=self.gw.name)
+        nodes = self.nodes = self._node_set(record, config, None)
         self.busy += 1
-        self.agent_deadline = _AGENT_DEADLINE
+        nodes.agent_deadline = _AGENT_DEADLINE
         try:
-            self._attach(
-                ClusterState(
-                    name=gateway_cluster_name(self.gw.name),
-                    spec=gateway_cluster_spec(self.gw.name, config, self.gw.version),
-                    account=default_account_name(self.gw.name),
-                    gateway=self.gw.name,
-                    readiness="guest",
-                ),
-                config,
-            )
-            self.gw.nodes = self.state
+            self.gw.nodes = record
             self.gw.config = config
             self._begin("configure")  # its checks here, its provisioning in the main loop
             self._set_status(GatewayStatus.PROVISIONING, "checking the configuration")
             if not self.gw.system:
-                await self._step(
-                    "validate", "Validate the configuration, plan nodes", self._validate
+                await nodes.step(
+                    "validate", "Validate the configuration, plan nodes", nodes.validate
                 )
-            await self._step("preflight", "Preflight checks", self._preflight)
+            await nodes.step("preflight", "Preflight checks", nodes.preflight)
         except StepFailed as exc:
-            self.gw.history = (self.gw.history + self.state.steps)[-_HISTORY_KEPT:]
-            self.gw.nodes, self.gw.config = None, None
-            failed = self.state.steps[-1] if self.state.steps else None
+            self.gw.history = (self.gw.history + record.steps)[-_HISTORY_KEPT:]
+            self.gw.nodes, self.gw.config, self.nodes = None, None, None
+            failed = record.steps[-1] if record.steps else None
             # decided on Temporal's own record of the failure (retries ran out, or a
             # timeout), never on the attempt count an agent reports
             passing = failed is not None and (
-                self.retries_ran_out or (failed.error or "").startswith("timed out")
+                nodes.retries_ran_out or (failed.error or "").startswith("timed out")
             )
             if passing:  # the checks could not run (agent or vCenter away): not a refusal
                 self._set_status(GatewayStatus.REGISTERED, "configuration not checked; try again")
@@ -680,10 +672,10 @@ class GatewayWorkflow(NodeMachinery):
             raise invalid_spec(str(exc)) from None
         finally:
             self.busy -= 1
-            self.agent_deadline = None
+            nodes.agent_deadline = None
         self.op, self.op_arg = "provision", None
         self.gw.reason = "provisioning"
-        self._publish()
+        self.publish()
         return self.gw
 
     @configure.validator
@@ -711,6 +703,7 @@ class GatewayWorkflow(NodeMachinery):
                 "gateway (reset a failed one first)"
             )
         self._require_sealed_for(config.credentials, default_account_name(self.gw.name))
+        self._node_spec(config)
 
     def _require_sealed_for(self, credentials: VCenterCredentials, account: str) -> None:
         """Refuse credentials not sealed to the approved agent for this account and vCenter,
@@ -872,7 +865,7 @@ class GatewayWorkflow(NodeMachinery):
             created_at=workflow.now(),
         )
         self.gw.accounts.append(account)
-        self._publish()
+        self.publish()
         return self._summary(account)
 
     async def _check_on_agent(
@@ -885,8 +878,9 @@ class GatewayWorkflow(NodeMachinery):
     ) -> None:
         """Preflight credentials on the agent before they are kept (the agent may use them
         meanwhile: a check in progress); refused (InvalidSpec) naming what failed."""
+        nodes = self._configured()
         self.busy += 1
-        self.agent_deadline = _AGENT_DEADLINE
+        nodes.agent_deadline = _AGENT_DEADLINE
         check = AccountCheck(
             workflow_id=workflow.info().workflow_id,
             account=account,
@@ -894,7 +888,7 @@ class GatewayWorkflow(NodeMachinery):
         )
         self.checks.append(check)
         try:
-            report = await self._agent(
+            report = await nodes.agent(
                 "preflight_all",
                 PreflightRequest(
                     account=account,
@@ -910,7 +904,7 @@ class GatewayWorkflow(NodeMachinery):
         finally:
             self.checks.remove(check)
             self.busy -= 1
-            self.agent_deadline = None if not self.busy else _AGENT_DEADLINE
+            nodes.agent_deadline = None if not self.busy else _AGENT_DEADLINE
         failed = [r for r in report.results if r.status is CheckStatus.FAIL]
         if failed:
             raise invalid_spec(
@@ -932,7 +926,7 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.update
     def delete_account(self, name: str) -> list[AccountSummary]:
         self.gw.accounts = [a for a in self.gw.accounts if a.name != name]
-        self._publish()
+        self.publish()
         return [self._summary(a) for a in self.gw.accounts]
 
     @delete_account.validator
@@ -959,7 +953,7 @@ class GatewayWorkflow(NodeMachinery):
         if nodes and nodes.folder_ref:
             objects.append(nodes.folder_ref)
         installer = self.gw.agent.installer_vm if self.gw.agent else None
-        return await self._agent(
+        return await self._configured().agent(
             "vm_events",
             EventsRequest(
                 credentials=config.credentials,
@@ -1055,8 +1049,11 @@ class GatewayWorkflow(NodeMachinery):
         account.credentials = request.credentials
         if account.default and self.gw.config is not None:
             self.gw.config = self.gw.config.model_copy(update={"credentials": request.credentials})
-            self.account = self.account.model_copy(update={"credentials": request.credentials})
-        self._publish()
+            if self.nodes is not None:
+                self.nodes.account = self.nodes.account.model_copy(
+                    update={"credentials": request.credentials}
+                )
+        self.publish()
         return self._summary(account)
 
     @rotate_account.validator
@@ -1131,7 +1128,7 @@ class GatewayWorkflow(NodeMachinery):
     @workflow.query(name="releasing")
     def releasing_query(self) -> ReleaseIntent:
         """The addresses this gateway is giving back right now (pools confirm with it)."""
-        return self.releasing
+        return self.nodes.releasing if self.nodes is not None else ReleaseIntent()
 
     @workflow.query
     def accounts(self) -> list[AccountSummary]:
@@ -1201,13 +1198,13 @@ class GatewayWorkflow(NodeMachinery):
         except BaseException as exc:
             self.gw.clusters = [c for c in self.gw.clusters if c is not record]
             self.gw.queue = [n for n in self.gw.queue if n != spec.name]
-            self._publish()
+            self.publish()
             if isinstance(exc, WorkflowAlreadyStartedError):
                 raise invalid_state(f"cluster {spec.name} already exists") from None
             raise
         finally:
             self.starting -= 1
-        self._publish()
+        self.publish()
         return ClusterAdmission(cluster=spec.name, workflow_id=workflow_id, queued=queued)
 
     @request_cluster.validator
@@ -1248,7 +1245,7 @@ class GatewayWorkflow(NodeMachinery):
             return  # not started through this gateway, or deleted already
         if change.status != ClusterStatus.DELETED.value:
             record.status = change.status
-            self._publish()
+            self.publish()
             return
         if workflow.patched(VERIFIED_DELETES):
             if change.name in self.confirming:
@@ -1288,11 +1285,11 @@ class GatewayWorkflow(NodeMachinery):
                 return
             if not fact.deleted:
                 record.status = "Lost"  # ended without removing its VMs: still counts as used
-                self._publish()
+                self.publish()
                 return
         self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
         self.gw.queue = [n for n in self.gw.queue if n != change.name]
-        self._publish()
+        self.publish()
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:
@@ -1320,29 +1317,49 @@ class GatewayWorkflow(NodeMachinery):
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _attach(self, nodes: ClusterState, config: GatewayConfig) -> None:
-        """Point the node machinery at the gateway's node cluster."""
-        self.state = nodes
-        self.account = ClusterAccount(
-            name=default_account_name(self.gw.name),
-            gateway=self.gw.name,
-            credentials=config.credentials,
-            template=config.placement.template or "",  # required by GatewayConfig
+    def _node_spec(self, config: GatewayConfig) -> GatewayNodeSpec:
+        """The gateway's nodes as `config` says; refused (InvalidSpec) when they cannot be."""
+        try:
+            return gateway_node_spec(self.gw.name, config, self.gw.version)
+        except ValidationError as exc:
+            raise invalid_spec("; ".join(errors.field_errors(exc))) from None
+
+    def _node_set(
+        self, record: GatewayNodes, config: GatewayConfig, secrets: SealedSecret | None
+    ) -> NodeSet:
+        """The node set of the gateway's nodes, on its default account's credentials."""
+        return NodeSet(
+            self,
+            record=record,
+            owner=names.gateway_workflow_id(self.gw.name),
+            account=ClusterAccount(
+                name=default_account_name(self.gw.name),
+                gateway=self.gw.name,
+                credentials=config.credentials,
+                template=config.placement.template or "",  # required by GatewayConfig
+            ),
+            timing=self.timing,
+            readiness="guest",
+            secrets=secrets,
         )
 
-    def _owner(self) -> str:
-        return names.gateway_workflow_id(self.gw.name)
+    def _configured(self) -> NodeSet:
+        """The gateway's node set (and agent runner): configured gateways only."""
+        if self.nodes is None:
+            raise invalid_state(f"gateway {self.gw.name} is not configured")
+        return self.nodes
 
-    def _agent_signing_key(self) -> str | None:
+    # -- the node set's host --------------------------------------------------------------
+
+    def agent_signing_key(self, account: ClusterAccount) -> str | None:
         agent = self.gw.agent
         return agent.signing_key if agent is not None and agent.approved else None
 
-    async def _refresh_account(self) -> bool:
+    async def refreshed_account(self, account: ClusterAccount) -> ClusterAccount | None:
         """The gateway keeps its credentials itself: take the configuration's current ones."""
         if self.gw.config is None:
-            return False
-        self.account = self.account.model_copy(update={"credentials": self.gw.config.credentials})
-        return True
+            return None
+        return account.model_copy(update={"credentials": self.gw.config.credentials})
 
     def _fail(self, operation: Operation) -> None:
         """Failed in `operation` (its error is set); queued clusters keep waiting."""
@@ -1359,9 +1376,9 @@ class GatewayWorkflow(NodeMachinery):
         self.gw.updated_at = workflow.now()
         if reason:
             self.gw.reason = reason
-        self._publish()
+        self.publish()
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""
         if self.published != self.gw.status:
             workflow.upsert_search_attributes(

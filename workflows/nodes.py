@@ -1,7 +1,8 @@
-"""Node machinery shared by the cluster and gateway workflows: steps, nodes, VMs, addresses.
+"""A node set: the nodes of a cluster or of a gateway, and the steps that make and unmake them.
 
-Not a workflow itself: `ClusterWorkflow` and `GatewayWorkflow` inherit it and keep their own
-status, handlers and Web UI details. Everything here runs inside a workflow (deterministic).
+Not a workflow itself: `ClusterWorkflow` and `GatewayWorkflow` each keep one as a field
+(`self.nodes`) and keep their own status, handlers and Web UI details. Everything here runs
+inside a workflow (deterministic).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import asyncio
 import contextvars
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RawValue, RetryPolicy
@@ -36,7 +37,7 @@ with workflow.unsafe.imports_passed_through():
         RenderRequest,
         RenderResult,
     )
-    from domain.cluster import ClusterProfile, ClusterSpec, NodePlan, plan_nodes
+    from domain.cluster import NodeLayout, NodePlan, NodeSpec
     from domain.ipam import (
         AllocateAddresses,
         AllocateResult,
@@ -49,8 +50,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.lifecycle import (
         ClusterAccount,
-        ClusterState,
         Node,
+        NodeSetState,
         Step,
         StepState,
         Timing,
@@ -190,63 +191,101 @@ class StepFailed(Exception):
 _CURRENT: contextvars.ContextVar[Step | None] = contextvars.ContextVar("step", default=None)
 
 
-class NodeMachinery:
-    """Steps that make vCenter match a ClusterState's spec, and take it all down again.
+class NodeHost(Protocol):
+    """What a workflow that owns a node set gives it (ClusterWorkflow, GatewayWorkflow)."""
 
-    The inheriting workflow sets: `state` (ClusterState), `account` (ClusterAccount),
-    `timing`, `readiness`, `secrets`, `refs`, `refs_for`, `plans`, `aborting`, and
-    defines `_publish` and `_owner`.
+    #: the workflow is aborting: a step that fails or is cancelled now says "aborted"
+    aborting: bool
+
+    def publish(self) -> None:
+        """Write the Web UI details (and search attributes): the node set changed."""
+        ...
+
+    def current_operation(self) -> tuple[str, int]:
+        """The operation new steps belong to (deploy, a change, delete, ...) and its number."""
+        ...
+
+    async def refreshed_account(self, account: ClusterAccount) -> ClusterAccount | None:
+        """The account with its current credentials; None when the workflow cannot tell."""
+        ...
+
+    def agent_signing_key(self, account: ClusterAccount) -> str | None:
+        """The approved agent's signing key (each workflow says where it keeps it)."""
+        ...
+
+
+class NodeSet:
+    """A set of nodes and the steps that make vCenter match its spec (converge, roll), and take
+    it all down again (teardown); also the step and activity runner the owner's own steps use.
+
+    The owning workflow keeps it as a field and passes what differs between owners: `host` (its
+    Web UI, operation numbering, abort flag, account refresh and agent key), `record` (the state
+    the nodes are kept in, with the spec they are built from: a ClusterState with its
+    ClusterSpec, or the gateway's GatewayNodes with its GatewayNodeSpec), `owner` (who owns
+    addresses and VM marks: 'cluster/x', 'gateway/y') and the account, timing, readiness mode
+    and the nodes' sealed secrets.
     """
 
-    state: ClusterState
-    account: ClusterAccount
-    timing: Timing
-    readiness: str
-    #: addresses this lifecycle is giving back right now (pools confirm releases with it)
-    releasing: ReleaseIntent
-    secrets: SealedSecret | None
-    refs: PlacementRefs | None
-    refs_for: list[tuple[str, str, str, str]]
-    plans: dict[str, NodePlan]
-    aborting: bool
-    #: bound on an agent activity's whole life, queue time included (None: unbounded); set
-    #: while an Update waits on the agent, so a missing agent cannot hold it forever
-    agent_deadline: timedelta | None = None
-    #: the inheriting workflow's: write the Web UI details (and search attributes)
-    _publish: Callable[[], None]
-    #: the inheriting workflow's: who owns addresses and VM marks ('cluster/x', 'gateway/y')
-    _owner: Callable[[], str]
+    def __init__(
+        self,
+        host: NodeHost,
+        record: NodeSetState,
+        owner: str,
+        account: ClusterAccount,
+        timing: Timing,
+        readiness: str,
+        secrets: SealedSecret | None,
+    ) -> None:
+        self.host = host
+        self.record = record
+        self.owner = owner
+        self.account = account
+        self.timing = timing
+        self.readiness = readiness
+        #: the nodes' CA and tokens, sealed to the agent (made by the first bootstrap render)
+        self.secrets = secrets
+        #: addresses this node set is giving back right now (pools confirm releases with it)
+        self.releasing = ReleaseIntent()
+        self.refs: PlacementRefs | None = None
+        self.refs_for: list[tuple[str, str, str, str]] = []  # the domains refs.domains are of
+        self.plans: dict[str, NodePlan] = {}  # the current spec's node plans, by name
+        #: bound on an agent activity's whole life, queue time included (None: unbounded); set
+        #: while an Update waits on the agent, so a missing agent cannot hold it forever
+        self.agent_deadline: timedelta | None = None
+        #: the last failed step's activity ran out of retries (Temporal's record of it)
+        self.retries_ran_out = False
+        self._layout: tuple[NodeSpec, NodeLayout] | None = None
 
-    #: the operation new steps belong to (see `_begin`)
-    operation: str = ""
-    #: the last failed step's activity ran out of retries (Temporal's record of it)
-    retries_ran_out: bool = False
+    @property
+    def layout(self) -> NodeLayout:
+        """The current spec's layout (made again when the record's spec is another one)."""
+        spec = self.record.node_spec()
+        if self._layout is None or self._layout[0] is not spec:
+            self._layout = (spec, spec.layout())
+        return self._layout[1]
 
-    def _begin(self, operation: str) -> None:
-        """Steps from now on belong to a new run of `operation` (deploy, a change, delete)."""
-        self.state.operations_run += 1
-        self.operation = operation
-
-    def _operation_number(self) -> int:
-        """The number of the operation new steps belong to."""
-        return self.state.operations_run
-
-    def _trim_steps(self) -> None:
+    def trim_steps(self) -> None:
         """Keep the step history bounded: the newest operations' steps (trim_steps)."""
-        self.state.steps, dropped = trim_steps(self.state.steps)
-        self.state.trimmed_operations += dropped
+        self.record.steps, dropped = trim_steps(self.record.steps)
+        self.record.trimmed_operations += dropped
 
-    async def _step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
+    def spec_changed(self) -> None:
+        """The spec was replaced: placement refs resolved for other domains are dropped."""
+        self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+
+    async def step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
+        """Run `body` as a step of the current operation, recorded in the node set's steps."""
+        operation, number = self.host.current_operation()
         step = Step(
             name=name,
             title=title,
             started=workflow.now(),
-            operation=self.operation,
-            operation_number=self._operation_number(),
+            operation=operation,
+            operation_number=number,
         )
-        self.state.steps.append(step)
+        self.record.steps.append(step)
         _CURRENT.set(step)  # this task's step: its activities' attempts count here
-        self._publish()
+        self.host.publish()
         try:
             if self.account.credentials is None:  # not carried in inputs: fetch current ones
                 await self._refresh_account()
@@ -262,10 +301,10 @@ class NodeMachinery:
                 step.state = StepState.DONE
         except asyncio.CancelledError:
             step.state = StepState.CANCELLED
-            step.error = "aborted" if self.aborting else "stopped: another step failed"
+            step.error = "aborted" if self.host.aborting else "stopped: another step failed"
             raise
         except (FailureError, StepFailed) as exc:
-            if self.aborting:
+            if self.host.aborting:
                 step.state, step.error = StepState.CANCELLED, "aborted"
                 raise StepFailed("aborted") from None
             step.state = StepState.FAILED
@@ -275,35 +314,34 @@ class NodeMachinery:
             raise StepFailed(f"{title}: {step.error}") from None
         finally:
             step.ended = workflow.now()
-            self._publish()
+            self.host.publish()
 
-    async def _validate(self, step: Step) -> None:
-        spec = self.state.spec
+    async def validate(self, step: Step) -> None:
         try:
-            ClusterSpec.model_validate(spec.model_dump(mode="json"))
-            spec.effective_profile()
+            self.record.node_spec().check()
+            layout = self.layout
         except (ValidationError, ValueError) as exc:
             raise ApplicationError(str(exc), type=errors.INVALID_SPEC, non_retryable=True) from None
         self._plan(self._wanted())
         needed: dict[str, int] = {}
-        for node in self.state.nodes:
+        for node in self.record.nodes:
             if node.ip_pool is not None:
                 needed[node.ip_pool] = needed.get(node.ip_pool, 0) + 1
-        vip_pool = spec.control_plane.placement[0].ip_pool
+        vip_pool = layout.vip_pool
         if vip_pool is not None:
             needed[vip_pool] = needed.get(vip_pool, 0) + 1
-        statuses = await self._all(
+        statuses = await run_all(
             [
-                self._control(
+                self.control(
                     "describe_pool",
-                    PoolRef(gateway=self.state.gateway, pool=pool),
+                    PoolRef(gateway=self.record.gateway, pool=pool),
                     PoolStatus,
                     f"Check IP pool {pool}",
                 )
                 for pool in sorted(needed)
             ]
         )
-        owner = self._owner()
+        owner = self.owner
         for pool, status in zip(sorted(needed), statuses, strict=True):
             held = needed[pool] if owner in status.owners else 0
             if status.free + held < needed[pool]:
@@ -313,10 +351,10 @@ class NodeMachinery:
                     type=errors.OUT_OF_ADDRESSES,
                     non_retryable=True,
                 )
-        step.detail = f"{len(self.state.nodes)} nodes planned"
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in sorted(needed)]
+        step.detail = f"{len(self.record.nodes)} nodes planned"
+        step.objects = [f"ippool/{self.record.gateway}/{pool}" for pool in sorted(needed)]
 
-    async def _preflight(self, step: Step) -> None:
+    async def preflight(self, step: Step) -> None:
         account = self.account
         placements = self._placements()
         request = PreflightRequest(
@@ -327,7 +365,7 @@ class NodeMachinery:
             more_placements=placements[1:],
             fresh_login=False,
         )
-        report = await self._agent(
+        report = await self.agent(
             "preflight_all",
             request,
             PreflightReport,
@@ -347,30 +385,30 @@ class NodeMachinery:
         step.detail = f"{len(report.results)} checks passed"
 
     async def _folder(self, step: Step) -> None:
-        spec = self.state.spec
-        result = await self._agent(
+        layout = self.layout
+        result = await self.agent(
             "vm_ensure_folder",
             self._folder_request(),
             FolderResult,
-            f"Create folder {spec.name} in {spec.placement.datacenter}",
+            f"Create folder {layout.name} in {layout.placement.datacenter}",
         )
-        self.state.folder, self.state.folder_ref = result.path, result.ref
+        self.record.folder, self.record.folder_ref = result.path, result.ref
         step.objects = [result.ref]
         step.detail = result.path
 
     def _wanted(self) -> list[NodePlan]:
         """The spec's node plans, named by their revision (a replaced node gets a new name)."""
-        plans = plan_nodes(self.state.spec)
-        if not self.state.revisions:
+        plans = list(self.layout.plans)
+        if not self.record.revisions:
             return plans
         return [
             p.model_copy(update={"name": f"{p.name}-r{rev}"})
-            if (rev := self.state.revisions.get(p.name, 0))
+            if (rev := self.record.revisions.get(p.name, 0))
             else p
             for p in plans
         ]
 
-    async def _converge(self, folder: bool = False, surge: bool = False) -> None:
+    async def converge(self, folder: bool = False, surge: bool = False) -> None:
         """Make vCenter match the spec: remove extra nodes, then add and start missing ones.
 
         With `surge` the missing nodes are added first and the extra ones removed after
@@ -378,12 +416,12 @@ class NodeMachinery:
         """
         wanted = self._wanted()
         names_wanted = {plan.name for plan in wanted}
-        extra = [n for n in self.state.nodes if n.name not in names_wanted]
+        extra = [n for n in self.record.nodes if n.name not in names_wanted]
         extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
 
         async def remove() -> None:
             if extra:
-                await self._step(
+                await self.step(
                     "remove-nodes",
                     f"Remove {len(extra)} node(s)",
                     lambda step: self._remove_nodes(step, extra),
@@ -392,54 +430,53 @@ class NodeMachinery:
         if not surge:
             await remove()
         self._plan(wanted)
-        addresses = self._step("addresses", "Allocate addresses", self._addresses)
+        addresses = self.step("addresses", "Allocate addresses", self._addresses)
         if folder:  # independent of each other: run them at the same time
-            await self._all([self._step("folder", "Create the folder", self._folder), addresses])
+            await run_all([self.step("folder", "Create the folder", self._folder), addresses])
         else:
             await addresses
-        await self._step("bootstrap", "Render bootstrap data", self._bootstrap)
-        await self._step("create-vms", "Create VMs", self._create_vms)
-        await self._step("readiness", f"Start nodes, wait ({self.readiness})", self._ready)
+        await self.step("bootstrap", "Render bootstrap data", self._bootstrap)
+        await self.step("create-vms", "Create VMs", self._create_vms)
+        await self.step("readiness", f"Start nodes, wait ({self.readiness})", self._ready)
         if surge:
             await remove()
 
-    async def _roll(self) -> None:
+    async def roll(self) -> None:
         """Replace every node not built from the spec's profile version, one at a time: a new
         node joins, then the old one goes. Repeating it after a failure resumes."""
-        target = self.state.spec.effective_profile().version
-        for plan in plan_nodes(self.state.spec):
+        target = self.layout.profile.version
+        for plan in self.layout.plans:
             slot = plan.name
-            if self.state.slot_versions.get(slot) != target:
-                self.state.revisions[slot] = self.state.revisions.get(slot, 0) + 1
-                self.state.slot_versions[slot] = target
+            if self.record.slot_versions.get(slot) != target:
+                self.record.revisions[slot] = self.record.revisions.get(slot, 0) + 1
+                self.record.slot_versions[slot] = target
             wanted = {p.name for p in self._wanted()}
-            names = {n.name for n in self.state.nodes if n.phase == "ready"}
+            names = {n.name for n in self.record.nodes if n.phase == "ready"}
             if names == wanted:
                 continue  # this slot (and every other) is in place
-            await self._converge(surge=True)
+            await self.converge(surge=True)
 
     async def _addresses(self, step: Step) -> None:
-        owner = self._owner()
+        owner = self.owner
         slots: dict[str, list[str]] = {}
-        cp_pool = self.state.spec.control_plane.placement[0].ip_pool
+        cp_pool = self.layout.vip_pool
         if cp_pool is not None:
             slots.setdefault(cp_pool, []).append("vip")
-        for node in self.state.nodes:
+        for node in self.record.nodes:
             if node.ip_pool is not None:
                 slots.setdefault(node.ip_pool, []).append(node.name)
         if not slots:
-            fixed = self.state.spec.control_plane.vip
-            self.state.vip = str(fixed) if fixed is not None else None
+            self.record.vip = self.layout.vip
             step.state = StepState.SKIPPED
             step.detail = "DHCP: nodes get their addresses from the network"
             return
         pools = sorted(slots)
-        results = await self._all(
+        results = await run_all(
             [
-                self._control(
+                self.control(
                     "allocate_addresses",
                     AllocateAddresses(
-                        gateway=self.state.gateway, pool=pool, owner=owner, slots=slots[pool]
+                        gateway=self.record.gateway, pool=pool, owner=owner, slots=slots[pool]
                     ),
                     AllocateResult,
                     f"Allocate {len(slots[pool])} address(es) from {pool}",
@@ -449,7 +486,7 @@ class NodeMachinery:
             ]
         )
         for pool, result in zip(pools, results, strict=True):
-            self.state.networks[pool] = NodeNetwork(
+            self.record.networks[pool] = NodeNetwork(
                 mode="static",
                 prefix=result.prefix,
                 gateway=result.network_gateway,
@@ -457,21 +494,21 @@ class NodeMachinery:
                 search_domains=result.search_domains,
             )
             if "vip" in result.addresses:
-                self.state.vip = result.addresses["vip"]
+                self.record.vip = result.addresses["vip"]
         addresses = {slot: a for r in results for slot, a in r.addresses.items()}
-        for node in self.state.nodes:
+        for node in self.record.nodes:
             node.address = addresses.get(node.name, node.address)
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
-        step.detail = (f"VIP {self.state.vip}, " if self.state.vip else "") + ", ".join(
-            f"{n.name} {n.address}" for n in self.state.nodes if n.address
+        step.objects = [f"ippool/{self.record.gateway}/{pool}" for pool in pools]
+        step.detail = (f"VIP {self.record.vip}, " if self.record.vip else "") + ", ".join(
+            f"{n.name} {n.address}" for n in self.record.nodes if n.address
         )
 
     async def _bootstrap(self, step: Step) -> None:
-        pending = [n for n in self.state.nodes if n.phase in ("planned", "failed")]
+        pending = [n for n in self.record.nodes if n.phase in ("planned", "failed")]
         renderable = [self._bootstrap_of(n) for n in pending]
         inputs = [b for b in renderable if b is not None]
         if inputs or self.secrets is None:
-            result = await self._agent(
+            result = await self.agent(
                 "bootstrap_render",
                 RenderRequest(nodes=inputs, secrets=self.secrets),
                 RenderResult,
@@ -494,39 +531,39 @@ class NodeMachinery:
         are cloned at the same time and left off until the readiness step; otherwise (DHCP
         without a VIP) they are created and started once the first node reports its address.
         """
-        pending = [n for n in self.state.nodes if n.phase not in ("created", "ready")]
+        pending = [n for n in self.record.nodes if n.phase not in ("created", "ready")]
         first = (
             None
-            if self.state.provisioned  # every new node joins a running control plane
+            if self.record.provisioned  # every new node joins a running control plane
             else next((n for n in pending if n.control_plane and n.index == 0), None)
         )
         if first is None:  # the control plane runs (day 2, or a retry): start them as they come
-            await self._all([self._create_node(n, start=True) for n in pending])
-        elif self.state.vip is not None:
+            await run_all([self._create_node(n, start=True) for n in pending])
+        elif self.record.vip is not None:
             others = [n for n in pending if n is not first]
             step.detail = f"cloning {len(pending)} node(s); starting {first.name} first"
-            self._publish()
-            await self._all(
+            self.host.publish()
+            await run_all(
                 [self._create_node(first, start=True)]
                 + [self._create_node(n, start=False) for n in others]
             )
         else:
             step.detail = f"creating {first.name}, the first control-plane node"
-            self._publish()
+            self.host.publish()
             await self._create_node(first, start=True)
             others = [n for n in pending if n is not first]
-            await self._all([self._create_node(n, start=True) for n in others])
-        step.objects = [n.vm for n in self.state.nodes if n.vm]
+            await run_all([self._create_node(n, start=True) for n in others])
+        step.objects = [n.vm for n in self.record.nodes if n.vm]
         step.detail = f"{len(step.objects)} VMs"
 
     async def _ready(self, step: Step) -> None:
         """Start the nodes that wait for the first one, then wait until every node is ready."""
-        stopped = [n for n in self.state.nodes if n.phase == "created"]
-        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
+        stopped = [n for n in self.record.nodes if n.phase == "created"]
+        first = next((n for n in self.record.nodes if n.control_plane and n.index == 0), None)
         if stopped and first is not None and self.readiness == "kubernetes":
             await self._wait_ready([first])  # the API answers before anyone joins
         if stopped:
-            result = await self._agent(
+            result = await self.agent(
                 "vm_power_on",
                 PowerOnRequest(
                     credentials=self.account.current,
@@ -541,20 +578,20 @@ class NodeMachinery:
             )
             self._mark_ready(stopped, result)
         if self.readiness == "kubernetes":
-            await self._wait_ready(self.state.nodes)
-        step.detail = f"{len(self.state.nodes)} nodes ready"
-        step.objects = [n.vm for n in self.state.nodes if n.vm]
+            await self._wait_ready(self.record.nodes)
+        step.detail = f"{len(self.record.nodes)} nodes ready"
+        step.objects = [n.vm for n in self.record.nodes if n.vm]
 
     # -- nodes ----------------------------------------------------------------------------
 
     def _plan(self, plan: Sequence[NodePlan]) -> None:
         """Add planned nodes that are not known yet (existing nodes keep their state)."""
         self.plans = {p.name: p for p in plan}
-        known = {n.name for n in self.state.nodes}
+        known = {n.name for n in self.record.nodes}
         for p in plan:
             if p.name in known:
                 continue
-            self.state.nodes.append(
+            self.record.nodes.append(
                 Node(
                     name=p.name,
                     pool=p.pool,
@@ -563,44 +600,44 @@ class NodeMachinery:
                     domain_index=p.domain_index,
                     compute_cluster=p.domain.compute_cluster,
                     ip_pool=p.domain.ip_pool,
-                    instance_uuid=instance_uuid(self._owner(), p.name),
+                    instance_uuid=instance_uuid(self.owner, p.name),
                 )
             )
 
     def _bootstrap_of(self, node: Node) -> NodeBootstrap | None:
-        spec = self.state.spec
-        profile: ClusterProfile = spec.effective_profile()
+        layout = self.layout
+        profile = layout.profile
         kube = profile.pack("kubernetes")
         values = kube.values if kube else {}
-        first = next((n for n in self.state.nodes if n.control_plane and n.index == 0), None)
+        first = next((n for n in self.record.nodes if n.control_plane and n.index == 0), None)
         first_address = first.address if first else None
-        if node.control_plane and node.index == 0 and not self.state.provisioned:
+        if node.control_plane and node.index == 0 and not self.record.provisioned:
             role = "init"
         elif node.control_plane:
             role = "join-control-plane"
         else:
             role = "worker"
-        if role != "init" and self.state.vip is None and first_address is None:
+        if role != "init" and self.record.vip is None and first_address is None:
             return None  # DHCP: the join endpoint is the first node's address, not known yet
         network = (
-            self.state.networks[node.ip_pool].model_copy(update={"address": node.address})
+            self.record.networks[node.ip_pool].model_copy(update={"address": node.address})
             if node.ip_pool is not None
             else NodeNetwork(mode="dhcp")
         )
         return NodeBootstrap(
-            cluster=spec.name,
+            cluster=layout.name,
             hostname=node.name,
             instance_id=node.instance_uuid,
             role=role,
             network=network,
-            ssh_keys=spec.placement.ssh_keys,
-            ntp_servers=spec.placement.ntp_servers,
-            vip=self.state.vip,
+            ssh_keys=layout.placement.ssh_keys,
+            ntp_servers=layout.placement.ntp_servers,
+            vip=self.record.vip,
             first_control_plane=first_address,
             kubernetes_version=kube.version if kube else "",
             pod_cidr=str(values.get("pod_cidr", "192.168.0.0/16")),
             service_cidr=str(values.get("service_cidr", "10.96.0.0/12")),
-            allow_worker_capability=spec.control_plane.allow_worker_capability,
+            allow_worker_capability=layout.allow_worker_capability,
             packs=[(layer.layer, layer.pack) for layer in profile.layers],
         )
 
@@ -609,14 +646,14 @@ class NodeMachinery:
         refs = await self._placement_refs()
         bootstrap = self._bootstrap_of(node)
         node.phase = "creating"
-        self._publish()
+        self.host.publish()
         request = CreateVmRequest(
             credentials=self.account.current,
             name=node.name,
             instance_uuid=node.instance_uuid,
-            owner=OwnerMark(cluster_id=self._owner(), pool=node.pool, node=node.name),
+            owner=OwnerMark(cluster_id=self.owner, pool=node.pool, node=node.name),
             template=refs.template,
-            folder=self.state.folder_ref or "",
+            folder=self.record.folder_ref or "",
             domain=refs.domains[self._domain_key(plan)],
             cpu=plan.cpu,
             memory_mb=plan.memory_gb * 1024,
@@ -629,7 +666,7 @@ class NodeMachinery:
             guest_timeout_seconds=self.timing.readiness_minutes * 60,
         )
         try:
-            info = await self._agent(
+            info = await self.agent(
                 "vm_create",
                 request,
                 VmInfo,
@@ -651,16 +688,16 @@ class NodeMachinery:
             node.phase = "ready"
         else:
             node.phase = "created"
-        self._publish()
+        self.host.publish()
 
     async def _wait_ready(self, nodes: Sequence[Node]) -> None:
-        result = await self._agent(
+        result = await self.agent(
             "vm_wait_ready",
             ReadinessRequest(
                 credentials=self.account.current,
                 mode=self.readiness,
                 nodes=[(n.vm or "", n.name, n.address) for n in nodes],
-                vip=self.state.vip,
+                vip=self.record.vip,
                 timeout_seconds=self.timing.readiness_minutes * 60,
             ),
             ReadinessResult,
@@ -681,7 +718,7 @@ class NodeMachinery:
                 node.power_state = info.power_state
                 node.host = info.host or node.host
             node.phase = "ready"
-        self._publish()
+        self.host.publish()
 
     async def _remove_nodes(self, step: Step, nodes: Sequence[Node]) -> None:
         await self._destroy_nodes(nodes)
@@ -692,12 +729,12 @@ class NodeMachinery:
         for pool, names_ in slots.items():
             self.releasing.pools[pool] = sorted(names_)
         try:
-            await self._all(
+            await run_all(
                 [
-                    self._control(
+                    self.control(
                         "release_addresses",
                         ReleaseAddresses(
-                            gateway=self.state.gateway, pool=pool, owner=self._owner(), slots=names_
+                            gateway=self.record.gateway, pool=pool, owner=self.owner, slots=names_
                         ),
                         ReleaseResult,
                         f"Release {len(names_)} address(es) to {pool}",
@@ -711,21 +748,21 @@ class NodeMachinery:
         removed = {n.name for n in nodes}
         step.objects = [n.vm for n in nodes if n.vm]
         step.detail = ", ".join(sorted(removed))
-        self.state.nodes = [n for n in self.state.nodes if n.name not in removed]
+        self.record.nodes = [n for n in self.record.nodes if n.name not in removed]
 
     async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
         for node in nodes:
             node.phase = "deleting"
-        self._publish()
-        results = await self._all(
+        self.host.publish()
+        results = await run_all(
             [
-                self._agent(
+                self.agent(
                     "vm_destroy",
                     DestroyVmRequest(
                         credentials=self.account.current,
                         name=node.name,
                         instance_uuid=node.instance_uuid,
-                        folder=self.state.folder_ref,
+                        folder=self.record.folder_ref,
                         tasks=node.tasks,
                     ),
                     DestroyResult,
@@ -739,25 +776,25 @@ class NodeMachinery:
             node.power_state = ""
         return [ref for r in results for ref in r.destroyed]
 
-    async def _teardown_steps(self) -> None:
+    async def teardown(self) -> None:
         """Destroy every VM, release every address, remove the folder (each a step)."""
-        nodes = list(self.state.nodes)
-        await self._step(
+        nodes = list(self.record.nodes)
+        await self.step(
             "delete-vms",
             "Destroy the VMs",
             lambda step: self._delete_vms(step, nodes),
         )
-        await self._step("release", "Release addresses", self._release_all)
-        await self._step("remove-folder", "Remove the folder", self._remove_folder)
+        await self.step("release", "Release addresses", self._release_all)
+        await self.step("remove-folder", "Remove the folder", self._remove_folder)
 
     async def _delete_vms(self, step: Step, nodes: Sequence[Node]) -> None:
         destroyed = await self._destroy_nodes(nodes)
-        sweep = await self._agent(
+        sweep = await self.agent(
             "vm_sweep",
             SweepRequest(
                 credentials=self.account.current,
-                datacenter=self.state.spec.placement.datacenter,
-                cluster_id=self._owner(),
+                datacenter=self.layout.placement.datacenter,
+                cluster_id=self.owner,
             ),
             SweepResult,
             "Find and destroy any VM still marked as this cluster's",
@@ -768,23 +805,23 @@ class NodeMachinery:
 
     async def _release_all(self, step: Step) -> None:
         pools = sorted(
-            {d.ip_pool for _, d in self.state.spec.domains() if d.ip_pool is not None}
-            | {n.ip_pool for n in self.state.nodes if n.ip_pool is not None}
-            | set(self.state.networks)
+            {d.ip_pool for d in self.layout.domains if d.ip_pool is not None}
+            | {n.ip_pool for n in self.record.nodes if n.ip_pool is not None}
+            | set(self.record.networks)
         )
         if not pools:
             step.state = StepState.SKIPPED
             step.detail = "DHCP: no addresses held"
             return
-        owner = self._owner()
+        owner = self.owner
         for pool in pools:
             self.releasing.pools[pool] = None
         try:
-            await self._all(
+            await run_all(
                 [
-                    self._control(
+                    self.control(
                         "release_addresses",
-                        ReleaseAddresses(gateway=self.state.gateway, pool=pool, owner=owner),
+                        ReleaseAddresses(gateway=self.record.gateway, pool=pool, owner=owner),
                         ReleaseResult,
                         f"Release every address of {owner} in {pool}",
                     )
@@ -794,11 +831,11 @@ class NodeMachinery:
         finally:
             for pool in pools:
                 self.releasing.pools.pop(pool, None)
-        left = await self._all(
+        left = await run_all(
             [
-                self._control(
+                self.control(
                     "list_addresses",
-                    ListAddresses(gateway=self.state.gateway, pool=pool, owner=owner, limit=10),
+                    ListAddresses(gateway=self.record.gateway, pool=pool, owner=owner, limit=10),
                     AllocationsPage,
                     f"Confirm {pool} holds nothing for {owner}",
                     not_found_ok=True,
@@ -809,43 +846,42 @@ class NodeMachinery:
         held = [a.address for page in left if page is not None for a in page.allocations]
         if held:
             raise ApplicationError(f"addresses still held after release: {', '.join(held)}")
-        step.objects = [f"ippool/{self.state.gateway}/{pool}" for pool in pools]
+        step.objects = [f"ippool/{self.record.gateway}/{pool}" for pool in pools]
         step.detail = f"released in {len(pools)} pool(s); none left"
-        self.state.vip = None
-        for node in self.state.nodes:
+        self.record.vip = None
+        for node in self.record.nodes:
             node.address = None
 
     async def _remove_folder(self, step: Step) -> None:
-        spec = self.state.spec
-        await self._agent(
+        await self.agent(
             "vm_remove_folder",
             self._folder_request(),
             FolderResult,
-            f"Remove folder {spec.name}",
+            f"Remove folder {self.layout.name}",
         )
-        step.objects = [self.state.folder_ref] if self.state.folder_ref else []
+        step.objects = [self.record.folder_ref] if self.record.folder_ref else []
 
     def _folder_request(self) -> FolderRequest:
-        spec = self.state.spec
+        layout = self.layout
         return FolderRequest(
             credentials=self.account.current,
-            datacenter=spec.placement.datacenter,
-            parent=spec.placement.folder,
-            name=spec.name,
+            datacenter=layout.placement.datacenter,
+            parent=layout.placement.folder,
+            name=layout.name,
         )
 
     def _placements(self) -> list[Placement]:
-        spec = self.state.spec
+        layout = self.layout
         out: list[Placement] = []
         for domain in self._distinct_domains():
             out.append(
                 Placement(
-                    datacenter=spec.placement.datacenter,
+                    datacenter=layout.placement.datacenter,
                     compute_cluster=domain[0],
                     resource_pool=domain[1],
                     datastore=domain[2],
                     network=domain[3],
-                    folder=spec.placement.folder,
+                    folder=layout.placement.folder,
                     template=self.account.template,
                 )
             )
@@ -853,7 +889,7 @@ class NodeMachinery:
 
     def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
         seen: list[tuple[str, str, str, str]] = []
-        for _, d in self.state.spec.domains():
+        for d in self.layout.domains:
             key = (d.compute_cluster, d.resource_pool, d.datastore, d.network)
             if key not in seen:
                 seen.append(key)
@@ -887,11 +923,11 @@ class NodeMachinery:
 
     async def _placement_refs(self) -> PlacementRefs:
         if self.refs is None or self.refs_for != self._distinct_domains():
-            self.refs = await self._agent(
+            self.refs = await self.agent(
                 "vm_resolve_placement",
                 PlacementRequest(
                     credentials=self.account.current,
-                    datacenter=self.state.spec.placement.datacenter,
+                    datacenter=self.layout.placement.datacenter,
                     template=self.account.template,
                     domains=self._distinct_domains(),
                 ),
@@ -901,19 +937,7 @@ class NodeMachinery:
             self.refs_for = self._distinct_domains()
         return self.refs
 
-    async def _all(self, coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-        """Run concurrently; on the first failure cancel the rest and wait for them."""
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await workflow.wait(tasks)
-            raise
-
-    async def _agent(
+    async def agent(
         self,
         activity: str,
         arg: Any,
@@ -937,7 +961,7 @@ class NodeMachinery:
                     # taken raw and decoded below: a payload of any shape or encoding is
                     # refused there instead of failing the workflow task
                     result_type=RawValue,
-                    task_queue=names.gateway_task_queue(self.state.gateway),
+                    task_queue=names.gateway_task_queue(self.record.gateway),
                     start_to_close_timeout=timeout,
                     schedule_to_close_timeout=self.agent_deadline,
                     # every agent task heartbeats (the agent's guard keeps it alive): a dead
@@ -962,13 +986,11 @@ class NodeMachinery:
                 result: T = unsigned_result(value, activity, result_type)
                 break
             call = activity_id or ""
-            verified = verify_result(
-                value, arg, activity, self._agent_signing_key(), result_type, call
-            )
+            verified = verify_result(value, arg, activity, self._signing_key(), result_type, call)
             if verified is None and not rekeyed and await self._refresh_account():
                 rekeyed = True  # the agent may have been re-keyed: check with its current key
                 verified = verify_result(
-                    value, arg, activity, self._agent_signing_key(), result_type, call
+                    value, arg, activity, self._signing_key(), result_type, call
                 )
             if verified is not None:
                 result = verified
@@ -981,26 +1003,29 @@ class NodeMachinery:
             workflow.logger.warning("%s: %s", activity, note)
             if step is not None:
                 step.detail = note
-                self._publish()
+                self.host.publish()
             if forged >= RETRY_ATTEMPTS:
                 raise ApplicationError(
                     f"{activity}: {note}: refusing it",
                     type=errors.FORGED_RESULT,
                     non_retryable=True,
                 )
-        self.state.vcenter_requests += int(getattr(result, "vcenter_requests", 0) or 0)
+        self.record.vcenter_requests += int(getattr(result, "vcenter_requests", 0) or 0)
         self._attempted(result)
         return result
 
-    def _agent_signing_key(self) -> str | None:
-        """The approved agent's signing key (each workflow says where it keeps it)."""
-        return self.account.agent_signing_key
+    def _signing_key(self) -> str | None:
+        return self.host.agent_signing_key(self.account)
 
     async def _refresh_account(self) -> bool:
-        """Fetch the account's current credentials; False when the workflow cannot."""
-        return False
+        """Take the account's current credentials; False when the owner cannot tell them."""
+        fresh = await self.host.refreshed_account(self.account)
+        if fresh is None:
+            return False
+        self.account = fresh
+        return True
 
-    async def _control(
+    async def control(
         self,
         activity: str,
         arg: Any,
@@ -1040,6 +1065,19 @@ class NodeMachinery:
         step = _CURRENT.get()
         if step is not None:
             step.attempts = max(step.attempts, attempt)
+
+
+async def run_all(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; on the first failure cancel the rest and wait for them."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await workflow.wait(tasks)
+        raise
 
 
 def _task_refs(exc: BaseException) -> list[str]:

@@ -65,6 +65,21 @@ def test_file_reference_parses_and_must_be_resolved() -> None:
     spec = ClusterSpec.model_validate(data)
     with pytest.raises(ValueError, match="must be resolved"):
         spec.effective_profile()
+    with pytest.raises(ValueError, match="must be resolved"):
+        spec.check()  # (a node set's validate step refuses it)
+
+
+def test_the_layout_a_node_set_builds_from_a_cluster() -> None:
+    spec = ClusterSpec.model_validate(example())
+    layout = spec.layout()
+    assert layout.plans == plan_nodes(spec)
+    assert layout.domains == [domain for _, domain in spec.domains()]
+    assert layout.vip_pool == spec.control_plane.placement[0].ip_pool
+    assert layout.vip == (str(spec.control_plane.vip) if spec.control_plane.vip else None)
+    assert layout.profile == spec.effective_profile()
+    assert layout.name == spec.name and layout.placement == spec.placement
+    assert layout.allow_worker_capability == spec.control_plane.allow_worker_capability
+    spec.check()
 
 
 def test_round_robin_over_domains_in_order() -> None:
