@@ -123,6 +123,8 @@ class Node(BaseModel):
     power_state: str = ""
     #: vCenter tasks the node's create activity was last waiting on (for abort)
     tasks: list[str] = Field(default_factory=list)
+    #: SHA-256 of the cloud-init data its VM was created with (content-free, for audits)
+    bootstrap_digest: str | None = None
 
 
 class ClusterAccount(BaseModel):

@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         NodeNetwork,
         RenderRequest,
         RenderResult,
+        SecretsRequest,
     )
     from domain.cluster import NodeLayout, NodePlan, NodeSpec
     from domain.ipam import (
@@ -94,6 +95,9 @@ SIGNED_RESULTS = "signed-agent-results"
 #: one marker per settle point ("<this>-<operation number>"): a run begun before settle
 #: points replays without them and settles from its first operation under this release on
 SETTLE_POINTS = "continue-at-settle-points"
+#: patch: bootstrap data is rendered once, by vm_create (before: also by bootstrap_render,
+#: for digests); the bootstrap step only generates the cluster's secrets
+RENDER_AT_CREATION = "render-bootstrap-at-creation"
 
 
 def verify_result(
@@ -504,6 +508,9 @@ class NodeSet:
         )
 
     async def _bootstrap(self, step: Step) -> None:
+        if workflow.patched(RENDER_AT_CREATION):
+            await self._secrets(step)
+            return
         pending = [n for n in self.record.nodes if n.phase in ("planned", "failed")]
         renderable = [self._bootstrap_of(n) for n in pending]
         inputs = [b for b in renderable if b is not None]
@@ -523,6 +530,22 @@ class NodeSet:
             if later
             else ""
         )
+
+    async def _secrets(self, step: Step) -> None:
+        """The cluster's CA and tokens, generated and sealed by the agent once; each node's
+        cloud-init is rendered by the agent as its VM is created (vm_create), once."""
+        rendered_then = "each node's cloud-init is rendered on the agent as its VM is created"
+        if self.secrets is not None:
+            step.state = StepState.SKIPPED
+            step.detail = f"secrets known; {rendered_then}"
+            return
+        self.secrets = await self.agent(
+            "bootstrap_secrets",
+            SecretsRequest(cluster=self.layout.name),
+            SealedSecret,
+            "Generate the cluster's CA and tokens (sealed to the agent)",
+        )
+        step.detail = f"CA and tokens generated, sealed to the agent; {rendered_then}"
 
     async def _create_vms(self, step: Step) -> None:
         """Clone every node; start the first control-plane node and wait until it runs.
@@ -683,6 +706,7 @@ class NodeSet:
             node.phase = "failed"
             raise
         node.vm, node.host, node.power_state = info.ref, info.host, info.power_state
+        node.bootstrap_digest = info.bootstrap_digest or node.bootstrap_digest
         if start:
             node.address = node.address or info.address
             node.phase = "ready"

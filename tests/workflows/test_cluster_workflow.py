@@ -135,8 +135,10 @@ async def test_a_deploy_runs_its_steps_in_order_and_settles(env: WorkflowEnviron
         assert [op for op, _, _ in operations(state.steps)] == ["deploy"]
         calls = run.world.calls
         assert calls.index("preflight_all") < calls.index("vm_ensure_folder")
-        assert calls.index("allocate_addresses") < calls.index("bootstrap_render")
-        assert calls.index("bootstrap_render") < calls.index("vm_create")
+        # the CA and tokens are made once; cloud-init is rendered once, by vm_create
+        assert calls.count("bootstrap_secrets") == 1 and "bootstrap_render" not in calls
+        assert calls.index("bootstrap_secrets") < calls.index("vm_create")
+        assert all(n.bootstrap_digest for n in state.nodes)
         assert len(run.world.vms) == 3 and all(n.phase == "ready" for n in state.nodes)
         assert len(run.world.allocations) == 4  # three nodes and the VIP
 

@@ -34,8 +34,14 @@ from temporalio.worker import Worker
 
 from activities.guard import AgentGuard, GuardInterceptor, PolicyFile
 from domain import names
-from domain.account import Placement, VCenterCredentials, VCenterEndpoint, password_binding
-from domain.bootstrap import RenderedNode, RenderRequest, RenderResult
+from domain.account import (
+    Placement,
+    SealedSecret,
+    VCenterCredentials,
+    VCenterEndpoint,
+    password_binding,
+)
+from domain.bootstrap import RenderedNode, RenderRequest, RenderResult, SecretsRequest
 from domain.gateway import GatewayConfig, GatewayState, GatewayStatus, default_account_name
 from domain.ipam import (
     AllocateAddresses,
@@ -183,6 +189,11 @@ class World:
             await world._called("vm_remove_folder", request)
             return FolderResult(ref="Folder:group-v9", path=f"/DC0/vm/{request.name}")
 
+        @activity.defn(name="bootstrap_secrets")
+        async def bootstrap_secrets(request: SecretsRequest) -> SealedSecret:
+            await world._called("bootstrap_secrets", request)
+            return seal("{}", world._public(), "cluster-secrets")
+
         @activity.defn(name="bootstrap_render")
         async def bootstrap_render(request: RenderRequest) -> RenderResult:
             await world._called("bootstrap_render", request)
@@ -217,6 +228,7 @@ class World:
                     instance_uuid=request.instance_uuid,
                     host="HostSystem:host-1",
                     power_state="poweredOff",
+                    bootstrap_digest="0" * 64 if request.bootstrap is not None else None,
                 )
                 world.vms[request.instance_uuid] = vm
             if request.power_on:
@@ -269,6 +281,7 @@ class World:
             vm_ensure_folder,
             vm_remove_folder,
             bootstrap_render,
+            bootstrap_secrets,
             vm_create,
             vm_power_on,
             vm_wait_ready,
