@@ -181,7 +181,7 @@ class ClusterInput(BaseModel):
 
 class ChangeResult(BaseModel):
     """A day-2 change: accepted (status Updating: follow `operation` in the step history
-    and `last_change`), or what it did once it ended."""
+    and `ClusterState.changes`), or what it did once it ended."""
 
     status: str
     added: list[str] = Field(default_factory=list)
@@ -190,6 +190,10 @@ class ChangeResult(BaseModel):
     operation: int = 0
     #: the error of a change that failed
     error: str | None = None
+
+
+#: ended changes a cluster's state keeps
+CHANGES_KEPT = 10
 
 
 class NodeSetState(BaseModel):
@@ -232,8 +236,9 @@ class ClusterState(NodeSetState):
     operations_run: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
-    #: the last day-2 change (scale, add-pool, remove-pool) once it ended: what it did
-    last_change: ChangeResult | None = None
+    #: the latest day-2 changes (scale, add-pool, remove-pool) that ended, oldest first, at
+    #: most CHANGES_KEPT: what each did
+    changes: list[ChangeResult] = Field(default_factory=list)
 
     def node_spec(self) -> NodeSpec:
         return self.spec

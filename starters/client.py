@@ -419,19 +419,19 @@ class KubegateClient:
         failed (the cluster is Failed; `retry` or another change goes on from there)."""
 
         def ended(state: ClusterState) -> bool:
-            last = state.last_change
-            return (last is not None and last.operation >= operation) or state.status in (
+            done = state.changes[-1].operation if state.changes else 0
+            return done >= operation or state.status in (
                 ClusterStatus.DELETING,
                 ClusterStatus.DELETED,
             )
 
         state = await self.wait_cluster(name, ended, timeout=timeout)
-        last = state.last_change
-        if last is None or last.operation != operation:
+        mine = next((c for c in state.changes if c.operation == operation), None)
+        if mine is None:
             raise KubegateError(f"cluster {name}: change {operation} ended {state.status}")
-        if last.error:
-            raise KubegateError(last.error)
-        return last
+        if mine.error:
+            raise KubegateError(mine.error)
+        return mine
 
     async def wait_cluster(
         self,

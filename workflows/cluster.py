@@ -19,6 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.gateway import ClusterChanged
     from domain.ipam import PoolRef, PoolStatus
     from domain.lifecycle import (
+        CHANGES_KEPT,
         AddPoolRequest,
         ChangeResult,
         ClusterAccount,
@@ -168,7 +169,11 @@ class ClusterWorkflow:
                     return self.state
                 continue
             await self._notices_sent()
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            # an accepted change need not wait for other handlers (one may be checking a
+            # change of its own); `change` is never set in runs from before it existed
+            await workflow.wait_condition(
+                lambda: workflow.all_handlers_finished() or self.change is not None
+            )
             if self.deleting is not None or self.retrying or self.change or self.notices:
                 continue  # accepted while handlers finished: do it in this run
             workflow.continue_as_new(
@@ -388,10 +393,14 @@ class ClusterWorkflow:
         if not workflow.patched(CHANGES_ARE_OPERATIONS):
             return await self._change_in_update(spec, title, undo_on_failure)
         self._require_running()
+        base = self.state.operations_run  # the spec this change was computed from
         await self._check_free(spec)
-        self._require_running()  # another change may have been accepted meanwhile
-        if self.change is not None or self.lock.locked():
-            raise invalid_state(f"cluster {self.state.name}: another change is in progress")
+        self._require_running()
+        if self.change is not None or self.lock.locked() or self.state.operations_run != base:
+            raise invalid_state(
+                f"cluster {self.state.name}: another change was accepted while this one was "
+                "checked; send it again"
+            )
         self.change = _Change(
             spec=spec,
             previous=self.state.spec,
@@ -405,7 +414,7 @@ class ClusterWorkflow:
         return ChangeResult(status=self.state.status, operation=self.state.operations_run)
 
     async def _carry_out(self, change: _Change) -> None:
-        """Make vCenter match an accepted change; Running or Failed, with `last_change`."""
+        """Make vCenter match an accepted change; Running or Failed, recorded in `changes`."""
         self.nodes.spec_changed()
         error: str | None = None
         try:
@@ -415,13 +424,14 @@ class ClusterWorkflow:
                 self.state.spec = change.previous
             error = str(exc)
         after = {n.name for n in self.state.nodes}
-        self.state.last_change = ChangeResult(
+        ended = ChangeResult(
             status=(ClusterStatus.FAILED if error else ClusterStatus.RUNNING).value,
             added=sorted(after - change.before),
             removed=sorted(change.before - after),
             operation=self.state.operations_run,
             error=error,
         )
+        self.state.changes = [*self.state.changes, ended][-CHANGES_KEPT:]
         self.state.error = error
         self._set_status(ClusterStatus.FAILED if error else ClusterStatus.RUNNING)
 

@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from domain import names
 from domain.cluster import ClusterSpec
 from domain.lifecycle import (
+    AddPoolRequest,
     ChangeResult,
     ClusterInput,
     ClusterState,
@@ -260,7 +261,7 @@ async def test_a_change_returns_its_operation_at_once_and_runs_in_the_main_loop(
         assert accepted.operation == deployed.operations_run + 1
         assert accepted.added == [] and accepted.removed == []  # nothing done yet
         state = await run.until(name, ClusterStatus.UPDATING)
-        assert state.last_change is None
+        assert state.changes == []
         steps = operations(state.steps)
         assert [op for op, _, _ in steps][-1] == "Scale w to 2"
 
@@ -272,6 +273,41 @@ async def test_a_change_returns_its_operation_at_once_and_runs_in_the_main_loop(
         cloned.set()
         done = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
         assert done.status is ClusterStatus.RUNNING, done.error
-        assert done.last_change is not None
-        assert done.last_change.operation == accepted.operation
-        assert len(done.last_change.added) == 1 and done.last_change.removed == []
+        (change,) = done.changes
+        assert change.operation == accepted.operation
+        assert len(change.added) == 1 and change.removed == []
+
+
+async def test_a_change_checked_while_another_is_carried_out_is_refused_not_applied(
+    env: WorkflowEnvironment,
+) -> None:
+    """A change's spec is computed when it arrives; one accepted while it waited for its
+    address check would be undone by it: it is refused instead."""
+    async with Running(env) as run:
+        name = unique("race")
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        deployed = await run.until(name, ClusterStatus.RUNNING)
+        checked, held = asyncio.Event(), asyncio.Event()
+
+        async def hold_first(_: Any) -> None:  # the scale's address check waits
+            if not held.is_set():
+                held.set()
+                await checked.wait()
+
+        run.world.hooks["describe_pool"] = hold_first
+        scale = asyncio.create_task(
+            run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=2))
+        )
+        await asyncio.wait_for(held.wait(), 10)
+        pool = deployed.spec.workers[0].model_copy(update={"name": "x", "size": 1})
+        added: ChangeResult = await run.update(
+            handle, ClusterWorkflow.add_pool, AddPoolRequest(pool=pool)
+        )
+        await run.until(name, ClusterStatus.RUNNING)
+        checked.set()
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await scale
+        assert "send it again" in str(refused.value.cause)
+        state = await run.until(name, ClusterStatus.RUNNING)
+        assert [p.name for p in state.spec.workers] == ["w", "x"]  # the add-pool stands
+        assert [c.operation for c in state.changes] == [added.operation]
