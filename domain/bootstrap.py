@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret
 from domain.cluster import Pack
+from domain.requests import AgentRequest
 
 #: SealedSecret purpose of a cluster's secrets bundle.
 SECRETS_PURPOSE = "kubegate/cluster-secrets"
@@ -64,7 +65,7 @@ class NodeNetwork(BaseModel):
     mac_address: str | None = None
 
 
-class NodeBootstrap(BaseModel):
+class NodeBootstrap(AgentRequest):
     """Everything a node's cloud-init needs except secrets."""
 
     cluster: str = Field(description="Cluster name.")
@@ -97,13 +98,13 @@ class ClusterSecrets(BaseModel):
     ca_key_pem: str
 
 
-class SecretsRequest(BaseModel):
+class SecretsRequest(AgentRequest):
     """Generate a cluster's secrets on the agent (activity bootstrap_secrets)."""
 
     cluster: str = Field(description="Cluster name (for the log line only).")
 
 
-class RenderRequest(BaseModel):
+class RenderRequest(AgentRequest):
     """Render these nodes' bootstrap data on the agent (activity bootstrap_render)."""
 
     nodes: list[NodeBootstrap]

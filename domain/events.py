@@ -12,6 +12,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field, field_validator
 
 from domain.account import VCenterCredentials
+from domain.requests import AgentRequest
 
 #: 'Type:id', e.g. 'VirtualMachine:vm-42' (activities.vsphere.inventory.ref)
 _REF = re.compile(r"^[A-Za-z]+:[A-Za-z0-9._-]+$")
@@ -20,7 +21,7 @@ _REF = re.compile(r"^[A-Za-z]+:[A-Za-z0-9._-]+$")
 MAX_EVENTS_PER_QUERY = 1000
 
 
-class EventsRequest(BaseModel):
+class EventsRequest(AgentRequest):
     """Recent events and tasks of some managed objects and of the VMs in a folder."""
 
     credentials: VCenterCredentials

@@ -7,6 +7,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, model_validator
 
 from domain.account import Placement, VCenterCredentials
+from domain.requests import AgentRequest
 
 #: vSphere 6.7 Update 3 (GA build of vCenter Server 6.7 U3).
 MIN_VERSION = (6, 7, 0)
@@ -31,7 +32,7 @@ class CheckResult(BaseModel):
     remedy: str = Field(default="", description="What to change when it did not pass.")
 
 
-class PreflightRequest(BaseModel):
+class PreflightRequest(AgentRequest):
     """Input of PreflightWorkflow."""
 
     account: str = Field(description="Name of the cloud account being checked.")
@@ -85,7 +86,7 @@ class InventoryBatch(CheckBatch):
     refs: dict[str, str] = Field(default_factory=dict)
 
 
-class ObjectChecksRequest(BaseModel):
+class ObjectChecksRequest(AgentRequest):
     """Input of the privilege and host checks: the objects the inventory check found."""
 
     credentials: VCenterCredentials

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeBootstrap, NodeNetwork
+from domain.requests import AgentRequest
 
 #: Namespace of the deterministic instance UUIDs of nodes.
 NODE_UUID_NAMESPACE = uuid.UUID("5b0d7c1e-3f38-4b8e-9a43-7c1b2e6f0d11")
@@ -28,7 +29,7 @@ def instance_uuid(cluster_id: str, node: str, generation: int = 0) -> str:
     return str(uuid.uuid5(NODE_UUID_NAMESPACE, f"{cluster_id}/{node}/{generation}"))
 
 
-class OwnerMark(BaseModel):
+class OwnerMark(AgentRequest):
     """Who owns a VM; written into the VM (extraConfig keys + annotation) at clone time."""
 
     cluster_id: str = Field(description="Workflow id of the cluster, e.g. 'cluster/demo'.")
@@ -36,7 +37,7 @@ class OwnerMark(BaseModel):
     node: str = Field(description="Node name (= VM name).")
 
 
-class FolderRequest(BaseModel):
+class FolderRequest(AgentRequest):
     credentials: VCenterCredentials
     datacenter: str = Field(description="Datacenter name or path, e.g. 'DC0'.")
     parent: str = Field(default="", description="Parent folder below the datacenter's VM folder.")
@@ -50,7 +51,7 @@ class FolderResult(BaseModel):
     vcenter_requests: int = 0
 
 
-class PlacementRequest(BaseModel):
+class PlacementRequest(AgentRequest):
     """Resolve a template and placement domains to managed object refs (one round of finds)."""
 
     credentials: VCenterCredentials
@@ -73,7 +74,7 @@ class PlacementRefs(BaseModel):
     vcenter_requests: int = 0
 
 
-class CreateVmRequest(BaseModel):
+class CreateVmRequest(AgentRequest):
     """Everything needed to create one node's VM, idempotently."""
 
     credentials: VCenterCredentials
@@ -117,7 +118,7 @@ class VmInfo(BaseModel):
     )
 
 
-class GuestsRequest(BaseModel):
+class GuestsRequest(AgentRequest):
     """VMs and what their guests must report: (vm ref, hostname, address or None for DHCP)."""
 
     credentials: VCenterCredentials
@@ -143,7 +144,7 @@ class PowerOnRequest(GuestsRequest):
     wait_guest: bool = True
 
 
-class DestroyVmRequest(BaseModel):
+class DestroyVmRequest(AgentRequest):
     """Remove one node's VM (and its disks); not found = done."""
 
     credentials: VCenterCredentials
@@ -159,7 +160,7 @@ class DestroyResult(BaseModel):
     vcenter_requests: int = 0
 
 
-class SweepRequest(BaseModel):
+class SweepRequest(AgentRequest):
     """Find (and destroy, unless dry_run) every VM carrying the cluster's ownership mark."""
 
     credentials: VCenterCredentials
@@ -176,7 +177,7 @@ class SweepResult(BaseModel):
     vcenter_requests: int = 0
 
 
-class InstallerVmRequest(BaseModel):
+class InstallerVmRequest(AgentRequest):
     """Power off or destroy a gateway's installer VM (by inventory path or ref)."""
 
     credentials: VCenterCredentials

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import re
@@ -36,7 +35,7 @@ import temporalio.client
 import temporalio.worker
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydantic import ValidationError
+from pydantic import BaseModel
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import PydanticPayloadConverter
 from temporalio.converter import DataConverter, PayloadCodec
@@ -263,45 +262,17 @@ class Readable:
 class KubegatePayloadConverter(PydanticPayloadConverter):
     """Pydantic JSON; values marked readable get the metadata the codec leaves alone.
 
-    A payload from a later release may carry fields this release's models do not know (many
-    models forbid unknown fields, to refuse typos in users' files). Decoding drops such
-    fields and keeps the rest, so an agent of the release before can still take a request a
-    newer control worker sent; what it ignored is caught by the workflow, which takes its
-    result only when the agent's compact signature covers the request as sent (a new field
-    at its default, see domain/trust.compact_request)."""
-
-    def from_payloads(
-        self, payloads: Sequence[Payload], type_hints: list[type] | None = None
-    ) -> list[Any]:
-        try:
-            return super().from_payloads(payloads, type_hints)
-        except ValidationError:
-            hints: list[Any] = list(type_hints) if type_hints else [Any] * len(payloads)
-            return [
-                self._tolerant(payload, hint) for payload, hint in zip(payloads, hints, strict=True)
-            ]
-
-    def _tolerant(self, payload: Payload, hint: Any) -> Any:
-        """One payload, decoded without the fields its model does not know."""
-        try:
-            return super().from_payloads([payload], [hint])[0]
-        except ValidationError as exc:
-            unknown = _unknown_fields(exc)
-            if not unknown:
-                raise
-        data = json.loads(payload.data)
-        for path in unknown:
-            holder = data
-            for key in path[:-1]:
-                holder = holder[key]
-            holder.pop(path[-1], None)
-        trimmed = Payload(metadata=payload.metadata, data=json.dumps(data).encode())
-        return super().from_payloads([trimmed], [hint])[0]
+    A model's fields at their defaults are left out of its payload: the reader fills them in
+    again, and a reader of the release before never sees a field it does not know unless
+    the field is set (then a request to an agent is refused as a whole, see
+    domain/requests.py). Histories get shorter too."""
 
     def to_payloads(self, values: Sequence[Any]) -> list[Payload]:
         # duck-typed: the workflow sandbox may hold its own copy of the marker classes
         marked = [getattr(v, "__kubegate_readable__", False) is True for v in values]
-        plain = [v.plain() if m else v for v, m in zip(values, marked, strict=True)]
+        plain = [
+            v.plain() if m else _without_defaults(v) for v, m in zip(values, marked, strict=True)
+        ]
         payloads = super().to_payloads(plain)
         for payload, readable in zip(payloads, marked, strict=True):
             if readable:
@@ -309,13 +280,11 @@ class KubegatePayloadConverter(PydanticPayloadConverter):
         return payloads
 
 
-def _unknown_fields(exc: ValidationError) -> list[tuple[int | str, ...]] | None:
-    """The paths of the fields a payload had that its model does not know; None when it
-    failed for anything else."""
-    found = exc.errors()
-    if not found or any(e["type"] != "extra_forbidden" for e in found):
-        return None
-    return [tuple(e["loc"]) for e in found]
+def _without_defaults(value: Any) -> Any:
+    """A model as JSON data without its fields at their defaults; anything else as it is."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_defaults=True)
+    return value
 
 
 def _readable(text: str | None) -> str | None:
