@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         "unset: unversioned. Each release's workers register as a version of it; new runs go "
         "to the current version (see docs/operations.md#upgrading-kubegate).",
     )
+    worker_promote: bool = Field(
+        default=False,
+        description="A versioned control worker makes its version current when it starts: "
+        "for deployments that replace the worker in place (docker-compose); otherwise a "
+        "later version waits for `kubegate worker promote`.",
+    )
     worker_build_id: str | None = Field(
         default=None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,62}$",  # plumbing.versioning.BUILD_ID

@@ -137,12 +137,15 @@ async def promote(client: Client, deployment: str, build_id: str, patience: floa
         await asyncio.sleep(0.25)
 
 
-async def promote_if_first(client: Client, version: WorkerDeploymentVersion) -> str:
+async def promote_if_first(
+    client: Client, version: WorkerDeploymentVersion, always: bool = False
+) -> str:
     """Make `version` current if its deployment has no current version yet (the first
-    release installed); a later version waits for `kubegate worker promote`, since the
-    operator decides when new runs move. Returns the current build id."""
+    release installed), or with `always` (a worker replaced in place: its predecessor is
+    gone, and nothing would take new tasks until someone promoted it). Otherwise a later
+    version waits for `kubegate worker promote`. Returns the current build id."""
     current = await current_build_id(client, version.deployment_name)
-    if current is None:
+    if current is None or (always and current != version.build_id):
         await promote(client, version.deployment_name, version.build_id)
         return version.build_id
     return current

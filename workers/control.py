@@ -72,7 +72,7 @@ async def serve(settings: Settings | None = None) -> None:
     version = config.version
 
     async def started() -> None:
-        current = await promote_if_first(client, version)
+        current = await promote_if_first(client, version, always=settings.worker_promote)
         if current != version.build_id:
             log.warning(
                 "worker deployment %s: current version is %s; this worker (%s) takes new "

@@ -72,14 +72,16 @@ def worker_versions(
 def worker_promote(
     build_id: Annotated[
         str | None,
-        typer.Argument(help="Version to make current; default this release's build id."),
+        typer.Argument(
+            help="Version to make current; default KUBEGATE_WORKER_BUILD_ID or this release."
+        ),
     ] = None,
     deployment: DeploymentOption = None,
 ) -> None:
     """Send new runs to a control worker version (start its workers first); running
     workflows move to it at their next task."""
     name = _deployment(deployment)
-    target = build_id or VERSION
+    target = build_id or Settings().worker_build_id or VERSION
     if not BUILD_ID.fullmatch(target):
         _bad_input(f"BUILD_ID: {target!r} must be letters, digits and . + _ - (at most 63)")
 

@@ -22,11 +22,11 @@ from workflows.ip_pool import IpPoolWorkflow
 
 
 def test_a_versioned_worker_moves_every_workflow_to_the_current_version() -> None:
-    config = deployment_config(Settings(worker_deployment="kubegate"))
+    config = deployment_config(Settings(worker_deployment="kubegate", worker_build_id=None))
     assert config is not None and config.use_worker_versioning
     assert config.version == WorkerDeploymentVersion("kubegate", VERSION)
     assert config.default_versioning_behavior is VersioningBehavior.AUTO_UPGRADE
-    assert deployment_config(Settings()) is None  # unversioned unless asked
+    assert deployment_config(Settings(worker_deployment=None)) is None  # unless asked
 
 
 async def _build_id_of(handle: WorkflowHandle[IpPoolWorkflow, object]) -> str:
@@ -69,6 +69,9 @@ async def test_a_promoted_release_takes_over_running_entity_workflows(
         async with build_worker(client, queue, _version(deployment, new.build_id)):
             # a later release does not take over by itself
             assert await promote_if_first(client, new) == old.build_id
+            # unless it replaces its predecessor in place (KUBEGATE_WORKER_PROMOTE)
+            assert await promote_if_first(client, new, always=True) == new.build_id
+            await promote(client, deployment, old.build_id)
             await promote(client, deployment, new.build_id)
             found = {v.build_id: v for v in await versions(client, deployment)}
             assert found[new.build_id].current and not found[old.build_id].current
