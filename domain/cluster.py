@@ -132,6 +132,15 @@ class PlacementDomain(BaseModel):
         default=None, description="IP pool of the gateway (static addressing only)."
     )
 
+    @property
+    def names(self) -> DomainNames:
+        """The vCenter objects it names (two domains naming the same ones are one)."""
+        return (self.compute_cluster, self.resource_pool, self.datastore, self.network)
+
+
+#: (compute cluster, resource pool, datastore, network) names of a placement domain
+DomainNames = tuple[str, str, str, str]
+
 
 class ClusterPlacement(BaseModel):
     model_config = ConfigDict(extra="forbid")

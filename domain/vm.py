@@ -74,6 +74,23 @@ class PlacementRefs(BaseModel):
     vcenter_requests: int = 0
 
 
+class ResolvedPlacement(BaseModel):
+    """A node set's placement as vCenter objects, resolved once (by the preflight, or by
+    vm_resolve_placement when the domains change) for every VM the set creates."""
+
+    #: the distinct domains, by the names of their objects, in the order of `refs.domains`
+    domains: list[tuple[str, str, str, str]]
+    refs: PlacementRefs
+
+    def covers(self, domains: list[tuple[str, str, str, str]]) -> bool:
+        """Whether it was resolved for exactly these domains."""
+        return self.domains == domains
+
+    def of(self, domain: tuple[str, str, str, str]) -> DomainRefs:
+        """The refs of a domain (by its names)."""
+        return self.refs.domains[self.domains.index(domain)]
+
+
 class CreateVmRequest(AgentRequest):
     """Everything needed to create one node's VM, idempotently."""
 

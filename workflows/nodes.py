@@ -81,6 +81,7 @@ with workflow.unsafe.imports_passed_through():
         PowerOnRequest,
         ReadinessRequest,
         ReadinessResult,
+        ResolvedPlacement,
         SweepRequest,
         SweepResult,
         VmInfo,
@@ -250,8 +251,8 @@ class NodeSet:
         self.secrets = secrets
         #: addresses this node set is giving back right now (pools confirm releases with it)
         self.releasing = ReleaseIntent()
-        self.refs: PlacementRefs | None = None
-        self.refs_for: list[tuple[str, str, str, str]] = []  # the domains refs.domains are of
+        #: the placement domains as vCenter objects (None: to be resolved)
+        self.placement: ResolvedPlacement | None = None
         self.plans: dict[str, NodePlan] = {}  # the current spec's node plans, by name
         #: bound on an agent activity's whole life, queue time included (None: unbounded); set
         #: while an Update waits on the agent, so a missing agent cannot hold it forever
@@ -275,7 +276,8 @@ class NodeSet:
 
     def spec_changed(self) -> None:
         """The spec was replaced: placement refs resolved for other domains are dropped."""
-        self.refs = self.refs if self.refs_for == self._distinct_domains() else None
+        if self.placement is not None and not self.placement.covers(self._distinct_domains()):
+            self.placement = None
 
     async def step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
         """Run `body` as a step of the current operation, recorded in the node set's steps."""
@@ -384,8 +386,10 @@ class NodeSet:
                 type=errors.INVALID_SPEC,
                 non_retryable=True,
             )
-        self.refs = self._refs_from(report.refs, placements)
-        self.refs_for = self._distinct_domains()
+        refs = self._refs_from(report.refs, placements)
+        self.placement = (
+            None if refs is None else ResolvedPlacement(domains=self._distinct_domains(), refs=refs)
+        )
         step.detail = f"{len(report.results)} checks passed"
 
     async def _folder(self, step: Step) -> None:
@@ -666,7 +670,7 @@ class NodeSet:
 
     async def _create_node(self, node: Node, start: bool) -> None:
         plan = self.plans[node.name]
-        refs = await self._placement_refs()
+        placement = await self._placement()
         bootstrap = self._bootstrap_of(node)
         node.phase = "creating"
         self.host.publish()
@@ -675,9 +679,9 @@ class NodeSet:
             name=node.name,
             instance_uuid=node.instance_uuid,
             owner=OwnerMark(cluster_id=self.owner, pool=node.pool, node=node.name),
-            template=refs.template,
+            template=placement.refs.template,
             folder=self.record.folder_ref or "",
-            domain=refs.domains[self._domain_key(plan)],
+            domain=placement.of(plan.domain.names),
             cpu=plan.cpu,
             memory_mb=plan.memory_gb * 1024,
             disk_gb=plan.disk_gb,
@@ -914,16 +918,9 @@ class NodeSet:
     def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
         seen: list[tuple[str, str, str, str]] = []
         for d in self.layout.domains:
-            key = (d.compute_cluster, d.resource_pool, d.datastore, d.network)
-            if key not in seen:
-                seen.append(key)
+            if d.names not in seen:
+                seen.append(d.names)
         return seen
-
-    def _domain_key(self, plan: NodePlan) -> int:
-        d = plan.domain
-        return self._distinct_domains().index(
-            (d.compute_cluster, d.resource_pool, d.datastore, d.network)
-        )
 
     def _refs_from(self, refs: dict[str, str], placements: list[Placement]) -> PlacementRefs | None:
         """Placement refs from the preflight's findings; None if any is missing."""
@@ -945,21 +942,23 @@ class NodeSet:
                 return None
         return PlacementRefs(template=template, domains=domains)
 
-    async def _placement_refs(self) -> PlacementRefs:
-        if self.refs is None or self.refs_for != self._distinct_domains():
-            self.refs = await self.agent(
+    async def _placement(self) -> ResolvedPlacement:
+        """The placement, resolved now if the preflight did not (or the domains changed)."""
+        domains = self._distinct_domains()
+        if self.placement is None or not self.placement.covers(domains):
+            refs = await self.agent(
                 "vm_resolve_placement",
                 PlacementRequest(
                     credentials=self.account.current,
                     datacenter=self.layout.placement.datacenter,
                     template=self.account.template,
-                    domains=self._distinct_domains(),
+                    domains=domains,
                 ),
                 PlacementRefs,
                 "Find the template and placement objects",
             )
-            self.refs_for = self._distinct_domains()
-        return self.refs
+            self.placement = ResolvedPlacement(domains=domains, refs=refs)
+        return self.placement
 
     async def agent(
         self,
