@@ -514,6 +514,7 @@ async def test_failed_change_can_be_undone_and_failed_delete_repeated(
     await kubegate.delete_cluster("eps")
     state = await until(kubegate, "eps", ClusterStatus.DELETED)
     assert await kubegate.pool_allocations(GATEWAY, "cl-tiny") == []
+    await record_history(kubegate.client, "cluster/eps", "cluster_change_refused_delete_failed")
 
 
 async def next_run(kubegate: KubegateClient, workflow_id: str, run: str) -> str:

@@ -9,6 +9,7 @@ Record this release's histories with: KUBEGATE_RECORD_HISTORIES=1 make test
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -42,6 +43,7 @@ def test_histories_are_stored() -> None:
         "cluster_aborted",
         "cluster_dhcp_day2",
         "gateway_story",
+        "gateway_story_clusterstate_nodes",
         "gateway_reset",
         "cluster_queued_by_gateway",
         # the trust model's release: signed results, verified deletes, confirmed releases
@@ -67,6 +69,7 @@ def test_this_release_keeps_its_new_shapes() -> None:
     names = {f.stem.rsplit("-", 1)[0] for f in HISTORIES.glob("0.2.0/*.json")}
     assert {
         "cluster_deployed_deleted",
+        "cluster_change_refused_delete_failed",
         "cluster_dhcp_day2",
         "cluster_settled",
         "cluster_upgraded",
@@ -77,6 +80,26 @@ def test_this_release_keeps_its_new_shapes() -> None:
         "preflight_passed",
     } <= names
     assert len(list(HISTORIES.glob("0.2.0/cluster_settled-*.json"))) == 3  # deploy, scale, delete
+    # every patch this release introduced is taken by at least one kept history
+    taken = set().union(*(patches(f) for f in HISTORIES.glob("0.2.0/*.json")))
+    assert {
+        "not-queued-unless-queued",
+        "continue-at-settle-points-1",
+        "changes-are-operations",
+        "render-bootstrap-at-creation",
+    } <= taken, taken
+
+
+def patches(history: Path) -> set[str]:
+    """The patch ids a history's markers record."""
+    found: set[str] = set()
+    for event in json.loads(history.read_text())["events"]:
+        marker = event.get("markerRecordedEventAttributes")
+        if not marker or marker.get("markerName") != "core_patch":
+            continue
+        for payload in marker["details"]["patch-data"]["payloads"]:
+            found.add(json.loads(base64.b64decode(payload["data"]))["id"])
+    return found
 
 
 @pytest.mark.parametrize("folder", RELEASES, ids=[p.name for p in RELEASES])

@@ -16,8 +16,8 @@ from tests.support import HISTORIES
 
 
 def kept_gateway_nodes() -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every gateway's nodes carried in a kept history's inputs (as 0.1.0 and 0.2.0 wrote
-    them: a ClusterState whose spec is a ClusterSpec)."""
+    """Every gateway's nodes carried in a kept history's inputs (0.1.0 wrote a ClusterState
+    whose spec is a ClusterSpec; 0.2.0 a GatewayNodes)."""
     for path in sorted(HISTORIES.glob("*/gateway_*.json")):
         for event in json.loads(path.read_text())["events"]:
             for key in (
@@ -35,13 +35,23 @@ def kept_gateway_nodes() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 KEPT = list(kept_gateway_nodes())
+#: those written before GatewayNodeSpec (0.1.0, and 0.2.0 before it): a ClusterSpec shape
+OLD_SHAPE = [(name, n) for name, n in KEPT if "profile" in n["spec"]]
+NEW_SHAPE = [(name, n) for name, n in KEPT if "profile" not in n["spec"]]
 
 
-def test_kept_histories_hold_gateway_nodes() -> None:
-    assert len(KEPT) >= 5
+def test_kept_histories_hold_gateway_nodes_of_both_shapes() -> None:
+    assert len(OLD_SHAPE) >= 5 and len(NEW_SHAPE) >= 5
 
 
-@pytest.mark.parametrize("nodes", [n for _, n in KEPT], ids=[name for name, _ in KEPT])
+@pytest.mark.parametrize("nodes", [n for _, n in NEW_SHAPE], ids=[name for name, _ in NEW_SHAPE])
+def test_kept_gateway_nodes_of_this_shape_decode_and_round_trip(nodes: dict[str, Any]) -> None:
+    decoded = GatewayNodes.model_validate(nodes)
+    assert decoded.spec.layout().plans and decoded.steps
+    assert GatewayNodes.model_validate_json(decoded.model_dump_json()) == decoded
+
+
+@pytest.mark.parametrize("nodes", [n for _, n in OLD_SHAPE], ids=[name for name, _ in OLD_SHAPE])
 def test_kept_gateway_nodes_decode_to_the_same_nodes(nodes: dict[str, Any]) -> None:
     """The old shape converts, and the node set builds exactly what the ClusterSpec said."""
     old = ClusterSpec.model_validate(nodes["spec"])
