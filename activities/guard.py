@@ -44,7 +44,6 @@ from domain.trust import (
     SignedResult,
     canonical_json,
     compact_request,
-    compact_statement,
     result_statement,
 )
 from domain.vm import FolderRequest
@@ -351,7 +350,9 @@ class AgentGuard:
         body = canonical_json(result).decode()
         call = (info.workflow_id or "", info.workflow_run_id or "", info.activity_id)
         full = result_statement(*call, info.activity_type, canonical_json(list(args)), body)
-        compact = compact_statement(*call, info.activity_type, compact_request(args), body)
+        compact = result_statement(
+            *call, info.activity_type, compact_request(args), body, compact=True
+        )
         return SignedResult(
             body=body,
             key_id=self.key.key_id,

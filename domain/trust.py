@@ -246,38 +246,14 @@ def result_statement(
     activity_type: str,
     request: bytes,
     body: str,
+    *,
+    compact: bool = False,
 ) -> bytes:
     """What the agent signs: which request (workflow run, activity id chosen afresh by the
     workflow for each call, activity type, arguments) got which result. A signature cannot
-    be moved to another call, request, run or result."""
-    return _statement(
-        "kubegate-result-v2", workflow_id, run_id, activity_id, activity_type, request, body
-    )
-
-
-def compact_statement(
-    workflow_id: str,
-    run_id: str,
-    activity_id: str,
-    activity_type: str,
-    request: bytes,
-    body: str,
-) -> bytes:
-    """The same statement over a compact_request (what SignedResult.compact_signature signs)."""
-    return _statement(
-        "kubegate-result-v3", workflow_id, run_id, activity_id, activity_type, request, body
-    )
-
-
-def _statement(
-    version: str,
-    workflow_id: str,
-    run_id: str,
-    activity_id: str,
-    activity_type: str,
-    request: bytes,
-    body: str,
-) -> bytes:
+    be moved to another call, request, run or result. `compact`: the statement over a
+    compact_request (what SignedResult.compact_signature signs), told apart by its tag."""
+    version = "kubegate-result-v3" if compact else "kubegate-result-v2"
     parts = [
         version,
         workflow_id,

@@ -64,7 +64,6 @@ with workflow.unsafe.imports_passed_through():
         SignedResult,
         canonical_json,
         compact_request,
-        compact_statement,
         result_statement,
         verified_body,
     )
@@ -118,7 +117,7 @@ def verify_result(
     info = workflow.info()
     call = (info.workflow_id, info.run_id, activity_id, activity)
     statement = result_statement(*call, canonical_json([arg]), signed.body)
-    compact = compact_statement(*call, compact_request([arg]), signed.body)
+    compact = result_statement(*call, compact_request([arg]), signed.body, compact=True)
     body = verified_body(signed, signing_key, statement, compact)
     if body is None:
         return None

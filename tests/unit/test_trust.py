@@ -18,7 +18,6 @@ from domain.trust import (
     SignedResult,
     canonical_json,
     compact_request,
-    compact_statement,
     policy_for,
     result_statement,
     verified_body,
@@ -125,7 +124,7 @@ def _signed_by_agent(key: AgentKey, request: BaseModel, body: str, compact: bool
     full = result_statement(*call, canonical_json([request]), body)
     signed = SignedResult(body=body, key_id=key.key_id, signature=key.sign(full))
     if compact:
-        statement = compact_statement(*call, compact_request([request]), body)
+        statement = result_statement(*call, compact_request([request]), body, compact=True)
         signed.compact_signature = key.sign(statement)
     return signed
 
@@ -134,7 +133,7 @@ def _accepted(key: AgentKey, signed: SignedResult, sent: BaseModel) -> bool:
     """Whether the workflow that sent `sent` takes the result (as workflows/nodes.py does)."""
     call = ("cluster/a", "run-1", "id-1", "vm_power_on")
     statement = result_statement(*call, canonical_json([sent]), signed.body)
-    compact = compact_statement(*call, compact_request([sent]), signed.body)
+    compact = result_statement(*call, compact_request([sent]), signed.body, compact=True)
     return verified_body(signed, key.signing_key_b64, statement, compact) is not None
 
 
