@@ -1,4 +1,5 @@
-"""Bootstrap activities of the gateway agent: generate a cluster's secrets, render nodes.
+"""Bootstrap activities of the gateway agent: generate a cluster's secrets, render nodes,
+mint kubeconfigs from the cluster's CA.
 
 Secrets are generated here, sealed to the agent's own key at once, and opened only here;
 workflow history holds the sealed form and content-free digests, never the plaintext.
@@ -8,10 +9,13 @@ generate_secrets() uses randomness and the clock: workflows must not call it.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import string
+from datetime import timedelta
 from secrets import choice, token_hex
 
+from cryptography.hazmat.primitives import hashes
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -25,7 +29,14 @@ from domain.bootstrap import (
     SecretsRequest,
     rendered,
 )
-from domain.certs import self_signed
+from domain.certs import client_certificate, self_signed
+from domain.kubeconfig import (
+    KubeconfigIssue,
+    KubeconfigResult,
+    MintKubeconfig,
+    kubeconfig_binding,
+    kubeconfig_file,
+)
 from domain.sealing import AgentKey, seal
 
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits
@@ -75,6 +86,57 @@ class BootstrapActivities:
         sealed = self._seal(generate_secrets())
         activity.logger.info("generated secrets of cluster %s (sealed)", request.cluster)
         return sealed
+
+    @activity.defn(name="cluster_kubeconfig")
+    def kubeconfig(self, request: MintKubeconfig) -> KubeconfigResult:
+        """A client certificate from the cluster's CA for `request.user`, in a kubeconfig
+        sealed to the requester's key; only the record of the issue comes back in clear."""
+        secrets = open_cluster_secrets(self.key, request.secrets)
+        try:
+            recipient = base64.b64decode(request.recipient_key, validate=True)
+            cert_pem, key_pem, cert = client_certificate(
+                secrets.ca_cert_pem,
+                secrets.ca_key_pem,
+                request.user,
+                request.groups,
+                timedelta(seconds=request.ttl_seconds),
+            )
+            document = kubeconfig_file(
+                request.cluster,
+                request.server,
+                secrets.ca_cert_pem,
+                request.user,
+                cert_pem,
+                key_pem,
+            )
+            sealed = seal(
+                document, recipient, kubeconfig_binding(request.cluster, request.request_id)
+            )
+        except ValueError as exc:
+            raise ApplicationError(
+                f"kubeconfig for {request.user}: {exc}",
+                type=errors.INVALID_SPEC,
+                non_retryable=True,
+            ) from None
+        activity.logger.info(
+            "issued a kubeconfig of cluster %s to %s until %s (serial %x)",
+            request.cluster,
+            request.user,
+            cert.not_valid_after_utc.isoformat(),
+            cert.serial_number,
+        )
+        return KubeconfigResult(
+            issue=KubeconfigIssue(
+                request_id=request.request_id,
+                user=request.user,
+                groups=list(request.groups),
+                serial=f"{cert.serial_number:x}",
+                fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+                issued_at=cert.not_valid_before_utc,
+                expires_at=cert.not_valid_after_utc,
+            ),
+            sealed=sealed,
+        )
 
     @activity.defn(name="bootstrap_render")
     def render(self, request: RenderRequest) -> RenderResult:

@@ -43,17 +43,7 @@ def self_signed(
         builder = builder.add_extension(
             x509.BasicConstraints(ca=True, path_length=None), critical=True
         ).add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,  # meaningless for an ECDSA key
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(signs_certificates=True),
             critical=True,
         )
     if hosts:
@@ -61,12 +51,8 @@ def self_signed(
             x509.SubjectAlternativeName([_alt_name(h) for h in hosts]), critical=False
         )
     cert = builder.sign(key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem.decode()
+    key_pem = _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
 def _alt_name(host: str) -> x509.GeneralName:
@@ -74,3 +60,71 @@ def _alt_name(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
+
+
+def client_certificate(
+    ca_cert_pem: str,
+    ca_key_pem: str,
+    user: str,
+    groups: Sequence[str],
+    validity: datetime.timedelta,
+) -> tuple[str, str, x509.Certificate]:
+    """A client certificate signed by the CA (Kubernetes reads CN as the user and O as the
+    groups): (certificate PEM, key PEM, the certificate). Backdated five minutes for clock
+    skew, as kubeadm does."""
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem.encode())
+    ca_key = serialization.load_pem_private_key(ca_key_pem.encode(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the cluster CA's key is not an ECDSA key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+        + [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            _key_usage(signs_certificates=False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.OID_CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem, cert
+
+
+def _key_usage(signs_certificates: bool) -> x509.KeyUsage:
+    """Signing only (an ECDSA key enciphers nothing); a CA's signs certificates and CRLs."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    """SEC 1 PEM ('EC PRIVATE KEY'), as kubeadm writes ECDSA keys."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
 from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
+from domain.kubeconfig import KubeconfigIssue
 
 
 class ClusterStatus(StrEnum):
@@ -239,6 +240,8 @@ class ClusterState(NodeSetState):
     #: the latest day-2 changes (scale, add-pool, remove-pool) that ended, oldest first, at
     #: most CHANGES_KEPT: what each did
     changes: list[ChangeResult] = Field(default_factory=list)
+    #: kubeconfigs issued (who, when, until when, which certificate), the newest last
+    kubeconfigs: list[KubeconfigIssue] = Field(default_factory=list)
 
     def node_spec(self) -> NodeSpec:
         return self.spec

@@ -75,6 +75,12 @@ from domain.ipam import (
     ReleaseRequest,
     ReleaseResult,
 )
+from domain.kubeconfig import (
+    KubeconfigIssue,
+    KubeconfigRequest,
+    KubeconfigResult,
+    kubeconfig_binding,
+)
 from domain.lifecycle import (
     AddPoolRequest,
     ChangeResult,
@@ -88,7 +94,7 @@ from domain.lifecycle import (
     Timing,
 )
 from domain.preflight import PreflightReport
-from domain.sealing import AgentKey, fingerprint, normalize_fingerprint, seal
+from domain.sealing import AgentKey, SealError, fingerprint, normalize_fingerprint, seal
 from domain.version import VERSION
 from plumbing.connect import connect
 from plumbing.errors import KubegateError, RequestRefused
@@ -432,6 +438,35 @@ class KubegateClient:
         if mine.error:
             raise KubegateError(mine.error)
         return mine
+
+    async def kubeconfig(
+        self, name: str, user: str, ttl: timedelta = timedelta(hours=8)
+    ) -> tuple[str, KubeconfigIssue]:
+        """A kubeconfig for `user` (cluster-admin, valid for `ttl`): the gateway's agent mints
+        it from the cluster's CA and seals it to a key made here for this request only; the
+        cluster records the issue. Returns the file's text and the record."""
+        recipient = AgentKey.generate()
+        try:
+            request = KubeconfigRequest(
+                user=user,
+                ttl_seconds=int(ttl.total_seconds()),
+                recipient_key=recipient.public_key_b64,
+                request_id=uuid.uuid4().hex,
+            )
+        except ValidationError as exc:
+            raise RequestRefused("; ".join(errors.field_errors(exc))) from None
+        result: KubeconfigResult = await self._cluster_update(
+            name, ClusterWorkflow.kubeconfig, request
+        )
+        if result.issue.request_id != request.request_id:
+            raise KubegateError(f"cluster {name} answered another kubeconfig request")
+        try:
+            text = recipient.open(result.sealed, kubeconfig_binding(name, request.request_id))
+        except SealError as exc:
+            raise KubegateError(
+                f"the kubeconfig of cluster {name} cannot be opened: {exc}"
+            ) from None
+        return text, result.issue
 
     async def wait_cluster(
         self,

@@ -219,18 +219,10 @@ INVENTORY = ["-clusters", "2", "-hosts", "3", "-ntp", NTP]
 HISTORIES = ROOT / "tests" / "replay" / "histories"
 
 
-async def record_history(client: Any, workflow_id: str, name: str) -> None:
-    """With KUBEGATE_RECORD_HISTORIES=1, store a workflow's histories for the replay tests, in
-    the folder of this release (`histories/<version>/`): every run under the id, oldest first
-    (`NAME-1.json`, `NAME-2.json`, ... when it continued as new; `NAME.json` for one run).
-    Earlier releases' folders are never written: they replay as they were recorded, forever."""
-    if os.environ.get("KUBEGATE_RECORD_HISTORIES") != "1":
-        return
-    from domain.version import VERSION
-
-    folder = HISTORIES / VERSION
-    # the chain of runs, followed from the first through each continue-as-new (visibility
-    # may not list a run started a moment ago, and lists earlier lifecycles under the id too)
+async def all_runs(client: Any, workflow_id: str) -> list[Any]:
+    """The history of every run of a workflow, oldest first: the chain of runs followed
+    from the first through each continue-as-new (visibility may not list a run started a
+    moment ago, and lists earlier lifecycles under the id too)."""
     handle = client.get_workflow_handle(workflow_id)
     described = await handle.describe()
     run_id: str | None = described.raw_description.workflow_execution_info.first_run_id
@@ -242,6 +234,20 @@ async def record_history(client: Any, workflow_id: str, name: str) -> None:
         continued = last.HasField("workflow_execution_continued_as_new_event_attributes")
         attributes = last.workflow_execution_continued_as_new_event_attributes
         run_id = attributes.new_execution_run_id if continued else None
+    return histories
+
+
+async def record_history(client: Any, workflow_id: str, name: str) -> None:
+    """With KUBEGATE_RECORD_HISTORIES=1, store a workflow's histories for the replay tests, in
+    the folder of this release (`histories/<version>/`): every run under the id, oldest first
+    (`NAME-1.json`, `NAME-2.json`, ... when it continued as new; `NAME.json` for one run).
+    Earlier releases' folders are never written: they replay as they were recorded, forever."""
+    if os.environ.get("KUBEGATE_RECORD_HISTORIES") != "1":
+        return
+    from domain.version import VERSION
+
+    folder = HISTORIES / VERSION
+    histories = await all_runs(client, workflow_id)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*folder.glob(f"{name}.*"), *folder.glob(f"{name}-[0-9]*.*")]:
         stale.unlink()  # a re-recording replaces every file of this name

@@ -126,6 +126,7 @@ def build_agent(
             preflight.all_checks,
             bootstrap.secrets,
             bootstrap.render,
+            bootstrap.kubeconfig,
             *vms.all(),
             *events.all(),
         ],

@@ -18,6 +18,14 @@ with workflow.unsafe.imports_passed_through():
     from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
     from domain.ipam import PoolRef, PoolStatus
+    from domain.kubeconfig import (
+        API_PORT,
+        ISSUES_KEPT,
+        KubeconfigRequest,
+        KubeconfigResult,
+        MintKubeconfig,
+        admin_groups,
+    )
     from domain.lifecycle import (
         CHANGES_KEPT,
         AddPoolRequest,
@@ -48,6 +56,14 @@ NOT_QUEUED = "not-queued-unless-queued"
 #: patch: a day-2 change's Update returns its operation number once accepted; the change runs
 #: in the main loop (before it, the Update ran the whole change)
 CHANGES_ARE_OPERATIONS = "changes-are-operations"
+
+
+#: a kubeconfig: how long the caller may wait on the agent, and its attempts (an agent of a
+#: release without the activity answers NotFoundError: no use retrying)
+_KUBECONFIG_DEADLINE = timedelta(minutes=2)
+_KUBECONFIG_RETRY = RetryPolicy(
+    maximum_attempts=3, non_retryable_error_types=[*errors.NON_RETRYABLE, "NotFoundError"]
+)
 
 
 @dataclass
@@ -372,6 +388,71 @@ class ClusterWorkflow:
     def _remove_ok(self, request: RemovePoolRequest) -> None:
         self._require_running()
         self._changed_spec(remove=request.pool)
+
+    @workflow.update
+    async def kubeconfig(self, request: KubeconfigRequest) -> KubeconfigResult:
+        """A kubeconfig for `request.user`: the agent mints a client certificate from the
+        cluster's CA and seals the file to the requester's key; the issue is recorded."""
+        secrets, server = self.nodes.secrets, self._api_server()
+        if secrets is None or server is None:  # (the validator said so already)
+            raise invalid_state(f"cluster {self.state.name} has no API server to reach yet")
+        kube = self.state.spec.effective_profile().pack("kubernetes")
+        mint = MintKubeconfig(
+            cluster=self.state.name,
+            server=server,
+            secrets=secrets,
+            user=request.user,
+            groups=admin_groups(kube.version if kube else ""),
+            ttl_seconds=request.ttl_seconds,
+            recipient_key=request.recipient_key,
+            request_id=request.request_id,
+        )
+        try:
+            result = await self.nodes.agent(
+                "cluster_kubeconfig",
+                mint,
+                KubeconfigResult,
+                f"Mint a kubeconfig for {request.user}",
+                timeout=timedelta(minutes=1),
+                retry=_KUBECONFIG_RETRY,
+                deadline=_KUBECONFIG_DEADLINE,
+            )
+        except (ActivityError, ApplicationError) as exc:
+            cause = exc.cause if isinstance(exc, ActivityError) else exc
+            message = getattr(cause, "message", None) or str(exc)
+            if getattr(cause, "type", None) == "NotFoundError":
+                message = "the gateway's agent cannot mint kubeconfigs: upgrade it to 0.3 or later"
+            raise ApplicationError(
+                f"no kubeconfig for {request.user}: {message}",
+                type="KubeconfigFailed",
+                non_retryable=True,
+            ) from None
+        if result.issue.request_id != request.request_id or result.issue.user != request.user:
+            raise ApplicationError(
+                "the agent answered another kubeconfig request", type=errors.FORGED_RESULT
+            )
+        self.state.kubeconfigs = [*self.state.kubeconfigs, result.issue][-ISSUES_KEPT:]
+        self.publish()
+        return result
+
+    @kubeconfig.validator
+    def _kubeconfig_ok(self, request: KubeconfigRequest) -> None:
+        serving = (ClusterStatus.RUNNING, ClusterStatus.UPDATING)
+        if self.state.status not in serving or self.deleting is not None:
+            raise invalid_state(
+                f"cluster {self.state.name} is {self.state.status}: a kubeconfig needs a "
+                "Running cluster"
+            )
+        if self.nodes.secrets is None or self._api_server() is None:
+            raise invalid_state(f"cluster {self.state.name} has no API server to reach yet")
+
+    def _api_server(self) -> str | None:
+        """The API server's URL: the VIP, else (DHCP without one) the first control-plane
+        node's address."""
+        host = self.state.vip or next(
+            (n.address for n in self.state.nodes if n.control_plane and n.address), None
+        )
+        return f"https://{host}:{API_PORT}" if host else None
 
     @workflow.signal
     def proceed(self) -> None:

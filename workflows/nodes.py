@@ -967,8 +967,10 @@ class NodeSet:
         summary: str,
         timeout: timedelta = timedelta(minutes=5),
         retry: RetryPolicy = _RETRY,
+        deadline: timedelta | None = None,
     ) -> T:
-        """Run an agent activity; its result counts only when the approved agent signed it."""
+        """Run an agent activity; its result counts only when the approved agent signed it.
+        `deadline` bounds its whole life, queue time included (default `agent_deadline`)."""
         signed = workflow.patched(SIGNED_RESULTS)
         forged = 0
         refreshed = rekeyed = False
@@ -985,7 +987,7 @@ class NodeSet:
                     result_type=RawValue,
                     task_queue=names.gateway_task_queue(self.record.gateway),
                     start_to_close_timeout=timeout,
-                    schedule_to_close_timeout=self.agent_deadline,
+                    schedule_to_close_timeout=deadline or self.agent_deadline,
                     # every agent task heartbeats (the agent's guard keeps it alive): a dead
                     # agent's tasks go to the next agent within the heartbeat timeout
                     heartbeat_timeout=timedelta(seconds=self.timing.heartbeat_seconds),

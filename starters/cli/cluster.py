@@ -5,7 +5,11 @@ Registers on the `cluster` app of starters/cli/common.py. Exit codes as there.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +19,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
+from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
 from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary, operations
+from plumbing.settings import Settings
 from starters.cli.common import (
     EXIT_FAILED,
     GatewayOption,
@@ -277,6 +283,71 @@ def cluster_remove_pool(
     _change(name, lambda c: c.remove_pool(name, pool, wait=wait), output)
 
 
+_TTL = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> timedelta:
+    """'8h', '30m', '2d', '900s' as a lifetime within the kubeconfig bounds; exits 2 if not."""
+    found = _TTL.match(text.strip())
+    seconds = int(found.group(1)) * _TTL_UNITS[found.group(2)] if found else -1
+    if not MIN_TTL_SECONDS <= seconds <= MAX_TTL_SECONDS:
+        _bad_input(
+            f"--ttl: {text!r} must be a number with s, m, h or d, between "
+            f"{MIN_TTL_SECONDS // 60}m and {MAX_TTL_SECONDS // 86400}d"
+        )
+    return timedelta(seconds=seconds)
+
+
+@cluster_app.command("kubeconfig")
+def cluster_kubeconfig(
+    name: NameArg,
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, e.g. 8h, 30m, 2d.")] = "8h",
+    user: Annotated[
+        str | None, typer.Option("--user", help="Name in the certificate; default: you.")
+    ] = None,
+    output_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--output-file",
+            help="Where to write it (mode 0600); default <home>/kubeconfig/NAME-USER.yaml.",
+        ),
+    ] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """A cluster-admin kubeconfig for a Running cluster: minted by the gateway's agent from
+    the cluster's CA, sealed to a key made for this request; written to a file, never
+    printed. `describe` lists every kubeconfig issued."""
+    lifetime = parse_ttl(ttl)
+    who = user or getpass.getuser()
+    if not USER.fullmatch(who):
+        _bad_input(f"--user: {who!r} must be letters, digits and . _ @ + - (at most 64)")
+    target = output_file or Settings().home / "kubeconfig" / f"{name}-{who}.yaml"
+    if target.is_dir():
+        _bad_input(f"--output-file: {target} is a directory")
+    _, (text, issue) = _update(name, lambda c: c.kubeconfig(name, who, lifetime))
+    write_private(target, text)
+    if output is Output.json:
+        out.print_json(json.dumps({"file": str(target), **issue.model_dump(mode="json")}))
+        return
+    out.print(
+        f"wrote {target}: cluster {name}, user {issue.user} ({', '.join(issue.groups)}), "
+        f"valid until {issue.expires_at:%Y-%m-%d %H:%M:%S} UTC (serial {issue.serial})\n"
+        f"use it: kubectl --kubeconfig {target} get nodes",
+        highlight=False,
+        markup=False,
+    )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (its folder made 0700 if new)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(text)
+
+
 def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
     if output is Output.json:
         out.print_json(_state_json(state))
@@ -329,3 +400,16 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
             n.phase,
         )
     out.print(nodes)
+    if state.kubeconfigs:
+        issued = Table(title="Kubeconfigs issued")
+        for column in ("user", "groups", "issued", "expires", "serial"):
+            issued.add_column(column)
+        for k in state.kubeconfigs:
+            issued.add_row(
+                k.user,
+                ", ".join(k.groups),
+                f"{k.issued_at:%Y-%m-%d %H:%M}",
+                f"{k.expires_at:%Y-%m-%d %H:%M}",
+                k.serial,
+            )
+        out.print(issued)

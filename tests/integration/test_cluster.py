@@ -10,11 +10,15 @@ import base64
 import gzip
 import ipaddress
 import json
+import subprocess
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 from temporalio.testing import WorkflowEnvironment
@@ -31,6 +35,7 @@ from tests.support import (
     INVENTORY,
     TEMPLATE,
     Vcsim,
+    all_runs,
     ensure_account,
     explained,
     history_text,
@@ -573,3 +578,86 @@ async def test_a_resting_cluster_continues_as_new_with_its_steps_grouped(
     assert [op for op, _, _ in operations(state.steps)] == ["deploy", "Scale w to 2", "delete"]
     assert owned_vms(sim, "cluster/settle") == []
     await record_history(kubegate.client, "cluster/settle", "cluster_settled")
+
+
+async def test_a_kubeconfig_is_minted_from_the_cluster_ca_and_only_its_requester_reads_it(
+    sim: Vcsim, kubegate: KubegateClient, tmp_path: Path
+) -> None:
+    """The file works with kubectl as it is; its certificate chains to the CA the nodes boot
+    with, names the user and admin group and lives as long as asked; no history holds a key."""
+    await kubegate.create_pool(
+        IpPoolSpec.model_validate(
+            {
+                "name": "kc-pool",
+                "gateway": GATEWAY,
+                "kind": "range",
+                "first": "10.56.0.10",
+                "last": "10.56.0.20",
+                "prefix": 24,
+                "network_gateway": "10.56.0.1",
+            }
+        )
+    )
+    await deploy(kubegate, sim, small_spec("kc", "kc-pool"))
+    state = await until(kubegate, "kc", ClusterStatus.RUNNING)
+
+    text, issue = await kubegate.kubeconfig("kc", "alice@example.com", ttl=timedelta(hours=2))
+    path = tmp_path / "kc.yaml"
+    path.write_text(text)
+    viewed = await asyncio.to_thread(
+        subprocess.run,
+        ["kubectl", "config", "view", "--kubeconfig", str(path), "--raw", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    config = json.loads(viewed.stdout)
+    assert config["current-context"] == "alice@example.com@kc"
+    (cluster,) = config["clusters"]
+    assert cluster["cluster"]["server"] == f"https://{state.vip}:6443"
+    (user,) = config["users"]
+    ca_pem = base64.b64decode(cluster["cluster"]["certificate-authority-data"]).decode()
+    cert_pem = base64.b64decode(user["user"]["client-certificate-data"]).decode()
+    key_pem = base64.b64decode(user["user"]["client-key-data"]).decode()
+    (tmp_path / "ca.pem").write_text(ca_pem)
+    (tmp_path / "cert.pem").write_text(cert_pem)
+    verified = await asyncio.to_thread(
+        subprocess.run,
+        ["openssl", "verify", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "cert.pem")],
+        capture_output=True,
+        text=True,
+    )
+    assert verified.returncode == 0 and ": OK" in verified.stdout, verified.stderr
+    # the CA is the one the control plane boots with (in its cloud-init)
+    (cp,) = [vm for vm in owned_vms(sim, "cluster/kc") if vm["name"] == "kc-cp-0"]
+    userdata = decode(cp["extra"]["guestinfo.userdata"])
+    assert all(line in userdata for line in ca_pem.strip().splitlines())
+
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    subject = {a.oid: a.value for a in cert.subject}
+    assert subject[NameOID.COMMON_NAME] == "alice@example.com"
+    assert subject[NameOID.ORGANIZATION_NAME] == "kubeadm:cluster-admins"  # 1.30: kubeadm's
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime == timedelta(hours=2, minutes=5)  # backdated five minutes for skew
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [x509.OID_CLIENT_AUTH]
+    assert (
+        issue.serial == f"{cert.serial_number:x}" and issue.expires_at == cert.not_valid_after_utc
+    )
+
+    # recorded in the cluster's state; the key only in the requester's file
+    recorded = await kubegate.cluster_state("kc")
+    assert [k.request_id for k in recorded.kubeconfigs] == [issue.request_id]
+    key_body = "".join(key_pem.strip().splitlines()[1:-1])
+    for history in await all_runs(kubegate.client, "cluster/kc"):
+        seen = history_text(history)
+        assert "PRIVATE KEY" not in seen and key_body not in seen
+        assert "client-key-data" not in seen
+
+    # a kubeconfig only for a serving cluster, and within the bounds
+    with pytest.raises(RequestRefused, match="ttl_seconds"):
+        await kubegate.kubeconfig("kc", "alice", ttl=timedelta(days=30))
+    await kubegate.delete_cluster("kc")
+    with pytest.raises(RequestRefused, match="Running"):
+        await kubegate.kubeconfig("kc", "alice")
+    await until(kubegate, "kc", ClusterStatus.DELETED)

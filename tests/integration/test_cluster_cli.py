@@ -174,6 +174,27 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     code, output = await run_cli(settings, "cluster", "list", "-o", "json")
     assert code == 0 and "cli" in [c["name"] for c in json.loads(output)], output
 
+    # a kubeconfig goes to a file only its owner reads; the output names it, holds no key
+    kubeconfig = tmp_path / "kube" / "cli.yaml"
+    code, output = await run_cli(
+        settings,
+        "cluster",
+        "kubeconfig",
+        "cli",
+        "--user",
+        "ops",
+        "--ttl",
+        "1h",
+        "--output-file",
+        str(kubeconfig),
+    )
+    assert code == 0 and str(kubeconfig) in output and "user ops" in output, output
+    assert "PRIVATE KEY" not in output and "client-key-data" not in output
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600
+    assert "client-key-data" in kubeconfig.read_text()
+    code, output = await run_cli(settings, "cluster", "describe", "cli")
+    assert code == 0 and "Kubeconfigs issued" in output and "ops" in output, output
+
     code, output = await run_cli(settings, "cluster", "abort", "cli")
     assert code == 2 and "use delete" in output, output
     code, output = await run_cli(settings, "cluster", "scale", "cli", "nope", "--size", "2")
