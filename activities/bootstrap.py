@@ -27,9 +27,10 @@ from domain.bootstrap import (
     RenderRequest,
     RenderResult,
     SecretsRequest,
+    SharedKeys,
     rendered,
 )
-from domain.certs import client_certificate, self_signed
+from domain.certs import client_certificate, key_pair, self_signed
 from domain.kubeconfig import (
     KubeconfigIssue,
     KubeconfigResult,
@@ -57,13 +58,26 @@ def generate_ca() -> tuple[str, str]:
 
 
 def generate_secrets() -> ClusterSecrets:
-    """Fresh secrets for a cluster: bootstrap token, certificate key, CA. Not deterministic."""
+    """Fresh secrets for a cluster: bootstrap token, certificate key, CA, and the keys its
+    control-plane members share (service accounts, front proxy CA, etcd CA). Not
+    deterministic."""
     cert_pem, key_pem = generate_ca()
+    sa_key, sa_pub = key_pair()
+    front_proxy_cert, front_proxy_key = self_signed("front-proxy-ca", CA_VALIDITY, ca=True)
+    etcd_cert, etcd_key = self_signed("etcd-ca", CA_VALIDITY, ca=True)
     return ClusterSecrets(
         bootstrap_token=f"{_token_part(6)}.{_token_part(16)}",
         certificate_key=token_hex(32),
         ca_cert_pem=cert_pem,
         ca_key_pem=key_pem,
+        shared=SharedKeys(
+            sa_key_pem=sa_key,
+            sa_pub_pem=sa_pub,
+            front_proxy_ca_cert_pem=front_proxy_cert,
+            front_proxy_ca_key_pem=front_proxy_key,
+            etcd_ca_cert_pem=etcd_cert,
+            etcd_ca_key_pem=etcd_key,
+        ),
     )
 
 

@@ -15,13 +15,16 @@ import hashlib
 import ipaddress
 import json
 import re
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret
+from domain.certs import client_certificate
 from domain.cluster import Pack
+from domain.kubeconfig import kubeconfig_file
 from domain.requests import AgentRequest
 
 #: SealedSecret purpose of a cluster's secrets bundle.
@@ -96,6 +99,29 @@ class ClusterSecrets(BaseModel):
     certificate_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     ca_cert_pem: str
     ca_key_pem: str
+    #: the keys every control-plane member shares, made with the CA (0.3.0 on; clusters made
+    #: before have none: their first node made its own, and joiners use the uploaded copies)
+    shared: SharedKeys | None = None
+
+
+class SharedKeys(BaseModel):
+    """What kubeadm would otherwise make on the first control-plane node and upload for two
+    hours: with them, every control-plane member is given its copy in its own bootstrap data,
+    and no join depends on anything that expires."""
+
+    sa_key_pem: str = Field(description="Service-account signing key (sa.key).")
+    sa_pub_pem: str = Field(description="Its public half (sa.pub).")
+    front_proxy_ca_cert_pem: str
+    front_proxy_ca_key_pem: str
+    etcd_ca_cert_pem: str
+    etcd_ca_key_pem: str
+
+
+#: how long the credential a joining node is given stays valid (minted as its VM is made)
+JOIN_CREDENTIAL_VALIDITY = timedelta(hours=24)
+#: the group kubeadm lets create and auto-approve a node's certificate request
+BOOTSTRAPPERS = "system:bootstrappers:kubeadm:default-node-token"
+DISCOVERY_CONF = "/etc/kubernetes/kubegate-discovery.conf"
 
 
 class SecretsRequest(AgentRequest):
@@ -303,7 +329,10 @@ def _local_endpoint(node: NodeBootstrap) -> dict[str, Any]:
 
 
 def kubeadm_documents(node: NodeBootstrap, secrets: ClusterSecrets) -> list[dict[str, Any]]:
-    """kubeadm's configuration for the node's role (Init+Cluster, or Join)."""
+    """kubeadm's configuration for the node's role (Init+Cluster, or Join). With shared keys
+    a joiner discovers the cluster through a file holding a credential minted for it
+    (`join_files`), and a control-plane joiner finds the shared keys on disk: nothing it
+    uses expires with the first node's token or uploaded certificates."""
     api = _api_version(node)
     endpoint = endpoint_host(node)
     if node.role == "init":
@@ -319,10 +348,11 @@ def kubeadm_documents(node: NodeBootstrap, secrets: ClusterSecrets) -> list[dict
                     "groups": ["system:bootstrappers:kubeadm:default-node-token"],
                 }
             ],
-            "certificateKey": secrets.certificate_key,
             "localAPIEndpoint": _local_endpoint(node),
             "nodeRegistration": _node_registration(node),
         }
+        if secrets.shared is None:  # (joiners take the certificates kubeadm uploads)
+            init = {**init, "certificateKey": secrets.certificate_key}
         cluster: dict[str, Any] = {
             "apiVersion": api,
             "kind": "ClusterConfiguration",
@@ -338,24 +368,79 @@ def kubeadm_documents(node: NodeBootstrap, secrets: ClusterSecrets) -> list[dict
         }
         return [init, cluster]
     assert endpoint is not None  # validate() requires one for joining nodes
-    join: dict[str, Any] = {
-        "apiVersion": api,
-        "kind": "JoinConfiguration",
-        "discovery": {
+    discovery: dict[str, Any] = (
+        {"file": {"kubeConfigPath": DISCOVERY_CONF}}
+        if secrets.shared is not None
+        else {
             "bootstrapToken": {
                 "apiServerEndpoint": _host_port(endpoint, node.api_port),
                 "token": secrets.bootstrap_token,
                 "caCertHashes": [ca_cert_hash(secrets.ca_cert_pem)],
             }
-        },
+        }
+    )
+    join: dict[str, Any] = {
+        "apiVersion": api,
+        "kind": "JoinConfiguration",
+        "discovery": discovery,
         "nodeRegistration": _node_registration(node),
     }
     if node.role == "join-control-plane":
-        join["controlPlane"] = {
-            "certificateKey": secrets.certificate_key,
-            "localAPIEndpoint": _local_endpoint(node),
-        }
+        join["controlPlane"] = {"localAPIEndpoint": _local_endpoint(node)}
+        if secrets.shared is None:
+            join["controlPlane"] = {
+                "certificateKey": secrets.certificate_key,
+                **join["controlPlane"],
+            }
     return [join]
+
+
+def pki_files(secrets: ClusterSecrets) -> list[dict[str, str]]:
+    """The CA, and with shared keys the keys every control-plane member shares, as kubeadm
+    expects them in /etc/kubernetes/pki (it uses what it finds there)."""
+    pki = "/etc/kubernetes/pki"
+    files = [
+        _file(f"{pki}/ca.crt", secrets.ca_cert_pem),
+        _file(f"{pki}/ca.key", secrets.ca_key_pem, "0600"),
+    ]
+    shared = secrets.shared
+    if shared is not None:
+        files += [
+            _file(f"{pki}/sa.key", shared.sa_key_pem, "0600"),
+            _file(f"{pki}/sa.pub", shared.sa_pub_pem),
+            _file(f"{pki}/front-proxy-ca.crt", shared.front_proxy_ca_cert_pem),
+            _file(f"{pki}/front-proxy-ca.key", shared.front_proxy_ca_key_pem, "0600"),
+            _file(f"{pki}/etcd/ca.crt", shared.etcd_ca_cert_pem),
+            _file(f"{pki}/etcd/ca.key", shared.etcd_ca_key_pem, "0600"),
+        ]
+    return files
+
+
+def discovery_file(
+    node: NodeBootstrap, secrets: ClusterSecrets, now: datetime | None = None
+) -> dict[str, str]:
+    """The joiner's discovery kubeconfig: the endpoint, the CA, and a client certificate in
+    kubeadm's bootstrappers group minted now for this node (kubeadm uses a discovery file's
+    own credential for the kubelet's TLS bootstrap), valid JOIN_CREDENTIAL_VALIDITY."""
+    endpoint = endpoint_host(node)
+    assert endpoint is not None  # validate() requires one for joining nodes
+    cert_pem, key_pem, _ = client_certificate(
+        secrets.ca_cert_pem,
+        secrets.ca_key_pem,
+        f"system:bootstrap:{node.hostname}",
+        [BOOTSTRAPPERS],
+        JOIN_CREDENTIAL_VALIDITY,
+        now=now,
+    )
+    document = kubeconfig_file(
+        node.cluster,
+        f"https://{_host_port(endpoint, node.api_port)}",
+        secrets.ca_cert_pem,
+        f"join-{node.hostname}",
+        cert_pem,
+        key_pem,
+    )
+    return _file(DISCOVERY_CONF, document, "0600")
 
 
 def kube_vip_manifest(node: NodeBootstrap, *, kubeconfig: str) -> dict[str, Any]:
@@ -423,13 +508,18 @@ def _kube_vip(node: NodeBootstrap) -> tuple[list[dict[str, str]], list[str]]:
     return [_file(KUBE_VIP_MANIFEST, manifest)], after
 
 
-def render_userdata(node: NodeBootstrap, secrets: ClusterSecrets) -> str:
-    """The plain #cloud-config document for guestinfo.userdata."""
+def render_userdata(
+    node: NodeBootstrap, secrets: ClusterSecrets, now: datetime | None = None
+) -> str:
+    """The plain #cloud-config document for guestinfo.userdata. A joiner of a cluster with
+    shared keys gets a credential minted at `now` (default: this moment), so rendering it is
+    not deterministic."""
     validate(node)
     files: list[dict[str, str]] = []
-    if node.role == "init":
-        files.append(_file("/etc/kubernetes/pki/ca.crt", secrets.ca_cert_pem))
-        files.append(_file("/etc/kubernetes/pki/ca.key", secrets.ca_key_pem, "0600"))
+    if node.role == "init" or (node.role == "join-control-plane" and secrets.shared):
+        files += pki_files(secrets)
+    if node.role != "init" and secrets.shared is not None:
+        files.append(discovery_file(node, secrets, now))
     files.append(
         _file(
             KUBEADM_CONFIG, "---\n".join(_yaml(d) for d in kubeadm_documents(node, secrets)), "0600"
@@ -442,7 +532,8 @@ def render_userdata(node: NodeBootstrap, secrets: ClusterSecrets) -> str:
         files.append(_file(f"{PACKS_DIR}/{layer}-{pack.name}.yaml", content, "0600"))
 
     if node.role == "init":
-        kubeadm = f"kubeadm init --config {KUBEADM_CONFIG} --upload-certs"
+        upload = " --upload-certs" if secrets.shared is None else ""
+        kubeadm = f"kubeadm init --config {KUBEADM_CONFIG}{upload}"
     else:
         kubeadm = f"kubeadm join --config {KUBEADM_CONFIG}"
     doc: dict[str, Any] = {

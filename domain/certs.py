@@ -68,6 +68,7 @@ def client_certificate(
     user: str,
     groups: Sequence[str],
     validity: datetime.timedelta,
+    now: datetime.datetime | None = None,
 ) -> tuple[str, str, x509.Certificate]:
     """A client certificate signed by the CA (Kubernetes reads CN as the user and O as the
     groups): (certificate PEM, key PEM, the certificate). Backdated five minutes for clock
@@ -77,11 +78,11 @@ def client_certificate(
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the cluster CA's key is not an ECDSA key")
     key = ec.generate_private_key(ec.SECP256R1())
+    now = now or datetime.datetime.now(datetime.UTC)
     subject = x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
         + [x509.NameAttribute(NameOID.COMMON_NAME, user)]
     )
-    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -128,3 +129,12 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
         serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption(),
     ).decode()
+
+
+def key_pair() -> tuple[str, str]:
+    """An ECDSA P-256 key pair as PEM: (private key, public key), as kubeadm's sa.key/sa.pub."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return _key_pem(key), public.decode()

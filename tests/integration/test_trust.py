@@ -18,6 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import yaml
 from temporalio import activity
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
@@ -320,9 +321,11 @@ async def test_a_rogue_worker_on_the_gateway_queue_cannot_forge_results(
     their_ca, their_hash = theirs.ca_cert_pem.splitlines()[1], ca_cert_hash(theirs.ca_cert_pem)
     for vm in vms:
         userdata = decode(vm["extra"]["guestinfo.userdata"])
-        # control-plane nodes carry the cluster's CA, joiners its hash: never the attacker's
-        assert "BEGIN CERTIFICATE" in userdata or "sha256:" in userdata, vm["name"]
-        assert their_ca not in userdata and their_hash not in userdata, vm["name"]
+        # control-plane nodes carry the cluster's CA, joiners it in their discovery file
+        # (before 0.3: its hash): never the attacker's
+        shown = userdata + "".join(discovery_cas(userdata))
+        assert "BEGIN CERTIFICATE" in shown or "sha256:" in shown, vm["name"]
+        assert their_ca not in shown and their_hash not in shown, vm["name"]
     await kubegate.delete_cluster("guarded")
     await until(kubegate, "guarded", ClusterStatus.DELETED)
 
@@ -562,3 +565,14 @@ async def test_an_agent_of_another_release_is_shown_and_takes_no_new_work(
     assert state.agent is not None and state.agent.version == VERSION
     assert state.agent_problem is None
     await kubegate.delete_gateway("skewed")
+
+
+def discovery_cas(userdata: str) -> list[str]:
+    """The CA (PEM) in a joiner's discovery kubeconfig, if its cloud-init has one."""
+    found = []
+    for item in yaml.safe_load(userdata).get("write_files", []):
+        if item["path"].endswith("kubegate-discovery.conf"):
+            config = yaml.safe_load(item["content"])
+            data = config["clusters"][0]["cluster"]["certificate-authority-data"]
+            found.append(base64.b64decode(data).decode())
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import gzip
 import hashlib
 import json
@@ -46,8 +47,16 @@ CHECKER = Path(__file__).with_name("cloudinit_check.py")
 
 
 @pytest.fixture(scope="module")
-def secrets() -> ClusterSecrets:
+def shared() -> ClusterSecrets:
+    """A cluster's secrets as made from 0.3.0 on: with the keys control-plane members share."""
     return generate_secrets()
+
+
+@pytest.fixture(scope="module")
+def secrets(shared: ClusterSecrets) -> ClusterSecrets:
+    """A cluster's secrets as made before 0.3.0 (no shared keys: joins by token and by the
+    certificates kubeadm uploads); most rendering tests use these, the join tests both."""
+    return shared.model_copy(update={"shared": None})
 
 
 def static(address: str = "10.0.0.11") -> NodeNetwork:
@@ -355,13 +364,20 @@ def test_activities_seal_to_the_agent_and_return_no_secret() -> None:
     result = run(acts.render, request)
     assert [n.hostname for n in result.nodes] == [n.hostname for n in request.nodes]
     for summary, n in zip(result.nodes, request.nodes, strict=True):
-        assert summary.digest == digest(guestinfo(n, opened))
-        assert summary.userdata_bytes == len(render_userdata(n, opened).encode())
+        if n.role == "init":  # (a joiner's data holds a credential minted as it renders)
+            assert summary.digest == digest(guestinfo(n, opened))
+            assert summary.userdata_bytes == len(render_userdata(n, opened).encode())
     secret_values = [
         opened.bootstrap_token,
         opened.bootstrap_token.split(".")[1],
         opened.certificate_key,
         opened.ca_key_pem.splitlines()[1],
+    ]
+    assert opened.shared is not None
+    secret_values += [
+        opened.shared.sa_key_pem.splitlines()[1],
+        opened.shared.front_proxy_ca_key_pem.splitlines()[1],
+        opened.shared.etcd_ca_key_pem.splitlines()[1],
     ]
     for payload in (request.model_dump_json(), result.model_dump_json(), sealed.model_dump_json()):
         for value in secret_values:
@@ -389,11 +405,16 @@ def test_render_without_secrets_generates_seals_and_returns_them() -> None:
     result = run(acts.render, request)
     assert result.secrets is not None
     opened = ClusterSecrets.model_validate_json(key.open(result.secrets, USE))
-    for summary, n in zip(result.nodes, request.nodes, strict=True):
-        assert summary.digest == digest(guestinfo(n, opened))  # rendered with those secrets
-    # the returned bundle renders the same bytes again; secrets given = none returned
+    first = [(summary, n) for summary, n in zip(result.nodes, request.nodes, strict=True)]
+    for summary, n in first:
+        if n.role == "init":  # rendered with those secrets (joiners mint as they render)
+            assert summary.digest == digest(guestinfo(n, opened))
+    # the returned bundle renders the init node's bytes again; secrets given = none returned
     again = run(acts.render, RenderRequest(nodes=request.nodes, secrets=result.secrets))
-    assert again.secrets is None and again.nodes == result.nodes
+    assert again.secrets is None
+    assert [a for a, (_, n) in zip(again.nodes, first, strict=True) if n.role == "init"] == [
+        s for s, n in first if n.role == "init"
+    ]
     with pytest.raises(SealError):
         AgentKey.generate().open(result.secrets, USE)
     payload = result.model_dump_json()
@@ -507,3 +528,60 @@ def test_cloud_init_schema_command_accepts_the_init_node(
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Valid cloud-config" in proc.stdout
+
+
+# -- joins that never expire (secrets with shared keys) -----------------------------------
+
+
+def test_a_join_a_week_after_the_first_node_uses_nothing_that_expired(
+    shared: ClusterSecrets,
+) -> None:
+    """kubeadm's bootstrap token lives 24 hours and its uploaded certificates 2: a node
+    added a week later gets its own credential, minted as its data is rendered, and a
+    control-plane joiner its own copy of the shared keys."""
+    assert shared.shared is not None
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
+    init = yaml.safe_load(render_userdata(node(), shared))
+    init_files = files(init)
+    assert "kubeadm init --config /run/kubeadm/kubeadm.yaml" in init["runcmd"]  # no upload
+    assert "certificateKey" not in kubeadm(init)["InitConfiguration"]
+    ca = x509.load_pem_x509_certificate(shared.ca_cert_pem.encode())
+    for role in ("worker", "join-control-plane"):
+        joiner = nodes()[role]
+        text = render_userdata(joiner, shared, now=later)
+        for expiring in (shared.bootstrap_token, shared.certificate_key):
+            assert expiring not in text, role
+        doc = yaml.safe_load(text)
+        join = kubeadm(doc)["JoinConfiguration"]
+        assert join["discovery"] == {
+            "file": {"kubeConfigPath": "/etc/kubernetes/kubegate-discovery.conf"}
+        }
+        assert "certificateKey" not in join.get("controlPlane", {})
+        discovery = yaml.safe_load(files(doc)["/etc/kubernetes/kubegate-discovery.conf"]["content"])
+        assert discovery["clusters"][0]["cluster"]["server"] == "https://10.0.0.5:6443"
+        user = discovery["users"][0]["user"]
+        cert = x509.load_pem_x509_certificate(base64.b64decode(user["client-certificate-data"]))
+        cert.verify_directly_issued_by(ca)
+        assert cert.not_valid_before_utc <= later < cert.not_valid_after_utc  # fresh then
+        groups = cert.subject.get_attributes_for_oid(x509.oid.NameOID.ORGANIZATION_NAME)
+        assert [g.value for g in groups] == ["system:bootstrappers:kubeadm:default-node-token"]
+        pki = {p: f for p, f in files(doc).items() if p.startswith("/etc/kubernetes/pki/")}
+        if role == "worker":
+            assert pki == {}  # a worker gets no key of the control plane
+        else:  # the very files the first node has
+            assert pki and all(init_files[p] == f for p, f in pki.items())
+            assert {"sa.key", "sa.pub", "front-proxy-ca.key", "etcd/ca.key"} <= {
+                p.removeprefix("/etc/kubernetes/pki/") for p in pki
+            }
+
+
+def test_cloud_init_validates_joins_with_shared_keys(shared: ClusterSecrets) -> None:
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
+    cases = {}
+    for name, n in nodes().items():
+        entries = guestinfo(n, shared)
+        cases[name] = {**entries, "guestinfo.userdata": encode(render_userdata(n, shared, later))}
+    results = cloud_init_check(cases)
+    for name in cases:
+        assert results[name]["read"], name
+        assert results[name]["schema_errors"] is None, f"{name}: {results[name]['schema_errors']}"
