@@ -274,6 +274,12 @@ class RemovePoolRequest(BaseModel):
     pool: str
 
 
+class ApplyRequest(BaseModel):
+    """Make the cluster match an edited spec (its profile resolved), as one operation."""
+
+    spec: ClusterSpec
+
+
 class DeleteRequest(BaseModel):
     reason: str = "deleted"
 

@@ -83,6 +83,7 @@ from domain.kubeconfig import (
 )
 from domain.lifecycle import (
     AddPoolRequest,
+    ApplyRequest,
     ChangeResult,
     ClusterState,
     ClusterStatus,
@@ -93,6 +94,7 @@ from domain.lifecycle import (
     StepState,
     Timing,
 )
+from domain.plan import ChangePlan, plan_apply
 from domain.preflight import PreflightReport
 from domain.sealing import AgentKey, SealError, fingerprint, normalize_fingerprint, seal
 from domain.version import VERSION
@@ -438,6 +440,20 @@ class KubegateClient:
         if mine.error:
             raise KubegateError(mine.error)
         return mine
+
+    async def plan_apply(self, spec: ClusterSpec) -> ChangePlan:
+        """What applying `spec` to its running cluster would do (nothing is sent)."""
+        state = await self.cluster_state(spec.name)
+        return plan_apply(state.spec, spec, [n.name for n in state.nodes], state.revisions)
+
+    async def apply_cluster(
+        self, spec: ClusterSpec, *, wait: bool = True, timeout: float = 3600.0
+    ) -> ChangeResult:
+        """Make a running cluster match `spec` as one operation (see plan_apply); refused
+        whole, naming the fields, when one cannot change in place."""
+        return await self._day2(
+            spec.name, ClusterWorkflow.apply, ApplyRequest(spec=spec), wait, timeout
+        )
 
     async def kubeconfig(
         self, name: str, user: str, ttl: timedelta = timedelta(hours=8)

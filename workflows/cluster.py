@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.lifecycle import (
         CHANGES_KEPT,
         AddPoolRequest,
+        ApplyRequest,
         ChangeResult,
         ClusterAccount,
         ClusterInput,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         RemovePoolRequest,
         ScaleRequest,
     )
+    from domain.plan import ChangePlan, plan_apply
     from domain.trust import AccountRef, ReleaseIntent
     from workflows.nodes import (
         SETTLE_POINTS,
@@ -388,6 +390,36 @@ class ClusterWorkflow:
     def _remove_ok(self, request: RemovePoolRequest) -> None:
         self._require_running()
         self._changed_spec(remove=request.pool)
+
+    @workflow.update
+    async def apply(self, request: ApplyRequest) -> ChangeResult:
+        """Make the cluster match an edited spec as one operation: the plan `plan_apply`
+        gives (pools added, removed, resized); refused whole if a field cannot change."""
+        plan = self._plan_apply(request.spec)
+        title = "Apply: " + "; ".join(plan.changes)
+        return await self._change(request.spec, title[:200], undo_on_failure=True)
+
+    @apply.validator
+    def _apply_ok(self, request: ApplyRequest) -> None:
+        self._require_running()
+        self._plan_apply(request.spec)
+
+    def _plan_apply(self, spec: ClusterSpec) -> ChangePlan:
+        """The plan for `spec`; InvalidSpec naming every field that cannot change in place,
+        InvalidState when nothing would change."""
+        try:
+            ClusterSpec.model_validate(spec.model_dump(mode="json"))
+            spec.effective_profile()
+        except (ValidationError, ValueError) as exc:
+            raise invalid_spec(str(exc)) from None
+        plan = plan_apply(
+            self.state.spec, spec, [n.name for n in self.state.nodes], self.state.revisions
+        )
+        if plan.refused:
+            raise invalid_spec("; ".join(plan.refused))
+        if plan.empty:
+            raise invalid_state(f"cluster {self.state.name}: the spec asks for no change")
+        return plan
 
     @workflow.update
     async def kubeconfig(self, request: KubeconfigRequest) -> KubeconfigResult:

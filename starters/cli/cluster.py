@@ -20,7 +20,14 @@ from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
-from domain.lifecycle import ClusterState, ClusterStatus, ClusterSummary, operations
+from domain.lifecycle import (
+    ChangeResult,
+    ClusterState,
+    ClusterStatus,
+    ClusterSummary,
+    operations,
+)
+from domain.plan import ChangePlan
 from plumbing.settings import Settings
 from starters.cli.common import (
     EXIT_FAILED,
@@ -281,6 +288,71 @@ def cluster_remove_pool(
 ) -> None:
     """Remove a worker pool: its VMs and addresses."""
     _change(name, lambda c: c.remove_pool(name, pool, wait=wait), output)
+
+
+@cluster_app.command("apply")
+def cluster_apply(
+    file: Annotated[Path, typer.Option("--file", "-f", help="The cluster's spec, edited.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
+    ] = False,
+    wait: ChangeWaitOption = True,
+    output: OutputOption = Output.table,
+) -> None:
+    """Make a running cluster match its edited spec as one operation: pools added, removed
+    or resized. Prints the plan first (which nodes are created and removed, which addresses
+    taken); fields that cannot change in place are refused with the reason (exit 2)."""
+    spec = load_cluster(file)
+
+    async def plan_it() -> ChangePlan:
+        return await (await KubegateClient.connect()).plan_apply(spec)
+
+    plan: ChangePlan = _run(plan_it())
+    if output is Output.json and (dry_run or plan.refused or plan.empty):
+        out.print_json(plan.model_dump_json())
+    else:
+        _show_plan(spec.name, plan)
+    if plan.refused:
+        _bad_input("; ".join(plan.refused))
+    if plan.empty or dry_run:
+        return
+
+    async def apply_it() -> ChangeResult:
+        return await (await KubegateClient.connect()).apply_cluster(spec, wait=wait)
+
+    result: ChangeResult = _run(apply_it())
+    if output is Output.json:
+        out.print_json(result.model_dump_json())
+        return
+    if result.status == ClusterStatus.UPDATING.value:
+        out.print(
+            f"cluster {spec.name}: Updating (operation {result.operation}); follow with: "
+            f"kubegate cluster describe {spec.name}",
+            highlight=False,
+            markup=False,
+        )
+        return
+    out.print(
+        f"cluster {spec.name}: {result.status}; added {', '.join(result.added) or 'none'}; "
+        f"removed {', '.join(result.removed) or 'none'}",
+        highlight=False,
+        markup=False,
+    )
+
+
+def _show_plan(name: str, plan: ChangePlan) -> None:
+    if plan.empty:
+        out.print(f"cluster {name}: the spec asks for no change", highlight=False, markup=False)
+        return
+    lines = [f"cluster {name}: plan"]
+    lines += [f"  {change}" for change in plan.changes]
+    lines.append(f"  create: {', '.join(plan.create) or 'none'}")
+    lines.append(f"  remove: {', '.join(plan.remove) or 'none'}")
+    if plan.addresses:
+        taken = ", ".join(f"{n} from {pool}" for pool, n in sorted(plan.addresses.items()))
+        lines.append(f"  addresses: {taken}")
+    lines += [f"  refused: {reason}" for reason in plan.refused]
+    out.print("\n".join(lines), highlight=False, markup=False)
 
 
 _TTL = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")

@@ -661,3 +661,68 @@ async def test_a_kubeconfig_is_minted_from_the_cluster_ca_and_only_its_requester
     with pytest.raises(RequestRefused, match="Running"):
         await kubegate.kubeconfig("kc", "alice")
     await until(kubegate, "kc", ClusterStatus.DELETED)
+
+
+async def test_apply_carries_out_exactly_the_plan_and_refuses_what_cannot_change(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """An edited spec (a pool resized, a pool added): the plan names the nodes and addresses;
+    the apply makes exactly those in vCenter; fields that cannot change are refused whole."""
+    await kubegate.create_pool(
+        IpPoolSpec.model_validate(
+            {
+                "name": "ap-pool",
+                "gateway": GATEWAY,
+                "kind": "range",
+                "first": "10.57.0.10",
+                "last": "10.57.0.20",
+                "prefix": 24,
+                "network_gateway": "10.57.0.1",
+            }
+        )
+    )
+    running = await deploy(kubegate, sim, small_spec("ap", "ap-pool"))
+    await until(kubegate, "ap", ClusterStatus.RUNNING)
+
+    edited = running.spec.model_dump(mode="json")
+    edited["description"] = "two workers and a pool for batch jobs"
+    edited["workers"][0]["size"] = 2
+    edited["workers"].append({"name": "x", "size": 1, "placement": [domain("DC0_C1", "ap-pool")]})
+    grown = ClusterSpec.model_validate(edited)
+    plan = await kubegate.plan_apply(grown)
+    assert plan.create == ["ap-w-1", "ap-x-0"] and plan.remove == []
+    assert plan.addresses == {"ap-pool": 2} and not plan.refused
+    result = await kubegate.apply_cluster(grown)
+    assert sorted(result.added) == sorted(plan.create) and result.removed == []
+    state = await kubegate.cluster_state("ap")
+    assert state.spec == grown
+    assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/ap")) == sorted(
+        ["ap-cp-0", "ap-w-0", *plan.create]
+    )
+    ops = [op for op, _, _ in operations(state.steps)]
+    assert ops[-1].startswith("Apply: description changed; resize worker pool w 1 -> 2")
+
+    # what cannot change in place is refused whole, naming each field; nothing changes
+    for change, field in (
+        ({"placement": {**edited["placement"], "datacenter": "DC9"}}, "placement.datacenter"),
+        ({"control_plane": {**edited["control_plane"], "size": 3}}, "control_plane.size"),
+        ({"overrides": {"kubernetes": {"pod_cidr": "10.244.0.0/16"}}}, "rolling upgrade"),
+    ):
+        refused = ClusterSpec.model_validate({**edited, **change})
+        assert field in " ".join((await kubegate.plan_apply(refused)).refused)
+        with pytest.raises(RequestRefused, match=field.split()[0]):
+            await kubegate.apply_cluster(refused)
+    assert (await kubegate.cluster_state("ap")).spec == grown
+
+    # back again: the plan removes the newest nodes first, and so does the apply
+    shrunk = running.spec
+    plan = await kubegate.plan_apply(shrunk)
+    assert plan.create == [] and plan.remove == ["ap-w-1", "ap-x-0"]
+    result = await kubegate.apply_cluster(shrunk)
+    assert result.removed == sorted(plan.remove) and result.added == []
+    assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/ap")) == ["ap-cp-0", "ap-w-0"]
+    assert len(await kubegate.pool_allocations(GATEWAY, "ap-pool")) == 3  # VIP and 2 nodes
+    with pytest.raises(RequestRefused, match="no change"):
+        await kubegate.apply_cluster(shrunk)
+    await kubegate.delete_cluster("ap")
+    await until(kubegate, "ap", ClusterStatus.DELETED)

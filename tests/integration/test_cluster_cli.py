@@ -174,6 +174,20 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     code, output = await run_cli(settings, "cluster", "list", "-o", "json")
     assert code == 0 and "cli" in [c["name"] for c in json.loads(output)], output
 
+    # apply --dry-run prints the plan and changes nothing; a field that cannot change: exit 2
+    edited = base("cli-pool")
+    edited["workers"][0]["size"] = 2
+    edited_path = tmp_path / "edited.yaml"
+    edited_path.write_text(yaml.safe_dump(edited))
+    code, output = await run_cli(settings, "cluster", "apply", "-f", str(edited_path), "--dry-run")
+    assert code == 0 and "resize worker pool w 1 -> 2" in output, output
+    assert "create: cli-w-1" in output and "addresses: 1 from cli-pool" in output, output
+    assert len((await kubegate.cluster_state("cli")).nodes) == 2
+    edited["control_plane"]["cpu"] = 16
+    edited_path.write_text(yaml.safe_dump(edited))
+    code, output = await run_cli(settings, "cluster", "apply", "-f", str(edited_path))
+    assert code == 2 and "control_plane.cpu" in output, output
+
     # a kubeconfig goes to a file only its owner reads; the output names it, holds no key
     kubeconfig = tmp_path / "kube" / "cli.yaml"
     code, output = await run_cli(

@@ -1,0 +1,66 @@
+"""plan_apply: the plan `cluster apply` prints and the cluster carries out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from domain.cluster import ClusterSpec, plan_nodes
+from domain.plan import plan_apply
+from tests.unit.test_cluster_spec import changed, example
+
+
+def spec(data: dict[str, Any] | None = None) -> ClusterSpec:
+    return ClusterSpec.model_validate(data or example())
+
+
+RUNNING = spec()
+NODES = [p.name for p in plan_nodes(RUNNING)]
+
+
+def test_the_same_spec_plans_nothing() -> None:
+    plan = plan_apply(RUNNING, spec(), NODES)
+    assert plan.empty and plan.create == plan.remove == []
+
+
+def test_resized_added_and_removed_pools_name_their_nodes_and_addresses() -> None:
+    data = changed("workers.0.size", 3)  # general 2 -> 3
+    data["workers"][1]["name"] = "batch"  # large removed, batch added
+    plan = plan_apply(RUNNING, spec(data), NODES)
+    assert plan.changes == [
+        "resize worker pool general 2 -> 3",
+        "add worker pool batch (1 nodes)",
+        "remove worker pool large (1 nodes)",
+    ]
+    assert plan.create == ["demo-general-2", "demo-batch-0"]
+    assert plan.remove == ["demo-large-0"]
+    assert sum(plan.addresses.values()) == 2 and not plan.refused
+
+
+def test_shrinking_removes_the_newest_first_and_a_replaced_node_by_its_name() -> None:
+    plan = plan_apply(RUNNING, spec(changed("workers.0.size", 0)), NODES)
+    assert plan.remove == ["demo-general-1", "demo-general-0"]
+    nodes = [n if n != "demo-general-0" else "demo-general-0-r1" for n in NODES]
+    plan = plan_apply(RUNNING, spec(changed("workers.0.size", 3)), nodes, {"demo-general-0": 1})
+    assert plan.create == ["demo-general-2"]  # the replaced node is there under its new name
+
+
+def test_fields_that_cannot_change_in_place_are_refused_each_with_its_reason() -> None:
+    data = changed("control_plane.size", 5)
+    data["control_plane"]["cpu"] = 8
+    data["workers"][0]["placement"][0]["datastore"] = "other"
+    data["workers"][1]["memory_gb"] = 64
+    data["placement"]["folder"] = "elsewhere"
+    profile = data["profile"]
+    kube = next(layer for layer in profile["layers"] if layer["layer"] == "kubernetes")
+    kube["pack"]["version"] = "1.31.0"
+    refused = " | ".join(plan_apply(RUNNING, spec(data), NODES).refused)
+    for field in (
+        "control_plane.size",
+        "control_plane.cpu",
+        "workers.general.placement",
+        "workers.large.memory_gb",
+        "placement.folder",
+        "profile, overrides",
+    ):
+        assert field in refused, field
+    assert "rolling upgrade" in refused
