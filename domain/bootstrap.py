@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret
 from domain.certs import client_certificate
-from domain.cluster import Pack
+from domain.cluster import Pack, Taint
 from domain.kubeconfig import kubeconfig_file
-from domain.requests import AgentRequest
+from domain.requests import SINCE_0_3, AgentRequest
 
 #: SealedSecret purpose of a cluster's secrets bundle.
 SECRETS_PURPOSE = "kubegate/cluster-secrets"
@@ -90,6 +90,12 @@ class NodeBootstrap(AgentRequest):
     #: the effective profile's packs, in layer order (layer name, pack)
     packs: list[tuple[str, Pack]] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra=SINCE_0_3, description="Node labels."
+    )
+    taints: list[Taint] = Field(
+        default_factory=list, json_schema_extra=SINCE_0_3, description="Node taints."
+    )
 
 
 class ClusterSecrets(BaseModel):
@@ -316,8 +322,18 @@ def _api_version(node: NodeBootstrap) -> str:
 
 def _node_registration(node: NodeBootstrap) -> dict[str, Any]:
     registration: dict[str, Any] = {"name": node.hostname, "criSocket": _CRI_SOCKET}
-    if node.role != "worker" and node.allow_worker_capability:
-        registration["taints"] = []  # no control-plane taint: workloads may run here
+    taints = [t.model_dump(exclude_defaults=True) for t in node.taints]
+    if node.role != "worker" and not node.allow_worker_capability and taints:
+        # kubeadm's own control-plane taint, kept beside the pool's (a list replaces it)
+        taints.insert(0, {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"})
+    if taints or (node.role != "worker" and node.allow_worker_capability):
+        registration["taints"] = taints  # [] : no control-plane taint, workloads may run here
+    if node.labels:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(node.labels.items()))
+        if kubernetes_minor(node.kubernetes_version) >= 31:  # v1beta4: a list of arguments
+            registration["kubeletExtraArgs"] = [{"name": "node-labels", "value": labels}]
+        else:
+            registration["kubeletExtraArgs"] = {"node-labels": labels}
     return registration
 
 

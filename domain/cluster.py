@@ -167,6 +167,60 @@ MemoryGb = Annotated[int, Field(ge=2, le=24_576, description="Memory per node in
 DiskGb = Annotated[int, Field(ge=20, le=62_000, description="Disk per node in GB (grows only).")]
 
 
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$")
+#: label prefixes of the kubernetes.io and k8s.io namespaces a kubelet may set on its node
+_KUBELET_PREFIXES = ("kubelet.kubernetes.io", "node.kubernetes.io")
+
+
+def label_key_problem(key: str) -> str | None:
+    """Why `key` cannot be a node label the kubelet sets at registration, or None."""
+    prefix, _, name = key.rpartition("/")
+    if not _LABEL_NAME.match(name):
+        return "a name of at most 63 letters, digits and . _ - (alphanumeric at both ends)"
+    if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
+        return "its prefix must be a DNS subdomain"
+    restricted = prefix.endswith(("kubernetes.io", "k8s.io"))
+    if restricted and not prefix.endswith(_KUBELET_PREFIXES):
+        return (
+            "the kubelet may not set labels of the kubernetes.io and k8s.io namespaces "
+            "(except node.kubernetes.io and kubelet.kubernetes.io)"
+        )
+    return None
+
+
+class Taint(BaseModel):
+    """A taint the node registers with (kubeadm's nodeRegistration.taints)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=316)
+    value: str = Field(default="", max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+    @model_validator(mode="after")
+    def _valid(self) -> Taint:
+        problem = label_key_problem(self.key)
+        if problem and "namespaces" not in problem:  # taints may use any prefix
+            raise ValueError(f"key {self.key!r}: {problem}")
+        if not _LABEL_VALUE.match(self.value):
+            raise ValueError(f"value {self.value!r}: letters, digits and . _ - (at most 63)")
+        return self
+
+
+def _labels(labels: dict[str, str]) -> dict[str, str]:
+    for key, value in labels.items():
+        problem = label_key_problem(key)
+        if problem:
+            raise ValueError(f"{key!r}: {problem}")
+        if not _LABEL_VALUE.match(value):
+            raise ValueError(f"{key!r}: value {value!r}: letters, digits and . _ - (at most 63)")
+    return labels
+
+
 class ControlPlanePool(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -183,6 +237,20 @@ class ControlPlanePool(BaseModel):
         description="Control-plane endpoint with DHCP (kube-vip holds it); with static "
         "addressing it comes from the IP pool.",
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="Node labels (kubelet --node-labels)."
+    )
+    taints: list[Taint] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Taints besides the control-plane taint (which allow_worker_capability "
+        "removes).",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
+        return _labels(labels)
 
     @field_validator("placement")
     @classmethod
@@ -205,6 +273,15 @@ class WorkerPool(BaseModel):
         max_length=MAX_DOMAINS,
         description="Placement domains; nodes go round-robin over them, in order.",
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="Node labels (kubelet --node-labels)."
+    )
+    taints: list[Taint] = Field(default_factory=list, max_length=16, description="Node taints.")
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
+        return _labels(labels)
 
 
 class ClusterSpec(BaseModel):
@@ -328,6 +405,8 @@ class NodePlan(BaseModel):
     disk_gb: int
     domain_index: int
     domain: PlacementDomain
+    labels: dict[str, str] = Field(default_factory=dict)
+    taints: list[Taint] = Field(default_factory=list)
 
 
 def plan_nodes(spec: ClusterSpec) -> list[NodePlan]:
@@ -351,6 +430,8 @@ def plan_nodes(spec: ClusterSpec) -> list[NodePlan]:
                     disk_gb=pool.disk_gb,
                     domain_index=domain_index,
                     domain=pool.placement[domain_index],
+                    labels=dict(pool.labels),
+                    taints=list(pool.taints),
                 )
             )
     return plan

@@ -61,7 +61,7 @@ def plan_apply(
             f"control_plane.size: {cp_before['size']} -> {cp_after['size']}: control-plane "
             "scaling is not available yet"
         )
-    for field in ("cpu", "memory_gb", "disk_gb", "allow_worker_capability"):
+    for field in ("cpu", "memory_gb", "disk_gb", "allow_worker_capability", "labels", "taints"):
         if cp_before[field] != cp_after[field]:
             plan.refused.append(f"control_plane.{field}: {_ROLLING}")
     if (
@@ -90,8 +90,8 @@ def _pools(running: ClusterSpec, wanted: ClusterSpec, plan: ChangePlan) -> None:
                 f"workers.{name}.placement: cannot change in place (add a pool placed anew "
                 "and remove this one)"
             )
-        for field in ("cpu", "memory_gb", "disk_gb"):
-            if getattr(was, field) != getattr(pool, field):
+        for field in ("cpu", "memory_gb", "disk_gb", "labels", "taints"):
+            if _dump(was, field) != _dump(pool, field):
                 plan.refused.append(f"workers.{name}.{field}: {_ROLLING}")
         if was.size != pool.size:
             plan.changes.append(f"resize worker pool {name} {was.size} -> {pool.size}")

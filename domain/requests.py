@@ -8,7 +8,15 @@ and the release before's agents fail only the requests that set it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
+
+#: marks a request field added after 0.1.0, whose agents sign only the full request:
+#: `Field(..., json_schema_extra=SINCE_0_3)`. Kept histories of such agents verify against
+#: the request without these fields while they are at their defaults
+#: (domain/trust.released_request); a field a later release adds takes this mark too.
+SINCE_0_3: dict[str, Any] = {"since": "0.3.0"}
 
 
 class AgentRequest(BaseModel):

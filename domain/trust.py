@@ -239,6 +239,34 @@ def compact_request(args: Sequence[Any]) -> bytes:
     )
 
 
+def released_request(args: Sequence[Any]) -> bytes:
+    """A request as an agent of 0.1.0 signed it in full: without the fields added since
+    (marked `since`) that are at their defaults, so the kept histories of such agents still
+    verify once a request model gains a field."""
+    return canonical_json([_without_new_defaults(a) for a in args])
+
+
+def _without_new_defaults(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        out = {}
+        for name, info in type(value).model_fields.items():
+            field = getattr(value, name)
+            extra = info.json_schema_extra
+            if (
+                isinstance(extra, dict)
+                and "since" in extra
+                and field == info.get_default(call_default_factory=True)
+            ):
+                continue
+            out[name] = _without_new_defaults(field)
+        return out
+    if isinstance(value, list | tuple):
+        return [_without_new_defaults(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_new_defaults(v) for k, v in value.items()}
+    return json.loads(pydantic_core.to_json(value))
+
+
 def result_statement(
     workflow_id: str,
     run_id: str,
@@ -271,9 +299,11 @@ def verified_body(
     signing_key_b64: str | None,
     statement: bytes,
     compact: bytes | None = None,
+    released: bytes | None = None,
 ) -> str | None:
     """The result's JSON when the signature is the agent's over this statement (or its
-    compact signature over the `compact` statement), else None."""
+    compact signature over the `compact` statement, or its full one over the `released`
+    statement: the request as 0.1.0 agents knew it), else None."""
     if not signing_key_b64:
         return None
     if (
@@ -282,9 +312,10 @@ def verified_body(
         and verify_signature(signing_key_b64, compact, signed.compact_signature)
     ):
         return signed.body
-    if not verify_signature(signing_key_b64, statement, signed.signature):
-        return None
-    return signed.body
+    for full in (statement, released):
+        if full is not None and verify_signature(signing_key_b64, full, signed.signature):
+            return signed.body
+    return None
 
 
 # -- facts the deciding workflows ask for -------------------------------------------------------

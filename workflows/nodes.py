@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         SignedResult,
         canonical_json,
         compact_request,
+        released_request,
         result_statement,
         verified_body,
     )
@@ -118,7 +119,8 @@ def verify_result(
     call = (info.workflow_id, info.run_id, activity_id, activity)
     statement = result_statement(*call, canonical_json([arg]), signed.body)
     compact = result_statement(*call, compact_request([arg]), signed.body, compact=True)
-    body = verified_body(signed, signing_key, statement, compact)
+    released = result_statement(*call, released_request([arg]), signed.body)
+    body = verified_body(signed, signing_key, statement, compact, released)
     if body is None:
         return None
     try:
@@ -632,6 +634,7 @@ class NodeSet:
 
     def _bootstrap_of(self, node: Node) -> NodeBootstrap | None:
         layout = self.layout
+        plan = self.plans.get(node.name)
         profile = layout.profile
         kube = profile.pack("kubernetes")
         values = kube.values if kube else {}
@@ -665,6 +668,8 @@ class NodeSet:
             service_cidr=str(values.get("service_cidr", "10.96.0.0/12")),
             allow_worker_capability=layout.allow_worker_capability,
             packs=[(layer.layer, layer.pack) for layer in profile.layers],
+            labels=plan.labels if plan else {},
+            taints=plan.taints if plan else [],
         )
 
     async def _create_node(self, node: Node, start: bool) -> None:

@@ -687,7 +687,15 @@ async def test_apply_carries_out_exactly_the_plan_and_refuses_what_cannot_change
     edited = running.spec.model_dump(mode="json")
     edited["description"] = "two workers and a pool for batch jobs"
     edited["workers"][0]["size"] = 2
-    edited["workers"].append({"name": "x", "size": 1, "placement": [domain("DC0_C1", "ap-pool")]})
+    edited["workers"].append(
+        {
+            "name": "x",
+            "size": 1,
+            "placement": [domain("DC0_C1", "ap-pool")],
+            "labels": {"team": "batch"},
+            "taints": [{"key": "example.com/batch", "effect": "NoSchedule"}],
+        }
+    )
     grown = ClusterSpec.model_validate(edited)
     plan = await kubegate.plan_apply(grown)
     assert plan.create == ["ap-w-1", "ap-x-0"] and plan.remove == []
@@ -701,6 +709,9 @@ async def test_apply_carries_out_exactly_the_plan_and_refuses_what_cannot_change
     )
     ops = [op for op, _, _ in operations(state.steps)]
     assert ops[-1].startswith("Apply: description changed; resize worker pool w 1 -> 2")
+    (x0,) = [vm for vm in owned_vms(sim, "cluster/ap") if vm["name"] == "ap-x-0"]
+    registration = decode(x0["extra"]["guestinfo.userdata"])
+    assert "node-labels: team=batch" in registration and "example.com/batch" in registration
 
     # what cannot change in place is refused whole, naming each field; nothing changes
     for change, field in (

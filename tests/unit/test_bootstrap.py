@@ -38,8 +38,9 @@ from domain.bootstrap import (
     render_metadata,
     render_userdata,
 )
-from domain.cluster import Pack
+from domain.cluster import Pack, Taint
 from domain.sealing import AgentKey, SealError
+from domain.trust import canonical_json, released_request
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGf0Kq7b1QbbxF8kS0Fq4m6wVv6vXQ0Vq3n9m2c4Zt1a demo"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -585,3 +586,52 @@ def test_cloud_init_validates_joins_with_shared_keys(shared: ClusterSecrets) -> 
     for name in cases:
         assert results[name]["read"], name
         assert results[name]["schema_errors"] is None, f"{name}: {results[name]['schema_errors']}"
+
+
+# -- pool labels and taints ------------------------------------------------------------------
+
+
+def test_pool_labels_and_taints_register_with_the_node(secrets: ClusterSecrets) -> None:
+    gpu = Taint(key="nvidia.com/gpu", value="true", effect="NoSchedule")
+    worker = nodes()["worker"].model_copy(
+        update={"labels": {"team": "ml", "tier": "gpu"}, "taints": [gpu]}
+    )
+    registration = kubeadm(userdata(worker, secrets))["JoinConfiguration"]["nodeRegistration"]
+    assert registration["kubeletExtraArgs"] == {"node-labels": "team=ml,tier=gpu"}  # v1beta3
+    assert registration["taints"] == [
+        {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"}
+    ]
+    newer = worker.model_copy(update={"kubernetes_version": "1.31.2"})
+    registration = kubeadm(userdata(newer, secrets))["JoinConfiguration"]["nodeRegistration"]
+    assert registration["kubeletExtraArgs"] == [
+        {"name": "node-labels", "value": "team=ml,tier=gpu"}
+    ]
+    # a control-plane node keeps kubeadm's own taint beside the pool's, unless workloads may run
+    control = node(taints=[gpu])
+    registration = kubeadm(userdata(control, secrets))["InitConfiguration"]["nodeRegistration"]
+    assert [t["key"] for t in registration["taints"]] == [
+        "node-role.kubernetes.io/control-plane",
+        "nvidia.com/gpu",
+    ]
+    shared_work = node(taints=[gpu], allow_worker_capability=True)
+    registration = kubeadm(userdata(shared_work, secrets))["InitConfiguration"]["nodeRegistration"]
+    assert [t["key"] for t in registration["taints"]] == ["nvidia.com/gpu"]
+    # none given: as before (kubeadm's defaults, no kubelet arguments)
+    plain = kubeadm(userdata(nodes()["worker"], secrets))["JoinConfiguration"]["nodeRegistration"]
+    assert "taints" not in plain and "kubeletExtraArgs" not in plain
+
+
+def test_a_request_without_labels_signs_as_agents_of_0_1_0_signed_it() -> None:
+    """Kept histories of 0.1.0 agents verify against the request without fields added since."""
+    plain = nodes()["worker"]
+    assert released_request([plain]) == canonical_json(
+        [
+            {
+                k: v
+                for k, v in json.loads(plain.model_dump_json()).items()
+                if k not in ("labels", "taints")
+            }
+        ]
+    )
+    labelled = plain.model_copy(update={"labels": {"team": "ml"}})
+    assert b'"labels":{"team":"ml"}' in released_request([labelled])

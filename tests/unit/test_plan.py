@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from domain.cluster import ClusterSpec, plan_nodes
 from domain.plan import plan_apply
 from tests.unit.test_cluster_spec import changed, example
@@ -50,6 +53,7 @@ def test_fields_that_cannot_change_in_place_are_refused_each_with_its_reason() -
     data["workers"][0]["placement"][0]["datastore"] = "other"
     data["workers"][1]["memory_gb"] = 64
     data["placement"]["folder"] = "elsewhere"
+    data["workers"][0]["labels"] = {"team": "ml"}
     profile = data["profile"]
     kube = next(layer for layer in profile["layers"] if layer["layer"] == "kubernetes")
     kube["pack"]["version"] = "1.31.0"
@@ -59,8 +63,20 @@ def test_fields_that_cannot_change_in_place_are_refused_each_with_its_reason() -
         "control_plane.cpu",
         "workers.general.placement",
         "workers.large.memory_gb",
+        "workers.general.labels",
         "placement.folder",
         "profile, overrides",
     ):
         assert field in refused, field
     assert "rolling upgrade" in refused
+
+
+def test_labels_the_kubelet_may_not_set_are_refused_naming_the_rule() -> None:
+    for labels, rule in (
+        ({"node-role.kubernetes.io/gpu": ""}, "kubernetes.io and k8s.io"),
+        ({"team": "a b"}, "value"),
+        ({"-bad": "x"}, "name of at most 63"),
+    ):
+        with pytest.raises(ValidationError, match=rule):
+            spec(changed("workers.0.labels", labels))
+    assert spec(changed("workers.0.labels", {"node.kubernetes.io/pool": "gpu"}))
