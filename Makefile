@@ -47,9 +47,10 @@ setup: uv go-deps cloud-init
 demo: setup
 	@$(UV) run --frozen bash scripts/demo.sh
 
-#: test processes (pytest-xdist); each runs its own simulator, Temporal and workers, and takes
+#: test processes (pytest-xdist; three on two cores: the tests mostly wait); each runs its own
+#: simulator, Temporal and workers, and takes
 #: whole files (fixtures are per file or per process). TEST_PROCESSES=0 runs in one process.
-TEST_PROCESSES ?= 2
+TEST_PROCESSES ?= 3
 
 test: setup
 	@$(UV) run --frozen pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)

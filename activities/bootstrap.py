@@ -35,9 +35,11 @@ from domain.kubeconfig import (
     KubeconfigIssue,
     KubeconfigResult,
     MintKubeconfig,
+    admin_groups,
     kubeconfig_binding,
     kubeconfig_file,
 )
+from domain.names import cluster_workflow_id
 from domain.sealing import AgentKey, seal
 
 _TOKEN_ALPHABET = string.ascii_lowercase + string.digits
@@ -88,7 +90,9 @@ class BootstrapActivities:
         self.key = key
 
     def _seal(self, secrets: ClusterSecrets) -> SealedSecret:
-        use = secrets_binding(self.key.gateway, current_lifecycle())
+        use = secrets_binding(
+            self.key.gateway, current_lifecycle(), shared=secrets.shared is not None
+        )
         return seal(secrets.model_dump_json(), self.key.public_bytes, use)
 
     @activity.defn(name="bootstrap_secrets")
@@ -105,14 +109,22 @@ class BootstrapActivities:
     def kubeconfig(self, request: MintKubeconfig) -> KubeconfigResult:
         """A client certificate from the cluster's CA for `request.user`, in a kubeconfig
         sealed to the requester's key; only the record of the issue comes back in clear."""
+        if current_lifecycle() != cluster_workflow_id(request.cluster):
+            raise ApplicationError(
+                f"a kubeconfig of cluster {request.cluster} is minted only for that cluster's "
+                "own workflow",
+                type=errors.NOT_AUTHORIZED,
+                non_retryable=True,
+            )
         secrets = open_cluster_secrets(self.key, request.secrets)
+        groups = admin_groups(request.kubernetes_version)
         try:
             recipient = base64.b64decode(request.recipient_key, validate=True)
             cert_pem, key_pem, cert = client_certificate(
                 secrets.ca_cert_pem,
                 secrets.ca_key_pem,
                 request.user,
-                request.groups,
+                groups,
                 timedelta(seconds=request.ttl_seconds),
             )
             document = kubeconfig_file(
@@ -143,7 +155,7 @@ class BootstrapActivities:
             issue=KubeconfigIssue(
                 request_id=request.request_id,
                 user=request.user,
-                groups=list(request.groups),
+                groups=groups,
                 serial=f"{cert.serial_number:x}",
                 fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
                 issued_at=cert.not_valid_before_utc,

@@ -37,7 +37,8 @@ from temporalio.worker import (
 from domain import errors, names
 from domain.account import Placement, VCenterCredentials
 from domain.errors import field_errors
-from domain.sealing import AgentKey
+from domain.kubeconfig import MintKubeconfig, kubeconfig_statement
+from domain.sealing import AgentKey, verify_signature
 from domain.trust import (
     AgentAuthorization,
     AgentPolicy,
@@ -159,7 +160,29 @@ def policy_problems(policy: AgentPolicy, args: Any) -> list[str]:
         datacenter = getattr(model, "datacenter", None)
         if isinstance(datacenter, str) and not isinstance(model, Placement):
             problems += filter(None, [policy.datacenter_problem(datacenter)])
+        if isinstance(model, MintKubeconfig):
+            problems += filter(None, [kubeconfig_problem(policy, model)])
     return sorted(set(problems))
+
+
+def kubeconfig_problem(policy: AgentPolicy, request: MintKubeconfig) -> str | None:
+    """Why the policy does not let this kubeconfig be minted: it must be asked for by one of
+    the policy's operators, signed over exactly this request."""
+    if request.operator_key not in policy.operators:
+        return (
+            f"operator key {request.operator_key} may not have kubeconfigs (add it to the "
+            "policy's operators)"
+        )
+    statement = kubeconfig_statement(
+        request.cluster,
+        request.user,
+        request.ttl_seconds,
+        request.recipient_key,
+        request.request_id,
+    )
+    if not verify_signature(request.operator_key, statement, request.signature):
+        return "the kubeconfig request is not signed by the operator it names"
+    return None
 
 
 class AgentGuard:

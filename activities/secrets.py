@@ -13,7 +13,7 @@ from temporalio.exceptions import ApplicationError
 
 from domain import errors
 from domain.account import SealBinding, SealedSecret, VCenterCredentials
-from domain.bootstrap import SECRETS_PURPOSE, ClusterSecrets
+from domain.bootstrap import SECRETS_PURPOSE, SHARED_SECRETS_PURPOSE, ClusterSecrets
 from domain.sealing import AgentKey, SealError
 
 
@@ -43,9 +43,11 @@ def open_password(key: AgentKey, credentials: VCenterCredentials) -> str:
         ) from None
 
 
-def secrets_binding(gateway: str, lifecycle: str) -> SealBinding:
-    """What a cluster's secrets are sealed for: this gateway and this lifecycle's workflow."""
-    return SealBinding(purpose=SECRETS_PURPOSE, gateway=gateway, cluster=lifecycle)
+def secrets_binding(gateway: str, lifecycle: str, shared: bool = False) -> SealBinding:
+    """What a cluster's secrets are sealed for: this gateway and this lifecycle's workflow
+    (and, for secrets with shared control-plane keys, their own purpose)."""
+    purpose = SHARED_SECRETS_PURPOSE if shared else SECRETS_PURPOSE
+    return SealBinding(purpose=purpose, gateway=gateway, cluster=lifecycle)
 
 
 def current_lifecycle() -> str:
@@ -56,7 +58,9 @@ def current_lifecycle() -> str:
 def open_cluster_secrets(key: AgentKey, sealed: SealedSecret) -> ClusterSecrets:
     """A cluster's secrets sealed to this agent, for the lifecycle this activity serves."""
     try:
-        use = secrets_binding(key.gateway, current_lifecycle())
+        lifecycle = current_lifecycle()
+        shared = sealed.binding is not None and sealed.binding.purpose == SHARED_SECRETS_PURPOSE
+        use = secrets_binding(key.gateway, lifecycle, shared=shared)
         # secrets sealed before bindings (older clusters) still open: only the agent seals them
         return ClusterSecrets.model_validate_json(key.open(sealed, use, legacy=True))
     except SealError as exc:

@@ -23,12 +23,15 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret
 from domain.certs import client_certificate
-from domain.cluster import Pack, Taint
+from domain.cluster import CONTROL_PLANE_TAINT, Pack, Taint
 from domain.kubeconfig import kubeconfig_file
 from domain.requests import SINCE_0_3, AgentRequest
 
 #: SealedSecret purpose of a cluster's secrets bundle.
 SECRETS_PURPOSE = "kubegate/cluster-secrets"
+#: secrets with shared control-plane keys (0.3.0 on): an agent of 0.2 cannot open them, so it
+#: never renders a node of such a cluster the old way (its joins would not match)
+SHARED_SECRETS_PURPOSE = "kubegate/cluster-secrets-shared-keys"
 
 #: Encoding of guestinfo.userdata and guestinfo.metadata (read by cloud-init's VMware datasource).
 ENCODING = "gzip+base64"
@@ -127,7 +130,8 @@ class SharedKeys(BaseModel):
 JOIN_CREDENTIAL_VALIDITY = timedelta(hours=24)
 #: the group kubeadm lets create and auto-approve a node's certificate request
 BOOTSTRAPPERS = "system:bootstrappers:kubeadm:default-node-token"
-DISCOVERY_CONF = "/etc/kubernetes/kubegate-discovery.conf"
+#: on tmpfs, beside kubeadm's config: the join credential never reaches the disk
+DISCOVERY_CONF = "/run/kubeadm/kubegate-discovery.conf"
 
 
 class SecretsRequest(AgentRequest):
@@ -325,7 +329,7 @@ def _node_registration(node: NodeBootstrap) -> dict[str, Any]:
     taints = [t.model_dump(exclude_defaults=True) for t in node.taints]
     if node.role != "worker" and not node.allow_worker_capability and taints:
         # kubeadm's own control-plane taint, kept beside the pool's (a list replaces it)
-        taints.insert(0, {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"})
+        taints.insert(0, {"key": CONTROL_PLANE_TAINT, "effect": "NoSchedule"})
     if taints or (node.role != "worker" and node.allow_worker_capability):
         registration["taints"] = taints  # [] : no control-plane taint, workloads may run here
     if node.labels:

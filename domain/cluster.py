@@ -183,13 +183,36 @@ def label_key_problem(key: str) -> str | None:
         return "a name of at most 63 letters, digits and . _ - (alphanumeric at both ends)"
     if prefix and (len(prefix) > 253 or not _LABEL_PREFIX.match(prefix)):
         return "its prefix must be a DNS subdomain"
-    restricted = prefix.endswith(("kubernetes.io", "k8s.io"))
-    if restricted and not prefix.endswith(_KUBELET_PREFIXES):
+    restricted = _in_namespace(prefix, ("kubernetes.io", "k8s.io"))
+    if restricted and not _in_namespace(prefix, _KUBELET_PREFIXES):
         return (
             "the kubelet may not set labels of the kubernetes.io and k8s.io namespaces "
             "(except node.kubernetes.io and kubelet.kubernetes.io)"
         )
     return None
+
+
+def _in_namespace(prefix: str, namespaces: tuple[str, ...]) -> bool:
+    """Whether `prefix` is one of `namespaces` or a subdomain of one."""
+    return any(prefix == ns or prefix.endswith("." + ns) for ns in namespaces)
+
+
+def _taints(taints: list[Taint], control_plane: bool = False) -> list[Taint]:
+    """Taints unique by key and effect (the API server refuses a node with repeats)."""
+    seen: set[tuple[str, str]] = set()
+    for taint in taints:
+        if (taint.key, taint.effect) in seen:
+            raise ValueError(f"{taint.key}:{taint.effect} is listed twice")
+        seen.add((taint.key, taint.effect))
+        if control_plane and taint.key == CONTROL_PLANE_TAINT:
+            raise ValueError(
+                f"{CONTROL_PLANE_TAINT} is kubeadm's own (allow_worker_capability removes it)"
+            )
+    return taints
+
+
+#: the taint kubeadm gives control-plane nodes
+CONTROL_PLANE_TAINT = "node-role.kubernetes.io/control-plane"
 
 
 class Taint(BaseModel):
@@ -252,6 +275,11 @@ class ControlPlanePool(BaseModel):
     def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
         return _labels(labels)
 
+    @field_validator("taints")
+    @classmethod
+    def _taints_ok(cls, taints: list[Taint]) -> list[Taint]:
+        return _taints(taints, control_plane=True)
+
     @field_validator("placement")
     @classmethod
     def _one_domain(cls, domains: list[PlacementDomain]) -> list[PlacementDomain]:
@@ -282,6 +310,11 @@ class WorkerPool(BaseModel):
     @classmethod
     def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
         return _labels(labels)
+
+    @field_validator("taints")
+    @classmethod
+    def _taints_ok(cls, taints: list[Taint]) -> list[Taint]:
+        return _taints(taints)
 
 
 class ClusterSpec(BaseModel):

@@ -39,6 +39,12 @@ class KubeconfigRequest(BaseModel):
         "kubeconfig is sealed to it.",
     )
     request_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="Names this request.")
+    operator_key: str = Field(
+        pattern=r"^[A-Za-z0-9+/]{43}=$",
+        description="The requesting operator's signing key (Ed25519, base64); the agent "
+        "mints only for operators its policy lists.",
+    )
+    signature: str = Field(description="The operator's signature over kubeconfig_statement.")
 
 
 class KubeconfigIssue(BaseModel):
@@ -54,16 +60,22 @@ class KubeconfigIssue(BaseModel):
 
 
 class MintKubeconfig(AgentRequest):
-    """Mint a kubeconfig from the cluster's CA and seal it to the requester's key."""
+    """Mint a kubeconfig from the cluster's CA and seal it to the requester's key. The agent
+    holds it to the same bounds as the request (it does not take a workflow's word for them)
+    and picks the group itself."""
 
     cluster: str
-    server: str = Field(description="The API server's URL (the VIP).")
+    server: str = Field(
+        pattern=r"^https://[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$", description="The API server's URL."
+    )
     secrets: SealedSecret = Field(description="The cluster's secrets, sealed to the agent.")
-    user: str
-    groups: list[str]
-    ttl_seconds: int
-    recipient_key: str
-    request_id: str
+    user: str = Field(pattern=rf"^{USER.pattern}$")
+    kubernetes_version: str = Field(description="Picks kubeadm's admin group (admin_groups).")
+    ttl_seconds: int = Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)
+    recipient_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$")
+    request_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    operator_key: str = Field(pattern=r"^[A-Za-z0-9+/]{43}=$")
+    signature: str
 
 
 class KubeconfigResult(BaseModel):
@@ -71,6 +83,16 @@ class KubeconfigResult(BaseModel):
 
     issue: KubeconfigIssue
     sealed: SealedSecret = Field(description="The kubeconfig file, sealed to the requester.")
+
+
+def kubeconfig_statement(
+    cluster: str, user: str, ttl_seconds: int, recipient_key: str, request_id: str
+) -> bytes:
+    """What an operator signs to ask for a kubeconfig: which cluster, for whom, how long,
+    sealed to which key, which request. The agent checks it against its policy's operators,
+    so no one who merely reaches Temporal can have one minted."""
+    parts = ["kubegate-kubeconfig-v1", cluster, user, str(ttl_seconds), recipient_key, request_id]
+    return "\n".join(parts).encode()
 
 
 def kubeconfig_binding(cluster: str, request_id: str) -> str:

@@ -278,6 +278,11 @@ class ApplyRequest(BaseModel):
     """Make the cluster match an edited spec (its profile resolved), as one operation."""
 
     spec: ClusterSpec
+    based_on: int | None = Field(
+        default=None,
+        description="The cluster's operations_run when the plan was made: refused if it has "
+        "changed since (the plan carried out is the plan shown).",
+    )
 
 
 class DeleteRequest(BaseModel):

@@ -3,6 +3,8 @@ and the cluster carries out, computed by the one function both use."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, Field
 
 from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
@@ -32,20 +34,23 @@ class ChangePlan(BaseModel):
     refused: list[str] = Field(
         default_factory=list, description="Fields that cannot change in place, and why."
     )
+    based_on: int = Field(default=0, description="The cluster's operations_run it was made at.")
 
     @property
     def empty(self) -> bool:
-        return not self.changes and not self.refused
+        return not (self.changes or self.refused or self.create or self.remove)
 
 
 def plan_apply(
     running: ClusterSpec,
     wanted: ClusterSpec,
-    nodes: list[str],
+    nodes: Mapping[str, str],
     revisions: dict[str, int] | None = None,
 ) -> ChangePlan:
-    """The plan for making a cluster running `running` with `nodes` (their names now) match
-    `wanted`. Pure: the CLI prints it, the workflow refuses or carries out the same."""
+    """The plan for making a cluster running `running` with `nodes` (name -> phase) match
+    `wanted`. A node not yet created or ready (left by a failed change) is created by the
+    apply as by any change: it is in the plan. Pure: the CLI prints it, the workflow refuses
+    or carries out the same."""
     plan = ChangePlan()
     before, after = running.model_dump(mode="json"), wanted.model_dump(mode="json")
     for field, reason in _NOT_IN_PLACE.items():
@@ -103,7 +108,7 @@ def _pools(running: ClusterSpec, wanted: ClusterSpec, plan: ChangePlan) -> None:
 def _nodes(
     running: ClusterSpec,
     wanted: ClusterSpec,
-    nodes: list[str],
+    nodes: Mapping[str, str],
     revisions: dict[str, int],
     plan: ChangePlan,
 ) -> None:
@@ -113,7 +118,7 @@ def _nodes(
 
     wanted_plans = plan_nodes(wanted)
     wanted_names = [named(p.name) for p in wanted_plans]
-    have = set(nodes)
+    have = {name for name, phase in nodes.items() if phase in ("created", "ready")}
     for p, name in zip(wanted_plans, wanted_names, strict=True):
         if name in have:
             continue

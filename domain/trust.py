@@ -75,6 +75,11 @@ class AgentPolicy(BaseModel):
     datacenters: list[str] = Field(
         default_factory=list, description="If set, the only datacenters the agent touches."
     )
+    operators: list[str] = Field(
+        default_factory=list,
+        description="Signing keys (base64) of the operators whose signed requests for a "
+        "cluster's kubeconfig this agent honours; none: no kubeconfig is minted.",
+    )
     folders: list[str] = Field(
         default_factory=list,
         description="If set, the only VM folders (paths below a datacenter's VM folder, "

@@ -80,6 +80,7 @@ from domain.kubeconfig import (
     KubeconfigRequest,
     KubeconfigResult,
     kubeconfig_binding,
+    kubeconfig_statement,
 )
 from domain.lifecycle import (
     AddPoolRequest,
@@ -444,30 +445,50 @@ class KubegateClient:
     async def plan_apply(self, spec: ClusterSpec) -> ChangePlan:
         """What applying `spec` to its running cluster would do (nothing is sent)."""
         state = await self.cluster_state(spec.name)
-        return plan_apply(state.spec, spec, [n.name for n in state.nodes], state.revisions)
+        nodes = {n.name: n.phase for n in state.nodes}
+        plan = plan_apply(state.spec, spec, nodes, state.revisions)
+        plan.based_on = state.operations_run
+        return plan
 
     async def apply_cluster(
-        self, spec: ClusterSpec, *, wait: bool = True, timeout: float = 3600.0
+        self,
+        spec: ClusterSpec,
+        *,
+        plan: ChangePlan | None = None,
+        wait: bool = True,
+        timeout: float = 3600.0,
     ) -> ChangeResult:
         """Make a running cluster match `spec` as one operation (see plan_apply); refused
-        whole, naming the fields, when one cannot change in place."""
-        return await self._day2(
-            spec.name, ClusterWorkflow.apply, ApplyRequest(spec=spec), wait, timeout
-        )
+        whole, naming the fields, when one cannot change in place, and (given the `plan`
+        shown) when the cluster changed since it was made."""
+        request = ApplyRequest(spec=spec, based_on=plan.based_on if plan else None)
+        return await self._day2(spec.name, ClusterWorkflow.apply, request, wait, timeout)
 
     async def kubeconfig(
-        self, name: str, user: str, ttl: timedelta = timedelta(hours=8)
+        self,
+        name: str,
+        user: str,
+        ttl: timedelta = timedelta(hours=8),
+        operator: AgentKey | None = None,
     ) -> tuple[str, KubeconfigIssue]:
-        """A kubeconfig for `user` (cluster-admin, valid for `ttl`): the gateway's agent mints
-        it from the cluster's CA and seals it to a key made here for this request only; the
-        cluster records the issue. Returns the file's text and the record."""
+        """A kubeconfig for `user` (cluster-admin, valid for `ttl`), asked for by `operator`
+        (default: the operator key in the kubegate home, made if missing); the gateway's
+        agent mints it only if its policy lists that operator, and seals it to a key made
+        here for this request only. The cluster records the issue. Returns the file's text
+        and the record."""
+        operator = operator or self.operator_key()
         recipient = AgentKey.generate()
+        request_id = uuid.uuid4().hex
+        seconds = int(ttl.total_seconds())
+        statement = kubeconfig_statement(name, user, seconds, recipient.public_key_b64, request_id)
         try:
             request = KubeconfigRequest(
                 user=user,
-                ttl_seconds=int(ttl.total_seconds()),
+                ttl_seconds=seconds,
                 recipient_key=recipient.public_key_b64,
-                request_id=uuid.uuid4().hex,
+                request_id=request_id,
+                operator_key=operator.signing_key_b64,
+                signature=operator.sign(statement),
             )
         except ValidationError as exc:
             raise RequestRefused("; ".join(errors.field_errors(exc))) from None
@@ -479,10 +500,15 @@ class KubegateClient:
         try:
             text = recipient.open(result.sealed, kubeconfig_binding(name, request.request_id))
         except SealError as exc:
-            raise KubegateError(
-                f"the kubeconfig of cluster {name} cannot be opened: {exc}"
-            ) from None
+            problem = f"the kubeconfig of cluster {name} cannot be opened: {exc}"
+            raise KubegateError(problem) from None
         return text, result.issue
+
+    def operator_key(self) -> AgentKey:
+        """This operator's key (`<home>/operator.key`, 0600, made on first use): it signs
+        requests only an operator may make; agents list the operators they honour by its
+        signing key (`kubegate operator key` prints it)."""
+        return AgentKey.load_or_create(self.settings.home / "operator.key")
 
     async def wait_cluster(
         self,

@@ -252,8 +252,12 @@ class DevStack:
                 "the simulator's thumbprint is unknown (no vcsim.json): start the stack first "
                 "(kubegate dev up)"
             )
+        # the stack's own operator (this home's key) may have kubeconfigs minted
+        operator = AgentKey.load_or_create(self.settings.home / "operator.key")
+        policy = policy_for(gateway, endpoint)
+        policy.operators = [operator.signing_key_b64]
         with _private_umask():
-            write_policy(path, policy_for(gateway, endpoint))
+            write_policy(path, policy)
         return "written"
 
     def _agent_files(self, gateway: str) -> AgentKey:

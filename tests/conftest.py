@@ -13,10 +13,11 @@ from temporalio.testing import WorkflowEnvironment
 from activities.vsphere.session import SessionPool
 from domain.names import SEARCH_ATTRIBUTES
 from domain.privileges import CLUSTER_ROLE
+from domain.sealing import AgentKey
 from plumbing.codec import ReadableMetadata, data_converter
 from plumbing.settings import Settings, tool_path
 from starters.client import KubegateClient
-from tests.support import Vcsim, agent_policy, grant_roles, system_gateway
+from tests.support import OPERATORS, Vcsim, agent_policy, grant_roles, system_gateway
 from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key
 
@@ -85,6 +86,8 @@ async def sessions(
     """The control worker and the agent of gateway 'test' (a system gateway, Running on the
     shared simulator), running in this process."""
     key = load_key(settings, GATEWAY)
+    # the tests' operator (their home's key) may have kubeconfigs minted
+    OPERATORS.append(AgentKey.load_or_create(settings.home / "operator.key").signing_key_b64)
     pool = SessionPool()
     executor = ThreadPoolExecutor(max_workers=16)
     control = build_worker(temporal.client)

@@ -59,7 +59,12 @@ def sims_policy(gateway: str) -> Any:
             PolicyVCenter(server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint)
             for sim in STARTED
         ],
+        operators=list(OPERATORS),
     )
+
+
+#: signing keys of the operators the test agents' policies list (the tests' own home's)
+OPERATORS: list[str] = []
 
 
 def agent_policy(path: Path, gateway: str) -> Path:

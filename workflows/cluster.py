@@ -24,7 +24,6 @@ with workflow.unsafe.imports_passed_through():
         KubeconfigRequest,
         KubeconfigResult,
         MintKubeconfig,
-        admin_groups,
     )
     from domain.lifecycle import (
         CHANGES_KEPT,
@@ -73,9 +72,9 @@ class _Change:
     """An accepted day-2 change waiting for the main loop."""
 
     spec: ClusterSpec
-    previous: ClusterSpec
+    #: the spec a failed change leaves (None: the changed one stays)
+    undo_to: ClusterSpec | None
     title: str
-    undo_on_failure: bool
     before: set[str]
 
 
@@ -395,25 +394,37 @@ class ClusterWorkflow:
     async def apply(self, request: ApplyRequest) -> ChangeResult:
         """Make the cluster match an edited spec as one operation: the plan `plan_apply`
         gives (pools added, removed, resized); refused whole if a field cannot change."""
-        plan = self._plan_apply(request.spec)
+        plan = self._plan_apply(request)
         title = "Apply: " + "; ".join(plan.changes)
-        return await self._change(request.spec, title[:200], undo_on_failure=True)
+        # a failed apply keeps what it removed and resized; pools it added go back out
+        added = {p.name for p in request.spec.workers} - {p.name for p in self.state.spec.workers}
+        undo = request.spec.model_copy(
+            update={"workers": [p for p in request.spec.workers if p.name not in added]}
+        )
+        return await self._change(request.spec, title[:200], undo_to=undo)
 
     @apply.validator
     def _apply_ok(self, request: ApplyRequest) -> None:
         self._require_running()
-        self._plan_apply(request.spec)
+        self._plan_apply(request)
 
-    def _plan_apply(self, spec: ClusterSpec) -> ChangePlan:
-        """The plan for `spec`; InvalidSpec naming every field that cannot change in place,
-        InvalidState when nothing would change."""
+    def _plan_apply(self, request: ApplyRequest) -> ChangePlan:
+        """The plan for the request's spec; InvalidSpec naming every field that cannot change
+        in place, InvalidState when nothing would change or the cluster changed since the
+        caller planned it."""
+        spec = request.spec
+        if request.based_on is not None and request.based_on != self.state.operations_run:
+            raise invalid_state(
+                f"cluster {self.state.name} changed since the plan was made (operation "
+                f"{self.state.operations_run}, planned at {request.based_on}): plan again"
+            )
         try:
             ClusterSpec.model_validate(spec.model_dump(mode="json"))
             spec.effective_profile()
         except (ValidationError, ValueError) as exc:
             raise invalid_spec(str(exc)) from None
         plan = plan_apply(
-            self.state.spec, spec, [n.name for n in self.state.nodes], self.state.revisions
+            self.state.spec, spec, {n.name: n.phase for n in self.state.nodes}, self.state.revisions
         )
         if plan.refused:
             raise invalid_spec("; ".join(plan.refused))
@@ -434,10 +445,12 @@ class ClusterWorkflow:
             server=server,
             secrets=secrets,
             user=request.user,
-            groups=admin_groups(kube.version if kube else ""),
+            kubernetes_version=kube.version if kube else "",
             ttl_seconds=request.ttl_seconds,
             recipient_key=request.recipient_key,
             request_id=request.request_id,
+            operator_key=request.operator_key,
+            signature=request.signature,
         )
         try:
             result = await self.nodes.agent(
@@ -484,7 +497,9 @@ class ClusterWorkflow:
         host = self.state.vip or next(
             (n.address for n in self.state.nodes if n.control_plane and n.address), None
         )
-        return f"https://{host}:{API_PORT}" if host else None
+        if host is None:
+            return None
+        return f"https://[{host}]:{API_PORT}" if ":" in host else f"https://{host}:{API_PORT}"
 
     @workflow.signal
     def proceed(self) -> None:
@@ -497,7 +512,11 @@ class ClusterWorkflow:
         return self.state
 
     async def _change(
-        self, spec: ClusterSpec, title: str, undo_on_failure: bool = False
+        self,
+        spec: ClusterSpec,
+        title: str,
+        undo_on_failure: bool = False,
+        undo_to: ClusterSpec | None = None,
     ) -> ChangeResult:
         """Accept a changed spec and return its operation number; the main loop carries it
         out. Refused (OutOfAddresses) before anything changes when its IP pools lack the new
@@ -516,9 +535,8 @@ class ClusterWorkflow:
             )
         self.change = _Change(
             spec=spec,
-            previous=self.state.spec,
+            undo_to=undo_to or (self.state.spec if undo_on_failure else None),
             title=title,
-            undo_on_failure=undo_on_failure,
             before={n.name for n in self.state.nodes},
         )
         self.state.spec = spec
@@ -533,8 +551,8 @@ class ClusterWorkflow:
         try:
             await self.nodes.converge()
         except StepFailed as exc:
-            if change.undo_on_failure:
-                self.state.spec = change.previous
+            if change.undo_to is not None:
+                self.state.spec = change.undo_to
             error = str(exc)
         after = {n.name for n in self.state.nodes}
         ended = ChangeResult(

@@ -28,6 +28,7 @@ from domain.lifecycle import (
     operations,
 )
 from domain.plan import ChangePlan
+from domain.sealing import AgentKey
 from plumbing.settings import Settings
 from starters.cli.common import (
     EXIT_FAILED,
@@ -40,6 +41,7 @@ from starters.cli.common import (
     _Progress,
     _run,
     _short,
+    app,
     cluster_app,
     load_spec,
     out,
@@ -318,7 +320,8 @@ def cluster_apply(
         return
 
     async def apply_it() -> ChangeResult:
-        return await (await KubegateClient.connect()).apply_cluster(spec, wait=wait)
+        client = await KubegateClient.connect()
+        return await client.apply_cluster(spec, plan=plan, wait=wait)
 
     result: ChangeResult = _run(apply_it())
     if output is Output.json:
@@ -409,6 +412,14 @@ def cluster_kubeconfig(
         highlight=False,
         markup=False,
     )
+
+
+@app.command("operator-key")
+def operator_key() -> None:
+    """Your operator key's public half (`<home>/operator.key`, made on first use): list it
+    under `operators:` in a gateway agent's policy.yaml to let you have kubeconfigs minted."""
+    key = AgentKey.load_or_create(Settings().home / "operator.key")
+    out.print(key.signing_key_b64, highlight=False, markup=False)
 
 
 def write_private(path: Path, text: str) -> None:

@@ -27,6 +27,7 @@ from domain.account import CloudAccountSpec
 from domain.cluster import ClusterSpec, WorkerPool
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
+from domain.sealing import AgentKey
 from domain.vm import MARK_CLUSTER
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from tests.conftest import GATEWAY
@@ -654,6 +655,11 @@ async def test_a_kubeconfig_is_minted_from_the_cluster_ca_and_only_its_requester
         assert "PRIVATE KEY" not in seen and key_body not in seen
         assert "client-key-data" not in seen
 
+    # only for an operator the agent's policy lists: anyone else who reaches Temporal is refused
+    with pytest.raises(KubegateError, match="may not have kubeconfigs"):
+        await kubegate.kubeconfig("kc", "mallory", operator=AgentKey.generate())
+    assert len((await kubegate.cluster_state("kc")).kubeconfigs) == 1
+
     # a kubeconfig only for a serving cluster, and within the bounds
     with pytest.raises(RequestRefused, match="ttl_seconds"):
         await kubegate.kubeconfig("kc", "alice", ttl=timedelta(days=30))
@@ -700,8 +706,10 @@ async def test_apply_carries_out_exactly_the_plan_and_refuses_what_cannot_change
     plan = await kubegate.plan_apply(grown)
     assert plan.create == ["ap-w-1", "ap-x-0"] and plan.remove == []
     assert plan.addresses == {"ap-pool": 2} and not plan.refused
-    result = await kubegate.apply_cluster(grown)
+    result = await kubegate.apply_cluster(grown, plan=plan)
     assert sorted(result.added) == sorted(plan.create) and result.removed == []
+    with pytest.raises(RequestRefused, match="plan again"):  # a plan made before it
+        await kubegate.apply_cluster(running.spec, plan=plan)
     state = await kubegate.cluster_state("ap")
     assert state.spec == grown
     assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/ap")) == sorted(

@@ -337,7 +337,7 @@ def test_generated_secrets_have_kubeadm_formats(secrets: ClusterSecrets) -> None
 
 ENV = ActivityEnvironment()
 #: what the secrets are bound to: this (test) lifecycle on an agent of no named gateway
-USE = secrets_binding("", ENV.info.workflow_id)
+USE = secrets_binding("", ENV.info.workflow_id, shared=True)  # (generated with shared keys)
 
 
 def run(fn: Any, *args: Any) -> Any:
@@ -555,10 +555,10 @@ def test_a_join_a_week_after_the_first_node_uses_nothing_that_expired(
         doc = yaml.safe_load(text)
         join = kubeadm(doc)["JoinConfiguration"]
         assert join["discovery"] == {
-            "file": {"kubeConfigPath": "/etc/kubernetes/kubegate-discovery.conf"}
+            "file": {"kubeConfigPath": "/run/kubeadm/kubegate-discovery.conf"}
         }
         assert "certificateKey" not in join.get("controlPlane", {})
-        discovery = yaml.safe_load(files(doc)["/etc/kubernetes/kubegate-discovery.conf"]["content"])
+        discovery = yaml.safe_load(files(doc)["/run/kubeadm/kubegate-discovery.conf"]["content"])
         assert discovery["clusters"][0]["cluster"]["server"] == "https://10.0.0.5:6443"
         user = discovery["users"][0]["user"]
         cert = x509.load_pem_x509_certificate(base64.b64decode(user["client-certificate-data"]))
@@ -635,3 +635,12 @@ def test_a_request_without_labels_signs_as_agents_of_0_1_0_signed_it() -> None:
     )
     labelled = plain.model_copy(update={"labels": {"team": "ml"}})
     assert b'"labels":{"team":"ml"}' in released_request([labelled])
+
+
+def test_secrets_with_shared_keys_do_not_open_as_older_secrets_did() -> None:
+    """An agent of 0.2 opens cluster secrets under the old purpose only: it cannot open these,
+    so it never renders a node of such a cluster without its shared keys."""
+    key = AgentKey.generate()
+    sealed = run(BootstrapActivities(key).secrets, SecretsRequest(cluster="demo"))
+    with pytest.raises(SealError, match="another use"):
+        key.open(sealed, secrets_binding("", ENV.info.workflow_id))

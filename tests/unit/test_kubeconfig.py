@@ -4,6 +4,7 @@ client certificate and the file (the minting itself is tested on the agent, end 
 from __future__ import annotations
 
 import base64
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -11,15 +12,24 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.bootstrap import BootstrapActivities
+from activities.guard import kubeconfig_problem
+from domain.bootstrap import SecretsRequest
 from domain.certs import client_certificate, self_signed
 from domain.kubeconfig import (
     MAX_TTL_SECONDS,
     KubeconfigRequest,
+    MintKubeconfig,
     admin_groups,
+    kubeconfig_binding,
     kubeconfig_file,
+    kubeconfig_statement,
 )
-from domain.sealing import AgentKey
+from domain.sealing import AgentKey, seal
+from domain.trust import AgentPolicy
 
 
 @pytest.mark.parametrize(
@@ -37,7 +47,13 @@ def test_the_admin_group_follows_kubeadm(version: str, groups: list[str]) -> Non
 
 def test_a_request_names_a_plain_user_and_a_bounded_lifetime() -> None:
     key = AgentKey.generate().public_key_b64
-    ok = {"user": "alice@example.com", "ttl_seconds": 3600, "recipient_key": key}
+    ok = {
+        "user": "alice@example.com",
+        "ttl_seconds": 3600,
+        "recipient_key": key,
+        "operator_key": key,
+        "signature": "",
+    }
     KubeconfigRequest(**ok, request_id="0" * 32)
     for bad in (
         {"user": "$(reboot)"},
@@ -68,3 +84,68 @@ def test_the_certificate_chains_to_the_ca_and_the_file_embeds_all() -> None:
     cluster = document["clusters"][0]["cluster"]
     assert cluster["server"] == "https://10.0.0.5:6443"
     assert base64.b64decode(cluster["certificate-authority-data"]).decode() == ca_pem
+
+
+def test_the_agent_mints_only_for_the_clusters_own_workflow_and_within_bounds() -> None:
+    key = AgentKey.generate()
+    own = ActivityEnvironment()
+    own.info = dataclasses.replace(own.info, workflow_id="cluster/demo")
+    acts = BootstrapActivities(key)
+    secrets = own.run(acts.secrets, SecretsRequest(cluster="demo"))
+    requester = AgentKey.generate()
+    mint = {
+        "cluster": "demo",
+        "server": "https://10.0.0.5:6443",
+        "secrets": secrets,
+        "user": "alice",
+        "kubernetes_version": "1.30.4",
+        "ttl_seconds": 3600,
+        "recipient_key": requester.public_key_b64,
+        "request_id": "a" * 32,
+        "operator_key": requester.signing_key_b64,
+        "signature": "",
+    }
+    result = own.run(acts.kubeconfig, MintKubeconfig(**mint))
+    assert result.issue.groups == ["kubeadm:cluster-admins"]  # the agent's choice
+    text = requester.open(result.sealed, kubeconfig_binding("demo", "a" * 32))
+    assert yaml.safe_load(text)["users"][0]["name"] == "alice@demo"
+    # another workflow of the gateway (a rogue control worker's) gets nothing
+    other = ActivityEnvironment()
+    other.info = dataclasses.replace(other.info, workflow_id="cluster/other")
+    with pytest.raises(ApplicationError, match="only for that cluster"):
+        other.run(acts.kubeconfig, MintKubeconfig(**{**mint, "cluster": "demo"}))
+    # the bounds hold on the agent too: nothing a workflow says widens them
+    for change in (
+        {"ttl_seconds": 10 * 365 * 86400},
+        {"user": "system:node:x"},
+        {"server": "http://10.0.0.5:6443"},
+    ):
+        with pytest.raises(ValidationError):
+            MintKubeconfig(**{**mint, **change})
+
+
+def test_the_agent_mints_only_for_an_operator_its_policy_lists_signing_this_request() -> None:
+    operator, recipient = AgentKey.generate(), AgentKey.generate()
+    statement = kubeconfig_statement("demo", "alice", 3600, recipient.public_key_b64, "b" * 32)
+    mint = MintKubeconfig(
+        cluster="demo",
+        server="https://10.0.0.5:6443",
+        secrets=seal("{}", recipient.public_bytes, "x"),
+        user="alice",
+        kubernetes_version="1.30.4",
+        ttl_seconds=3600,
+        recipient_key=recipient.public_key_b64,
+        request_id="b" * 32,
+        operator_key=operator.signing_key_b64,
+        signature=operator.sign(statement),
+    )
+    allowed = AgentPolicy(gateway="lab", operators=[operator.signing_key_b64])
+    assert kubeconfig_problem(allowed, mint) is None
+    stranger = AgentPolicy(gateway="lab")
+    assert "may not have kubeconfigs" in (kubeconfig_problem(stranger, mint) or "")
+    for forged in (
+        mint.model_copy(update={"ttl_seconds": 7200}),  # longer than signed
+        mint.model_copy(update={"user": "mallory"}),
+        mint.model_copy(update={"recipient_key": AgentKey.generate().public_key_b64}),
+    ):
+        assert "not signed" in (kubeconfig_problem(allowed, forged) or "")

@@ -17,7 +17,7 @@ def spec(data: dict[str, Any] | None = None) -> ClusterSpec:
 
 
 RUNNING = spec()
-NODES = [p.name for p in plan_nodes(RUNNING)]
+NODES = {p.name: "ready" for p in plan_nodes(RUNNING)}
 
 
 def test_the_same_spec_plans_nothing() -> None:
@@ -42,7 +42,7 @@ def test_resized_added_and_removed_pools_name_their_nodes_and_addresses() -> Non
 def test_shrinking_removes_the_newest_first_and_a_replaced_node_by_its_name() -> None:
     plan = plan_apply(RUNNING, spec(changed("workers.0.size", 0)), NODES)
     assert plan.remove == ["demo-general-1", "demo-general-0"]
-    nodes = [n if n != "demo-general-0" else "demo-general-0-r1" for n in NODES]
+    nodes = {n if n != "demo-general-0" else "demo-general-0-r1": "ready" for n in NODES}
     plan = plan_apply(RUNNING, spec(changed("workers.0.size", 3)), nodes, {"demo-general-0": 1})
     assert plan.create == ["demo-general-2"]  # the replaced node is there under its new name
 
@@ -80,3 +80,27 @@ def test_labels_the_kubelet_may_not_set_are_refused_naming_the_rule() -> None:
         with pytest.raises(ValidationError, match=rule):
             spec(changed("workers.0.labels", labels))
     assert spec(changed("workers.0.labels", {"node.kubernetes.io/pool": "gpu"}))
+    for labels in ({"evilnode.kubernetes.io/x": "1"}, {"a.k8s.io/x": "1"}):
+        with pytest.raises(ValidationError, match="namespaces"):
+            spec(changed("workers.0.labels", labels))
+    assert spec(
+        changed("workers.0.labels", {"notkubernetes.io/x": "1", "a.node.kubernetes.io/y": ""})
+    )
+    twice = [
+        {"key": "a", "value": "1", "effect": "NoSchedule"},
+        {"key": "a", "effect": "NoSchedule"},
+    ]
+    with pytest.raises(ValidationError, match="listed twice"):
+        spec(changed("workers.0.taints", twice))
+    own = [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]
+    with pytest.raises(ValidationError, match="kubeadm's own"):
+        spec(changed("control_plane.taints", own))
+
+
+def test_nodes_a_failed_change_left_unmade_are_in_the_plan() -> None:
+    """A change's converge makes every node not yet created or ready: so does the plan."""
+    left = {**NODES, "demo-general-1": "failed"}
+    plan = plan_apply(RUNNING, spec(), left)
+    assert plan.create == ["demo-general-1"] and not plan.empty  # nothing else differs
+    stray = {**NODES, "demo-gone-0": "creating"}
+    assert plan_apply(RUNNING, spec(), stray).remove == ["demo-gone-0"]
