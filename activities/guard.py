@@ -79,10 +79,12 @@ def load_policy(path: Path) -> AgentPolicy:
 
 
 def write_policy(path: Path, policy: AgentPolicy) -> None:
-    """Write the policy file (0600), as the operator would."""
+    """Write the policy file (0600), as the operator would: fields left at their defaults
+    are left out, so an agent of the release before (which refuses fields it does not know,
+    such as `operators`) reads a policy that uses nothing new."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(policy.model_dump(mode="json", exclude_defaults=False)))
+    tmp.write_text(yaml.safe_dump(policy.model_dump(mode="json", exclude_defaults=True)))
     tmp.chmod(0o600)
     tmp.replace(path)
 

@@ -91,7 +91,7 @@ async def sessions(
     pool = SessionPool()
     executor = ThreadPoolExecutor(max_workers=16)
     control = build_worker(temporal.client)
-    policy = agent_policy(settings.agent_dir(GATEWAY) / "policy.yaml", GATEWAY)
+    policy = agent_policy(settings.agent_dir(GATEWAY) / "policy.yaml", GATEWAY, operators=True)
     agent = build_agent(temporal.client, GATEWAY, key, pool, executor, 16, policy=policy)
     async with control, agent:
         await system_gateway(KubegateClient(temporal.client, settings), GATEWAY, vcsim, key)

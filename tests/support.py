@@ -46,11 +46,12 @@ def ensure_vcsim_built() -> Path:
 #: every simulator this test process started, and the test agents' policy files: each
 #: agent's policy allows exactly the simulators started so far (as an operator would list them)
 STARTED: list[Vcsim] = []
-POLICIES: list[tuple[Path, str]] = []
+POLICIES: list[tuple[Path, str, bool]] = []
 
 
-def sims_policy(gateway: str) -> Any:
-    """A policy allowing every simulator started so far, each pinned by its thumbprint."""
+def sims_policy(gateway: str, operators: bool = False) -> Any:
+    """A policy allowing every simulator started so far, each pinned by its thumbprint (and
+    with `operators`, the tests' operators' kubeconfigs)."""
     from domain.trust import AgentPolicy, PolicyVCenter
 
     return AgentPolicy(
@@ -59,7 +60,7 @@ def sims_policy(gateway: str) -> Any:
             PolicyVCenter(server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint)
             for sim in STARTED
         ],
-        operators=list(OPERATORS),
+        operators=list(OPERATORS) if operators else [],
     )
 
 
@@ -67,10 +68,10 @@ def sims_policy(gateway: str) -> Any:
 OPERATORS: list[str] = []
 
 
-def agent_policy(path: Path, gateway: str) -> Path:
+def agent_policy(path: Path, gateway: str, operators: bool = False) -> Path:
     """A test agent's policy file, kept listing the simulators as they start."""
-    POLICIES.append((path, gateway))
-    write_policy(path, sims_policy(gateway))
+    POLICIES.append((path, gateway, operators))
+    write_policy(path, sims_policy(gateway, operators))
     return path
 
 
@@ -122,8 +123,8 @@ class Vcsim:
             time.sleep(0.05)
         self.info = json.loads(ready.read_text())
         STARTED.append(self)
-        for path, gateway in POLICIES:
-            write_policy(path, sims_policy(gateway))
+        for path, gateway, operators in POLICIES:
+            write_policy(path, sims_policy(gateway, operators))
         return self
 
     def stop(self) -> None:
