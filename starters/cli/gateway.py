@@ -617,6 +617,8 @@ def gateway_policy(
     out.print(f"  insecure allowed: {'yes' if policy.allow_insecure else 'no'}", highlight=False)
     out.print(f"  datacenters: {', '.join(policy.datacenters) or 'any'}", highlight=False)
     out.print(f"  folders: {', '.join(policy.folders) or 'any'}", highlight=False)
+    operators = ", ".join(policy.operators) or "none (no kubeconfigs are minted)"
+    out.print(f"  operators (kubeconfigs): {operators}", highlight=False, markup=False)
 
 
 @gateway_app.command("logs")
