@@ -36,6 +36,7 @@ from domain.kubeconfig import (
     KubeconfigResult,
     MintKubeconfig,
     admin_groups,
+    issued_statement,
     kubeconfig_binding,
     kubeconfig_file,
 )
@@ -151,18 +152,17 @@ class BootstrapActivities:
             cert.not_valid_after_utc.isoformat(),
             cert.serial_number,
         )
-        return KubeconfigResult(
-            issue=KubeconfigIssue(
-                request_id=request.request_id,
-                user=request.user,
-                groups=groups,
-                serial=f"{cert.serial_number:x}",
-                fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
-                issued_at=cert.not_valid_before_utc,
-                expires_at=cert.not_valid_after_utc,
-            ),
-            sealed=sealed,
+        issue = KubeconfigIssue(
+            request_id=request.request_id,
+            user=request.user,
+            groups=groups,
+            serial=f"{cert.serial_number:x}",
+            fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
+            issued_at=cert.not_valid_before_utc,
+            expires_at=cert.not_valid_after_utc,
         )
+        statement = issued_statement(request.cluster, request.recipient_key, issue, sealed)
+        return KubeconfigResult(issue=issue, sealed=sealed, signature=self.key.sign(statement))
 
     @activity.defn(name="bootstrap_render")
     def render(self, request: RenderRequest) -> RenderResult:

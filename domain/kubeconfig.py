@@ -8,6 +8,7 @@ ciphertext and the record of the issue (who, when, until when, which certificate
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from datetime import datetime
 
@@ -79,10 +80,31 @@ class MintKubeconfig(AgentRequest):
 
 
 class KubeconfigResult(BaseModel):
-    """A kubeconfig for its requester only: the record and the sealed file."""
+    """A kubeconfig for its requester only: the record and the sealed file, signed by the
+    agent (the requester checks it: the file reaches them through workflows and workers)."""
 
     issue: KubeconfigIssue
     sealed: SealedSecret = Field(description="The kubeconfig file, sealed to the requester.")
+    signature: str = Field(description="The agent's signature over issued_statement().")
+
+
+def issued_statement(
+    cluster: str, recipient_key: str, issue: KubeconfigIssue, sealed: SealedSecret
+) -> bytes:
+    """What the agent signs when it hands out a kubeconfig: for which cluster and request, to
+    which key, which certificate until when, and exactly which ciphertext."""
+    ciphertext = hashlib.sha256(sealed.model_dump_json().encode()).hexdigest()
+    parts = [
+        "kubegate-kubeconfig-issued-v1",
+        cluster,
+        issue.request_id,
+        recipient_key,
+        issue.user,
+        issue.serial,
+        issue.expires_at.isoformat(),
+        ciphertext,
+    ]
+    return "\n".join(parts).encode()
 
 
 def kubeconfig_statement(

@@ -79,6 +79,7 @@ from domain.kubeconfig import (
     KubeconfigIssue,
     KubeconfigRequest,
     KubeconfigResult,
+    issued_statement,
     kubeconfig_binding,
     kubeconfig_statement,
 )
@@ -97,7 +98,14 @@ from domain.lifecycle import (
 )
 from domain.plan import ChangePlan, plan_apply
 from domain.preflight import PreflightReport
-from domain.sealing import AgentKey, SealError, fingerprint, normalize_fingerprint, seal
+from domain.sealing import (
+    AgentKey,
+    SealError,
+    fingerprint,
+    normalize_fingerprint,
+    seal,
+    verify_signature,
+)
 from domain.version import VERSION
 from plumbing.connect import connect
 from plumbing.errors import KubegateError, RequestRefused
@@ -137,6 +145,13 @@ class KubegateClient:
 
     async def gateway_public_key(self, gateway: str) -> bytes:
         """The public key the gateway's agent registered; secrets are sealed to it."""
+        public, _ = await self.approved_agent_keys(gateway)
+        return public
+
+    async def approved_agent_keys(self, gateway: str) -> tuple[bytes, str]:
+        """The approved agent's keys: its X25519 public key (secrets are sealed to it) and
+        its signing key (base64: what it signs is checked with it), refused unless they are
+        the ones approved from this machine (when it approved one)."""
         state = await self.gateway_state(gateway)
         if state.agent is None:
             raise RequestRefused(
@@ -159,7 +174,7 @@ class KubegateClient:
                 f"approved from this machine ({approved}); nothing sealed. If the agent was "
                 f"re-keyed on purpose, approve it again; else someone replaced them"
             )
-        return public
+        return public, agent.signing_key or ""
 
     def _approved_path(self, gateway: str) -> Path:
         return self.settings.home / "gateways" / gateway / "approved-agent"
@@ -497,6 +512,14 @@ class KubegateClient:
         )
         if result.issue.request_id != request.request_id:
             raise KubegateError(f"cluster {name} answered another kubeconfig request")
+        gateway = (await self.cluster_state(name)).gateway
+        _, signing_key = await self.approved_agent_keys(gateway)
+        statement = issued_statement(name, recipient.public_key_b64, result.issue, result.sealed)
+        if not verify_signature(signing_key, statement, result.signature):
+            raise KubegateError(
+                f"the kubeconfig of cluster {name} is not signed by gateway {gateway}'s "
+                "approved agent: refused (something between you and the agent answered)"
+            )
         try:
             text = recipient.open(result.sealed, kubeconfig_binding(name, request.request_id))
         except SealError as exc:

@@ -24,11 +24,12 @@ from domain.kubeconfig import (
     KubeconfigRequest,
     MintKubeconfig,
     admin_groups,
+    issued_statement,
     kubeconfig_binding,
     kubeconfig_file,
     kubeconfig_statement,
 )
-from domain.sealing import AgentKey, seal
+from domain.sealing import AgentKey, seal, verify_signature
 from domain.trust import AgentPolicy
 
 
@@ -109,6 +110,14 @@ def test_the_agent_mints_only_for_the_clusters_own_workflow_and_within_bounds() 
     assert result.issue.groups == ["kubeadm:cluster-admins"]  # the agent's choice
     text = requester.open(result.sealed, kubeconfig_binding("demo", "a" * 32))
     assert yaml.safe_load(text)["users"][0]["name"] == "alice@demo"
+    # the requester checks it is the agent's: a file sealed by anyone else does not verify
+    signed = issued_statement("demo", requester.public_key_b64, result.issue, result.sealed)
+    assert verify_signature(key.signing_key_b64, signed, result.signature)
+    other_file = seal(
+        "apiVersion: v1", requester.public_bytes, kubeconfig_binding("demo", "a" * 32)
+    )
+    swapped = issued_statement("demo", requester.public_key_b64, result.issue, other_file)
+    assert not verify_signature(key.signing_key_b64, swapped, result.signature)
     # another workflow of the gateway (a rogue control worker's) gets nothing
     other = ActivityEnvironment()
     other.info = dataclasses.replace(other.info, workflow_id="cluster/other")
