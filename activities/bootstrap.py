@@ -161,7 +161,9 @@ class BootstrapActivities:
             issued_at=cert.not_valid_before_utc,
             expires_at=cert.not_valid_after_utc,
         )
-        statement = issued_statement(request.cluster, request.recipient_key, issue, sealed)
+        statement = issued_statement(
+            self.key.gateway, request.cluster, request.recipient_key, issue, sealed
+        )
         return KubeconfigResult(issue=issue, sealed=sealed, signature=self.key.sign(statement))
 
     @activity.defn(name="bootstrap_render")

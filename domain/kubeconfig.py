@@ -89,21 +89,16 @@ class KubeconfigResult(BaseModel):
 
 
 def issued_statement(
-    cluster: str, recipient_key: str, issue: KubeconfigIssue, sealed: SealedSecret
+    gateway: str, cluster: str, recipient_key: str, issue: KubeconfigIssue, sealed: SealedSecret
 ) -> bytes:
-    """What the agent signs when it hands out a kubeconfig: for which cluster and request, to
-    which key, which certificate until when, and exactly which ciphertext."""
-    ciphertext = hashlib.sha256(sealed.model_dump_json().encode()).hexdigest()
-    parts = [
-        "kubegate-kubeconfig-issued-v1",
-        cluster,
-        issue.request_id,
-        recipient_key,
-        issue.user,
-        issue.serial,
-        issue.expires_at.isoformat(),
-        ciphertext,
-    ]
+    """What the agent signs when it hands out a kubeconfig: which gateway's agent, for which
+    cluster, to which key, the whole record of the issue (request, user, groups, certificate,
+    times) and exactly which ciphertext."""
+    record = hashlib.sha256(issue.model_dump_json().encode()).hexdigest()
+    ciphertext = hashlib.sha256(
+        "\n".join([sealed.ephemeral_public_key, sealed.nonce, sealed.ciphertext]).encode()
+    ).hexdigest()
+    parts = ["kubegate-kubeconfig-issued-v1", gateway, cluster, recipient_key, record, ciphertext]
     return "\n".join(parts).encode()
 
 

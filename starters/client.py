@@ -512,9 +512,19 @@ class KubegateClient:
         )
         if result.issue.request_id != request.request_id:
             raise KubegateError(f"cluster {name} answered another kubeconfig request")
+        # the gateway's name comes through Temporal too: only an agent approved from this
+        # machine (its keys pinned here) is believed
         gateway = (await self.cluster_state(name)).gateway
+        if self._approved_fingerprint(gateway) is None:
+            raise KubegateError(
+                f"cluster {name} is on gateway {gateway}, whose agent was not approved from this "
+                "machine: its kubeconfig cannot be checked (record the agent's fingerprint with "
+                f"kubegate gateway approve {gateway} FINGERPRINT)"
+            )
         _, signing_key = await self.approved_agent_keys(gateway)
-        statement = issued_statement(name, recipient.public_key_b64, result.issue, result.sealed)
+        statement = issued_statement(
+            gateway, name, recipient.public_key_b64, result.issue, result.sealed
+        )
         if not verify_signature(signing_key, statement, result.signature):
             raise KubegateError(
                 f"the kubeconfig of cluster {name} is not signed by gateway {gateway}'s "

@@ -108,6 +108,8 @@ class ClusterWorkflow:
         self.retrying = False
         #: an accepted change the main loop carries out next
         self.change: _Change | None = None
+        #: kubeconfig requests taken in this run (a signed request is answered once)
+        self.kubeconfig_requests: set[str] = {k.request_id for k in self.state.kubeconfigs}
         self.aborting = False
         self.provisioning: asyncio.Task[None] | None = None
         self.published: ClusterStatus | None = None  # status last written to search attributes
@@ -439,6 +441,9 @@ class ClusterWorkflow:
         secrets, server = self.nodes.secrets, self._api_server()
         if secrets is None or server is None:  # (the validator said so already)
             raise invalid_state(f"cluster {self.state.name} has no API server to reach yet")
+        if request.request_id in self.kubeconfig_requests:  # (one sent twice at once)
+            raise invalid_state(f"kubeconfig request {request.request_id} was answered already")
+        self.kubeconfig_requests.add(request.request_id)
         kube = self.state.spec.effective_profile().pack("kubernetes")
         mint = MintKubeconfig(
             cluster=self.state.name,
@@ -490,6 +495,10 @@ class ClusterWorkflow:
             )
         if self.nodes.secrets is None or self._api_server() is None:
             raise invalid_state(f"cluster {self.state.name} has no API server to reach yet")
+        if request.request_id in self.kubeconfig_requests or any(
+            k.request_id == request.request_id for k in self.state.kubeconfigs
+        ):
+            raise invalid_state(f"kubeconfig request {request.request_id} was answered already")
 
     def _api_server(self) -> str | None:
         """The API server's URL: the VIP, else (DHCP without one) the first control-plane

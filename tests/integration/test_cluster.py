@@ -26,6 +26,7 @@ from temporalio.testing import WorkflowEnvironment
 from domain.account import CloudAccountSpec
 from domain.cluster import ClusterSpec, WorkerPool
 from domain.ipam import IpPoolSpec
+from domain.kubeconfig import KubeconfigRequest
 from domain.lifecycle import ClusterState, ClusterStatus, Timing, operations
 from domain.sealing import AgentKey
 from domain.vm import MARK_CLUSTER
@@ -43,6 +44,7 @@ from tests.support import (
     record_history,
 )
 from tests.unit.test_bootstrap import cloud_init_check
+from workflows.cluster import ClusterWorkflow
 
 pytestmark = pytest.mark.integration
 
@@ -654,6 +656,21 @@ async def test_a_kubeconfig_is_minted_from_the_cluster_ca_and_only_its_requester
         seen = history_text(history)
         assert "PRIVATE KEY" not in seen and key_body not in seen
         assert "client-key-data" not in seen
+
+    # a signed request is answered once: sent again (as anyone could, from the history), refused
+    handle = kubegate.cluster_handle("kc")
+    history = await handle.fetch_history()
+    (sent,) = [
+        e.workflow_execution_update_accepted_event_attributes.accepted_request
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+        and e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
+        == "kubeconfig"
+    ]
+    (payload,) = sent.input.args.payloads
+    again = KubeconfigRequest.model_validate_json(payload.data)
+    with pytest.raises(RequestRefused, match="answered already"):
+        await kubegate._cluster_update("kc", ClusterWorkflow.kubeconfig, again)
 
     # only for an operator the agent's policy lists: anyone else who reaches Temporal is refused
     with pytest.raises(KubegateError, match="may not have kubeconfigs"):

@@ -111,12 +111,15 @@ def test_the_agent_mints_only_for_the_clusters_own_workflow_and_within_bounds() 
     text = requester.open(result.sealed, kubeconfig_binding("demo", "a" * 32))
     assert yaml.safe_load(text)["users"][0]["name"] == "alice@demo"
     # the requester checks it is the agent's: a file sealed by anyone else does not verify
-    signed = issued_statement("demo", requester.public_key_b64, result.issue, result.sealed)
+    signed = issued_statement("", "demo", requester.public_key_b64, result.issue, result.sealed)
     assert verify_signature(key.signing_key_b64, signed, result.signature)
     other_file = seal(
         "apiVersion: v1", requester.public_bytes, kubeconfig_binding("demo", "a" * 32)
     )
-    swapped = issued_statement("demo", requester.public_key_b64, result.issue, other_file)
+    swapped = issued_statement("", "demo", requester.public_key_b64, result.issue, other_file)
+    assert not verify_signature(key.signing_key_b64, swapped, result.signature)
+    widened = result.issue.model_copy(update={"groups": ["system:masters"]})
+    swapped = issued_statement("", "demo", requester.public_key_b64, widened, result.sealed)
     assert not verify_signature(key.signing_key_b64, swapped, result.signature)
     # another workflow of the gateway (a rogue control worker's) gets nothing
     other = ActivityEnvironment()
