@@ -502,3 +502,12 @@ class NodeSpec(Protocol):
     def layout(self) -> NodeLayout:
         """The nodes to build; ValueError when the spec cannot be planned."""
         ...
+
+
+def distinct_domains(layout: NodeLayout) -> list[DomainNames]:
+    """A layout's placement domains, each once (by the objects they name), in order."""
+    seen: list[DomainNames] = []
+    for domain in layout.domains:
+        if domain.names not in seen:
+            seen.append(domain.names)
+    return seen

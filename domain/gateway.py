@@ -34,6 +34,7 @@ from domain.cluster import (
     NodePlan,
     NodeSpec,
     PlacementDomain,
+    distinct_domains,
     node_name,
 )
 from domain.errors import field_errors
@@ -781,6 +782,35 @@ class ResizeRequest(BaseModel):
 
 class UpgradeRequest(BaseModel):
     version: str | None = Field(default=None, description="Default: the newest release.")
+
+
+class ClusterCheckRequest(BaseModel):
+    """Preflight a cluster's placement with its cloud account, creating nothing
+    (`cluster deploy --dry-run`)."""
+
+    spec: ClusterSpec
+    workflow_id: str = Field(description="Id of the preflight workflow the gateway starts.")
+
+
+def cluster_placements(spec: ClusterSpec, template: str) -> list[Placement]:
+    """Every distinct placement domain of a cluster, as the preflight checks it."""
+    return layout_placements(spec.layout(), template)
+
+
+def layout_placements(layout: NodeLayout, template: str) -> list[Placement]:
+    """Every distinct placement domain of a node set, as the preflight checks it."""
+    return [
+        Placement(
+            datacenter=layout.placement.datacenter,
+            compute_cluster=names[0],
+            resource_pool=names[1],
+            datastore=names[2],
+            network=names[3],
+            folder=layout.placement.folder,
+            template=template,
+        )
+        for names in distinct_domains(layout)
+    ]
 
 
 def cluster_template(spec: ClusterSpec, account: CloudAccount) -> str:

@@ -45,6 +45,7 @@ from domain.gateway import (
     AccountRequest,
     AccountSummary,
     ApproveRequest,
+    ClusterCheckRequest,
     ClusterRequest,
     GatewayConfig,
     GatewayFile,
@@ -295,6 +296,40 @@ class KubegateClient:
         )
         await self._gateway_update(gateway, GatewayWorkflow.request_cluster, request)
         return await self.cluster_state(spec.name)
+
+    async def plan_deploy(
+        self, spec: ClusterSpec, *, timeout: timedelta = timedelta(minutes=5)
+    ) -> tuple[ChangePlan, PreflightReport, str]:
+        """What deploying `spec` would do, creating nothing: the plan (every node, the
+        addresses taken from each IP pool, refused up front as deploy would be) and the
+        preflight of every placement domain with the cloud account's kept credentials, on the
+        gateway's agent. Returns the plan, the report and the preflight's workflow id."""
+        gateway = await self.account_gateway(spec.cloud_account)
+        state = await self.gateway_state(gateway)
+        if state.status not in (GatewayStatus.RUNNING, GatewayStatus.UPGRADING):
+            raise RequestRefused(
+                f"gateway {gateway} is {state.status.value}: clusters need a Running gateway"
+            )
+        await self.check_pools(gateway, spec)
+        nodes = plan_nodes(spec)
+        addresses: dict[str, int] = {}
+        vip_pool = spec.control_plane.placement[0].ip_pool
+        for pool in [vip_pool, *(n.domain.ip_pool for n in nodes)]:
+            if pool is not None:
+                addresses[pool] = addresses.get(pool, 0) + 1
+        plan = ChangePlan(
+            changes=[f"deploy cluster {spec.name} ({len(nodes)} nodes) on gateway {gateway}"],
+            create=[n.name for n in nodes],
+            addresses=addresses,
+        )
+        await self.require_agent(gateway)
+        workflow_id = names.preflight_workflow_id(str(uuid.uuid4()))
+        request = ClusterCheckRequest(spec=spec, workflow_id=workflow_id)
+        report: PreflightReport = await asyncio.wait_for(
+            self._gateway_update(gateway, GatewayWorkflow.check_cluster, request),
+            timeout.total_seconds(),
+        )
+        return plan, report, workflow_id
 
     async def check_pools(self, gateway: str, spec: ClusterSpec) -> None:
         """Refuse (RequestRefused, naming the field) a spec whose IP pools the gateway lacks or

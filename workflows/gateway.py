@@ -40,6 +40,7 @@ with workflow.unsafe.imports_passed_through():
         CloudAccount,
         ClusterAdmission,
         ClusterChanged,
+        ClusterCheckRequest,
         ClusterRecord,
         ClusterRequest,
         GatewayConfig,
@@ -56,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         UpgradeRequest,
         can_resize,
         can_upgrade,
+        cluster_placements,
         cluster_template,
         default_account_name,
         gateway_node_spec,
@@ -985,22 +987,38 @@ class GatewayWorkflow:
         self.checks.append(check)
         self.busy += 1
         try:
-            agent = self.gw.agent
-            report: PreflightReport = await workflow.execute_child_workflow(
-                "PreflightWorkflow",
+            return await self._preflight_child(
                 PreflightRequest(
                     account=request.name,
                     gateway=self.gw.name,
                     credentials=request.credentials,
                     placement=request.placement,
-                    agent_signing_key=agent.signing_key if agent else None,
                 ),
-                id=request.workflow_id,
+                request.workflow_id,
+                f"Preflight of cloud account {request.name} on gateway {self.gw.name}",
+            )
+        finally:
+            self.checks.remove(check)
+            self.busy -= 1
+
+    async def _preflight_child(
+        self, request: PreflightRequest, workflow_id: str, summary: str
+    ) -> PreflightReport:
+        """Run a preflight as a child workflow (the agent works only for what its gateway
+        started), checking results with the approved agent's key."""
+        agent = self.gw.agent
+        request = request.model_copy(
+            update={"agent_signing_key": agent.signing_key if agent else None}
+        )
+        try:
+            report: PreflightReport = await workflow.execute_child_workflow(
+                "PreflightWorkflow",
+                request,
+                id=workflow_id,
                 task_queue=workflow.info().task_queue,
                 result_type=PreflightReport,
                 execution_timeout=_AGENT_DEADLINE * 2,
-                static_summary=f"Preflight of cloud account {request.name} on gateway "
-                f"{self.gw.name}",
+                static_summary=summary,
                 search_attributes=TypedSearchAttributes(
                     [
                         SearchAttributePair(names.KIND, "preflight"),
@@ -1010,15 +1028,12 @@ class GatewayWorkflow:
                 ),
             )
         except WorkflowAlreadyStartedError:
-            raise invalid_state(f"workflow {request.workflow_id} exists already") from None
+            raise invalid_state(f"workflow {workflow_id} exists already") from None
         except ChildWorkflowError as exc:
             raise ApplicationError(
-                f"preflight of {request.name} did not finish: {exc.cause or exc}",
+                f"preflight of {request.account} did not finish: {exc.cause or exc}",
                 type="PreflightFailed",
             ) from None
-        finally:
-            self.checks.remove(check)
-            self.busy -= 1
         return report
 
     @validate_account.validator
@@ -1145,6 +1160,58 @@ class GatewayWorkflow:
         )
 
     # -- clusters -------------------------------------------------------------------------
+
+    @workflow.update
+    async def check_cluster(self, request: ClusterCheckRequest) -> PreflightReport:
+        """Preflight a cluster's placement domains with its cloud account's credentials, on
+        the agent, creating nothing (`cluster deploy --dry-run`)."""
+        spec = request.spec
+        account = self.gw.account(spec.cloud_account)
+        if account is None:  # deleted between the validator and now
+            raise invalid_spec(f"cloud_account: no cloud account {spec.cloud_account!r}")
+        placements = cluster_placements(spec, cluster_template(spec, account))
+        # the agent works for this preflight only while it is listed (authorization query)
+        check = AccountCheck(
+            workflow_id=request.workflow_id,
+            account=account.name,
+            digest=account.credentials.password.digest,
+        )
+        self.checks.append(check)
+        try:
+            return await self._preflight_child(
+                PreflightRequest(
+                    account=account.name,
+                    gateway=self.gw.name,
+                    credentials=account.credentials,
+                    placement=placements[0],
+                    more_placements=placements[1:],
+                ),
+                request.workflow_id,
+                f"Preflight of cluster {spec.name} on gateway {self.gw.name}",
+            )
+        finally:
+            self.checks.remove(check)
+
+    @check_cluster.validator
+    def _check_cluster_ok(self, request: ClusterCheckRequest) -> None:
+        spec = request.spec
+        self._require_current_agent()
+        if not request.workflow_id.startswith("preflight/"):
+            raise invalid_spec("workflow_id: must start with preflight/")
+        if self.gw.status not in _ADMITTING or self.op == "delete":
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status}: it checks clusters when Running"
+            )
+        account = self.gw.account(spec.cloud_account)
+        if account is None:
+            raise invalid_spec(
+                f"cloud_account: gateway {self.gw.name} has no cloud account {spec.cloud_account!r}"
+            )
+        try:
+            cluster_template(spec, account)
+            spec.layout()
+        except ValueError as exc:
+            raise invalid_spec(str(exc)) from None
 
     @workflow.update
     async def request_cluster(self, request: ClusterRequest) -> ClusterAdmission:

@@ -38,7 +38,8 @@ with workflow.unsafe.imports_passed_through():
         RenderResult,
         SecretsRequest,
     )
-    from domain.cluster import NodeLayout, NodePlan, NodeSpec
+    from domain.cluster import NodeLayout, NodePlan, NodeSpec, distinct_domains
+    from domain.gateway import layout_placements
     from domain.ipam import (
         AllocateAddresses,
         AllocateResult,
@@ -903,28 +904,10 @@ class NodeSet:
         )
 
     def _placements(self) -> list[Placement]:
-        layout = self.layout
-        out: list[Placement] = []
-        for domain in self._distinct_domains():
-            out.append(
-                Placement(
-                    datacenter=layout.placement.datacenter,
-                    compute_cluster=domain[0],
-                    resource_pool=domain[1],
-                    datastore=domain[2],
-                    network=domain[3],
-                    folder=layout.placement.folder,
-                    template=self.account.template,
-                )
-            )
-        return out
+        return layout_placements(self.layout, self.account.template)
 
     def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
-        seen: list[tuple[str, str, str, str]] = []
-        for d in self.layout.domains:
-            if d.names not in seen:
-                seen.append(d.names)
-        return seen
+        return distinct_domains(self.layout)
 
     def _refs_from(self, refs: dict[str, str], placements: list[Placement]) -> PlacementRefs | None:
         """Placement refs from the preflight's findings; None if any is missing."""

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from domain import names
 from domain.account import CloudAccountSpec
-from domain.preflight import CheckStatus, PreflightReport
+from domain.preflight import PreflightReport
 from starters.cli.common import (
     EXIT_FAILED,
     GatewayOption,
@@ -32,8 +32,8 @@ from starters.cli.common import (
     first_line,
     load_spec,
     out,
+    print_report,
     read_password,
-    workflow_link,
 )
 from starters.client import KubegateClient
 
@@ -63,41 +63,6 @@ def account_validate(
     else:
         print_report(report, workflow_id)
     raise typer.Exit(0 if report.passed else EXIT_FAILED)
-
-
-_STYLE = {
-    CheckStatus.PASS: "green",
-    CheckStatus.WARN: "yellow",
-    CheckStatus.FAIL: "bold red",
-    CheckStatus.SKIPPED: "dim",
-}
-
-
-def print_report(report: PreflightReport, workflow_id: str) -> None:
-    table = Table(
-        title=f"Preflight of {report.account} — {report.username} @ {report.server}",
-        show_lines=False,
-        expand=False,
-    )
-    with_remedy = any(r.remedy for r in report.results)
-    for column in ("status", "check", "object", "detail", *(["remedy"] if with_remedy else [])):
-        table.add_column(column, overflow="fold")
-    for r in report.results:
-        style = _STYLE[r.status]
-        row = [f"[{style}]{r.status.value}[/{style}]", r.title, r.object, r.detail]
-        table.add_row(*row, *([r.remedy] if with_remedy else []))
-    out.print(table)
-    verdict = "[green]passed[/green]" if report.passed else "[bold red]failed[/bold red]"
-    out.print(
-        f"{verdict}: {report.count(CheckStatus.PASS)} passed, {report.count(CheckStatus.WARN)} "
-        f"warnings, {report.count(CheckStatus.FAIL)} failed, "
-        f"{report.count(CheckStatus.SKIPPED)} skipped; {report.vcenter_requests} vCenter requests",
-        highlight=False,
-    )
-    out.print(
-        f"workflow: {workflow_link(workflow_id)}",
-        highlight=False,
-    )
 
 
 @account_app.command("create")

@@ -28,6 +28,7 @@ from domain.lifecycle import (
     operations,
 )
 from domain.plan import ChangePlan
+from domain.preflight import PreflightReport
 from domain.sealing import AgentKey
 from plumbing.settings import Settings
 from starters.cli.common import (
@@ -45,6 +46,7 @@ from starters.cli.common import (
     cluster_app,
     load_spec,
     out,
+    print_report,
 )
 from starters.client import KubegateClient
 
@@ -91,6 +93,12 @@ def cluster_deploy(
         str, typer.Option(help="guest (VMware Tools report address and hostname) or kubernetes.")
     ] = "guest",
     wait: WaitOption = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the plan and the preflight of its placement; create nothing."
+        ),
+    ] = False,
     output: OutputOption = Output.table,
 ) -> None:
     """Deploy a cluster through its cloud account's gateway; --wait follows each step.
@@ -100,6 +108,9 @@ def cluster_deploy(
     if readiness not in ("guest", "kubernetes"):
         _bad_input("--readiness: guest or kubernetes")
     spec = load_cluster(file)
+    if dry_run:
+        _deploy_dry_run(spec, output)
+        return
 
     async def start() -> tuple[KubegateClient, ClusterState]:
         client = await KubegateClient.connect()
@@ -341,6 +352,26 @@ def cluster_apply(
         highlight=False,
         markup=False,
     )
+
+
+def _deploy_dry_run(spec: ClusterSpec, output: Output) -> None:
+    """The plan and the preflight of a deploy; exit 1 when a check failed."""
+
+    async def check() -> tuple[ChangePlan, PreflightReport, str]:
+        return await (await KubegateClient.connect()).plan_deploy(spec)
+
+    plan, report, workflow_id = _run(check())
+    if output is Output.json:
+        document = {
+            "plan": plan.model_dump(mode="json"),
+            "preflight": report.model_dump(mode="json"),
+        }
+        out.print_json(json.dumps(document))
+    else:
+        _show_plan(spec.name, plan)
+        print_report(report, workflow_id)
+    if not report.passed:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def _show_plan(name: str, plan: ChangePlan) -> None:

@@ -25,6 +25,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 from temporalio.client import WorkflowFailureError
 from temporalio.service import RPCError
 
@@ -32,6 +33,7 @@ from domain import errors
 from domain.account import VCenterAccess
 from domain.gateway import GatewayState
 from domain.lifecycle import ClusterState
+from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
 from plumbing.settings import Settings
 from starters.client import KubegateClient, KubegateError, RequestRefused
@@ -295,3 +297,38 @@ def first_line(path: Path, option: str) -> str:
     if not lines or not lines[0].strip():
         _bad_input(f"{option}: {path}: empty")
     return lines[0]
+
+
+_STYLE = {
+    CheckStatus.PASS: "green",
+    CheckStatus.WARN: "yellow",
+    CheckStatus.FAIL: "bold red",
+    CheckStatus.SKIPPED: "dim",
+}
+
+
+def print_report(report: PreflightReport, workflow_id: str) -> None:
+    table = Table(
+        title=f"Preflight of {report.account} — {report.username} @ {report.server}",
+        show_lines=False,
+        expand=False,
+    )
+    with_remedy = any(r.remedy for r in report.results)
+    for column in ("status", "check", "object", "detail", *(["remedy"] if with_remedy else [])):
+        table.add_column(column, overflow="fold")
+    for r in report.results:
+        style = _STYLE[r.status]
+        row = [f"[{style}]{r.status.value}[/{style}]", r.title, r.object, r.detail]
+        table.add_row(*row, *([r.remedy] if with_remedy else []))
+    out.print(table)
+    verdict = "[green]passed[/green]" if report.passed else "[bold red]failed[/bold red]"
+    out.print(
+        f"{verdict}: {report.count(CheckStatus.PASS)} passed, {report.count(CheckStatus.WARN)} "
+        f"warnings, {report.count(CheckStatus.FAIL)} failed, "
+        f"{report.count(CheckStatus.SKIPPED)} skipped; {report.vcenter_requests} vCenter requests",
+        highlight=False,
+    )
+    out.print(
+        f"workflow: {workflow_link(workflow_id)}",
+        highlight=False,
+    )

@@ -159,6 +159,20 @@ async def test_deploy_describe_scale_delete_through_the_cli(
         assert code == 2 and "does not exist" in output, output
     path.write_text(yaml.safe_dump(base("cli-pool")))
 
+    # --dry-run: the plan and the preflight of its placement, nothing created
+    code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path), "--dry-run")
+    assert code == 0, output
+    assert "create: cli-cp-0, cli-w-0" in output and "addresses: 3 from cli-pool" in output
+    assert "passed" in output and "failed:" not in output, output
+    code, output = await run_cli(settings, "cluster", "get", "cli")
+    assert code == 2 and "does not exist" in output, output
+    wrong = base("cli-pool")
+    wrong["workers"][0]["placement"] = [domain("DC0_NOPE", "cli-pool")]
+    wrong_path = tmp_path / "wrong.yaml"
+    wrong_path.write_text(yaml.safe_dump(wrong))
+    code, output = await run_cli(settings, "cluster", "deploy", "-f", str(wrong_path), "--dry-run")
+    assert code == 1 and "DC0_NOPE" in output and "failed" in output, output
+
     code, output = await run_cli(settings, "cluster", "deploy", "-f", str(path), "--wait")
     assert code == 0, output
     assert "Create VMs" in output and "cli-cp-0" in output and "Running" in output
