@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -244,8 +244,33 @@ def _labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
-class ControlPlanePool(BaseModel):
+class NodeOptions(BaseModel):
+    """What every node of a pool registers with: labels and taints. (Fields of the pools
+    that derive from it; a control-plane pool keeps kubeadm's own taint beside these unless
+    allow_worker_capability.)"""
+
+    labels: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="Node labels (kubelet --node-labels)."
+    )
+    taints: list[Taint] = Field(default_factory=list, max_length=16, description="Node taints.")
+
+    #: whether the pool is the control plane (it may not list kubeadm's control-plane taint)
+    _control_plane: ClassVar[bool] = False
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
+        return _labels(labels)
+
+    @field_validator("taints")
+    @classmethod
+    def _taints_ok(cls, taints: list[Taint]) -> list[Taint]:
+        return _taints(taints, control_plane=cls._control_plane)
+
+
+class ControlPlanePool(NodeOptions):
     model_config = ConfigDict(extra="forbid")
+    _control_plane: ClassVar[bool] = True
 
     size: Literal[1, 3, 5] = Field(description="Control-plane nodes: 1, 3 or 5 (etcd quorum).")
     allow_worker_capability: bool = Field(
@@ -260,25 +285,6 @@ class ControlPlanePool(BaseModel):
         description="Control-plane endpoint with DHCP (kube-vip holds it); with static "
         "addressing it comes from the IP pool.",
     )
-    labels: dict[str, str] = Field(
-        default_factory=dict, max_length=32, description="Node labels (kubelet --node-labels)."
-    )
-    taints: list[Taint] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Taints besides the control-plane taint (which allow_worker_capability "
-        "removes).",
-    )
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
-        return _labels(labels)
-
-    @field_validator("taints")
-    @classmethod
-    def _taints_ok(cls, taints: list[Taint]) -> list[Taint]:
-        return _taints(taints, control_plane=True)
 
     @field_validator("placement")
     @classmethod
@@ -288,7 +294,7 @@ class ControlPlanePool(BaseModel):
         return domains
 
 
-class WorkerPool(BaseModel):
+class WorkerPool(NodeOptions):
     model_config = ConfigDict(extra="forbid")
 
     name: DnsLabel = Field(description="Pool name, e.g. 'general' or 'large'.")
@@ -301,20 +307,6 @@ class WorkerPool(BaseModel):
         max_length=MAX_DOMAINS,
         description="Placement domains; nodes go round-robin over them, in order.",
     )
-    labels: dict[str, str] = Field(
-        default_factory=dict, max_length=32, description="Node labels (kubelet --node-labels)."
-    )
-    taints: list[Taint] = Field(default_factory=list, max_length=16, description="Node taints.")
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_ok(cls, labels: dict[str, str]) -> dict[str, str]:
-        return _labels(labels)
-
-    @field_validator("taints")
-    @classmethod
-    def _taints_ok(cls, taints: list[Taint]) -> list[Taint]:
-        return _taints(taints)
 
 
 class ClusterSpec(BaseModel):

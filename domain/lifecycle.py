@@ -5,6 +5,7 @@ Pure models: ClusterWorkflow keeps one ClusterState and returns it from its quer
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
@@ -218,9 +219,9 @@ class NodeSetState(BaseModel):
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
 
+    @abstractmethod
     def node_spec(self) -> NodeSpec:
         """The spec the nodes are built from (each kind of node set keeps its own)."""
-        raise NotImplementedError
 
 
 class ClusterState(NodeSetState):
