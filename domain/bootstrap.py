@@ -99,6 +99,13 @@ class NodeBootstrap(AgentRequest):
     taints: list[Taint] = Field(
         default_factory=list, json_schema_extra=SINCE_0_3, description="Node taints."
     )
+    upgrade_control_plane: bool = Field(
+        default=False,
+        json_schema_extra=SINCE_0_3,
+        description="The first control-plane member of a newer Kubernetes version: once "
+        "joined, it runs `kubeadm upgrade apply` (the cluster's kubeadm configuration, "
+        "kubelet configuration and add-ons move to its version).",
+    )
 
 
 class ClusterSecrets(BaseModel):
@@ -576,10 +583,16 @@ def render_userdata(
     if node.ntp_servers:
         doc["ntp"] = {"enabled": True, "servers": list(node.ntp_servers)}
     doc["write_files"] = files
+    upgrade = (
+        [f"kubeadm upgrade apply v{node.kubernetes_version.lstrip('v')} --yes"]
+        if node.upgrade_control_plane and node.role == "join-control-plane"
+        else []
+    )
     doc["runcmd"] = [
         "set -e",
         kubeadm,
         *after_kubeadm,
+        *upgrade,
         f"mkdir -p {SUCCESS_MARK.rsplit('/', 1)[0]}",
         f"touch {SUCCESS_MARK}",
     ]

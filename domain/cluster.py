@@ -6,6 +6,8 @@ Pure and deterministic: the cluster workflow imports it.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
@@ -268,6 +270,44 @@ class NodeOptions(BaseModel):
         return _taints(taints, control_plane=cls._control_plane)
 
 
+class RolloutPolicy(BaseModel):
+    """How a worker pool's nodes are replaced when what they are built from changes (a
+    Kubernetes upgrade, another template, other resources, labels or taints)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_surge: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_POOL_NODES,
+        description="Nodes the pool may have beyond its size while its nodes are replaced.",
+    )
+    max_unavailable: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_POOL_NODES,
+        description="Nodes of the pool that may be missing while its nodes are replaced.",
+    )
+
+    @model_validator(mode="after")
+    def _moves(self) -> RolloutPolicy:
+        if self.max_surge + self.max_unavailable == 0:
+            raise ValueError(
+                "rollout: max_surge and max_unavailable cannot both be 0 (no node could be "
+                "replaced)"
+            )
+        return self
+
+    @property
+    def batch(self) -> int:
+        """Nodes replaced at once."""
+        return self.max_surge + self.max_unavailable
+
+
+#: the control plane is replaced one member at a time, the new one first (etcd quorum)
+CONTROL_PLANE_ROLLOUT = RolloutPolicy(max_surge=1, max_unavailable=0)
+
+
 class ControlPlanePool(NodeOptions):
     model_config = ConfigDict(extra="forbid")
     _control_plane: ClassVar[bool] = True
@@ -306,6 +346,10 @@ class WorkerPool(NodeOptions):
         min_length=1,
         max_length=MAX_DOMAINS,
         description="Placement domains; nodes go round-robin over them, in order.",
+    )
+    rollout: RolloutPolicy = Field(
+        default_factory=RolloutPolicy,
+        description="How the pool's nodes are replaced in a rolling upgrade.",
     )
 
 
@@ -413,6 +457,106 @@ class ClusterSpec(BaseModel):
             allow_worker_capability=self.control_plane.allow_worker_capability,
         )
 
+    def kubernetes_version(self) -> str:
+        """The Kubernetes pack's version ('' when the profile is not resolved)."""
+        if not isinstance(self.profile, ClusterProfile):
+            return ""
+        pack = self.profile.pack("kubernetes")
+        return pack.version if pack else ""
+
+    def rollout_of(self, pool: str) -> RolloutPolicy:
+        """How a pool's nodes are replaced ('cp': one member at a time, the new one first)."""
+        if pool == "cp":
+            return CONTROL_PLANE_ROLLOUT
+        return next((p.rollout for p in self.workers if p.name == pool), RolloutPolicy())
+
+    def template(self) -> str | None:
+        """The VM template the os pack names (None: the cloud account's)."""
+        if not isinstance(self.profile, ClusterProfile):
+            return None
+        return template_of(self.effective_profile())
+
+    def with_kubernetes(self, version: str) -> ClusterSpec:
+        """The spec with its profile's Kubernetes pack at `version` (profile resolved)."""
+        if not isinstance(self.profile, ClusterProfile):
+            raise ValueError("profile: a file reference must be resolved before use")
+        profile = self.profile.model_copy(deep=True)
+        for layer in profile.layers:
+            if layer.layer == "kubernetes":
+                layer.pack.version = version
+        return self.model_copy(update={"profile": profile})
+
+    def with_template(self, template: str) -> ClusterSpec:
+        """The spec with its os pack's `values.template` at `template` (an override of it
+        dropped)."""
+        if not isinstance(self.profile, ClusterProfile):
+            raise ValueError("profile: a file reference must be resolved before use")
+        profile = self.profile.model_copy(deep=True)
+        overrides = copy.deepcopy(self.overrides)
+        for layer in profile.layers:
+            if layer.layer == "os":
+                layer.pack.values["template"] = template
+                overrides.get(layer.pack.name, {}).pop("template", None)
+        return self.model_copy(update={"profile": profile, "overrides": overrides})
+
+
+def template_of(profile: ClusterProfile) -> str | None:
+    """The VM template an (effective) profile's os pack names, if any."""
+    pack = profile.pack("os")
+    value = pack.values.get("template") if pack else None
+    return value.strip("/") if isinstance(value, str) and value.strip("/") else None
+
+
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def version_key(value: str) -> tuple[int, int, int] | None:
+    """'v1.30.4' or '1.30' as (1, 30, 4) / (1, 30, 0); None when it is not a version."""
+    match = _VERSION.match(value)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+def kubernetes_step_problem(current: str, wanted: str) -> str | None:
+    """Why nodes on Kubernetes `current` cannot move to `wanted`: kubeadm moves one minor
+    version at a time and never back. None when the step is allowed (or nothing moves)."""
+    if current == wanted or not current:
+        return None
+    old, new = version_key(current), version_key(wanted)
+    if new is None:
+        return f"Kubernetes version {wanted!r}: expected MAJOR.MINOR.PATCH, e.g. 1.30.4"
+    if old is None:
+        return None  # (a version kubegate cannot read: the user's own pack; let it be)
+    if new < old:
+        return f"Kubernetes {current} -> {wanted}: kubeadm does not downgrade"
+    if new[0] != old[0] or new[1] > old[1] + 1:
+        return (
+            f"Kubernetes {current} -> {wanted} skips a minor version: upgrade one minor at a "
+            f"time, as kubeadm does ({old[0]}.{old[1] + 1} first)"
+        )
+    return None
+
+
+def node_build(plan: NodePlan, layout: NodeLayout) -> str:
+    """A digest of everything the spec says a node is built from: the profile (Kubernetes
+    version, packs, values, the os pack's VM template), its size, labels and taints, keys
+    and NTP servers. A node whose recorded build differs from its
+    plan's is replaced by a rolling upgrade."""
+    document = {
+        "profile": layout.profile.model_dump(mode="json"),
+        "cpu": plan.cpu,
+        "memory_gb": plan.memory_gb,
+        "disk_gb": plan.disk_gb,
+        "labels": plan.labels,
+        "taints": [t.model_dump(mode="json") for t in plan.taints],
+        "worker_capability": layout.allow_worker_capability if plan.control_plane else None,
+        "ssh_keys": layout.placement.ssh_keys,
+        "ntp_servers": layout.placement.ntp_servers,
+    }
+    encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
 
 def node_name(cluster: str, pool: str, index: int) -> str:
     return f"{cluster}-{pool}-{index}"
@@ -477,6 +621,12 @@ class NodeLayout(BaseModel):
     vip: str | None = Field(default=None, description="The fixed VIP (DHCP), if any.")
     profile: ClusterProfile = Field(description="What the nodes boot (overrides merged).")
     allow_worker_capability: bool = False
+
+    @property
+    def kubernetes(self) -> str:
+        """The Kubernetes pack's version ('' when there is none)."""
+        pack = self.profile.pack("kubernetes")
+        return pack.version if pack else ""
 
     @property
     def vip_pool(self) -> str | None:

@@ -69,3 +69,9 @@ NON_RETRYABLE += [POLICY_REFUSED, NOT_AUTHORIZED, FORGED_RESULT, STALE_CREDENTIA
 
 #: the agent stopped (SIGTERM) while vCenter worked: retryable, the next attempt re-attaches
 AGENT_STOPPING = "AgentStopping"
+
+#: a cluster's Kubernetes API or etcd cannot be reached or answers "try later" (retryable)
+CLUSTER_UNREACHABLE = "ClusterUnreachable"
+#: a cluster's Kubernetes API or etcd refuses a request for good (the agent raises it
+#: non-retryable): forbidden, invalid, or an etcd removal that would lose quorum
+CLUSTER_REFUSED = "ClusterRefused"

@@ -127,6 +127,11 @@ class Node(BaseModel):
     tasks: list[str] = Field(default_factory=list)
     #: SHA-256 of the cloud-init data its VM was created with (content-free, for audits)
     bootstrap_digest: str | None = None
+    #: what the node is built from (node_build: profile, template, size, labels, taints);
+    #: None for nodes made before builds were recorded (their spec's build, at the next change)
+    build: str | None = None
+    #: the Kubernetes version the node runs ('' when not recorded)
+    kubernetes: str = ""
 
 
 class ClusterAccount(BaseModel):
@@ -198,6 +203,20 @@ class ChangeResult(BaseModel):
 CHANGES_KEPT = 10
 
 
+class Rollout(BaseModel):
+    """A rolling replacement of a cluster's nodes (an upgrade): where it stands."""
+
+    operation: int = Field(description="The operation carrying it.")
+    target: str = Field(description="What the nodes move to, in words.")
+    state: Literal["running", "paused", "aborted", "failed", "done"] = "running"
+    total: int = Field(default=0, description="Nodes to replace when it began.")
+    replaced: list[str] = Field(default_factory=list, description="'old -> new', in order.")
+    current: list[str] = Field(default_factory=list, description="Nodes being replaced now.")
+    outdated: list[str] = Field(
+        default_factory=list, description="Nodes still on their old build (when it stopped)."
+    )
+
+
 class NodeSetState(BaseModel):
     """A set of nodes as the node machinery keeps it: its VMs, addresses, folder and the steps
     that made them (a cluster's, or a gateway's own nodes)."""
@@ -243,6 +262,8 @@ class ClusterState(NodeSetState):
     changes: list[ChangeResult] = Field(default_factory=list)
     #: kubeconfigs issued (who, when, until when, which certificate), the newest last
     kubeconfigs: list[KubeconfigIssue] = Field(default_factory=list)
+    #: the latest rolling replacement of nodes (upgrade), running or ended
+    rollout: Rollout | None = None
 
     def node_spec(self) -> NodeSpec:
         return self.spec
@@ -283,6 +304,18 @@ class ApplyRequest(BaseModel):
         default=None,
         description="The cluster's operations_run when the plan was made: refused if it has "
         "changed since (the plan carried out is the plan shown).",
+    )
+
+
+class ClusterUpgradeRequest(BaseModel):
+    """Move every node to another Kubernetes version and/or VM template by rolling
+    replacement (at least one of them)."""
+
+    kubernetes: str | None = Field(
+        default=None, min_length=1, max_length=64, description="The Kubernetes pack's version."
+    )
+    template: str | None = Field(
+        default=None, min_length=1, max_length=512, description="The nodes' VM template."
     )
 
 

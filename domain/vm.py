@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeBootstrap, NodeNetwork
-from domain.requests import AgentRequest
+from domain.requests import SINCE_0_3, AgentRequest
 
 #: Namespace of the deterministic instance UUIDs of nodes.
 NODE_UUID_NAMESPACE = uuid.UUID("5b0d7c1e-3f38-4b8e-9a43-7c1b2e6f0d11")
@@ -148,6 +148,18 @@ class ReadinessRequest(GuestsRequest):
 
     mode: Literal["guest", "kubernetes"] = "guest"
     vip: str | None = None
+    secrets: SealedSecret | None = Field(
+        default=None,
+        json_schema_extra=SINCE_0_3,
+        description="The cluster's secrets, sealed to the agent. With them, mode kubernetes "
+        "verifies the API server against the cluster's CA and waits until every listed node "
+        "is Ready; without, it waits for /readyz alone, unverified.",
+    )
+    kubernetes_version: str = Field(
+        default="",
+        json_schema_extra=SINCE_0_3,
+        description="Picks the admin group of the agent's credential (admin_groups).",
+    )
 
 
 class ReadinessResult(BaseModel):

@@ -91,8 +91,10 @@ from domain.lifecycle import (
     ClusterState,
     ClusterStatus,
     ClusterSummary,
+    ClusterUpgradeRequest,
     DeleteRequest,
     RemovePoolRequest,
+    Rollout,
     ScaleRequest,
     StepState,
     Timing,
@@ -495,10 +497,53 @@ class KubegateClient:
     async def plan_apply(self, spec: ClusterSpec) -> ChangePlan:
         """What applying `spec` to its running cluster would do (nothing is sent)."""
         state = await self.cluster_state(spec.name)
-        nodes = {n.name: n.phase for n in state.nodes}
-        plan = plan_apply(state.spec, spec, nodes, state.revisions)
+        plan = plan_apply(state.spec, spec, state.nodes, state.revisions)
         plan.based_on = state.operations_run
         return plan
+
+    async def upgraded_spec(
+        self, name: str, kubernetes: str | None = None, template: str | None = None
+    ) -> ClusterSpec:
+        """The running spec of cluster `name` with its Kubernetes version and/or template
+        changed (what `upgrade_cluster` asks for; plan it with `plan_apply`)."""
+        spec = (await self.cluster_state(name)).spec
+        if kubernetes is not None:
+            spec = spec.with_kubernetes(kubernetes)
+        if template is not None:
+            spec = spec.with_template(template)
+        return ClusterSpec.model_validate(spec.model_dump(mode="json"))
+
+    async def upgrade_cluster(
+        self,
+        name: str,
+        *,
+        kubernetes: str | None = None,
+        template: str | None = None,
+        wait: bool = True,
+        timeout: float = 6 * 3600.0,
+    ) -> ChangeResult:
+        """Move every node to another Kubernetes version and/or template by rolling
+        replacement (the control plane first, one member at a time; then each worker pool by
+        its rollout policy). Refused when a minor version would be skipped. With `wait` this
+        returns once the rollout ended (KubegateError if it failed or was aborted)."""
+        request = ClusterUpgradeRequest(kubernetes=kubernetes, template=template)
+        return await self._day2(name, ClusterWorkflow.upgrade, request, wait, timeout)
+
+    async def pause_rollout(self, name: str) -> Rollout:
+        """Hold a cluster's rollout once the replacement in progress is done."""
+        rollout: Rollout = await self._cluster_update(name, ClusterWorkflow.pause_rollout)
+        return rollout
+
+    async def resume_rollout(self, name: str) -> Rollout:
+        """Go on with a paused rollout."""
+        rollout: Rollout = await self._cluster_update(name, ClusterWorkflow.resume_rollout)
+        return rollout
+
+    async def abort_rollout(self, name: str) -> Rollout:
+        """Stop a rollout once the replacement in progress is done; every node keeps
+        serving, some on their old build (upgrade or apply again to finish)."""
+        rollout: Rollout = await self._cluster_update(name, ClusterWorkflow.abort_rollout)
+        return rollout
 
     async def apply_cluster(
         self,

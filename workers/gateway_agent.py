@@ -31,6 +31,7 @@ from activities.guard import (
     load_policy,
     pin_gateway,
 )
+from activities.kube import KubeActivities
 from activities.preflight import PreflightActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
@@ -115,6 +116,7 @@ def build_agent(
         max_ops_per_datastore=max_ops_per_datastore,
     )
     events = EventActivities(key, sessions)
+    kube = KubeActivities(key)
     return Worker(
         client,
         task_queue=task_queue or gateway_task_queue(gateway),
@@ -129,6 +131,7 @@ def build_agent(
             bootstrap.kubeconfig,
             *vms.all(),
             *events.all(),
+            *kube.all(),
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,

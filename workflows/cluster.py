@@ -19,7 +19,6 @@ with workflow.unsafe.imports_passed_through():
     from domain.gateway import ClusterChanged
     from domain.ipam import PoolRef, PoolStatus
     from domain.kubeconfig import (
-        API_PORT,
         ISSUES_KEPT,
         KubeconfigRequest,
         KubeconfigResult,
@@ -34,15 +33,19 @@ with workflow.unsafe.imports_passed_through():
         ClusterInput,
         ClusterState,
         ClusterStatus,
+        ClusterUpgradeRequest,
         DeleteRequest,
+        Node,
         RemovePoolRequest,
+        Rollout,
         ScaleRequest,
     )
-    from domain.plan import ChangePlan, plan_apply
+    from domain.plan import ChangePlan, node_builds, outdated, plan_apply
     from domain.trust import AccountRef, ReleaseIntent
     from workflows.nodes import (
         SETTLE_POINTS,
         NodeSet,
+        Slot,
         StepFailed,
         invalid_spec,
         invalid_state,
@@ -76,6 +79,12 @@ class _Change:
     undo_to: ClusterSpec | None
     title: str
     before: set[str]
+    #: nodes are replaced or control-plane members come and go: a rollout (one at a time)
+    rolling: bool = False
+
+
+class _RolloutAborted(Exception):
+    """The rollout was aborted: it stopped between two replacements."""
 
 
 @workflow.defn(name="ClusterWorkflow")
@@ -102,12 +111,15 @@ class ClusterWorkflow:
             readiness=input.readiness,
             secrets=input.secrets,
         )
+        self.nodes.leaves = input.readiness == "kubernetes"
         self.operation = ""  # the operation new steps belong to (see `_begin`)
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None
         self.retrying = False
         #: an accepted change the main loop carries out next
         self.change: _Change | None = None
+        #: the running rollout was asked to stop (after the replacement in progress)
+        self.rollout_aborting = False
         #: kubeconfig requests taken in this run (a signed request is answered once)
         self.kubeconfig_requests: set[str] = {k.request_id for k in self.state.kubeconfigs}
         self.aborting = False
@@ -361,14 +373,105 @@ class ClusterWorkflow:
 
     @workflow.update
     async def scale(self, request: ScaleRequest) -> ChangeResult:
-        """Resize a worker pool; down removes the newest nodes first."""
+        """Resize a worker pool (down removes the newest nodes first), or the control plane
+        (1, 3 or 5 members: added or removed one at a time, as a rollout)."""
         spec = self._changed_spec(scale=request)
-        return await self._change(spec, f"Scale {request.pool} to {request.size}")
+        rolling = request.pool == "cp"
+        return await self._change(spec, f"Scale {request.pool} to {request.size}", rolling=rolling)
 
     @scale.validator
     def _scale_ok(self, request: ScaleRequest) -> None:
         self._require_running()
-        self._changed_spec(scale=request)
+        spec = self._changed_spec(scale=request)
+        if request.pool == "cp":
+            if spec.control_plane.size == self.state.spec.control_plane.size:
+                raise invalid_state(
+                    f"cluster {self.state.name}: the control plane has {request.size} members "
+                    "already"
+                )
+            self._plan_apply(ApplyRequest(spec=spec))  # (refuses what cannot change)
+
+    @workflow.update
+    async def upgrade(self, request: ClusterUpgradeRequest) -> ChangeResult:
+        """Move the nodes to another Kubernetes version and/or VM template by rolling
+        replacement: the control plane first, one member at a time (the new one joins before
+        the old one leaves), then each worker pool by its max_surge / max_unavailable."""
+        spec = self._upgraded_spec(request)
+        self._plan_apply(ApplyRequest(spec=spec), allow_same=True)
+        return await self._change(spec, _upgrade_title(request), rolling=True)
+
+    @upgrade.validator
+    def _upgrade_ok(self, request: ClusterUpgradeRequest) -> None:
+        self._require_running()
+        plan = self._plan_apply(ApplyRequest(spec=self._upgraded_spec(request)), allow_same=True)
+        if not plan.replace and not plan.create:
+            raise invalid_state(
+                f"cluster {self.state.name}: every node runs that already (nothing to replace)"
+            )
+
+    def _upgraded_spec(self, request: ClusterUpgradeRequest) -> ClusterSpec:
+        if request.kubernetes is None and request.template is None:
+            raise invalid_spec("kubernetes, template: name a version, a template or both")
+        spec = self.state.spec
+        try:
+            if request.kubernetes is not None:
+                spec = spec.with_kubernetes(request.kubernetes)
+            if request.template is not None:
+                spec = spec.with_template(request.template)
+            return ClusterSpec.model_validate(spec.model_dump(mode="json"))
+        except ValidationError as exc:
+            raise invalid_spec("; ".join(errors.field_errors(exc))) from None
+        except ValueError as exc:
+            raise invalid_spec(str(exc)) from None
+
+    @workflow.update
+    def pause_rollout(self) -> Rollout:
+        """Hold the rollout after the replacement in progress (the cluster keeps serving)."""
+        rollout = self._rollout_in_progress()
+        rollout.state = "paused"
+        self.publish()
+        return rollout
+
+    @pause_rollout.validator
+    def _pause_ok(self) -> None:
+        if self._rollout_in_progress().state != "running":
+            raise invalid_state(f"cluster {self.state.name}: the rollout is paused already")
+
+    @workflow.update
+    def resume_rollout(self) -> Rollout:
+        """Go on with a paused rollout."""
+        rollout = self._rollout_in_progress()
+        rollout.state = "running"
+        self.publish()
+        return rollout
+
+    @resume_rollout.validator
+    def _resume_ok(self) -> None:
+        if self._rollout_in_progress().state != "paused":
+            raise invalid_state(f"cluster {self.state.name}: the rollout is not paused")
+
+    @workflow.update
+    def abort_rollout(self) -> Rollout:
+        """Stop the rollout once the replacement in progress is done: every node serves,
+        some on the old build (upgrade or apply again to finish)."""
+        self.rollout_aborting = True
+        return self._rollout_in_progress()
+
+    @abort_rollout.validator
+    def _abort_rollout_ok(self) -> None:
+        self._rollout_in_progress()
+        if self.rollout_aborting:
+            raise invalid_state(f"cluster {self.state.name}: the rollout is being aborted")
+
+    def _rollout_in_progress(self) -> Rollout:
+        rollout = self.state.rollout
+        if (
+            rollout is None
+            or rollout.state not in ("running", "paused")
+            or self.state.status is not ClusterStatus.UPDATING
+        ):
+            raise invalid_state(f"cluster {self.state.name}: no rollout in progress")
+        return rollout
 
     @workflow.update
     async def add_pool(self, request: AddPoolRequest) -> ChangeResult:
@@ -397,20 +500,20 @@ class ClusterWorkflow:
         """Make the cluster match an edited spec as one operation: the plan `plan_apply`
         gives (pools added, removed, resized); refused whole if a field cannot change."""
         plan = self._plan_apply(request)
-        title = "Apply: " + "; ".join(plan.changes)
+        title = "Apply: " + "; ".join(plan.changes or ["replace outdated nodes"])
         # a failed apply keeps what it removed and resized; pools it added go back out
         added = {p.name for p in request.spec.workers} - {p.name for p in self.state.spec.workers}
         undo = request.spec.model_copy(
             update={"workers": [p for p in request.spec.workers if p.name not in added]}
         )
-        return await self._change(request.spec, title[:200], undo_to=undo)
+        return await self._change(request.spec, title[:200], undo_to=undo, rolling=plan.rolling)
 
     @apply.validator
     def _apply_ok(self, request: ApplyRequest) -> None:
         self._require_running()
         self._plan_apply(request)
 
-    def _plan_apply(self, request: ApplyRequest) -> ChangePlan:
+    def _plan_apply(self, request: ApplyRequest, allow_same: bool = False) -> ChangePlan:
         """The plan for the request's spec; InvalidSpec naming every field that cannot change
         in place, InvalidState when nothing would change or the cluster changed since the
         caller planned it."""
@@ -425,12 +528,10 @@ class ClusterWorkflow:
             spec.effective_profile()
         except (ValidationError, ValueError) as exc:
             raise invalid_spec(str(exc)) from None
-        plan = plan_apply(
-            self.state.spec, spec, {n.name: n.phase for n in self.state.nodes}, self.state.revisions
-        )
+        plan = plan_apply(self.state.spec, spec, self.state.nodes, self.state.revisions)
         if plan.refused:
             raise invalid_spec("; ".join(plan.refused))
-        if plan.empty:
+        if plan.empty and not allow_same:
             raise invalid_state(f"cluster {self.state.name}: the spec asks for no change")
         return plan
 
@@ -501,14 +602,8 @@ class ClusterWorkflow:
             raise invalid_state(f"kubeconfig request {request.request_id} was answered already")
 
     def _api_server(self) -> str | None:
-        """The API server's URL: the VIP, else (DHCP without one) the first control-plane
-        node's address."""
-        host = self.state.vip or next(
-            (n.address for n in self.state.nodes if n.control_plane and n.address), None
-        )
-        if host is None:
-            return None
-        return f"https://[{host}]:{API_PORT}" if ":" in host else f"https://{host}:{API_PORT}"
+        """The API server's URL (see NodeSet.api_server)."""
+        return self.nodes.api_server()
 
     @workflow.signal
     def proceed(self) -> None:
@@ -526,6 +621,7 @@ class ClusterWorkflow:
         title: str,
         undo_on_failure: bool = False,
         undo_to: ClusterSpec | None = None,
+        rolling: bool = False,
     ) -> ChangeResult:
         """Accept a changed spec and return its operation number; the main loop carries it
         out. Refused (OutOfAddresses) before anything changes when its IP pools lack the new
@@ -535,7 +631,7 @@ class ClusterWorkflow:
             return await self._change_in_update(spec, title, undo_on_failure)
         self._require_running()
         base = self.state.operations_run  # the spec this change was computed from
-        await self._check_free(spec)
+        await self._check_free(spec, rolling)
         self._require_running()
         if self.change is not None or self.lock.locked() or self.state.operations_run != base:
             raise invalid_state(
@@ -547,33 +643,174 @@ class ClusterWorkflow:
             undo_to=undo_to or (self.state.spec if undo_on_failure else None),
             title=title,
             before={n.name for n in self.state.nodes},
+            rolling=rolling,
         )
+        if rolling:
+            self._record_builds()
         self.state.spec = spec
         self._begin(title)
+        if rolling:
+            self.rollout_aborting = False
+            self.state.rollout = Rollout(
+                operation=self.state.operations_run,
+                target=title,
+                total=len(self._outdated()),
+            )
         self._set_status(ClusterStatus.UPDATING, title)
         return ChangeResult(status=self.state.status, operation=self.state.operations_run)
+
+    def _record_builds(self) -> None:
+        """Nodes made before builds were recorded get the build of the spec they run."""
+        builds = node_builds(self.state.spec, self.state.nodes)
+        version = self.state.spec.kubernetes_version()
+        for node in self.state.nodes:
+            node.build = node.build or builds.get(node.name) or None
+            node.kubernetes = node.kubernetes or version
+
+    def _outdated(self) -> list[Node]:
+        """Nodes the spec keeps whose build is not the one it gives them, in rollout order."""
+        builds = {n.name: n.build or "" for n in self.state.nodes}
+        return outdated(self.state.spec, self.state.nodes, builds)
 
     async def _carry_out(self, change: _Change) -> None:
         """Make vCenter match an accepted change; Running or Failed, recorded in `changes`."""
         self.nodes.spec_changed()
         error: str | None = None
+        aborted: str | None = None
         try:
-            await self.nodes.converge()
+            if change.rolling:
+                await self._roll_out()
+            else:
+                await self.nodes.converge()
         except StepFailed as exc:
-            if change.undo_to is not None:
+            if change.undo_to is not None and not change.rolling:
                 self.state.spec = change.undo_to
             error = str(exc)
+        except _RolloutAborted:
+            aborted = "rollout aborted"
+        rollout = self.state.rollout
+        if change.rolling and rollout is not None:
+            rollout.current = []
+            rollout.outdated = [n.name for n in self._outdated()]
+            rollout.state = "failed" if error else "aborted" if aborted else "done"
+            if aborted:
+                aborted = (
+                    f"rollout aborted after {len(rollout.replaced)} of {rollout.total} "
+                    f"replacement(s); {len(rollout.outdated)} node(s) on their old build "
+                    "(upgrade or apply again to finish)"
+                )
         after = {n.name for n in self.state.nodes}
         ended = ChangeResult(
             status=(ClusterStatus.FAILED if error else ClusterStatus.RUNNING).value,
             added=sorted(after - change.before),
             removed=sorted(change.before - after),
             operation=self.state.operations_run,
-            error=error,
+            error=error or aborted,
         )
         self.state.changes = [*self.state.changes, ended][-CHANGES_KEPT:]
         self.state.error = error
-        self._set_status(ClusterStatus.FAILED if error else ClusterStatus.RUNNING)
+        self._set_status(
+            ClusterStatus.FAILED if error else ClusterStatus.RUNNING, aborted or change.title
+        )
+
+    # -- rollouts -------------------------------------------------------------------------
+
+    async def _roll_out(self) -> None:
+        """Carry out a change that replaces nodes or changes the control plane's size, one
+        step at a time: workers the spec no longer has go; control-plane members are added
+        or removed one at a time; new worker nodes come; replacements left half-done by an
+        earlier attempt are finished; then every outdated node is replaced, the control plane
+        first (one member at a time, the new one ready before the old one leaves), then each
+        worker pool in batches of max_surge + max_unavailable. Pause and abort take effect
+        between steps."""
+        nodes, spec = self.nodes, self.state.spec
+        slots = {(p.pool, p.index) for p in plan_nodes(spec)}
+        have = {(n.pool, n.index) for n in self.state.nodes}
+        gone = {s for s in have if s[0] != "cp" and s not in slots}
+        if gone:
+            await nodes.converge(only=gone)
+        cp_have = sorted({i for pool, i in have if pool == "cp"})
+        for index in sorted(i for pool, i in slots if pool == "cp" and i not in cp_have):
+            await self._gate()
+            await nodes.converge(only={("cp", index)}, label="Control plane: ")
+        for index in sorted((i for i in cp_have if ("cp", i) not in slots), reverse=True):
+            await self._gate()
+            await nodes.converge(only={("cp", index)}, label="Control plane: ")
+        missing = {s for s in slots if s[0] != "cp" and s not in have}
+        if missing:
+            await self._gate()
+            await nodes.converge(only=missing)
+        await self._finish_half_done()
+        await self._replace_outdated()
+
+    async def _finish_half_done(self) -> None:
+        """Slots holding a node of an earlier revision besides their current one (a
+        replacement that failed or was stopped): the new node is made, then the old goes."""
+        by_slot: dict[Slot, int] = {}
+        for node in self.state.nodes:
+            by_slot[(node.pool, node.index)] = by_slot.get((node.pool, node.index), 0) + 1
+        half = {slot for slot, count in by_slot.items() if count > 1} | {
+            (n.pool, n.index) for n in self.state.nodes if n.phase not in ("created", "ready")
+        }
+        for pool in sorted({slot[0] for slot in half}, key=lambda p: p != "cp"):
+            await self._gate()
+            mine = {slot for slot in half if slot[0] == pool}
+            await self.nodes.converge(only=mine, surge=True, label="Finish replacing: ")
+
+    async def _replace_outdated(self) -> None:
+        """Replace every outdated node, pool by pool, in batches of the pool's rollout
+        policy: the batch's first max_surge nodes stay until their successors are ready, the
+        others (max_unavailable) go first."""
+        rollout = self.state.rollout
+        stale = self._outdated()
+        pools = list(dict.fromkeys(n.pool for n in stale))
+        for pool in pools:
+            policy = self.state.spec.rollout_of(pool)
+            queue = [n for n in stale if n.pool == pool]
+            while queue:
+                await self._gate()
+                batch, queue = queue[: policy.batch], queue[policy.batch :]
+                slots: set[Slot] = set()
+                for node in batch:
+                    slot = f"{self.state.name}-{node.pool}-{node.index}"
+                    self.state.revisions[slot] = self.state.revisions.get(slot, 0) + 1
+                    slots.add((node.pool, node.index))
+                news = {n.name: n for n in self.state.nodes}
+                if rollout is not None:
+                    rollout.current = [n.name for n in batch]
+                kept = [n.name for n in batch[: policy.max_surge]]
+                label = "Replace " + ", ".join(n.name for n in batch) + ": "
+                if len(batch) > 3:
+                    label = f"Replace {len(batch)} {pool} nodes: "
+                await self.nodes.converge(only=slots, keep_until_ready=kept, label=label)
+                made = [n for n in self.state.nodes if n.name not in news]
+                if rollout is not None:
+                    for old, new in zip(
+                        sorted(batch, key=lambda n: n.index),
+                        sorted(made, key=lambda n: n.index),
+                        strict=False,
+                    ):
+                        rollout.replaced.append(f"{old.name} -> {new.name}")
+                    rollout.current = []
+                self.publish()
+
+    async def _gate(self) -> None:
+        """Between two steps of a rollout: hold while paused; stop when aborted."""
+        rollout = self.state.rollout
+        if rollout is None:
+            return
+        if rollout.state == "paused" and not self.rollout_aborting:
+            done = f"{len(rollout.replaced)} of {rollout.total} replaced"
+            self.state.reason = f"rollout paused ({done}): resume or abort it"
+            self.publish()
+            await workflow.wait_condition(
+                lambda: rollout.state != "paused" or self.rollout_aborting
+            )
+            self.state.reason = rollout.target
+            self.publish()
+        if self.rollout_aborting:
+            self.rollout_aborting = False
+            raise _RolloutAborted
 
     async def _change_in_update(
         self, spec: ClusterSpec, title: str, undo_on_failure: bool
@@ -607,15 +844,32 @@ class ClusterWorkflow:
                 removed=sorted(before - after),
             )
 
-    async def _check_free(self, spec: ClusterSpec) -> None:
-        """Refuse a change whose new nodes need more addresses than their pools have free."""
+    async def _check_free(self, spec: ClusterSpec, rolling: bool = False) -> None:
+        """Refuse a change whose new nodes need more addresses than their pools have free
+        (a rollout: also its largest batch of nodes made before the old ones go)."""
         known = {n.name for n in self.state.nodes}
         needed: dict[str, int] = {}
-        for plan in plan_nodes(spec):
+        plans = plan_nodes(spec)
+        for plan in plans:
             rev = self.state.revisions.get(plan.name, 0)
             name = f"{plan.name}-r{rev}" if rev else plan.name
             if plan.domain.ip_pool is not None and name not in known:
                 needed[plan.domain.ip_pool] = needed.get(plan.domain.ip_pool, 0) + 1
+        if rolling:
+            surge: dict[str, int] = {}
+            by_slot = {(p.pool, p.index): p for p in plans}
+            stale = outdated(spec, self.state.nodes, node_builds(self.state.spec, self.state.nodes))
+            for pool in {n.pool for n in stale}:
+                counts: dict[str, int] = {}
+                for node in stale:
+                    ip_pool = by_slot[(node.pool, node.index)].domain.ip_pool
+                    if node.pool == pool and ip_pool is not None:
+                        counts[ip_pool] = counts.get(ip_pool, 0) + 1
+                most = spec.rollout_of(pool).max_surge
+                for ip_pool, count in counts.items():
+                    surge[ip_pool] = max(surge.get(ip_pool, 0), min(most, count))
+            for ip_pool, count in surge.items():
+                needed[ip_pool] = needed.get(ip_pool, 0) + count
         for pool in sorted(needed):
             try:
                 status = await self.nodes.control(
@@ -661,10 +915,16 @@ class ClusterWorkflow:
         names_ = [p["name"] for p in pools]
         if scale is not None:
             if scale.pool == "cp":
-                raise invalid_spec("pool: the control plane's size is fixed at deploy (1, 3 or 5)")
-            if scale.pool not in names_:
+                if scale.size not in (1, 3, 5):
+                    raise invalid_spec(
+                        f"size: a control plane has 1, 3 or 5 members (etcd quorum), not "
+                        f"{scale.size}"
+                    )
+                data["control_plane"]["size"] = scale.size
+            elif scale.pool not in names_:
                 raise invalid_spec(f"pool: no worker pool named {scale.pool!r}")
-            pools[names_.index(scale.pool)]["size"] = scale.size
+            else:
+                pools[names_.index(scale.pool)]["size"] = scale.size
         if add is not None:
             if add.name in names_:
                 raise invalid_spec(f"pool.name: a worker pool named {add.name!r} exists")
@@ -739,6 +999,15 @@ class ClusterWorkflow:
 
 
 _DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+
+
+def _upgrade_title(request: ClusterUpgradeRequest) -> str:
+    parts = []
+    if request.kubernetes is not None:
+        parts.append(f"Kubernetes {request.kubernetes}")
+    if request.template is not None:
+        parts.append(f"template {request.template}")
+    return "Upgrade to " + " and ".join(parts)
 
 
 def render_details(state: ClusterState) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -38,7 +38,15 @@ with workflow.unsafe.imports_passed_through():
         RenderResult,
         SecretsRequest,
     )
-    from domain.cluster import NodeLayout, NodePlan, NodeSpec, distinct_domains
+    from domain.cluster import (
+        NodeLayout,
+        NodePlan,
+        NodeSpec,
+        distinct_domains,
+        node_build,
+        template_of,
+        version_key,
+    )
     from domain.gateway import layout_placements
     from domain.ipam import (
         AllocateAddresses,
@@ -50,6 +58,8 @@ with workflow.unsafe.imports_passed_through():
         ReleaseAddresses,
         ReleaseResult,
     )
+    from domain.kube import NodeLeaveRequest, NodeLeaveResult
+    from domain.kubeconfig import API_PORT
     from domain.lifecycle import (
         ClusterAccount,
         Node,
@@ -100,6 +110,19 @@ SETTLE_POINTS = "continue-at-settle-points"
 #: patch: bootstrap data is rendered once, by vm_create (before: also by bootstrap_render,
 #: for digests); the bootstrap step only generates the cluster's secrets
 RENDER_AT_CREATION = "render-bootstrap-at-creation"
+#: patch: a node of a cluster with readiness `kubernetes` leaves it before its VM goes
+#: (drained, its Node deleted, a control-plane member's etcd membership removed)
+NODES_LEAVE = "nodes-leave-the-cluster"
+#: patch: readiness `kubernetes` checks every node Ready through the API (and the API server
+#: against the cluster's CA), not only /readyz
+NODES_READY = "readiness-checks-nodes-ready"
+
+#: patch: the first control-plane member of a newer Kubernetes version runs `kubeadm upgrade
+#: apply` once joined (its bootstrap data says so)
+UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
+
+#: a node slot: (pool, index); its node is named by the slot's revision
+Slot = tuple[str, int]
 
 
 def verify_result(
@@ -261,6 +284,11 @@ class NodeSet:
         self.agent_deadline: timedelta | None = None
         #: the last failed step's activity ran out of retries (Temporal's record of it)
         self.retries_ran_out = False
+        #: nodes leave the Kubernetes cluster before their VMs go (a cluster's, readiness
+        #: `kubernetes`: the agent reaches its API)
+        self.leaves = False
+        #: the template path `placement` was resolved for
+        self.placement_template: str | None = None
         self._layout: tuple[NodeSpec, NodeLayout] | None = None
 
     @property
@@ -277,9 +305,27 @@ class NodeSet:
         self.record.trimmed_operations += dropped
 
     def spec_changed(self) -> None:
-        """The spec was replaced: placement refs resolved for other domains are dropped."""
+        """The spec was replaced: placement refs resolved for other domains (or another
+        template) are dropped."""
         if self.placement is not None and not self.placement.covers(self._distinct_domains()):
             self.placement = None
+        if self.placement_template not in (None, self.template):
+            self.placement = None
+
+    @property
+    def template(self) -> str:
+        """The nodes' VM template: the one the spec's os pack names, else the account's."""
+        return template_of(self.layout.profile) or self.account.template
+
+    def api_server(self) -> str | None:
+        """The API server's URL: the VIP, else (DHCP without one) the first control-plane
+        node's address."""
+        host = self.record.vip or next(
+            (n.address for n in self.record.nodes if n.control_plane and n.address), None
+        )
+        if host is None:
+            return None
+        return f"https://[{host}]:{API_PORT}" if ":" in host else f"https://{host}:{API_PORT}"
 
     async def step(self, name: str, title: str, body: Callable[[Step], Awaitable[None]]) -> None:
         """Run `body` as a step of the current operation, recorded in the node set's steps."""
@@ -392,6 +438,7 @@ class NodeSet:
         self.placement = (
             None if refs is None else ResolvedPlacement(domains=self._distinct_domains(), refs=refs)
         )
+        self.placement_template = self.template
         step.detail = f"{len(report.results)} checks passed"
 
     async def _folder(self, step: Step) -> None:
@@ -418,38 +465,53 @@ class NodeSet:
             for p in plans
         ]
 
-    async def converge(self, folder: bool = False, surge: bool = False) -> None:
+    async def converge(
+        self,
+        folder: bool = False,
+        surge: bool = False,
+        only: Collection[Slot] | None = None,
+        keep_until_ready: Collection[str] = (),
+        label: str = "",
+    ) -> None:
         """Make vCenter match the spec: remove extra nodes, then add and start missing ones.
 
         With `surge` the missing nodes are added first and the extra ones removed after
-        (a rolling replacement keeps every node's slot served).
+        (a rolling replacement keeps every node's slot served); `keep_until_ready` names
+        extra nodes removed after the new ones are ready (the others go first). `only` limits
+        the change to those slots (pool, index); `label` begins the steps' titles.
         """
         wanted = self._wanted()
         names_wanted = {plan.name for plan in wanted}
-        extra = [n for n in self.record.nodes if n.name not in names_wanted]
+        extra = [
+            n
+            for n in self.record.nodes
+            if n.name not in names_wanted and (only is None or (n.pool, n.index) in only)
+        ]
         extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
+        first = [n for n in extra if not surge and n.name not in keep_until_ready]
+        last = [n for n in extra if n not in first]
 
-        async def remove() -> None:
-            if extra:
+        async def remove(nodes: list[Node]) -> None:
+            if nodes:
                 await self.step(
                     "remove-nodes",
-                    f"Remove {len(extra)} node(s)",
-                    lambda step: self._remove_nodes(step, extra),
+                    f"{label}Remove {', '.join(n.name for n in nodes)}"
+                    if label and len(nodes) <= 3
+                    else f"{label}Remove {len(nodes)} node(s)",
+                    lambda step: self._remove_nodes(step, nodes),
                 )
 
-        if not surge:
-            await remove()
-        self._plan(wanted)
-        addresses = self.step("addresses", "Allocate addresses", self._addresses)
+        await remove(first)
+        self._plan(wanted, only)
+        addresses = self.step("addresses", f"{label}Allocate addresses", self._addresses)
         if folder:  # independent of each other: run them at the same time
             await run_all([self.step("folder", "Create the folder", self._folder), addresses])
         else:
             await addresses
-        await self.step("bootstrap", "Render bootstrap data", self._bootstrap)
-        await self.step("create-vms", "Create VMs", self._create_vms)
-        await self.step("readiness", f"Start nodes, wait ({self.readiness})", self._ready)
-        if surge:
-            await remove()
+        await self.step("bootstrap", f"{label}Render bootstrap data", self._bootstrap)
+        await self.step("create-vms", f"{label}Create VMs", self._create_vms)
+        await self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
+        await remove(last)
 
     async def roll(self) -> None:
         """Replace every node not built from the spec's profile version, one at a time: a new
@@ -560,7 +622,11 @@ class NodeSet:
         are cloned at the same time and left off until the readiness step; otherwise (DHCP
         without a VIP) they are created and started once the first node reports its address.
         """
-        pending = [n for n in self.record.nodes if n.phase not in ("created", "ready")]
+        pending = [
+            n
+            for n in self.record.nodes
+            if n.phase not in ("created", "ready") and n.name in self.plans
+        ]
         first = (
             None
             if self.record.provisioned  # every new node joins a running control plane
@@ -613,12 +679,14 @@ class NodeSet:
 
     # -- nodes ----------------------------------------------------------------------------
 
-    def _plan(self, plan: Sequence[NodePlan]) -> None:
-        """Add planned nodes that are not known yet (existing nodes keep their state)."""
+    def _plan(self, plan: Sequence[NodePlan], only: Collection[Slot] | None = None) -> None:
+        """Add planned nodes that are not known yet (existing nodes keep their state); with
+        `only`, those of these slots."""
         self.plans = {p.name: p for p in plan}
         known = {n.name for n in self.record.nodes}
+        layout = self.layout
         for p in plan:
-            if p.name in known:
+            if p.name in known or (only is not None and (p.pool, p.index) not in only):
                 continue
             self.record.nodes.append(
                 Node(
@@ -630,6 +698,8 @@ class NodeSet:
                     compute_cluster=p.domain.compute_cluster,
                     ip_pool=p.domain.ip_pool,
                     instance_uuid=instance_uuid(self.owner, p.name),
+                    build=node_build(p, layout),
+                    kubernetes=layout.kubernetes,
                 )
             )
 
@@ -671,7 +741,22 @@ class NodeSet:
             packs=[(layer.layer, layer.pack) for layer in profile.layers],
             labels=plan.labels if plan else {},
             taints=plan.taints if plan else [],
+            upgrade_control_plane=role == "join-control-plane"
+            and self._upgrades(node)
+            and workflow.patched(UPGRADE_BY_JOINER),
         )
+
+    def _upgrades(self, node: Node) -> bool:
+        """Whether the node is the first control-plane member of a newer Kubernetes version
+        than the running members': it moves the cluster's kubeadm configuration to its own."""
+        running = [
+            key
+            for n in self.record.nodes
+            if n.control_plane and n.phase == "ready" and n.name != node.name
+            if (key := version_key(n.kubernetes)) is not None
+        ]
+        mine = version_key(node.kubernetes)
+        return mine is not None and bool(running) and max(running) < mine
 
     async def _create_node(self, node: Node, start: bool) -> None:
         plan = self.plans[node.name]
@@ -724,6 +809,10 @@ class NodeSet:
         self.host.publish()
 
     async def _wait_ready(self, nodes: Sequence[Node]) -> None:
+        # with the cluster's secrets the agent checks the API server against the cluster's
+        # CA and waits for every node Ready (a cluster's nodes only: the gateway's own do not
+        # leave through the API either)
+        nodes_ready = self.leaves and self.secrets is not None and workflow.patched(NODES_READY)
         result = await self.agent(
             "vm_wait_ready",
             ReadinessRequest(
@@ -732,6 +821,8 @@ class NodeSet:
                 nodes=[(n.vm or "", n.name, n.address) for n in nodes],
                 vip=self.record.vip,
                 timeout_seconds=self.timing.readiness_minutes * 60,
+                secrets=self.secrets if nodes_ready else None,
+                kubernetes_version=self.layout.kubernetes if nodes_ready else "",
             ),
             ReadinessResult,
             f"Wait for {', '.join(n.name for n in nodes)} ({self.readiness})"
@@ -754,7 +845,13 @@ class NodeSet:
         self.host.publish()
 
     async def _remove_nodes(self, step: Step, nodes: Sequence[Node]) -> None:
-        await self._destroy_nodes(nodes)
+        if self.leaves and workflow.patched(NODES_LEAVE):
+            joined = [n for n in nodes if n.phase in ("created", "ready") and n.vm]
+            await self._leave(step, joined, drain=True)
+            await self._destroy_nodes(nodes)
+            await self._leave(step, joined, drain=False)
+        else:
+            await self._destroy_nodes(nodes)
         slots: dict[str, list[str]] = {}
         for node in nodes:
             if node.ip_pool is not None:
@@ -782,6 +879,55 @@ class NodeSet:
         step.objects = [n.vm for n in nodes if n.vm]
         step.detail = ", ".join(sorted(removed))
         self.record.nodes = [n for n in self.record.nodes if n.name not in removed]
+
+    async def _leave(self, step: Step, joined: Sequence[Node], drain: bool) -> None:
+        """Nodes leave the Kubernetes cluster: before their VMs go (`drain`) each is cordoned
+        and drained and (control plane) its etcd member removed, one member at a time; once
+        the VMs are gone, their Node objects are deleted (no kubelet left to register them
+        again), as Cluster API orders it."""
+        server = self.api_server()
+        if server is None or self.secrets is None or not joined:
+            return
+        leaving = {n.name for n in joined}
+
+        async def leave(node: Node) -> str:
+            members = [
+                n.address
+                for n in self.record.nodes
+                if n.control_plane and n.address and n.phase == "ready" and n.name not in leaving
+            ]
+            result = await self.agent(
+                "cluster_node_leave",
+                NodeLeaveRequest(
+                    cluster=self.layout.name,
+                    server=server,
+                    secrets=self.secrets,
+                    node=node.name,
+                    control_plane=node.control_plane,
+                    address=node.address,
+                    etcd_endpoints=members if drain else [],
+                    kubernetes_version=self.layout.kubernetes,
+                    drain=drain,
+                    delete_node=not drain,
+                ),
+                NodeLeaveResult,
+                (
+                    f"Drain {node.name}"
+                    + (", remove its etcd member" if node.control_plane else "")
+                    if drain
+                    else f"Delete the Node {node.name}"
+                ),
+                timeout=timedelta(minutes=15),
+            )
+            return f"{node.name}: {result.detail}"
+
+        if drain:  # one control-plane member at a time
+            details = [await leave(n) for n in joined if n.control_plane]
+            details += await run_all([leave(n) for n in joined if not n.control_plane])
+        else:
+            details = await run_all([leave(n) for n in joined])
+        step.detail = "; ".join(filter(None, [step.detail, *details]))
+        self.host.publish()
 
     async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
         for node in nodes:
@@ -904,7 +1050,7 @@ class NodeSet:
         )
 
     def _placements(self) -> list[Placement]:
-        return layout_placements(self.layout, self.account.template)
+        return layout_placements(self.layout, self.template)
 
     def _distinct_domains(self) -> list[tuple[str, str, str, str]]:
         return distinct_domains(self.layout)
@@ -932,19 +1078,24 @@ class NodeSet:
     async def _placement(self) -> ResolvedPlacement:
         """The placement, resolved now if the preflight did not (or the domains changed)."""
         domains = self._distinct_domains()
-        if self.placement is None or not self.placement.covers(domains):
+        if (
+            self.placement is None
+            or not self.placement.covers(domains)
+            or self.placement_template not in (None, self.template)
+        ):
             refs = await self.agent(
                 "vm_resolve_placement",
                 PlacementRequest(
                     credentials=self.account.current,
                     datacenter=self.layout.placement.datacenter,
-                    template=self.account.template,
+                    template=self.template,
                     domains=domains,
                 ),
                 PlacementRefs,
                 "Find the template and placement objects",
             )
             self.placement = ResolvedPlacement(domains=domains, refs=refs)
+            self.placement_template = self.template
         return self.placement
 
     async def agent(

@@ -28,6 +28,7 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.kube import wait_kubernetes_ready
 from activities.secrets import open_cluster_secrets
 from activities.vsphere.calls import call_vcenter
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
@@ -608,9 +609,14 @@ class VmActivities:
     def wait_ready(self, request: ReadinessRequest) -> ReadinessResult:
         """mode guest: every VM reports its expected address and hostname (one property
         filter over all of them). mode kubernetes: the API server's /readyz answers 200 on
-        the VIP (node Ready needs a kubeconfig: not checked here)."""
+        the VIP; with the cluster's secrets, from a server of the cluster's CA, and then
+        every listed node is Ready (activities/kube.py)."""
         with request_meter() as meter, activity.shield_thread_cancel_exception():
-            if request.mode == "kubernetes":
+            if request.mode == "kubernetes" and request.secrets is not None and request.vip:
+                secrets = open_cluster_secrets(self.key, request.secrets)
+                wait_kubernetes_ready(request, secrets)
+                result = ReadinessResult(nodes=[])
+            elif request.mode == "kubernetes":
                 result = _wait_kubernetes(request)
             else:
                 result = self._call(
@@ -1208,8 +1214,9 @@ def _guest_ready(state: dict[str, Any], hostname: str, address: str | None) -> b
 
 
 def _wait_kubernetes(request: ReadinessRequest) -> ReadinessResult:
-    """GET https://VIP:6443/readyz until 200. TLS is not verified: the request carries no CA
-    and /readyz returns no secret. Node Ready conditions need a kubeconfig: not checked."""
+    """GET https://VIP:6443/readyz until 200. TLS is not verified: a request without the
+    cluster's secrets carries no CA, and /readyz returns no secret. With the secrets,
+    wait_kubernetes_ready verifies the server and checks the nodes' Ready conditions."""
     if not request.vip:
         raise ApplicationError(
             "readiness mode kubernetes needs the control-plane VIP",

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
+from domain.errors import field_errors
 from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
 from domain.lifecycle import (
     ChangeResult,
@@ -274,7 +275,10 @@ def cluster_scale(
     wait: ChangeWaitOption = True,
     output: OutputOption = Output.table,
 ) -> None:
-    """Resize a worker pool (down removes the newest nodes first); waits until done."""
+    """Resize a worker pool (down removes the newest nodes first), or the control plane
+    ('cp': 1, 3 or 5 members, added or removed one at a time); waits until done."""
+    if pool == "cp" and size not in (1, 3, 5):
+        _bad_input(f"--size: a control plane has 1, 3 or 5 members (etcd quorum), not {size}")
     if not 0 <= size <= MAX_POOL_NODES:
         _bad_input(f"--size: between 0 and {MAX_POOL_NODES} (nodes per worker pool), not {size}")
     _change(name, lambda c: c.scale_pool(name, pool, size, wait=wait), output)
@@ -303,18 +307,21 @@ def cluster_remove_pool(
     _change(name, lambda c: c.remove_pool(name, pool, wait=wait), output)
 
 
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")]
+
+
 @cluster_app.command("apply")
 def cluster_apply(
     file: Annotated[Path, typer.Option("--file", "-f", help="The cluster's spec, edited.")],
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; change nothing.")
-    ] = False,
+    dry_run: DryRunOption = False,
     wait: ChangeWaitOption = True,
     output: OutputOption = Output.table,
 ) -> None:
     """Make a running cluster match its edited spec as one operation: pools added, removed
-    or resized. Prints the plan first (which nodes are created and removed, which addresses
-    taken); fields that cannot change in place are refused with the reason (exit 2)."""
+    or resized, nodes replaced one at a time when what builds them changed, the control
+    plane resized. Prints the plan first (which nodes are created, replaced and removed,
+    which addresses taken); fields that cannot change in place are refused with the reason
+    (exit 2)."""
     spec = load_cluster(file)
 
     async def plan_it() -> ChangePlan:
@@ -354,6 +361,96 @@ def cluster_apply(
     )
 
 
+@cluster_app.command("upgrade")
+def cluster_upgrade(
+    name: NameArg,
+    kubernetes: Annotated[
+        str | None, typer.Option("--kubernetes", help="Kubernetes version, e.g. 1.31.2.")
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option("--template", help="VM template path for the nodes.")
+    ] = None,
+    dry_run: DryRunOption = False,
+    wait: ChangeWaitOption = True,
+    output: OutputOption = Output.table,
+) -> None:
+    """Replace every node with one on another Kubernetes version and/or template, one at a
+    time: the control plane first (the new member joins before the old one leaves), then
+    each worker pool by its rollout policy (max_surge, max_unavailable). Prints the plan
+    first; a skipped minor version is refused (exit 2). Pause, resume or abort it with
+    `kubegate cluster rollout`."""
+    if kubernetes is None and template is None:
+        _bad_input("--kubernetes, --template: name a version, a template or both")
+
+    async def plan_it() -> tuple[ClusterSpec, ChangePlan]:
+        client = await KubegateClient.connect()
+        try:
+            spec = await client.upgraded_spec(name, kubernetes, template)
+        except ValidationError as exc:
+            _bad_input("; ".join(field_errors(exc)))
+        except ValueError as exc:
+            _bad_input(str(exc))
+        return spec, await client.plan_apply(spec)
+
+    _, plan = _run(plan_it())
+    if output is Output.json and (dry_run or plan.refused):
+        out.print_json(plan.model_dump_json())
+    else:
+        _show_plan(name, plan)
+    if plan.refused:
+        _bad_input("; ".join(plan.refused))
+    if dry_run:
+        return
+    _change(
+        name,
+        lambda c: c.upgrade_cluster(name, kubernetes=kubernetes, template=template, wait=wait),
+        output,
+    )
+
+
+rollout_app = typer.Typer(
+    help="Pause, resume or abort a cluster's rollout (an upgrade replacing its nodes).",
+    no_args_is_help=True,
+)
+cluster_app.add_typer(rollout_app, name="rollout")
+
+
+def _rollout(name: str, call: Any, verb: str, output: Output) -> None:
+    _, rollout = _update(name, call)
+    if output is Output.json:
+        out.print_json(rollout.model_dump_json())
+        return
+    done = f"{len(rollout.replaced)} of {rollout.total} replaced"
+    out.print(
+        f"cluster {name}: rollout {verb} ({rollout.target}; {done})",
+        highlight=False,
+        markup=False,
+    )
+
+
+@rollout_app.command("pause")
+def rollout_pause(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Hold the rollout once the replacement in progress is done."""
+    _rollout(
+        name, lambda c: c.pause_rollout(name), "pauses after the replacement in progress", output
+    )
+
+
+@rollout_app.command("resume")
+def rollout_resume(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Go on with a paused rollout."""
+    _rollout(name, lambda c: c.resume_rollout(name), "resumed", output)
+
+
+@rollout_app.command("abort")
+def rollout_abort(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Stop the rollout once the replacement in progress is done (nodes left on their old
+    build keep serving; upgrade or apply again to finish)."""
+    _rollout(
+        name, lambda c: c.abort_rollout(name), "stops after the replacement in progress", output
+    )
+
+
 def _deploy_dry_run(spec: ClusterSpec, output: Output) -> None:
     """The plan and the preflight of a deploy; exit 1 when a check failed."""
 
@@ -382,6 +479,9 @@ def _show_plan(name: str, plan: ChangePlan) -> None:
     lines += [f"  {change}" for change in plan.changes]
     lines.append(f"  create: {', '.join(plan.create) or 'none'}")
     lines.append(f"  remove: {', '.join(plan.remove) or 'none'}")
+    if plan.replace:
+        lines.append("  replace (rolling, in this order):")
+        lines += [f"    {old} -> {new}" for old, new in plan.replace.items()]
     if plan.addresses:
         taken = ", ".join(f"{n} from {pool}" for pool, n in sorted(plan.addresses.items()))
         lines.append(f"  addresses: {taken}")
@@ -500,8 +600,17 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
                 _short(s.error or s.detail, 60),
             )
     out.print(steps)
+    rollout = state.rollout
+    if rollout is not None:
+        done = f"{len(rollout.replaced)} of {rollout.total} replaced"
+        line = f"rollout (operation {rollout.operation}): {rollout.target}: {rollout.state}, {done}"
+        if rollout.current:
+            line += f"; replacing {', '.join(rollout.current)}"
+        if rollout.outdated and rollout.state != "running":
+            line += f"; on their old build: {', '.join(rollout.outdated)}"
+        out.print(line, highlight=False, markup=False)
     nodes = Table(title="Nodes")
-    for column in ("name", "pool", "domain", "VM", "address", "power", "phase"):
+    for column in ("name", "pool", "domain", "VM", "address", "version", "power", "phase"):
         nodes.add_column(column)
     for n in state.nodes:
         nodes.add_row(
@@ -510,6 +619,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
             f"{n.domain_index}: {n.compute_cluster}",
             (n.vm or "").partition(":")[2],
             n.address or "",
+            n.kubernetes,
             n.power_state.removeprefix("powered"),
             n.phase,
         )

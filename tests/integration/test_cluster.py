@@ -404,8 +404,8 @@ async def test_dhcp_cluster_scale_add_and_remove_pools(
 
     with pytest.raises(RequestRefused, match="no worker pool named 'nope'"):
         await kubegate.scale_pool("beta", "nope", 2)
-    with pytest.raises(RequestRefused, match="control plane"):
-        await kubegate.scale_pool("beta", "cp", 3)
+    with pytest.raises(RequestRefused, match=r"control_plane\.vip: required with DHCP"):
+        await kubegate.scale_pool("beta", "cp", 3)  # (DHCP: more members need a VIP)
     bad = big.model_copy(update={"name": "w"})
     with pytest.raises(RequestRefused, match="exists"):
         await kubegate.add_pool("beta", bad)
@@ -741,8 +741,16 @@ async def test_apply_carries_out_exactly_the_plan_and_refuses_what_cannot_change
     # what cannot change in place is refused whole, naming each field; nothing changes
     for change, field in (
         ({"placement": {**edited["placement"], "datacenter": "DC9"}}, "placement.datacenter"),
-        ({"control_plane": {**edited["control_plane"], "size": 3}}, "control_plane.size"),
-        ({"overrides": {"kubernetes": {"pod_cidr": "10.244.0.0/16"}}}, "rolling upgrade"),
+        (
+            {
+                "control_plane": {
+                    **edited["control_plane"],
+                    "placement": [domain("DC0_C1", "ap-pool")],
+                }
+            },
+            "control_plane.placement",
+        ),
+        ({"profile": running.spec.with_kubernetes("1.32.0").profile}, "skips a minor version"),
     ):
         refused = ClusterSpec.model_validate({**edited, **change})
         assert field in " ".join((await kubegate.plan_apply(refused)).refused)

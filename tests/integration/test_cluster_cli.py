@@ -197,10 +197,13 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert code == 0 and "resize worker pool w 1 -> 2" in output, output
     assert "create: cli-w-1" in output and "addresses: 1 from cli-pool" in output, output
     assert len((await kubegate.cluster_state("cli")).nodes) == 2
-    edited["control_plane"]["cpu"] = 16
+    edited["placement"]["folder"] = "elsewhere"
     edited_path.write_text(yaml.safe_dump(edited))
     code, output = await run_cli(settings, "cluster", "apply", "-f", str(edited_path))
-    assert code == 2 and "control_plane.cpu" in output, output
+    assert code == 2 and "placement.folder: cannot change in place" in output, output
+    # an upgrade that skips a minor version: refused before anything starts, exit 2
+    code, output = await run_cli(settings, "cluster", "upgrade", "cli", "--kubernetes", "9.0.0")
+    assert code == 2 and "skips a minor version" in output, output
 
     # a kubeconfig goes to a file only its owner reads; the output names it, holds no key
     kubeconfig = tmp_path / "kube" / "cli.yaml"

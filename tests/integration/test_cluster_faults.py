@@ -290,3 +290,44 @@ def clone_tasks_since(sim: Vcsim, since: datetime) -> list[tuple[str, str]]:
         return found
     finally:
         Vcsim.disconnect(si)
+
+
+async def test_agent_killed_mid_rollout_finishes_it_without_duplicates(
+    slow: Vcsim, kubegate: KubegateClient, crash_agent: AgentProcess
+) -> None:
+    """The agent killed while a replacing node's clone runs in vCenter: the rollout goes on
+    when it is back, each node made once, each old node removed once, every address kept
+    or given back."""
+    from tests.integration.test_rollout import spec_of
+
+    pool = await make_pool(kubegate, "crashroll-pool", 76, gateway="crash")
+    spec = spec_of("crashroll", pool.name, cp=1, workers=2)
+    spec.cloud_account = await ensure_account(kubegate, slow, "crash")
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
+    await settled_running(kubegate, "crashroll")
+    accepted = await kubegate.upgrade_cluster("crashroll", kubernetes="1.31.0", wait=False)
+    await wait_for(
+        kubegate,
+        "crashroll",
+        "a replacing node cloning",
+        lambda s: any(n.name.endswith("-r1") and n.phase == "creating" for n in s.nodes),
+    )
+    await asyncio.sleep(0.8)  # its clone in flight in vCenter
+    crash_agent.kill()
+    await asyncio.sleep(1)
+    crash_agent.start()
+
+    result = await kubegate.wait_change("crashroll", accepted.operation, timeout=240)
+    assert sorted(result.removed) == ["crashroll-cp-0", "crashroll-w-0", "crashroll-w-1"]
+    state = await kubegate.cluster_state("crashroll")
+    vms = owned_vms(slow, "cluster/crashroll")
+    assert sorted(vm["name"] for vm in vms) == sorted(n.name for n in state.nodes)
+    assert all(vm["name"].endswith("-r1") for vm in vms) and len(vms) == 3
+    assert len({vm["uuid"] for vm in vms}) == 3
+    assert len(await kubegate.pool_allocations("crash", pool.name)) == 4  # VIP and 3 nodes
+    await kubegate.delete_cluster("crashroll")
+    await kubegate.wait_cluster(
+        "crashroll", lambda s: s.status is ClusterStatus.DELETED, timeout=120
+    )
+    assert owned_vms(slow, "cluster/crashroll") == []
+    assert await kubegate.pool_allocations("crash", pool.name) == []

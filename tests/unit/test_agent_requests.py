@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from temporalio import activity
 
 from activities.bootstrap import BootstrapActivities
+from activities.kube import KubeActivities
 from activities.preflight import PreflightActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.vm import VmActivities
@@ -19,7 +20,13 @@ from domain.requests import AgentRequest
 def agent_requests() -> dict[str, type[BaseModel]]:
     """Activity name -> its request model, for every activity the agent registers."""
     found: dict[str, type[BaseModel]] = {}
-    for cls in (PreflightActivities, BootstrapActivities, VmActivities, EventActivities):
+    for cls in (
+        PreflightActivities,
+        BootstrapActivities,
+        VmActivities,
+        EventActivities,
+        KubeActivities,
+    ):
         for _, fn in inspect.getmembers(cls, inspect.isfunction):
             defn = activity._Definition.from_callable(fn)
             if defn is None:
@@ -32,6 +39,12 @@ def agent_requests() -> dict[str, type[BaseModel]]:
 
 def test_every_agent_request_refuses_unknown_fields() -> None:
     requests = agent_requests()
-    assert {"vm_create", "preflight_all", "bootstrap_secrets", "vm_events"} <= requests.keys()
+    assert {
+        "vm_create",
+        "preflight_all",
+        "bootstrap_secrets",
+        "vm_events",
+        "cluster_node_leave",
+    } <= requests.keys()
     lenient = sorted(n for n, r in requests.items() if not issubclass(r, AgentRequest))
     assert lenient == []

@@ -26,6 +26,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.bootstrap import BootstrapActivities, generate_secrets
 from activities.secrets import secrets_binding
 from domain.bootstrap import (
+    SUCCESS_MARK,
     ClusterSecrets,
     NodeBootstrap,
     NodeNetwork,
@@ -629,7 +630,7 @@ def test_a_request_without_labels_signs_as_agents_of_0_1_0_signed_it() -> None:
             {
                 k: v
                 for k, v in json.loads(plain.model_dump_json()).items()
-                if k not in ("labels", "taints")
+                if k not in ("labels", "taints", "upgrade_control_plane")
             }
         ]
     )
@@ -644,3 +645,26 @@ def test_secrets_with_shared_keys_do_not_open_as_older_secrets_did() -> None:
     sealed = run(BootstrapActivities(key).secrets, SecretsRequest(cluster="demo"))
     with pytest.raises(SealError, match="another use"):
         key.open(sealed, secrets_binding("", ENV.info.workflow_id))
+
+
+def test_the_first_newer_control_plane_member_upgrades_kubeadm_once_joined(
+    secrets: ClusterSecrets, shared: ClusterSecrets
+) -> None:
+    """A joiner flagged as the first member of a newer version runs `kubeadm upgrade apply`
+    after its join and kube-vip; nobody else does (and cloud-init accepts the document)."""
+    joiner = nodes()["join-control-plane"].model_copy(
+        update={"kubernetes_version": "1.31.2", "upgrade_control_plane": True}
+    )
+    doc = userdata(joiner, secrets)
+    runcmd = doc["runcmd"]
+    upgrade = "kubeadm upgrade apply v1.31.2 --yes"
+    assert runcmd.index("kubeadm join --config /run/kubeadm/kubeadm.yaml") < runcmd.index(upgrade)
+    assert runcmd.index(upgrade) < runcmd.index(f"touch {SUCCESS_MARK}")
+    for other in nodes().values():  # unflagged, or a worker flagged by mistake: no upgrade
+        for flagged in (False, True):
+            if other.role == "join-control-plane" and flagged:
+                continue
+            plain = other.model_copy(update={"upgrade_control_plane": flagged})
+            assert not any("upgrade" in c for c in userdata(plain, secrets)["runcmd"])
+    results = cloud_init_check({"joiner": guestinfo(joiner, shared)})
+    assert results["joiner"]["schema_errors"] is None, results["joiner"]["schema_errors"]

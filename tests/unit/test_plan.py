@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from domain.cluster import ClusterSpec, plan_nodes
+from domain.cluster import ClusterSpec, node_build, plan_nodes
+from domain.lifecycle import Node
 from domain.plan import plan_apply
 from tests.unit.test_cluster_spec import changed, example
 
@@ -47,28 +48,102 @@ def test_shrinking_removes_the_newest_first_and_a_replaced_node_by_its_name() ->
     assert plan.create == ["demo-general-2"]  # the replaced node is there under its new name
 
 
+def kube(data: dict[str, Any], version: str) -> dict[str, Any]:
+    layer = next(entry for entry in data["profile"]["layers"] if entry["layer"] == "kubernetes")
+    layer["pack"]["version"] = version
+    return data
+
+
 def test_fields_that_cannot_change_in_place_are_refused_each_with_its_reason() -> None:
-    data = changed("control_plane.size", 5)
-    data["control_plane"]["cpu"] = 8
+    data = changed("placement.folder", "elsewhere")
     data["workers"][0]["placement"][0]["datastore"] = "other"
-    data["workers"][1]["memory_gb"] = 64
-    data["placement"]["folder"] = "elsewhere"
-    data["workers"][0]["labels"] = {"team": "ml"}
-    profile = data["profile"]
-    kube = next(layer for layer in profile["layers"] if layer["layer"] == "kubernetes")
-    kube["pack"]["version"] = "1.31.0"
+    data["control_plane"]["placement"][0]["datastore"] = "other"
     refused = " | ".join(plan_apply(RUNNING, spec(data), NODES).refused)
-    for field in (
-        "control_plane.size",
-        "control_plane.cpu",
-        "workers.general.placement",
-        "workers.large.memory_gb",
-        "workers.general.labels",
-        "placement.folder",
-        "profile, overrides",
-    ):
+    for field in ("workers.general.placement", "placement.folder", "control_plane.placement"):
         assert field in refused, field
-    assert "rolling upgrade" in refused
+
+
+def test_a_new_version_replaces_every_node_control_plane_first() -> None:
+    plan = plan_apply(RUNNING, spec(kube(example(), "1.31.2")), NODES)
+    assert not plan.refused and plan.rolling
+    assert "Kubernetes 1.30.4 -> 1.31.2" in plan.changes
+    assert list(plan.replace) == [
+        "demo-cp-0",
+        "demo-cp-1",
+        "demo-cp-2",
+        "demo-general-0",
+        "demo-general-1",
+        "demo-large-0",
+    ]
+    assert plan.replace["demo-cp-0"] == "demo-cp-0-r1"
+    assert sum(plan.addresses.values()) == 6 and not plan.create and not plan.remove
+
+
+def test_resources_labels_and_template_replace_only_the_nodes_they_change() -> None:
+    data = changed("workers.1.memory_gb", 64)
+    plan = plan_apply(RUNNING, spec(data), NODES)
+    assert list(plan.replace) == ["demo-large-0"] and "workers.large.memory_gb changed" in (
+        plan.changes
+    )
+    data = changed("workers.0.labels", {"team": "ml"})
+    assert list(plan_apply(RUNNING, spec(data), NODES).replace) == [
+        "demo-general-0",
+        "demo-general-1",
+    ]
+    plan = plan_apply(RUNNING, RUNNING.with_template("templates/ubuntu-2404"), NODES)
+    assert len(plan.replace) == 6 and plan.changes[0].startswith("template ")
+    # how a pool is rolled is not what its nodes are built from
+    data = changed("workers.0.rollout", {"max_surge": 0, "max_unavailable": 2})
+    plan = plan_apply(RUNNING, spec(data), NODES)
+    assert not plan.replace and plan.changes == ["workers.general.rollout changed"]
+
+
+def test_a_node_already_on_the_new_build_is_not_replaced_again() -> None:
+    new = spec(kube(example(), "1.31.2"))
+    layout = new.layout()
+    nodes = [
+        Node(
+            name=p.name if p.pool != "cp" else f"{p.name}-r1",
+            pool=p.pool,
+            index=p.index,
+            control_plane=p.control_plane,
+            domain_index=0,
+            compute_cluster="c",
+            instance_uuid="u",
+            phase="ready",
+            build=node_build(p, layout) if p.pool == "cp" else None,
+        )
+        for p in layout.plans
+    ]
+    revisions = {f"demo-cp-{i}": 1 for i in range(3)}
+    plan = plan_apply(RUNNING, new, nodes, revisions)
+    assert list(plan.replace) == ["demo-general-0", "demo-general-1", "demo-large-0"]
+
+
+def test_minor_versions_move_one_at_a_time_and_never_back() -> None:
+    for version, rule in (
+        ("1.32.0", "skips a minor version"),
+        ("1.29.9", "does not downgrade"),
+        ("2.0.0", "skips a minor version"),
+        ("latest", "MAJOR.MINOR.PATCH"),
+    ):
+        refused = " ".join(plan_apply(RUNNING, spec(kube(example(), version)), NODES).refused)
+        assert rule in refused, version
+    assert not plan_apply(RUNNING, spec(kube(example(), "1.30.9")), NODES).refused
+
+
+def test_control_plane_size_changes_one_member_at_a_time() -> None:
+    plan = plan_apply(RUNNING, spec(changed("control_plane.size", 5)), NODES)
+    assert plan.rolling and plan.create == ["demo-cp-3", "demo-cp-4"] and not plan.refused
+    plan = plan_apply(RUNNING, spec(changed("control_plane.size", 1)), NODES)
+    assert plan.remove == ["demo-cp-2", "demo-cp-1"]
+    with pytest.raises(ValidationError):
+        spec(changed("control_plane.size", 4))
+
+
+def test_a_rollout_policy_must_let_a_node_move() -> None:
+    with pytest.raises(ValidationError, match="cannot both be 0"):
+        spec(changed("workers.0.rollout", {"max_surge": 0, "max_unavailable": 0}))
 
 
 def test_labels_the_kubelet_may_not_set_are_refused_naming_the_rule() -> None:

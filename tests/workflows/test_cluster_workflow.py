@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
@@ -84,7 +84,11 @@ class Running:
         await self._stack.aclose()
 
     async def deploy(
-        self, cluster: ClusterSpec, gateway: bool = True, **account: Any
+        self,
+        cluster: ClusterSpec,
+        gateway: bool = True,
+        readiness: Literal["guest", "kubernetes"] = "guest",
+        **account: Any,
     ) -> WorkflowHandle[Any, Any]:
         """Start the cluster as its gateway would (credentials then come from the stand-in
         `gateway_account`; the gateway itself is not there: its notices go nowhere)."""
@@ -94,6 +98,7 @@ class Running:
                 spec=cluster,
                 account=self.world.account().model_copy(update=account),
                 timing=Timing(heartbeat_seconds=5),
+                readiness=readiness,
                 gateway_workflow=f"gateway/{self.world.gateway}" if gateway else None,
             ),
             id=names.cluster_workflow_id(cluster.name),
@@ -311,3 +316,44 @@ async def test_a_change_checked_while_another_is_carried_out_is_refused_not_appl
         state = await run.until(name, ClusterStatus.RUNNING)
         assert [p.name for p in state.spec.workers] == ["w", "x"]  # the add-pool stands
         assert [c.operation for c in state.changes] == [added.operation]
+
+
+async def test_nodes_leave_kubernetes_before_their_vms_go_one_member_at_a_time(
+    env: WorkflowEnvironment,
+) -> None:
+    """Readiness `kubernetes`: every readiness wait carries the cluster's secrets (nodes Ready
+    through the API); a node removed is drained (a control-plane member also leaves etcd,
+    asked through the members that stay) before its VM is destroyed, and its Node deleted
+    after; control-plane members go one at a time."""
+    async with Running(env) as run:
+        name = unique("leave")
+        handle = await run.deploy(spec(name, cp=3, workers=2), readiness="kubernetes")
+        await run.until(name, ClusterStatus.RUNNING)
+        waits = [r for a, r in run.world.requests if a == "vm_wait_ready"]
+        assert waits and all(r.secrets is not None for r in waits)
+        assert all(r.kubernetes_version == "1.30.4" for r in waits)
+
+        before = len(run.world.requests)
+        await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="cp", size=1))
+        state = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        assert state.status is ClusterStatus.RUNNING, state.error
+        calls = [
+            (a, getattr(r, "node", None) or getattr(r, "name", ""), getattr(r, "drain", None))
+            for a, r in run.world.requests[before:]
+            if a in ("cluster_node_leave", "vm_destroy")
+        ]
+        assert calls == [
+            ("cluster_node_leave", f"{name}-cp-2", True),
+            ("vm_destroy", f"{name}-cp-2", None),
+            ("cluster_node_leave", f"{name}-cp-2", False),
+            ("cluster_node_leave", f"{name}-cp-1", True),
+            ("vm_destroy", f"{name}-cp-1", None),
+            ("cluster_node_leave", f"{name}-cp-1", False),
+        ]
+        leaves = [r for a, r in run.world.requests[before:] if a == "cluster_node_leave"]
+        first_drain = leaves[0]
+        assert first_drain.control_plane and len(first_drain.etcd_endpoints) == 2
+        assert leaves[2].etcd_endpoints == [
+            n.address for n in state.nodes if n.name == f"{name}-cp-0"
+        ]
+        assert {n.name for n in state.nodes if n.control_plane} == {f"{name}-cp-0"}

@@ -54,6 +54,7 @@ from domain.ipam import (
     ReleaseAddresses,
     ReleaseResult,
 )
+from domain.kube import NodeLeaveRequest, NodeLeaveResult
 from domain.lifecycle import ClusterAccount, Timing
 from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
@@ -255,6 +256,17 @@ class World:
             answer = await world._called("vm_wait_ready", request)
             return answer or await ready(request)
 
+        @activity.defn(name="cluster_node_leave")
+        async def cluster_node_leave(request: NodeLeaveRequest) -> NodeLeaveResult:
+            answer = await world._called("cluster_node_leave", request)
+            return answer or NodeLeaveResult(
+                cordoned=request.drain,
+                evicted=0,
+                node_deleted=request.delete_node,
+                etcd_member_removed=request.control_plane and request.drain,
+                detail="drained" if request.drain else "Node deleted",
+            )
+
         @activity.defn(name="vm_destroy")
         async def vm_destroy(request: DestroyVmRequest) -> DestroyResult:
             await world._called("vm_destroy", request)
@@ -285,6 +297,7 @@ class World:
             vm_create,
             vm_power_on,
             vm_wait_ready,
+            cluster_node_leave,
             vm_destroy,
             vm_sweep,
             vm_installer,
