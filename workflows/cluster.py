@@ -736,12 +736,14 @@ class ClusterWorkflow:
         for index in sorted((i for i in cp_have if ("cp", i) not in slots), reverse=True):
             await self._gate()
             await nodes.converge(only={("cp", index)}, label="Control plane: ")
+        await self._finish_half_done()
+        await self._replace_outdated(control_plane=True)
+        # new workers after the control plane: a kubelet may not be newer than its API server
         missing = {s for s in slots if s[0] != "cp" and s not in have}
         if missing:
             await self._gate()
             await nodes.converge(only=missing)
-        await self._finish_half_done()
-        await self._replace_outdated()
+        await self._replace_outdated(control_plane=False)
 
     async def _finish_half_done(self) -> None:
         """Slots holding a node of an earlier revision besides their current one (a
@@ -757,12 +759,12 @@ class ClusterWorkflow:
             mine = {slot for slot in half if slot[0] == pool}
             await self.nodes.converge(only=mine, surge=True, label="Finish replacing: ")
 
-    async def _replace_outdated(self) -> None:
-        """Replace every outdated node, pool by pool, in batches of the pool's rollout
-        policy: the batch's first max_surge nodes stay until their successors are ready, the
-        others (max_unavailable) go first."""
+    async def _replace_outdated(self, control_plane: bool) -> None:
+        """Replace every outdated node of the control plane, or of the worker pools pool by
+        pool, in batches of the pool's rollout policy: the batch's first max_surge nodes stay
+        until their successors are ready, the others (max_unavailable) go first."""
         rollout = self.state.rollout
-        stale = self._outdated()
+        stale = [n for n in self._outdated() if n.control_plane is control_plane]
         pools = list(dict.fromkeys(n.pool for n in stale))
         for pool in pools:
             policy = self.state.spec.rollout_of(pool)

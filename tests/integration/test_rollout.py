@@ -347,3 +347,56 @@ async def test_the_control_plane_grows_and_shrinks_one_member_at_a_time(
     await kubegate.delete_cluster("cps")
     await until(kubegate, "cps", ClusterStatus.DELETED)
     await record_history(kubegate.client, cluster_workflow_id("cps"), "cluster_control_plane_scale")
+
+
+def first_and_last_seen(watcher: Watcher) -> tuple[dict[str, int], dict[str, int]]:
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, reading in enumerate(watcher.readings):
+        for name, _, _ in reading:
+            first.setdefault(name, index)
+            last[name] = index
+    return first, last
+
+
+async def test_an_applied_spec_does_in_vcenter_what_its_plan_says_in_its_order(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """A spec edited as a user would (a pool resized, a pool added, the version raised): the
+    plan names every node made, replaced and kept; vCenter sees them come and go in the
+    plan's order: the control plane replaced first, then the new workers, then each old
+    worker replaced one by one (surge 1)."""
+    pool = await make_pool(kubegate, "apply-pool", 84)
+    running = await deploy(kubegate, sim, spec_of("ar", pool.name, cp=1, workers=2))
+    await until(kubegate, "ar", ClusterStatus.RUNNING)
+    edited = running.spec.with_kubernetes("1.31.0").model_dump(mode="json")
+    edited["workers"][0]["size"] = 3
+    edited["workers"].append(
+        {"name": "x", "size": 1, "placement": [domain("DC0_C1", pool.name)], "cpu": 2}
+    )
+    spec = ClusterSpec.model_validate(edited)
+    plan = await kubegate.plan_apply(spec)
+    assert plan.replace == {
+        "ar-cp-0": "ar-cp-0-r1",
+        "ar-w-0": "ar-w-0-r1",
+        "ar-w-1": "ar-w-1-r1",
+    }
+    assert plan.create == ["ar-w-2", "ar-x-0"] and not plan.remove and not plan.refused
+    assert plan.addresses == {pool.name: 5}
+    with Watcher(sim, "cluster/ar") as watcher:
+        result = await kubegate.apply_cluster(spec, plan=plan, timeout=300)
+    assert sorted(result.added) == sorted([*plan.create, *plan.replace.values()])
+    assert sorted(result.removed) == sorted(plan.replace)
+    first, last = first_and_last_seen(watcher)
+    # the control plane first: its new member made, then its old one gone...
+    assert first["ar-cp-0-r1"] < last["ar-cp-0"] < first["ar-w-2"]
+    # ...then the new workers, then each old worker replaced in turn, new before old
+    assert max(first["ar-w-2"], first["ar-x-0"]) < first["ar-w-0-r1"] < last["ar-w-0"]
+    assert last["ar-w-0"] < first["ar-w-1-r1"] < last["ar-w-1"]
+    names = sorted(vm["name"] for vm in owned_vms(sim, "cluster/ar"))
+    assert names == sorted(["ar-w-2", "ar-x-0", *plan.replace.values()])
+    state = await kubegate.cluster_state("ar")
+    assert {n.kubernetes for n in state.nodes} == {"1.31.0"}
+    await kubegate.delete_cluster("ar")
+    await until(kubegate, "ar", ClusterStatus.DELETED)
+    await record_history(kubegate.client, cluster_workflow_id("ar"), "cluster_applied_rollout")
