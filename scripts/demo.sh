@@ -11,7 +11,7 @@ started=$SECONDS
 say() { printf '\n== %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 home=${KUBEGATE_HOME:-.kubegate}
-ui=$(python -c 'from starters.settings import Settings; print(Settings().ui_address)')
+ui=$(python -c 'from plumbing.settings import Settings; print(Settings().ui_address)')
 vm=/DC0/vm/kubegate-installer-lab
 link() { printf '%s/namespaces/default/workflows/%s' "$ui" "${1//\//%2F}"; }
 
@@ -202,6 +202,9 @@ kubegate cluster scale demo general --size 3
 
 say "kubegate cluster add-pool demo -f examples/pool-highmem.yaml"
 kubegate cluster add-pool demo -f examples/pool-highmem.yaml
+
+say "kubegate cluster upgrade demo --kubernetes 1.31.0   (every node replaced, the control plane first, one at a time)"
+kubegate cluster upgrade demo --kubernetes 1.31.0
 
 say "kubegate cluster describe demo"
 kubegate cluster describe demo

@@ -77,3 +77,17 @@ def test_policy_yaml_is_the_compose_agents_valid_policy() -> None:
     assert agent["environment"]["KUBEGATE_PAIRING_CODE_FILE"] == "/run/secrets/pairing-code"
     mounts = [m for m in agent["volumes"] if isinstance(m, dict)]
     assert [m["target"] for m in mounts] == ["/var/lib/kubegate/agents/local/policy.yaml"]
+
+
+def test_the_demo_script_imports_what_exists() -> None:
+    """Every Python import scripts/demo.sh makes resolves (a module moved once broke it)."""
+    import importlib
+    import re
+
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    found = re.findall(r"from ([\w.]+) import ([\w, ]+)", demo)
+    assert found
+    for module, names in found:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name), f"{module}.{name}"
