@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
-from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
+from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool, version_key
 from domain.kubeconfig import KubeconfigIssue
 
 
@@ -147,6 +147,16 @@ class ClusterAccount(BaseModel):
     agent_signing_key: str | None = Field(
         default=None, description="The gateway's approved agent's Ed25519 key (base64)."
     )
+    agent_release: str | None = Field(
+        default=None, description="The kubegate release that agent runs (None: not known)."
+    )
+
+    def agent_runs(self, release: str) -> bool:
+        """Whether the agent is known to run `release` or later (what it can do)."""
+        if not self.agent_release:
+            return False
+        ours, wanted = version_key(self.agent_release), version_key(release)
+        return ours is not None and wanted is not None and ours >= wanted
 
     @property
     def current(self) -> VCenterCredentials:
@@ -215,6 +225,15 @@ class Rollout(BaseModel):
     outdated: list[str] = Field(
         default_factory=list, description="Nodes still on their old build (when it stopped)."
     )
+    members: list[str] = Field(
+        default_factory=list,
+        description="Control-plane members added ('+name') or removed ('-name'), in order.",
+    )
+
+    @property
+    def done(self) -> int:
+        """Node changes done: replacements and control-plane members added or removed."""
+        return len(self.replaced) + len(self.members)
 
 
 class NodeSetState(BaseModel):

@@ -48,6 +48,9 @@ class ChangePlan(BaseModel):
         default_factory=list, description="Fields that cannot change in place, and why."
     )
     based_on: int = Field(default=0, description="The cluster's operations_run it was made at.")
+    warnings: list[str] = Field(
+        default_factory=list, description="What the change does not do that it might be thought to."
+    )
 
     @property
     def empty(self) -> bool:

@@ -499,6 +499,13 @@ class KubegateClient:
         state = await self.cluster_state(spec.name)
         plan = plan_apply(state.spec, spec, state.nodes, state.revisions)
         plan.based_on = state.operations_run
+        leaving = [*plan.remove, *plan.replace]
+        if state.readiness != "kubernetes" and leaving:
+            plan.warnings.append(
+                f"readiness {state.readiness}: kubegate does not reach this cluster's API, so "
+                "nodes that go are not drained and control-plane members that go stay in "
+                "etcd (right for the simulator; a real cluster needs readiness kubernetes)"
+            )
         return plan
 
     async def upgraded_spec(

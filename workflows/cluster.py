@@ -15,6 +15,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from domain import errors, names
+    from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
     from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
     from domain.ipam import PoolRef, PoolStatus
@@ -43,6 +44,8 @@ with workflow.unsafe.imports_passed_through():
     from domain.plan import ChangePlan, node_builds, outdated, plan_apply
     from domain.trust import AccountRef, ReleaseIntent
     from workflows.nodes import (
+        LEAVES_SINCE,
+        NODES_LEAVE,
         SETTLE_POINTS,
         NodeSet,
         Slot,
@@ -318,7 +321,11 @@ class ClusterWorkflow:
             summary=f"Current credentials of cloud account {self.state.account}",
         )
         return account.model_copy(
-            update={"credentials": fresh.credentials, "agent_signing_key": fresh.agent_signing_key}
+            update={
+                "credentials": fresh.credentials,
+                "agent_signing_key": fresh.agent_signing_key,
+                "agent_release": fresh.agent_release,
+            }
         )
 
     # -- updates --------------------------------------------------------------------------
@@ -370,6 +377,12 @@ class ClusterWorkflow:
                 f"cluster {self.state.name} is {self.state.status}: only a "
                 "Failed cluster can be retried"
             )
+        unsettled = self._unsettled() if self.state.provisioned else None
+        if unsettled:
+            raise invalid_state(
+                f"cluster {self.state.name}: {unsettled} (a rollout stopped): run the same "
+                "upgrade or apply again to go on"
+            )
 
     @workflow.update
     async def scale(self, request: ScaleRequest) -> ChangeResult:
@@ -382,6 +395,8 @@ class ClusterWorkflow:
     @scale.validator
     def _scale_ok(self, request: ScaleRequest) -> None:
         self._require_running()
+        if request.pool != "cp":
+            self._require_settled()
         spec = self._changed_spec(scale=request)
         if request.pool == "cp":
             if spec.control_plane.size == self.state.spec.control_plane.size:
@@ -483,6 +498,7 @@ class ClusterWorkflow:
     @add_pool.validator
     def _add_ok(self, request: AddPoolRequest) -> None:
         self._require_running()
+        self._require_settled()
         self._changed_spec(add=request.pool)
 
     @workflow.update
@@ -493,6 +509,7 @@ class ClusterWorkflow:
     @remove_pool.validator
     def _remove_ok(self, request: RemovePoolRequest) -> None:
         self._require_running()
+        self._require_settled()
         self._changed_spec(remove=request.pool)
 
     @workflow.update
@@ -506,7 +523,8 @@ class ClusterWorkflow:
         undo = request.spec.model_copy(
             update={"workers": [p for p in request.spec.workers if p.name not in added]}
         )
-        return await self._change(request.spec, title[:200], undo_to=undo, rolling=plan.rolling)
+        rolling = plan.rolling or self._unsettled() is not None
+        return await self._change(request.spec, title[:200], undo_to=undo, rolling=rolling)
 
     @apply.validator
     def _apply_ok(self, request: ApplyRequest) -> None:
@@ -531,6 +549,20 @@ class ClusterWorkflow:
         plan = plan_apply(self.state.spec, spec, self.state.nodes, self.state.revisions)
         if plan.refused:
             raise invalid_spec("; ".join(plan.refused))
+        members_leave = [
+            n for n in [*plan.replace, *plan.remove] if n.startswith(f"{self.state.name}-cp-")
+        ]
+        secrets = self.nodes.secrets
+        if (
+            members_leave
+            and self.nodes.leaves
+            and (secrets is None or secrets.binding is None or secrets.binding.purpose != SHARED)
+        ):
+            raise invalid_state(
+                f"cluster {self.state.name} was made before 0.3.0: kubegate keeps no etcd CA "
+                f"for it, so {', '.join(members_leave)} could not leave etcd; its control "
+                "plane cannot be replaced or shrunk by kubegate"
+            )
         if plan.empty and not allow_same:
             raise invalid_state(f"cluster {self.state.name}: the spec asks for no change")
         return plan
@@ -632,6 +664,7 @@ class ClusterWorkflow:
         self._require_running()
         base = self.state.operations_run  # the spec this change was computed from
         await self._check_free(spec, rolling)
+        await self._check_agent_can_drain(spec)
         self._require_running()
         if self.change is not None or self.lock.locked() or self.state.operations_run != base:
             raise invalid_state(
@@ -651,10 +684,11 @@ class ClusterWorkflow:
         self._begin(title)
         if rolling:
             self.rollout_aborting = False
+            members = spec.control_plane.size - self._members()
             self.state.rollout = Rollout(
                 operation=self.state.operations_run,
                 target=title,
-                total=len(self._outdated()),
+                total=len(self._outdated()) + abs(members),
             )
         self._set_status(ClusterStatus.UPDATING, title)
         return ChangeResult(status=self.state.status, operation=self.state.operations_run)
@@ -668,8 +702,9 @@ class ClusterWorkflow:
             node.kubernetes = node.kubernetes or version
 
     def _outdated(self) -> list[Node]:
-        """Nodes the spec keeps whose build is not the one it gives them, in rollout order."""
-        builds = {n.name: n.build or "" for n in self.state.nodes}
+        """Nodes the spec keeps whose build is not the one it gives them, in rollout order
+        (a node made before builds were recorded counts as built from the current spec)."""
+        builds = node_builds(self.state.spec, self.state.nodes)
         return outdated(self.state.spec, self.state.nodes, builds)
 
     async def _carry_out(self, change: _Change) -> None:
@@ -695,8 +730,8 @@ class ClusterWorkflow:
             rollout.state = "failed" if error else "aborted" if aborted else "done"
             if aborted:
                 aborted = (
-                    f"rollout aborted after {len(rollout.replaced)} of {rollout.total} "
-                    f"replacement(s); {len(rollout.outdated)} node(s) on their old build "
+                    f"rollout aborted after {rollout.done} of {rollout.total} node "
+                    f"change(s); {len(rollout.outdated)} node(s) on their old build "
                     "(upgrade or apply again to finish)"
                 )
         after = {n.name for n in self.state.nodes}
@@ -718,43 +753,69 @@ class ClusterWorkflow:
     async def _roll_out(self) -> None:
         """Carry out a change that replaces nodes or changes the control plane's size, one
         step at a time: workers the spec no longer has go; control-plane members are added
-        or removed one at a time; new worker nodes come; replacements left half-done by an
-        earlier attempt are finished; then every outdated node is replaced, the control plane
-        first (one member at a time, the new one ready before the old one leaves), then each
-        worker pool in batches of max_surge + max_unavailable. Pause and abort take effect
-        between steps."""
+        or removed one at a time; the control plane's outdated members are replaced (a
+        replacement an earlier attempt left half done finished first), one at a time, the new
+        one ready before the old one leaves; then new workers come (after the control plane:
+        a kubelet may not be newer than its API server); then each worker pool's outdated
+        nodes are replaced in batches of max_surge + max_unavailable. Pause and abort take
+        effect between steps, never with an even number of control-plane members."""
         nodes, spec = self.nodes, self.state.spec
         slots = {(p.pool, p.index) for p in plan_nodes(spec)}
-        have = {(n.pool, n.index) for n in self.state.nodes}
-        gone = {s for s in have if s[0] != "cp" and s not in slots}
+        known = {(n.pool, n.index) for n in self.state.nodes}
+        made = {(n.pool, n.index) for n in self.state.nodes if n.phase in ("created", "ready")}
+        gone = {s for s in known if s[0] != "cp" and s not in slots}
         if gone:
+            await self._gate()
             await nodes.converge(only=gone)
-        cp_have = sorted({i for pool, i in have if pool == "cp"})
-        for index in sorted(i for pool, i in slots if pool == "cp" and i not in cp_have):
-            await self._gate()
-            await nodes.converge(only={("cp", index)}, label="Control plane: ")
-        for index in sorted((i for i in cp_have if ("cp", i) not in slots), reverse=True):
-            await self._gate()
-            await nodes.converge(only={("cp", index)}, label="Control plane: ")
-        await self._finish_half_done()
+        for index in sorted(i for pool, i in slots if pool == "cp" and ("cp", i) not in made):
+            await self._gate(self._members() % 2 == 1)
+            await nodes.converge(only={("cp", index)}, label="Control plane, a member more: ")
+            self._member_changed(f"+{self.state.name}-cp-{index}")
+        for index in sorted((i for p, i in known if p == "cp" and ("cp", i) not in slots))[::-1]:
+            await self._gate(self._members() % 2 == 1)
+            await nodes.converge(only={("cp", index)}, label="Control plane, a member less: ")
+            self._member_changed(f"-{self.state.name}-cp-{index}")
+        await self._finish_half_done(control_plane=True)
         await self._replace_outdated(control_plane=True)
-        # new workers after the control plane: a kubelet may not be newer than its API server
-        missing = {s for s in slots if s[0] != "cp" and s not in have}
+        missing = {s for s in slots if s[0] != "cp" and s not in made}
         if missing:
             await self._gate()
             await nodes.converge(only=missing)
+        await self._finish_half_done(control_plane=False)
         await self._replace_outdated(control_plane=False)
 
-    async def _finish_half_done(self) -> None:
+    def _members(self) -> int:
+        """Control-plane members there now (their VMs made)."""
+        return sum(1 for n in self.state.nodes if n.control_plane and n.phase in _MADE)
+
+    def _member_changed(self, change: str) -> None:
+        if self.state.rollout is not None:
+            self.state.rollout.members.append(change)
+        self.publish()
+
+    def _half_done(self) -> set[Slot]:
         """Slots holding a node of an earlier revision besides their current one (a
-        replacement that failed or was stopped): the new node is made, then the old goes."""
+        replacement that failed or was stopped before the old node left)."""
         by_slot: dict[Slot, int] = {}
         for node in self.state.nodes:
             by_slot[(node.pool, node.index)] = by_slot.get((node.pool, node.index), 0) + 1
-        half = {slot for slot, count in by_slot.items() if count > 1} | {
-            (n.pool, n.index) for n in self.state.nodes if n.phase not in ("created", "ready")
-        }
-        for pool in sorted({slot[0] for slot in half}, key=lambda p: p != "cp"):
+        return {slot for slot, count in by_slot.items() if count > 1}
+
+    def _unsettled(self) -> str | None:
+        """Why only a rollout may change the cluster now: nodes left on an old build or a
+        replacement half done (an aborted or failed rollout); None when neither."""
+        half = self._half_done()
+        if half:
+            return f"a replacement is half done ({len(half)} node slot(s))"
+        stale = self._outdated()
+        if stale:
+            return f"{len(stale)} node(s) on an old build ({', '.join(n.name for n in stale[:5])})"
+        return None
+
+    async def _finish_half_done(self, control_plane: bool) -> None:
+        """Finish replacements left half done: the new node is made, then the old goes."""
+        half = {s for s in self._half_done() if (s[0] == "cp") is control_plane}
+        for pool in sorted({slot[0] for slot in half}):
             await self._gate()
             mine = {slot for slot in half if slot[0] == pool}
             await self.nodes.converge(only=mine, surge=True, label="Finish replacing: ")
@@ -780,11 +841,11 @@ class ClusterWorkflow:
                 news = {n.name: n for n in self.state.nodes}
                 if rollout is not None:
                     rollout.current = [n.name for n in batch]
-                kept = [n.name for n in batch[: policy.max_surge]]
+                first = [n.name for n in batch[policy.max_surge :]]  # (max_unavailable)
                 label = "Replace " + ", ".join(n.name for n in batch) + ": "
                 if len(batch) > 3:
                     label = f"Replace {len(batch)} {pool} nodes: "
-                await self.nodes.converge(only=slots, keep_until_ready=kept, label=label)
+                await self.nodes.converge(only=slots, remove_first=first, label=label)
                 made = [n for n in self.state.nodes if n.name not in news]
                 if rollout is not None:
                     for old, new in zip(
@@ -796,10 +857,11 @@ class ClusterWorkflow:
                     rollout.current = []
                 self.publish()
 
-    async def _gate(self) -> None:
-        """Between two steps of a rollout: hold while paused; stop when aborted."""
+    async def _gate(self, allowed: bool = True) -> None:
+        """Between two steps of a rollout: hold while paused; stop when aborted (not where
+        it is not `allowed`: an even number of control-plane members)."""
         rollout = self.state.rollout
-        if rollout is None:
+        if rollout is None or not allowed:
             return
         if rollout.state == "paused" and not self.rollout_aborting:
             done = f"{len(rollout.replaced)} of {rollout.total} replaced"
@@ -845,6 +907,24 @@ class ClusterWorkflow:
                 added=sorted(after - before),
                 removed=sorted(before - after),
             )
+
+    async def _check_agent_can_drain(self, spec: ClusterSpec) -> None:
+        """Nodes of a cluster with readiness `kubernetes` leave it through the agent (drain,
+        etcd): a change that removes or replaces nodes is refused while the gateway's agent
+        runs a release without that (it would fail once the new nodes were made)."""
+        if not self.nodes.leaves:
+            return
+        plan = plan_apply(self.state.spec, spec, self.state.nodes, self.state.revisions)
+        if not (plan.remove or plan.replace) or not workflow.patched(NODES_LEAVE):
+            return
+        if await self.nodes.refresh_account():
+            release = self.nodes.account.agent_release
+            if release and not self.nodes.account.agent_runs(LEAVES_SINCE):
+                raise invalid_state(
+                    f"cluster {self.state.name}: the gateway's agent runs {release}; nodes of "
+                    f"a cluster with readiness kubernetes leave it through agents of "
+                    f"{LEAVES_SINCE} on (drained, out of etcd): upgrade the agent first"
+                )
 
     async def _check_free(self, spec: ClusterSpec, rolling: bool = False) -> None:
         """Refuse a change whose new nodes need more addresses than their pools have free
@@ -894,6 +974,17 @@ class ClusterWorkflow:
                     type=errors.OUT_OF_ADDRESSES,
                     non_retryable=True,
                 )
+
+    def _require_settled(self) -> None:
+        """An imperative change would make nodes of the newest build beside a control plane
+        a stopped rollout left, or remove a node a replacement still needs: refused."""
+        unsettled = self._unsettled()
+        if unsettled:
+            raise invalid_state(
+                f"cluster {self.state.name}: {unsettled}, left by a rollout that stopped: "
+                "finish it first (the same `cluster upgrade`, or `cluster apply` with the "
+                "change in the spec)"
+            )
 
     def _require_running(self) -> None:
         """Changes need Running, or Failed after a change (so a failed change can be undone)."""
@@ -1001,6 +1092,8 @@ class ClusterWorkflow:
 
 
 _DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+#: node phases whose VM exists
+_MADE = ("created", "ready")
 
 
 def _upgrade_title(request: ClusterUpgradeRequest) -> str:

@@ -1137,6 +1137,7 @@ class GatewayWorkflow:
                 credentials=account.credentials,
                 template="",
                 agent_signing_key=agent.signing_key,
+                agent_release=agent.version or None,
             )
         )
 

@@ -121,6 +121,9 @@ NODES_READY = "readiness-checks-nodes-ready"
 #: apply` once joined (its bootstrap data says so)
 UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
 
+#: the first agent release that drains nodes and checks them Ready through the API
+LEAVES_SINCE = "0.3.0"
+
 #: a node slot: (pool, index); its node is named by the slot's revision
 Slot = tuple[str, int]
 
@@ -289,6 +292,8 @@ class NodeSet:
         self.leaves = False
         #: the template path `placement` was resolved for
         self.placement_template: str | None = None
+        #: the slots the converge in progress changes (None: every slot)
+        self.scope: Collection[Slot] | None = None
         self._layout: tuple[NodeSpec, NodeLayout] | None = None
 
     @property
@@ -470,26 +475,33 @@ class NodeSet:
         folder: bool = False,
         surge: bool = False,
         only: Collection[Slot] | None = None,
-        keep_until_ready: Collection[str] = (),
+        remove_first: Collection[str] = (),
         label: str = "",
     ) -> None:
         """Make vCenter match the spec: remove extra nodes, then add and start missing ones.
 
-        With `surge` the missing nodes are added first and the extra ones removed after
-        (a rolling replacement keeps every node's slot served); `keep_until_ready` names
-        extra nodes removed after the new ones are ready (the others go first). `only` limits
-        the change to those slots (pool, index); `label` begins the steps' titles.
+        A node replaced by another of its slot (an earlier revision) stays until the new
+        one is ready, unless named in `remove_first`; with `surge` every extra node does.
+        `only` limits the change to those slots (pool, index); `label` begins the steps'
+        titles.
         """
         wanted = self._wanted()
         names_wanted = {plan.name for plan in wanted}
+        slots_wanted = {(plan.pool, plan.index) for plan in wanted}
         extra = [
             n
             for n in self.record.nodes
             if n.name not in names_wanted and (only is None or (n.pool, n.index) in only)
         ]
         extra.sort(key=lambda n: (n.pool, -n.index))  # newest first
-        first = [n for n in extra if not surge and n.name not in keep_until_ready]
+        first = [
+            n
+            for n in extra
+            if n.name in remove_first
+            or not (surge or ((n.pool, n.index) in slots_wanted and n.phase == "ready"))
+        ]
         last = [n for n in extra if n not in first]
+        self.scope = only
 
         async def remove(nodes: list[Node]) -> None:
             if nodes:
@@ -512,6 +524,7 @@ class NodeSet:
         await self.step("create-vms", f"{label}Create VMs", self._create_vms)
         await self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
         await remove(last)
+        self.scope = None
 
     async def roll(self) -> None:
         """Replace every node not built from the spec's profile version, one at a time: a new
@@ -625,7 +638,9 @@ class NodeSet:
         pending = [
             n
             for n in self.record.nodes
-            if n.phase not in ("created", "ready") and n.name in self.plans
+            if n.phase not in ("created", "ready")
+            and n.name in self.plans
+            and (self.scope is None or (n.pool, n.index) in self.scope)
         ]
         first = (
             None
@@ -673,7 +688,14 @@ class NodeSet:
             )
             self._mark_ready(stopped, result)
         if self.readiness == "kubernetes":
-            await self._wait_ready(self.record.nodes)
+            # a change waits for the nodes it made (one NotReady node elsewhere does not
+            # hold every replacement); a whole converge for every node
+            if self.scope is None:
+                await self._wait_ready(self.record.nodes)
+            else:
+                scoped = [n for n in self.record.nodes if (n.pool, n.index) in self.scope]
+                if scoped:
+                    await self._wait_ready(scoped)
         step.detail = f"{len(self.record.nodes)} nodes ready"
         step.objects = [n.vm for n in self.record.nodes if n.vm]
 
@@ -761,6 +783,9 @@ class NodeSet:
     async def _create_node(self, node: Node, start: bool) -> None:
         plan = self.plans[node.name]
         placement = await self._placement()
+        # what it is built from now (a node planned by an earlier change is made from this
+        # spec, as its cloud-init is rendered now)
+        node.build, node.kubernetes = node_build(plan, self.layout), self.layout.kubernetes
         bootstrap = self._bootstrap_of(node)
         node.phase = "creating"
         self.host.publish()
@@ -812,7 +837,12 @@ class NodeSet:
         # with the cluster's secrets the agent checks the API server against the cluster's
         # CA and waits for every node Ready (a cluster's nodes only: the gateway's own do not
         # leave through the API either)
-        nodes_ready = self.leaves and self.secrets is not None and workflow.patched(NODES_READY)
+        nodes_ready = (
+            self.leaves
+            and self.secrets is not None
+            and self.account.agent_runs(LEAVES_SINCE)
+            and workflow.patched(NODES_READY)
+        )
         result = await self.agent(
             "vm_wait_ready",
             ReadinessRequest(
@@ -1179,6 +1209,11 @@ class NodeSet:
 
     def _signing_key(self) -> str | None:
         return self.host.agent_signing_key(self.account)
+
+    async def refresh_account(self) -> bool:
+        """Take the account's current credentials, agent key and agent release (False when
+        the owner cannot tell them)."""
+        return await self._refresh_account()
 
     async def _refresh_account(self) -> bool:
         """Take the account's current credentials; False when the owner cannot tell them."""

@@ -486,6 +486,7 @@ def _show_plan(name: str, plan: ChangePlan) -> None:
         taken = ", ".join(f"{n} from {pool}" for pool, n in sorted(plan.addresses.items()))
         lines.append(f"  addresses: {taken}")
     lines += [f"  refused: {reason}" for reason in plan.refused]
+    lines += [f"  warning: {warning}" for warning in plan.warnings]
     out.print("\n".join(lines), highlight=False, markup=False)
 
 

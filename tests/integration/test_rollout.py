@@ -331,7 +331,7 @@ async def test_the_control_plane_grows_and_shrinks_one_member_at_a_time(
     assert 2 in made  # there was a moment with exactly two
     state = await kubegate.cluster_state("cps")
     (_, _, steps), *_ = [g for g in operations(state.steps) if g[0] == "Scale cp to 3"]
-    creates = [s for s in steps if s.title == "Control plane: Create VMs"]
+    creates = [s for s in steps if s.title == "Control plane, a member more: Create VMs"]
     assert len(creates) == 2  # a member at a time
     for vm in owned_vms(sim, "cluster/cps"):
         if vm["name"] in result.added:  # they join the running control plane

@@ -192,3 +192,21 @@ async def test_a_gateway_of_the_previous_release_waiting_after_a_reset_replays_i
         workflows=WORKFLOWS, data_converter=data_converter(), workflow_runner=workflow_runner()
     )
     await replayer.replay_workflow(history)
+
+
+def test_this_release_records_its_rollouts() -> None:
+    """0.3.0 (not released yet: recorded again until it is): rolling upgrades, a rollout
+    paused and aborted, the control plane resized, an applied spec rolled; the joiner's
+    kubeadm upgrade patch taken."""
+    folder = HISTORIES / "0.3.0"
+    if not folder.exists():
+        pytest.skip("0.3.0's histories are not recorded")
+    names = {f.stem.rsplit("-", 1)[0] for f in folder.glob("*.json")}
+    assert {
+        "cluster_rolling_upgrade",
+        "cluster_rollout_paused",
+        "cluster_control_plane_scale",
+        "cluster_applied_rollout",
+    } <= names
+    taken = set().union(*(patches(f) for f in folder.glob("*.json")))
+    assert "first-newer-member-upgrades-kubeadm" in taken, taken

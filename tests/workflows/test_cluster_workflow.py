@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import pytest
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from domain import names
@@ -23,6 +24,7 @@ from domain.lifecycle import (
     ClusterInput,
     ClusterState,
     ClusterStatus,
+    ClusterUpgradeRequest,
     DeleteRequest,
     ScaleRequest,
     Timing,
@@ -357,3 +359,126 @@ async def test_nodes_leave_kubernetes_before_their_vms_go_one_member_at_a_time(
             n.address for n in state.nodes if n.name == f"{name}-cp-0"
         ]
         assert {n.name for n in state.nodes if n.control_plane} == {f"{name}-cp-0"}
+
+
+def created_and_destroyed(run: Running, since: int) -> list[tuple[str, str]]:
+    """('create'|'destroy', node) for every VM call since request `since`, in order."""
+    out = []
+    for activity_name, request in run.world.requests[since:]:
+        if activity_name == "vm_create":
+            out.append(("create", request.name))
+        elif activity_name == "vm_destroy":
+            out.append(("destroy", request.name))
+    return out
+
+
+def fail_for(node: str) -> Any:
+    """A vm_create hook failing (for good) for one node only."""
+
+    def hook(request: Any) -> Any:
+        if request.name == node:
+            raise ApplicationError("clone refused", type="InvalidSpec", non_retryable=True)
+        return None
+
+    return hook
+
+
+async def test_a_failed_replacement_keeps_the_old_node_until_its_successor_is_ready(
+    env: WorkflowEnvironment,
+) -> None:
+    """The only control-plane member's replacement fails: the old member stays; changes that
+    would make or remove other nodes meanwhile are refused with the reason (also retry);
+    the same upgrade again makes the new member first and only then removes the old one."""
+    async with Running(env) as run:
+        name = unique("halfdone")
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        await run.until(name, ClusterStatus.RUNNING)
+        run.world.hooks["vm_create"] = fail_for(f"{name}-cp-0-r1")
+        upgrade = ClusterUpgradeRequest(kubernetes="1.31.0")
+        await run.update(handle, ClusterWorkflow.upgrade, upgrade)
+        state = await run.until(name, ClusterStatus.FAILED)
+        assert f"{name}-cp-0-r1" in (state.error or "") or "clone refused" in (state.error or "")
+        assert {n.name for n in state.nodes if n.phase == "ready"} >= {f"{name}-cp-0"}
+        assert state.rollout is not None and state.rollout.state == "failed"
+
+        for refused_update, args in (
+            (ClusterWorkflow.scale, (ScaleRequest(pool="w", size=2),)),
+            (ClusterWorkflow.retry, ()),
+        ):
+            with pytest.raises(WorkflowUpdateFailedError) as refused:
+                await run.update(handle, refused_update, *args)
+            assert "half done" in str(refused.value.cause), refused.value.cause
+
+        del run.world.hooks["vm_create"]
+        since = len(run.world.requests)
+        await run.update(handle, ClusterWorkflow.upgrade, upgrade)
+        state = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        assert state.status is ClusterStatus.RUNNING, state.error
+        calls = created_and_destroyed(run, since)
+        assert calls.index(("create", f"{name}-cp-0-r1")) < calls.index(("destroy", f"{name}-cp-0"))
+        assert calls.index(("destroy", f"{name}-cp-0")) < calls.index(("create", f"{name}-w-0-r1"))
+        assert {n.kubernetes for n in state.nodes} == {"1.31.0"}
+
+
+async def test_a_node_a_failed_scale_up_left_is_made_after_the_control_plane_is_upgraded(
+    env: WorkflowEnvironment,
+) -> None:
+    """A scale-up failed on w-1; then an upgrade: w-1 is made (at the new version) only after
+    the control plane's new member, and is not replaced a second time."""
+    async with Running(env) as run:
+        name = unique("leftover")
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        await run.until(name, ClusterStatus.RUNNING)
+        run.world.hooks["vm_create"] = fail_for(f"{name}-w-1")
+        await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=2))
+        await run.until(name, ClusterStatus.FAILED)
+        del run.world.hooks["vm_create"]
+        since = len(run.world.requests)
+        await run.update(
+            handle, ClusterWorkflow.upgrade, ClusterUpgradeRequest(kubernetes="1.31.0")
+        )
+        state = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        assert state.status is ClusterStatus.RUNNING, state.error
+        calls = created_and_destroyed(run, since)
+        assert calls.index(("create", f"{name}-cp-0-r1")) < calls.index(("create", f"{name}-w-1"))
+        assert ("create", f"{name}-w-1-r1") not in calls  # made once, at the new version
+        assert state.rollout is not None and state.rollout.done == state.rollout.total == 2
+        assert sorted(n.name for n in state.nodes) == sorted(
+            [f"{name}-cp-0-r1", f"{name}-w-0-r1", f"{name}-w-1"]
+        )
+
+
+async def test_a_control_plane_scale_stops_only_at_an_odd_number_of_members(
+    env: WorkflowEnvironment,
+) -> None:
+    """1 -> 3 aborted while the second member is made: it goes on to the third (never two
+    members at rest), and says what it did."""
+    async with Running(env) as run:
+        name = unique("odd")
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        await run.until(name, ClusterStatus.RUNNING)
+        cloned = asyncio.Event()
+
+        async def held(request: Any) -> None:
+            if request.name == f"{name}-cp-1":
+                await cloned.wait()
+
+        run.world.hooks["vm_create"] = held
+        accepted = await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="cp", size=3))
+        for _ in range(200):
+            state: ClusterState = await handle.query(ClusterWorkflow.state_query)
+            if any(n.name == f"{name}-cp-1" and n.phase == "creating" for n in state.nodes):
+                break
+            await asyncio.sleep(0.05)
+        await run.update(handle, ClusterWorkflow.abort_rollout)
+        cloned.set()
+        state = await run.until(name, ClusterStatus.RUNNING, ClusterStatus.FAILED)
+        assert state.status is ClusterStatus.RUNNING, state.error
+        members = [n.name for n in state.nodes if n.control_plane]
+        assert len(members) == 3, members
+        (change,) = [c for c in state.changes if c.operation == accepted.operation]
+        assert change.error is None  # nothing was left to stop at: it finished
+        assert state.rollout is not None and state.rollout.members == [
+            f"+{name}-cp-1",
+            f"+{name}-cp-2",
+        ]

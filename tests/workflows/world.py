@@ -33,6 +33,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.guard import AgentGuard, GuardInterceptor, PolicyFile
+from activities.secrets import secrets_binding
 from domain import names
 from domain.account import (
     Placement,
@@ -130,6 +131,7 @@ class World:
             ),
             template=TEMPLATE,
             agent_signing_key=self.key.signing_key_b64,
+            agent_release=VERSION,
         )
 
     def _public(self) -> bytes:
@@ -193,7 +195,9 @@ class World:
         @activity.defn(name="bootstrap_secrets")
         async def bootstrap_secrets(request: SecretsRequest) -> SealedSecret:
             await world._called("bootstrap_secrets", request)
-            return seal("{}", world._public(), "cluster-secrets")
+            # bound as the agent binds them: this gateway, this lifecycle, shared keys
+            use = secrets_binding(world.gateway, activity.info().workflow_id or "", shared=True)
+            return seal("{}", world._public(), use)
 
         @activity.defn(name="bootstrap_render")
         async def bootstrap_render(request: RenderRequest) -> RenderResult:
