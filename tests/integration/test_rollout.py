@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
@@ -45,7 +46,7 @@ NEW_TEMPLATE = "templates/ubuntu-2204-kube-v1.31"
 
 @pytest.fixture(scope="module")
 def sim(workdir: Path) -> Iterator[Vcsim]:
-    sim = Vcsim(workdir, args=list(INVENTORY)).start()
+    sim = Vcsim(workdir, args=[*INVENTORY, "-dhcp", "DC0_DVPG0=10.62.0.100-10.62.0.199"]).start()
     copy_template(sim, NEW_TEMPLATE.rsplit("/", 1)[1])
     yield sim
     sim.stop()
@@ -170,6 +171,14 @@ class Watcher:
         return out
 
 
+def discovery_server(document: str) -> str:
+    """The API server a joiner's discovery kubeconfig names."""
+    for item in yaml.safe_load(document).get("write_files", []):
+        if item["path"].endswith("kubegate-discovery.conf"):
+            return str(yaml.safe_load(item["content"])["clusters"][0]["cluster"]["server"])
+    raise AssertionError("no discovery kubeconfig")
+
+
 def userdata(vm: dict[str, Any]) -> str:
     return decode(vm["extra"]["guestinfo.userdata"])
 
@@ -181,7 +190,7 @@ async def test_a_rolling_upgrade_keeps_surge_and_unavailable_limits_at_every_mom
     time and never fewer than three on; the workers two at a time (surge 1, unavailable 1)
     and never more than four or fewer than two on; every node replaced, every old address
     given back."""
-    pool = await make_pool(kubegate, "roll-pool", 81)
+    pool = await make_pool(kubegate, "roll-pool", 101)
     await deploy(kubegate, sim, spec_of("roll", pool.name, cp=3, workers=3, unavailable=1))
     await until(kubegate, "roll", ClusterStatus.RUNNING)
     before = {vm["name"] for vm in owned_vms(sim, "cluster/roll")}
@@ -258,7 +267,7 @@ async def test_a_rollout_pauses_resumes_and_aborts_between_replacements(
     """Paused, nothing moves in vCenter until it resumes; aborted, it stops after the
     replacement in progress with every node serving (some on the old build), and upgrading
     again finishes it."""
-    pool = await make_pool(kubegate, "pause-pool", 82)
+    pool = await make_pool(kubegate, "pause-pool", 102)
     await deploy(kubegate, sim, spec_of("pz", pool.name, cp=1, workers=5))
     await until(kubegate, "pz", ClusterStatus.RUNNING)
     with pytest.raises(RequestRefused, match="no rollout"):
@@ -316,7 +325,7 @@ async def test_the_control_plane_grows_and_shrinks_one_member_at_a_time(
 ) -> None:
     """1 -> 3 -> 1: each member added (or removed) by its own steps, never two at once;
     even sizes refused."""
-    pool = await make_pool(kubegate, "cpscale-pool", 83)
+    pool = await make_pool(kubegate, "cpscale-pool", 103)
     await deploy(kubegate, sim, spec_of("cps", pool.name, cp=1, workers=1))
     await until(kubegate, "cps", ClusterStatus.RUNNING)
     with pytest.raises(RequestRefused, match="1, 3 or 5"):
@@ -366,7 +375,7 @@ async def test_an_applied_spec_does_in_vcenter_what_its_plan_says_in_its_order(
     plan names every node made, replaced and kept; vCenter sees them come and go in the
     plan's order: the control plane replaced first, then the new workers, then each old
     worker replaced one by one (surge 1)."""
-    pool = await make_pool(kubegate, "apply-pool", 84)
+    pool = await make_pool(kubegate, "apply-pool", 104)
     running = await deploy(kubegate, sim, spec_of("ar", pool.name, cp=1, workers=2))
     await until(kubegate, "ar", ClusterStatus.RUNNING)
     edited = running.spec.with_kubernetes("1.31.0").model_dump(mode="json")
@@ -400,3 +409,44 @@ async def test_an_applied_spec_does_in_vcenter_what_its_plan_says_in_its_order(
     await kubegate.delete_cluster("ar")
     await until(kubegate, "ar", ClusterStatus.DELETED)
     await record_history(kubegate.client, cluster_workflow_id("ar"), "cluster_applied_rollout")
+
+
+async def test_dhcp_workers_roll_and_a_control_plane_without_vip_is_not_replaced(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """With DHCP: a pool's new memory size replaces its workers one by one, each new one
+    joining through the control-plane node's address; the control plane without a VIP
+    (its address is the cluster's endpoint) is refused a replacement, naming why."""
+    spec = ClusterSpec.model_validate(
+        {
+            "name": "dh",
+            "profile": PROFILE,
+            "cloud_account": "lab",
+            "placement": {"datacenter": "DC0", "ip_allocation": "dhcp"},
+            "control_plane": {"size": 1, "placement": [domain("DC0_C0", None, "DC0_DVPG0")]},
+            "workers": [
+                {"name": "w", "size": 2, "placement": [domain("DC0_C1", None, "DC0_DVPG0")]}
+            ],
+        }
+    )
+    running = await deploy(kubegate, sim, spec)
+    state = await until(kubegate, "dh", ClusterStatus.RUNNING)
+    endpoint = next(n.address for n in state.nodes if n.control_plane)
+    edited = running.spec.model_dump(mode="json")
+    edited["workers"][0]["memory_gb"] = 16
+    bigger = ClusterSpec.model_validate(edited)
+    plan = await kubegate.plan_apply(bigger)
+    assert plan.replace == {"dh-w-0": "dh-w-0-r1", "dh-w-1": "dh-w-1-r1"} and not plan.addresses
+    assert plan.warnings and "readiness guest" in plan.warnings[0]
+    result = await kubegate.apply_cluster(bigger, plan=plan, timeout=300)
+    assert sorted(result.added) == ["dh-w-0-r1", "dh-w-1-r1"]
+    vms = {vm["name"]: vm for vm in owned_vms(sim, "cluster/dh")}
+    assert sorted(vms) == ["dh-cp-0", "dh-w-0-r1", "dh-w-1-r1"]
+    for name in ("dh-w-0-r1", "dh-w-1-r1"):
+        assert vms[name]["memory_mb"] == 16 * 1024
+        assert discovery_server(userdata(vms[name])) == f"https://{endpoint}:6443"
+
+    with pytest.raises(RequestRefused, match="DHCP and no VIP"):
+        await kubegate.upgrade_cluster("dh", kubernetes="1.31.0")
+    await kubegate.delete_cluster("dh")
+    await until(kubegate, "dh", ClusterStatus.DELETED)
