@@ -614,6 +614,11 @@ def default_account_name(gateway: str) -> str:
 # -- state ----------------------------------------------------------------------------------
 
 
+#: the status shown for a Running gateway whose agent is away (not a state of its own: the
+#: gateway still takes requests, which wait for the agent)
+DISCONNECTED = "Disconnected"
+
+
 class AgentInfo(BaseModel):
     """The registered agent: its public key (secrets are sealed to it) and where it runs."""
 
@@ -680,6 +685,13 @@ class GatewayState(BaseModel):
     pairing: PairingState
     pairing_issued_at: datetime | None = None
     agent: AgentInfo | None = None
+    agent_connected: bool | None = Field(
+        default=None,
+        description="Whether the approved agent is there (None: not watched yet).",
+    )
+    agent_seen_at: datetime | None = Field(
+        default=None, description="When the agent was last known to be there."
+    )
     config: GatewayConfig | None = None
     version: str = GATEWAY_RELEASES[0].version
     target_version: str | None = None
@@ -701,6 +713,14 @@ class GatewayState(BaseModel):
     )
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    @property
+    def shown_status(self) -> str:
+        """The status as `get`, `list` and the Web UI show it: `Disconnected` while Running
+        with its agent away."""
+        if self.status is GatewayStatus.RUNNING and self.agent_connected is False:
+            return DISCONNECTED
+        return self.status.value
 
     def account(self, name: str) -> CloudAccount | None:
         return next((a for a in self.accounts if a.name == name), None)

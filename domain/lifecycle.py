@@ -178,6 +178,13 @@ class Timing(BaseModel):
     )
     create_vm_minutes: int = Field(default=60, ge=1)
     readiness_minutes: int = Field(default=30, ge=1)
+    agent_silence_seconds: int = Field(
+        default=60,
+        ge=3,
+        le=3600,
+        description="A gateway whose agent is silent this long is Disconnected (and its "
+        "clusters' waiting steps say so).",
+    )
 
 
 class ClusterInput(BaseModel):

@@ -62,3 +62,18 @@ def agent_version_problem(agent: str, version: str = VERSION) -> str | None:
             f"{accepted_agents(version)}: upgrade the agent"
         )
     return None
+
+
+def version_at_least(version: str, least: str) -> bool:
+    """Whether release `version` ('0.3.0', 'v0.3.1') is `least` or later (False when it
+    cannot be read, e.g. an agent that did not say)."""
+
+    def key(value: str) -> tuple[int, ...] | None:
+        parts = value.strip().lstrip("v").split(".")
+        try:
+            return tuple(int(p) for p in parts[:3])
+        except ValueError:
+            return None
+
+    ours, wanted = key(version), key(least)
+    return ours is not None and wanted is not None and ours >= wanted

@@ -304,7 +304,13 @@ def sim_file(sim: Vcsim, **extra: Any) -> Any:
 
 
 async def system_gateway(
-    kubegate: Any, name: str, sim: Vcsim, key: Any = None, *, fingerprint: str | None = None
+    kubegate: Any,
+    name: str,
+    sim: Vcsim,
+    key: Any = None,
+    *,
+    fingerprint: str | None = None,
+    timing: Any = None,
 ) -> str | None:
     """Create a system gateway, pair `key` with it (if given) and configure it on `sim`.
 
@@ -319,7 +325,9 @@ async def system_gateway(
         return None
     if key is not None:
         fingerprint = key.fingerprint
-    _, code = await kubegate.create_gateway(name, system=True, fingerprint=fingerprint)
+    _, code = await kubegate.create_gateway(
+        name, system=True, fingerprint=fingerprint, timing=timing
+    )
     if key is None:
         return str(code)
     await kubegate.register_agent(name, key, code)

@@ -33,6 +33,7 @@ from activities.guard import (
 )
 from activities.kube import KubeActivities
 from activities.preflight import PreflightActivities
+from activities.presence import agent_presence
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
@@ -132,6 +133,7 @@ def build_agent(
             *vms.all(),
             *events.all(),
             *kube.all(),
+            agent_presence,
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,

@@ -40,8 +40,10 @@ with workflow.unsafe.imports_passed_through():
         RemovePoolRequest,
         Rollout,
         ScaleRequest,
+        StepState,
     )
     from domain.plan import ChangePlan, node_builds, outdated, plan_apply
+    from domain.presence import WAITING, AgentPresence
     from domain.trust import AccountRef, ReleaseIntent
     from workflows.nodes import (
         LEAVES_SINCE,
@@ -133,6 +135,8 @@ class ClusterWorkflow:
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
+        #: the gateway's agent is away (its gateway said so): running steps say they wait
+        self.agent_away: AgentPresence | None = None
 
     # -- run ------------------------------------------------------------------------------
 
@@ -638,6 +642,12 @@ class ClusterWorkflow:
         return self.nodes.api_server()
 
     @workflow.signal
+    def agent_presence(self, news: AgentPresence) -> None:
+        """The gateway's agent went away or came back: steps waiting on it say so."""
+        self.agent_away = None if news.connected else news
+        self.publish()
+
+    @workflow.signal
     def proceed(self) -> None:
         """The gateway is Running again: a queued cluster starts provisioning."""
         self.queued = False
@@ -1077,8 +1087,20 @@ class ClusterWorkflow:
             await asyncio.gather(*sent)
             self.notices = [t for t in self.notices if t not in sent]
 
+    def _note_waiting(self) -> None:
+        """Running steps say they wait for an absent agent (their own detail otherwise)."""
+        for step in self.state.steps:
+            if step.state is not StepState.RUNNING:
+                continue
+            waiting = step.detail.startswith(WAITING)
+            if self.agent_away is not None and (waiting or not step.detail):
+                step.detail = self.agent_away.waiting_note()
+            elif self.agent_away is None and waiting:
+                step.detail = ""
+
     def publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""
+        self._note_waiting()
         if self.published != self.state.status:
             workflow.upsert_search_attributes(
                 [

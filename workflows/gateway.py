@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 from datetime import timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import RawValue, RetryPolicy, SearchAttributePair, TypedSearchAttributes
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
+    CancelledError,
     ChildWorkflowError,
     WorkflowAlreadyStartedError,
 )
-from temporalio.workflow import ParentClosePolicy
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -76,6 +78,7 @@ with workflow.unsafe.imports_passed_through():
         StepState,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.presence import PRESENCE_ROUND, AgentPresence, PresenceAnswer, PresenceRequest
     from domain.sealing import fingerprint, key_id, normalize_fingerprint, verify_signature
     from domain.trust import (
         AccountAnswer,
@@ -85,14 +88,17 @@ with workflow.unsafe.imports_passed_through():
         LifecycleRef,
         ReleaseIntent,
     )
-    from domain.version import agent_version_problem
+    from domain.version import agent_version_problem, version_at_least
     from domain.vm import InstallerVmRequest, InstallerVmResult
     from workflows.nodes import (
+        LEAVES_SINCE,
         SETTLE_POINTS,
         NodeSet,
         StepFailed,
+        decoded,
         invalid_spec,
         invalid_state,
+        verify_result,
     )
 
 Operation = Literal["provision", "reset", "resize", "upgrade", "delete"]
@@ -105,6 +111,9 @@ _AGENT_DEADLINE = timedelta(minutes=3)
 
 #: patch: a cluster's "Deleted" is believed only once Temporal shows it ended so
 VERIFIED_DELETES = "verified-cluster-deletes"
+
+#: patch: a Running gateway watches whether its agent is there (agent_presence)
+AGENT_PRESENCE = "watch-agent-presence"
 
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
@@ -128,13 +137,19 @@ class GatewayWorkflow:
         self.busy = 0  # Update handlers running checks on the agent (configure, add account)
         self.starting = 0  # cluster workflows being started by request_cluster
         self.provisioning: asyncio.Task[None] | None = None
-        self.published: GatewayStatus | None = None
+        self.published: str | None = None  # the status last written to search attributes
         #: credentials being checked before they are kept (the agent may use these too)
         self.checks: list[AccountCheck] = []
         self.verifying = 0  # cluster "Deleted" signals being confirmed
         self.confirming: set[str] = set()  # the clusters they are about
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
+        #: the task watching whether the agent is there (domain/presence.py)
+        self.presence: asyncio.Task[None] | None = None
+        #: a run from before presence was watched (it replays without it)
+        self.presence_declined = False
+        #: signals to clusters about the agent, sent before the run continues as new
+        self.telling: list[asyncio.Task[None]] = []
         #: the gateway's own nodes, once configured (with `gw.nodes` and `gw.config`)
         self.nodes: NodeSet | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
@@ -166,10 +181,20 @@ class GatewayWorkflow:
                 self.publish()
                 continue
             op, arg = self.op, self.op_arg
+            if op is None and self._presence_due():
+                self._start_presence()
+                continue
             if op is None:
                 if not self._may_continue_as_new():
                     continue
                 await workflow.wait_condition(workflow.all_handlers_finished)
+                if self.op is None and (self.presence is not None or self.telling):
+                    # (a run watching its agent: stop it and tell what was to be told; the
+                    # next run watches again)
+                    await self._stop_presence()
+                    await asyncio.gather(*self.telling)
+                    self.telling = []
+                    await workflow.wait_condition(workflow.all_handlers_finished)
                 if self.op is None:
                     workflow.continue_as_new(
                         GatewayInput(
@@ -213,6 +238,7 @@ class GatewayWorkflow:
             self.op is not None
             or self._may_continue_as_new()
             or (overdue_timer and self._overdue_in() is None)
+            or self._presence_due()
         )
 
     def _begin(self, operation: str) -> None:
@@ -243,6 +269,99 @@ class GatewayWorkflow:
         issued = self.gw.pairing_issued_at or self.gw.created_at or workflow.now()
         left = issued + OVERDUE_AFTER - workflow.now()
         return max(left, timedelta(seconds=1))
+
+    # -- is the agent there? (domain/presence.py) ----------------------------------------
+
+    def _presence_due(self) -> bool:
+        """A Running gateway with an approved agent that can answer, not watched yet."""
+        agent = self.gw.agent
+        return (
+            self.presence is None
+            and not self.presence_declined
+            and self.gw.status is GatewayStatus.RUNNING
+            and agent is not None
+            and agent.approved
+            and agent.signing_key is not None
+            and version_at_least(agent.version, LEAVES_SINCE)
+        )
+
+    def _start_presence(self) -> None:
+        if workflow.patched(AGENT_PRESENCE):
+            self.presence = asyncio.create_task(self._watch_agent())
+        else:  # (a run recorded before presence was watched)
+            self.presence_declined = True
+
+    async def _stop_presence(self) -> None:
+        task, self.presence = self.presence, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch_agent(self) -> None:
+        """One presence task at a time on the agent's queue: held for a round while the agent
+        is there (its heartbeats keep it; silence times it out), answered at once while it is
+        away (the next agent to poll takes it). History grows per round or change only."""
+        silence = timedelta(seconds=self.timing.agent_silence_seconds)
+        while (agent := self.gw.agent) is not None and agent.approved:
+            there = self.gw.agent_connected is not False
+            hold = PRESENCE_ROUND if there else timedelta(0)
+            request = PresenceRequest(hold_seconds=int(hold.total_seconds()))
+            call = str(workflow.uuid4())
+            try:
+                raw = await workflow.execute_activity(
+                    "agent_presence",
+                    request,
+                    activity_id=call,
+                    result_type=RawValue,
+                    task_queue=names.gateway_task_queue(self.gw.name),
+                    start_to_close_timeout=hold + 2 * silence,
+                    schedule_to_start_timeout=silence if there else None,
+                    heartbeat_timeout=silence,
+                    retry_policy=RetryPolicy(maximum_attempts=1),
+                    cancellation_type=ActivityCancellationType.TRY_CANCEL,
+                    summary="Is the agent there?" if there else "Waiting for the agent",
+                )
+            except ActivityError as exc:
+                if isinstance(exc.cause, CancelledError):  # stopped (_stop_presence)
+                    return
+                self._agent_there(False, silence)
+                if not there:  # it failed at once (not silence): do not spin
+                    await workflow.sleep(silence)
+                continue
+            answer = verify_result(
+                decoded(raw), request, "agent_presence", agent.signing_key, PresenceAnswer, call
+            )
+            if answer is None:  # not the approved agent's answer: nothing learned
+                await workflow.sleep(silence)
+                continue
+            self._agent_there(True, silence)
+
+    def _agent_there(self, there: bool, silence: timedelta) -> None:
+        """Record what the last presence task showed; tell the clusters when it changed."""
+        now = workflow.now()
+        changed = self.gw.agent_connected is not there
+        if there:
+            self.gw.agent_seen_at = now
+        elif changed:  # its heartbeats stopped about `silence` ago
+            self.gw.agent_seen_at = max(self.gw.agent_seen_at or now - silence, now - silence)
+        self.gw.agent_connected = there
+        if not changed:
+            return
+        self.publish()
+        news = AgentPresence(gateway=self.gw.name, connected=there, seen_at=self.gw.agent_seen_at)
+        for record in self.gw.clusters:
+            if record.status != "Deleted":
+                self.telling = [t for t in self.telling if not t.done()]
+                self.telling.append(asyncio.create_task(self._tell(record.name, news)))
+
+    async def _tell(self, cluster: str, news: AgentPresence) -> None:
+        """Signal one cluster the agent's presence (a cluster gone meanwhile: nobody to tell)."""
+        handle = workflow.get_external_workflow_handle(names.cluster_workflow_id(cluster))
+        try:
+            await handle.signal("agent_presence", news)
+        except Exception as exc:
+            workflow.logger.info("cluster %s: not told of the agent (%s)", cluster, exc)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -320,6 +439,7 @@ class GatewayWorkflow:
         """Remove what the failed attempt made; back to Pending, agent kept, configure again."""
         request: ResetRequest = self.op_arg
         self.aborting = False
+        await self._stop_presence()
         if self.gw.config is not None and self.gw.nodes is not None and not self.gw.system:
             self._set_status(GatewayStatus.DELETING, "reset: removing what the attempt created")
             try:
@@ -404,6 +524,7 @@ class GatewayWorkflow:
     async def _delete(self) -> bool:
         """Remove the gateway's VMs and addresses; True when it is gone."""
         self._set_status(GatewayStatus.DELETING, "deleting the gateway")
+        await self._stop_presence()
         try:
             if self.gw.nodes is not None and self.gw.config is not None and not self.gw.system:
                 await self._configured().teardown()
@@ -1273,6 +1394,12 @@ class GatewayWorkflow:
         finally:
             self.starting -= 1
         self.publish()
+        if self.gw.agent_connected is False:  # (only runs that watch the agent know this)
+            news = AgentPresence(
+                gateway=self.gw.name, connected=False, seen_at=self.gw.agent_seen_at
+            )
+            self.telling = [t for t in self.telling if not t.done()]
+            self.telling.append(asyncio.create_task(self._tell(spec.name, news)))
         return ClusterAdmission(cluster=spec.name, workflow_id=workflow_id, queued=queued)
 
     @request_cluster.validator
@@ -1447,16 +1574,18 @@ class GatewayWorkflow:
         self.publish()
 
     def publish(self) -> None:
-        """The Web UI's current details; search attributes when the status changed."""
-        if self.published != self.gw.status:
+        """The Web UI's current details; search attributes when the status shown changed
+        (`Disconnected` while Running with the agent away)."""
+        shown = self.gw.shown_status
+        if self.published != shown:
             workflow.upsert_search_attributes(
                 [
                     names.KIND.value_set("gateway"),
-                    names.STATUS.value_set(self.gw.status.value),
+                    names.STATUS.value_set(shown),
                     names.GATEWAY.value_set(self.gw.name),
                 ]
             )
-            self.published = self.gw.status
+            self.published = shown
         workflow.set_current_details(render_details(self.gw))
 
 

@@ -576,7 +576,10 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
         highlight=False,
     )
     if step is not None:
-        out.print(f"step: {step.title} ({step.state.value})", highlight=False)
+        waiting = f" — {step.detail}" if step.state.value == "running" and step.detail else ""
+        out.print(
+            f"step: {step.title} ({step.state.value}){waiting}", highlight=False, markup=False
+        )
     if state.error:
         out.print(f"[red]error:[/red] {state.error}", highlight=False)
     if not describe:

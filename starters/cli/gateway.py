@@ -24,7 +24,7 @@ from domain.gateway import (
     GatewayStatus,
     InstallerProperties,
 )
-from domain.lifecycle import operations
+from domain.lifecycle import Timing, operations
 from domain.sealing import normalize_fingerprint
 from plumbing.settings import Settings
 from starters.cli.common import (
@@ -65,6 +65,7 @@ def _gateway_json(state: GatewayState) -> str:
         data["config"]["credentials"].pop("password", None)
     data["steps"] = [s.model_dump(mode="json") for s in state.steps]
     data["available_version"] = state.available_version
+    data["shown_status"] = state.shown_status
     return json.dumps(data)
 
 
@@ -73,11 +74,18 @@ def _show(state: GatewayState, output: Output, describe: bool) -> None:
         out.print_json(_gateway_json(state))
         return
     out.print(
-        f"gateway [bold]{state.name}[/bold]: {state.status.value}"
+        f"gateway [bold]{escape(state.name)}[/bold]: {state.shown_status}"
         + (" [yellow](overdue)[/yellow]" if state.overdue else "")
-        + (f" — {state.reason}" if state.reason else ""),
+        + (f" — {escape(state.reason)}" if state.reason else ""),
         highlight=False,
     )
+    if state.agent_connected is False:
+        seen = f"{state.agent_seen_at:%Y-%m-%d %H:%M:%S} UTC" if state.agent_seen_at else "?"
+        out.print(
+            f"  the agent is not there (last seen {seen}): requests are taken and wait for it",
+            highlight=False,
+            markup=False,
+        )
     version = f"version {state.version}"
     if state.target_version:
         version += f" → {state.target_version} (upgrading)"
@@ -217,13 +225,26 @@ def gateway_create(
             "approved at once (otherwise: kubegate gateway approve)."
         ),
     ] = None,
+    agent_silence: Annotated[
+        int,
+        typer.Option(
+            "--agent-silence",
+            help="Seconds without a sign of its agent before the gateway shows Disconnected "
+            "(3-3600).",
+        ),
+    ] = Timing().agent_silence_seconds,
     output: OutputOption = Output.table,
 ) -> None:
     """Create a gateway (Pending) and print its pairing code and installer OVA."""
     _check_name(name)
     if fingerprint is not None and len(normalize_fingerprint(fingerprint)) != 39:
         _bad_input("--fingerprint: 32 hex digits, as the agent prints it (e.g. 1a2b:3c4d:…)")
-    state, code = _call(lambda c: c.create_gateway(name, system=system, fingerprint=fingerprint))
+    if not 3 <= agent_silence <= 3600:
+        _bad_input(f"--agent-silence: between 3 and 3600 seconds, not {agent_silence}")
+    timing = Timing(agent_silence_seconds=agent_silence)
+    state, code = _call(
+        lambda c: c.create_gateway(name, system=system, fingerprint=fingerprint, timing=timing)
+    )
     ova = _ova_path()
     if output is Output.json:
         data = json.loads(_gateway_json(state))
@@ -415,7 +436,7 @@ def gateway_list(output: OutputOption = Output.table) -> None:
     for s in states:
         table.add_row(
             s.name,
-            s.status.value + (" (overdue)" if s.overdue else ""),
+            s.shown_status + (" (overdue)" if s.overdue else ""),
             s.version,
             "system" if s.system else str(len(s.nodes.nodes) if s.nodes else 0),
             str(len(s.accounts)),

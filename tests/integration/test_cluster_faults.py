@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,9 @@ from workers.gateway_agent import load_key, policy_path
 pytestmark = pytest.mark.integration
 
 CLONE_MS = 2500
+#: gateway 'crash' shows its agent gone after this silence
+SILENCE = 5
+CRASH_TIMING = Timing(heartbeat_seconds=3, agent_silence_seconds=SILENCE)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +193,9 @@ async def crash_agent(
     settings.home.mkdir(parents=True, exist_ok=True)
     key = load_key(settings, "crash")
     agent_policy(policy_path(settings, "crash"), "crash")
-    code = await system_gateway(kubegate, "crash", slow, fingerprint=key.fingerprint)
+    code = await system_gateway(
+        kubegate, "crash", slow, fingerprint=key.fingerprint, timing=CRASH_TIMING
+    )
     agent = AgentProcess(settings, "crash", code)
     agent.start()
     assert await kubegate.agent_is_polling("crash", wait=30)
@@ -330,4 +336,58 @@ async def test_agent_killed_mid_rollout_finishes_it_without_duplicates(
         "crashroll", lambda s: s.status is ClusterStatus.DELETED, timeout=120
     )
     assert owned_vms(slow, "cluster/crashroll") == []
+    assert await kubegate.pool_allocations("crash", pool.name) == []
+
+
+async def test_a_dead_agent_shows_disconnected_and_a_deploy_waits_for_it_visibly(
+    slow: Vcsim, kubegate: KubegateClient, crash_agent: AgentProcess, settings: Settings
+) -> None:
+    """The agent killed: the gateway shows Disconnected within its silence (get, list and
+    the Web UI's status); a deploy meanwhile is taken, and its step says it waits for the
+    agent; the agent back, the gateway is Running again and the cluster deploys."""
+    from tests.integration.test_rollout import spec_of
+    from tests.support import run_cli
+
+    await kubegate.wait_gateway("crash", lambda s: s.agent_connected is True, timeout=60)
+    pool = await make_pool(kubegate, "gone-pool", 77, gateway="crash")
+    account = await ensure_account(kubegate, slow, "crash")  # (checked on the agent)
+    crash_agent.kill()
+    killed = time.monotonic()
+    state = await kubegate.wait_gateway(
+        "crash", lambda s: s.shown_status == "Disconnected", timeout=60
+    )
+    assert time.monotonic() - killed < SILENCE + 10
+    assert state.status.value == "Running" and state.agent_seen_at is not None
+    code, output = await run_cli(settings, "gateway", "get", "crash")
+    assert code == 0 and "Disconnected" in output and "last seen" in output, output
+    listed = [
+        e.id
+        async for e in kubegate.client.list_workflows(
+            "KubegateKind = 'gateway' AND KubegateStatus = 'Disconnected'"
+        )
+    ]
+    assert "gateway/crash" in listed
+
+    spec = spec_of("waits", pool.name, cp=1, workers=1)
+    spec.cloud_account = account
+    await kubegate.deploy_cluster(spec, timing=Timing(heartbeat_seconds=3))
+    waiting = await kubegate.wait_cluster(
+        "waits",
+        lambda s: any(
+            st.state.value == "running" and "waiting for the agent of gateway crash" in st.detail
+            for st in s.steps
+        ),
+        timeout=60,
+        interval=0.2,
+    )
+    assert waiting.status is ClusterStatus.PROVISIONING
+    code, output = await run_cli(settings, "cluster", "get", "waits")
+    assert "waiting for the agent of gateway crash" in output, output
+
+    crash_agent.start()
+    await kubegate.wait_gateway("crash", lambda s: s.shown_status == "Running", timeout=60)
+    state = await settled_running(kubegate, "waits")
+    assert not any("waiting for the agent" in st.detail for st in state.steps)
+    await kubegate.delete_cluster("waits")
+    await kubegate.wait_cluster("waits", lambda s: s.status is ClusterStatus.DELETED, timeout=120)
     assert await kubegate.pool_allocations("crash", pool.name) == []

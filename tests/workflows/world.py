@@ -59,6 +59,7 @@ from domain.kube import NodeLeaveRequest, NodeLeaveResult
 from domain.lifecycle import ClusterAccount, Timing
 from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
+from domain.presence import PresenceAnswer, PresenceRequest
 from domain.sealing import AgentKey, seal
 from domain.trust import AccountRef
 from domain.version import VERSION
@@ -260,6 +261,13 @@ class World:
             answer = await world._called("vm_wait_ready", request)
             return answer or await ready(request)
 
+        @activity.defn(name="agent_presence")
+        async def agent_presence(request: PresenceRequest) -> PresenceAnswer:
+            answer = await world._called("agent_presence", request)
+            if answer is None:
+                await asyncio.sleep(request.hold_seconds)
+            return answer or PresenceAnswer(release=VERSION, host="stand-in")
+
         @activity.defn(name="cluster_node_leave")
         async def cluster_node_leave(request: NodeLeaveRequest) -> NodeLeaveResult:
             answer = await world._called("cluster_node_leave", request)
@@ -302,6 +310,7 @@ class World:
             vm_power_on,
             vm_wait_ready,
             cluster_node_leave,
+            agent_presence,
             vm_destroy,
             vm_sweep,
             vm_installer,
