@@ -78,7 +78,13 @@ with workflow.unsafe.imports_passed_through():
         StepState,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
-    from domain.presence import PRESENCE_ROUND, AgentPresence, PresenceAnswer, PresenceRequest
+    from domain.presence import (
+        PRESENCE_ROUND,
+        WAITING,
+        AgentPresence,
+        PresenceAnswer,
+        PresenceRequest,
+    )
     from domain.sealing import fingerprint, key_id, normalize_fingerprint, verify_signature
     from domain.trust import (
         AccountAnswer,
@@ -354,6 +360,21 @@ class GatewayWorkflow:
             if record.status != "Deleted":
                 self.telling = [t for t in self.telling if not t.done()]
                 self.telling.append(asyncio.create_task(self._tell(record.name, news)))
+
+    def _note_waiting(self) -> None:
+        """The gateway's own running steps say they wait for an absent agent."""
+        away = self.gw.agent_connected is False
+        note = AgentPresence(
+            gateway=self.gw.name, connected=False, seen_at=self.gw.agent_seen_at
+        ).waiting_note()
+        for step in self.gw.steps:
+            if step.state is not StepState.RUNNING:
+                continue
+            waiting = step.detail.startswith(WAITING)
+            if away and (waiting or not step.detail):
+                step.detail = note
+            elif not away and waiting:
+                step.detail = ""
 
     async def _tell(self, cluster: str, news: AgentPresence) -> None:
         """Signal one cluster the agent's presence (a cluster gone meanwhile: nobody to tell)."""
@@ -1576,6 +1597,7 @@ class GatewayWorkflow:
     def publish(self) -> None:
         """The Web UI's current details; search attributes when the status shown changed
         (`Disconnected` while Running with the agent away)."""
+        self._note_waiting()
         shown = self.gw.shown_status
         if self.published != shown:
             workflow.upsert_search_attributes(
