@@ -263,6 +263,8 @@ class NodeSetState(BaseModel):
     revisions: dict[str, int] = Field(default_factory=dict)
     #: node slot -> profile version its current node was built from (set by a rolling upgrade)
     slot_versions: dict[str, str] = Field(default_factory=dict)
+    #: the control-plane VMs its anti-affinity rule keeps apart (none: no rule)
+    kept_apart: list[str] = Field(default_factory=list)
 
     @abstractmethod
     def node_spec(self) -> NodeSpec:

@@ -223,3 +223,23 @@ class InstallerVmResult(BaseModel):
     note: str = ""
     power_state: str = ""
     vcenter_requests: int = 0
+
+
+class KeepApartRequest(AgentRequest):
+    """Keep these VMs of one compute cluster on distinct hosts: a DRS VM-VM anti-affinity
+    rule named `rule` with exactly them (fewer than two: the rule is removed)."""
+
+    credentials: VCenterCredentials
+    compute_cluster: str = Field(description="'ClusterComputeResource:domain-c…'.")
+    rule: str = Field(min_length=1, max_length=80, description="The rule's name.")
+    vms: list[str] = Field(default_factory=list, description="'VirtualMachine:vm-…' refs.")
+
+
+class KeepApartResult(BaseModel):
+    """The rule as vCenter now has it, and whether DRS enforces it."""
+
+    rule: str
+    vms: list[str] = Field(default_factory=list, description="The VMs in it (none: removed).")
+    drs: bool = Field(description="DRS is on in the cluster (off: the rule is not enforced).")
+    changed: bool = False
+    vcenter_requests: int = 0

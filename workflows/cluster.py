@@ -117,6 +117,7 @@ class ClusterWorkflow:
             secrets=input.secrets,
         )
         self.nodes.leaves = input.readiness == "kubernetes"
+        self.nodes.apart = True
         self.operation = ""  # the operation new steps belong to (see `_begin`)
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None

@@ -86,6 +86,8 @@ with workflow.unsafe.imports_passed_through():
         DomainRefs,
         FolderRequest,
         FolderResult,
+        KeepApartRequest,
+        KeepApartResult,
         OwnerMark,
         PlacementRefs,
         PlacementRequest,
@@ -121,6 +123,8 @@ NODES_READY = "readiness-checks-nodes-ready"
 #: apply` once joined (its bootstrap data says so)
 UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
 
+#: patch: a cluster's control-plane VMs are kept on distinct hosts by a DRS rule
+KEEP_APART = "control-plane-anti-affinity"
 #: the first agent release that drains nodes and checks them Ready through the API
 LEAVES_SINCE = "0.3.0"
 
@@ -292,6 +296,8 @@ class NodeSet:
         self.leaves = False
         #: the template path `placement` was resolved for
         self.placement_template: str | None = None
+        #: control-plane VMs are kept on distinct hosts (a cluster's: a DRS rule)
+        self.apart = False
         #: the slots the converge in progress changes (None: every slot)
         self.scope: Collection[Slot] | None = None
         self._layout: tuple[NodeSpec, NodeLayout] | None = None
@@ -525,6 +531,10 @@ class NodeSet:
         await self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
         await remove(last)
         self.scope = None
+        if self.apart and self._apart() != self.record.kept_apart and workflow.patched(KEEP_APART):
+            await self.step(
+                "keep-apart", "Keep the control plane on distinct hosts", self._keep_apart
+            )
 
     async def roll(self) -> None:
         """Replace every node not built from the spec's profile version, one at a time: a new
@@ -959,6 +969,46 @@ class NodeSet:
         step.detail = "; ".join(filter(None, [step.detail, *details]))
         self.host.publish()
 
+    def _apart(self) -> list[str]:
+        """The control-plane VMs to keep apart (none when fewer than two)."""
+        vms = sorted(
+            n.vm for n in self.record.nodes if n.control_plane and n.vm and n.phase == "ready"
+        )
+        return vms if len(vms) >= 2 else []
+
+    def _apart_rule(self) -> str:
+        return f"kubegate-{self.layout.name}-control-plane"
+
+    async def _keep_apart(self, step: Step, vms: list[str] | None = None) -> None:
+        """A DRS VM-VM anti-affinity rule in the control plane's compute cluster holding its
+        VMs (removed when fewer than two); DRS off: said, not enforced."""
+        placement = await self._placement()
+        domain = self.layout.domains[0]
+        cluster = placement.of(domain.names).compute_cluster
+        wanted = self._apart() if vms is None else vms
+        result = await self.agent(
+            "vm_keep_apart",
+            KeepApartRequest(
+                credentials=self.account.current,
+                compute_cluster=cluster,
+                rule=self._apart_rule(),
+                vms=wanted,
+            ),
+            KeepApartResult,
+            f"Anti-affinity rule {self._apart_rule()} in {domain.compute_cluster}",
+        )
+        self.record.kept_apart = list(result.vms)
+        step.objects = [cluster]
+        if not result.vms:
+            step.detail = f"rule {result.rule} removed" if result.changed else "no rule needed"
+        else:
+            step.detail = f"rule {result.rule}: {len(result.vms)} VMs on distinct hosts" + (
+                "" if result.drs else f" (DRS is off in {domain.compute_cluster}: not enforced)"
+            )
+
+    async def _unkeep(self, step: Step) -> None:
+        await self._keep_apart(step, vms=[])
+
     async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
         for node in nodes:
             node.phase = "deleting"
@@ -987,6 +1037,10 @@ class NodeSet:
 
     async def teardown(self) -> None:
         """Destroy every VM, release every address, remove the folder (each a step)."""
+        if self.record.kept_apart and workflow.patched(KEEP_APART):
+            await self.step(
+                "keep-apart", "Remove the control plane's anti-affinity rule", self._unkeep
+            )
         nodes = list(self.record.nodes)
         await self.step(
             "delete-vms",

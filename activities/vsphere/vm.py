@@ -51,6 +51,8 @@ from domain.vm import (
     FolderResult,
     InstallerVmRequest,
     InstallerVmResult,
+    KeepApartRequest,
+    KeepApartResult,
     OwnerMark,
     PlacementRefs,
     PlacementRequest,
@@ -750,9 +752,52 @@ class VmActivities:
         result.vcenter_requests = meter[0]
         return result
 
+    @activity.defn(name="vm_keep_apart")
+    def keep_apart(self, request: KeepApartRequest) -> KeepApartResult:
+        """Make the compute cluster's anti-affinity rule `rule` hold exactly these VMs (add,
+        edit or, for fewer than two, remove it); idempotent."""
+        progress = _Progress(stage="keep-apart")
+        wanted = sorted(set(request.vms))
+
+        def run(session: VSphereSession) -> KeepApartResult:
+            cluster = from_ref(session, request.compute_cluster)
+            config = retrieve(session, [cluster], ["configurationEx"]).get(ref(cluster), {})
+            info = config.get("configurationEx")
+            drs = bool(info and info.drsConfig and info.drsConfig.enabled)
+            rules = list(info.rule or []) if info is not None else []
+            found = next((r for r in rules if r.name == request.rule), None)
+            have = sorted(ref(vm) for vm in (getattr(found, "vm", None) or []))
+            if len(wanted) < 2:
+                if found is None:
+                    return KeepApartResult(rule=request.rule, drs=drs)
+                spec = vim.cluster.RuleSpec(operation="remove", removeKey=found.key)
+            elif found is not None and have == wanted and found.enabled:
+                return KeepApartResult(rule=request.rule, vms=have, drs=drs)
+            else:
+                rule = vim.cluster.AntiAffinityRuleSpec(
+                    name=request.rule,
+                    enabled=True,
+                    vm=[from_ref(session, vm) for vm in wanted],
+                )
+                if found is not None:
+                    rule.key = found.key
+                spec = vim.cluster.RuleSpec(
+                    operation="edit" if found is not None else "add", info=rule
+                )
+            change = vim.cluster.ConfigSpecEx(rulesSpec=[spec])
+            self._await(session, cluster.ReconfigureComputeResource_Task(change, True), progress)
+            vms = wanted if len(wanted) >= 2 else []
+            return KeepApartResult(rule=request.rule, vms=vms, drs=drs, changed=True)
+
+        with request_meter() as meter:
+            result = self._call(request.credentials, f"keep apart ({request.rule})", run)
+        result.vcenter_requests = meter[0]
+        return result
+
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the agent's worker."""
         return [
+            self.keep_apart,
             self.installer,
             self.resolve_placement,
             self.ensure_folder,

@@ -275,8 +275,11 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
         "bootstrap",
         "create-vms",
         "readiness",
+        "keep-apart",
     ]
     assert all(s.state.value == "done" and s.started and s.ended for s in state.steps)
+    kept = next(s for s in state.steps if s.name == "keep-apart")
+    assert "alpha-control-plane: 3 VMs" in kept.detail, kept.detail
 
     vms = {vm["name"]: vm for vm in owned_vms(sim, "cluster/alpha")}
     expected = {

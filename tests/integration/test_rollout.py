@@ -179,6 +179,22 @@ def discovery_server(document: str) -> str:
     raise AssertionError("no discovery kubeconfig")
 
 
+def apart_rule(sim: Vcsim, cluster: str, compute_cluster: str = "DC0_C0") -> list[str] | None:
+    """The VMs (names) of the cluster's control-plane anti-affinity rule, read from vCenter;
+    None when there is no such rule."""
+    si = sim.connect()
+    try:
+        content = si.RetrieveContent()
+        found = content.searchIndex.FindByInventoryPath(f"DC0/host/{compute_cluster}")
+        for rule in found.configurationEx.rule or []:
+            if rule.name == f"kubegate-{cluster}-control-plane":
+                assert isinstance(rule, vim.cluster.AntiAffinityRuleSpec) and rule.enabled
+                return sorted(vm.name for vm in rule.vm)
+        return None
+    finally:
+        Vcsim.disconnect(si)
+
+
 def userdata(vm: dict[str, Any]) -> str:
     return decode(vm["extra"]["guestinfo.userdata"])
 
@@ -231,6 +247,8 @@ async def test_a_rolling_upgrade_keeps_surge_and_unavailable_limits_at_every_mom
     assert upgrades == {"roll-cp-0-r1"}
     assert {n.kubernetes for n in state.nodes} == {"1.31.0"}
     assert state.spec.template() == NEW_TEMPLATE
+    # the control plane's new members are the ones kept apart (a DRS anti-affinity rule)
+    assert apart_rule(sim, "roll") == ["roll-cp-0-r1", "roll-cp-1-r1", "roll-cp-2-r1"]
     allocations = await kubegate.pool_allocations(GATEWAY, pool.name)
     assert len(allocations) == 7  # the VIP and six nodes: every old address given back
     # the step history shows each replacement, the control plane's one member at a time
@@ -247,6 +265,7 @@ async def test_a_rolling_upgrade_keeps_surge_and_unavailable_limits_at_every_mom
         await kubegate.upgrade_cluster("roll", kubernetes="1.31.0")
     await kubegate.delete_cluster("roll")
     await until(kubegate, "roll", ClusterStatus.DELETED)
+    assert apart_rule(sim, "roll") is None  # removed with the cluster
     await record_history(kubegate.client, cluster_workflow_id("roll"), "cluster_rolling_upgrade")
     assert owned_vms(sim, "cluster/roll") == []
     assert await kubegate.pool_allocations(GATEWAY, pool.name) == []
@@ -334,6 +353,7 @@ async def test_the_control_plane_grows_and_shrinks_one_member_at_a_time(
     with Watcher(sim, "cluster/cps") as watcher:
         result = await kubegate.scale_pool("cps", "cp", 3, timeout=300)
     assert sorted(result.added) == ["cps-cp-1", "cps-cp-2"]
+    assert apart_rule(sim, "cps") == ["cps-cp-0", "cps-cp-1", "cps-cp-2"]
     made = [m for m, _ in watcher.counts("cp")]
     assert made[0] == 1 and made[-1] == 3
     assert all(b - a <= 1 for a, b in itertools.pairwise(made))  # one at a time
@@ -352,6 +372,7 @@ async def test_the_control_plane_grows_and_shrinks_one_member_at_a_time(
     made = [m for m, _ in watcher.counts("cp")]
     assert all(a - b <= 1 for a, b in itertools.pairwise(made)) and made[-1] == 1
     assert sorted(vm["name"] for vm in owned_vms(sim, "cluster/cps")) == ["cps-cp-0", "cps-w-0"]
+    assert apart_rule(sim, "cps") is None  # one member: nothing to keep apart
     assert len(await kubegate.pool_allocations(GATEWAY, pool.name)) == 3
     await kubegate.delete_cluster("cps")
     await until(kubegate, "cps", ClusterStatus.DELETED)

@@ -73,6 +73,8 @@ from domain.vm import (
     GuestsRequest,
     InstallerVmRequest,
     InstallerVmResult,
+    KeepApartRequest,
+    KeepApartResult,
     PlacementRefs,
     PlacementRequest,
     PowerOnRequest,
@@ -261,6 +263,12 @@ class World:
             answer = await world._called("vm_wait_ready", request)
             return answer or await ready(request)
 
+        @activity.defn(name="vm_keep_apart")
+        async def vm_keep_apart(request: KeepApartRequest) -> KeepApartResult:
+            answer = await world._called("vm_keep_apart", request)
+            vms = sorted(request.vms) if len(request.vms) >= 2 else []
+            return answer or KeepApartResult(rule=request.rule, vms=vms, drs=True, changed=True)
+
         @activity.defn(name="agent_presence")
         async def agent_presence(request: PresenceRequest) -> PresenceAnswer:
             answer = await world._called("agent_presence", request)
@@ -311,6 +319,7 @@ class World:
             vm_wait_ready,
             cluster_node_leave,
             agent_presence,
+            vm_keep_apart,
             vm_destroy,
             vm_sweep,
             vm_installer,
