@@ -528,13 +528,15 @@ class NodeSet:
             await addresses
         await self.step("bootstrap", f"{label}Render bootstrap data", self._bootstrap)
         await self.step("create-vms", f"{label}Create VMs", self._create_vms)
-        await self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
-        await remove(last)
+        ready = self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
+        if not last and self._keep_apart_due():  # (off the critical path: beside readiness)
+            await run_all([ready, self._keep_apart_step()])
+        else:
+            await ready
+            await remove(last)
+            if self._keep_apart_due():
+                await self._keep_apart_step()
         self.scope = None
-        if self.apart and self._apart() != self.record.kept_apart and workflow.patched(KEEP_APART):
-            await self.step(
-                "keep-apart", "Keep the control plane on distinct hosts", self._keep_apart
-            )
 
     async def roll(self) -> None:
         """Replace every node not built from the spec's profile version, one at a time: a new
@@ -972,9 +974,19 @@ class NodeSet:
     def _apart(self) -> list[str]:
         """The control-plane VMs to keep apart (none when fewer than two)."""
         vms = sorted(
-            n.vm for n in self.record.nodes if n.control_plane and n.vm and n.phase == "ready"
+            n.vm
+            for n in self.record.nodes
+            if n.control_plane and n.vm and n.phase in ("created", "ready")
         )
         return vms if len(vms) >= 2 else []
+
+    def _keep_apart_due(self) -> bool:
+        return (
+            self.apart and self._apart() != self.record.kept_apart and workflow.patched(KEEP_APART)
+        )
+
+    async def _keep_apart_step(self) -> None:
+        await self.step("keep-apart", "Keep the control plane on distinct hosts", self._keep_apart)
 
     def _apart_rule(self) -> str:
         return f"kubegate-{self.layout.name}-control-plane"
