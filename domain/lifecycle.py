@@ -16,6 +16,7 @@ from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
 from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool, version_key
 from domain.kubeconfig import KubeconfigIssue
+from domain.presence import AgentPresence
 
 
 class ClusterStatus(StrEnum):
@@ -292,6 +293,8 @@ class ClusterState(NodeSetState):
     kubeconfigs: list[KubeconfigIssue] = Field(default_factory=list)
     #: the latest rolling replacement of nodes (upgrade), running or ended
     rollout: Rollout | None = None
+    #: the gateway's agent is away (its gateway said so): running steps say they wait
+    agent_away: AgentPresence | None = None
 
     def node_spec(self) -> NodeSpec:
         return self.spec

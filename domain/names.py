@@ -68,6 +68,12 @@ def gateway_task_queue(gateway: str) -> str:
     return f"kubegate-gateway-{gateway}"
 
 
+def presence_task_queue(gateway: str) -> str:
+    """The task queue of a gateway's presence task (domain/presence.py): the agent serves it
+    with slots of its own, so a busy agent is never taken for an absent one."""
+    return f"kubegate-gateway-{gateway}-presence"
+
+
 def preflight_workflow_id(request_id: str) -> str:
     return f"preflight/{request_id}"
 

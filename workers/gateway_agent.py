@@ -11,6 +11,7 @@ checked by the guard (activities/guard.py) and every result signed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import logging.handlers
 import socket
@@ -37,7 +38,7 @@ from activities.presence import agent_presence
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
-from domain.names import gateway_task_queue
+from domain.names import gateway_task_queue, presence_task_queue
 from domain.sealing import AgentKey
 from plumbing.connect import connect
 from plumbing.errors import RequestRefused
@@ -101,8 +102,8 @@ def build_agent(
     shutdown_grace: float = 10.0,
     max_ops_per_host: int = 8,
     max_ops_per_datastore: int = 128,
-) -> Worker:
-    """The agent's worker: every vSphere activity, on the gateway's task queue, behind the
+) -> AgentWorkers:
+    """The agent's workers: every vSphere activity, on the gateway's task queue, behind the
     guard (policy, gateway authorization, signed results)."""
     key.gateway = gateway
     policy_file = PolicyFile(policy)
@@ -118,7 +119,16 @@ def build_agent(
     )
     events = EventActivities(key, sessions)
     kube = KubeActivities(key)
-    return Worker(
+    # presence (domain/presence.py) on a queue and slots of its own: work never delays it
+    presence = Worker(
+        client,
+        task_queue=presence_task_queue(gateway),
+        activities=[agent_presence],
+        max_concurrent_activities=4,
+        interceptors=[GuardInterceptor(guard)],
+        graceful_shutdown_timeout=timedelta(seconds=shutdown_grace),
+    )
+    work = Worker(
         client,
         task_queue=task_queue or gateway_task_queue(gateway),
         activities=[
@@ -133,7 +143,6 @@ def build_agent(
             *vms.all(),
             *events.all(),
             *kube.all(),
-            agent_presence,
         ],
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,
@@ -142,6 +151,24 @@ def build_agent(
         # (activities/vsphere/vm.py); short ones may finish meanwhile
         graceful_shutdown_timeout=timedelta(seconds=shutdown_grace),
     )
+    return AgentWorkers(work, presence)
+
+
+class AgentWorkers:
+    """The agent's two workers, run together: its work, and its presence."""
+
+    def __init__(self, work: Worker, presence: Worker) -> None:
+        self.work, self.presence = work, presence
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> AgentWorkers:
+        self._stack = contextlib.AsyncExitStack()
+        await self._stack.enter_async_context(self.presence)
+        await self._stack.enter_async_context(self.work)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
 
 
 async def serve(

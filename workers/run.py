@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from temporalio.worker import Worker
 
 
 async def run_until_signalled(
-    worker: Worker, started: Callable[[], Awaitable[None]] | None = None
+    worker: Worker | AbstractAsyncContextManager[Any],
+    started: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Run `worker` until SIGTERM/SIGINT; `started` runs once it polls."""
     stop = asyncio.Event()

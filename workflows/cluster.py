@@ -136,8 +136,6 @@ class ClusterWorkflow:
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
-        #: the gateway's agent is away (its gateway said so): running steps say they wait
-        self.agent_away: AgentPresence | None = None
 
     # -- run ------------------------------------------------------------------------------
 
@@ -645,7 +643,7 @@ class ClusterWorkflow:
     @workflow.signal
     def agent_presence(self, news: AgentPresence) -> None:
         """The gateway's agent went away or came back: steps waiting on it say so."""
-        self.agent_away = None if news.connected else news
+        self.state.agent_away = None if news.connected else news
         self.publish()
 
     @workflow.signal
@@ -1094,9 +1092,9 @@ class ClusterWorkflow:
             if step.state is not StepState.RUNNING:
                 continue
             waiting = step.detail.startswith(WAITING)
-            if self.agent_away is not None and (waiting or not step.detail):
-                step.detail = self.agent_away.waiting_note()
-            elif self.agent_away is None and waiting:
+            if self.state.agent_away is not None and (waiting or not step.detail):
+                step.detail = self.state.agent_away.waiting_note()
+            elif self.state.agent_away is None and waiting:
                 step.detail = ""
 
     def publish(self) -> None:

@@ -201,6 +201,9 @@ class GatewayWorkflow:
                     await asyncio.gather(*self.telling)
                     self.telling = []
                     await workflow.wait_condition(workflow.all_handlers_finished)
+                    if self.telling:  # (a cluster started meanwhile was told too)
+                        await asyncio.gather(*self.telling)
+                        self.telling = []
                 if self.op is None:
                     workflow.continue_as_new(
                         GatewayInput(
@@ -310,8 +313,10 @@ class GatewayWorkflow:
         away (the next agent to poll takes it). History grows per round or change only."""
         silence = timedelta(seconds=self.timing.agent_silence_seconds)
         while (agent := self.gw.agent) is not None and agent.approved:
+            # while it is there: a round held; first (not known yet) or while it is away: a
+            # task answered at once (first: within the silence, else it is away)
             there = self.gw.agent_connected is not False
-            hold = PRESENCE_ROUND if there else timedelta(0)
+            hold = PRESENCE_ROUND if self.gw.agent_connected else timedelta(0)
             request = PresenceRequest(hold_seconds=int(hold.total_seconds()))
             call = str(workflow.uuid4())
             try:
@@ -320,7 +325,7 @@ class GatewayWorkflow:
                     request,
                     activity_id=call,
                     result_type=RawValue,
-                    task_queue=names.gateway_task_queue(self.gw.name),
+                    task_queue=names.presence_task_queue(self.gw.name),
                     start_to_close_timeout=hold + 2 * silence,
                     schedule_to_start_timeout=silence if there else None,
                     heartbeat_timeout=silence,
@@ -331,7 +336,8 @@ class GatewayWorkflow:
             except ActivityError as exc:
                 if isinstance(exc.cause, CancelledError):  # stopped (_stop_presence)
                     return
-                self._agent_there(False, silence)
+                stopping = getattr(exc.cause, "type", None) == "AgentStopping"
+                self._agent_there(False, timedelta(0) if stopping else silence)
                 if not there:  # it failed at once (not silence): do not spin
                     await workflow.sleep(silence)
                 continue
@@ -342,6 +348,7 @@ class GatewayWorkflow:
                 await workflow.sleep(silence)
                 continue
             self._agent_there(True, silence)
+        self.presence = None  # (no approved agent: watched again once there is one)
 
     def _agent_there(self, there: bool, silence: timedelta) -> None:
         """Record what the last presence task showed; tell the clusters when it changed."""

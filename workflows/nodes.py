@@ -998,17 +998,26 @@ class NodeSet:
         domain = self.layout.domains[0]
         cluster = placement.of(domain.names).compute_cluster
         wanted = self._apart() if vms is None else vms
-        result = await self.agent(
-            "vm_keep_apart",
-            KeepApartRequest(
-                credentials=self.account.current,
-                compute_cluster=cluster,
-                rule=self._apart_rule(),
-                vms=wanted,
-            ),
-            KeepApartResult,
-            f"Anti-affinity rule {self._apart_rule()} in {domain.compute_cluster}",
-        )
+        try:
+            result = await self.agent(
+                "vm_keep_apart",
+                KeepApartRequest(
+                    credentials=self.account.current,
+                    compute_cluster=cluster,
+                    rule=self._apart_rule(),
+                    vms=wanted,
+                ),
+                KeepApartResult,
+                f"Anti-affinity rule {self._apart_rule()} in {domain.compute_cluster}",
+            )
+        except (ActivityError, ApplicationError) as exc:
+            # best effort: the cluster serves without it (the next change tries again)
+            step.objects = [cluster]
+            step.detail = (
+                f"not kept apart: {_message(exc)} (the rule needs Host.Inventory.EditCluster "
+                f"on {domain.compute_cluster})"
+            )
+            return
         self.record.kept_apart = list(result.vms)
         step.objects = [cluster]
         if not result.vms:
@@ -1049,16 +1058,16 @@ class NodeSet:
 
     async def teardown(self) -> None:
         """Destroy every VM, release every address, remove the folder (each a step)."""
-        if self.record.kept_apart and workflow.patched(KEEP_APART):
-            await self.step(
-                "keep-apart", "Remove the control plane's anti-affinity rule", self._unkeep
-            )
         nodes = list(self.record.nodes)
         await self.step(
             "delete-vms",
             "Destroy the VMs",
             lambda step: self._delete_vms(step, nodes),
         )
+        if self.record.kept_apart and workflow.patched(KEEP_APART):
+            await self.step(
+                "keep-apart", "Remove the control plane's anti-affinity rule", self._unkeep
+            )
         await self.step("release", "Release addresses", self._release_all)
         await self.step("remove-folder", "Remove the folder", self._remove_folder)
 

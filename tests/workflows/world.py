@@ -422,6 +422,8 @@ class World:
         (a lifecycle's end, an owner's `releasing` query, a gateway's current credentials).
         """
         guard = Unchecked(client, self.gateway, self.key, PolicyFile(Path("/nonexistent")))
+        agent = self.agent_activities()
+        presence = next(a for a in agent if getattr(a, "__name__", "") == "agent_presence")
         control = (
             build_worker(client)
             if real_control
@@ -437,7 +439,13 @@ class World:
             Worker(
                 client,
                 task_queue=names.gateway_task_queue(self.gateway),
-                activities=self.agent_activities(),
+                activities=[a for a in agent if a is not presence],
+                interceptors=[GuardInterceptor(guard)],
+            ),
+            Worker(  # the agent's presence, on its own queue as the agent serves it
+                client,
+                task_queue=names.presence_task_queue(self.gateway),
+                activities=[presence],
                 interceptors=[GuardInterceptor(guard)],
             ),
         ]
