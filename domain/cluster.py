@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from domain.names import DnsLabel, HostName, is_dns_label
+from domain.version import version_key
 
 #: Profile layers, in the order they must appear.
 LAYER_ORDER = ("os", "kubernetes", "network", "storage", "addon")
@@ -486,6 +487,15 @@ class ClusterSpec(BaseModel):
                 layer.pack.version = version
         return self.model_copy(update={"profile": profile})
 
+    def upgraded(self, kubernetes: str | None = None, template: str | None = None) -> ClusterSpec:
+        """The spec with another Kubernetes version and/or os template, validated again
+        (ValueError or ValidationError naming the field)."""
+        if kubernetes is None and template is None:
+            raise ValueError("kubernetes, template: name a version, a template or both")
+        spec = self.with_kubernetes(kubernetes) if kubernetes is not None else self
+        spec = spec.with_template(template) if template is not None else spec
+        return ClusterSpec.model_validate(spec.model_dump(mode="json"))
+
     def with_template(self, template: str) -> ClusterSpec:
         """The spec with its os pack's `values.template` at `template` (an override of it
         dropped)."""
@@ -505,17 +515,6 @@ def template_of(profile: ClusterProfile) -> str | None:
     pack = profile.pack("os")
     value = pack.values.get("template") if pack else None
     return value.strip("/") if isinstance(value, str) and value.strip("/") else None
-
-
-_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
-
-
-def version_key(value: str) -> tuple[int, int, int] | None:
-    """'v1.30.4' or '1.30' as (1, 30, 4) / (1, 30, 0); None when it is not a version."""
-    match = _VERSION.match(value)
-    if match is None:
-        return None
-    return int(match[1]), int(match[2]), int(match[3] or 0)
 
 
 def kubernetes_step_problem(current: str, wanted: str) -> str | None:

@@ -14,9 +14,10 @@ from pydantic import BaseModel, Field
 
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
-from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool, version_key
+from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
 from domain.kubeconfig import KubeconfigIssue
-from domain.presence import AgentPresence
+from domain.presence import WAITING, AgentPresence
+from domain.version import version_at_least
 
 
 class ClusterStatus(StrEnum):
@@ -105,6 +106,19 @@ def operations(steps: list[Step]) -> list[tuple[str, int, list[Step]]]:
     return groups
 
 
+def note_waiting(steps: list[Step], away: AgentPresence | None) -> None:
+    """Running steps say they wait for an absent agent (`away`), unless they say something
+    of their own; the note goes once the agent is back."""
+    for step in steps:
+        if step.state is not StepState.RUNNING:
+            continue
+        waiting = step.detail.startswith(WAITING)
+        if away is not None and (waiting or not step.detail):
+            step.detail = away.waiting_note()
+        elif away is None and waiting:
+            step.detail = ""
+
+
 NodePhase = Literal["planned", "creating", "created", "ready", "deleting", "deleted", "failed"]
 
 
@@ -154,10 +168,7 @@ class ClusterAccount(BaseModel):
 
     def agent_runs(self, release: str) -> bool:
         """Whether the agent is known to run `release` or later (what it can do)."""
-        if not self.agent_release:
-            return False
-        ours, wanted = version_key(self.agent_release), version_key(release)
-        return ours is not None and wanted is not None and ours >= wanted
+        return version_at_least(self.agent_release or "", release)
 
     @property
     def current(self) -> VCenterCredentials:
@@ -266,6 +277,8 @@ class NodeSetState(BaseModel):
     slot_versions: dict[str, str] = Field(default_factory=dict)
     #: the control-plane VMs its anti-affinity rule keeps apart (none: no rule)
     kept_apart: list[str] = Field(default_factory=list)
+    #: the compute cluster holding that rule ('ClusterComputeResource:…')
+    kept_apart_in: str | None = None
 
     @abstractmethod
     def node_spec(self) -> NodeSpec:

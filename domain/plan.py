@@ -27,7 +27,6 @@ _NOT_IN_PLACE = {
     "control_plane.placement": "the control plane's members and its VIP live there",
     "control_plane.vip": "the API server is reached there",
 }
-_CP_SIZE = "control plane"
 
 
 class ChangePlan(BaseModel):
@@ -56,25 +55,29 @@ class ChangePlan(BaseModel):
     def empty(self) -> bool:
         return not (self.changes or self.refused or self.create or self.remove or self.replace)
 
+    resizes_control_plane: bool = Field(
+        default=False, description="Control-plane members come or go (one at a time)."
+    )
+
     @property
     def rolling(self) -> bool:
         """Nodes are replaced, or control-plane members come or go: a rollout, one step at a
         time, that can be paused and aborted."""
-        return bool(self.replace) or any(n.startswith(_CP_SIZE) for n in self.changes)
+        return bool(self.replace) or self.resizes_control_plane
 
 
 def plan_apply(
     running: ClusterSpec,
     wanted: ClusterSpec,
-    nodes: Sequence[Node] | Mapping[str, str],
+    nodes: Sequence[Node],
     revisions: dict[str, int] | None = None,
 ) -> ChangePlan:
     """The plan for making a cluster running `running` with `nodes` match `wanted`. A node
     not yet created or ready (left by a failed change) is created by the apply as by any
     change: it is in the plan. A node whose build (node_build) differs from what the edited
     spec builds is replaced. Pure: the CLI prints it, the workflow refuses or carries out the
-    same. (`nodes` may also be name -> phase, all built from `running`.)"""
-    records = _records(running, nodes, revisions or {})
+    same."""
+    records = list(nodes)
     plan = ChangePlan()
     before, after = running.model_dump(mode="json"), wanted.model_dump(mode="json")
     for field, reason in _NOT_IN_PLACE.items():
@@ -82,8 +85,9 @@ def plan_apply(
             plan.refused.append(f"{field}: cannot change in place ({reason})")
     cp_before, cp_after = before["control_plane"], after["control_plane"]
     if cp_before["size"] != cp_after["size"]:
+        plan.resizes_control_plane = True
         plan.changes.append(
-            f"{_CP_SIZE} {cp_before['size']} -> {cp_after['size']} members, one at a time"
+            f"control plane {cp_before['size']} -> {cp_after['size']} members, one at a time"
         )
     old_kube, new_kube = running.kubernetes_version(), wanted.kubernetes_version()
     if old_kube != new_kube:
@@ -135,31 +139,6 @@ def _rest_of(spec: ClusterSpec) -> object:
         if layer["layer"] == "os":
             layer["pack"]["values"].pop("template", None)
     return document
-
-
-def _records(
-    running: ClusterSpec, nodes: Sequence[Node] | Mapping[str, str], revisions: dict[str, int]
-) -> list[Node]:
-    """The nodes as records (a name -> phase map: nodes built from `running`)."""
-    if not isinstance(nodes, Mapping):
-        return list(nodes)
-    out = []
-    by_name = {_named(p.name, revisions): p for p in plan_nodes(running)}
-    for name, phase in nodes.items():
-        p = by_name.get(name)
-        out.append(
-            Node(
-                name=name,
-                pool=p.pool if p else "",
-                index=p.index if p else 0,
-                control_plane=p.control_plane if p else False,
-                domain_index=0,
-                compute_cluster="",
-                instance_uuid="",
-                phase=phase,
-            )
-        )
-    return out
 
 
 def _pools(running: ClusterSpec, wanted: ClusterSpec, plan: ChangePlan) -> None:

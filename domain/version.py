@@ -7,6 +7,7 @@ must never decide on the version of the code that happens to replay it.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import tomllib
 from pathlib import Path
 
@@ -64,16 +65,19 @@ def agent_version_problem(agent: str, version: str = VERSION) -> str | None:
     return None
 
 
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def version_key(value: str) -> tuple[int, int, int] | None:
+    """'v1.30.4' or '1.30' as (1, 30, 4) / (1, 30, 0); None when it is not a version."""
+    match = _VERSION.match(value.strip())
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
 def version_at_least(version: str, least: str) -> bool:
     """Whether release `version` ('0.3.0', 'v0.3.1') is `least` or later (False when it
     cannot be read, e.g. an agent that did not say)."""
-
-    def key(value: str) -> tuple[int, ...] | None:
-        parts = value.strip().lstrip("v").split(".")
-        try:
-            return tuple(int(p) for p in parts[:3])
-        except ValueError:
-            return None
-
-    ours, wanted = key(version), key(least)
+    ours, wanted = version_key(version), version_key(least)
     return ours is not None and wanted is not None and ours >= wanted

@@ -513,12 +513,7 @@ class KubegateClient:
     ) -> ClusterSpec:
         """The running spec of cluster `name` with its Kubernetes version and/or template
         changed (what `upgrade_cluster` asks for; plan it with `plan_apply`)."""
-        spec = (await self.cluster_state(name)).spec
-        if kubernetes is not None:
-            spec = spec.with_kubernetes(kubernetes)
-        if template is not None:
-            spec = spec.with_template(template)
-        return ClusterSpec.model_validate(spec.model_dump(mode="json"))
+        return (await self.cluster_state(name)).spec.upgraded(kubernetes, template)
 
     async def upgrade_cluster(
         self,

@@ -40,10 +40,10 @@ with workflow.unsafe.imports_passed_through():
         RemovePoolRequest,
         Rollout,
         ScaleRequest,
-        StepState,
+        note_waiting,
     )
     from domain.plan import ChangePlan, node_builds, outdated, plan_apply
-    from domain.presence import WAITING, AgentPresence
+    from domain.presence import AgentPresence
     from domain.trust import AccountRef, ReleaseIntent
     from workflows.nodes import (
         LEAVES_SINCE,
@@ -428,15 +428,8 @@ class ClusterWorkflow:
             )
 
     def _upgraded_spec(self, request: ClusterUpgradeRequest) -> ClusterSpec:
-        if request.kubernetes is None and request.template is None:
-            raise invalid_spec("kubernetes, template: name a version, a template or both")
-        spec = self.state.spec
         try:
-            if request.kubernetes is not None:
-                spec = spec.with_kubernetes(request.kubernetes)
-            if request.template is not None:
-                spec = spec.with_template(request.template)
-            return ClusterSpec.model_validate(spec.model_dump(mode="json"))
+            return self.state.spec.upgraded(request.kubernetes, request.template)
         except ValidationError as exc:
             raise invalid_spec("; ".join(errors.field_errors(exc))) from None
         except ValueError as exc:
@@ -1086,20 +1079,9 @@ class ClusterWorkflow:
             await asyncio.gather(*sent)
             self.notices = [t for t in self.notices if t not in sent]
 
-    def _note_waiting(self) -> None:
-        """Running steps say they wait for an absent agent (their own detail otherwise)."""
-        for step in self.state.steps:
-            if step.state is not StepState.RUNNING:
-                continue
-            waiting = step.detail.startswith(WAITING)
-            if self.state.agent_away is not None and (waiting or not step.detail):
-                step.detail = self.state.agent_away.waiting_note()
-            elif self.state.agent_away is None and waiting:
-                step.detail = ""
-
     def publish(self) -> None:
         """The Web UI's current details; search attributes when the status changed."""
-        self._note_waiting()
+        note_waiting(self.state.steps, self.state.agent_away)
         if self.published != self.state.status:
             workflow.upsert_search_attributes(
                 [

@@ -76,11 +76,11 @@ with workflow.unsafe.imports_passed_through():
         ClusterStatus,
         Step,
         StepState,
+        note_waiting,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
     from domain.presence import (
         PRESENCE_ROUND,
-        WAITING,
         AgentPresence,
         PresenceAnswer,
         PresenceRequest,
@@ -370,18 +370,12 @@ class GatewayWorkflow:
 
     def _note_waiting(self) -> None:
         """The gateway's own running steps say they wait for an absent agent."""
-        away = self.gw.agent_connected is False
-        note = AgentPresence(
-            gateway=self.gw.name, connected=False, seen_at=self.gw.agent_seen_at
-        ).waiting_note()
-        for step in self.gw.steps:
-            if step.state is not StepState.RUNNING:
-                continue
-            waiting = step.detail.startswith(WAITING)
-            if away and (waiting or not step.detail):
-                step.detail = note
-            elif not away and waiting:
-                step.detail = ""
+        away = (
+            AgentPresence(gateway=self.gw.name, connected=False, seen_at=self.gw.agent_seen_at)
+            if self.gw.agent_connected is False
+            else None
+        )
+        note_waiting(self.gw.steps, away)
 
     async def _tell(self, cluster: str, news: AgentPresence) -> None:
         """Signal one cluster the agent's presence (a cluster gone meanwhile: nobody to tell)."""

@@ -45,7 +45,6 @@ with workflow.unsafe.imports_passed_through():
         distinct_domains,
         node_build,
         template_of,
-        version_key,
     )
     from domain.gateway import layout_placements
     from domain.ipam import (
@@ -79,6 +78,7 @@ with workflow.unsafe.imports_passed_through():
         result_statement,
         verified_body,
     )
+    from domain.version import version_key
     from domain.vm import (
         CreateVmRequest,
         DestroyResult,
@@ -718,7 +718,6 @@ class NodeSet:
         `only`, those of these slots."""
         self.plans = {p.name: p for p in plan}
         known = {n.name for n in self.record.nodes}
-        layout = self.layout
         for p in plan:
             if p.name in known or (only is not None and (p.pool, p.index) not in only):
                 continue
@@ -732,8 +731,6 @@ class NodeSet:
                     compute_cluster=p.domain.compute_cluster,
                     ip_pool=p.domain.ip_pool,
                     instance_uuid=instance_uuid(self.owner, p.name),
-                    build=node_build(p, layout),
-                    kubernetes=layout.kubernetes,
                 )
             )
 
@@ -994,9 +991,10 @@ class NodeSet:
     async def _keep_apart(self, step: Step, vms: list[str] | None = None) -> None:
         """A DRS VM-VM anti-affinity rule in the control plane's compute cluster holding its
         VMs (removed when fewer than two); DRS off: said, not enforced."""
-        placement = await self._placement()
         domain = self.layout.domains[0]
-        cluster = placement.of(domain.names).compute_cluster
+        cluster = self.record.kept_apart_in  # (where the rule is: no lookup to remove it)
+        if not cluster or vms is None:
+            cluster = (await self._placement()).of(domain.names).compute_cluster
         wanted = self._apart() if vms is None else vms
         try:
             result = await self.agent(
@@ -1019,6 +1017,7 @@ class NodeSet:
             )
             return
         self.record.kept_apart = list(result.vms)
+        self.record.kept_apart_in = cluster if result.vms else None
         step.objects = [cluster]
         if not result.vms:
             step.detail = f"rule {result.rule} removed" if result.changed else "no rule needed"
