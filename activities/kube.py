@@ -33,6 +33,8 @@ from domain.certs import client_certificate
 from domain.kube import (
     NodeLeaveRequest,
     NodeLeaveResult,
+    NodesStatus,
+    NodesStatusRequest,
     Pod,
     etcd_removal,
     eviction,
@@ -83,9 +85,33 @@ class KubeActivities:
         )
         return result
 
+    @activity.defn(name="cluster_nodes_status")
+    def nodes_status(self, request: NodesStatusRequest) -> NodesStatus:
+        """One listing of the cluster's Nodes through its API (a server of the cluster's CA
+        only): the listed nodes that are not Ready, and why. An API that does not answer is
+        a result (answered False), not an error: the reconcile decides on what it knows."""
+        secrets = open_cluster_secrets(self.key, request.secrets)
+        api = api_server(request.server, secrets, request.kubernetes_version, timeout=10)
+        try:
+            answer = api.request("GET", "/api/v1/nodes")
+        except Unreachable as exc:
+            return NodesStatus(answered=False, detail=f"{api.url}: {exc}")
+        except Untrusted as exc:
+            return NodesStatus(
+                answered=False,
+                detail=f"{api.url}: its certificate is not of the cluster's CA ({exc})",
+            )
+        except Rejected as exc:
+            return NodesStatus(
+                answered=False, detail=f"{api.url} refuses the cluster CA's certificate ({exc})"
+            )
+        if answer.status != 200:
+            return NodesStatus(answered=False, detail=f"/api/v1/nodes: {answer.describe()}")
+        return NodesStatus(answered=True, not_ready=not_ready_nodes(answer.body, request.nodes))
+
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the agent's worker."""
-        return [self.node_leave]
+        return [self.node_leave, self.nodes_status]
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -226,6 +252,23 @@ class ClusterServer:
         return Answer(status, parsed if isinstance(parsed, dict) else {})
 
 
+def api_server(
+    server: str, secrets: ClusterSecrets, version: str, timeout: float = REQUEST_TIMEOUT
+) -> ClusterServer:
+    """The cluster's API server at `server` (a URL), asked as the agent with the admin group
+    of Kubernetes `version`."""
+    host, port = _host_port(server)
+    return ClusterServer(
+        host,
+        port,
+        secrets.ca_cert_pem,
+        secrets.ca_key_pem,
+        API_USER,
+        admin_groups(version),
+        timeout=timeout,
+    )
+
+
 def _why(exc: BaseException) -> str:
     """An OS or HTTP error in a few words (its class, and the OS's reason)."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -250,15 +293,7 @@ def leave_cluster(request: NodeLeaveRequest, secrets: ClusterSecrets) -> NodeLea
 class _Leave:
     def __init__(self, request: NodeLeaveRequest, secrets: ClusterSecrets) -> None:
         self.request, self.secrets = request, secrets
-        host, port = _host_port(request.server)
-        self.api = ClusterServer(
-            host,
-            port,
-            secrets.ca_cert_pem,
-            secrets.ca_key_pem,
-            API_USER,
-            admin_groups(request.kubernetes_version),
-        )
+        self.api = api_server(request.server, secrets, request.kubernetes_version)
         self.who = f"node {request.node} of cluster {request.cluster}"
 
     def run(self) -> NodeLeaveResult:

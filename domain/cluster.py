@@ -305,6 +305,60 @@ class RolloutPolicy(BaseModel):
         return self.max_surge + self.max_unavailable
 
 
+class NodeHealth(BaseModel):
+    """When a pool's node counts as unhealthy, and how many of them are replaced at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unhealthy_after_seconds: int = Field(
+        default=300,
+        ge=5,
+        le=86400,
+        description="A node whose guest stops reporting (VMware Tools not running, no guest "
+        "address) this long is replaced by a new VM of the same name and address.",
+    )
+    max_unhealthy: int = Field(
+        default=1,
+        ge=0,
+        le=MAX_POOL_NODES,
+        description="Nodes of the pool replaced at once (0: unhealthy nodes are only "
+        "reported). The control plane: one member at a time, and only while the others keep "
+        "etcd's quorum.",
+    )
+
+
+class Healing(BaseModel):
+    """How a running cluster keeps matching its record: reconciles and their repairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reconcile_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="How often the cluster's VMs are compared with its record (0: only on "
+        "demand, `kubegate cluster reconcile`).",
+    )
+    powered_off: Literal["power-on", "report"] = Field(
+        default="power-on",
+        description="A node's VM powered off outside kubegate: powered on again, or reported.",
+    )
+    repair_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=20,
+        description="Failed repairs of a node (backing off between them) before it is given "
+        "up and the cluster is Degraded.",
+    )
+
+    @field_validator("reconcile_seconds")
+    @classmethod
+    def _often(cls, value: int) -> int:
+        if 0 < value < 2:
+            raise ValueError("reconcile_seconds: 0 (on demand only) or at least 2")
+        return value
+
+
 #: the control plane is replaced one member at a time, the new one first (etcd quorum)
 CONTROL_PLANE_ROLLOUT = RolloutPolicy(max_surge=1, max_unavailable=0)
 
@@ -325,6 +379,9 @@ class ControlPlanePool(NodeOptions):
         default=None,
         description="Control-plane endpoint with DHCP (kube-vip holds it); with static "
         "addressing it comes from the IP pool.",
+    )
+    health: NodeHealth = Field(
+        default_factory=NodeHealth, description="When a member counts as unhealthy."
     )
 
     @field_validator("placement")
@@ -352,6 +409,10 @@ class WorkerPool(NodeOptions):
         default_factory=RolloutPolicy,
         description="How the pool's nodes are replaced in a rolling upgrade.",
     )
+    health: NodeHealth = Field(
+        default_factory=NodeHealth,
+        description="When a node counts as unhealthy, and how many are replaced at once.",
+    )
 
 
 class ClusterSpec(BaseModel):
@@ -372,6 +433,10 @@ class ClusterSpec(BaseModel):
     placement: ClusterPlacement
     control_plane: ControlPlanePool
     workers: list[WorkerPool] = Field(default_factory=list, max_length=MAX_WORKER_POOLS)
+    healing: Healing = Field(
+        default_factory=Healing,
+        description="Reconciles: how often, and what they repair (docs/clusters.md).",
+    )
 
     @field_validator("tags")
     @classmethod

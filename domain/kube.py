@@ -92,6 +92,27 @@ class NodeLeaveResult(BaseModel):
     detail: str = Field(description="One line for people.")
 
 
+class NodesStatusRequest(AgentRequest):
+    """Which of these nodes the cluster's API does not show Ready (a reconcile's look)."""
+
+    cluster: str = Field(description="Cluster name (for messages).")
+    server: str = Field(
+        pattern=r"^https://[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}$",
+        description="The API server's URL, e.g. https://10.0.0.5:6443.",
+    )
+    secrets: SealedSecret = Field(description="The cluster's secrets, sealed to the agent.")
+    nodes: list[str] = Field(default_factory=list, max_length=1000)
+    kubernetes_version: str = Field(description="Picks kubeadm's admin group (admin_groups).")
+
+
+class NodesStatus(BaseModel):
+    """What the API said: per node not Ready, why; or that it could not be asked."""
+
+    answered: bool = Field(description="The API listed the nodes (False: see detail).")
+    not_ready: dict[str, str] = Field(default_factory=dict)
+    detail: str = ""
+
+
 # -- nodes ------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from domain.account import SealedSecret, VCenterCredentials
 from domain.bootstrap import NodeNetwork
 from domain.cluster import MAX_POOL_NODES, ClusterSpec, NodeSpec, WorkerPool
+from domain.health import ClusterHealth
 from domain.kubeconfig import KubeconfigIssue
 from domain.presence import WAITING, AgentPresence
 from domain.version import version_at_least
@@ -28,6 +29,8 @@ class ClusterStatus(StrEnum):
     DELETING = "Deleting"
     DELETED = "Deleted"
     FAILED = "Failed"
+    #: Running, but a repair was given up (see `health`): it serves, not as its spec says
+    DEGRADED = "Degraded"
 
 
 class StepState(StrEnum):
@@ -308,6 +311,8 @@ class ClusterState(NodeSetState):
     rollout: Rollout | None = None
     #: the gateway's agent is away (its gateway said so): running steps say they wait
     agent_away: AgentPresence | None = None
+    #: what the last reconcile saw and did (drift, unhealthy nodes, repairs given up)
+    health: ClusterHealth = Field(default_factory=ClusterHealth)
 
     def node_spec(self) -> NodeSpec:
         return self.spec

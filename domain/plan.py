@@ -103,8 +103,8 @@ def plan_apply(
             f"template {old_template or '(the account default)'} -> "
             f"{new_template or '(the account default)'}"
         )
-    for field in ("description", "tags"):
-        if before[field] != after[field]:
+    for field in ("description", "tags", "healing"):
+        if before.get(field) != after.get(field):
             plan.changes.append(f"{field} changed")
     if _rest_of(running) != _rest_of(wanted):
         plan.changes.append("profile or overrides changed")
@@ -112,8 +112,16 @@ def plan_apply(
         plan.changes.append("placement.ssh_keys changed")
     if before["placement"]["ntp_servers"] != after["placement"]["ntp_servers"]:
         plan.changes.append("placement.ntp_servers changed")
-    for field in ("cpu", "memory_gb", "disk_gb", "allow_worker_capability", "labels", "taints"):
-        if cp_before[field] != cp_after[field]:
+    for field in (
+        "cpu",
+        "memory_gb",
+        "disk_gb",
+        "allow_worker_capability",
+        "labels",
+        "taints",
+        "health",
+    ):
+        if cp_before.get(field) != cp_after.get(field):
             plan.changes.append(f"control_plane.{field} changed")
     _pools(running, wanted, plan)
     _nodes(running, wanted, records, revisions or {}, plan)
@@ -154,7 +162,7 @@ def _pools(running: ClusterSpec, wanted: ClusterSpec, plan: ChangePlan) -> None:
                 f"workers.{name}.placement: cannot change in place (add a pool placed anew "
                 "and remove this one)"
             )
-        for field in ("cpu", "memory_gb", "disk_gb", "labels", "taints", "rollout"):
+        for field in ("cpu", "memory_gb", "disk_gb", "labels", "taints", "rollout", "health"):
             if _dump(was, field) != _dump(pool, field):
                 plan.changes.append(f"workers.{name}.{field} changed")
         if was.size != pool.size:

@@ -64,6 +64,7 @@ from domain.gateway import (
     pairing_proof,
     pairing_verifier,
 )
+from domain.health import ClusterHealth
 from domain.ipam import (
     AllocateRequest,
     AllocateResult,
@@ -546,6 +547,22 @@ class KubegateClient:
         serving, some on their old build (upgrade or apply again to finish)."""
         rollout: Rollout = await self._cluster_update(name, ClusterWorkflow.abort_rollout)
         return rollout
+
+    async def reconcile_cluster(self, name: str) -> ClusterHealth:
+        """Compare a Running or Degraded cluster's VMs with its record now and repair what
+        its healing policy repairs; returns what it saw and did (waits for the repairs)."""
+        health: ClusterHealth = await self._cluster_update(name, ClusterWorkflow.reconcile)
+        return health
+
+    async def pause_remediation(self, name: str) -> ClusterHealth:
+        """Report a cluster's unhealthy nodes instead of replacing them."""
+        health: ClusterHealth = await self._cluster_update(name, ClusterWorkflow.pause_remediation)
+        return health
+
+    async def resume_remediation(self, name: str) -> ClusterHealth:
+        """Replace a cluster's unhealthy nodes again."""
+        health: ClusterHealth = await self._cluster_update(name, ClusterWorkflow.resume_remediation)
+        return health
 
     async def apply_cluster(
         self,

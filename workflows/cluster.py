@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -16,8 +17,18 @@ with workflow.unsafe.imports_passed_through():
 
     from domain import errors, names
     from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
-    from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
+    from domain.cluster import ClusterSpec, NodeHealth, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
+    from domain.health import (
+        CHECKS_PER_RUN,
+        ClusterHealth,
+        NodeFacts,
+        PoolHealth,
+        Repair,
+        RepairRecord,
+        assess,
+        backoff,
+    )
     from domain.ipam import PoolRef, PoolStatus
     from domain.kubeconfig import (
         ISSUES_KEPT,
@@ -65,6 +76,14 @@ NOT_QUEUED = "not-queued-unless-queued"
 #: patch: a day-2 change's Update returns its operation number once accepted; the change runs
 #: in the main loop (before it, the Update ran the whole change)
 CHANGES_ARE_OPERATIONS = "changes-are-operations"
+
+
+#: patch: a Running cluster reconciles (on its schedule and on demand): drift is repaired or
+#: reported, unhealthy nodes replaced. One name per loop pass ("<this>-<pass>"), so a run
+#: begun before it (replayed without the marker) takes it up at its next pass
+RECONCILE = "reconcile-running-clusters"
+#: statuses in which a cluster serves, and reconciles
+SERVING = (ClusterStatus.RUNNING, ClusterStatus.DEGRADED)
 
 
 #: a kubeconfig: how long the caller may wait on the agent, and its attempts (an agent of a
@@ -136,6 +155,13 @@ class ClusterWorkflow:
         self.notices: list[asyncio.Task[None]] = []  # signals to the gateway, in order
         #: an operation ended in this run (continue as new at the next quiet moment)
         self.settled = False
+        #: this run reconciles (RECONCILE taken), its loop passes, its quiet reconciles
+        self.reconciling = False
+        self.passes = 0
+        self.quiet_checks = 0
+        #: reconciles asked for on demand (`reconcile` Update) and those carried out
+        self.reconcile_asked = 0
+        self.reconcile_served = 0
 
     # -- run ------------------------------------------------------------------------------
 
@@ -168,17 +194,25 @@ class ClusterWorkflow:
         if self.state.status in PROVISIONING_STATES and not await self._provision():
             return self.state
         while True:
-            await workflow.wait_condition(
-                lambda: (
-                    self.deleting is not None
-                    or self.retrying
-                    or self.change is not None
-                    or (
-                        (workflow.info().is_continue_as_new_suggested() or self.settled)
-                        and not self.lock.locked()
-                    )
+            timeout = self._until_reconcile()
+            with contextlib.suppress(asyncio.TimeoutError):  # (timed out: a reconcile is due)
+                await workflow.wait_condition(
+                    lambda: (
+                        self.deleting is not None
+                        or self.retrying
+                        or self.change is not None
+                        or self.reconcile_asked > self.reconcile_served
+                        or (
+                            (workflow.info().is_continue_as_new_suggested() or self.settled)
+                            and not self.lock.locked()
+                        )
+                    ),
+                    timeout=timeout,
                 )
-            )
+            if self._reconcile_due():
+                async with self.lock:
+                    await self._reconcile()
+                continue
             # (a replayed run from before settle points wakes here where it did not then: no
             # command follows, so it replays; this wait must stay without a timeout)
             if (
@@ -209,9 +243,19 @@ class ClusterWorkflow:
             # an accepted change need not wait for other handlers (one may be checking a
             # change of its own); `change` is never set in runs from before it existed
             await workflow.wait_condition(
-                lambda: workflow.all_handlers_finished() or self.change is not None
+                lambda: (
+                    workflow.all_handlers_finished()
+                    or self.change is not None
+                    or self.reconcile_asked > self.reconcile_served  # (its handler waits)
+                )
             )
-            if self.deleting is not None or self.retrying or self.change or self.notices:
+            if (
+                self.deleting is not None
+                or self.retrying
+                or self.change
+                or self.notices
+                or self.reconcile_asked > self.reconcile_served
+            ):
                 continue  # accepted while handlers finished: do it in this run
             workflow.continue_as_new(
                 ClusterInput(
@@ -273,6 +317,168 @@ class ClusterWorkflow:
         await self.nodes.step("validate", "Validate the spec, plan nodes", self.nodes.validate)
         await self.nodes.step("preflight", "Preflight checks", self.nodes.preflight)
         await self.nodes.converge(folder=True)
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    def _until_reconcile(self) -> timedelta | None:
+        """How long the main loop may wait before the next reconcile (None: none scheduled)."""
+        if (
+            self.state.status not in SERVING
+            or not self.state.provisioned
+            or self.deleting is not None
+        ):
+            return None
+        if not self.reconciling:
+            self.passes += 1
+            self.reconciling = workflow.patched(f"{RECONCILE}-{self.passes}")
+            if not self.reconciling:
+                return None
+        due = self._next_reconcile()
+        if due is None:
+            return None
+        return max(due - workflow.now(), timedelta(seconds=1))
+
+    def _next_reconcile(self) -> datetime | None:
+        """When the next scheduled reconcile is due: an interval after the last one, or
+        sooner when an unhealthy node's timeout or a repair's backoff falls due."""
+        health = self.state.health
+        interval = self.state.spec.healing.reconcile_seconds
+        due = []
+        if interval > 0:
+            last = health.checked_at or self.state.updated_at or workflow.now()
+            due.append(last + timedelta(seconds=interval))
+        if health.next_due is not None:
+            due.append(health.next_due)
+        return min(due) if due else None
+
+    def _reconcile_due(self) -> bool:
+        if self.reconcile_asked > self.reconcile_served:
+            return True
+        if not self.reconciling or self.state.status not in SERVING or self.deleting:
+            return False
+        due = self._next_reconcile()
+        return due is not None and workflow.now() >= due
+
+    async def _reconcile(self) -> None:
+        """Compare the VMs with the record (one signed read by the agent), then repair what
+        the healing policy repairs, each repair a step (docs/clusters.md, Self-healing)."""
+        asked = self.reconcile_asked
+        health = self.state.health
+        try:
+            if self.state.status not in SERVING or self.deleting is not None:
+                return
+            if asked > self.reconcile_served:  # on demand: given-up repairs try again
+                for record in health.failed.values():
+                    record.given_up, record.failures, record.next_at = False, 0, None
+            spec = self.state.spec
+            interval = spec.healing.reconcile_seconds
+            deadline = timedelta(seconds=min(max(interval, 60), 600))
+            try:
+                seen = await self.nodes.inspect(deadline=deadline)
+            except (ActivityError, ApplicationError) as exc:
+                health.error = f"could not read vCenter: {_cause(exc)}"
+                health.checked_at = workflow.now()
+                health.checks += 1
+                return
+            health.error = ""
+            try:
+                kube = await self.nodes.kubernetes_not_ready(deadline=deadline)
+            except (ActivityError, ApplicationError) as exc:
+                kube, health.error = None, f"could not ask the cluster's API: {_cause(exc)}"
+            if kube is not None and not kube.answered:
+                health.error = f"the cluster's API did not answer: {kube.detail}"
+            now = workflow.now()
+            pools = {"cp": _pool_health(spec.control_plane.health)} | {
+                p.name: _pool_health(p.health) for p in spec.workers
+            }
+            wanted = self.nodes.wanted_names()
+            for node in self.state.nodes:  # what vCenter says of a node it found
+                found = seen.nodes.get(node.name)
+                if found is not None and node.phase in ("ready", "failed"):
+                    node.vm, node.power_state = found.ref, found.power_state
+            result = assess(
+                [
+                    NodeFacts(
+                        name=n.name,
+                        pool=n.pool,
+                        control_plane=n.control_plane,
+                        vm=n.vm,
+                        phase=n.phase,
+                        instance_uuid=n.instance_uuid,
+                        wanted=n.name in wanted,
+                    )
+                    for n in self.state.nodes
+                ],
+                seen,
+                health,
+                pools,
+                now,
+                spec.healing.powered_off,
+                spec.control_plane.size,
+                kube.not_ready if kube is not None and kube.answered else None,
+            )
+            for name in result.recovered:
+                node = next(n for n in self.state.nodes if n.name == name)
+                node.phase = "ready"
+            health.findings = result.findings
+            health.checked_at, health.next_due = now, result.next_due
+            health.checks += 1
+            if result.repairs:
+                self.quiet_checks = 0
+                await self._repairs(result.repairs)
+            else:
+                self.quiet_checks += 1
+                if self.quiet_checks >= CHECKS_PER_RUN:
+                    self.settled = True  # keep the run's history short: continue as new
+            self._health_status()
+        finally:
+            self.reconcile_served = max(self.reconcile_served, asked)
+            self.publish()
+
+    async def _repairs(self, repairs: list[Repair]) -> None:
+        self._begin("repair")
+        self._set_status(
+            ClusterStatus.UPDATING,
+            "repairing " + "; ".join(f"{r.node} ({r.reason})" for r in repairs),
+        )
+        await asyncio.gather(*[self._repair(r) for r in repairs])
+
+    async def _repair(self, repair: Repair) -> None:
+        health = self.state.health
+        try:
+            await self.nodes.repair(repair)
+        except StepFailed as exc:
+            record = health.failed.setdefault(repair.node, RepairRecord())
+            record.failures += 1
+            record.last_error = str(exc)
+            healing = self.state.spec.healing
+            if record.failures >= healing.repair_attempts:
+                record.given_up, record.next_at = True, None
+            else:
+                record.next_at = workflow.now() + backoff(
+                    healing.reconcile_seconds, record.failures
+                )
+                due = health.next_due
+                health.next_due = record.next_at if due is None else min(due, record.next_at)
+            return
+        health.failed.pop(repair.node, None)
+        health.unhealthy_since.pop(repair.node, None)
+        health.repairs_made += 1
+
+    def _health_status(self) -> None:
+        """Degraded while a repair is given up; Running otherwise (after repairs too)."""
+        if self.deleting is not None:
+            return
+        if self.state.status not in (*SERVING, ClusterStatus.UPDATING):
+            return
+        degraded = self.state.health.degraded
+        if degraded:
+            self.state.reason = degraded
+            self._set_status(ClusterStatus.DEGRADED)
+        else:
+            if self.state.status is not ClusterStatus.RUNNING:
+                self.state.reason = ""
+            self._set_status(ClusterStatus.RUNNING)
 
     # -- teardown (abort and delete) ------------------------------------------------------
 
@@ -616,7 +822,7 @@ class ClusterWorkflow:
 
     @kubeconfig.validator
     def _kubeconfig_ok(self, request: KubeconfigRequest) -> None:
-        serving = (ClusterStatus.RUNNING, ClusterStatus.UPDATING)
+        serving = (ClusterStatus.RUNNING, ClusterStatus.UPDATING, ClusterStatus.DEGRADED)
         if self.state.status not in serving or self.deleting is not None:
             raise invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: a kubeconfig needs a "
@@ -643,6 +849,58 @@ class ClusterWorkflow:
     def proceed(self) -> None:
         """The gateway is Running again: a queued cluster starts provisioning."""
         self.queued = False
+
+    @workflow.update
+    async def reconcile(self) -> ClusterHealth:
+        """Compare the cluster's VMs with its record now and repair what the healing policy
+        repairs (repairs given up get their attempts again); returns what it saw and did."""
+        self.reconcile_asked += 1
+        ticket = self.reconcile_asked
+        await workflow.wait_condition(
+            lambda: (
+                self.reconcile_served >= ticket
+                or self.deleting is not None
+                or self.state.status not in (*SERVING, ClusterStatus.UPDATING)
+            )
+        )
+        return self.state.health
+
+    @reconcile.validator
+    def _reconcile_ok(self) -> None:
+        if self.state.status not in SERVING or self.deleting is not None:
+            raise invalid_state(
+                f"cluster {self.state.name} is {self.state.status}: only a Running or Degraded "
+                "cluster reconciles"
+            )
+
+    @workflow.update
+    def pause_remediation(self) -> ClusterHealth:
+        """Unhealthy nodes are reported, not replaced (drift is still repaired)."""
+        self.state.health.remediation_paused = True
+        self.publish()
+        return self.state.health
+
+    @pause_remediation.validator
+    def _pause_remediation_ok(self) -> None:
+        self._remediation_settable(paused=True)
+
+    @workflow.update
+    def resume_remediation(self) -> ClusterHealth:
+        """Unhealthy nodes are replaced again."""
+        self.state.health.remediation_paused = False
+        self.publish()
+        return self.state.health
+
+    @resume_remediation.validator
+    def _resume_remediation_ok(self) -> None:
+        self._remediation_settable(paused=False)
+
+    def _remediation_settable(self, paused: bool) -> None:
+        if self.state.status in (ClusterStatus.DELETING, ClusterStatus.DELETED):
+            raise invalid_state(f"cluster {self.state.name} is {self.state.status}")
+        if self.state.health.remediation_paused is paused:
+            word = "paused" if paused else "not paused"
+            raise invalid_state(f"cluster {self.state.name}: remediation is {word} already")
 
     @workflow.query(name="state")
     def state_query(self) -> ClusterState:
@@ -990,7 +1248,7 @@ class ClusterWorkflow:
 
     def _require_running(self) -> None:
         """Changes need Running, or Failed after a change (so a failed change can be undone)."""
-        changeable = self.state.status is ClusterStatus.RUNNING or (
+        changeable = self.state.status in SERVING or (
             self.state.status is ClusterStatus.FAILED and self.state.provisioned
         )
         if not changeable or self.deleting is not None or self.retrying:
@@ -1042,7 +1300,11 @@ class ClusterWorkflow:
         self.state.updated_at = workflow.now()
         if detail:
             self.state.reason = detail
-        if changed and status in (ClusterStatus.RUNNING, ClusterStatus.FAILED):
+        if changed and status in (
+            ClusterStatus.RUNNING,
+            ClusterStatus.FAILED,
+            ClusterStatus.DEGRADED,
+        ):
             self.nodes.trim_steps()
             self.settled = True  # an operation ended: a settle point
         self.publish()
@@ -1094,7 +1356,7 @@ class ClusterWorkflow:
         workflow.set_current_details(render_details(self.state))
 
 
-_DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED)
+_DELETABLE = (ClusterStatus.RUNNING, ClusterStatus.FAILED, ClusterStatus.DEGRADED)
 #: node phases whose VM exists
 _MADE = ("created", "ready")
 
@@ -1130,4 +1392,24 @@ def render_details(state: ClusterState) -> str:
     lines += ["", "| node | pool | VM | address | phase |", "| --- | --- | --- | --- | --- |"]
     for n in state.nodes:
         lines.append(f"| {n.name} | {n.pool} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
+    health = state.health
+    if health.findings or health.error:
+        lines += ["", f"Reconcile ({health.checks} so far): {health.error or ''}"]
+        lines += ["", "| finding | node | detail |", "| --- | --- | --- |"]
+        for f in health.findings:
+            lines.append(f"| {f.kind} | {f.node} | {f.detail} |")
     return "\n".join(lines)
+
+
+def _pool_health(health: NodeHealth) -> PoolHealth:
+    return PoolHealth(
+        unhealthy_after_seconds=health.unhealthy_after_seconds,
+        max_unhealthy=health.max_unhealthy,
+    )
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost message of an activity failure."""
+    while isinstance(exc, ActivityError) and exc.cause is not None:
+        exc = exc.cause
+    return getattr(exc, "message", None) or str(exc)

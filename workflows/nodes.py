@@ -47,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         template_of,
     )
     from domain.gateway import layout_placements
+    from domain.health import ExpectedVm, InspectRequest, InspectResult, Repair
     from domain.ipam import (
         AllocateAddresses,
         AllocateResult,
@@ -57,7 +58,7 @@ with workflow.unsafe.imports_passed_through():
         ReleaseAddresses,
         ReleaseResult,
     )
-    from domain.kube import NodeLeaveRequest, NodeLeaveResult
+    from domain.kube import NodeLeaveRequest, NodeLeaveResult, NodesStatus, NodesStatusRequest
     from domain.kubeconfig import API_PORT
     from domain.lifecycle import (
         ClusterAccount,
@@ -223,6 +224,15 @@ _RETRY_WAITING = RetryPolicy(
 class StepFailed(Exception):
     """A step ended in error; the workflow goes to Failed with this message."""
 
+
+#: a reconcile's read: a few quick attempts (the next reconcile tries again)
+_RETRY_INSPECT = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=3,
+    non_retryable_error_types=errors.NON_RETRYABLE,
+)
 
 #: the step the running task belongs to (each concurrent step runs in its own task)
 _CURRENT: contextvars.ContextVar[Step | None] = contextvars.ContextVar("step", default=None)
@@ -463,6 +473,10 @@ class NodeSet:
         self.record.folder, self.record.folder_ref = result.path, result.ref
         step.objects = [result.ref]
         step.detail = result.path
+
+    def wanted_names(self) -> set[str]:
+        """The names of the nodes the spec wants (by their revision)."""
+        return {p.name for p in self._wanted()}
 
     def _wanted(self) -> list[NodePlan]:
         """The spec's node plans, named by their revision (a replaced node gets a new name)."""
@@ -919,7 +933,9 @@ class NodeSet:
         step.detail = ", ".join(sorted(removed))
         self.record.nodes = [n for n in self.record.nodes if n.name not in removed]
 
-    async def _leave(self, step: Step, joined: Sequence[Node], drain: bool) -> None:
+    async def _leave(
+        self, step: Step, joined: Sequence[Node], drain: bool, drain_timeout: int | None = None
+    ) -> None:
         """Nodes leave the Kubernetes cluster: before their VMs go (`drain`) each is cordoned
         and drained and (control plane) its etcd member removed, one member at a time; once
         the VMs are gone, their Node objects are deleted (no kubelet left to register them
@@ -948,6 +964,7 @@ class NodeSet:
                     kubernetes_version=self.layout.kubernetes,
                     drain=drain,
                     delete_node=not drain,
+                    **({} if drain_timeout is None else {"drain_timeout_seconds": drain_timeout}),
                 ),
                 NodeLeaveResult,
                 (
@@ -1054,6 +1071,122 @@ class NodeSet:
             node.phase = "deleted"
             node.power_state = ""
         return [ref for r in results for ref in r.destroyed]
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def inspect(self, deadline: timedelta) -> InspectResult:
+        """The nodes' VMs as vCenter has them: a reconcile's read (no step; signed)."""
+        if self.account.credentials is None:
+            await self._refresh_account()
+        if self.account.credentials is None:
+            raise ApplicationError(
+                f"no credentials for cloud account {self.account.name}",
+                type=errors.NOT_AUTHORIZED,
+                non_retryable=True,
+            )
+        return await self.agent(
+            "vm_inspect",
+            InspectRequest(
+                credentials=self.account.current,
+                folder=self.record.folder_ref or "",
+                owner=self.owner,
+                nodes=[
+                    ExpectedVm(name=n.name, instance_uuid=n.instance_uuid)
+                    for n in self.record.nodes
+                    if n.phase in ("ready", "failed")
+                ],
+            ),
+            InspectResult,
+            "Compare the cluster's VMs in vCenter with its record",
+            timeout=timedelta(minutes=2),
+            retry=_RETRY_INSPECT,
+            deadline=deadline,
+        )
+
+    async def kubernetes_not_ready(self, deadline: timedelta) -> NodesStatus | None:
+        """Which ready nodes the cluster's API does not show Ready (readiness `kubernetes`,
+        an agent that can tell); None when it cannot be asked."""
+        server = self.api_server()
+        if (
+            not self.leaves
+            or self.secrets is None
+            or server is None
+            or not self.account.agent_runs(LEAVES_SINCE)
+        ):
+            return None
+        return await self.agent(
+            "cluster_nodes_status",
+            NodesStatusRequest(
+                cluster=self.layout.name,
+                server=server,
+                secrets=self.secrets,
+                nodes=[n.name for n in self.record.nodes if n.phase == "ready"],
+                kubernetes_version=self.layout.kubernetes,
+            ),
+            NodesStatus,
+            "Ask the cluster's API which nodes are not Ready",
+            timeout=timedelta(minutes=1),
+            retry=_RETRY_INSPECT,
+            deadline=deadline,
+        )
+
+    async def repair(self, repair: Repair) -> None:
+        """Carry out one repair as a step of its own: power a node's VM on, or make it anew
+        under the same name, instance UUID and address (`replace` destroys the old VM first;
+        with readiness `kubernetes` the node leaves the cluster first, its etcd member
+        removed through the members that stay, and its Node deleted)."""
+        node = next(n for n in self.record.nodes if n.name == repair.node)
+        verb = {"recreate": "Recreate", "replace": "Replace", "power-on": "Power on"}
+        title = f"{verb[repair.action]} {node.name}: {repair.reason}"
+
+        async def body(step: Step) -> None:
+            step.detail = repair.reason
+            try:
+                await self._repair(step, node, repair)
+            except BaseException:
+                if node.phase != "ready":
+                    node.phase = "failed"
+                raise
+            step.objects = [node.vm] if node.vm else []
+
+        await self.step("repair", title, body)
+        if node.control_plane and self._keep_apart_due():
+            await self._keep_apart_step()
+
+    async def _repair(self, step: Step, node: Node, repair: Repair) -> None:
+        if repair.action == "power-on":
+            result = await self.agent(
+                "vm_power_on",
+                PowerOnRequest(
+                    credentials=self.account.current,
+                    nodes=[(node.vm or "", node.name, node.address)],
+                    wait_guest=True,
+                    timeout_seconds=self.timing.readiness_minutes * 60,
+                ),
+                ReadinessResult,
+                f"Power on {node.name} and wait for its guest",
+                timeout=timedelta(minutes=self.timing.readiness_minutes + 1),
+                retry=_RETRY_WAITING,
+            )
+            self._mark_ready([node], result)
+            return
+        leaving = self.leaves and self.account.agent_runs(LEAVES_SINCE)
+        if leaving:  # out of the cluster first: its pods evicted at once, its etcd member
+            await self._leave(step, [node], drain=True, drain_timeout=0)
+        if repair.action == "replace":
+            await self._destroy_nodes([node])
+        if leaving:
+            await self._leave(step, [node], drain=False)
+        node.vm, node.tasks, node.power_state, node.phase = None, [], "", "planned"
+        self.plans = {p.name: p for p in self._wanted()}
+        if node.name not in self.plans:
+            raise ApplicationError(
+                f"node {node.name} is not in the spec any more", type=errors.INVALID_STATE
+            )
+        await self._create_node(node, start=True)
+        if self.readiness == "kubernetes":
+            await self._wait_ready([node])
+        step.detail = f"{repair.reason}; {node.vm} made"
 
     async def teardown(self) -> None:
         """Destroy every VM, release every address, remove the folder (each a step)."""

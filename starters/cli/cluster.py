@@ -20,6 +20,7 @@ from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.errors import field_errors
+from domain.health import ClusterHealth
 from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
 from domain.lifecycle import (
     ChangeResult,
@@ -80,7 +81,12 @@ def _follow(client: KubegateClient, name: str, done: Any) -> ClusterState:
 
 
 def _settled(state: ClusterState) -> bool:
-    return state.status in (ClusterStatus.RUNNING, ClusterStatus.FAILED, ClusterStatus.DELETED)
+    return state.status in (
+        ClusterStatus.RUNNING,
+        ClusterStatus.DEGRADED,
+        ClusterStatus.FAILED,
+        ClusterStatus.DELETED,
+    )
 
 
 def _state_json(state: ClusterState) -> str:
@@ -214,7 +220,12 @@ def _lifecycle(
         else:
             out.print(f"cluster {name}: {verb} accepted", highlight=False)
         return
-    ends = (ClusterStatus.DELETED, ClusterStatus.FAILED, ClusterStatus.RUNNING)
+    ends = (
+        ClusterStatus.DELETED,
+        ClusterStatus.FAILED,
+        ClusterStatus.RUNNING,
+        ClusterStatus.DEGRADED,
+    )
     state = _follow(client, name, lambda s: s.status in ends and s.status is not state.status)
     _show_cluster(state, output, describe=True)
     if state.status is not goal:
@@ -451,6 +462,67 @@ def rollout_abort(name: NameArg, output: OutputOption = Output.table) -> None:
     )
 
 
+@cluster_app.command("reconcile")
+def cluster_reconcile(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Compare the cluster's VMs in vCenter with its record now and repair what its healing
+    policy repairs (repairs given up try again); prints what it found. Exit 1 if Degraded."""
+    _, health = _update(name, lambda c: c.reconcile_cluster(name))
+    _, state = _get(name)
+    if output is Output.json:
+        out.print_json(health.model_dump_json())
+    else:
+        out.print(
+            f"cluster {name}: {state.status.value}; {len(health.findings)} finding(s); "
+            f"{health.repairs_made} repair(s) made so far",
+            highlight=False,
+            markup=False,
+        )
+        _show_health(health)
+    if state.status is ClusterStatus.DEGRADED:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _show_health(health: ClusterHealth) -> None:
+    if health.error:
+        out.print(f"reconcile: {health.error}", highlight=False, markup=False)
+    if not health.findings:
+        return
+    table = Table(title="Findings")
+    for column in ("kind", "node", "VM", "detail"):
+        table.add_column(column)
+    for f in health.findings:
+        table.add_row(f.kind, f.node, f.vm.partition(":")[2], f.detail)
+    out.print(table)
+
+
+remediation_app = typer.Typer(
+    help="Pause or resume a cluster's remediation (replacing nodes whose guest stopped reporting).",
+    no_args_is_help=True,
+)
+cluster_app.add_typer(remediation_app, name="remediation")
+
+
+def _remediation(name: str, call: Any, output: Output) -> None:
+    _, health = _update(name, call)
+    if output is Output.json:
+        out.print_json(health.model_dump_json())
+        return
+    word = "paused: unhealthy nodes are reported" if health.remediation_paused else "on"
+    out.print(f"cluster {name}: remediation {word}", highlight=False, markup=False)
+
+
+@remediation_app.command("pause")
+def remediation_pause(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Report unhealthy nodes instead of replacing them (drift is still repaired)."""
+    _remediation(name, lambda c: c.pause_remediation(name), output)
+
+
+@remediation_app.command("resume")
+def remediation_resume(name: NameArg, output: OutputOption = Output.table) -> None:
+    """Replace unhealthy nodes again."""
+    _remediation(name, lambda c: c.resume_remediation(name), output)
+
+
 def _deploy_dry_run(spec: ClusterSpec, output: Output) -> None:
     """The plan and the preflight of a deploy; exit 1 when a check failed."""
 
@@ -570,7 +642,11 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
     step = state.current_step()
     out.print(
         f"cluster {state.name}  status {state.status.value}"
-        + (f" ({state.reason})" if state.reason and state.status is ClusterStatus.DELETED else "")
+        + (
+            f" ({state.reason})"
+            if state.reason and state.status in (ClusterStatus.DELETED, ClusterStatus.DEGRADED)
+            else ""
+        )
         + f"  gateway {state.gateway}  nodes {len(state.nodes)}"
         + (f"  VIP {state.vip}" if state.vip else ""),
         highlight=False,
@@ -613,6 +689,14 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
         if rollout.outdated and rollout.state != "running":
             line += f"; on their old build: {', '.join(rollout.outdated)}"
         out.print(line, highlight=False, markup=False)
+    health = state.health
+    if health.checked_at is not None:
+        line = f"reconciled {health.checked_at:%Y-%m-%d %H:%M:%S} UTC ({health.checks} so far"
+        line += f", {health.repairs_made} repair(s))"
+        if health.remediation_paused:
+            line += "; remediation paused"
+        out.print(line, highlight=False, markup=False)
+        _show_health(health)
     nodes = Table(title="Nodes")
     for column in ("name", "pool", "domain", "VM", "address", "version", "power", "phase"):
         nodes.add_column(column)

@@ -324,7 +324,10 @@ async def test_gateway_story(
             small_cluster("gwc1", "gw1-default", "gw1-clusters"), timing=FAST
         )
         await until_cluster(kubegate, "gwc1", ClusterStatus.RUNNING)
-        state = await kubegate.gateway_state(name)
+        # the gateway hears it by the cluster's signal, in its own workflow task: a moment later
+        state = await kubegate.wait_gateway(
+            name, lambda s: [c.status for c in s.clusters] != ["Provisioning"], timeout=30
+        )
         assert [(c.name, c.status) for c in state.clusters] == [("gwc1", "Running")]
 
         # refusals: delete while a cluster lives; its account while used; shrink; same size

@@ -112,10 +112,10 @@ async def trust_pool(kubegate: KubegateClient) -> str:
                     "name": "trust-pool",
                     "gateway": GATEWAY,
                     "kind": "range",
-                    "first": "10.57.0.10",
-                    "last": "10.57.0.60",
+                    "first": "10.143.0.10",
+                    "last": "10.143.0.60",
                     "prefix": 24,
-                    "network_gateway": "10.57.0.1",
+                    "network_gateway": "10.143.0.1",
                 }
             )
         )

@@ -49,6 +49,7 @@ from domain.bootstrap import ClusterSecrets
 from domain.certs import client_certificate, self_signed
 from domain.kube import (
     NodeLeaveRequest,
+    NodesStatusRequest,
     etcd_removal,
     leaving_member,
     not_ready_nodes,
@@ -904,3 +905,39 @@ def test_a_leave_request_is_bounded() -> None:
     ):
         with pytest.raises(ValidationError):
             NodeLeaveRequest(**{**ok, **bad})
+
+
+# -- a reconcile's look at the nodes ---------------------------------------------------------
+
+
+def test_nodes_status_names_the_nodes_not_ready_and_an_api_that_does_not_answer(
+    secrets: ClusterSecrets, api: tuple[FakeApi, _Server]
+) -> None:
+    """cluster_nodes_status: one listing; a node not Ready or not registered is named with
+    why; an API that is not there, or not of the cluster's CA, is a result saying so (the
+    reconcile decides on what it knows), never an error."""
+    cluster, server = api
+    cluster.ready_after = {"w-0": 99}
+    agent = Agent(secrets)
+    port = server.server_address[1]
+    request = NodesStatusRequest(
+        cluster="demo",
+        server=f"https://{HOST}:{port}",
+        secrets=agent.sealed,
+        nodes=["cp-0", "w-0", "w-9"],
+        kubernetes_version="1.30.4",
+    )
+    status = agent.env.run(KubeActivities(agent.key).nodes_status, request)
+    assert status.answered
+    assert set(status.not_ready) == {"w-0", "w-9"}
+    assert status.not_ready["w-9"] == "not registered"
+    assert cluster.calls == [("GET", "/api/v1/nodes")]
+
+    gone = request.model_copy(update={"server": f"https://{SILENT}:{port}"})
+    status = agent.env.run(KubeActivities(agent.key).nodes_status, gone)
+    assert not status.answered and SILENT in status.detail
+
+    other = Agent(generate_secrets())  # a server of another CA is not believed
+    request = request.model_copy(update={"secrets": other.sealed})
+    status = other.env.run(KubeActivities(other.key).nodes_status, request)
+    assert not status.answered and "not of the cluster's CA" in status.detail

@@ -482,3 +482,61 @@ async def test_a_control_plane_scale_stops_only_at_an_odd_number_of_members(
             f"+{name}-cp-1",
             f"+{name}-cp-2",
         ]
+
+
+async def test_a_node_not_ready_in_kubernetes_is_replaced_after_its_timeout_in_order(
+    env: WorkflowEnvironment,
+) -> None:
+    """Readiness `kubernetes`: a reconcile asks the cluster's API too; a worker NotReady
+    longer than its pool's timeout is replaced under the same name and address: it leaves
+    (drained without waiting), its VM is destroyed, its Node deleted, its VM made anew, and
+    it is waited for Ready. A control-plane member NotReady with too few others serving is
+    only reported."""
+    async with Running(env) as run:
+        name = unique("heal")
+        cluster = spec(name, cp=3, workers=2)
+        data = cluster.model_dump(mode="json")
+        data["healing"] = {"reconcile_seconds": 0}
+        data["workers"][0]["health"] = {"unhealthy_after_seconds": 5}
+        data["control_plane"]["health"] = {"unhealthy_after_seconds": 5}
+        handle = await run.deploy(ClusterSpec.model_validate(data), readiness="kubernetes")
+        state = await run.until(name, ClusterStatus.RUNNING)
+        worker = f"{name}-{cluster.workers[0].name}-0"
+        address = next(n.address for n in state.nodes if n.name == worker)
+        run.world.not_ready = {
+            worker: "Ready=Unknown (NodeStatusUnknown)",
+            f"{name}-cp-1": "Ready=False",
+            f"{name}-cp-2": "Ready=False",
+        }
+        health = await run.update(handle, ClusterWorkflow.reconcile)
+        assert health.repairs_made == 0
+        found = {f.node: f for f in health.findings}
+        assert "Kubernetes: Ready=Unknown" in found[worker].detail
+        assert found[worker].kind == "unhealthy"
+        await asyncio.sleep(5)
+        before = len(run.world.requests)
+        health = await run.update(handle, ClusterWorkflow.reconcile)
+        assert health.repairs_made == 1, health.findings
+        # cp-1 and cp-2 are NotReady: cp-0 alone does not keep quorum, nothing is done to them
+        members = [f for f in health.findings if f.node.startswith(f"{name}-cp")]
+        assert len(members) == 2 and all("etcd needs 2" in f.detail for f in members), members
+        calls = [
+            (a, getattr(r, "node", None) or getattr(r, "name", ""), getattr(r, "drain", None))
+            for a, r in run.world.requests[before:]
+            if a in ("cluster_node_leave", "vm_destroy", "vm_create", "vm_wait_ready")
+        ]
+        assert calls == [
+            ("cluster_node_leave", worker, True),
+            ("vm_destroy", worker, None),
+            ("cluster_node_leave", worker, False),
+            ("vm_create", worker, None),
+            ("vm_wait_ready", "", None),
+        ]
+        drain = next(r for a, r in run.world.requests[before:] if a == "cluster_node_leave")
+        assert drain.drain_timeout_seconds == 0
+        create = next(r for a, r in run.world.requests[before:] if a == "vm_create")
+        assert create.network.address == address
+        state = await run.until(name, ClusterStatus.RUNNING)
+        assert [s.title.split(":")[0] for s in state.steps if s.name == "repair"] == [
+            f"Replace {worker}"
+        ]

@@ -44,6 +44,7 @@ from domain.account import (
 )
 from domain.bootstrap import RenderedNode, RenderRequest, RenderResult, SecretsRequest
 from domain.gateway import GatewayConfig, GatewayState, GatewayStatus, default_account_name
+from domain.health import TOOLS_RUNNING, InspectRequest, InspectResult, VmSeen
 from domain.ipam import (
     AllocateAddresses,
     AllocateResult,
@@ -55,7 +56,7 @@ from domain.ipam import (
     ReleaseAddresses,
     ReleaseResult,
 )
-from domain.kube import NodeLeaveRequest, NodeLeaveResult
+from domain.kube import NodeLeaveRequest, NodeLeaveResult, NodesStatus, NodesStatusRequest
 from domain.lifecycle import ClusterAccount, Timing
 from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
@@ -118,6 +119,8 @@ class World:
     allocations: dict[tuple[str, str], str] = field(default_factory=dict)  # (owner, slot)
     hooks: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    #: node -> why the stand-in API does not show it Ready
+    not_ready: dict[str, str] = field(default_factory=dict)
 
     def account(self, name: str = "acct") -> ClusterAccount:
         endpoint = VCenterEndpoint(server=SERVER, insecure=True)
@@ -294,6 +297,34 @@ class World:
             refs = [world.vms.pop(u).ref for u in gone]
             return DestroyResult(destroyed=refs)
 
+        @activity.defn(name="vm_inspect")
+        async def vm_inspect(request: InspectRequest) -> InspectResult:
+            answer = await world._called("vm_inspect", request)
+            if answer is not None:
+                return answer  # type: ignore[no-any-return]
+            found = {}
+            for node in request.nodes:
+                vm = world.vms.get(node.instance_uuid)
+                if vm is not None:
+                    found[node.name] = VmSeen(
+                        ref=vm.ref,
+                        name=vm.name,
+                        instance_uuid=vm.instance_uuid,
+                        power_state=vm.power_state,
+                        connection="connected",
+                        tools=TOOLS_RUNNING if vm.power_state == "poweredOn" else "",
+                        address=vm.address or "10.99.0.1",
+                    )
+            return InspectResult(nodes=found)
+
+        @activity.defn(name="cluster_nodes_status")
+        async def cluster_nodes_status(request: NodesStatusRequest) -> NodesStatus:
+            answer = await world._called("cluster_nodes_status", request)
+            return answer or NodesStatus(
+                answered=True,
+                not_ready={n: why for n, why in world.not_ready.items() if n in request.nodes},
+            )
+
         @activity.defn(name="vm_sweep")
         async def vm_sweep(request: SweepRequest) -> SweepResult:
             await world._called("vm_sweep", request)
@@ -323,6 +354,8 @@ class World:
             vm_destroy,
             vm_sweep,
             vm_installer,
+            vm_inspect,
+            cluster_nodes_status,
         ]
 
     # -- the control side: IP pools --------------------------------------------------------
