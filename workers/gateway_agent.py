@@ -37,6 +37,7 @@ from activities.preflight import PreflightActivities
 from activities.presence import agent_presence
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
+from activities.vsphere.tags import TagActivities
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue, presence_task_queue
 from domain.sealing import AgentKey
@@ -118,6 +119,7 @@ def build_agent(
         max_ops_per_datastore=max_ops_per_datastore,
     )
     events = EventActivities(key, sessions)
+    tags = TagActivities(key, sessions)
     kube = KubeActivities(key)
     # presence (domain/presence.py) on a queue and slots of its own: work never delays it
     presence = Worker(
@@ -141,6 +143,7 @@ def build_agent(
             bootstrap.render,
             bootstrap.kubeconfig,
             *vms.all(),
+            *tags.all(),
             *events.all(),
             *kube.all(),
         ],
