@@ -31,6 +31,8 @@ _SSH_KEY = re.compile(
     r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/=]+"
 )
 _TAG = re.compile(r"^[A-Za-z0-9_.:/=+-]{1,128}$")
+#: a region or zone: a Kubernetes label value (the cloud provider labels nodes with it)
+_TOPOLOGY = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$"
 
 #: most nodes one worker pool may have
 MAX_POOL_NODES = 200
@@ -133,6 +135,17 @@ class PlacementDomain(BaseModel):
     resource_pool: str = Field(default="Resources", description="Resource pool in the cluster.")
     ip_pool: DnsLabel | None = Field(
         default=None, description="IP pool of the gateway (static addressing only)."
+    )
+    region: str | None = Field(
+        default=None,
+        pattern=_TOPOLOGY,
+        description="Kubernetes region: a tag of category k8s-region on the compute cluster "
+        "(for the vSphere cloud provider and CSI topology).",
+    )
+    zone: str | None = Field(
+        default=None,
+        pattern=_TOPOLOGY,
+        description="Kubernetes zone: a tag of category k8s-zone on the compute cluster.",
     )
 
     @property
@@ -423,7 +436,10 @@ class ClusterSpec(BaseModel):
     name: DnsLabel = Field(description="Cluster name, a DNS label.")
     description: str = Field(default="", max_length=1024)
     tags: list[str] = Field(
-        default_factory=list, max_length=64, description="Tags (not propagated to VMs)."
+        default_factory=list,
+        max_length=64,
+        description="Tags; every VM of the cluster carries them as vSphere tags (category "
+        "kubegate-tags).",
     )
     profile: ClusterProfile | ProfileFile = Field(description="Inline profile, or {file: PATH}.")
     overrides: dict[str, dict[str, Any]] = Field(
@@ -479,6 +495,15 @@ class ClusterSpec(BaseModel):
                 raise ValueError(f"{where}.ip_pool: required with static IP allocation")
             if not static and domain.ip_pool is not None:
                 raise ValueError(f"{where}.ip_pool: not allowed with DHCP (remove it)")
+        topology: dict[str, tuple[str | None, str | None]] = {}
+        for where, domain in self.domains():
+            seen = topology.setdefault(domain.compute_cluster, (domain.region, domain.zone))
+            if seen != (domain.region, domain.zone):
+                raise ValueError(
+                    f"{where}: compute cluster {domain.compute_cluster} has region/zone "
+                    f"{seen[0]}/{seen[1]} in another placement domain; one each per compute "
+                    "cluster (its tags take one per category)"
+                )
         if static and self.control_plane.vip is not None:
             raise ValueError("control_plane.vip: with static addressing it comes from the IP pool")
         if not static and self.control_plane.size > 1 and self.control_plane.vip is None:

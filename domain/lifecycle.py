@@ -282,6 +282,16 @@ class NodeSetState(BaseModel):
     kept_apart: list[str] = Field(default_factory=list)
     #: the compute cluster holding that rule ('ClusterComputeResource:…')
     kept_apart_in: str | None = None
+    #: VMs carrying their vSphere tags and custom attributes (refs)
+    marked: list[str] = Field(default_factory=list)
+    #: the spec's tags those VMs carry
+    marked_tags: list[str] = Field(default_factory=list)
+    #: placement domains' region/zone tags attached ('compute cluster ref=region/zone')
+    zones_marked: list[str] = Field(default_factory=list)
+    #: the id of the owner's own vSphere tag (deleted with it)
+    owner_tag: str | None = None
+    #: why the last tagging did not do everything (None: it did)
+    marks_problem: str | None = None
 
     @abstractmethod
     def node_spec(self) -> NodeSpec:

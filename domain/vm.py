@@ -196,6 +196,12 @@ class SweepRequest(AgentRequest):
     datacenter: str
     cluster_id: str
     dry_run: bool = False
+    tag_id: str = Field(
+        default="",
+        json_schema_extra=SINCE_0_3,
+        description="The id of the cluster's vSphere tag: VMs carrying it are the cluster's "
+        "too, whatever their extraConfig says ('': by the extraConfig marks alone).",
+    )
 
 
 class SweepResult(BaseModel):

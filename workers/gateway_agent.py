@@ -38,6 +38,7 @@ from activities.presence import agent_presence
 from activities.vsphere.drift import DriftActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
+from activities.vsphere.tags import TagActivities
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue, presence_task_queue
 from domain.sealing import AgentKey
@@ -120,6 +121,7 @@ def build_agent(
     )
     events = EventActivities(key, sessions)
     drift = DriftActivities(key, sessions)
+    tags = TagActivities(key, sessions)
     kube = KubeActivities(key)
     # presence (domain/presence.py) on a queue and slots of its own: work never delays it
     presence = Worker(
@@ -143,6 +145,7 @@ def build_agent(
             bootstrap.render,
             bootstrap.kubeconfig,
             *vms.all(),
+            *tags.all(),
             *events.all(),
             drift.inspect,
             *kube.all(),

@@ -137,6 +137,7 @@ class ClusterWorkflow:
         )
         self.nodes.leaves = input.readiness == "kubernetes"
         self.nodes.apart = True
+        self.nodes.marks = True
         self.operation = ""  # the operation new steps belong to (see `_begin`)
         self.lock = asyncio.Lock()
         self.deleting: DeleteRequest | None = None

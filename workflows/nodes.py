@@ -70,6 +70,21 @@ with workflow.unsafe.imports_passed_through():
         trim_steps,
     )
     from domain.preflight import CheckStatus, PreflightReport, PreflightRequest
+    from domain.tags import (
+        CATEGORY,
+        FIELD_OWNER,
+        REGION_CATEGORY,
+        SPEC_CATEGORY,
+        ZONE_CATEGORY,
+        TagRequest,
+        TagResult,
+        TagSpec,
+        UntagRequest,
+        UntagResult,
+        gateway_tag,
+        owner_tag,
+        pool_tag,
+    )
     from domain.trust import (
         ReleaseIntent,
         SignedResult,
@@ -128,6 +143,11 @@ UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
 KEEP_APART = "control-plane-anti-affinity"
 #: the first agent release that drains nodes and checks them Ready through the API
 LEAVES_SINCE = "0.3.0"
+#: patch: a cluster's VMs carry vSphere tags and a custom attribute, its placement domains'
+#: compute clusters their region/zone tags; its own tag is deleted after its VMs
+MARKS = "vsphere-tags-and-attributes"
+#: the first agent release that tags (vm_tag, vm_untag, vm_sweep by tag)
+TAGS_SINCE = "0.3.0"
 
 #: a node slot: (pool, index); its node is named by the slot's revision
 Slot = tuple[str, int]
@@ -308,6 +328,8 @@ class NodeSet:
         self.placement_template: str | None = None
         #: control-plane VMs are kept on distinct hosts (a cluster's: a DRS rule)
         self.apart = False
+        #: VMs get vSphere tags and custom attributes (a cluster's)
+        self.marks = False
         #: the slots the converge in progress changes (None: every slot)
         self.scope: Collection[Slot] | None = None
         self._layout: tuple[NodeSpec, NodeLayout] | None = None
@@ -544,12 +566,19 @@ class NodeSet:
         await self.step("create-vms", f"{label}Create VMs", self._create_vms)
         ready = self.step("readiness", f"{label}Start nodes, wait ({self.readiness})", self._ready)
         if not last and self._keep_apart_due():  # (off the critical path: beside readiness)
-            await run_all([ready, self._keep_apart_step()])
+            beside = [self._keep_apart_step()]
+            if self._marks_due():
+                beside.append(self._marks_step(label))
+            await run_all([ready, *beside])
+        elif not last and self._marks_due():
+            await run_all([ready, self._marks_step(label)])
         else:
             await ready
             await remove(last)
             if self._keep_apart_due():
                 await self._keep_apart_step()
+            if self._marks_due():
+                await self._marks_step(label)
         self.scope = None
 
     async def roll(self) -> None:
@@ -1046,6 +1075,147 @@ class NodeSet:
     async def _unkeep(self, step: Step) -> None:
         await self._keep_apart(step, vms=[])
 
+    # -- vSphere tags and custom attributes ------------------------------------------------
+
+    def _marked_vms(self) -> list[Node]:
+        """The nodes whose VMs exist (those that carry marks)."""
+        return [n for n in self.record.nodes if n.vm and n.phase in ("created", "ready")]
+
+    def _spec_tags(self) -> list[str]:
+        return sorted(set(getattr(self.record.node_spec(), "tags", None) or []))
+
+    def _topology(self) -> list[tuple[tuple[str, str, str, str], str | None, str | None]]:
+        """(domain names, region, zone) of the placement domains that name either."""
+        seen: list[tuple[tuple[str, str, str, str], str | None, str | None]] = []
+        for domain in self.layout.domains:
+            entry = (domain.names, domain.region, domain.zone)
+            if (domain.region or domain.zone) and entry not in seen:
+                seen.append(entry)
+        return seen
+
+    def _zones_wanted(self) -> list[str]:
+        """'compute cluster=region/zone' of every compute cluster given either."""
+        return sorted(
+            {f"{names[0]}={region or ''}/{zone or ''}" for names, region, zone in self._topology()}
+        )
+
+    def _marks_due(self) -> bool:
+        if not self.marks:
+            return False
+        vms = self._marked_vms()
+        marked = set(self.record.marked)
+        due = any(n.vm not in marked for n in vms)
+        due = due or (bool(vms) and self.record.marked_tags != self._spec_tags())
+        due = due or self.record.zones_marked != self._zones_wanted()
+        return due and workflow.patched(MARKS)
+
+    def _marks_step(self, label: str = "") -> Coroutine[Any, Any, None]:
+        return self.step("tags", f"{label}Tag the VMs", self._mark)
+
+    async def _mark(self, step: Step) -> None:
+        """Tags (category kubegate: owner, pool, gateway; kubegate-tags: the spec's) and the
+        owner custom attribute on the VMs not marked yet (all of them when the spec's tags
+        changed); region/zone tags on the placement domains' compute clusters. Best effort:
+        what could not be done is said in the step and in `marks_problem`."""
+        if not self.account.agent_runs(TAGS_SINCE):
+            step.state = StepState.SKIPPED
+            step.detail = self.record.marks_problem = (
+                f"not tagged: the agent ({self.account.agent_release or 'unknown release'}) "
+                f"tags from {TAGS_SINCE} on"
+            )
+            return
+        nodes = self._marked_vms()
+        spec_tags = self._spec_tags()
+        marked = set(self.record.marked)
+        todo = (
+            nodes
+            if self.record.marked_tags != spec_tags
+            else [n for n in nodes if n.vm not in marked]
+        )
+        vms = [n.vm or "" for n in todo]
+        tags: list[TagSpec] = []
+        if vms:
+            tags.append(TagSpec(category=CATEGORY, name=owner_tag(self.owner), objects=vms))
+            tags.append(
+                TagSpec(category=CATEGORY, name=gateway_tag(self.record.gateway), objects=vms)
+            )
+            for pool in sorted({n.pool for n in todo}):
+                members = [n.vm or "" for n in todo if n.pool == pool]
+                tags.append(TagSpec(category=CATEGORY, name=pool_tag(pool), objects=members))
+            tags += [TagSpec(category=SPEC_CATEGORY, name=t, objects=vms) for t in spec_tags]
+        vm_tags = len(tags)
+        zones = self._zones_wanted()
+        if zones != self.record.zones_marked:
+            placement = await self._placement()
+            by_tag: dict[tuple[str, str], list[str]] = {}
+            for names, region, zone in self._topology():
+                cluster = placement.of(names).compute_cluster
+                if region:
+                    by_tag.setdefault((REGION_CATEGORY, region), []).append(cluster)
+                if zone:
+                    by_tag.setdefault((ZONE_CATEGORY, zone), []).append(cluster)
+            tags += [
+                TagSpec.model_validate(
+                    {"category": category, "name": name, "objects": sorted(set(objects))}
+                )
+                for (category, name), objects in sorted(by_tag.items())
+            ]
+        else:
+            zones = []
+        fields = {n.vm or "": {FIELD_OWNER: self.owner} for n in todo if n.vm not in marked}
+        step.objects = sorted({o for t in tags for o in t.objects})
+        try:
+            result = await self.agent(
+                "vm_tag",
+                TagRequest(credentials=self.account.current, tags=tags, fields=fields),
+                TagResult,
+                f"Tag {len(vms)} VM(s)"
+                + (f" and {len(zones)} compute cluster(s)" if zones else ""),
+            )
+        except (ActivityError, ApplicationError) as exc:
+            # best effort: the cluster serves without them (the next change tries again)
+            step.detail = self.record.marks_problem = f"not tagged: {_message(exc)}"
+            return
+        owned = result.ids.get(f"{CATEGORY}/{owner_tag(self.owner)}")
+        if owned:
+            self.record.owner_tag = owned
+        if result.problems:
+            step.detail = self.record.marks_problem = (
+                "not fully tagged: "
+                + "; ".join(result.problems)
+                + " (tags need the InventoryService.Tagging privileges on the VMs' folder, "
+                "custom attributes Global.SetCustomField; see docs/vsphere-errors.md)"
+            )
+            return
+        self.record.marks_problem = None
+        self.record.marked = sorted({n.vm or "" for n in nodes})
+        self.record.marked_tags = spec_tags
+        if zones:
+            self.record.zones_marked = zones
+        step.detail = f"{len(vms)} VM(s): {vm_tags} tag(s), {result.fields_set} custom attribute(s)"
+        if zones:
+            step.detail += f"; region/zone tags on {len(zones)} compute cluster(s)"
+
+    async def _unmark(self, step: Step) -> None:
+        """Delete the owner's tag (its VMs are gone; shared tags and categories stay)."""
+        tag = self.record.owner_tag or ""
+        try:
+            result = await self.agent(
+                "vm_untag",
+                UntagRequest(credentials=self.account.current, tag_ids=[tag]),
+                UntagResult,
+                f"Delete the tag {owner_tag(self.owner)}",
+            )
+        except (ActivityError, ApplicationError) as exc:
+            step.detail = self.record.marks_problem = f"tag not deleted: {_message(exc)}"
+            return
+        step.objects = [tag]
+        step.detail = f"tag {owner_tag(self.owner)} " + (
+            "deleted" if result.deleted else "was gone already"
+        )
+        self.record.owner_tag = None
+        self.record.marked = []
+
     async def _destroy_nodes(self, nodes: Sequence[Node]) -> list[str]:
         for node in nodes:
             node.phase = "deleting"
@@ -1152,6 +1322,8 @@ class NodeSet:
         await self.step("repair", title, body)
         if node.control_plane and self._keep_apart_due():
             await self._keep_apart_step()
+        if self._marks_due():  # a new VM: its tags and custom attribute
+            await self._marks_step()
 
     async def _repair(self, step: Step, node: Node, repair: Repair) -> None:
         if repair.action == "power-on":
@@ -1200,6 +1372,8 @@ class NodeSet:
             await self.step(
                 "keep-apart", "Remove the control plane's anti-affinity rule", self._unkeep
             )
+        if self.record.owner_tag and workflow.patched(MARKS):
+            await self.step("tags", "Delete the cluster's tag", self._unmark)
         await self.step("release", "Release addresses", self._release_all)
         await self.step("remove-folder", "Remove the folder", self._remove_folder)
 
@@ -1211,6 +1385,7 @@ class NodeSet:
                 credentials=self.account.current,
                 datacenter=self.layout.placement.datacenter,
                 cluster_id=self.owner,
+                tag_id=self.record.owner_tag or "",
             ),
             SweepResult,
             "Find and destroy any VM still marked as this cluster's",

@@ -16,6 +16,7 @@ from http.client import HTTPException
 from pyVmomi import Security, vim, vmodl
 from temporalio.exceptions import ApplicationError
 
+from activities.vsphere.rest import RestError
 from domain import errors
 
 
@@ -70,6 +71,8 @@ def classify(exc: BaseException, context: str) -> ApplicationError:
     """Turn any exception from talking to vCenter into a classified ApplicationError."""
     if isinstance(exc, ApplicationError):
         return exc
+    if isinstance(exc, RestError):
+        return _classify_rest(exc, context)
     if isinstance(exc, Security.ThumbprintMismatchException | ssl.SSLError):
         return ApplicationError(
             f"{context}: TLS verification failed ({_ssl_reason(exc)}); pin the vCenter "
@@ -103,6 +106,30 @@ def classify(exc: BaseException, context: str) -> ApplicationError:
         )
     return ApplicationError(
         f"{context}: unexpected {type(exc).__name__}: {exc}", type=errors.VCENTER_FAULT
+    )
+
+
+def _classify_rest(exc: RestError, context: str) -> ApplicationError:
+    """A vAPI REST error (tagging): by HTTP status and vAPI error type."""
+    text = f"{exc.kind}" + (f": {exc.message}" if exc.message else "")
+    if exc.status == 401:
+        kind, retry, hint = errors.INVALID_CREDENTIALS, False, "check the user name and password"
+    elif exc.status == 403:
+        kind, retry, hint = (
+            errors.MISSING_PRIVILEGE,
+            False,
+            "grant the tagging privileges listed in docs/vsphere-errors.md",
+        )
+    elif exc.status == 404:
+        kind, retry, hint = errors.OBJECT_NOT_FOUND, False, "the object is not in vCenter"
+    elif exc.status == 400:
+        kind, retry, hint = errors.INVALID_SPEC, False, "vCenter refused the request"
+    elif exc.status in (429, 500, 502, 503, 504):
+        kind, retry, hint = errors.VCENTER_BUSY, True, "retrying"
+    else:
+        kind, retry, hint = errors.VCENTER_FAULT, True, "unexpected answer"
+    return ApplicationError(
+        f"{context}: vAPI HTTP {exc.status} {text} ({hint})", type=kind, non_retryable=not retry
     )
 
 

@@ -170,10 +170,14 @@ def open_session(
     return session
 
 
-def _meter_add(n: int) -> None:
+def meter_add(n: int) -> None:
+    """Count n requests made outside a SOAP session (e.g. vAPI REST) in the caller's meter."""
     meter = _meter.get()
     if meter is not None:
         meter[0] += n
+
+
+_meter_add = meter_add
 
 
 class SessionPool:
@@ -186,6 +190,8 @@ class SessionPool:
         self._locks: dict[tuple[str, int, str, str], threading.Lock] = {}
         self._guard = threading.Lock()
         self.logins = 0
+        #: called by close_all (e.g. the vAPI sessions' logout)
+        self.on_close: list[Callable[[], None]] = []
 
     @staticmethod
     def _key(endpoint: VCenterEndpoint, username: str, password: str) -> tuple[str, int, str, str]:
@@ -259,3 +265,6 @@ class SessionPool:
             self._sessions.clear()
         for session in sessions:
             session.logout()
+        for close in self.on_close:
+            with contextlib.suppress(Exception):  # best effort at shutdown
+                close()

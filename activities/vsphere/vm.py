@@ -19,7 +19,7 @@ import ipaddress
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +34,7 @@ from activities.vsphere.calls import call_vcenter
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
 from activities.vsphere.ovf import read_properties
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
+from activities.vsphere.tags import tagged_objects
 from activities.vsphere.watch import CancelRequested, await_task
 from domain import errors
 from domain.account import Placement, VCenterCredentials
@@ -692,8 +693,10 @@ class VmActivities:
         result = SweepResult()
         progress = _Progress(stage="sweep")
 
+        tagged: set[str] = set()  # VMs carrying the cluster's tag (read first, over vAPI)
+
         def run(session: VSphereSession) -> None:
-            marked = _marked_vms(session, request.datacenter.strip("/"), request.cluster_id)
+            marked = _marked_vms(session, request.datacenter.strip("/"), request.cluster_id, tagged)
             result.vms = [info for info, _ in marked]
             if request.dry_run:
                 return
@@ -703,6 +706,10 @@ class VmActivities:
                 result.destroyed.append(info.ref)
 
         with request_meter() as meter, activity.shield_thread_cancel_exception():
+            if request.tag_id:
+                tagged = set(
+                    tagged_objects(self.key, self.sessions, request.credentials, request.tag_id)
+                )
             self._call(request.credentials, f"sweep VMs of {request.cluster_id}", run)
         result.vcenter_requests = meter[0]
         return result
@@ -1305,10 +1312,11 @@ def _wait_kubernetes(request: ReadinessRequest) -> ReadinessResult:
 
 
 def _marked_vms(
-    session: VSphereSession, dc: str, cluster_id: str
+    session: VSphereSession, dc: str, cluster_id: str, tagged: Collection[str] = ()
 ) -> list[tuple[VmInfo, dict[str, Any]]]:
-    """VMs whose extraConfig carries the cluster's mark: a container view, one read of every
-    VM's annotation (the mark is repeated there), one read of the candidates' extraConfig."""
+    """VMs of the datacenter whose extraConfig carries the cluster's mark, or that carry its
+    tag (`tagged`: their refs): a container view, one read of every VM's annotation (the
+    mark is repeated there), one read of the candidates' extraConfig."""
     datacenter = find_by_path(session, f"/{dc}")
     if not isinstance(datacenter, vim.Datacenter):
         return []  # no such datacenter: nothing of the cluster's can be in it
@@ -1336,7 +1344,7 @@ def _marked_vms(
     candidates = [
         from_ref(session, key)
         for key, props in everything.items()
-        if needle in str(props.get("config.annotation") or "") + "\n"
+        if needle in str(props.get("config.annotation") or "") + "\n" or key in tagged
     ]
     if not candidates:
         return []
@@ -1348,8 +1356,9 @@ def _marked_vms(
     marked = []
     for vm in candidates:
         p = props.get(ref(vm), {})
-        if _extra(p.get("config.extraConfig")).get(MARK_CLUSTER) != cluster_id:
-            continue
+        mark = _extra(p.get("config.extraConfig")).get(MARK_CLUSTER)
+        if mark != cluster_id and not (ref(vm) in tagged and mark is None):
+            continue  # (tagged but marked as another's: the mark wins)
         host = p.get("runtime.host")
         info = VmInfo(
             ref=ref(vm),

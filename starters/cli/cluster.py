@@ -658,6 +658,8 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
         )
     if state.error:
         out.print(f"[red]error:[/red] {state.error}", highlight=False)
+    if state.marks_problem and state.status is not ClusterStatus.DELETED:
+        out.print(f"warning: {state.marks_problem}", highlight=False, markup=False)
     if not describe:
         return
     steps = Table(title="Steps")

@@ -276,6 +276,7 @@ async def test_static_cluster_matches_spec_then_delete_leaves_nothing(
         "create-vms",
         "readiness",
         "keep-apart",
+        "tags",
     ]
     assert all(s.state.value == "done" and s.started and s.ended for s in state.steps)
     kept = next(s for s in state.steps if s.name == "keep-apart")

@@ -139,7 +139,7 @@ async def test_a_deploy_runs_its_steps_in_order_and_settles(env: WorkflowEnviron
         steps = [s.name for s in state.steps]
         assert steps[:2] == ["validate", "preflight"]
         assert set(steps[2:4]) == {"folder", "addresses"}  # these two run at once
-        assert steps[4:] == ["bootstrap", "create-vms", "readiness"]
+        assert steps[4:] == ["bootstrap", "create-vms", "readiness", "tags"]
         assert [op for op, _, _ in operations(state.steps)] == ["deploy"]
         calls = run.world.calls
         assert calls.index("preflight_all") < calls.index("vm_ensure_folder")
@@ -540,3 +540,35 @@ async def test_a_node_not_ready_in_kubernetes_is_replaced_after_its_timeout_in_o
         assert [s.title.split(":")[0] for s in state.steps if s.name == "repair"] == [
             f"Replace {worker}"
         ]
+
+
+async def test_tags_are_best_effort_and_the_clusters_tag_goes_after_its_vms(
+    env: WorkflowEnvironment,
+) -> None:
+    async with Running(env) as run:
+        name = unique("tags")
+        run.world.hooks["vm_tag"] = fail("no tagging privilege", "MissingPrivilege", True)
+        handle = await run.deploy(spec(name, cp=1, workers=1))
+        state = await run.until(name, ClusterStatus.RUNNING)
+        (tags,) = [s for s in state.steps if s.name == "tags"]
+        assert tags.state.value == "done" and "not tagged: no tagging privilege" in tags.detail
+        assert state.marks_problem == tags.detail and state.marked == []
+
+        del run.world.hooks["vm_tag"]  # granted: the next change tags every VM
+        await run.update(handle, ClusterWorkflow.scale, ScaleRequest(pool="w", size=2))
+        state = await run.until(name, ClusterStatus.RUNNING)
+        request = [r for n, r in run.world.requests if n == "vm_tag"][-1]
+        by_name = {t.name: sorted(t.objects) for t in request.tags}
+        vms = sorted(n.vm or "" for n in state.nodes)
+        assert by_name[f"cluster:{name}"] == vms and len(vms) == 3
+        assert by_name["pool:w"] == sorted(n.vm or "" for n in state.nodes if n.pool == "w")
+        assert all(v == {"kubegate.cluster": f"cluster/{name}"} for v in request.fields.values())
+        assert state.marks_problem is None and state.marked == vms and state.owner_tag
+
+        await run.update(handle, ClusterWorkflow.delete, DeleteRequest())
+        state = await run.until(name, ClusterStatus.DELETED)
+        calls = run.world.calls
+        assert calls.index("vm_sweep") < calls.index("vm_untag")
+        sweep = [r for n, r in run.world.requests if n == "vm_sweep"][-1]
+        assert sweep.tag_id == f"urn:tag:kubegate/cluster:{name}"
+        assert state.owner_tag is None

@@ -62,6 +62,7 @@ from domain.names import SEARCH_ATTRIBUTES
 from domain.preflight import CheckResult, CheckStatus, PreflightReport, PreflightRequest
 from domain.presence import PresenceAnswer, PresenceRequest
 from domain.sealing import AgentKey, seal
+from domain.tags import TagRequest, TagResult, UntagRequest, UntagResult
 from domain.trust import AccountRef
 from domain.version import VERSION
 from domain.vm import (
@@ -272,6 +273,21 @@ class World:
             vms = sorted(request.vms) if len(request.vms) >= 2 else []
             return answer or KeepApartResult(rule=request.rule, vms=vms, drs=True, changed=True)
 
+        @activity.defn(name="vm_tag")
+        async def vm_tag(request: TagRequest) -> TagResult:
+            answer = await world._called("vm_tag", request)
+            ids = {f"{t.category}/{t.name}": f"urn:tag:{t.category}/{t.name}" for t in request.tags}
+            return answer or TagResult(
+                ids=ids,
+                attached=sum(len(t.objects) for t in request.tags),
+                fields_set=sum(len(v) for v in request.fields.values()),
+            )
+
+        @activity.defn(name="vm_untag")
+        async def vm_untag(request: UntagRequest) -> UntagResult:
+            answer = await world._called("vm_untag", request)
+            return answer or UntagResult(deleted=list(request.tag_ids))
+
         @activity.defn(name="agent_presence")
         async def agent_presence(request: PresenceRequest) -> PresenceAnswer:
             answer = await world._called("agent_presence", request)
@@ -351,6 +367,8 @@ class World:
             cluster_node_leave,
             agent_presence,
             vm_keep_apart,
+            vm_tag,
+            vm_untag,
             vm_destroy,
             vm_sweep,
             vm_installer,

@@ -1,0 +1,327 @@
+"""vSphere tags (vAPI REST) and custom attributes (SOAP) on what kubegate makes.
+
+`vm_tag` makes the categories and tags it is asked for once (ids kept per vCenter by the
+worker: later calls make none) and attaches each tag to all its objects in one call
+(`attach-tag-to-multiple-objects`); custom attributes cost one `SetField` per VM and field.
+A missing privilege is reported in the result (the step records it): tagging is best effort.
+`vm_untag` deletes tags by id (gone = done). `tagged_objects` serves the delete sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyVmomi import vim, vmodl
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+
+from activities.secrets import open_password
+from activities.vsphere.calls import call_vcenter, shielded
+from activities.vsphere.faults import classify
+from activities.vsphere.inventory import from_ref, ref, retrieve
+from activities.vsphere.rest import RestError, RestPool, RestSession
+from activities.vsphere.session import SessionPool, VSphereSession, request_meter
+from domain import errors
+from domain.account import VCenterCredentials
+from domain.sealing import AgentKey
+from domain.tags import CATEGORIES, TagRequest, TagResult, TagSpec, UntagRequest, UntagResult
+
+T = TypeVar("T")
+
+CATEGORY_PATH = "/com/vmware/cis/tagging/category"
+TAG_PATH = "/com/vmware/cis/tagging/tag"
+ASSOCIATION_PATH = "/com/vmware/cis/tagging/tag-association"
+DESCRIPTION = "Managed by kubegate"
+
+_pools: weakref.WeakKeyDictionary[SessionPool, RestPool] = weakref.WeakKeyDictionary()
+
+
+def rest_pool(sessions: SessionPool) -> RestPool:
+    """The vAPI sessions that go with a worker's SOAP sessions (logged out with them)."""
+    pool = _pools.get(sessions)
+    if pool is None:
+        pool = _pools[sessions] = RestPool(timeout=sessions.timeout)
+        sessions.on_close.append(pool.close_all)
+    return pool
+
+
+def call_rest(
+    key: AgentKey,
+    sessions: SessionPool,
+    credentials: VCenterCredentials,
+    context: str,
+    call: Callable[[RestSession, dict[str, str]], T],
+) -> T:
+    """Open the sealed password, run call with a vAPI session and the vCenter's known ids,
+    classify what goes wrong."""
+    password = open_password(key, credentials)
+    pool = rest_pool(sessions)
+    known = pool.known(credentials.endpoint)
+    try:
+        with shielded():
+            return pool.run(
+                credentials.endpoint,
+                credentials.username,
+                password,
+                lambda session: call(session, known),
+            )
+    except (ApplicationError, CancelledError):
+        raise
+    except Exception as exc:
+        raise classify(exc, context) from None
+
+
+# --- tagging over a session -------------------------------------------------------------------
+
+
+def ensure_category(session: RestSession, known: dict[str, str], name: str) -> str:
+    """The category's id: known, else made (or, made meanwhile, found)."""
+    if name in known:
+        return known[name]
+    cardinality, types = CATEGORIES[name]
+    spec = {"name": name, "description": DESCRIPTION, "cardinality": cardinality}
+    spec["associable_types"] = types  # type: ignore[assignment]
+    try:
+        known[name] = str(session.request("POST", CATEGORY_PATH, {"create_spec": spec}))
+    except RestError as exc:
+        if not exc.already_exists:
+            raise
+        for category_id in session.request("GET", CATEGORY_PATH) or []:
+            if category_id in known.values():
+                continue
+            info = session.request("GET", f"{CATEGORY_PATH}/id:{category_id}") or {}
+            known[str(info.get("name"))] = str(category_id)
+            if info.get("name") == name:
+                break
+        if name not in known:
+            raise RestError(404, "not_found", f"category {name} exists but was not found") from None
+    return known[name]
+
+
+def ensure_tag(session: RestSession, known: dict[str, str], category: str, name: str) -> str:
+    """The tag's id (category by name): known, else made (or found)."""
+    key = f"{category}/{name}"
+    if key in known:
+        return known[key]
+    category_id = ensure_category(session, known, category)
+    spec = {"name": name, "description": DESCRIPTION, "category_id": category_id}
+    try:
+        known[key] = str(session.request("POST", TAG_PATH, {"create_spec": spec}))
+    except RestError as exc:
+        if not exc.already_exists:
+            raise
+        ids = session.request(
+            "POST", f"{TAG_PATH}/id:{category_id}", action="list-tags-for-category"
+        )
+        for tag_id in ids or []:
+            if tag_id in known.values():
+                continue
+            info = session.request("GET", f"{TAG_PATH}/id:{tag_id}") or {}
+            known[f"{category}/{info.get('name')}"] = str(tag_id)
+            if info.get("name") == name:
+                break
+        if key not in known:
+            raise RestError(404, "not_found", f"tag {key} exists but was not found") from None
+    return known[key]
+
+
+def _object_id(value: str) -> dict[str, str]:
+    kind, _, moid = value.partition(":")
+    return {"type": kind, "id": moid}
+
+
+def attach(session: RestSession, tag_id: str, objects: list[str]) -> None:
+    """Attach one tag to many objects in one call (attached already: fine)."""
+    answer = session.request(
+        "POST",
+        f"{ASSOCIATION_PATH}/id:{tag_id}",
+        {"object_ids": [_object_id(o) for o in objects]},
+        action="attach-tag-to-multiple-objects",
+    )
+    # vCenter answers a batch result; the simulator answers nothing
+    if isinstance(answer, dict) and answer.get("success") is False:
+        texts = [
+            str(m.get("default_message") or m.get("id") or "")
+            for e in answer.get("error_messages") or []
+            if isinstance(e, dict)
+            for m in [e]
+        ]
+        text = "; ".join(t for t in texts if t)[:300] or "no details"
+        status = 403 if "privilege" in text.lower() or "permission" in text.lower() else 400
+        raise RestError(status, "batch_failed", text)
+
+
+def attach_spec(session: RestSession, known: dict[str, str], spec: TagSpec) -> str:
+    """Make the spec's tag if missing and attach it to its objects; a tag deleted behind our
+    back (its known id unknown to vCenter) is made again once."""
+    tag_id = ensure_tag(session, known, spec.category, spec.name)
+    if not spec.objects:
+        return tag_id
+    try:
+        attach(session, tag_id, spec.objects)
+    except RestError as exc:
+        if exc.status != 404:
+            raise
+        _forget(known, tag_id)
+        tag_id = ensure_tag(session, known, spec.category, spec.name)
+        attach(session, tag_id, spec.objects)
+    return tag_id
+
+
+def _forget(known: dict[str, str], tag_id: str) -> None:
+    for name in [n for n, i in known.items() if i == tag_id]:
+        known.pop(name, None)
+
+
+def delete_tag(session: RestSession, known: dict[str, str], tag_id: str) -> bool:
+    """Delete a tag; False when it was gone already."""
+    _forget(known, tag_id)
+    try:
+        session.request("DELETE", f"{TAG_PATH}/id:{tag_id}")
+    except RestError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
+def attached_objects(session: RestSession, tag_id: str) -> list[str]:
+    """'Type:id' of every object carrying the tag (none when the tag is gone)."""
+    try:
+        found = session.request(
+            "POST", f"{ASSOCIATION_PATH}/id:{tag_id}", {}, action="list-attached-objects"
+        )
+    except RestError as exc:
+        if exc.status == 404:
+            return []
+        raise
+    return [f"{o['type']}:{o['id']}" for o in found or [] if isinstance(o, dict)]
+
+
+# --- custom attributes ---------------------------------------------------------------------
+
+#: (server, port) -> custom attribute name -> key
+_field_keys: dict[tuple[str, int], dict[str, int]] = {}
+
+
+def _field_key(session: VSphereSession, name: str) -> int:
+    """The key of the VM custom attribute `name`, defined if missing (known keys: no request)."""
+    known = _field_keys.setdefault((session.endpoint.server.lower(), session.endpoint.port), {})
+    if name in known:
+        return known[name]
+    manager = session.content.customFieldsManager
+    found = retrieve(session, [manager], ["field"]).get(ref(manager), {})
+    for definition in found.get("field") or []:
+        if definition.managedObjectType in (None, vim.VirtualMachine):
+            known[definition.name] = definition.key
+    if name not in known:
+        try:
+            known[name] = manager.AddCustomFieldDef(name=name, moType=vim.VirtualMachine).key
+        except vim.fault.DuplicateName:  # defined meanwhile
+            _field_keys.pop((session.endpoint.server.lower(), session.endpoint.port), None)
+            return _field_key(session, name)
+    return known[name]
+
+
+def set_fields(session: VSphereSession, fields: dict[str, dict[str, str]]) -> int:
+    """Set custom attributes on VMs (a VM gone is skipped); the number set."""
+    manager = session.content.customFieldsManager
+    done = 0
+    for vm_ref, values in sorted(fields.items()):
+        for name, value in sorted(values.items()):
+            key = _field_key(session, name)
+            try:
+                manager.SetField(entity=from_ref(session, vm_ref), key=key, value=value)
+            except vmodl.fault.ManagedObjectNotFound:
+                break  # the VM is gone
+            done += 1
+    return done
+
+
+# --- activities --------------------------------------------------------------------------
+
+
+class TagActivities:
+    """The tagging activities of one gateway agent."""
+
+    def __init__(self, key: AgentKey, sessions: SessionPool) -> None:
+        self.key = key
+        self.sessions = sessions
+
+    @activity.defn(name="vm_tag")
+    def tag(self, request: TagRequest) -> TagResult:
+        """Make and attach the tags, set the custom attributes; missing privileges reported."""
+        result = TagResult()
+
+        def tag_all(session: RestSession, known: dict[str, str]) -> None:
+            for spec in request.tags:
+                tag_id = attach_spec(session, known, spec)
+                result.ids[f"{spec.category}/{spec.name}"] = tag_id
+                result.attached += len(spec.objects)
+
+        with request_meter() as meter:
+            if request.tags:
+                try:
+                    call_rest(self.key, self.sessions, request.credentials, "tag VMs", tag_all)
+                except ApplicationError as exc:
+                    if exc.type != errors.MISSING_PRIVILEGE:
+                        raise
+                    result.problems.append(f"tags: {exc.message}")
+            if request.fields:
+                try:
+                    result.fields_set = call_vcenter(
+                        self.key,
+                        self.sessions,
+                        request.credentials,
+                        "set custom attributes",
+                        lambda session: set_fields(session, request.fields),
+                    )
+                except ApplicationError as exc:
+                    if exc.type != errors.MISSING_PRIVILEGE:
+                        raise
+                    result.problems.append(f"custom attributes: {exc.message}")
+        result.vcenter_requests = meter[0]
+        return result
+
+    @activity.defn(name="vm_untag")
+    def untag(self, request: UntagRequest) -> UntagResult:
+        """Delete the tags (gone already: done)."""
+        result = UntagResult()
+
+        def delete(session: RestSession, known: dict[str, str]) -> None:
+            for tag_id in request.tag_ids:
+                if delete_tag(session, known, tag_id):
+                    result.deleted.append(tag_id)
+
+        with request_meter() as meter:
+            call_rest(self.key, self.sessions, request.credentials, "delete tags", delete)
+        result.vcenter_requests = meter[0]
+        return result
+
+    def all(self) -> list[Callable[..., Any]]:
+        """Every activity, for the agent's worker."""
+        return [self.tag, self.untag]
+
+
+def tagged_objects(
+    key: AgentKey, sessions: SessionPool, credentials: VCenterCredentials, tag_id: str
+) -> list[str]:
+    """The objects carrying a tag, for the delete sweep; [] when tags cannot be read for
+    good (e.g. a missing privilege: the sweep goes by the extraConfig marks alone)."""
+    try:
+        return call_rest(
+            key,
+            sessions,
+            credentials,
+            "list tagged VMs",
+            lambda session, _known: attached_objects(session, tag_id),
+        )
+    except ApplicationError as exc:
+        if exc.non_retryable:
+            with contextlib.suppress(Exception):
+                activity.logger.warning("sweep without tags: %s", exc.message)
+            return []
+        raise
