@@ -706,6 +706,10 @@ class GatewayState(BaseModel):
     accounts: list[CloudAccount] = Field(default_factory=list)
     clusters: list[ClusterRecord] = Field(default_factory=list)
     queue: list[str] = Field(default_factory=list, description="Clusters waiting, in order.")
+    audits: list[str] = Field(
+        default_factory=list,
+        description="Orphan audits it started that have not ended (its agent works for them).",
+    )
     agent_problem: str | None = Field(
         default=None,
         description="Why the agent cannot take new work (its release), as the state query "

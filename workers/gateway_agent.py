@@ -35,6 +35,7 @@ from activities.guard import (
 from activities.kube import KubeActivities
 from activities.preflight import PreflightActivities
 from activities.presence import agent_presence
+from activities.vsphere.audit import AuditActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
 from activities.vsphere.vm import VmActivities
@@ -118,6 +119,7 @@ def build_agent(
         max_ops_per_datastore=max_ops_per_datastore,
     )
     events = EventActivities(key, sessions)
+    audit = AuditActivities(vms)
     kube = KubeActivities(key)
     # presence (domain/presence.py) on a queue and slots of its own: work never delays it
     presence = Worker(
@@ -142,6 +144,7 @@ def build_agent(
             bootstrap.kubeconfig,
             *vms.all(),
             *events.all(),
+            *audit.all(),
             *kube.all(),
         ],
         activity_executor=executor,
