@@ -159,6 +159,17 @@ class AuditInput(BaseModel):
     wait_minutes: int = 60
 
 
+#: an audit ends within this (its execution timeout): a gateway forgets older records
+AUDIT_LIFETIME_HOURS = 3
+
+
+class AuditRecord(BaseModel):
+    """An audit a gateway started, authorized for its agent until it ends."""
+
+    workflow_id: str
+    started_at: datetime
+
+
 class AuditStart(BaseModel):
     """Ask a gateway for an audit (its `start_audit` Update)."""
 

@@ -30,7 +30,14 @@ with workflow.unsafe.imports_passed_through():
 
     from domain import errors, names
     from domain.account import Placement, SealedSecret, VCenterCredentials
-    from domain.audit import AuditAccount, AuditInput, AuditStart, is_audit_id
+    from domain.audit import (
+        AUDIT_LIFETIME_HOURS,
+        AuditAccount,
+        AuditInput,
+        AuditRecord,
+        AuditStart,
+        is_audit_id,
+    )
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
@@ -1263,7 +1270,11 @@ class GatewayWorkflow:
             if c.status != ClusterStatus.DELETED.value
         ]
         checking = [c.workflow_id for c in self.checks]
-        audits = list(self.gw.audits) if self.gw.status is not GatewayStatus.DELETED else []
+        audits = (
+            [a.workflow_id for a in self.gw.audits]
+            if self.gw.status is not GatewayStatus.DELETED
+            else []
+        )
         return AgentAuthorization(
             gateway=self.gw.name,
             status=self.gw.status.value,
@@ -1536,7 +1547,12 @@ class GatewayWorkflow:
                         datacenter=placement.datacenter,
                     )
                 )
-        self.gw.audits.append(request.workflow_id)
+        lifetime = timedelta(hours=AUDIT_LIFETIME_HOURS)
+        # (an audit that never said it ended has ended by its execution timeout)
+        self.gw.audits = [a for a in self.gw.audits if a.started_at > workflow.now() - lifetime]
+        self.gw.audits.append(
+            AuditRecord(workflow_id=request.workflow_id, started_at=workflow.now())
+        )
         try:
             await workflow.start_child_workflow(
                 "AuditWorkflow",
@@ -1550,7 +1566,7 @@ class GatewayWorkflow:
                 id=request.workflow_id,
                 task_queue=workflow.info().task_queue,
                 parent_close_policy=ParentClosePolicy.ABANDON,
-                execution_timeout=timedelta(hours=3),
+                execution_timeout=lifetime,
                 static_summary=f"Orphan audit of gateway {self.gw.name}",
                 search_attributes=TypedSearchAttributes(
                     [
@@ -1561,7 +1577,7 @@ class GatewayWorkflow:
                 ),
             )
         except BaseException as exc:
-            self.gw.audits = [a for a in self.gw.audits if a != request.workflow_id]
+            self.gw.audits = [a for a in self.gw.audits if a.workflow_id != request.workflow_id]
             if isinstance(exc, WorkflowAlreadyStartedError):
                 raise invalid_state(f"workflow {request.workflow_id} exists already") from None
             raise
@@ -1580,17 +1596,19 @@ class GatewayWorkflow:
             )
         if self.gw.agent is None or not self.gw.agent.approved:
             raise invalid_state(f"gateway {self.gw.name} has no approved agent")
-        if len(self.gw.audits) >= _AUDITS_AT_ONCE:
+        lifetime = timedelta(hours=AUDIT_LIFETIME_HOURS)
+        running = [a for a in self.gw.audits if a.started_at > workflow.now() - lifetime]
+        if len(running) >= _AUDITS_AT_ONCE:
             raise invalid_state(
-                f"gateway {self.gw.name} runs {len(self.gw.audits)} audits already: "
-                f"{', '.join(self.gw.audits)}"
+                f"gateway {self.gw.name} runs {len(running)} audits already: "
+                f"{', '.join(a.workflow_id for a in running)}"
             )
 
     @workflow.signal
     def audit_ended(self, workflow_id: str) -> None:
         """An audit ended: the agent no longer works for it. (Anyone may send this; a false
         one only stops an audit's agent work early.)"""
-        self.gw.audits = [a for a in self.gw.audits if a != workflow_id]
+        self.gw.audits = [a for a in self.gw.audits if a.workflow_id != workflow_id]
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:
