@@ -77,6 +77,7 @@ class AuditWorkflow:
         self.state = AuditState(gateway=input.gateway, workflow_id=workflow.info().workflow_id)
         self.done = False
         self.operation = "audit"
+        self.published = "Listing"  # the status the search attributes say (set at start)
 
     # -- run ------------------------------------------------------------------------------
 
@@ -475,7 +476,9 @@ class AuditWorkflow:
             lines += ["", f"{len(self.state.items)} leftover(s):"]
             lines += [f"- {i.kind} {i.name} ({i.reason})" for i in self.state.items[:50]]
         workflow.set_current_details("\n".join(lines))
-        workflow.upsert_search_attributes([names.STATUS.value_set(self.state.status.value)])
+        if self.state.status.value != self.published:
+            self.published = self.state.status.value
+            workflow.upsert_search_attributes([names.STATUS.value_set(self.published)])
 
 
 def _message(exc: BaseException) -> str:

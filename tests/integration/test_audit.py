@@ -30,7 +30,14 @@ from domain.vm import MARK_CLUSTER, MARK_NODE, MARK_POOL
 from plumbing.settings import Settings
 from starters.client import KubegateClient, RequestRefused
 from tests.integration.test_cluster import PROFILE, domain, until
-from tests.support import INVENTORY, Vcsim, agent_policy, run_cli, system_gateway
+from tests.support import (
+    INVENTORY,
+    Vcsim,
+    agent_policy,
+    record_history,
+    run_cli,
+    system_gateway,
+)
 from workers.gateway_agent import build_agent
 
 pytestmark = pytest.mark.integration
@@ -259,9 +266,18 @@ async def test_audit_lists_exactly_the_planted_leftovers_and_clean_removes_only_
     )
     assert ghost_addresses.addresses
 
+    ended = await kubegate.client.get_workflow_handle(report["workflow_id"]).result()
+    assert ended["status"] == "Cleaned"
+    await record_history(kubegate.client, report["workflow_id"], "audit_cleaned")
+
     # nothing is left over now
     again = await kubegate.audit(GW, timeout=300)
     assert again.items == [], again.items
     await kubegate.close_audit(again.workflow_id)
+    await kubegate.client.get_workflow_handle(again.workflow_id).result()
+    await record_history(kubegate.client, again.workflow_id, "audit_nothing_left")
+    gateway = await kubegate.gateway_state(GW)
+    assert gateway.audits == []  # each audit told its gateway it ended
+    await record_history(kubegate.client, f"gateway/{GW}", "gateway_audited")
     state_after = await kubegate.cluster_state("aud-live")
     assert state_after.status is ClusterStatus.RUNNING
