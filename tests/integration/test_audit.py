@@ -141,6 +141,19 @@ def plant(sim: Vcsim) -> dict[str, str]:
         Vcsim.disconnect(si)
 
 
+def remark(sim: Vcsim, moid: str, owner: str) -> None:
+    """Change a VM's kubegate.cluster mark behind kubegate's back."""
+    si = sim.connect()
+    try:
+        vm = vim.VirtualMachine(moid, si._stub)
+        spec = vim.vm.ConfigSpec(
+            extraConfig=[vim.option.OptionValue(key=MARK_CLUSTER, value=owner)]
+        )
+        WaitForTask(vm.ReconfigVM_Task(spec))
+    finally:
+        Vcsim.disconnect(si)
+
+
 def vm_facts(sim: Vcsim) -> dict[str, tuple[str, str]]:
     """name -> (power state, parent folder name) of every VM."""
     si = sim.connect()
@@ -233,10 +246,17 @@ async def test_audit_lists_exactly_the_planted_leftovers_and_clean_removes_only_
     # a clean names only what the audit listed: anything else is refused before it starts
     with pytest.raises(RequestRefused, match="not listed"):
         await kubegate.clean_audit(state.workflow_id, [f"VirtualMachine:{planted['plain']}"])
-    await kubegate.close_audit(state.workflow_id)
-    closed = await kubegate.wait_audit(state.workflow_id, AuditStatus.CLOSED)
-    assert closed.status is AuditStatus.CLOSED
     assert vm_facts(asim) == before_vms  # listing changed nothing
+
+    # each item is read again when it is removed: a VM marked meanwhile for a live cluster is
+    # left alone (and named), whatever the listing said
+    remark(asim, planted["ghost"], "cluster/aud-live")
+    result = await kubegate.clean_audit(state.workflow_id, [by_kind["vm"].id])
+    assert result.removed == [] and "left alone" in result.kept[by_kind["vm"].id], result
+    assert vm_facts(asim) == before_vms
+    cleaned = await kubegate.wait_audit(state.workflow_id, AuditStatus.CLEANED)
+    assert [s.name for s in cleaned.steps][-3:] == ["recheck", "remove", "release-addresses"]
+    remark(asim, planted["ghost"], "cluster/ghost")
 
     # the command: json list, clean without asking (not a terminal: --yes)
     code, output = await run_cli(settings, "audit", "--gateway", GW, "-o", "json", "--clean", "-y")
