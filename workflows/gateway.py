@@ -132,6 +132,9 @@ AGENT_PRESENCE = "watch-agent-presence"
 #: patch: a gateway starts orphan audits (AuditWorkflow) and its agent works for them
 ORPHAN_AUDITS = "orphan-audits"
 
+#: the first agent release with the audit's activities
+AUDITS_SINCE = "0.3.0"
+
 #: orphan audits of one gateway running at once, at most
 _AUDITS_AT_ONCE = 5
 
@@ -1596,6 +1599,11 @@ class GatewayWorkflow:
             )
         if self.gw.agent is None or not self.gw.agent.approved:
             raise invalid_state(f"gateway {self.gw.name} has no approved agent")
+        if not version_at_least(self.gw.agent.version, AUDITS_SINCE):
+            raise invalid_state(
+                f"gateway {self.gw.name}'s agent ({self.gw.agent.version or 'unknown release'}) "
+                f"cannot audit: upgrade it to {AUDITS_SINCE} or later"
+            )
         lifetime = timedelta(hours=AUDIT_LIFETIME_HOURS)
         running = [a for a in self.gw.audits if a.started_at > workflow.now() - lifetime]
         if len(running) >= _AUDITS_AT_ONCE:
