@@ -36,6 +36,7 @@ from temporalio.worker import (
 
 from domain import errors, names
 from domain.account import Placement, VCenterCredentials
+from domain.audit import RemovalRequest
 from domain.errors import field_errors
 from domain.kubeconfig import MintKubeconfig, kubeconfig_statement
 from domain.sealing import AgentKey, verify_signature
@@ -164,7 +165,42 @@ def policy_problems(policy: AgentPolicy, args: Any) -> list[str]:
             problems += filter(None, [policy.datacenter_problem(datacenter)])
         if isinstance(model, MintKubeconfig):
             problems += filter(None, [kubeconfig_problem(policy, model)])
+    problems += policy_folder_problems(policy, args)
     return sorted(set(problems))
+
+
+def removal_problems(auth: AgentAuthorization, args: Any) -> list[str]:
+    """What an audit's removal may not touch, by the gateway's own word: anything of a
+    lifecycle the gateway says is live (its installer only once the gateway runs), anything
+    unmarked."""
+    problems: list[str] = []
+    gateway_id = names.gateway_workflow_id(auth.gateway)
+    for model in walk(args):
+        if not isinstance(model, RemovalRequest):
+            continue
+        for item in model.items:
+            if item.kind == "allocation" or not item.owner:
+                problems.append(f"{item.id}: not a marked vSphere object")
+            elif item.kind == "installer":
+                if item.owner == gateway_id and auth.status not in ("Running", "Upgrading"):
+                    problems.append(f"{item.id}: gateway {auth.gateway}'s installer, in use")
+                elif item.owner != gateway_id and item.owner in auth.lifecycles:
+                    problems.append(f"{item.id}: {item.owner} is live")
+            elif item.owner in auth.lifecycles:
+                problems.append(f"{item.id}: {item.owner} is a live lifecycle of the gateway")
+    return problems
+
+
+def policy_folder_problems(policy: AgentPolicy, args: Any) -> list[str]:
+    """Folders an audit would remove outside the policy's folders."""
+    problems: list[str] = []
+    for model in walk(args):
+        if isinstance(model, RemovalRequest):
+            base = f"/{model.datacenter.strip('/')}/vm/"
+            for item in model.items:
+                if item.kind == "folder":
+                    problems += filter(None, [policy.folder_problem(item.path.removeprefix(base))])
+    return problems
 
 
 def kubeconfig_problem(policy: AgentPolicy, request: MintKubeconfig) -> str | None:
@@ -338,6 +374,13 @@ class AgentGuard:
         for model in walk(args):
             if isinstance(model, VCenterCredentials):
                 self._check_credentials(model, workflow_id, auth, args)
+        problems = removal_problems(auth, args)
+        if problems:
+            raise ApplicationError(
+                f"{info.activity_type}: " + "; ".join(problems),
+                type=errors.NOT_AUTHORIZED,
+                non_retryable=True,
+            )
 
     def _check_credentials(
         self,

@@ -16,6 +16,8 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from domain import errors, names
+from domain.audit import AuditItem, AuditOwners, OwnerFacts, PoolLeftovers
+from domain.ipam import AllocationsPage, AllocationsQuery
 from domain.lifecycle import ClusterAccount
 from domain.trust import (
     AccountAnswer,
@@ -143,3 +145,76 @@ class LifecycleActivities:
                 reason=f"{request.owner} releases only {', '.join(sorted(releasing)) or 'none'}",
             )
         return ReleaseConfirmation(confirmed=True, reason="the owner releases these")
+
+    # -- the orphan audit's facts ------------------------------------------------------------
+
+    @activity.defn(name="audit_owners")
+    async def audit_owners(self, request: AuditOwners) -> OwnerFacts:
+        """Which of these lifecycles run now; of the others, which are gone for good (never
+        existed, or ended Deleted) and how the rest ended. An owner that is not a lifecycle's
+        id cannot be verified and counts as running (nothing of it is listed)."""
+        facts = OwnerFacts()
+        for owner in request.owners:
+            activity.heartbeat(owner)
+            if not owner.startswith(names.LIFECYCLE_PREFIXES):
+                facts.running.append(owner)
+                continue
+            fact = await self.lifecycle_fact(LifecycleRef(workflow_id=owner, wait_seconds=0))
+            if not fact.closed:
+                facts.running.append(owner)
+                continue
+            facts.ended[owner] = "never existed" if fact.status == "NOT_FOUND" else fact.status
+            if fact.status == "NOT_FOUND" or fact.deleted:
+                facts.gone.append(owner)
+        return facts
+
+    @activity.defn(name="audit_allocations")
+    async def audit_allocations(self, request: PoolLeftovers) -> list[AuditItem]:
+        """Allocations of the gateway's pools held by a lifecycle that is gone for good: what
+        each pool's own release gives back (confirm_release)."""
+        query = (
+            f"KubegateKind = 'ippool' AND KubegateGateway = '{request.gateway}' "
+            "AND ExecutionStatus = 'Running'"
+        )
+        prefix = f"ippool/{request.gateway}/"
+        pools = sorted(
+            {e.id async for e in self.client.list_workflows(query) if e.id.startswith(prefix)}
+        )
+        held: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        for pool_id in pools:
+            activity.heartbeat(pool_id)
+            handle = self.client.get_workflow_handle(pool_id)
+            offset = 0
+            while True:
+                page: AllocationsPage = await handle.query(
+                    "allocations",
+                    AllocationsQuery(offset=offset, limit=1000),
+                    result_type=AllocationsPage,
+                    rpc_timeout=ASK_TIMEOUT,
+                )
+                for allocation in page.allocations:
+                    if allocation.owner.startswith(names.LIFECYCLE_PREFIXES):
+                        key = (pool_id.removeprefix(prefix), allocation.owner)
+                        held.setdefault(key, []).append((allocation.slot, allocation.address))
+                offset += len(page.allocations)
+                if not page.allocations or offset >= page.total:
+                    break
+        owners = sorted({owner for _, owner in held})
+        facts = await self.audit_owners(AuditOwners(owners=owners)) if owners else OwnerFacts()
+        items = []
+        for (pool, owner), slots in sorted(held.items()):
+            if owner not in facts.gone:
+                continue
+            items.append(
+                AuditItem(
+                    kind="allocation",
+                    id=f"{pool}:{owner}",
+                    name=pool,
+                    owner=owner,
+                    path=f"ippool/{request.gateway}/{pool}",
+                    detail=", ".join(f"{slot}={address}" for slot, address in sorted(slots)),
+                    reason=f"{owner} is gone ({facts.ended.get(owner, 'ended')})",
+                    slots=sorted(slot for slot, _ in slots),
+                )
+            )
+        return items

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from domain.account import Placement, SealedSecret, VCenterAccess, VCenterCredentials
+from domain.audit import AuditRecord
 from domain.cluster import (
     ClusterPlacement,
     ClusterProfile,
@@ -706,6 +707,10 @@ class GatewayState(BaseModel):
     accounts: list[CloudAccount] = Field(default_factory=list)
     clusters: list[ClusterRecord] = Field(default_factory=list)
     queue: list[str] = Field(default_factory=list, description="Clusters waiting, in order.")
+    audits: list[AuditRecord] = Field(
+        default_factory=list,
+        description="Orphan audits it started that have not ended (its agent works for them).",
+    )
     agent_problem: str | None = Field(
         default=None,
         description="Why the agent cannot take new work (its release), as the state query "

@@ -37,6 +37,14 @@ from domain.account import (
     VCenterEndpoint,
     password_binding,
 )
+from domain.audit import (
+    AuditStart,
+    AuditState,
+    AuditStatus,
+    CleanRequest,
+    CleanResult,
+    audit_workflow_id,
+)
 from domain.cluster import ClusterSpec, WorkerPool, plan_nodes
 from domain.events import EventsResult
 from domain.gateway import (
@@ -120,6 +128,7 @@ from plumbing.updates import (
     request,
     send_update,
 )
+from workflows.audit import AuditWorkflow
 from workflows.cluster import ClusterWorkflow
 from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
@@ -935,6 +944,71 @@ class KubegateClient:
     async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:
         return await self._update(self.gateway_handle(gateway), f"gateway {gateway}", update, *args)
 
+    # -- orphan audits ----------------------------------------------------------------------
+
+    async def start_audit(self, gateway: str) -> str:
+        """Ask the gateway for an orphan audit (an AuditWorkflow it starts); its workflow id."""
+        if not names.is_dns_label(gateway):
+            raise RequestRefused(f"--gateway: {gateway!r} must be a DNS label")
+        stamp = f"{datetime.now(UTC):%Y%m%dt%H%M%S}-{secrets.token_hex(3)}"
+        started: AuditStart = await self._gateway_update(
+            gateway,
+            GatewayWorkflow.start_audit,
+            AuditStart(workflow_id=audit_workflow_id(gateway, stamp)),
+        )
+        return started.workflow_id
+
+    async def audit_state(self, workflow_id: str) -> AuditState:
+        state: AuditState = await self.client.get_workflow_handle(workflow_id).query(
+            AuditWorkflow.state_query
+        )
+        return state
+
+    async def audit(
+        self,
+        gateway: str,
+        timeout: float = 1800.0,
+        on_change: Callable[[AuditState], None] | None = None,
+    ) -> AuditState:
+        """Start an audit of the gateway and wait until it has listed what is left over."""
+        workflow_id = await self.start_audit(gateway)
+        return await _poll(
+            lambda: self.audit_state(workflow_id),
+            f"audit {workflow_id}",
+            lambda s: s.status is not AuditStatus.LISTING,
+            on_change,
+            timeout,
+            0.3,
+        )
+
+    async def wait_audit(
+        self, workflow_id: str, *statuses: AuditStatus, timeout: float = 300.0
+    ) -> AuditState:
+        """Poll an audit's state until it has one of these statuses."""
+        return await _poll(
+            lambda: self.audit_state(workflow_id),
+            f"audit {workflow_id}",
+            lambda s: s.status in statuses,
+            None,
+            timeout,
+            0.3,
+        )
+
+    async def clean_audit(self, workflow_id: str, items: list[str]) -> CleanResult:
+        """Remove exactly these items the audit listed (each checked again first)."""
+        result: CleanResult = await self._update(
+            self.client.get_workflow_handle(workflow_id),
+            f"audit {workflow_id}",
+            AuditWorkflow.clean,
+            CleanRequest(items=items),
+        )
+        return result
+
+    async def close_audit(self, workflow_id: str) -> None:
+        """End an audit without cleaning."""
+        with contextlib.suppress(RPCError):
+            await self.client.get_workflow_handle(workflow_id).signal(AuditWorkflow.close)
+
     # -- cloud accounts ---------------------------------------------------------------------
 
     async def create_account(self, spec: CloudAccountSpec, password: str) -> AccountSummary:
@@ -1177,7 +1251,7 @@ class KubegateClient:
         return exc
 
 
-S = TypeVar("S", ClusterState, GatewayState)
+S = TypeVar("S", ClusterState, GatewayState, AuditState)
 
 
 async def _poll(

@@ -16,12 +16,13 @@ from plumbing.connect import connect
 from plumbing.settings import Settings
 from plumbing.versioning import deployment_config, promote_if_first
 from workers.run import run_until_signalled
+from workflows.audit import AuditWorkflow
 from workflows.cluster import ClusterWorkflow
 from workflows.gateway import GatewayWorkflow
 from workflows.ip_pool import IpPoolWorkflow
 from workflows.preflight import PreflightWorkflow
 
-WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow]
+WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow, AuditWorkflow]
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:
@@ -54,6 +55,8 @@ def build_worker(
             facts.gateway_account,
             facts.lifecycle_fact,
             facts.confirm_release,
+            facts.audit_owners,
+            facts.audit_allocations,
         ],
         deployment_config=deployment,
     )

@@ -35,6 +35,7 @@ from activities.guard import (
 from activities.kube import KubeActivities
 from activities.preflight import PreflightActivities
 from activities.presence import agent_presence
+from activities.vsphere.audit import AuditActivities
 from activities.vsphere.drift import DriftActivities
 from activities.vsphere.events import EventActivities
 from activities.vsphere.session import SessionPool
@@ -122,6 +123,7 @@ def build_agent(
     events = EventActivities(key, sessions)
     drift = DriftActivities(key, sessions)
     tags = TagActivities(key, sessions)
+    audit = AuditActivities(vms)
     kube = KubeActivities(key)
     # presence (domain/presence.py) on a queue and slots of its own: work never delays it
     presence = Worker(
@@ -148,6 +150,7 @@ def build_agent(
             *tags.all(),
             *events.all(),
             drift.inspect,
+            *audit.all(),
             *kube.all(),
         ],
         activity_executor=executor,

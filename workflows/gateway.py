@@ -30,6 +30,14 @@ with workflow.unsafe.imports_passed_through():
 
     from domain import errors, names
     from domain.account import Placement, SealedSecret, VCenterCredentials
+    from domain.audit import (
+        AUDIT_LIFETIME_HOURS,
+        AuditAccount,
+        AuditInput,
+        AuditRecord,
+        AuditStart,
+        is_audit_id,
+    )
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
@@ -120,6 +128,15 @@ VERIFIED_DELETES = "verified-cluster-deletes"
 
 #: patch: a Running gateway watches whether its agent is there (agent_presence)
 AGENT_PRESENCE = "watch-agent-presence"
+
+#: patch: a gateway starts orphan audits (AuditWorkflow) and its agent works for them
+ORPHAN_AUDITS = "orphan-audits"
+
+#: the first agent release with the audit's activities
+AUDITS_SINCE = "0.3.0"
+
+#: orphan audits of one gateway running at once, at most
+_AUDITS_AT_ONCE = 5
 
 #: steps of earlier attempts kept after a reset (the oldest go first)
 _HISTORY_KEPT = 200
@@ -1256,12 +1273,17 @@ class GatewayWorkflow:
             if c.status != ClusterStatus.DELETED.value
         ]
         checking = [c.workflow_id for c in self.checks]
+        audits = (
+            [a.workflow_id for a in self.gw.audits]
+            if self.gw.status is not GatewayStatus.DELETED
+            else []
+        )
         return AgentAuthorization(
             gateway=self.gw.name,
             status=self.gw.status.value,
             agent_key_id=agent.key_id if agent is not None and agent.approved else None,
             agent_signing_key=agent.signing_key if agent is not None and agent.approved else None,
-            lifecycles=[names.gateway_workflow_id(self.gw.name), *live, *checking],
+            lifecycles=[names.gateway_workflow_id(self.gw.name), *live, *checking, *audits],
             accounts=accounts if self.gw.status is not GatewayStatus.DELETED else {},
             checking=list(self.checks),
         )
@@ -1507,6 +1529,94 @@ class GatewayWorkflow:
         self.gw.clusters = [c for c in self.gw.clusters if c.name != change.name]
         self.gw.queue = [n for n in self.gw.queue if n != change.name]
         self.publish()
+
+    # -- orphan audits ----------------------------------------------------------------------
+
+    @workflow.update
+    async def start_audit(self, request: AuditStart) -> AuditStart:
+        """Start an orphan audit of this gateway (AuditWorkflow, its child: the agent works
+        only for what its gateway started) and authorize the agent for it until it ends."""
+        if not workflow.patched(ORPHAN_AUDITS):  # (a new Update: no earlier run took it)
+            raise invalid_state("this gateway's run cannot start audits")
+        config, agent = self.gw.config, self.gw.agent
+        accounts = []
+        for account in self.gw.accounts:
+            placement = account.placement or (config.placement if config else None)
+            if placement is not None:
+                accounts.append(
+                    AuditAccount(
+                        name=account.name,
+                        credentials=account.credentials,
+                        datacenter=placement.datacenter,
+                    )
+                )
+        lifetime = timedelta(hours=AUDIT_LIFETIME_HOURS)
+        # (an audit that never said it ended has ended by its execution timeout)
+        self.gw.audits = [a for a in self.gw.audits if a.started_at > workflow.now() - lifetime]
+        self.gw.audits.append(
+            AuditRecord(workflow_id=request.workflow_id, started_at=workflow.now())
+        )
+        try:
+            await workflow.start_child_workflow(
+                "AuditWorkflow",
+                AuditInput(
+                    gateway=self.gw.name,
+                    gateway_status=self.gw.status.value,
+                    accounts=accounts,
+                    agent_signing_key=agent.signing_key if agent and agent.approved else None,
+                    heartbeat_seconds=self.timing.heartbeat_seconds,
+                ),
+                id=request.workflow_id,
+                task_queue=workflow.info().task_queue,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                execution_timeout=lifetime,
+                static_summary=f"Orphan audit of gateway {self.gw.name}",
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(names.KIND, "audit"),
+                        SearchAttributePair(names.STATUS, "Listing"),
+                        SearchAttributePair(names.GATEWAY, self.gw.name),
+                    ]
+                ),
+            )
+        except BaseException as exc:
+            self.gw.audits = [a for a in self.gw.audits if a.workflow_id != request.workflow_id]
+            if isinstance(exc, WorkflowAlreadyStartedError):
+                raise invalid_state(f"workflow {request.workflow_id} exists already") from None
+            raise
+        return request
+
+    @start_audit.validator
+    def _audit_ok(self, request: AuditStart) -> None:
+        if not is_audit_id(request.workflow_id, self.gw.name):
+            raise invalid_spec(f"workflow_id: must be audit/{self.gw.name}/<stamp>")
+        self._require_current_agent()
+        if self.gw.status not in _ADMITTING or self.op == "delete":
+            raise ApplicationError(
+                f"gateway {self.gw.name} is {self.gw.status}: audits need a Running gateway",
+                type=errors.GATEWAY_NOT_READY,
+                non_retryable=True,
+            )
+        if self.gw.agent is None or not self.gw.agent.approved:
+            raise invalid_state(f"gateway {self.gw.name} has no approved agent")
+        if not version_at_least(self.gw.agent.version, AUDITS_SINCE):
+            raise invalid_state(
+                f"gateway {self.gw.name}'s agent ({self.gw.agent.version or 'unknown release'}) "
+                f"cannot audit: upgrade it to {AUDITS_SINCE} or later"
+            )
+        lifetime = timedelta(hours=AUDIT_LIFETIME_HOURS)
+        running = [a for a in self.gw.audits if a.started_at > workflow.now() - lifetime]
+        if len(running) >= _AUDITS_AT_ONCE:
+            raise invalid_state(
+                f"gateway {self.gw.name} runs {len(running)} audits already: "
+                f"{', '.join(a.workflow_id for a in running)}"
+            )
+
+    @workflow.signal
+    def audit_ended(self, workflow_id: str) -> None:
+        """An audit ended: the agent no longer works for it. (Anyone may send this; a false
+        one only stops an audit's agent work early.)"""
+        self.gw.audits = [a for a in self.gw.audits if a.workflow_id != workflow_id]
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:

@@ -373,6 +373,11 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["gateway", "install", "lab", "-f", "x.yaml", "--pairing-code-file", CODE_FILE], "x.yaml"),
         (["worker", "promote", "$(reboot)", "--deployment", "kubegate"], "BUILD_ID"),
         (["worker", "versions"], "KUBEGATE_WORKER_DEPLOYMENT"),
+        (["audit", "--gateway", "Lab_1"], "--gateway"),
+        (["audit", "--yes"], "--yes: only with --clean"),
+        # not a terminal (CliRunner) and no --yes: nothing is started without a confirmation
+        (["audit", "--clean"], "--clean: asks for confirmation"),
+        (["audit", "-o", "yaml"], "--output"),
     ],
 )
 def test_bad_options_are_refused(args: list[str], expected: str) -> None:

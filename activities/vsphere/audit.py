@@ -1,0 +1,472 @@
+"""The orphan audit's agent activities: an inventory (read-only) and a removal of listed items.
+
+`audit_inventory` reads, with the property collector (paged), every VM of a datacenter that
+carries a kubegate mark (extraConfig `kubegate.cluster`, found through the annotation that
+repeats it) and every powered-on installer VM (`kubegate.installer_name`), and browses the
+datacenter's datastores for VM directories that no registered VM uses and whose .vmx carries
+a kubegate mark. It decides nothing: the audit workflow decides, from Temporal's facts, which
+owners are gone.
+
+`audit_remove` removes listed items, each read again first: a VM only while it still carries
+the mark of the owner it was listed for, an installer only while it names the same gateway, a
+directory only while no VM uses it and its .vmx still names the owner, a folder only while it
+is empty. Not found = done. (The agent's guard refuses beforehand any item whose owner the
+gateway says is live: activities/guard.py.)
+
+The marks are looked up by `_marked` alone, so that a lookup by vSphere tags can be added
+beside it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from pyVmomi import vim, vmodl
+from temporalio import activity
+
+from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
+from activities.vsphere.ovf import vapp_properties
+from activities.vsphere.session import (
+    PinnedHTTPSConnection,
+    VSphereSession,
+    request_meter,
+    ssl_context,
+)
+from activities.vsphere.vm import VmActivities, _extra, _Progress
+from activities.vsphere.watch import await_task
+from domain.audit import (
+    INSTALLER_MARK,
+    AuditItem,
+    InventoryRequest,
+    InventoryResult,
+    MarkedVm,
+    RemovalRequest,
+    RemovalResult,
+    VmDirectory,
+    item_sort_key,
+)
+from domain.vm import MARK_CLUSTER, MARK_NODE
+
+PC = vmodl.query.PropertyCollector
+ON = vim.VirtualMachine.PowerState.poweredOn
+
+#: the largest .vmx read (a real one is a few kilobytes)
+_VMX_LIMIT = 1 << 20
+_VMX_MARK = re.compile(r'^\s*kubegate\.cluster\s*=\s*"([^"]*)"\s*$', re.MULTILINE)
+#: what the annotation of a kubegate VM holds (domain/vm.py marks, activities/vsphere/vm.py)
+_ANNOTATION_MARK = f"{MARK_CLUSTER}="
+
+
+class AuditActivities:
+    """The audit's activities on the gateway agent; they share the VM activities' sessions,
+    per-host limits and task waits."""
+
+    def __init__(self, vms: VmActivities) -> None:
+        self.vms = vms
+
+    # --- inventory ----------------------------------------------------------------------
+
+    @activity.defn(name="audit_inventory")
+    def inventory(self, request: InventoryRequest) -> InventoryResult:
+        """Every kubegate-marked VM and installer VM of the datacenter, and the VM directories
+        on its datastores no VM uses whose .vmx is kubegate's. Changes nothing."""
+
+        def run(session: VSphereSession) -> InventoryResult:
+            dc = request.datacenter.strip("/")
+            datacenter = find_by_path(session, f"/{dc}")
+            if not isinstance(datacenter, vim.Datacenter):
+                return InventoryResult()
+            everything = _all_vms(session, datacenter)
+            activity.heartbeat("vms read")
+            vms = _marked(session, everything)
+            _describe_folders(session, vms, dc)
+            activity.heartbeat("marks read")
+            directories: list[VmDirectory] = []
+            if request.files:
+                used = _used_directories(everything)
+                directories = _stray_directories(session, datacenter, dc, used)
+            return InventoryResult(
+                vms=sorted(vms, key=lambda v: (v.name, v.ref)), directories=directories
+            )
+
+        with request_meter() as meter:
+            result = self.vms._call(
+                request.credentials, f"audit of datacenter {request.datacenter}", run
+            )
+        result.vcenter_requests = meter[0]
+        return result
+
+    # --- removal ------------------------------------------------------------------------
+
+    @activity.defn(name="audit_remove")
+    def remove(self, request: RemovalRequest) -> RemovalResult:
+        """Remove the listed items, each checked again first; not found = done."""
+        result = RemovalResult()
+        progress = _Progress(stage="audit-remove")
+        dc = request.datacenter.strip("/")
+
+        def run(session: VSphereSession) -> None:
+            for item in sorted(request.items, key=item_sort_key):
+                progress.beat()
+                if item.id in result.removed or item.id in result.gone:
+                    continue  # (a retry of this activity: done already)
+                handler = self._handlers()[item.kind]
+                outcome = handler(session, item, dc, progress)
+                if outcome == "removed":
+                    result.removed.append(item.id)
+                elif outcome == "gone":
+                    result.gone.append(item.id)
+                else:
+                    result.kept[item.id] = outcome
+
+        with request_meter() as meter, activity.shield_thread_cancel_exception():
+            self.vms._call(request.credentials, "audit clean", run)
+        result.vcenter_requests = meter[0]
+        return result
+
+    def _handlers(self) -> dict[str, Callable[[VSphereSession, AuditItem, str, _Progress], str]]:
+        return {
+            "vm": self._remove_vm,
+            "installer": self._power_off_installer,
+            "file": self._remove_directory,
+            "folder": self._remove_folder,
+        }
+
+    def _remove_vm(
+        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+    ) -> str:
+        vm = from_ref(session, item.id)
+        try:
+            props = retrieve(
+                session,
+                [vm],
+                ["name", "config.extraConfig", "runtime.powerState", "runtime.host"],
+            ).get(item.id)
+        except vmodl.fault.ManagedObjectNotFound:
+            return "gone"
+        if not props:
+            return "gone"
+        marks = _extra(props.get("config.extraConfig"))
+        if not item.owner or marks.get(MARK_CLUSTER) != item.owner:
+            return f"its mark is now {marks.get(MARK_CLUSTER)!r}, not {item.owner!r}: left alone"
+        self.vms._destroy_vm(session, vm, props, progress)
+        return "removed"
+
+    def _power_off_installer(
+        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+    ) -> str:
+        vm = from_ref(session, item.id)
+        try:
+            props = retrieve(
+                session, [vm], ["config.vAppConfig", "config.extraConfig", "runtime.powerState"]
+            ).get(item.id)
+        except vmodl.fault.ManagedObjectNotFound:
+            return "gone"
+        if not props:
+            return "gone"
+        named = vapp_properties(props.get("config.vAppConfig"), props.get("config.extraConfig"))
+        gateway = item.owner.removeprefix("gateway/")
+        if named.get(INSTALLER_MARK) != gateway:
+            return f"it is no longer gateway {gateway}'s installer: left alone"
+        if props.get("runtime.powerState") != ON:
+            return "gone"  # off already
+        with contextlib.suppress(vim.fault.InvalidPowerState):
+            self.vms._await(session, vm.PowerOffVM_Task(), progress)
+        return "removed"
+
+    def _remove_directory(
+        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+    ) -> str:
+        datacenter = find_by_path(session, f"/{dc}")
+        if not isinstance(datacenter, vim.Datacenter):
+            return "gone"
+        datastore, directory = _split_path(item.path)
+        if not datastore or not directory or "/" in directory:
+            return f"{item.path}: not a top-level datastore directory: left alone"
+        if (datastore, directory) in _used_directories(_all_vms(session, datacenter)):
+            return f"{item.path}: a VM uses it now: left alone"
+        owner = _vmx_owner(session, dc, datastore, directory)
+        if owner is None:
+            return "gone"
+        if owner != item.owner:
+            return f"{item.path}: its .vmx is now {owner or 'unmarked'}: left alone"
+        manager = session.content.fileManager
+        try:
+            self.vms._await(
+                session, manager.DeleteDatastoreFile_Task(item.path, datacenter), progress
+            )
+        except (vim.fault.FileNotFound, vim.fault.NotFound):
+            return "gone"
+        return "removed"
+
+    def _remove_folder(
+        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+    ) -> str:
+        folder = from_ref(session, item.id)
+        try:
+            props = retrieve(session, [folder], ["name", "childEntity"]).get(item.id)
+        except vmodl.fault.ManagedObjectNotFound:
+            return "gone"
+        if not props:
+            return "gone"
+        if props.get("name") != item.name:
+            return f"it is now named {props.get('name')!r}: left alone"
+        if list(props.get("childEntity") or []):
+            return "it is not empty: left alone"
+        try:
+            self.vms._await(session, folder.Destroy_Task(), progress)
+        except vmodl.fault.ManagedObjectNotFound:
+            return "gone"
+        return "removed"
+
+    def all(self) -> list[Callable[..., Any]]:
+        return [self.inventory, self.remove]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+#: what the inventory reads of every VM (one paged read)
+_VM_PATHS = ["name", "config.annotation", "config.files.vmPathName", "runtime.powerState", "parent"]
+
+
+def _all_vms(session: VSphereSession, datacenter: Any) -> dict[str, dict[str, Any]]:
+    """Every VM of the datacenter with _VM_PATHS: a container view, one paged read."""
+    view = session.content.viewManager.CreateContainerView(datacenter, [vim.VirtualMachine], True)
+    try:
+        spec = PC.FilterSpec(
+            objectSet=[
+                PC.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[
+                        PC.TraversalSpec(
+                            name="view", type=vim.view.ContainerView, path="view", skip=False
+                        )
+                    ],
+                )
+            ],
+            propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_VM_PATHS)],
+        )
+        return retrieve_spec(session, spec)
+    finally:
+        with contextlib.suppress(Exception):  # best effort
+            view.DestroyView()
+
+
+def _marked(session: VSphereSession, everything: dict[str, dict[str, Any]]) -> list[MarkedVm]:
+    """The VMs carrying kubegate's marks: those whose annotation repeats the mark (read back
+    from extraConfig), and powered-on VMs naming an installer's gateway."""
+    candidates = [
+        key
+        for key, props in everything.items()
+        if _ANNOTATION_MARK in str(props.get("config.annotation") or "")
+        or props.get("runtime.powerState") == ON
+    ]
+    if not candidates:
+        return []
+    details = retrieve(
+        session,
+        [from_ref(session, key) for key in candidates],
+        ["config.extraConfig", "config.vAppConfig"],
+    )
+    found = []
+    for key in candidates:
+        props, more = everything[key], details.get(key, {})
+        marks = _extra(more.get("config.extraConfig"))
+        installer = vapp_properties(
+            more.get("config.vAppConfig"), more.get("config.extraConfig")
+        ).get(INSTALLER_MARK, "")
+        owner = marks.get(MARK_CLUSTER, "")
+        if not owner and not installer:
+            continue
+        parent = props.get("parent")
+        found.append(
+            MarkedVm(
+                ref=key,
+                name=str(props.get("name") or ""),
+                owner=owner,
+                node=marks.get(MARK_NODE, ""),
+                installer=installer,
+                power_state=str(props.get("runtime.powerState") or ""),
+                folder=ref(parent) if parent is not None else "",
+            )
+        )
+    return found
+
+
+def _describe_folders(session: VSphereSession, vms: list[MarkedVm], dc: str) -> None:
+    """Each marked VM's folder: its name, inventory path and number of children."""
+    refs = sorted({v.folder for v in vms if v.folder.startswith("Folder:")})
+    if not refs:
+        return
+    folders = retrieve(
+        session, [from_ref(session, r) for r in refs], ["name", "parent", "childEntity"]
+    )
+    paths: dict[str, str] = {}
+    for r in refs:
+        names: list[str] = []
+        current: str | None = r
+        seen: dict[str, dict[str, Any]] = dict(folders)
+        for _ in range(32):  # a folder is never this deep
+            if current is None or not current.startswith("Folder:"):
+                break
+            if current not in seen:
+                seen.update(retrieve(session, [from_ref(session, current)], ["name", "parent"]))
+            props = seen.get(current, {})
+            names.append(str(props.get("name") or ""))
+            parent = props.get("parent")
+            current = ref(parent) if parent is not None else None
+        # names: folder, ..., 'vm' (the datacenter's VM folder)
+        below = list(reversed(names))[1:]
+        paths[r] = "/".join([f"/{dc}/vm", *below])
+    for vm in vms:
+        facts = folders.get(vm.folder)
+        if facts is None:
+            continue
+        vm.folder_name = str(facts.get("name") or "")
+        vm.folder_path = paths.get(vm.folder, "")
+        vm.folder_children = len(list(facts.get("childEntity") or []))
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    """'[LocalDS_0] demo-cp-0/demo-cp-0.vmx' -> ('LocalDS_0', 'demo-cp-0/demo-cp-0.vmx')."""
+    match = re.match(r"^\[([^\]]+)\]\s*/?(.*)$", path)
+    if not match:
+        return "", ""
+    return match.group(1), match.group(2).strip("/")
+
+
+def _used_directories(everything: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+    """(datastore name, top-level directory) of every registered VM's configuration file."""
+    used = set()
+    for props in everything.values():
+        datastore, rest = _split_path(str(props.get("config.files.vmPathName") or ""))
+        if datastore and rest:
+            used.add((datastore, rest.split("/", 1)[0]))
+    return used
+
+
+def _stray_directories(
+    session: VSphereSession, datacenter: Any, dc: str, used: set[tuple[str, str]]
+) -> list[VmDirectory]:
+    """Top-level directories with a .vmx that no VM uses and whose .vmx is kubegate's."""
+    stores = list(
+        retrieve(session, [datacenter], ["datastore"]).get(ref(datacenter), {}).get("datastore")
+        or []
+    )
+    if not stores:
+        return []
+    facts = retrieve(session, stores, ["name", "browser", "summary.accessible"])
+    found: list[VmDirectory] = []
+    for store in stores:
+        props = facts.get(ref(store), {})
+        name = str(props.get("name") or "")
+        browser = props.get("browser")
+        if not name or browser is None or props.get("summary.accessible") is False:
+            continue
+        spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*.vmx"])
+        task = browser.SearchDatastoreSubFolders_Task(f"[{name}]", spec)
+        results = _await_plain(session, task) or []
+        activity.heartbeat(f"browsed {name}")
+        per_directory: dict[str, list[str]] = {}
+        for result in results:
+            _, folder = _split_path(str(result.folderPath or ""))
+            for file in result.file or []:
+                relative = "/".join(p for p in (folder, str(file.path)) if p)
+                if "/" not in relative:
+                    continue  # a file at the datastore's root is not a VM's directory
+                top, rest = relative.split("/", 1)
+                per_directory.setdefault(top, []).append(rest)
+        for directory, files in sorted(per_directory.items()):
+            if (name, directory) in used:
+                continue
+            owner = _vmx_owner(session, dc, name, directory, files)
+            if owner:
+                found.append(
+                    VmDirectory(
+                        datastore=ref(store),
+                        path=f"[{name}] {directory}",
+                        owner=owner,
+                        files=sorted(files),
+                    )
+                )
+    return found
+
+
+def _await_plain(session: VSphereSession, task: Any) -> Any:
+    """A short read task's result (a datastore search), heartbeating meanwhile."""
+    return await_task(session, ref(task), lambda _progress: activity.heartbeat())
+
+
+def _vmx_owner(
+    session: VSphereSession,
+    dc: str,
+    datastore: str,
+    directory: str,
+    files: list[str] | None = None,
+) -> str | None:
+    """The kubegate.cluster mark in the directory's .vmx ('' unmarked, None: no .vmx)."""
+    if files is None:
+        spec = vim.host.DatastoreBrowser.SearchSpec(matchPattern=["*.vmx"])
+        datacenter = find_by_path(session, f"/{dc}")
+        stores = list(datacenter.datastore or []) if datacenter is not None else []
+        store = next((s for s in stores if s.name == datastore), None)
+        if store is None:
+            return None
+        try:
+            result = _await_plain(
+                session, store.browser.SearchDatastore_Task(f"[{datastore}] {directory}", spec)
+            )
+        except (vim.fault.FileNotFound, vim.fault.NotFound):
+            return None
+        files = [str(f.path) for f in (getattr(result, "file", None) or [])]
+    vmx = sorted(f for f in files if f.endswith(".vmx") and "/" not in f)
+    if not vmx:
+        return None
+    for name in vmx:
+        text = _read_datastore_file(session, dc, datastore, f"{directory}/{name}")
+        if text is None:
+            continue
+        match = _VMX_MARK.search(text)
+        if match:
+            return match.group(1)
+    return ""
+
+
+def _read_datastore_file(session: VSphereSession, dc: str, datastore: str, path: str) -> str | None:
+    """A small datastore file's text, through vCenter's /folder service; None: not there."""
+    endpoint = session.endpoint
+    query = urllib.parse.urlencode({"dcPath": dc, "dsName": datastore})
+    target = "/folder/" + urllib.parse.quote(path) + "?" + query
+    conn: http.client.HTTPSConnection
+    if endpoint.thumbprint:
+        conn = PinnedHTTPSConnection(
+            endpoint.server,
+            endpoint.port,
+            context=ssl_context(endpoint),
+            timeout=30,
+            pin=endpoint.thumbprint,
+        )
+    else:
+        conn = http.client.HTTPSConnection(
+            endpoint.server, endpoint.port, context=ssl_context(endpoint), timeout=30
+        )
+    try:
+        conn.putrequest("GET", target)
+        if session.stub.cookie:
+            conn.putheader("Cookie", session.stub.cookie)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read(_VMX_LIMIT)
+        if response.status == 404:
+            return None
+        if response.status != 200:
+            raise OSError(f"reading [{datastore}] {path}: HTTP {response.status}")
+        return body.decode("utf-8", errors="replace")
+    finally:
+        conn.close()
