@@ -39,6 +39,7 @@ from domain.cluster import (
     node_name,
 )
 from domain.errors import field_errors
+from domain.health import ClusterHealth
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import NodeSetState, Step, Timing
 from domain.names import DnsLabel, HostName, is_host
@@ -618,6 +619,8 @@ def default_account_name(gateway: str) -> str:
 #: the status shown for a Running gateway whose agent is away (not a state of its own: the
 #: gateway still takes requests, which wait for the agent)
 DISCONNECTED = "Disconnected"
+#: the status shown for a Running gateway one of whose nodes' repair was given up
+DEGRADED = "Degraded"
 
 
 class AgentInfo(BaseModel):
@@ -716,15 +719,21 @@ class GatewayState(BaseModel):
         description="Why the agent cannot take new work (its release), as the state query "
         "reports it.",
     )
+    health: ClusterHealth = Field(
+        default_factory=ClusterHealth,
+        description="What the last reconcile of its nodes saw and did.",
+    )
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
     @property
     def shown_status(self) -> str:
         """The status as `get`, `list` and the Web UI show it: `Disconnected` while Running
-        with its agent away."""
+        with its agent away, `Degraded` while Running with a node's repair given up."""
         if self.status is GatewayStatus.RUNNING and self.agent_connected is False:
             return DISCONNECTED
+        if self.status is GatewayStatus.RUNNING and self.health.degraded:
+            return DEGRADED
         return self.status.value
 
     def account(self, name: str) -> CloudAccount | None:

@@ -941,6 +941,12 @@ class KubegateClient:
         result: EventsResult = await self._gateway_update(gateway, GatewayWorkflow.collect_events)
         return result
 
+    async def reconcile_gateway(self, name: str) -> ClusterHealth:
+        """Compare a Running gateway's own nodes with their record now and repair them;
+        returns what it saw and did."""
+        health: ClusterHealth = await self._gateway_update(name, GatewayWorkflow.reconcile)
+        return health
+
     async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:
         return await self._update(self.gateway_handle(gateway), f"gateway {gateway}", update, *args)
 

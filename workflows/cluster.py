@@ -19,16 +19,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
     from domain.cluster import ClusterSpec, NodeHealth, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
-    from domain.health import (
-        CHECKS_PER_RUN,
-        ClusterHealth,
-        NodeFacts,
-        PoolHealth,
-        Repair,
-        RepairRecord,
-        assess,
-        backoff,
-    )
+    from domain.health import CHECKS_PER_RUN, ClusterHealth, PoolHealth, Repair
     from domain.ipam import PoolRef, PoolStatus
     from domain.kubeconfig import (
         ISSUES_KEPT,
@@ -372,58 +363,12 @@ class ClusterWorkflow:
                 for record in health.failed.values():
                     record.given_up, record.failures, record.next_at = False, 0, None
             spec = self.state.spec
-            interval = spec.healing.reconcile_seconds
-            deadline = timedelta(seconds=min(max(interval, 60), 600))
-            try:
-                seen = await self.nodes.inspect(deadline=deadline)
-            except (ActivityError, ApplicationError) as exc:
-                health.error = f"could not read vCenter: {_cause(exc)}"
-                health.checked_at = workflow.now()
-                health.checks += 1
-                return
-            health.error = ""
-            try:
-                kube = await self.nodes.kubernetes_not_ready(deadline=deadline)
-            except (ActivityError, ApplicationError) as exc:
-                kube, health.error = None, f"could not ask the cluster's API: {_cause(exc)}"
-            if kube is not None and not kube.answered:
-                health.error = f"the cluster's API did not answer: {kube.detail}"
-            now = workflow.now()
             pools = {"cp": _pool_health(spec.control_plane.health)} | {
                 p.name: _pool_health(p.health) for p in spec.workers
             }
-            wanted = self.nodes.wanted_names()
-            for node in self.state.nodes:  # what vCenter says of a node it found
-                found = seen.nodes.get(node.name)
-                if found is not None and node.phase in ("ready", "failed"):
-                    node.vm, node.power_state = found.ref, found.power_state
-            result = assess(
-                [
-                    NodeFacts(
-                        name=n.name,
-                        pool=n.pool,
-                        control_plane=n.control_plane,
-                        vm=n.vm,
-                        phase=n.phase,
-                        instance_uuid=n.instance_uuid,
-                        wanted=n.name in wanted,
-                    )
-                    for n in self.state.nodes
-                ],
-                seen,
-                health,
-                pools,
-                now,
-                spec.healing.powered_off,
-                spec.control_plane.size,
-                kube.not_ready if kube is not None and kube.answered else None,
-            )
-            for name in result.recovered:
-                node = next(n for n in self.state.nodes if n.name == name)
-                node.phase = "ready"
-            health.findings = result.findings
-            health.checked_at, health.next_due = now, result.next_due
-            health.checks += 1
+            result = await self.nodes.look(health, spec.healing, pools, spec.control_plane.size)
+            if result is None:
+                return  # vCenter could not be read (health.error says why)
             if result.repairs:
                 self.quiet_checks = 0
                 await self._repairs(result.repairs)
@@ -442,29 +387,7 @@ class ClusterWorkflow:
             ClusterStatus.UPDATING,
             "repairing " + "; ".join(f"{r.node} ({r.reason})" for r in repairs),
         )
-        await asyncio.gather(*[self._repair(r) for r in repairs])
-
-    async def _repair(self, repair: Repair) -> None:
-        health = self.state.health
-        try:
-            await self.nodes.repair(repair)
-        except StepFailed as exc:
-            record = health.failed.setdefault(repair.node, RepairRecord())
-            record.failures += 1
-            record.last_error = str(exc)
-            healing = self.state.spec.healing
-            if record.failures >= healing.repair_attempts:
-                record.given_up, record.next_at = True, None
-            else:
-                record.next_at = workflow.now() + backoff(
-                    healing.reconcile_seconds, record.failures
-                )
-                due = health.next_due
-                health.next_due = record.next_at if due is None else min(due, record.next_at)
-            return
-        health.failed.pop(repair.node, None)
-        health.unhealthy_since.pop(repair.node, None)
-        health.repairs_made += 1
+        await self.nodes.repair_all(self.state.health, self.state.spec.healing, repairs)
 
     def _health_status(self) -> None:
         """Degraded while a repair is given up; Running otherwise (after repairs too)."""
@@ -1407,10 +1330,3 @@ def _pool_health(health: NodeHealth) -> PoolHealth:
         unhealthy_after_seconds=health.unhealthy_after_seconds,
         max_unhealthy=health.max_unhealthy,
     )
-
-
-def _cause(exc: BaseException) -> str:
-    """The innermost message of an activity failure."""
-    while isinstance(exc, ActivityError) and exc.cause is not None:
-        exc = exc.cause
-    return getattr(exc, "message", None) or str(exc)

@@ -11,7 +11,7 @@ import asyncio
 import base64
 import contextlib
 import functools
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from temporalio import workflow
@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         AuditStart,
         is_audit_id,
     )
+    from domain.cluster import Healing
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
@@ -78,6 +79,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.gateway import (
         REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
     )
+    from domain.health import CHECKS_PER_RUN, ClusterHealth, PoolHealth
     from domain.lifecycle import (
         ClusterAccount,
         ClusterInput,
@@ -132,6 +134,13 @@ AGENT_PRESENCE = "watch-agent-presence"
 #: patch: a gateway starts orphan audits (AuditWorkflow) and its agent works for them
 ORPHAN_AUDITS = "orphan-audits"
 
+#: patch: a Running gateway reconciles its own nodes (one name per loop pass, "<this>-<pass>",
+#: so a run begun before it takes it up at its next pass)
+RECONCILE = "gateway-reconciles-its-nodes"
+#: a gateway's nodes heal by the defaults of a cluster's policy
+GATEWAY_HEALING = Healing()
+GATEWAY_NODE_HEALTH = PoolHealth(unhealthy_after_seconds=300, max_unhealthy=1)
+
 #: the first agent release with the audit's activities
 AUDITS_SINCE = "0.3.0"
 
@@ -173,6 +182,13 @@ class GatewayWorkflow:
         self.presence_declined = False
         #: signals to clusters about the agent, sent before the run continues as new
         self.telling: list[asyncio.Task[None]] = []
+        #: its nodes reconcile in this run (RECONCILE taken), loop passes, quiet reconciles
+        self.reconciling = False
+        self.passes = 0
+        self.quiet_checks = 0
+        #: reconciles asked for on demand (`reconcile` Update) and those carried out
+        self.reconcile_asked = 0
+        self.reconcile_served = 0
         #: the gateway's own nodes, once configured (with `gw.nodes` and `gw.config`)
         self.nodes: NodeSet | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
@@ -187,13 +203,17 @@ class GatewayWorkflow:
             self.gw.updated_at = workflow.now()
         self.publish()
         while True:
-            timeout = self._overdue_in()
+            overdue = self._overdue_in()
+            reconcile = self._until_reconcile()
+            timeout = overdue if reconcile is None else min(overdue or reconcile, reconcile)
             try:
                 await workflow.wait_condition(
-                    functools.partial(self._wake, timeout is not None), timeout=timeout
+                    functools.partial(self._wake, overdue is not None), timeout=timeout
                 )
             except TimeoutError:
-                if self._overdue_in() is None:
+                if overdue is None:
+                    pass  # a reconcile is due (below)
+                elif self._overdue_in() is None:
                     continue  # paired (or reset) meanwhile: not overdue
                 self.gw.overdue = True
                 self.gw.hints = list(TROUBLESHOOTING_HINTS)
@@ -206,6 +226,9 @@ class GatewayWorkflow:
             op, arg = self.op, self.op_arg
             if op is None and self._presence_due():
                 self._start_presence()
+                continue
+            if op is None and self._reconcile_due():
+                await self._reconcile()
                 continue
             if op is None:
                 if not self._may_continue_as_new():
@@ -257,6 +280,70 @@ class GatewayWorkflow:
         await workflow.wait_condition(workflow.all_handlers_finished)
         return self.gw
 
+    # -- reconcile (its own nodes, as a cluster does: docs/gateways.md) --------------------
+
+    def _reconciles(self) -> bool:
+        """A Running gateway with nodes of its own (a system gateway has none)."""
+        return (
+            self.gw.status is GatewayStatus.RUNNING
+            and self.nodes is not None
+            and self.gw.nodes is not None
+            and bool(self.gw.nodes.nodes)
+        )
+
+    def _until_reconcile(self) -> timedelta | None:
+        """How long the loop may wait before its nodes' next reconcile (None: none)."""
+        if not self._reconciles() or self.op is not None:
+            return None
+        if not self.reconciling:
+            self.passes += 1
+            self.reconciling = workflow.patched(f"{RECONCILE}-{self.passes}")
+            if not self.reconciling:
+                return None
+        return max(self._next_reconcile() - workflow.now(), timedelta(seconds=1))
+
+    def _next_reconcile(self) -> datetime:
+        health = self.gw.health
+        last = health.checked_at or self.gw.updated_at or workflow.now()
+        due = last + timedelta(seconds=GATEWAY_HEALING.reconcile_seconds)
+        return due if health.next_due is None else min(due, health.next_due)
+
+    def _reconcile_due(self) -> bool:
+        if self.reconcile_asked > self.reconcile_served:
+            return True
+        return self.reconciling and self._reconciles() and workflow.now() >= self._next_reconcile()
+
+    async def _reconcile(self) -> None:
+        """Compare its nodes' VMs with their record and repair as a cluster with the default
+        healing policy would (docs/clusters.md, Self-healing)."""
+        asked = self.reconcile_asked
+        health = self.gw.health
+        try:
+            nodes, record = self.nodes, self.gw.nodes
+            if not self._reconciles() or nodes is None or record is None:
+                return
+            if asked > self.reconcile_served:  # on demand: given-up repairs try again
+                for failed in health.failed.values():
+                    failed.given_up, failed.failures, failed.next_at = False, 0, None
+            pools = {n.pool: GATEWAY_NODE_HEALTH for n in record.nodes}
+            result = await nodes.look(health, GATEWAY_HEALING, pools, record.spec.size)
+            if result is None:
+                return
+            if not result.repairs:
+                self.quiet_checks += 1
+                if self.quiet_checks >= CHECKS_PER_RUN:
+                    self.settled = True  # keep the run's history short: continue as new
+                return
+            self.quiet_checks = 0
+            self._begin("repair")
+            self.publish()
+            await nodes.repair_all(health, GATEWAY_HEALING, result.repairs)
+            nodes.trim_steps()
+            self.settled = workflow.patched(f"{SETTLE_POINTS}-{self.gw.operations_run}")
+        finally:
+            self.reconcile_served = max(self.reconcile_served, asked)
+            self.publish()
+
     def _wake(self, overdue_timer: bool) -> bool:
         """The main loop has work: an operation, continue-as-new, or a pairing that makes a
         running overdue timer moot."""
@@ -265,6 +352,7 @@ class GatewayWorkflow:
             or self._may_continue_as_new()
             or (overdue_timer and self._overdue_in() is None)
             or self._presence_due()
+            or self.reconcile_asked > self.reconcile_served
         )
 
     def _begin(self, operation: str) -> None:
@@ -282,6 +370,7 @@ class GatewayWorkflow:
             and not self.busy
             and not self.verifying
             and self.provisioning is None
+            and self.reconcile_asked <= self.reconcile_served  # (its handler waits for it)
         )
 
     def _overdue_in(self) -> timedelta | None:
@@ -1617,6 +1706,25 @@ class GatewayWorkflow:
         """An audit ended: the agent no longer works for it. (Anyone may send this; a false
         one only stops an audit's agent work early.)"""
         self.gw.audits = [a for a in self.gw.audits if a.workflow_id != workflow_id]
+
+    @workflow.update
+    async def reconcile(self) -> ClusterHealth:
+        """Compare the gateway's nodes' VMs with their record now and repair them (given-up
+        repairs try again); returns what it saw and did."""
+        self.reconcile_asked += 1
+        ticket = self.reconcile_asked
+        await workflow.wait_condition(
+            lambda: self.reconcile_served >= ticket or not self._reconciles()
+        )
+        return self.gw.health
+
+    @reconcile.validator
+    def _reconcile_ok(self) -> None:
+        if not self._reconciles():
+            raise invalid_state(
+                f"gateway {self.gw.name} is {self.gw.status.value}: only a Running gateway with "
+                "nodes of its own reconciles"
+            )
 
     @workflow.query(name="state")
     def state_query(self) -> GatewayState:

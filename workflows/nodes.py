@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         SecretsRequest,
     )
     from domain.cluster import (
+        Healing,
         NodeLayout,
         NodePlan,
         NodeSpec,
@@ -47,7 +48,19 @@ with workflow.unsafe.imports_passed_through():
         template_of,
     )
     from domain.gateway import layout_placements
-    from domain.health import ExpectedVm, InspectRequest, InspectResult, Repair
+    from domain.health import (
+        Assessment,
+        ClusterHealth,
+        ExpectedVm,
+        InspectRequest,
+        InspectResult,
+        NodeFacts,
+        PoolHealth,
+        Repair,
+        RepairRecord,
+        assess,
+        backoff,
+    )
     from domain.ipam import (
         AllocateAddresses,
         AllocateResult,
@@ -1243,6 +1256,94 @@ class NodeSet:
         return [ref for r in results for ref in r.destroyed]
 
     # -- reconcile ------------------------------------------------------------------------
+
+    async def look(
+        self,
+        health: ClusterHealth,
+        healing: Healing,
+        pools: dict[str, PoolHealth],
+        control_plane_size: int,
+    ) -> Assessment | None:
+        """A reconcile's look: the agent's signed read of the VMs (and, readiness
+        `kubernetes`, of the Nodes), then `assess`; the findings go into `health`. None when
+        vCenter could not be read (`health.error` says why)."""
+        deadline = timedelta(seconds=min(max(healing.reconcile_seconds, 60), 600))
+        try:
+            seen = await self.inspect(deadline=deadline)
+        except (ActivityError, ApplicationError) as exc:
+            health.error = f"could not read vCenter: {_message(exc)}"
+            health.checked_at = workflow.now()
+            health.checks += 1
+            return None
+        health.error = ""
+        try:
+            kube = await self.kubernetes_not_ready(deadline=deadline)
+        except (ActivityError, ApplicationError) as exc:
+            kube, health.error = None, f"could not ask the cluster's API: {_message(exc)}"
+        if kube is not None and not kube.answered:
+            health.error = f"the cluster's API did not answer: {kube.detail}"
+        wanted = self.wanted_names()
+        for node in self.record.nodes:  # what vCenter says of a node it found
+            found = seen.nodes.get(node.name)
+            if found is not None and node.phase in ("ready", "failed"):
+                node.vm, node.power_state = found.ref, found.power_state
+        now = workflow.now()
+        result = assess(
+            [
+                NodeFacts(
+                    name=n.name,
+                    pool=n.pool,
+                    control_plane=n.control_plane,
+                    vm=n.vm,
+                    phase=n.phase,
+                    instance_uuid=n.instance_uuid,
+                    wanted=n.name in wanted,
+                )
+                for n in self.record.nodes
+            ],
+            seen,
+            health,
+            pools,
+            now,
+            healing.powered_off,
+            control_plane_size,
+            kube.not_ready if kube is not None and kube.answered else None,
+        )
+        for node in self.record.nodes:
+            if node.name in result.recovered:
+                node.phase = "ready"
+        health.findings = result.findings
+        health.checked_at, health.next_due = now, result.next_due
+        health.checks += 1
+        return result
+
+    async def repair_all(
+        self, health: ClusterHealth, healing: Healing, repairs: Sequence[Repair]
+    ) -> None:
+        """Carry out the repairs at once, each a step; a failure is counted on its node (the
+        next attempt backs off; after `healing.repair_attempts` it is given up)."""
+
+        async def one(repair: Repair) -> None:
+            try:
+                await self.repair(repair)
+            except StepFailed as exc:
+                record = health.failed.setdefault(repair.node, RepairRecord())
+                record.failures += 1
+                record.last_error = str(exc)
+                if record.failures >= healing.repair_attempts:
+                    record.given_up, record.next_at = True, None
+                    return
+                record.next_at = workflow.now() + backoff(
+                    healing.reconcile_seconds, record.failures
+                )
+                due = health.next_due
+                health.next_due = record.next_at if due is None else min(due, record.next_at)
+                return
+            health.failed.pop(repair.node, None)
+            health.unhealthy_since.pop(repair.node, None)
+            health.repairs_made += 1
+
+        await asyncio.gather(*[one(r) for r in repairs])
 
     async def inspect(self, deadline: timedelta) -> InspectResult:
         """The nodes' VMs as vCenter has them: a reconcile's read (no step; signed)."""

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.errors import field_errors
-from domain.health import ClusterHealth
 from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
 from domain.lifecycle import (
     ChangeResult,
@@ -49,6 +48,7 @@ from starters.cli.common import (
     load_spec,
     out,
     print_report,
+    show_health,
 )
 from starters.client import KubegateClient
 
@@ -477,22 +477,9 @@ def cluster_reconcile(name: NameArg, output: OutputOption = Output.table) -> Non
             highlight=False,
             markup=False,
         )
-        _show_health(health)
+        show_health(health)
     if state.status is ClusterStatus.DEGRADED:
         raise typer.Exit(EXIT_FAILED)
-
-
-def _show_health(health: ClusterHealth) -> None:
-    if health.error:
-        out.print(f"reconcile: {health.error}", highlight=False, markup=False)
-    if not health.findings:
-        return
-    table = Table(title="Findings")
-    for column in ("kind", "node", "VM", "detail"):
-        table.add_column(column)
-    for f in health.findings:
-        table.add_row(f.kind, f.node, f.vm.partition(":")[2], f.detail)
-    out.print(table)
 
 
 remediation_app = typer.Typer(
@@ -698,7 +685,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
         if health.remediation_paused:
             line += "; remediation paused"
         out.print(line, highlight=False, markup=False)
-        _show_health(health)
+        show_health(health)
     nodes = Table(title="Nodes")
     for column in ("name", "pool", "domain", "VM", "address", "version", "power", "phase"):
         nodes.add_column(column)

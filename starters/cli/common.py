@@ -32,6 +32,7 @@ from temporalio.service import RPCError
 from domain import errors
 from domain.account import VCenterAccess
 from domain.gateway import GatewayState
+from domain.health import ClusterHealth
 from domain.lifecycle import ClusterState
 from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
@@ -332,3 +333,17 @@ def print_report(report: PreflightReport, workflow_id: str) -> None:
         f"workflow: {workflow_link(workflow_id)}",
         highlight=False,
     )
+
+
+def show_health(health: ClusterHealth) -> None:
+    """A reconcile's findings (a cluster's or a gateway's nodes), as a table."""
+    if health.error:
+        out.print(f"reconcile: {health.error}", highlight=False, markup=False)
+    if not health.findings:
+        return
+    table = Table(title="Findings")
+    for column in ("kind", "node", "VM", "detail"):
+        table.add_column(column)
+    for f in health.findings:
+        table.add_row(f.kind, f.node, f.vm.partition(":")[2], f.detail)
+    out.print(table)

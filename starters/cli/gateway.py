@@ -45,6 +45,7 @@ from starters.cli.common import (
     out,
     read_code_file,
     read_password,
+    show_health,
     workflow_link,
 )
 from starters.client import KubegateClient, KubegateError, RequestRefused
@@ -86,6 +87,8 @@ def _show(state: GatewayState, output: Output, describe: bool) -> None:
             highlight=False,
             markup=False,
         )
+    if state.health.findings or state.health.error:
+        show_health(state.health)
     version = f"version {state.version}"
     if state.target_version:
         version += f" → {state.target_version} (upgrading)"
@@ -483,6 +486,25 @@ def gateway_resize(
         _bad_input(f"--size: a gateway has 1 or 3 nodes, not {size}")
     state = _call(lambda c: c.resize_gateway(name, size))
     _finish(state, wait, output, GatewayStatus.RUNNING)
+
+
+@gateway_app.command("reconcile")
+def gateway_reconcile(name: GatewayArg, output: OutputOption = Output.table) -> None:
+    """Compare the gateway's own nodes' VMs with their record now and repair them (a VM
+    removed or powered off outside kubegate, a node whose guest stopped reporting)."""
+    health = _call(lambda c: c.reconcile_gateway(name))
+    if output is Output.json:
+        out.print_json(health.model_dump_json())
+        return
+    out.print(
+        f"gateway {name}: {len(health.findings)} finding(s); {health.repairs_made} repair(s) "
+        "made so far",
+        highlight=False,
+        markup=False,
+    )
+    show_health(health)
+    if health.degraded:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @gateway_app.command("upgrade")

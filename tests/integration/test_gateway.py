@@ -40,6 +40,7 @@ from plumbing.settings import Settings
 from starters.client import KubegateClient, RequestRefused
 from starters.installer import install, installer_ova, read_installer
 from tests.integration.test_cluster import PROFILE, domain, next_run
+from tests.integration.test_healing import destroy
 from tests.support import (
     ADMIN,
     INVENTORY,
@@ -352,6 +353,20 @@ async def test_gateway_story(
         code_cli, out = await run_cli(settings, "gateway", "resize", name, "--size", "1")
         outputs.append(out)
         assert code_cli == 2 and "cannot shrink" in out, out
+
+        # a node's VM removed behind kubegate's back: the gateway's reconcile makes it again,
+        # same name and address (the two others keep etcd's quorum)
+        address = {n.name: n.address for n in state.nodes.nodes}["gw1-pcg-cp-1"]
+        destroy(gsim, "gw1-pcg/gw1-pcg-cp-1")
+        assert vms_in(gsim, "/DC0/vm/gw1-pcg") == ["gw1-pcg-cp-0", "gw1-pcg-cp-2"]
+        code_cli, out = await run_cli(settings, "gateway", "reconcile", name)
+        outputs.append(out)
+        assert code_cli == 0 and "missing" in out and "1 repair(s)" in out, out
+        assert vms_in(gsim, "/DC0/vm/gw1-pcg") == [f"gw1-pcg-cp-{i}" for i in range(3)]
+        state = await kubegate.gateway_state(name)
+        assert state.nodes is not None and state.shown_status == "Running"
+        assert {n.name: n.address for n in state.nodes.nodes}["gw1-pcg-cp-1"] == address
+        assert any(s.title.startswith("Recreate gw1-pcg-cp-1") for s in state.steps)
 
         # upgrade: nodes replaced one at a time; clusters requested meanwhile wait in order;
         # a running cluster is not touched
