@@ -6,10 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 
+from activities.vsphere import audit as audit_activities
 from activities.vsphere.rest import RestError
 from activities.vsphere.tags import objects_on_tags, owner_tag_problem, owner_tags
-from domain.audit import MarkedVm, vm_owner
+from domain import errors
+from domain.audit import InventoryRequest, InventoryResult, MarkedVm, vm_owner
 from domain.tags import owner_tag, tag_owner
 
 CAT = "urn:cat:kubegate"
@@ -145,3 +149,35 @@ def test_an_owner_tag_is_read_again_before_it_counts() -> None:
     assert "now named" in str(check(fake, known, "t-gone", "cluster:gone", "cluster/gone"))  # type: ignore[arg-type]
     fake.tags["t-gone"] = ("urn:cat:other", "cluster:gone")
     assert "category" in str(check(fake, known, "t-gone", "cluster:gone", "cluster/gone"))  # type: ignore[arg-type]
+
+
+class FakeVms:
+    """The VM activities' part the inventory uses: the SOAP read answers a marked VM."""
+
+    key = None
+    sessions = None
+
+    def _call(self, credentials: Any, context: str, run: Any) -> InventoryResult:
+        return InventoryResult(vms=[vm("cluster/ghost")])
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [(errors.MISSING_PRIVILEGE, False), (errors.VCENTER_UNREACHABLE, True)],
+)
+def test_tags_unreadable_the_inventory_goes_by_the_marks_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, error: str, retryable: bool
+) -> None:
+    def refuse(*args: Any) -> Any:
+        raise ApplicationError(
+            f"read kubegate's tags: {error}", type=error, non_retryable=not retryable
+        )
+
+    monkeypatch.setattr(audit_activities, "call_rest", refuse)
+    request = InventoryRequest.model_construct(
+        credentials=None, account="lab-default", datacenter="DC0"
+    )
+    activities = audit_activities.AuditActivities(FakeVms())  # type: ignore[arg-type]
+    result = ActivityEnvironment().run(activities.inventory, request)
+    assert [v.owner for v in result.vms] == ["cluster/ghost"]
+    assert not result.tags_read and error in result.tags_problem and result.tags == []
