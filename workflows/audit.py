@@ -2,8 +2,8 @@
 
 Its steps: `inventory` (the agent reads every kubegate-marked VM, installer VM and VM
 directory of each of the gateway's vCenters, and their owner tags, best effort: nothing
-changed), `owners` (Temporal says which
-of the lifecycles those marks name are still running), `addresses` (allocations of the
+changed), `owners` (Temporal says which of the lifecycles those marks and tags name are still
+running), `addresses` (allocations of the
 gateway's IP pools held by lifecycles that are gone). What is left over is listed in its
 state (status Listed). A `clean` Update naming listed items (and only those: its validator
 refuses anything else) removes them: `recheck` (their owners asked again), `remove` (the
