@@ -36,10 +36,11 @@ from temporalio.worker import (
 
 from domain import errors, names
 from domain.account import Placement, VCenterCredentials
-from domain.audit import RemovalRequest
+from domain.audit import AuditItem, RemovalRequest
 from domain.errors import field_errors
 from domain.kubeconfig import MintKubeconfig, kubeconfig_statement
 from domain.sealing import AgentKey, verify_signature
+from domain.tags import CATEGORY, owner_tag, tag_owner
 from domain.trust import (
     AgentAuthorization,
     AgentPolicy,
@@ -172,7 +173,8 @@ def policy_problems(policy: AgentPolicy, args: Any) -> list[str]:
 def removal_problems(auth: AgentAuthorization, args: Any) -> list[str]:
     """What an audit's removal may not touch, by the gateway's own word: anything of a
     lifecycle the gateway says is live (its installer only once the gateway runs), anything
-    unmarked."""
+    unmarked; a tag only when it is an owner tag of category kubegate (the agent reads it
+    again from vCenter), a VM found by its tag only by an owner tag."""
     problems: list[str] = []
     gateway_id = names.gateway_workflow_id(auth.gateway)
     for model in walk(args):
@@ -181,6 +183,8 @@ def removal_problems(auth: AgentAuthorization, args: Any) -> list[str]:
         for item in model.items:
             if item.kind == "allocation" or not item.owner:
                 problems.append(f"{item.id}: not a marked vSphere object")
+            elif (item.kind == "tag" or item.tag) and _owner_tag_problem(item):
+                problems.append(f"{item.id}: {_owner_tag_problem(item)}")
             elif item.kind == "installer":
                 if item.owner == gateway_id and auth.status not in ("Running", "Upgrading"):
                     problems.append(f"{item.id}: gateway {auth.gateway}'s installer, in use")
@@ -189,6 +193,17 @@ def removal_problems(auth: AgentAuthorization, args: Any) -> list[str]:
             elif item.owner in auth.lifecycles:
                 problems.append(f"{item.id}: {item.owner} is a live lifecycle of the gateway")
     return problems
+
+
+def _owner_tag_problem(item: AuditItem) -> str | None:
+    """A tag item names an owner tag of category kubegate, its owner's; a VM found by its tag
+    names an owner that has such a tag."""
+    tag = owner_tag(item.owner)
+    if tag_owner(tag) != item.owner:
+        return f"{item.owner} has no owner tag"
+    if item.kind == "tag" and (item.name != tag or item.path != f"{CATEGORY}/{tag}"):
+        return f"{item.path or item.name} is not {tag} of category {CATEGORY}"
+    return None
 
 
 def policy_folder_problems(policy: AgentPolicy, args: Any) -> list[str]:

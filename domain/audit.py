@@ -5,6 +5,9 @@ the gateway so that its agent works for it) lists, from facts it can verify:
 
 - `vm`: a VM carrying kubegate's marks (extraConfig `kubegate.cluster`, repeated in its
   annotation) whose owner lifecycle is not running;
+- `vm` too: a VM without that mark carrying the owner tag (`cluster:<name>`,
+  `gateway-nodes:<gateway>`, category `kubegate`) of an owner that is not running, and of no
+  owner that is (a VM whose extraConfig names an owner is listed under that owner alone);
 - `folder`: the folder such a VM sits in, when it is named after that owner (a cluster's
   folder is named after the cluster) and holds nothing else;
 - `file`: a datastore directory with no registered VM whose .vmx carries kubegate's marks for
@@ -12,10 +15,17 @@ the gateway so that its agent works for it) lists, from facts it can verify:
 - `allocation`: addresses of an IP pool of the gateway held by a lifecycle that is gone
   (never existed, or ended Deleted): exactly those the pool's own release path gives back;
 - `installer`: an installer VM (vApp property `kubegate.installer_name`) left powered on,
-  whose gateway is gone or past provisioning (it powers its installer off itself).
+  whose gateway is gone or past provisioning (it powers its installer off itself);
+- `tag`: an owner tag of category `kubegate` whose owner is not running (e.g. its deletion
+  failed when the cluster was deleted). Shared tags (pool:, gateway:, the spec's, regions and
+  zones) and categories are never listed.
 
-Cleaning removes only listed items, each checked again when it is removed (still marked for
-the same owner, the owner still not running), never anything unmarked.
+Tags are read best effort: without the vAPI (unreachable, or a missing privilege) the audit
+goes by the marks alone and says so (`warnings`).
+
+Cleaning removes only listed items, each checked again when it is removed (still marked, or
+for a VM found by its tag alone still unmarked and tagged, for the same owner; the owner still
+not running; a tag only once no orphan VM it marks is left), never anything unmarked.
 """
 
 from __future__ import annotations
@@ -29,15 +39,22 @@ from pydantic import BaseModel, Field
 
 from domain.account import VCenterCredentials
 from domain.lifecycle import Step
-from domain.requests import AgentRequest
+from domain.requests import SINCE_0_3, AgentRequest
 
 #: vApp property (or, in the simulator, extraConfig key) naming an installer VM's gateway
 INSTALLER_MARK = "kubegate.installer_name"
 
-ItemKind = Literal["vm", "folder", "file", "allocation", "installer"]
+ItemKind = Literal["vm", "folder", "file", "allocation", "installer", "tag"]
 
-#: the order items are listed and removed in (VMs before their folders and files)
-KIND_ORDER: dict[str, int] = {"vm": 0, "installer": 1, "file": 2, "folder": 3, "allocation": 4}
+#: the order items are listed and removed in (VMs before their folders, files and tags)
+KIND_ORDER: dict[str, int] = {
+    "vm": 0,
+    "installer": 1,
+    "file": 2,
+    "folder": 3,
+    "tag": 4,
+    "allocation": 5,
+}
 
 _AUDIT_ID = re.compile(r"^audit/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[0-9a-z-]{1,64}$")
 
@@ -75,6 +92,11 @@ class AuditItem(BaseModel):
     reason: str = Field(default="", description="Why it is a leftover.")
     slots: list[str] = Field(default_factory=list, description="Allocations: the slots held.")
     parent: str = Field(default="", description="VMs: the folder they are in ('Folder:…').")
+    tag: str = Field(
+        default="",
+        json_schema_extra=SINCE_0_3,
+        description="A VM found by its owner tag alone (no extraConfig mark): that tag's id.",
+    )
 
 
 # -- the agent's inventory ----------------------------------------------------------------------
@@ -103,6 +125,19 @@ class MarkedVm(BaseModel):
     folder_name: str = ""
     folder_path: str = ""
     folder_children: int = 0
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="owner -> id of the owner tag (category kubegate) the VM carries.",
+    )
+
+
+class OwnerTag(BaseModel):
+    """An owner tag of category `kubegate` ('cluster:demo', 'gateway-nodes:lab')."""
+
+    id: str
+    name: str
+    owner: str = Field(description="The lifecycle it names ('cluster/demo').")
+    objects: list[str] = Field(default_factory=list, description="'Type:id' it is on.")
 
 
 class VmDirectory(BaseModel):
@@ -117,6 +152,9 @@ class VmDirectory(BaseModel):
 class InventoryResult(BaseModel):
     vms: list[MarkedVm] = Field(default_factory=list)
     directories: list[VmDirectory] = Field(default_factory=list)
+    tags: list[OwnerTag] = Field(default_factory=list, description="The vCenter's owner tags.")
+    tags_read: bool = Field(default=False, description="Whether the tags could be read.")
+    tags_problem: str = Field(default="", description="Why they could not be.")
     vcenter_requests: int = 0
 
 
@@ -193,6 +231,8 @@ class AuditState(BaseModel):
     removed: list[str] = Field(default_factory=list)
     kept: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    #: what the audit could not look at (e.g. tags unreadable): it went on without
+    warnings: list[str] = Field(default_factory=list)
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -234,3 +274,13 @@ class ReleaseLeftover(BaseModel):
 
 def item_sort_key(item: AuditItem) -> tuple[int, str, str]:
     return (KIND_ORDER.get(item.kind, 9), item.name, item.id)
+
+
+def vm_owner(vm: MarkedVm, running: set[str]) -> tuple[str, str]:
+    """(owner, tag id) a VM is judged by: its extraConfig mark when it has one, whatever its
+    tags say (tag id ''); else the owner its owner tag names, a running one first (so a VM
+    tagged for a live owner is never listed). ('', '') when it has neither."""
+    if vm.owner or not vm.tags:
+        return vm.owner, ""
+    owner = sorted(vm.tags, key=lambda o: (o not in running, o))[0]
+    return owner, vm.tags[owner]

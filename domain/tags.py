@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from domain.account import VCenterCredentials
+from domain.names import is_dns_label
 from domain.requests import AgentRequest
 
 #: the category of kubegate's own marks
@@ -50,6 +51,15 @@ def owner_tag(owner: str) -> str:
     """The tag of the VMs of one owner ('cluster/demo' -> 'cluster:demo')."""
     kind, _, name = owner.partition("/")
     return f"{'gateway-nodes' if kind == 'gateway' else kind}:{name}"
+
+
+def tag_owner(name: str) -> str | None:
+    """The owner an owner tag names ('cluster:demo' -> 'cluster/demo', 'gateway-nodes:lab' ->
+    'gateway/lab'); None for any other tag (pool:, gateway:, the spec's), which is shared."""
+    kind, sep, rest = name.partition(":")
+    if not sep or not is_dns_label(rest):
+        return None
+    return {"cluster": f"cluster/{rest}", "gateway-nodes": f"gateway/{rest}"}.get(kind)
 
 
 def pool_tag(pool: str) -> str:

@@ -1,8 +1,9 @@
 """AuditWorkflow: one orphan audit of one gateway (`kubegate audit`), started by the gateway.
 
 Its steps: `inventory` (the agent reads every kubegate-marked VM, installer VM and VM
-directory of each of the gateway's vCenters: nothing changed), `owners` (Temporal says which
-of the lifecycles those marks name are still running), `addresses` (allocations of the
+directory of each of the gateway's vCenters, and their owner tags, best effort: nothing
+changed), `owners` (Temporal says which of the lifecycles those marks and tags name are still
+running), `addresses` (allocations of the
 gateway's IP pools held by lifecycles that are gone). What is left over is listed in its
 state (status Listed). A `clean` Update naming listed items (and only those: its validator
 refuses anything else) removes them: `recheck` (their owners asked again), `remove` (the
@@ -39,13 +40,16 @@ with workflow.unsafe.imports_passed_through():
         InventoryRequest,
         InventoryResult,
         OwnerFacts,
+        OwnerTag,
         PoolLeftovers,
         RemovalRequest,
         RemovalResult,
         item_sort_key,
+        vm_owner,
     )
     from domain.ipam import ReleaseAddresses, ReleaseResult
     from domain.lifecycle import Step, StepState
+    from domain.tags import CATEGORY
     from workflows.nodes import decoded, verify_result
 
 T = TypeVar("T")
@@ -61,6 +65,8 @@ _CONTROL_RETRY = RetryPolicy(maximum_attempts=5, non_retryable_error_types=error
 
 #: statuses of a gateway whose installer should be off (it powers it off when provisioned)
 _INSTALLER_DONE = ("Running", "Upgrading")
+#: owner tags count (VMs found by them, orphan tags listed): histories before it had none
+PATCH_TAGS = "audit-owner-tags"
 
 
 class _StepFailed(Exception):
@@ -138,12 +144,21 @@ class AuditWorkflow:
                 f"{len(inventories)} datacenter(s): {vms} marked VM(s), {files} VM "
                 "directory(ies) without a VM"
             )
+            if workflow.patched(PATCH_TAGS):
+                step.detail += self._tags_read(inventories)
+            else:  # (an audit that began before: without tags, as it was)
+                for _, result in inventories:
+                    result.tags = []
+                    for vm in result.vms:
+                        vm.tags = {}
 
         await self._step("inventory", "Read kubegate's marks on the gateway's vCenters", inventory)
 
         owners: set[str] = set()
         for _, result in inventories:
             owners |= {v.owner for v in result.vms if v.owner}
+            owners |= {o for v in result.vms if not v.owner for o in v.tags}
+            owners |= {t.owner for t in result.tags}
             owners |= {f"gateway/{v.installer}" for v in result.vms if v.installer}
             owners |= {d.owner for d in result.directories}
         facts = OwnerFacts()
@@ -192,6 +207,21 @@ class AuditWorkflow:
                 out.append(account)
         return out
 
+    def _tags_read(self, inventories: list[tuple[AuditAccount, InventoryResult]]) -> str:
+        """The inventory's word on tags; a vCenter whose tags could not be read is a warning
+        (the audit goes on by the extraConfig marks there)."""
+        tags = {t.id for _, r in inventories for t in r.tags}
+        for account, result in inventories:
+            if not result.tags_read:
+                self.state.warnings.append(
+                    f"tags not read with cloud account {account.name} (the audit went by the "
+                    f"extraConfig marks alone there): {result.tags_problem or 'agent too old'}"
+                )
+        unread = sum(1 for _, r in inventories if not r.tags_read)
+        return f", {len(tags)} owner tag(s)" + (
+            f"; tags not read in {unread} datacenter(s)" if unread else ""
+        )
+
     def _leftovers(
         self, account: AuditAccount, result: InventoryResult, facts: OwnerFacts
     ) -> list[AuditItem]:
@@ -204,18 +234,20 @@ class AuditWorkflow:
         found: list[AuditItem] = []
         orphans_in: dict[str, list[str]] = {}
         for vm in result.vms:
-            if vm.owner and vm.owner not in running:
+            owner, tag = vm_owner(vm, running)
+            if owner and owner not in running:
                 found.append(
                     AuditItem(
                         kind="vm",
                         id=vm.ref,
                         name=vm.name,
-                        owner=vm.owner,
+                        owner=owner,
                         account=account.name,
                         path=f"{vm.folder_path}/{vm.name}" if vm.folder_path else vm.name,
                         detail=vm.power_state,
-                        reason=why(vm.owner),
+                        reason=why(owner) if not tag else f"tagged {owner} (no mark); {why(owner)}",
                         parent=vm.folder,
+                        tag=tag,
                     )
                 )
                 orphans_in.setdefault(vm.folder, []).append(vm.ref)
@@ -248,7 +280,8 @@ class AuditWorkflow:
             members = orphans_in.get(vm.folder)
             if not members or vm.ref != members[0] or not vm.folder_path:
                 continue
-            short = vm.owner.split("/", 1)[-1]
+            owner = vm_owner(vm, running)[0]
+            short = owner.split("/", 1)[-1]
             if vm.folder_name not in (short, f"{short}-pcg") or vm.folder_children != len(members):
                 continue
             found.append(
@@ -256,11 +289,11 @@ class AuditWorkflow:
                     kind="folder",
                     id=vm.folder,
                     name=vm.folder_name,
-                    owner=vm.owner,
+                    owner=owner,
                     account=account.name,
                     path=vm.folder_path,
                     detail=f"holds only {len(members)} leftover VM(s)",
-                    reason=why(vm.owner),
+                    reason=why(owner),
                 )
             )
         for directory in result.directories:
@@ -279,7 +312,8 @@ class AuditWorkflow:
                     parent=directory.datastore,
                 )
             )
-        return found
+        found += [_tag_item(account, tag, why(tag.owner)) for tag in result.tags]
+        return [i for i in found if i.kind != "tag" or i.owner not in running]
 
     async def _owners(self, owners: list[str]) -> OwnerFacts:
         if not owners:
@@ -391,7 +425,7 @@ class AuditWorkflow:
                 step.objects += removed.removed
             step.detail = f"{len(step.objects)} removed"
 
-        await self._step("remove", "Remove the leftover VMs, folders and files", remove)
+        await self._step("remove", "Remove the leftover VMs, folders, files and tags", remove)
 
         async def release(step: Step) -> None:
             for item in still:
@@ -472,6 +506,7 @@ class AuditWorkflow:
         self.state.updated_at = workflow.now()
         lines = [f"## Audit of gateway `{self.input.gateway}`: {self.state.status.value}", ""]
         lines += [f"- {s.name}: {s.state.value} {s.detail}" for s in self.state.steps]
+        lines += [f"- warning: {w}" for w in self.state.warnings]
         if self.state.items:
             lines += ["", f"{len(self.state.items)} leftover(s):"]
             lines += [f"- {i.kind} {i.name} ({i.reason})" for i in self.state.items[:50]]
@@ -479,6 +514,20 @@ class AuditWorkflow:
         if self.state.status.value != self.published:
             self.published = self.state.status.value
             workflow.upsert_search_attributes([names.STATUS.value_set(self.published)])
+
+
+def _tag_item(account: AuditAccount, tag: OwnerTag, reason: str) -> AuditItem:
+    vms = sum(1 for o in tag.objects if o.startswith("VirtualMachine:"))
+    return AuditItem(
+        kind="tag",
+        id=tag.id,
+        name=tag.name,
+        owner=tag.owner,
+        account=account.name,
+        path=f"{CATEGORY}/{tag.name}",
+        detail=f"on {vms} VM(s)" if tag.objects else "on nothing",
+        reason=reason,
+    )
 
 
 def _message(exc: BaseException) -> str:

@@ -2,19 +2,21 @@
 
 `audit_inventory` reads, with the property collector (paged), every VM of a datacenter that
 carries a kubegate mark (extraConfig `kubegate.cluster`, found through the annotation that
-repeats it) and every powered-on installer VM (`kubegate.installer_name`), and browses the
-datacenter's datastores for VM directories that no registered VM uses and whose .vmx carries
-a kubegate mark. It decides nothing: the audit workflow decides, from Temporal's facts, which
-owners are gone.
+repeats it, or an owner tag of category `kubegate`) and every powered-on installer VM
+(`kubegate.installer_name`), and browses the datacenter's datastores for VM directories that
+no registered VM uses and whose .vmx carries a kubegate mark. The owner tags themselves are
+read over the vAPI first (best effort: unreadable tags are reported in the result, and the
+inventory goes by the extraConfig marks). It decides nothing: the audit workflow decides,
+from Temporal's facts, which owners are gone.
 
 `audit_remove` removes listed items, each read again first: a VM only while it still carries
-the mark of the owner it was listed for, an installer only while it names the same gateway, a
-directory only while no VM uses it and its .vmx still names the owner, a folder only while it
-is empty. Not found = done. (The agent's guard refuses beforehand any item whose owner the
-gateway says is live: activities/guard.py.)
-
-The marks are looked up by `_marked` alone, so that a lookup by vSphere tags can be added
-beside it later.
+the mark of the owner it was listed for (one listed by its tag alone: still unmarked and still
+carrying that owner tag), an installer only while it names the same gateway, a directory only
+while no VM uses it and its .vmx still names the owner, a folder only while it is empty, a tag
+only while it is still that owner's tag of category `kubegate` and no VM that is unmarked or
+marked for the same owner still carries it (deleting it would hide that VM). Not found =
+done. (The agent's guard refuses beforehand any item whose owner the gateway says is live:
+activities/guard.py.)
 """
 
 from __future__ import annotations
@@ -24,35 +26,49 @@ import http.client
 import re
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pyVmomi import vim, vmodl
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
 from activities.vsphere.ovf import vapp_properties
+from activities.vsphere.rest import RestSession
 from activities.vsphere.session import (
     PinnedHTTPSConnection,
     VSphereSession,
     request_meter,
     ssl_context,
 )
+from activities.vsphere.tags import (
+    attached_objects,
+    call_rest,
+    delete_tag,
+    owner_tag_problem,
+    owner_tags,
+)
 from activities.vsphere.vm import VmActivities, _extra, _Progress
 from activities.vsphere.watch import await_task
+from domain import errors
+from domain.account import VCenterCredentials
 from domain.audit import (
     INSTALLER_MARK,
     AuditItem,
     InventoryRequest,
     InventoryResult,
     MarkedVm,
+    OwnerTag,
     RemovalRequest,
     RemovalResult,
     VmDirectory,
     item_sort_key,
 )
+from domain.tags import owner_tag, tag_owner
 from domain.vm import MARK_CLUSTER, MARK_NODE
 
 PC = vmodl.query.PropertyCollector
+T = TypeVar("T")
 ON = vim.VirtualMachine.PowerState.poweredOn
 
 #: the largest .vmx read (a real one is a few kilobytes)
@@ -60,6 +76,9 @@ _VMX_LIMIT = 1 << 20
 _VMX_MARK = re.compile(r'^\s*kubegate\.cluster\s*=\s*"([^"]*)"\s*$', re.MULTILINE)
 #: what the annotation of a kubegate VM holds (domain/vm.py marks, activities/vsphere/vm.py)
 _ANNOTATION_MARK = f"{MARK_CLUSTER}="
+
+
+_Handler = Callable[[VSphereSession, AuditItem, RemovalRequest, _Progress], str]
 
 
 class AuditActivities:
@@ -76,6 +95,9 @@ class AuditActivities:
         """Every kubegate-marked VM and installer VM of the datacenter, and the VM directories
         on its datastores no VM uses whose .vmx is kubegate's. Changes nothing."""
 
+        tags: list[OwnerTag] = []
+        problem = ""
+
         def run(session: VSphereSession) -> InventoryResult:
             dc = request.datacenter.strip("/")
             datacenter = find_by_path(session, f"/{dc}")
@@ -83,7 +105,11 @@ class AuditActivities:
                 return InventoryResult()
             everything = _all_vms(session, datacenter)
             activity.heartbeat("vms read")
-            vms = _marked(session, everything)
+            tagged: dict[str, dict[str, str]] = {}
+            for tag in tags:
+                for obj in tag.objects:
+                    tagged.setdefault(obj, {})[tag.owner] = tag.id
+            vms = _marked(session, everything, tagged)
             _describe_folders(session, vms, dc)
             activity.heartbeat("marks read")
             directories: list[VmDirectory] = []
@@ -95,11 +121,27 @@ class AuditActivities:
             )
 
         with request_meter() as meter:
+            try:
+                tags = self._rest(request.credentials, "read kubegate's tags", owner_tags)
+            except ApplicationError as exc:
+                problem = exc.message
+                with contextlib.suppress(Exception):
+                    activity.logger.warning("audit without tags: %s", exc.message)
+            activity.heartbeat("tags read")
             result = self.vms._call(
                 request.credentials, f"audit of datacenter {request.datacenter}", run
             )
+        result.tags, result.tags_read, result.tags_problem = tags, not problem, problem
         result.vcenter_requests = meter[0]
         return result
+
+    def _rest(
+        self,
+        credentials: VCenterCredentials,
+        context: str,
+        call: Callable[[RestSession, dict[str, str]], T],
+    ) -> T:
+        return call_rest(self.vms.key, self.vms.sessions, credentials, context, call)
 
     # --- removal ------------------------------------------------------------------------
 
@@ -108,7 +150,6 @@ class AuditActivities:
         """Remove the listed items, each checked again first; not found = done."""
         result = RemovalResult()
         progress = _Progress(stage="audit-remove")
-        dc = request.datacenter.strip("/")
 
         def run(session: VSphereSession) -> None:
             for item in sorted(request.items, key=item_sort_key):
@@ -116,7 +157,12 @@ class AuditActivities:
                 if item.id in result.removed or item.id in result.gone:
                     continue  # (a retry of this activity: done already)
                 handler = self._handlers()[item.kind]
-                outcome = handler(session, item, dc, progress)
+                try:
+                    outcome = handler(session, item, request, progress)
+                except ApplicationError as exc:
+                    if exc.type != errors.MISSING_PRIVILEGE:
+                        raise
+                    outcome = f"{exc.message}: left alone"
                 if outcome == "removed":
                     result.removed.append(item.id)
                 elif outcome == "gone":
@@ -129,16 +175,17 @@ class AuditActivities:
         result.vcenter_requests = meter[0]
         return result
 
-    def _handlers(self) -> dict[str, Callable[[VSphereSession, AuditItem, str, _Progress], str]]:
+    def _handlers(self) -> dict[str, _Handler]:
         return {
             "vm": self._remove_vm,
             "installer": self._power_off_installer,
             "file": self._remove_directory,
             "folder": self._remove_folder,
+            "tag": self._remove_tag,
         }
 
     def _remove_vm(
-        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+        self, session: VSphereSession, item: AuditItem, request: RemovalRequest, progress: _Progress
     ) -> str:
         vm = from_ref(session, item.id)
         try:
@@ -151,14 +198,61 @@ class AuditActivities:
             return "gone"
         if not props:
             return "gone"
-        marks = _extra(props.get("config.extraConfig"))
-        if not item.owner or marks.get(MARK_CLUSTER) != item.owner:
-            return f"its mark is now {marks.get(MARK_CLUSTER)!r}, not {item.owner!r}: left alone"
+        mark = _extra(props.get("config.extraConfig")).get(MARK_CLUSTER, "")
+        if not item.owner or ((mark or not item.tag) and mark != item.owner):
+            return f"its mark is now {mark!r}, not {item.owner!r}: left alone"
+        if not mark:  # listed by its owner tag alone: that tag must still be on it
+            why = self._tag_problem(request.credentials, item.tag, item.owner, {item.id})
+            if why:
+                return f"{why}: left alone"
         self.vms._destroy_vm(session, vm, props, progress)
         return "removed"
 
+    def _tag_problem(
+        self, credentials: VCenterCredentials, tag_id: str, owner: str, on: set[str]
+    ) -> str | None:
+        """Why tag_id is not owner's tag of category kubegate on all of `on` (None: it is)."""
+
+        def check(rest: RestSession, known: dict[str, str]) -> str | None:
+            why = owner_tag_problem(rest, known, tag_id, owner_tag(owner), owner)
+            if why is None and on - set(attached_objects(rest, tag_id)):
+                return f"it no longer carries the tag {owner_tag(owner)}"
+            return why
+
+        return self._rest(credentials, f"check tag {owner_tag(owner)}", check)
+
+    def _remove_tag(
+        self, session: VSphereSession, item: AuditItem, request: RemovalRequest, progress: _Progress
+    ) -> str:
+        """Delete an owner tag once nothing it is the only evidence of is left: a VM that
+        carries it, exists, and is unmarked or marked for the same owner keeps it."""
+        objects: list[str] = []
+
+        def check(rest: RestSession, known: dict[str, str]) -> str | None:
+            if tag_owner(item.name) != item.owner:
+                return f"{item.name} is not {item.owner}'s tag"
+            why = owner_tag_problem(rest, known, item.id, item.name, item.owner)
+            objects.extend(attached_objects(rest, item.id))
+            return why
+
+        why = self._rest(request.credentials, f"check tag {item.name}", check)
+        if why == "the tag is gone":
+            return "gone"
+        if why:
+            return f"{why}: left alone"
+        holding = _holding_vms(session, objects, item.owner)
+        if holding:
+            shown = ", ".join(holding[:3]) + (" ..." if len(holding) > 3 else "")
+            return f"still on {len(holding)} VM(s) of {item.owner} ({shown}): left alone"
+        deleted = self._rest(
+            request.credentials,
+            f"delete tag {item.name}",
+            lambda rest, known: delete_tag(rest, known, item.id),
+        )
+        return "removed" if deleted else "gone"
+
     def _power_off_installer(
-        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+        self, session: VSphereSession, item: AuditItem, request: RemovalRequest, progress: _Progress
     ) -> str:
         vm = from_ref(session, item.id)
         try:
@@ -180,8 +274,9 @@ class AuditActivities:
         return "removed"
 
     def _remove_directory(
-        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+        self, session: VSphereSession, item: AuditItem, request: RemovalRequest, progress: _Progress
     ) -> str:
+        dc = request.datacenter.strip("/")
         datacenter = find_by_path(session, f"/{dc}")
         if not isinstance(datacenter, vim.Datacenter):
             return "gone"
@@ -205,7 +300,7 @@ class AuditActivities:
         return "removed"
 
     def _remove_folder(
-        self, session: VSphereSession, item: AuditItem, dc: str, progress: _Progress
+        self, session: VSphereSession, item: AuditItem, request: RemovalRequest, progress: _Progress
     ) -> str:
         folder = from_ref(session, item.id)
         try:
@@ -258,14 +353,20 @@ def _all_vms(session: VSphereSession, datacenter: Any) -> dict[str, dict[str, An
             view.DestroyView()
 
 
-def _marked(session: VSphereSession, everything: dict[str, dict[str, Any]]) -> list[MarkedVm]:
+def _marked(
+    session: VSphereSession,
+    everything: dict[str, dict[str, Any]],
+    tagged: dict[str, dict[str, str]],
+) -> list[MarkedVm]:
     """The VMs carrying kubegate's marks: those whose annotation repeats the mark (read back
-    from extraConfig), and powered-on VMs naming an installer's gateway."""
+    from extraConfig), those carrying an owner tag (`tagged`: ref -> owner -> tag id), and
+    powered-on VMs naming an installer's gateway."""
     candidates = [
         key
         for key, props in everything.items()
         if _ANNOTATION_MARK in str(props.get("config.annotation") or "")
         or props.get("runtime.powerState") == ON
+        or key in tagged
     ]
     if not candidates:
         return []
@@ -282,7 +383,7 @@ def _marked(session: VSphereSession, everything: dict[str, dict[str, Any]]) -> l
             more.get("config.vAppConfig"), more.get("config.extraConfig")
         ).get(INSTALLER_MARK, "")
         owner = marks.get(MARK_CLUSTER, "")
-        if not owner and not installer:
+        if not owner and not installer and key not in tagged:
             continue
         parent = props.get("parent")
         found.append(
@@ -294,9 +395,30 @@ def _marked(session: VSphereSession, everything: dict[str, dict[str, Any]]) -> l
                 installer=installer,
                 power_state=str(props.get("runtime.powerState") or ""),
                 folder=ref(parent) if parent is not None else "",
+                tags=dict(tagged.get(key, {})),
             )
         )
     return found
+
+
+def _holding_vms(session: VSphereSession, objects: list[str], owner: str) -> list[str]:
+    """Of the objects carrying an owner tag, those it must stay on: anything but a VM, and
+    every existing VM unmarked or marked for that owner (a VM marked for another owner only
+    carries the tag by mistake)."""
+    holding = []
+    for obj in sorted(objects):
+        if not obj.startswith("VirtualMachine:"):
+            holding.append(obj)
+            continue
+        try:
+            props = retrieve(session, [from_ref(session, obj)], ["config.extraConfig"]).get(obj)
+        except vmodl.fault.ManagedObjectNotFound:
+            continue
+        if props is None:
+            continue
+        if _extra(props.get("config.extraConfig")).get(MARK_CLUSTER, "") in ("", owner):
+            holding.append(obj)
+    return holding
 
 
 def _describe_folders(session: VSphereSession, vms: list[MarkedVm], dc: str) -> None:

@@ -4,7 +4,8 @@
 worker: later calls make none) and attaches each tag to all its objects in one call
 (`attach-tag-to-multiple-objects`); custom attributes cost one `SetField` per VM and field.
 A missing privilege is reported in the result (the step records it): tagging is best effort.
-`vm_untag` deletes tags by id (gone = done). `tagged_objects` serves the delete sweep.
+`vm_untag` deletes tags by id (gone = done). `tagged_objects` serves the delete sweep,
+`owner_tags` and `owner_tag_problem` the orphan audit (activities/vsphere/audit.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,18 @@ from activities.vsphere.rest import RestError, RestPool, RestSession
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from domain import errors
 from domain.account import VCenterCredentials
+from domain.audit import OwnerTag
 from domain.sealing import AgentKey
-from domain.tags import CATEGORIES, TagRequest, TagResult, TagSpec, UntagRequest, UntagResult
+from domain.tags import (
+    CATEGORIES,
+    CATEGORY,
+    TagRequest,
+    TagResult,
+    TagSpec,
+    UntagRequest,
+    UntagResult,
+    tag_owner,
+)
 
 T = TypeVar("T")
 
@@ -77,6 +88,21 @@ def call_rest(
 # --- tagging over a session -------------------------------------------------------------------
 
 
+def find_category(session: RestSession, known: dict[str, str], name: str) -> str | None:
+    """The category's id: known, else looked for among vCenter's (each category not known
+    yet read once); None when there is none of that name."""
+    if name in known:
+        return known[name]
+    for category_id in session.request("GET", CATEGORY_PATH) or []:
+        if category_id in known.values():
+            continue
+        info = session.request("GET", f"{CATEGORY_PATH}/id:{category_id}") or {}
+        known[str(info.get("name"))] = str(category_id)
+        if info.get("name") == name:
+            break
+    return known.get(name)
+
+
 def ensure_category(session: RestSession, known: dict[str, str], name: str) -> str:
     """The category's id: known, else made (or, made meanwhile, found)."""
     if name in known:
@@ -89,14 +115,7 @@ def ensure_category(session: RestSession, known: dict[str, str], name: str) -> s
     except RestError as exc:
         if not exc.already_exists:
             raise
-        for category_id in session.request("GET", CATEGORY_PATH) or []:
-            if category_id in known.values():
-                continue
-            info = session.request("GET", f"{CATEGORY_PATH}/id:{category_id}") or {}
-            known[str(info.get("name"))] = str(category_id)
-            if info.get("name") == name:
-                break
-        if name not in known:
+        if find_category(session, known, name) is None:
             raise RestError(404, "not_found", f"category {name} exists but was not found") from None
     return known[name]
 
@@ -188,6 +207,10 @@ def delete_tag(session: RestSession, known: dict[str, str], tag_id: str) -> bool
     return True
 
 
+def _refs(found: Any) -> list[str]:
+    return [f"{o['type']}:{o['id']}" for o in found or [] if isinstance(o, dict)]
+
+
 def attached_objects(session: RestSession, tag_id: str) -> list[str]:
     """'Type:id' of every object carrying the tag (none when the tag is gone)."""
     try:
@@ -198,7 +221,90 @@ def attached_objects(session: RestSession, tag_id: str) -> list[str]:
         if exc.status == 404:
             return []
         raise
-    return [f"{o['type']}:{o['id']}" for o in found or [] if isinstance(o, dict)]
+    return _refs(found)
+
+
+def objects_on_tags(session: RestSession, tag_ids: list[str]) -> dict[str, list[str]]:
+    """tag id -> 'Type:id' of the objects carrying it: one batch call
+    (`list-attached-objects-on-tags`); where vCenter does not have it, one call per tag."""
+    if not tag_ids:
+        return {}
+    try:
+        found = session.request(
+            "POST",
+            ASSOCIATION_PATH,
+            {"tag_ids": tag_ids},
+            action="list-attached-objects-on-tags",
+        )
+    except RestError as exc:
+        if exc.status in (401, 403):
+            raise
+        return {tag_id: attached_objects(session, tag_id) for tag_id in tag_ids}
+    out: dict[str, list[str]] = {tag_id: [] for tag_id in tag_ids}
+    for entry in found or []:
+        if isinstance(entry, dict) and entry.get("tag_id") in out:
+            out[str(entry["tag_id"])] = _refs(entry.get("object_ids"))
+    return out
+
+
+def tag_info(session: RestSession, tag_id: str) -> dict[str, Any] | None:
+    """A tag's name and category_id (None: no such tag)."""
+    try:
+        info = session.request("GET", f"{TAG_PATH}/id:{tag_id}")
+    except RestError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return info if isinstance(info, dict) else None
+
+
+def owner_tags(session: RestSession, known: dict[str, str]) -> list[OwnerTag]:
+    """Every owner tag of category `kubegate` (`cluster:<name>`, `gateway-nodes:<name>`) and
+    what carries it. Requests: the category's id (known: none), one listing of its tags, one
+    read of each tag whose name is not known, one batch listing of the owner tags' objects.
+    Shared tags (pool:, gateway:) are read but never returned."""
+    category_id = find_category(session, known, CATEGORY)
+    if category_id is None:
+        return []
+    ids = session.request("POST", f"{TAG_PATH}/id:{category_id}", action="list-tags-for-category")
+    prefix = f"{CATEGORY}/"
+    names = {i: n.removeprefix(prefix) for n, i in known.items() if n.startswith(prefix)}
+    found: list[OwnerTag] = []
+    for tag_id in sorted(str(i) for i in ids or []):
+        name = names.get(tag_id)
+        if name is None:
+            info = tag_info(session, tag_id)
+            if info is None or info.get("category_id") != category_id:
+                continue  # deleted meanwhile
+            name = str(info.get("name") or "")
+            known[prefix + name] = tag_id
+        owner = tag_owner(name)
+        if owner is not None:
+            found.append(OwnerTag(id=tag_id, name=name, owner=owner))
+    objects = objects_on_tags(session, [t.id for t in found])
+    for tag in found:
+        tag.objects = sorted(objects.get(tag.id, []))
+    return found
+
+
+def owner_tag_problem(
+    session: RestSession, known: dict[str, str], tag_id: str, name: str, owner: str
+) -> str | None:
+    """Why tag_id is not (or no longer) `name`, the owner tag of `owner` in category
+    `kubegate`; None when it is. Read from vCenter (one or two requests), not from `known`."""
+    info = tag_info(session, tag_id)
+    if info is None:
+        return "the tag is gone"
+    now = str(info.get("name") or "")
+    if now != name or tag_owner(now) != owner:
+        return f"the tag is now named {now!r}, not {name!r}"
+    category_id = str(info.get("category_id") or "")
+    if known.get(CATEGORY) != category_id:
+        category = session.request("GET", f"{CATEGORY_PATH}/id:{category_id}") or {}
+        if category.get("name") != CATEGORY:
+            return f"the tag is in category {category.get('name')!r}, not {CATEGORY!r}"
+        known[CATEGORY] = category_id
+    return None
 
 
 # --- custom attributes ---------------------------------------------------------------------

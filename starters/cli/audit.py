@@ -48,8 +48,9 @@ def audit(
         bool, typer.Option("--yes", "-y", help="With --clean: do not ask for confirmation.")
     ] = False,
 ) -> None:
-    """List what kubegate left behind: marked VMs and folders of no live lifecycle, VM files
-    without a VM, addresses held by lifecycles that are gone, installer VMs left on."""
+    """List what kubegate left behind: marked (or owner-tagged) VMs and folders of no live
+    lifecycle, owner tags of no live lifecycle, VM files without a VM, addresses held by
+    lifecycles that are gone, installer VMs left on."""
     if gateway is not None and not names.is_dns_label(gateway):
         _bad_input(f"--gateway: {gateway!r} must be a gateway name (a DNS label)")
     if yes and not clean:
@@ -129,6 +130,7 @@ def _print(audits: list[AuditState], output: Output, results: dict[str, CleanRes
                 "workflow_id": state.workflow_id,
                 "status": state.status.value,
                 "error": state.error,
+                "warnings": state.warnings,
                 "items": [i.model_dump(mode="json") for i in state.items],
             }
             if state.workflow_id in results:
@@ -153,6 +155,8 @@ def _table(audits: list[AuditState], results: dict[str, CleanResult], to: Any) -
         )
         if state.error:
             to.print(f"  [red]error:[/red] {escape(state.error)}")
+        for warning in state.warnings:
+            to.print(f"  [yellow]warning:[/yellow] {escape(warning)}")
         if not state.items:
             continue
         table = Table()

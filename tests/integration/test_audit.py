@@ -1,5 +1,6 @@
-"""Orphan audit end to end: leftovers planted with pyVmomi beside a live cluster are listed
-exactly, and `kubegate audit --clean` removes them and nothing else.
+"""Orphan audit end to end: leftovers planted with pyVmomi (and tags planted over the vAPI)
+beside a live cluster are listed exactly, and `kubegate audit --clean` removes them and nothing
+else.
 
 Real simulator, real Temporal, the real workflows, a gateway of its own with its own agent.
 """
@@ -30,6 +31,7 @@ from domain.vm import MARK_CLUSTER, MARK_NODE, MARK_POOL
 from plumbing.settings import Settings
 from starters.client import KubegateClient, RequestRefused
 from tests.integration.test_cluster import PROFILE, domain, until
+from tests.integration.test_tags import Rest
 from tests.support import (
     INVENTORY,
     Vcsim,
@@ -141,6 +143,42 @@ def plant(sim: Vcsim) -> dict[str, str]:
         Vcsim.disconnect(si)
 
 
+TAGS = "/com/vmware/cis/tagging"
+
+
+def plant_tags(sim: Vcsim, live_vm: str) -> dict[str, str]:
+    """Over the vAPI, behind kubegate's back: a VM without any extraConfig mark tagged
+    `cluster:gone` (that tag also put, by mistake, on a live cluster's VM), a `cluster:gone2`
+    tag on nothing, and the shared `gateway:aud` tag on the unmarked plain VM."""
+    si = sim.connect()
+    try:
+        dc = _find(si.RetrieveContent(), vim.Datacenter, "DC0")
+        tagged = _make_vm(si, dc.vmFolder, "tagged-gone-0", {})._moId
+        plain = _find(si.RetrieveContent(), vim.VirtualMachine, "plain-vm")._moId
+    finally:
+        Vcsim.disconnect(si)
+    rest = Rest(sim)
+    names = rest.names()
+    category = next(
+        c
+        for c in rest.call("GET", f"{TAGS}/category")
+        if rest.call("GET", f"{TAGS}/category/id:{c}")["name"] == "kubegate"
+    )
+    made = {}
+    for name in ("cluster:gone", "cluster:gone2"):
+        spec = {"name": name, "description": "planted", "category_id": category}
+        made[name] = rest.call("POST", f"{TAGS}/tag", {"create_spec": spec})
+    shared = next(i for i, n in names.items() if n == ("kubegate", f"gateway:{GW}"))
+    for tag_id, objects in ((made["cluster:gone"], [tagged, live_vm]), (shared, [plain])):
+        rest.call(
+            "POST",
+            f"{TAGS}/tag-association/id:{tag_id}",
+            {"object_ids": [{"type": "VirtualMachine", "id": o} for o in objects]},
+            action="attach-tag-to-multiple-objects",
+        )
+    return {"tagged": tagged, **made}
+
+
 def remark(sim: Vcsim, moid: str, owner: str) -> None:
     """Change a VM's kubegate.cluster mark behind kubegate's back."""
     si = sim.connect()
@@ -220,6 +258,14 @@ async def test_audit_lists_exactly_the_planted_leftovers_and_clean_removes_only_
     await until(kubegate, "aud-live", ClusterStatus.RUNNING)
 
     planted = plant(asim)
+    rest = Rest(asim)
+    live_tag = rest.tag_id("kubegate", "cluster:aud-live")
+    assert live_tag, rest.names()
+    live_tagged = rest.call(
+        "POST", f"{TAGS}/tag-association/id:{live_tag}", {}, action="list-attached-objects"
+    )
+    assert len(live_tagged) == 2
+    planted |= plant_tags(asim, live_tagged[0]["id"])
     ghost_addresses = await kubegate.allocate(GW, "aud-pool", "cluster/ghost", ["cp-0", "vip"])
     before_vms = vm_facts(asim)
     live_allocations = await kubegate.pool_allocations(GW, "aud-pool", owner="cluster/aud-live")
@@ -231,17 +277,31 @@ async def test_audit_lists_exactly_the_planted_leftovers_and_clean_removes_only_
         ("file", "ghost-cp-1"),
         ("installer", "kubegate-installer-gone"),
         ("allocation", "aud-pool"),
+        # by the tags: a VM unmarked but tagged for a cluster that never existed, and the
+        # owner tags of no live cluster (the shared gateway:aud tag and cluster:aud-live not)
+        ("vm", "tagged-gone-0"),
+        ("tag", "cluster:gone"),
+        ("tag", "cluster:gone2"),
     }
     state = await kubegate.audit(GW, timeout=300)
     assert state.status is AuditStatus.LISTED, state.error
     assert listed(state) == expected, state.items
     assert [s.name for s in state.steps] == ["inventory", "owners", "addresses"]
-    by_kind = {i.kind: i for i in state.items}
+    assert "owner tag(s)" in state.steps[0].detail and state.warnings == []
+    by_kind = {i.kind: i for i in state.items if i.name not in ("tagged-gone-0", "cluster:gone2")}
     assert by_kind["vm"].id == f"VirtualMachine:{planted['ghost']}"
-    assert by_kind["vm"].owner == "cluster/ghost"
+    assert by_kind["vm"].owner == "cluster/ghost" and not by_kind["vm"].tag
     assert by_kind["allocation"].owner == "cluster/ghost"
     assert sorted(by_kind["allocation"].slots) == ["cp-0", "vip"]
     assert by_kind["file"].path == "[LocalDS_0] ghost-cp-1"
+    by_name = {i.name: i for i in state.items}
+    tagged = by_name["tagged-gone-0"]
+    assert tagged.owner == "cluster/gone" and tagged.tag == planted["cluster:gone"]
+    assert tagged.id == f"VirtualMachine:{planted['tagged']}"
+    assert by_name["cluster:gone"].id == planted["cluster:gone"]
+    assert by_name["cluster:gone"].detail == "on 2 VM(s)"
+    assert by_name["cluster:gone2"].detail == "on nothing"
+    assert by_name["cluster:gone2"].path == "kubegate/cluster:gone2"
 
     # a clean names only what the audit listed: anything else is refused before it starts
     with pytest.raises(RequestRefused, match="not listed"):
@@ -267,12 +327,21 @@ async def test_audit_lists_exactly_the_planted_leftovers_and_clean_removes_only_
     assert report["kept"] == {}
 
     after = vm_facts(asim)
-    assert "ghost-cp-0" not in after
+    assert "ghost-cp-0" not in after and "tagged-gone-0" not in after
     assert after["kubegate-installer-gone"][0] == "poweredOff"  # powered off, not destroyed
     assert after["plain-vm"] == before_vms["plain-vm"]
     live = {n: f for n, f in before_vms.items() if n.startswith("aud-live-")}
     assert len(live) == 2 and all(after[n] == f for n, f in live.items())
-    assert set(after) == set(before_vms) - {"ghost-cp-0"}
+    assert set(after) == set(before_vms) - {"ghost-cp-0", "tagged-gone-0"}
+    tags_now = rest.names()
+    assert ("kubegate", "cluster:gone") not in tags_now.values()
+    assert ("kubegate", "cluster:gone2") not in tags_now.values()
+    assert tags_now[live_tag] == ("kubegate", "cluster:aud-live")  # the live cluster's: kept
+    still = rest.call(
+        "POST", f"{TAGS}/tag-association/id:{live_tag}", {}, action="list-attached-objects"
+    )
+    assert sorted(o["id"] for o in still) == sorted(o["id"] for o in live_tagged)
+    assert rest.tags_of("VirtualMachine", planted["plain"]) == {("kubegate", f"gateway:{GW}")}
     folders = folder_names(asim)
     assert "ghost" not in folders and "aud-live" in folders
     root = Path(planted["root"])

@@ -59,3 +59,43 @@ def test_audit_ids_belong_to_their_gateway() -> None:
     assert not is_audit_id("audit/lab/20260101t000000-abc123", "other")
     assert not is_audit_id("cluster/lab", "lab")
     assert not is_audit_id("audit/lab/../x", "lab")
+
+
+def tag(owner: str, name: str, path: str | None = None) -> AuditItem:
+    return AuditItem(
+        kind="tag", id="urn:tag:1", name=name, owner=owner, path=path or f"kubegate/{name}"
+    )
+
+
+def test_an_owner_tag_of_a_gone_owner_passes() -> None:
+    assert removal_problems(auth(), request(tag("cluster/ghost", "cluster:ghost"))) == []
+    assert removal_problems(auth(), request(tag("gateway/old", "gateway-nodes:old"))) == []
+
+
+def test_a_live_owners_tag_is_refused() -> None:
+    (problem,) = removal_problems(auth(), request(tag("cluster/live", "cluster:live")))
+    assert "live lifecycle" in problem
+    assert removal_problems(auth(), request(tag("gateway/lab", "gateway-nodes:lab")))
+
+
+def test_only_owner_tags_of_the_kubegate_category_are_deleted() -> None:
+    for bad in (
+        tag("cluster/ghost", "pool:cp"),
+        tag("cluster/ghost", "gateway:lab"),
+        tag("cluster/ghost", "cluster:other"),
+        tag("cluster/ghost", "cluster:ghost", "kubegate-tags/cluster:ghost"),
+        tag("pool/cp", "pool:cp"),
+        tag("", "cluster:ghost"),
+    ):
+        assert removal_problems(auth(), request(bad)), bad
+
+
+def test_a_vm_found_by_its_tag_gets_the_same_protection() -> None:
+    by_tag = AuditItem(
+        kind="vm", id="VirtualMachine:vm-2", name="x", owner="cluster/ghost", tag="t"
+    )
+    assert removal_problems(auth(), request(by_tag)) == []
+    live = by_tag.model_copy(update={"owner": "cluster/live"})
+    assert removal_problems(auth(), request(live))
+    odd = by_tag.model_copy(update={"owner": "pool/cp"})
+    assert removal_problems(auth(), request(odd))
