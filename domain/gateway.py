@@ -723,6 +723,11 @@ class GatewayState(BaseModel):
         default_factory=ClusterHealth,
         description="What the last reconcile of its nodes saw and did.",
     )
+    woken_release: str = Field(
+        default="",
+        description="The kubegate release that last woke its clusters' runs (so that runs "
+        "begun under an earlier release take up what this one added, e.g. reconciles).",
+    )
     created_at: datetime | None = None
     updated_at: datetime | None = None
 

@@ -40,6 +40,10 @@ POWERED_OFF = "poweredOff"
 CHECKS_PER_RUN = 100
 #: the longest a failed repair waits before its next attempt
 MAX_BACKOFF = timedelta(hours=1)
+#: the soonest a reconcile follows the one before
+MIN_INTERVAL = timedelta(seconds=5)
+#: foreign VMs listed one by one (the rest are counted)
+MAX_FOREIGN = 20
 
 
 # -- the agent's read --------------------------------------------------------------------------
@@ -72,6 +76,8 @@ class VmSeen(BaseModel):
     connection: str = ""
     #: guest.toolsRunningStatus ('' when vCenter does not say)
     tools: str = ""
+    #: guest.guestHeartbeatStatus: VMware Tools' heartbeat (green, yellow, red; gray: none)
+    heartbeat: str = ""
     address: str | None = None
     in_folder: bool = True
     #: the cluster id of its kubegate mark ('' when unmarked)
@@ -87,6 +93,15 @@ class InspectResult(BaseModel):
     #: VMs in the folder that are no node's
     foreign: list[VmSeen] = Field(default_factory=list)
     vcenter_requests: int = 0
+
+
+class ReconcileRequest(BaseModel):
+    """A reconcile asked for (`cluster reconcile`, `gateway reconcile`)."""
+
+    retry_given_up: bool = Field(
+        default=False,
+        description="Repairs given up get their attempts again (backoff in progress stays).",
+    )
 
 
 # -- the cluster's record ----------------------------------------------------------------------
@@ -121,12 +136,17 @@ class Repair(BaseModel):
 
 
 class RepairRecord(BaseModel):
-    """A node's repairs that failed, for backoff and the limit."""
+    """A node's repairs since it last stayed healthy, for backoff and the limit. Kept until
+    the node has been healthy for its pool's `unhealthy_after_seconds` (a node rebuilt
+    that soon goes bad again counts on, so it is not rebuilt forever)."""
 
-    failures: int = 0
+    attempts: int = Field(default=0, description="Repairs begun (failed or not).")
+    failures: int = Field(default=0, description="Of them, those that failed.")
     last_error: str = ""
     next_at: datetime | None = None
     given_up: bool = False
+    #: when it was first seen healthy after its last repair (None: not since)
+    healthy_since: datetime | None = None
 
 
 class ClusterHealth(BaseModel):
@@ -145,6 +165,8 @@ class ClusterHealth(BaseModel):
     error: str = ""
     #: when a pending decision (an unhealthy node's timeout, a repair's backoff) falls due
     next_due: datetime | None = None
+    #: reads of vCenter that failed in a row (the next one backs off)
+    failed_reads: int = 0
 
     @property
     def degraded(self) -> str:
@@ -166,6 +188,8 @@ class NodeFacts(BaseModel):
     instance_uuid: str
     #: the spec still wants it (an extra node waiting to be removed is only reported)
     wanted: bool = True
+    #: why it may be powered on but not rebuilt now ('' when it may), e.g. an outdated build
+    hold: str = ""
 
 
 class PoolHealth(BaseModel):
@@ -185,8 +209,9 @@ class Assessment(BaseModel):
 
 
 def healthy_guest(seen: VmSeen) -> bool:
-    """A powered-on VM's guest reports: VMware Tools runs and it has an address."""
-    return seen.tools == TOOLS_RUNNING and bool(seen.address)
+    """A powered-on VM's guest reports: VMware Tools runs, its heartbeat is not red, and it
+    has an address."""
+    return seen.tools == TOOLS_RUNNING and seen.heartbeat != "red" and bool(seen.address)
 
 
 def assess(
@@ -198,12 +223,22 @@ def assess(
     powered_off: Literal["power-on", "report"],
     control_plane_size: int,
     not_ready: Mapping[str, str] | None = None,
+    repair_attempts: int = 3,
 ) -> Assessment:
     """Findings and repairs for what was seen; updates `health.unhealthy_since` (first seen)
-    and forgets failures of nodes that are healthy again. `not_ready`: the nodes the cluster's
-    API does not show Ready, and why (None: not asked, or it did not answer)."""
+    and forgets the repairs of nodes that stayed healthy for their timeout. `not_ready`: the
+    nodes the cluster's API does not show Ready, and why (None: not asked, or it did not
+    answer)."""
     out = Assessment()
     not_ready = not_ready or {}
+    known = {n.name for n in nodes}
+    for gone in [n for n in health.failed if n not in known]:
+        del health.failed[gone]  # (removed or renamed by a change: its record goes too)
+    for gone in [n for n in health.unhealthy_since if n not in known]:
+        del health.unhealthy_since[gone]
+
+    def policy_of(pool: str) -> PoolHealth:
+        return pools.get(pool) or PoolHealth(unhealthy_after_seconds=300, max_unhealthy=1)
 
     def healthy(name: str, vm: VmSeen) -> bool:
         return healthy_guest(vm) and name not in not_ready
@@ -213,7 +248,7 @@ def assess(
         out.findings.append(
             Finding(kind="folder-missing", detail="the cluster's folder is gone from vCenter")
         )
-    for other in seen.foreign:
+    for other in seen.foreign[:MAX_FOREIGN]:
         out.findings.append(
             Finding(
                 kind="foreign",
@@ -221,6 +256,14 @@ def assess(
                 detail=f"VM {other.name} is in the cluster's folder but is no node of it"
                 + (f" (marked as {other.owner}'s)" if other.owner else "")
                 + "; left alone",
+            )
+        )
+    if len(seen.foreign) > MAX_FOREIGN:
+        out.findings.append(
+            Finding(
+                kind="foreign",
+                detail=f"{len(seen.foreign) - MAX_FOREIGN} more VMs in the folder are no node "
+                "of the cluster; left alone",
             )
         )
     # members that serve: found, on, guest reporting (for quorum)
@@ -251,6 +294,8 @@ def assess(
                 Finding(kind="missing", node=node.name, vm=node.vm or "", detail=repair.reason)
             )
             health.unhealthy_since.pop(node.name, None)
+            if node.name in health.failed:
+                health.failed[node.name].healthy_since = None
             candidates.append((node, repair))
             continue
         if vm.name != node.name:
@@ -298,21 +343,33 @@ def assess(
                 Finding(kind="powered-off", node=node.name, vm=vm.ref, detail=detail)
             )
             continue
+        record = health.failed.get(node.name)
         if healthy(node.name, vm):
             health.unhealthy_since.pop(node.name, None)
-            health.failed.pop(node.name, None)  # healthy again: its count starts over
+            if record is not None:  # its repairs are forgotten once it stayed healthy
+                record.healthy_since = record.healthy_since or now
+                stable = timedelta(seconds=policy_of(node.pool).unhealthy_after_seconds)
+                if now - record.healthy_since >= stable:
+                    del health.failed[node.name]
+                else:
+                    due.append(record.healthy_since + stable)
             if node.phase == "failed":
                 out.recovered.append(node.name)
             continue
+        if record is not None:
+            record.healthy_since = None
         since = health.unhealthy_since.setdefault(node.name, now)
-        policy = pools.get(node.pool) or PoolHealth(unhealthy_after_seconds=300, max_unhealthy=1)
+        policy = policy_of(node.pool)
         if healthy_guest(vm):
             what = f"Kubernetes: {not_ready[node.name]}"
             stopped = "it is not Ready"
         else:
-            what = (
-                "VMware Tools is not running" if vm.tools != TOOLS_RUNNING else "no guest address"
-            )
+            if vm.tools != TOOLS_RUNNING:
+                what = "VMware Tools is not running"
+            elif vm.heartbeat == "red":
+                what = "VMware Tools' heartbeat is red"
+            else:
+                what = "no guest address"
             stopped = "its guest stopped reporting"
         waited = (now - since).total_seconds()
         out.findings.append(
@@ -342,12 +399,15 @@ def assess(
     active: list[tuple[NodeFacts, Repair]] = []
     for node, repair in candidates:
         record = health.failed.get(node.name)
+        if record is not None and record.attempts >= repair_attempts:
+            record.given_up, record.next_at = True, None
         if record is not None and record.given_up:
+            last = f" (last error: {record.last_error})" if record.last_error else ""
             _explain(
                 out,
                 node.name,
-                f"repair given up after {record.failures} failures (last: "
-                f"{record.last_error}); `cluster reconcile` tries again",
+                f"repair given up after {record.attempts} attempt(s), {record.failures} "
+                f"failed{last}; `reconcile --retry-given-up` tries again",
                 given_up=True,
             )
             continue
@@ -356,16 +416,35 @@ def assess(
             _explain(
                 out,
                 node.name,
-                f"{record.failures} repair(s) failed (last: {record.last_error}); next attempt "
-                f"at {record.next_at:%H:%M:%S} UTC",
+                f"{record.attempts} repair(s) so far (last error: {record.last_error or '-'}); "
+                f"next attempt at {record.next_at:%H:%M:%S} UTC",
             )
             continue
         if not node.wanted:
             continue  # to be removed by the change in progress: reported only
+        if node.hold and repair.action != "power-on":
+            _explain(out, node.name, node.hold)
+            continue
         active.append((node, repair))
     # bounds: the control plane one member at a time and only while the other members keep
     # etcd's quorum (never its only member: its etcd would be lost); per pool at most
     # max_unhealthy nodes replaced at once
+    # out of service already: no VM, or left failed by a repair or change (a repair counts
+    # against max_unhealthy until its node serves again)
+    down: dict[str, set[str]] = {}
+    for node in nodes:
+        if node.phase == "failed" or (
+            node.phase == "ready" and seen.folder_found and node.name not in seen.nodes
+        ):
+            down.setdefault(node.pool, set()).add(node.name)
+    # unhealthy now, whatever for how long (a pool more than half unhealthy is not remediated:
+    # the cause is most likely beyond its nodes — network, CNI, certificates)
+    unhealthy: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for node in nodes:
+        sizes[node.pool] = sizes.get(node.pool, 0) + 1
+        if node.name in health.unhealthy_since:
+            unhealthy[node.pool] = unhealthy.get(node.pool, 0) + 1
     replacing: dict[str, int] = {}
     member_taken = False
     for node, repair in active:
@@ -394,15 +473,29 @@ def assess(
             if health.remediation_paused:
                 _explain(out, node.name, "remediation is paused")
                 continue
-            policy = pools.get(node.pool) or PoolHealth(
-                unhealthy_after_seconds=300, max_unhealthy=1
-            )
-            if replacing.get(node.pool, 0) >= policy.max_unhealthy:
-                if policy.max_unhealthy == 0:
-                    _explain(out, node.name, "the pool's health.max_unhealthy is 0")
-                else:
-                    due.append(now)
-                    _explain(out, node.name, "the pool's health.max_unhealthy are being replaced")
+            policy = policy_of(node.pool)
+            if policy.max_unhealthy == 0:
+                _explain(out, node.name, "the pool's health.max_unhealthy is 0")
+                continue
+            many = unhealthy.get(node.pool, 0)
+            if many > max(policy.max_unhealthy, sizes.get(node.pool, 0) // 2):
+                _explain(
+                    out,
+                    node.name,
+                    f"{many} of the pool's {sizes[node.pool]} nodes are unhealthy at once (more "
+                    "than half, and than health.max_unhealthy): the cause is likely beyond "
+                    "the nodes",
+                )
+                continue
+            busy = len(down.get(node.pool, set()) - {node.name}) + replacing.get(node.pool, 0)
+            if busy >= policy.max_unhealthy:
+                due.append(now)
+                _explain(
+                    out,
+                    node.name,
+                    f"{busy} node(s) of the pool are out of service or being repaired "
+                    f"(health.max_unhealthy {policy.max_unhealthy})",
+                )
                 continue
             replacing[node.pool] = replacing.get(node.pool, 0) + 1
         member_taken = member_taken or node.control_plane

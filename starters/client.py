@@ -72,7 +72,7 @@ from domain.gateway import (
     pairing_proof,
     pairing_verifier,
 )
-from domain.health import ClusterHealth
+from domain.health import ClusterHealth, ReconcileRequest
 from domain.ipam import (
     AllocateRequest,
     AllocateResult,
@@ -557,10 +557,13 @@ class KubegateClient:
         rollout: Rollout = await self._cluster_update(name, ClusterWorkflow.abort_rollout)
         return rollout
 
-    async def reconcile_cluster(self, name: str) -> ClusterHealth:
+    async def reconcile_cluster(self, name: str, retry_given_up: bool = False) -> ClusterHealth:
         """Compare a Running or Degraded cluster's VMs with its record now and repair what
-        its healing policy repairs; returns what it saw and did (waits for the repairs)."""
-        health: ClusterHealth = await self._cluster_update(name, ClusterWorkflow.reconcile)
+        its healing policy repairs (`retry_given_up`: repairs given up get their attempts
+        again); returns what it saw and did (waits for the repairs)."""
+        health: ClusterHealth = await self._cluster_update(
+            name, ClusterWorkflow.reconcile, ReconcileRequest(retry_given_up=retry_given_up)
+        )
         return health
 
     async def pause_remediation(self, name: str) -> ClusterHealth:
@@ -941,10 +944,12 @@ class KubegateClient:
         result: EventsResult = await self._gateway_update(gateway, GatewayWorkflow.collect_events)
         return result
 
-    async def reconcile_gateway(self, name: str) -> ClusterHealth:
+    async def reconcile_gateway(self, name: str, retry_given_up: bool = False) -> ClusterHealth:
         """Compare a Running gateway's own nodes with their record now and repair them;
         returns what it saw and did."""
-        health: ClusterHealth = await self._gateway_update(name, GatewayWorkflow.reconcile)
+        health: ClusterHealth = await self._gateway_update(
+            name, GatewayWorkflow.reconcile, ReconcileRequest(retry_given_up=retry_given_up)
+        )
         return health
 
     async def _gateway_update(self, gateway: str, update: Any, *args: Any) -> Any:

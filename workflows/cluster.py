@@ -19,7 +19,14 @@ with workflow.unsafe.imports_passed_through():
     from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
     from domain.cluster import ClusterSpec, NodeHealth, WorkerPool, plan_nodes
     from domain.gateway import ClusterChanged
-    from domain.health import CHECKS_PER_RUN, ClusterHealth, PoolHealth, Repair
+    from domain.health import (
+        CHECKS_PER_RUN,
+        MIN_INTERVAL,
+        ClusterHealth,
+        PoolHealth,
+        ReconcileRequest,
+        Repair,
+    )
     from domain.ipam import PoolRef, PoolStatus
     from domain.kubeconfig import (
         ISSUES_KEPT,
@@ -154,6 +161,10 @@ class ClusterWorkflow:
         #: reconciles asked for on demand (`reconcile` Update) and those carried out
         self.reconcile_asked = 0
         self.reconcile_served = 0
+        #: the next reconcile gives repairs given up their attempts again (asked for)
+        self.retry_given_up = False
+        #: the gateway woke this run (a new kubegate release: a pass of the loop under it)
+        self.woken = False
 
     # -- run ------------------------------------------------------------------------------
 
@@ -194,6 +205,7 @@ class ClusterWorkflow:
                         or self.retrying
                         or self.change is not None
                         or self.reconcile_asked > self.reconcile_served
+                        or self.woken
                         or (
                             (workflow.info().is_continue_as_new_suggested() or self.settled)
                             and not self.lock.locked()
@@ -201,9 +213,9 @@ class ClusterWorkflow:
                     ),
                     timeout=timeout,
                 )
+            self.woken = False
             if self._reconcile_due():
-                async with self.lock:
-                    await self._reconcile()
+                await self._reconcile()  # (the lock only while it repairs: changes go first)
                 continue
             # (a replayed run from before settle points wakes here where it did not then: no
             # command follows, so it replays; this wait must stay without a timeout)
@@ -341,7 +353,11 @@ class ClusterWorkflow:
             due.append(last + timedelta(seconds=interval))
         if health.next_due is not None:
             due.append(health.next_due)
-        return min(due) if due else None
+        if not due:
+            return None
+        if health.checked_at is None:
+            return min(due)
+        return max(min(due), health.checked_at + MIN_INTERVAL)  # (never back to back)
 
     def _reconcile_due(self) -> bool:
         if self.reconcile_asked > self.reconcile_served:
@@ -359,27 +375,47 @@ class ClusterWorkflow:
         try:
             if self.state.status not in SERVING or self.deleting is not None:
                 return
-            if asked > self.reconcile_served:  # on demand: given-up repairs try again
+            if self.retry_given_up:  # asked for: given-up repairs get their attempts again
+                self.retry_given_up = False
                 for record in health.failed.values():
-                    record.given_up, record.failures, record.next_at = False, 0, None
+                    if record.given_up:
+                        record.given_up, record.attempts, record.failures = False, 0, 0
             spec = self.state.spec
             pools = {"cp": _pool_health(spec.control_plane.health)} | {
                 p.name: _pool_health(p.health) for p in spec.workers
             }
-            result = await self.nodes.look(health, spec.healing, pools, spec.control_plane.size)
+            outdated = "its build is outdated (a rollout stopped half way): finish the rollout"
+            result = await self.nodes.look(
+                health,
+                spec.healing,
+                pools,
+                spec.control_plane.size,
+                held={n.name: outdated for n in self._outdated()},
+            )
+            if self.state.status not in SERVING or self.deleting is not None:
+                return  # deleted (or failed) while it looked: nothing to repair
             if result is None:
+                self._quiet()
                 return  # vCenter could not be read (health.error says why)
+            if result.repairs and (self.change is not None or self.retrying):
+                return  # a change asked for while it looked goes first; the next look sees
             if result.repairs:
                 self.quiet_checks = 0
-                await self._repairs(result.repairs)
+                async with self.lock:
+                    await self._repairs(result.repairs)
             else:
-                self.quiet_checks += 1
-                if self.quiet_checks >= CHECKS_PER_RUN:
-                    self.settled = True  # keep the run's history short: continue as new
+                self._quiet()
             self._health_status()
         finally:
             self.reconcile_served = max(self.reconcile_served, asked)
             self.publish()
+
+    def _quiet(self) -> None:
+        """A reconcile that repaired nothing: after CHECKS_PER_RUN of them the run continues
+        as new (its history stays short)."""
+        self.quiet_checks += 1
+        if self.quiet_checks >= CHECKS_PER_RUN:
+            self.settled = True
 
     async def _repairs(self, repairs: list[Repair]) -> None:
         self._begin("repair")
@@ -770,14 +806,22 @@ class ClusterWorkflow:
         self.publish()
 
     @workflow.signal
+    def wake(self) -> None:
+        """Pass the main loop once more (the gateway sends it once per kubegate release, so
+        a run begun under an earlier one takes up what this one added, e.g. reconciles)."""
+        self.woken = True
+
+    @workflow.signal
     def proceed(self) -> None:
         """The gateway is Running again: a queued cluster starts provisioning."""
         self.queued = False
 
     @workflow.update
-    async def reconcile(self) -> ClusterHealth:
+    async def reconcile(self, request: ReconcileRequest) -> ClusterHealth:
         """Compare the cluster's VMs with its record now and repair what the healing policy
-        repairs (repairs given up get their attempts again); returns what it saw and did."""
+        repairs (with `retry_given_up`, repairs given up get their attempts again); returns
+        what it saw and did."""
+        self.retry_given_up = self.retry_given_up or request.retry_given_up
         self.reconcile_asked += 1
         ticket = self.reconcile_asked
         await workflow.wait_condition(
@@ -790,7 +834,7 @@ class ClusterWorkflow:
         return self.state.health
 
     @reconcile.validator
-    def _reconcile_ok(self) -> None:
+    def _reconcile_ok(self, request: ReconcileRequest) -> None:
         if self.state.status not in SERVING or self.deleting is not None:
             raise invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: only a Running or Degraded "
@@ -1320,8 +1364,9 @@ def render_details(state: ClusterState) -> str:
     if health.findings or health.error:
         lines += ["", f"Reconcile ({health.checks} so far): {health.error or ''}"]
         lines += ["", "| finding | node | detail |", "| --- | --- | --- |"]
-        for f in health.findings:
-            lines.append(f"| {f.kind} | {f.node} | {f.detail} |")
+        for f in health.findings:  # (VM names come from vCenter: no table breaks)
+            detail = f.detail.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {f.kind} | {f.node} | {detail} |")
     return "\n".join(lines)
 
 

@@ -79,7 +79,13 @@ with workflow.unsafe.imports_passed_through():
     from domain.gateway import (
         REGISTRATION_OVERDUE_AFTER as OVERDUE_AFTER,
     )
-    from domain.health import CHECKS_PER_RUN, ClusterHealth, PoolHealth
+    from domain.health import (
+        CHECKS_PER_RUN,
+        MIN_INTERVAL,
+        ClusterHealth,
+        PoolHealth,
+        ReconcileRequest,
+    )
     from domain.lifecycle import (
         ClusterAccount,
         ClusterInput,
@@ -104,7 +110,7 @@ with workflow.unsafe.imports_passed_through():
         LifecycleRef,
         ReleaseIntent,
     )
-    from domain.version import agent_version_problem, version_at_least
+    from domain.version import VERSION, agent_version_problem, version_at_least
     from domain.vm import InstallerVmRequest, InstallerVmResult
     from workflows.nodes import (
         LEAVES_SINCE,
@@ -137,6 +143,8 @@ ORPHAN_AUDITS = "orphan-audits"
 #: patch: a Running gateway reconciles its own nodes (one name per loop pass, "<this>-<pass>",
 #: so a run begun before it takes it up at its next pass)
 RECONCILE = "gateway-reconciles-its-nodes"
+#: patch: a Running gateway wakes its clusters' runs once per kubegate release
+WAKE_CLUSTERS = "wake-clusters-once-per-release"
 #: a gateway's nodes heal by the defaults of a cluster's policy
 GATEWAY_HEALING = Healing()
 GATEWAY_NODE_HEALTH = PoolHealth(unhealthy_after_seconds=300, max_unhealthy=1)
@@ -189,6 +197,8 @@ class GatewayWorkflow:
         #: reconciles asked for on demand (`reconcile` Update) and those carried out
         self.reconcile_asked = 0
         self.reconcile_served = 0
+        self.retry_given_up = False
+        self.wake_passes = 0  # loop passes that considered waking its clusters
         #: the gateway's own nodes, once configured (with `gw.nodes` and `gw.config`)
         self.nodes: NodeSet | None = None
         if self.gw.nodes is not None and self.gw.config is not None:
@@ -203,6 +213,7 @@ class GatewayWorkflow:
             self.gw.updated_at = workflow.now()
         self.publish()
         while True:
+            self._wake_clusters()
             overdue = self._overdue_in()
             reconcile = self._until_reconcile()
             timeout = overdue if reconcile is None else min(overdue or reconcile, reconcile)
@@ -306,7 +317,10 @@ class GatewayWorkflow:
         health = self.gw.health
         last = health.checked_at or self.gw.updated_at or workflow.now()
         due = last + timedelta(seconds=GATEWAY_HEALING.reconcile_seconds)
-        return due if health.next_due is None else min(due, health.next_due)
+        due = due if health.next_due is None else min(due, health.next_due)
+        if health.checked_at is None:
+            return due
+        return max(due, health.checked_at + MIN_INTERVAL)  # (never back to back)
 
     def _reconcile_due(self) -> bool:
         if self.reconcile_asked > self.reconcile_served:
@@ -322,14 +336,20 @@ class GatewayWorkflow:
             nodes, record = self.nodes, self.gw.nodes
             if not self._reconciles() or nodes is None or record is None:
                 return
-            if asked > self.reconcile_served:  # on demand: given-up repairs try again
+            if self.retry_given_up:  # asked for: given-up repairs get their attempts again
+                self.retry_given_up = False
                 for failed in health.failed.values():
-                    failed.given_up, failed.failures, failed.next_at = False, 0, None
+                    if failed.given_up:
+                        failed.given_up, failed.attempts, failed.failures = False, 0, 0
+            agent = self.gw.agent  # (what its agent can do: the release it registered with)
+            nodes.account = nodes.account.model_copy(
+                update={"agent_release": agent.version if agent is not None else None}
+            )
             pools = {n.pool: GATEWAY_NODE_HEALTH for n in record.nodes}
             result = await nodes.look(health, GATEWAY_HEALING, pools, record.spec.size)
-            if result is None:
-                return
-            if not result.repairs:
+            if result is None or not result.repairs or not self._reconciles() or self.op:
+                # (nothing to do, or vCenter not read, or an operation asked for meanwhile:
+                # it goes first, and the next reconcile looks again)
                 self.quiet_checks += 1
                 if self.quiet_checks >= CHECKS_PER_RUN:
                     self.settled = True  # keep the run's history short: continue as new
@@ -482,6 +502,29 @@ class GatewayWorkflow:
             else None
         )
         note_waiting(self.gw.steps, away)
+
+    def _wake_clusters(self) -> None:
+        """Once per kubegate release: wake its clusters' runs, so that a run begun under an
+        earlier release passes its main loop under this one and takes up what it added
+        (reconciles, patch `reconcile-running-clusters-<pass>`)."""
+        live = self.gw.live_clusters()
+        if self.gw.status not in _ADMITTING or self.gw.woken_release == VERSION or not live:
+            return
+        # one name per pass: a run begun before this release (replayed without the marker)
+        # wakes them at its first pass under it
+        self.wake_passes += 1
+        if not workflow.patched(f"{WAKE_CLUSTERS}-{self.wake_passes}"):
+            return
+        self.gw.woken_release = VERSION
+        for cluster in live:
+            self.telling.append(asyncio.create_task(self._wake_one(cluster)))
+
+    async def _wake_one(self, cluster: str) -> None:
+        handle = workflow.get_external_workflow_handle(names.cluster_workflow_id(cluster))
+        try:
+            await handle.signal("wake")
+        except Exception as exc:  # gone meanwhile: nobody to wake
+            workflow.logger.info("cluster %s: not woken (%s)", cluster, exc)
 
     async def _tell(self, cluster: str, news: AgentPresence) -> None:
         """Signal one cluster the agent's presence (a cluster gone meanwhile: nobody to tell)."""
@@ -1708,9 +1751,11 @@ class GatewayWorkflow:
         self.gw.audits = [a for a in self.gw.audits if a.workflow_id != workflow_id]
 
     @workflow.update
-    async def reconcile(self) -> ClusterHealth:
-        """Compare the gateway's nodes' VMs with their record now and repair them (given-up
-        repairs try again); returns what it saw and did."""
+    async def reconcile(self, request: ReconcileRequest) -> ClusterHealth:
+        """Compare the gateway's nodes' VMs with their record now and repair them (with
+        `retry_given_up`, repairs given up get their attempts again); returns what it saw and
+        did."""
+        self.retry_given_up = self.retry_given_up or request.retry_given_up
         self.reconcile_asked += 1
         ticket = self.reconcile_asked
         await workflow.wait_condition(
@@ -1719,7 +1764,7 @@ class GatewayWorkflow:
         return self.gw.health
 
     @reconcile.validator
-    def _reconcile_ok(self) -> None:
+    def _reconcile_ok(self, request: ReconcileRequest) -> None:
         if not self._reconciles():
             raise invalid_state(
                 f"gateway {self.gw.name} is {self.gw.status.value}: only a Running gateway with "

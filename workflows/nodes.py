@@ -8,6 +8,7 @@ inside a workflow (deterministic).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from datetime import timedelta
@@ -156,6 +157,8 @@ UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
 KEEP_APART = "control-plane-anti-affinity"
 #: the first agent release that drains nodes and checks them Ready through the API
 LEAVES_SINCE = "0.3.0"
+#: the first agent release that can look for a reconcile (vm_inspect, cluster_nodes_status)
+INSPECT_SINCE = "0.3.0"
 #: patch: a cluster's VMs carry vSphere tags and a custom attribute, its placement domains'
 #: compute clusters their region/zone tags; its own tag is deleted after its VMs
 MARKS = "vsphere-tags-and-attributes"
@@ -1263,19 +1266,33 @@ class NodeSet:
         healing: Healing,
         pools: dict[str, PoolHealth],
         control_plane_size: int,
+        held: dict[str, str] | None = None,
     ) -> Assessment | None:
         """A reconcile's look: the agent's signed read of the VMs (and, readiness
         `kubernetes`, of the Nodes), then `assess`; the findings go into `health`. None when
-        vCenter could not be read (`health.error` says why)."""
+        vCenter could not be read (`health.error` says why; the next look backs off).
+        `held`: nodes that may be powered on but not rebuilt now, and why."""
+        _CURRENT.set(None)  # (no step: attempts and notes go nowhere)
         deadline = timedelta(seconds=min(max(healing.reconcile_seconds, 60), 600))
-        try:
-            seen = await self.inspect(deadline=deadline)
-        except (ActivityError, ApplicationError) as exc:
-            health.error = f"could not read vCenter: {_message(exc)}"
-            health.checked_at = workflow.now()
+        problem = ""
+        if not self.account.agent_runs(INSPECT_SINCE):
+            problem = (
+                f"the agent ({self.account.agent_release or 'release unknown'}) cannot look: "
+                f"reconciles need an agent of {INSPECT_SINCE} or later"
+            )
+        else:
+            try:
+                seen = await self.inspect(deadline=deadline)
+            except (ActivityError, ApplicationError) as exc:
+                problem = f"could not read vCenter: {_message(exc)}"
+        if problem:  # the next look backs off (a failing login is not repeated every second)
+            now = workflow.now()
+            health.error, health.checked_at = problem, now
             health.checks += 1
+            health.failed_reads += 1
+            health.next_due = now + backoff(healing.reconcile_seconds, health.failed_reads)
             return None
-        health.error = ""
+        health.error, health.failed_reads = "", 0
         try:
             kube = await self.kubernetes_not_ready(deadline=deadline)
         except (ActivityError, ApplicationError) as exc:
@@ -1287,7 +1304,10 @@ class NodeSet:
             found = seen.nodes.get(node.name)
             if found is not None and node.phase in ("ready", "failed"):
                 node.vm, node.power_state = found.ref, found.power_state
+                if node.ip_pool is None and found.address:  # (DHCP: its lease may change)
+                    node.address = found.address
         now = workflow.now()
+        held = held or {}
         result = assess(
             [
                 NodeFacts(
@@ -1298,6 +1318,7 @@ class NodeSet:
                     phase=n.phase,
                     instance_uuid=n.instance_uuid,
                     wanted=n.name in wanted,
+                    hold=held.get(n.name, ""),
                 )
                 for n in self.record.nodes
             ],
@@ -1308,6 +1329,7 @@ class NodeSet:
             healing.powered_off,
             control_plane_size,
             kube.not_ready if kube is not None and kube.answered else None,
+            healing.repair_attempts,
         )
         for node in self.record.nodes:
             if node.name in result.recovered:
@@ -1324,26 +1346,33 @@ class NodeSet:
         next attempt backs off; after `healing.repair_attempts` it is given up)."""
 
         async def one(repair: Repair) -> None:
+            record = health.failed.setdefault(repair.node, RepairRecord())
+            record.attempts += 1
+            record.healthy_since = None
             try:
                 await self.repair(repair)
             except StepFailed as exc:
-                record = health.failed.setdefault(repair.node, RepairRecord())
                 record.failures += 1
                 record.last_error = str(exc)
-                if record.failures >= healing.repair_attempts:
+                if record.attempts >= healing.repair_attempts:
                     record.given_up, record.next_at = True, None
                     return
                 record.next_at = workflow.now() + backoff(
-                    healing.reconcile_seconds, record.failures
+                    healing.reconcile_seconds, record.attempts
                 )
                 due = health.next_due
                 health.next_due = record.next_at if due is None else min(due, record.next_at)
                 return
-            health.failed.pop(repair.node, None)
+            # done: kept until the node stays healthy its timeout (then forgotten), so a
+            # node that goes bad again soon counts on towards the limit
+            record.next_at = None
             health.unhealthy_since.pop(repair.node, None)
             health.repairs_made += 1
 
         await asyncio.gather(*[one(r) for r in repairs])
+        if self._marks_due():  # new VMs: their tags and custom attribute (best effort)
+            with contextlib.suppress(StepFailed):
+                await self._marks_step()
 
     async def inspect(self, deadline: timedelta) -> InspectResult:
         """The nodes' VMs as vCenter has them: a reconcile's read (no step; signed)."""
@@ -1361,10 +1390,10 @@ class NodeSet:
                 credentials=self.account.current,
                 folder=self.record.folder_ref or "",
                 owner=self.owner,
-                nodes=[
+                nodes=[  # (every node that may have a VM: none of them is foreign)
                     ExpectedVm(name=n.name, instance_uuid=n.instance_uuid)
                     for n in self.record.nodes
-                    if n.phase in ("ready", "failed")
+                    if n.phase not in ("planned", "deleted")
                 ],
             ),
             InspectResult,
@@ -1391,7 +1420,7 @@ class NodeSet:
                 cluster=self.layout.name,
                 server=server,
                 secrets=self.secrets,
-                nodes=[n.name for n in self.record.nodes if n.phase == "ready"],
+                nodes=[n.name for n in self.record.nodes if n.phase in ("ready", "failed")],
                 kubernetes_version=self.layout.kubernetes,
             ),
             NodesStatus,
@@ -1422,9 +1451,7 @@ class NodeSet:
 
         await self.step("repair", title, body)
         if node.control_plane and self._keep_apart_due():
-            await self._keep_apart_step()
-        if self._marks_due():  # a new VM: its tags and custom attribute
-            await self._marks_step()
+            await self._keep_apart_step()  # (best effort: it never fails its step)
 
     async def _repair(self, step: Step, node: Node, repair: Repair) -> None:
         if repair.action == "power-on":
@@ -1432,7 +1459,8 @@ class NodeSet:
                 "vm_power_on",
                 PowerOnRequest(
                     credentials=self.account.current,
-                    nodes=[(node.vm or "", node.name, node.address)],
+                    # (DHCP: the guest may come back with another lease)
+                    nodes=[(node.vm or "", node.name, node.address if node.ip_pool else None)],
                     wait_guest=True,
                     timeout_seconds=self.timing.readiness_minutes * 60,
                 ),
@@ -1450,7 +1478,9 @@ class NodeSet:
             await self._destroy_nodes([node])
         if leaving:
             await self._leave(step, [node], drain=False)
-        node.vm, node.tasks, node.power_state, node.phase = None, [], "", "planned"
+        node.vm, node.power_state, node.phase = None, "", "planned"
+        if node.ip_pool is None:
+            node.address = None  # DHCP: the new VM gets a lease of its own
         self.plans = {p.name: p for p in self._wanted()}
         if node.name not in self.plans:
             raise ApplicationError(

@@ -2,7 +2,8 @@
 retry.
 
 Cost on vCenter: one property read of the cluster's folder and the VMs in it (name, instance
-UUID, power and connection state, guest tools and address, annotation); only when a node's VM
+UUID, power and connection state, VMware Tools' status and heartbeat, guest address,
+annotation); only when a node's VM
 is not in the folder, one `FindByUuid` for it (it may have been moved) and one read of what
 it finds. A cluster whose VMs are all in place costs one request.
 """
@@ -31,6 +32,7 @@ _PATHS = [
     "runtime.powerState",
     "runtime.connectionState",
     "guest.toolsRunningStatus",
+    "guest.guestHeartbeatStatus",
     "guest.ipAddress",
 ]
 
@@ -110,6 +112,7 @@ def _seen(key: str, props: dict[str, Any], in_folder: bool) -> VmSeen:
         power_state=str(props.get("runtime.powerState") or ""),
         connection=str(props.get("runtime.connectionState") or ""),
         tools=str(props.get("guest.toolsRunningStatus") or ""),
+        heartbeat=str(props.get("guest.guestHeartbeatStatus") or ""),
         address=str(props.get("guest.ipAddress") or "") or None,
         in_folder=in_folder,
         owner=_owner(str(props.get("config.annotation") or "")),

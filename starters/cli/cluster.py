@@ -462,11 +462,22 @@ def rollout_abort(name: NameArg, output: OutputOption = Output.table) -> None:
     )
 
 
+RetryGivenUpOption = Annotated[
+    bool,
+    typer.Option(
+        "--retry-given-up",
+        help="Repairs given up get their attempts again (a backoff in progress stays).",
+    ),
+]
+
+
 @cluster_app.command("reconcile")
-def cluster_reconcile(name: NameArg, output: OutputOption = Output.table) -> None:
+def cluster_reconcile(
+    name: NameArg, retry_given_up: RetryGivenUpOption = False, output: OutputOption = Output.table
+) -> None:
     """Compare the cluster's VMs in vCenter with its record now and repair what its healing
-    policy repairs (repairs given up try again); prints what it found. Exit 1 if Degraded."""
-    _, health = _update(name, lambda c: c.reconcile_cluster(name))
+    policy repairs; prints what it found. Exit 1 if Degraded or vCenter could not be read."""
+    _, health = _update(name, lambda c: c.reconcile_cluster(name, retry_given_up))
     _, state = _get(name)
     if output is Output.json:
         out.print_json(health.model_dump_json())
@@ -478,7 +489,7 @@ def cluster_reconcile(name: NameArg, output: OutputOption = Output.table) -> Non
             markup=False,
         )
         show_health(health)
-    if state.status is ClusterStatus.DEGRADED:
+    if state.status is ClusterStatus.DEGRADED or health.error:
         raise typer.Exit(EXIT_FAILED)
 
 

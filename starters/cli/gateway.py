@@ -489,21 +489,32 @@ def gateway_resize(
 
 
 @gateway_app.command("reconcile")
-def gateway_reconcile(name: GatewayArg, output: OutputOption = Output.table) -> None:
+def gateway_reconcile(
+    name: GatewayArg,
+    retry_given_up: Annotated[
+        bool,
+        typer.Option(
+            "--retry-given-up",
+            help="Repairs given up get their attempts again (a backoff in progress stays).",
+        ),
+    ] = False,
+    output: OutputOption = Output.table,
+) -> None:
     """Compare the gateway's own nodes' VMs with their record now and repair them (a VM
-    removed or powered off outside kubegate, a node whose guest stopped reporting)."""
-    health = _call(lambda c: c.reconcile_gateway(name))
+    removed or powered off outside kubegate, a node whose guest stopped reporting). Exit 1
+    if a repair is given up or vCenter could not be read."""
+    health = _call(lambda c: c.reconcile_gateway(name, retry_given_up))
     if output is Output.json:
         out.print_json(health.model_dump_json())
-        return
-    out.print(
-        f"gateway {name}: {len(health.findings)} finding(s); {health.repairs_made} repair(s) "
-        "made so far",
-        highlight=False,
-        markup=False,
-    )
-    show_health(health)
-    if health.degraded:
+    else:
+        out.print(
+            f"gateway {name}: {len(health.findings)} finding(s); {health.repairs_made} "
+            "repair(s) made so far",
+            highlight=False,
+            markup=False,
+        )
+        show_health(health)
+    if health.degraded or health.error:
         raise typer.Exit(EXIT_FAILED)
 
 

@@ -301,6 +301,15 @@ async def test_lifecycles_of_the_previous_release_finish_on_this_one(
         made = sorted(vm["name"] for vm in owned_vms(usim, "cluster/second"))
         assert made == sorted(n.name for n in second_state.nodes)  # each VM once
 
+        # the gateway wakes the clusters whose runs began under the old release, once
+        # (they take up what this one added: reconciles)
+        await client.wait_gateway(GW, lambda s: s.woken_release == VERSION, timeout=120)
+        woken = await client.cluster_handle("first").fetch_history()
+        assert any(
+            e.workflow_execution_signaled_event_attributes.signal_name == "wake"
+            for e in woken.events
+            if e.HasField("workflow_execution_signaled_event_attributes")
+        )
         change = await client.scale_pool("first", "workers", 2)
         assert len(change.added) == 1
         first_state = await client.cluster_state("first")

@@ -67,6 +67,7 @@ def run(
     cp: int = 3,
     pools: dict[str, PoolHealth] | None = None,
     foreign: list[VmSeen] | None = None,
+    not_ready: dict[str, str] | None = None,
 ):  # type: ignore[no-untyped-def]
     health = health or ClusterHealth()
     result = assess(
@@ -77,6 +78,7 @@ def run(
         now,
         powered_off,  # type: ignore[arg-type]
         cp,
+        not_ready,
     )
     return result, health
 
@@ -144,21 +146,19 @@ def test_no_guest_address_counts_as_silent() -> None:
 
 
 def test_at_most_max_unhealthy_of_a_pool_are_replaced_at_once() -> None:
-    nodes = [*CP, node("w-0"), node("w-1"), node("w-2")]
+    nodes = [*CP, *(node(f"w-{i}") for i in range(6))]
     silent = {f"w-{i}": vm(f"w-{i}", tools="") for i in range(3)}
+    fine = {f"w-{i}": vm(f"w-{i}") for i in range(3, 6)}
     since = {n: NOW - timedelta(minutes=5) for n in silent}
-    result, _ = run(nodes, {**SEEN_CP, **silent}, ClusterHealth(unhealthy_since=dict(since)))
+    seen = {**SEEN_CP, **silent, **fine}
+    result, _ = run(nodes, seen, ClusterHealth(unhealthy_since=dict(since)))
     assert [r.node for r in result.repairs] == ["w-0"]
     assert result.next_due == NOW  # the next one at the next reconcile
     pools = {**POOLS, "w": PoolHealth(unhealthy_after_seconds=60, max_unhealthy=2)}
-    result, _ = run(
-        nodes, {**SEEN_CP, **silent}, ClusterHealth(unhealthy_since=dict(since)), pools=pools
-    )
+    result, _ = run(nodes, seen, ClusterHealth(unhealthy_since=dict(since)), pools=pools)
     assert [r.node for r in result.repairs] == ["w-0", "w-1"]
     pools = {**POOLS, "w": PoolHealth(unhealthy_after_seconds=60, max_unhealthy=0)}
-    result, _ = run(
-        nodes, {**SEEN_CP, **silent}, ClusterHealth(unhealthy_since=dict(since)), pools=pools
-    )
+    result, _ = run(nodes, seen, ClusterHealth(unhealthy_since=dict(since)), pools=pools)
     assert result.repairs == []
     assert all("max_unhealthy is 0" in f.detail for f in result.findings)
 
@@ -188,24 +188,98 @@ def test_the_only_control_plane_member_is_never_rebuilt() -> None:
 
 def test_failed_repairs_back_off_then_are_given_up() -> None:
     nodes = [*CP, node("w-0", phase="failed")]
-    record = RepairRecord(failures=1, last_error="boom", next_at=NOW + timedelta(seconds=30))
+    record = RepairRecord(
+        attempts=1, failures=1, last_error="boom", next_at=NOW + timedelta(seconds=30)
+    )
     health = ClusterHealth(failed={"w-0": record})
     result, _ = run(nodes, SEEN_CP, health)
     assert result.repairs == [] and result.next_due == record.next_at
     assert "next attempt at" in result.findings[0].detail
     result, _ = run(nodes, SEEN_CP, health, now=NOW + timedelta(seconds=30))
     assert [r.node for r in result.repairs] == ["w-0"]
-    health.failed["w-0"] = RepairRecord(failures=3, last_error="boom", given_up=True)
+    record.attempts = 3  # the limit (repair_attempts 3): given up, Degraded
     result, _ = run(nodes, SEEN_CP, health, now=NOW + timedelta(days=1))
     assert result.repairs == [] and result.findings[0].kind == "given-up"
     assert health.degraded.startswith("repair given up for w-0")
 
 
-def test_a_failed_node_whose_vm_serves_is_recovered_and_forgiven() -> None:
+def test_a_failed_node_whose_vm_serves_is_recovered_and_forgiven_once_it_stayed_healthy() -> None:
     nodes = [*CP, node("w-0", phase="failed")]
-    health = ClusterHealth(failed={"w-0": RepairRecord(failures=2, given_up=True)})
+    health = ClusterHealth(failed={"w-0": RepairRecord(attempts=2, failures=2)})
     result, health = run(nodes, {**SEEN_CP, "w-0": vm("w-0")}, health)
-    assert result.recovered == ["w-0"] and health.failed == {} and health.degraded == ""
+    assert result.recovered == ["w-0"] and health.failed["w-0"].healthy_since == NOW
+    assert result.next_due == NOW + timedelta(seconds=60)  # to forget it then
+    _, health = run(nodes, {**SEEN_CP, "w-0": vm("w-0")}, health, now=NOW + timedelta(seconds=60))
+    assert health.failed == {} and health.degraded == ""
+
+
+def test_a_node_rebuilt_that_goes_bad_again_soon_counts_on_and_is_given_up() -> None:
+    """A node whose rebuilds do not last (healthy less than its timeout) is not rebuilt
+    forever: each repair counts until the limit."""
+    nodes = [*CP, node("w-0")]
+    health = ClusterHealth()
+    silent = {**SEEN_CP, "w-0": vm("w-0", tools="")}
+    now = NOW
+    for rebuilt in range(1, 4):
+        run(nodes, silent, health, now=now)  # first seen silent
+        now += timedelta(seconds=60)
+        result, _ = run(nodes, silent, health, now=now)
+        assert [r.action for r in result.repairs] == ["replace"], rebuilt
+        record = health.failed.setdefault("w-0", RepairRecord())
+        record.attempts += 1  # (what repair_all records)
+        health.unhealthy_since.pop("w-0")
+        now += timedelta(seconds=10)
+        run(nodes, {**SEEN_CP, "w-0": vm("w-0")}, health, now=now)  # healthy for a moment
+        now += timedelta(seconds=10)
+    run(nodes, silent, health, now=now)
+    result, _ = run(nodes, silent, health, now=now + timedelta(seconds=60))
+    assert result.repairs == [] and health.degraded
+
+
+def test_a_not_ready_failed_node_is_not_recovered() -> None:
+    nodes = [*CP, node("w-0", phase="failed")]
+    result, health = run(nodes, {**SEEN_CP, "w-0": vm("w-0")}, not_ready={"w-0": "Ready=False"})
+    assert result.recovered == [] and "w-0" in health.unhealthy_since
+
+
+def test_max_unhealthy_counts_nodes_already_out_of_service() -> None:
+    """A pool whose node is missing (or left failed by a repair) has no room for another
+    replacement with max_unhealthy 1."""
+    nodes = [*CP, node("w-0"), node("w-1"), node("w-2"), node("w-3")]
+    health = ClusterHealth(unhealthy_since={"w-1": NOW - timedelta(minutes=5)})
+    seen = {**SEEN_CP, "w-1": vm("w-1", tools=""), "w-2": vm("w-2"), "w-3": vm("w-3")}
+    result, _ = run(nodes, seen, health)  # w-0 has no VM
+    assert [(r.node, r.action) for r in result.repairs] == [("w-0", "recreate")]
+    assert "out of service or being repaired" in next(
+        f.detail for f in result.findings if f.node == "w-1"
+    )
+
+
+def test_a_pool_more_than_half_unhealthy_is_not_remediated() -> None:
+    nodes = [*CP, node("w-0"), node("w-1"), node("w-2")]
+    long_ago = NOW - timedelta(minutes=5)
+    health = ClusterHealth(unhealthy_since={"w-0": long_ago, "w-1": long_ago})
+    seen = {**SEEN_CP, "w-0": vm("w-0", tools=""), "w-1": vm("w-1", tools=""), "w-2": vm("w-2")}
+    result, _ = run(nodes, seen, health)
+    assert result.repairs == []
+    assert all("likely beyond the nodes" in f.detail for f in result.findings)
+
+
+def test_records_of_nodes_gone_are_forgotten() -> None:
+    health = ClusterHealth(
+        failed={"w-9": RepairRecord(attempts=3, given_up=True)},
+        unhealthy_since={"w-9": NOW},
+    )
+    run([*CP], SEEN_CP, health)
+    assert health.failed == {} and health.unhealthy_since == {} and health.degraded == ""
+
+
+def test_an_outdated_node_is_powered_on_but_not_rebuilt() -> None:
+    held = node("w-0").model_copy(update={"hold": "its build is outdated"})
+    result, _ = run([*CP, held], SEEN_CP)
+    assert result.repairs == [] and "its build is outdated" in result.findings[0].detail
+    result, _ = run([*CP, held], {**SEEN_CP, "w-0": vm("w-0", power="poweredOff")})
+    assert [r.action for r in result.repairs] == ["power-on"]
 
 
 def test_paused_remediation_reports_silent_guests_but_repairs_drift() -> None:
@@ -239,3 +313,15 @@ def test_healing_and_health_specs_name_the_field_and_rule() -> None:
     with pytest.raises(ValidationError, match="unhealthy_after_seconds"):
         NodeHealth(unhealthy_after_seconds=1)
     assert Healing().reconcile_seconds == 300 and NodeHealth().max_unhealthy == 1
+
+
+def test_a_red_heartbeat_counts_as_silent() -> None:
+    nodes = [*CP, node("w-0")]
+    health = ClusterHealth(unhealthy_since={"w-0": NOW - timedelta(minutes=5)})
+    red = vm("w-0").model_copy(update={"heartbeat": "red"})
+    result, _ = run(nodes, {**SEEN_CP, "w-0": red}, health)
+    assert [r.action for r in result.repairs] == ["replace"]
+    assert "heartbeat is red" in result.repairs[0].reason
+    gray = vm("w-0").model_copy(update={"heartbeat": "gray"})  # no heartbeat reported: fine
+    result, _ = run(nodes, {**SEEN_CP, "w-0": gray}, ClusterHealth())
+    assert result.repairs == [] and result.findings == []

@@ -18,6 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from domain import names
 from domain.cluster import ClusterSpec
+from domain.health import ReconcileRequest
 from domain.lifecycle import (
     AddPoolRequest,
     ChangeResult,
@@ -508,14 +509,14 @@ async def test_a_node_not_ready_in_kubernetes_is_replaced_after_its_timeout_in_o
             f"{name}-cp-1": "Ready=False",
             f"{name}-cp-2": "Ready=False",
         }
-        health = await run.update(handle, ClusterWorkflow.reconcile)
+        health = await run.update(handle, ClusterWorkflow.reconcile, ReconcileRequest())
         assert health.repairs_made == 0
         found = {f.node: f for f in health.findings}
         assert "Kubernetes: Ready=Unknown" in found[worker].detail
         assert found[worker].kind == "unhealthy"
         await asyncio.sleep(5)
         before = len(run.world.requests)
-        health = await run.update(handle, ClusterWorkflow.reconcile)
+        health = await run.update(handle, ClusterWorkflow.reconcile, ReconcileRequest())
         assert health.repairs_made == 1, health.findings
         # cp-1 and cp-2 are NotReady: cp-0 alone does not keep quorum, nothing is done to them
         members = [f for f in health.findings if f.node.startswith(f"{name}-cp")]
