@@ -114,6 +114,16 @@ class CreateVmRequest(AgentRequest):
     #: (network.address, or any address with DHCP); VmInfo then carries them
     wait_guest: bool = False
     guest_timeout_seconds: int = 1800
+    host_slot: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        json_schema_extra=SINCE_0_3,
+        description="With DRS off in its compute cluster: the VM goes on the cluster's "
+        "host_slot-th usable host (connected, not in maintenance, seeing the datastore; by "
+        "name, modulo their number), so a control plane's members land on distinct hosts. "
+        "Ignored where DRS places VMs (the anti-affinity rule keeps them apart there).",
+    )
 
 
 class VmInfo(BaseModel):

@@ -155,6 +155,8 @@ UPGRADE_BY_JOINER = "first-newer-member-upgrades-kubeadm"
 
 #: patch: a cluster's control-plane VMs are kept on distinct hosts by a DRS rule
 KEEP_APART = "control-plane-anti-affinity"
+#: patch: where DRS is off, control-plane VMs are placed on distinct hosts when made
+PLACE_APART = "control-plane-on-distinct-hosts"
 #: the first agent release that drains nodes and checks them Ready through the API
 LEAVES_SINCE = "0.3.0"
 #: the first agent release that can look for a reconcile (vm_inspect, cluster_nodes_status)
@@ -874,6 +876,10 @@ class NodeSet:
             power_on=start,
             wait_guest=start,
             guest_timeout_seconds=self.timing.readiness_minutes * 60,
+            # DRS off: the members go on distinct hosts by their index (the rule needs DRS)
+            host_slot=node.index
+            if node.control_plane and self.apart and workflow.patched(PLACE_APART)
+            else None,
         )
         try:
             info = await self.agent(
@@ -1085,7 +1091,10 @@ class NodeSet:
             step.detail = f"rule {result.rule} removed" if result.changed else "no rule needed"
         else:
             step.detail = f"rule {result.rule}: {len(result.vms)} VMs on distinct hosts" + (
-                "" if result.drs else f" (DRS is off in {domain.compute_cluster}: not enforced)"
+                ""
+                if result.drs
+                else f" (DRS is off in {domain.compute_cluster}: the rule is not enforced; "
+                "the members were put on distinct hosts when made)"
             )
 
     async def _unkeep(self, step: Step) -> None:

@@ -194,6 +194,8 @@ class VmActivities:
         self.max_ops_per_datastore = max_ops_per_datastore
         self._facts: dict[tuple[str, str, str], tuple[float, _TemplateFacts]] = {}
         self._facts_guard = threading.Lock()
+        #: (vCenter, compute cluster, datastore) -> (read at, usable hosts by name; None: DRS)
+        self._hosts: dict[tuple[str, str, str], tuple[float, list[str] | None]] = {}
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -446,6 +448,7 @@ class VmActivities:
                 folder=from_ref(session, request.folder),
                 pool=from_ref(session, domain.resource_pool),
                 datastore=from_ref(session, domain.datastore),
+                host=self._spread_host(session, request),
             ),
             config=config,
             customization=_customization(request),
@@ -480,6 +483,29 @@ class VmActivities:
             except vmodl.MethodFault:
                 self._forget_facts(session, request)
                 raise
+
+    def _spread_host(self, session: VSphereSession, request: CreateVmRequest) -> Any | None:
+        """The host for `request.host_slot` where DRS is off in the VM's compute cluster (the
+        usable hosts by name, modulo their number); None where DRS places VMs or no slot is
+        asked. The cluster's DRS setting and hosts are read once per 5 minutes (2 requests)."""
+        if request.host_slot is None or not request.domain.compute_cluster:
+            return None
+        key = (
+            session.endpoint.server.lower(),
+            request.domain.compute_cluster,
+            request.domain.datastore,
+        )
+        now = time.monotonic()
+        with self._facts_guard:
+            cached = self._hosts.get(key)
+        if cached is None or now - cached[0] >= _FACTS_TTL:
+            cached = (now, _usable_hosts(session, *key[1:]))
+            with self._facts_guard:
+                self._hosts[key] = cached
+        hosts = cached[1]
+        if not hosts:
+            return None  # DRS places it (or no usable host: vCenter picks, as before)
+        return from_ref(session, hosts[request.host_slot % len(hosts)])
 
     def _template_facts(self, session: VSphereSession, request: CreateVmRequest) -> _TemplateFacts:
         key = (session.endpoint.server.lower(), request.template, request.domain.network)
@@ -1309,6 +1335,31 @@ def _wait_kubernetes(request: ReadinessRequest) -> ReadinessResult:
 
 
 # --- sweep -----------------------------------------------------------------------------------
+
+
+def _usable_hosts(session: VSphereSession, cluster_ref: str, datastore: str) -> list[str] | None:
+    """The hosts of a compute cluster a VM may be put on by name (connected, not in
+    maintenance, seeing the datastore), sorted by name; None when DRS is on (it places VMs)."""
+    cluster = from_ref(session, cluster_ref)
+    props = retrieve(session, [cluster], ["configurationEx", "host"]).get(ref(cluster), {})
+    config = props.get("configurationEx")
+    if config is not None and config.drsConfig is not None and config.drsConfig.enabled:
+        return None
+    hosts = list(props.get("host") or [])
+    facts = retrieve(
+        session,
+        hosts,
+        ["name", "runtime.connectionState", "runtime.inMaintenanceMode", "datastore"],
+    )
+    usable = []
+    for host in hosts:
+        p = facts.get(ref(host), {})
+        if p.get("runtime.connectionState") != "connected" or p.get("runtime.inMaintenanceMode"):
+            continue
+        if datastore not in {ref(d) for d in p.get("datastore") or []}:
+            continue
+        usable.append((str(p.get("name") or ""), ref(host)))
+    return [r for _, r in sorted(usable)]
 
 
 def _marked_vms(

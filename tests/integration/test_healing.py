@@ -15,17 +15,16 @@ from pyVmomi import vim
 
 from domain.cluster import ClusterSpec
 from domain.lifecycle import ClusterState, ClusterStatus
-from domain.names import cluster_workflow_id
 from starters.client import KubegateClient, RequestRefused
 from tests.integration.test_cluster import KEY, PROFILE, deploy, domain, make_pool, until
-from tests.support import INVENTORY, TEMPLATE, Vcsim
+from tests.support import INVENTORY, TEMPLATE, Vcsim, record_history
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def sim(workdir: Path) -> Iterator[Vcsim]:
-    sim = Vcsim(workdir, args=list(INVENTORY)).start()
+    sim = Vcsim(workdir, args=[*INVENTORY, "-no-drs", "DC0_C1"]).start()
     yield sim
     sim.stop()
 
@@ -37,6 +36,8 @@ def spec_of(
     workers: int = 2,
     healing: dict[str, Any] | None = None,
     health: dict[str, Any] | None = None,
+    cp_cluster: str = "DC0_C0",
+    worker_cluster: str = "DC0_C1",
 ) -> ClusterSpec:
     return ClusterSpec.model_validate(
         {
@@ -44,12 +45,12 @@ def spec_of(
             "profile": PROFILE,
             "cloud_account": "lab",
             "placement": {"datacenter": "DC0", "ssh_keys": [KEY], "ip_allocation": "static"},
-            "control_plane": {"size": cp, "placement": [domain("DC0_C0", pool)]},
+            "control_plane": {"size": cp, "placement": [domain(cp_cluster, pool)]},
             "workers": [
                 {
                     "name": "w",
                     "size": workers,
-                    "placement": [domain("DC0_C1", pool)],
+                    "placement": [domain(worker_cluster, pool)],
                     "health": health or {},
                 }
             ],
@@ -204,6 +205,7 @@ async def test_drift_is_repaired_or_reported_on_demand(
     destroy(sim, f"{folder}/not-a-node")  # (a foreign VM keeps the folder: delete would say so)
     await kubegate.delete_cluster("heal-a")
     await until(kubegate, "heal-a", ClusterStatus.DELETED)
+    await record_history(kubegate.client, "cluster/heal-a", "cluster_healed")
 
 
 async def test_powered_off_report_policy_and_a_repair_that_keeps_failing(
@@ -256,6 +258,7 @@ async def test_powered_off_report_policy_and_a_repair_that_keeps_failing(
 
     await kubegate.delete_cluster("heal-b")
     await until(kubegate, "heal-b", ClusterStatus.DELETED)
+    await record_history(kubegate.client, "cluster/heal-b", "cluster_degraded")
 
 
 async def test_a_silent_guest_is_replaced_within_its_timeout_one_at_a_time(
@@ -327,4 +330,33 @@ async def test_a_silent_guest_is_replaced_within_its_timeout_one_at_a_time(
 
     await kubegate.delete_cluster("heal-c")
     await until(kubegate, "heal-c", ClusterStatus.DELETED)
-    assert cluster_workflow_id("heal-c")
+    await record_history(kubegate.client, "cluster/heal-c", "cluster_remediated")
+
+
+def hosts_of(sim: Vcsim, folder: str, names: list[str]) -> dict[str, str]:
+    def work(content: Any) -> dict[str, str]:
+        return {n: find_vm(content, f"{folder}/{n}").runtime.host.name for n in names}
+
+    result: dict[str, str] = on_vcenter(sim, work)
+    return result
+
+
+async def test_with_drs_off_the_control_plane_is_placed_on_distinct_hosts(
+    sim: Vcsim, kubegate: KubegateClient
+) -> None:
+    """DRS off in the control plane's compute cluster (the simulator's DC0_C1): the
+    anti-affinity rule is not enforced, so the members are put on distinct hosts when made
+    (read back from vCenter)."""
+    pool = "heal-d"
+    await make_pool(kubegate, pool, 144)
+    spec = spec_of("heal-d", pool, cp=3, workers=1, cp_cluster="DC0_C1", worker_cluster="DC0_C0")
+    await deploy(kubegate, sim, spec)
+    state = await until(kubegate, "heal-d", ClusterStatus.RUNNING)
+    members = [f"heal-d-cp-{i}" for i in range(3)]
+    placed = hosts_of(sim, "heal-d", members)
+    assert len(set(placed.values())) == 3, placed
+    apart = next(s for s in state.steps if s.name == "keep-apart")
+    assert "DRS is off" in apart.detail and "distinct hosts when made" in apart.detail
+    await kubegate.delete_cluster("heal-d")
+    await until(kubegate, "heal-d", ClusterStatus.DELETED)
+    await record_history(kubegate.client, "cluster/heal-d", "cluster_placed_apart")

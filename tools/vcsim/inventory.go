@@ -74,6 +74,7 @@ func buildInventory(o *options) (*simState, error) {
 		func() error { return s.addLocalDatastores(o.LocalDatastores) },
 		s.fixDatastoreMounts,
 		func() error { return s.configureNTP(o.NTP, o.NoNTPHosts) },
+		func() error { return s.disableDRS(o.NoDRS) },
 		func() error { return s.createTemplate(o.Template) },
 	}
 	for _, step := range steps {
@@ -173,6 +174,28 @@ func (s *simState) fixDatastoreMounts() error {
 		ds.Host = mounts
 		ds.Summary.Accessible = true
 		ds.Summary.MultipleHostAccess = types.NewBool(len(mounts) > 1)
+	}
+	return nil
+}
+
+// disableDRS turns DRS off in the named compute clusters (vcsim enables it everywhere, and its
+// ReconfigureComputeResource_Task does not change it).
+func (s *simState) disableDRS(names []string) error {
+	for _, name := range names {
+		found := false
+		for _, obj := range simulator.Map.All("ClusterComputeResource") {
+			cluster, ok := obj.(*simulator.ClusterComputeResource)
+			if !ok || cluster.Name != name {
+				continue
+			}
+			if config, ok := cluster.ConfigurationEx.(*types.ClusterConfigInfoEx); ok {
+				config.DrsConfig.Enabled = types.NewBool(false)
+			}
+			found = true
+		}
+		if !found {
+			return fmt.Errorf("-no-drs: no compute cluster named %q", name)
+		}
 	}
 	return nil
 }

@@ -71,6 +71,7 @@ type options struct {
 	PrintInventory  bool
 	NTP             string
 	NoNTPHosts      listFlag
+	NoDRS           listFlag
 	LocalDatastores listFlag
 	Delay           int
 	MethodDelay     string
@@ -110,6 +111,7 @@ func newFlagSet(o *options) *flag.FlagSet {
 	fs.BoolVar(&o.PrintInventory, "print-inventory", false, "print one line per inventory object (type, inventory path) before the ready line")
 	fs.StringVar(&o.NTP, "ntp", "", "comma separated NTP servers set on every host (config.dateTimeInfo.ntpConfig.server)")
 	fs.Var(&o.NoNTPHosts, "no-ntp-host", "host name(s) left without NTP servers (repeatable or comma list)")
+	fs.Var(&o.NoDRS, "no-drs", "compute cluster name(s) with DRS off (repeatable or comma list)")
 	fs.Var(&o.LocalDatastores, "local-datastore", "NAME@HOSTNAME: extra datastore mounted on that host only (repeatable or comma list)")
 	fs.IntVar(&o.Delay, "delay", 0, "delay in ms added to every SOAP method")
 	fs.StringVar(&o.MethodDelay, "method-delay", "", "per-method delays in ms, e.g. \"CloneVM_Task=800,ReconfigVM_Task=100\"")
