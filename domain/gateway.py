@@ -31,6 +31,7 @@ from domain.cluster import (
     ClusterPlacement,
     ClusterProfile,
     ClusterSpec,
+    Healing,
     NodeLayout,
     NodePlan,
     NodeSpec,
@@ -398,6 +399,10 @@ class GatewayConfig(BaseModel):
         default=None, description="Load-balancer address with DHCP (always, even for one node)."
     )
     size: Literal[1, 3] = 1
+    healing: Healing = Field(
+        default_factory=Healing,
+        description="How its own nodes reconcile (as a cluster's `healing`).",
+    )
 
     @field_validator("ssh_keys")
     @classmethod
@@ -443,6 +448,11 @@ class GatewayFile(BaseModel):
     )
     vip: IPvAnyAddress | None = None
     size: Literal[1, 3] = 1
+    healing: Healing = Field(
+        default_factory=Healing,
+        description="How its own nodes reconcile: reconcile_seconds, powered_off, "
+        "repair_attempts (as a cluster's `healing`).",
+    )
 
     @field_validator("ssh_keys")
     @classmethod

@@ -329,16 +329,17 @@ def assess(
             continue  # vCenter cannot act on it: reported only
         if vm.power_state != POWERED_ON:
             health.unhealthy_since.pop(node.name, None)
+            word = "suspended" if vm.power_state == "suspended" else "powered off"
             if powered_off == "power-on":
                 repair = Repair(
                     node=node.name,
                     action="power-on",
-                    reason="its VM was powered off outside kubegate",
+                    reason=f"its VM was {word} outside kubegate",
                 )
                 candidates.append((node, repair))
                 detail = repair.reason
             else:
-                detail = "its VM was powered off outside kubegate (policy: report)"
+                detail = f"its VM was {word} outside kubegate (policy: report)"
             out.findings.append(
                 Finding(kind="powered-off", node=node.name, vm=vm.ref, detail=detail)
             )

@@ -814,6 +814,7 @@ class KubegateClient:
                 ip_pool=ip_pool,
                 vip=file.vip,
                 size=file.size,
+                healing=file.healing,
             )
         except ValidationError as exc:
             raise RequestRefused("; ".join(errors.field_errors(exc))) from None

@@ -145,8 +145,7 @@ ORPHAN_AUDITS = "orphan-audits"
 RECONCILE = "gateway-reconciles-its-nodes"
 #: patch: a Running gateway wakes its clusters' runs once per kubegate release
 WAKE_CLUSTERS = "wake-clusters-once-per-release"
-#: a gateway's nodes heal by the defaults of a cluster's policy
-GATEWAY_HEALING = Healing()
+#: a gateway's nodes: its configuration's healing (a cluster's defaults), each node's health
 GATEWAY_NODE_HEALTH = PoolHealth(unhealthy_after_seconds=300, max_unhealthy=1)
 
 #: the first agent release with the audit's activities
@@ -311,21 +310,32 @@ class GatewayWorkflow:
             self.reconciling = workflow.patched(f"{RECONCILE}-{self.passes}")
             if not self.reconciling:
                 return None
-        return max(self._next_reconcile() - workflow.now(), timedelta(seconds=1))
+        due = self._next_reconcile()
+        return None if due is None else max(due - workflow.now(), timedelta(seconds=1))
 
-    def _next_reconcile(self) -> datetime:
+    def _healing(self) -> Healing:
+        return self.gw.config.healing if self.gw.config is not None else Healing()
+
+    def _next_reconcile(self) -> datetime | None:
+        """An interval after the last reconcile, or sooner when a timeout or backoff falls
+        due; never back to back (None: on demand only, and nothing pending)."""
         health = self.gw.health
-        last = health.checked_at or self.gw.updated_at or workflow.now()
-        due = last + timedelta(seconds=GATEWAY_HEALING.reconcile_seconds)
-        due = due if health.next_due is None else min(due, health.next_due)
+        interval = self._healing().reconcile_seconds
+        due = [] if health.next_due is None else [health.next_due]
+        if interval > 0:
+            last = health.checked_at or self.gw.updated_at or workflow.now()
+            due.append(last + timedelta(seconds=interval))
+        if not due:
+            return None
         if health.checked_at is None:
-            return due
-        return max(due, health.checked_at + MIN_INTERVAL)  # (never back to back)
+            return min(due)
+        return max(min(due), health.checked_at + MIN_INTERVAL)
 
     def _reconcile_due(self) -> bool:
         if self.reconcile_asked > self.reconcile_served:
             return True
-        return self.reconciling and self._reconciles() and workflow.now() >= self._next_reconcile()
+        due = self._next_reconcile() if self.reconciling and self._reconciles() else None
+        return due is not None and workflow.now() >= due
 
     async def _reconcile(self) -> None:
         """Compare its nodes' VMs with their record and repair as a cluster with the default
@@ -346,7 +356,7 @@ class GatewayWorkflow:
                 update={"agent_release": agent.version if agent is not None else None}
             )
             pools = {n.pool: GATEWAY_NODE_HEALTH for n in record.nodes}
-            result = await nodes.look(health, GATEWAY_HEALING, pools, record.spec.size)
+            result = await nodes.look(health, self._healing(), pools, record.spec.size)
             if result is None or not result.repairs or not self._reconciles() or self.op:
                 # (nothing to do, or vCenter not read, or an operation asked for meanwhile:
                 # it goes first, and the next reconcile looks again)
@@ -357,7 +367,7 @@ class GatewayWorkflow:
             self.quiet_checks = 0
             self._begin("repair")
             self.publish()
-            await nodes.repair_all(health, GATEWAY_HEALING, result.repairs)
+            await nodes.repair_all(health, self._healing(), result.repairs)
             nodes.trim_steps()
             self.settled = workflow.patched(f"{SETTLE_POINTS}-{self.gw.operations_run}")
         finally:
