@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ActivityOutboundInterceptor,
@@ -49,7 +50,7 @@ from domain.trust import (
     compact_request,
     result_statement,
 )
-from domain.vm import FolderRequest
+from domain.vm import FolderRequest, SweepRequest
 
 log = logging.getLogger("kubegate.agent.guard")
 
@@ -334,6 +335,53 @@ class AgentGuard:
                 )
             raise
 
+    async def _gone(self, owner: str) -> str | None:
+        """Why `owner` is not gone by Temporal's own record, asked here (never the
+        workflow's word): None when no workflow ever ran under its id, or its last run ended
+        Deleted."""
+        if not owner.startswith(names.LIFECYCLE_PREFIXES):
+            return "is no kubegate lifecycle"
+        try:
+            described = await self.client.get_workflow_handle(owner).describe(
+                rpc_timeout=ASK_TIMEOUT
+            )
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise ApplicationError(  # (retryable: Temporal will answer again)
+                f"cannot ask Temporal whether {owner} is gone: {exc.message}"
+            ) from None
+        status = described.status
+        if status == WorkflowExecutionStatus.COMPLETED:
+            try:
+                result = await self.client.get_workflow_handle(owner, result_type=dict).result(
+                    rpc_timeout=ASK_TIMEOUT
+                )
+            except Exception:  # not a lifecycle's state: not Deleted
+                result = None
+            if isinstance(result, dict) and result.get("status") == "Deleted":
+                return None
+        return f"is not gone (Temporal: {status.name if status else 'unknown'})"
+
+    async def _owners_gone(self, args: Any) -> list[str]:
+        """An audit's removal: every owner it names must be gone by Temporal's record (the
+        gateway's own installer excepted: the gateway rules it, see removal_problems)."""
+        owners = sorted(
+            {
+                item.owner
+                for model in walk(args)
+                if isinstance(model, RemovalRequest)
+                for item in model.items
+                if item.owner and not (item.kind == "installer" and item.owner == self.gateway_id)
+            }
+        )
+        problems = []
+        for owner in owners:
+            why = await self._gone(owner)
+            if why:
+                problems.append(f"{owner} {why}")
+        return problems
+
     async def _check(self, info: activity.Info, args: Any) -> None:
         try:
             policy = self.policy.current()
@@ -366,6 +414,19 @@ class AgentGuard:
                     errors.NOT_AUTHORIZED,
                     f"{info.activity_type}: workflow {workflow_id} was not started by gateway "
                     f"{self.gateway} (its parent: {parent or 'none'})",
+                )
+        alive = await self._owners_gone(args)
+        if alive:  # (what the audit says is gone, the agent asks Temporal itself)
+            raise refuse(
+                errors.NOT_AUTHORIZED,
+                f"{info.activity_type}: refused, its owner is not gone: " + "; ".join(alive),
+            )
+        for model in walk(args):  # a sweep only of the caller's own VMs
+            if isinstance(model, SweepRequest) and model.cluster_id != workflow_id:
+                raise refuse(
+                    errors.NOT_AUTHORIZED,
+                    f"{info.activity_type}: {workflow_id} may sweep only its own VMs, not "
+                    f"{model.cluster_id}'s",
                 )
 
     async def _authorized(self, info: activity.Info, args: Any, auth: AgentAuthorization) -> None:

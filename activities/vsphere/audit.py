@@ -48,7 +48,7 @@ from activities.vsphere.tags import (
     owner_tag_problem,
     owner_tags,
 )
-from activities.vsphere.vm import VmActivities, _extra, _Progress
+from activities.vsphere.vm import VmActivities, _extra, _Progress, kubegate_made
 from activities.vsphere.watch import await_task
 from domain import errors
 from domain.account import VCenterCredentials
@@ -65,6 +65,7 @@ from domain.audit import (
     item_sort_key,
 )
 from domain.tags import owner_tag, tag_owner
+from domain.trust import AgentPolicy
 from domain.vm import MARK_CLUSTER, MARK_NODE
 
 PC = vmodl.query.PropertyCollector
@@ -192,7 +193,13 @@ class AuditActivities:
             props = retrieve(
                 session,
                 [vm],
-                ["name", "config.extraConfig", "runtime.powerState", "runtime.host"],
+                [
+                    "name",
+                    "config.instanceUuid",
+                    "config.extraConfig",
+                    "runtime.powerState",
+                    "runtime.host",
+                ],
             ).get(item.id)
         except vmodl.fault.ManagedObjectNotFound:
             return "gone"
@@ -202,6 +209,10 @@ class AuditActivities:
         if not item.owner or ((mark or not item.tag) and mark != item.owner):
             return f"its mark is now {mark!r}, not {item.owner!r}: left alone"
         if not mark:  # listed by its owner tag alone: that tag must still be on it
+            if not kubegate_made(item.owner, props):
+                # (anyone who may tag could have put the tag on it: only the instance UUID
+                # kubegate gives that node proves kubegate made it)
+                return "unmarked, and not of the instance UUID kubegate gives it: left alone"
             why = self._tag_problem(request.credentials, item.tag, item.owner, {item.id})
             if why:
                 return f"{why}: left alone"
@@ -311,8 +322,19 @@ class AuditActivities:
             return "gone"
         if props.get("name") != item.name:
             return f"it is now named {props.get('name')!r}: left alone"
+        if item.name != _folder_name(item.owner):
+            return f"it is not the folder kubegate makes for {item.owner}: left alone"
         if list(props.get("childEntity") or []):
             return "it is not empty: left alone"
+        # where it really is (read here, not the workflow's word) must be the policy's
+        path = _inventory_path(session, folder)
+        policy = self.vms.key.policy() if self.vms.key.policy is not None else None
+        datacenter, _, below = path.strip("/").partition("/vm/")
+        problem = None
+        if isinstance(policy, AgentPolicy):
+            problem = policy.datacenter_problem(datacenter) or policy.folder_problem(below)
+        if problem or datacenter != request.datacenter.strip("/"):
+            return f"{path}: {problem or 'not in the audited datacenter'}: left alone"
         try:
             self.vms._await(session, folder.Destroy_Task(), progress)
         except vmodl.fault.ManagedObjectNotFound:
@@ -321,6 +343,28 @@ class AuditActivities:
 
     def all(self) -> list[Callable[..., Any]]:
         return [self.inventory, self.remove]
+
+
+def _folder_name(owner: str) -> str:
+    """The name of the folder kubegate makes for an owner's VMs: a cluster's name, a gateway's
+    '<name>-pcg'."""
+    kind, _, name = owner.partition("/")
+    return f"{name}-pcg" if kind == "gateway" else name
+
+
+def _inventory_path(session: VSphereSession, obj: Any) -> str:
+    """An object's inventory path, '/DC0/vm/kubegate/demo', read up its parents (one read
+    per level)."""
+    names: list[str] = []
+    current = obj
+    for _ in range(64):  # (a bound: vSphere nests folders far less deep)
+        props = retrieve(session, [current], ["name", "parent"]).get(ref(current), {})
+        parent = props.get("parent")
+        if parent is None:
+            break  # the root folder: not part of paths
+        names.append(str(props.get("name") or ""))
+        current = parent
+    return "/" + "/".join(reversed(names))
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -373,17 +417,27 @@ def _marked(
     details = retrieve(
         session,
         [from_ref(session, key) for key in candidates],
-        ["config.extraConfig", "config.vAppConfig"],
+        ["config.extraConfig", "config.vAppConfig", "config.instanceUuid", "config.template"],
     )
     found = []
     for key in candidates:
         props, more = everything[key], details.get(key, {})
+        if more.get("config.template"):
+            continue  # a template (perhaps made from a node: it has its marks) is never listed
         marks = _extra(more.get("config.extraConfig"))
         installer = vapp_properties(
             more.get("config.vAppConfig"), more.get("config.extraConfig")
         ).get(INSTALLER_MARK, "")
         owner = marks.get(MARK_CLUSTER, "")
-        if not owner and not installer and key not in tagged:
+        made = {"name": props.get("name"), "config.instanceUuid": more.get("config.instanceUuid")}
+        tags = {
+            tag_owner: tag_id
+            for tag_owner, tag_id in tagged.get(key, {}).items()
+            # unmarked: only a VM of the instance UUID kubegate gives its node is one kubegate
+            # made (anyone who may tag could have tagged any VM)
+            if owner or kubegate_made(tag_owner, made)
+        }
+        if not owner and not installer and not tags:
             continue
         parent = props.get("parent")
         found.append(
@@ -395,7 +449,7 @@ def _marked(
                 installer=installer,
                 power_state=str(props.get("runtime.powerState") or ""),
                 folder=ref(parent) if parent is not None else "",
-                tags=dict(tagged.get(key, {})),
+                tags=tags,
             )
         )
     return found

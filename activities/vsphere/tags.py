@@ -37,6 +37,7 @@ from domain.tags import (
     TagSpec,
     UntagRequest,
     UntagResult,
+    owner_tag,
     tag_owner,
 )
 
@@ -362,6 +363,16 @@ class TagActivities:
         """Make and attach the tags, set the custom attributes; missing privileges reported."""
         result = TagResult()
 
+        owner = activity.info().workflow_id or ""
+        for spec in request.tags:  # an owner tag only the caller's own (sweeps trust it)
+            named = tag_owner(spec.name) if spec.category == CATEGORY else None
+            if named is not None and named != owner:
+                raise ApplicationError(
+                    f"tag {spec.name} is {named}'s, not {owner}'s",
+                    type=errors.NOT_AUTHORIZED,
+                    non_retryable=True,
+                )
+
         def tag_all(session: RestSession, known: dict[str, str]) -> None:
             for spec in request.tags:
                 tag_id = attach_spec(session, known, spec)
@@ -397,8 +408,22 @@ class TagActivities:
         """Delete the tags (gone already: done)."""
         result = UntagResult()
 
+        owner = activity.info().workflow_id or ""
+        mine = owner_tag(owner)
+
         def delete(session: RestSession, known: dict[str, str]) -> None:
             for tag_id in request.tag_ids:
+                # only the caller's own owner tag, read back from vCenter (never a customer's
+                # tag, a shared one, or another lifecycle's)
+                problem = owner_tag_problem(session, known, tag_id, mine, owner)
+                if problem == "the tag is gone":
+                    continue
+                if problem:
+                    raise ApplicationError(
+                        f"tag {tag_id} is not {mine} of category {CATEGORY}: {problem}",
+                        type=errors.NOT_AUTHORIZED,
+                        non_retryable=True,
+                    )
                 if delete_tag(session, known, tag_id):
                     result.deleted.append(tag_id)
 
@@ -416,15 +441,20 @@ def tagged_objects(
     key: AgentKey, sessions: SessionPool, credentials: VCenterCredentials, tag_id: str
 ) -> list[str]:
     """The objects carrying a tag, for the delete sweep; [] when tags cannot be read for
-    good (e.g. a missing privilege: the sweep goes by the extraConfig marks alone)."""
+    good (e.g. a missing privilege: the sweep goes by the extraConfig marks alone), and when
+    the tag is not the caller's own owner tag of category kubegate (read back first)."""
+    owner = activity.info().workflow_id or ""
+
+    def objects(session: RestSession, known: dict[str, str]) -> list[str]:
+        problem = owner_tag_problem(session, known, tag_id, owner_tag(owner), owner)
+        if problem:
+            with contextlib.suppress(Exception):
+                activity.logger.warning("sweep without the tag %s: %s", tag_id, problem)
+            return []
+        return attached_objects(session, tag_id)
+
     try:
-        return call_rest(
-            key,
-            sessions,
-            credentials,
-            "list tagged VMs",
-            lambda session, _known: attached_objects(session, tag_id),
-        )
+        return call_rest(key, sessions, credentials, "list tagged VMs", objects)
     except ApplicationError as exc:
         if exc.non_retryable:
             with contextlib.suppress(Exception):

@@ -63,6 +63,7 @@ from domain.vm import (
     SweepRequest,
     SweepResult,
     VmInfo,
+    instance_uuid,
 )
 
 T = TypeVar("T")
@@ -1362,6 +1363,14 @@ def _usable_hosts(session: VSphereSession, cluster_ref: str, datastore: str) -> 
     return [r for _, r in sorted(usable)]
 
 
+def kubegate_made(owner: str, props: dict[str, Any]) -> bool:
+    """The VM has the instance UUID kubegate gives `owner`'s node of its name (proof that
+    kubegate cloned it, where its extraConfig mark was lost)."""
+    name = str(props.get("name") or "")
+    uuid = str(props.get("config.instanceUuid") or "")
+    return bool(name and uuid) and uuid == instance_uuid(owner, name)
+
+
 def _marked_vms(
     session: VSphereSession, dc: str, cluster_id: str, tagged: Collection[str] = ()
 ) -> list[tuple[VmInfo, dict[str, Any]]]:
@@ -1408,8 +1417,12 @@ def _marked_vms(
     for vm in candidates:
         p = props.get(ref(vm), {})
         mark = _extra(p.get("config.extraConfig")).get(MARK_CLUSTER)
-        if mark != cluster_id and not (ref(vm) in tagged and mark is None):
-            continue  # (tagged but marked as another's: the mark wins)
+        if mark != cluster_id and not (
+            ref(vm) in tagged and mark is None and kubegate_made(cluster_id, p)
+        ):
+            # (marked as another's: the mark wins; tagged only, a tag can be put on any VM:
+            # only one with the instance UUID kubegate gives that node is the cluster's)
+            continue
         host = p.get("runtime.host")
         info = VmInfo(
             ref=ref(vm),

@@ -27,7 +27,7 @@ from domain.gateway import default_account_name
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterStatus, Timing
 from domain.sealing import AgentKey
-from domain.vm import MARK_CLUSTER, MARK_NODE, MARK_POOL
+from domain.vm import MARK_CLUSTER, MARK_NODE, MARK_POOL, instance_uuid
 from plumbing.settings import Settings
 from starters.client import KubegateClient, RequestRefused
 from tests.integration.test_cluster import PROFILE, domain, until
@@ -80,7 +80,14 @@ def _find(content: Any, kind: type, name: str) -> Any:
         view.Destroy()
 
 
-def _make_vm(si: Any, folder: Any, name: str, extra: dict[str, str], annotation: str = "") -> Any:
+def _make_vm(
+    si: Any,
+    folder: Any,
+    name: str,
+    extra: dict[str, str],
+    annotation: str = "",
+    uuid: str | None = None,
+) -> Any:
     content = si.RetrieveContent()
     cluster = _find(content, vim.ClusterComputeResource, "DC0_C0")
     spec = vim.vm.ConfigSpec(
@@ -91,6 +98,7 @@ def _make_vm(si: Any, folder: Any, name: str, extra: dict[str, str], annotation:
         annotation=annotation,
         files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"),
         extraConfig=[vim.option.OptionValue(key=k, value=v) for k, v in extra.items()],
+        instanceUuid=uuid,
     )
     task = folder.CreateVM_Task(config=spec, pool=cluster.resourcePool)
     WaitForTask(task)
@@ -153,7 +161,15 @@ def plant_tags(sim: Vcsim, live_vm: str) -> dict[str, str]:
     si = sim.connect()
     try:
         dc = _find(si.RetrieveContent(), vim.Datacenter, "DC0")
-        tagged = _make_vm(si, dc.vmFolder, "tagged-gone-0", {})._moId
+        # (unmarked, with the instance UUID kubegate gives that node of cluster/gone: one
+        # kubegate made whose extraConfig was lost; a tag alone proves nothing)
+        tagged = _make_vm(
+            si,
+            dc.vmFolder,
+            "tagged-gone-0",
+            {},
+            uuid=instance_uuid("cluster/gone", "tagged-gone-0"),
+        )._moId
         plain = _find(si.RetrieveContent(), vim.VirtualMachine, "plain-vm")._moId
     finally:
         Vcsim.disconnect(si)

@@ -18,6 +18,7 @@ from pyVmomi import vim
 
 from domain.cluster import ClusterSpec
 from domain.lifecycle import ClusterStatus
+from domain.vm import instance_uuid
 from starters.client import KubegateClient
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import PROFILE, deploy, domain, make_pool, until
@@ -111,15 +112,19 @@ def moid(sim: Vcsim, path: str) -> str:
         Vcsim.disconnect(si)
 
 
-def plant_vm(sim: Vcsim, name: str) -> str:
-    """A VM without kubegate's extraConfig marks, in the datacenter's VM folder."""
+def plant_vm(sim: Vcsim, name: str, uuid: str | None = None) -> str:
+    """A VM without kubegate's extraConfig marks, in the datacenter's VM folder (with this
+    instance UUID, when given)."""
     si = sim.connect()
     try:
         content = si.RetrieveContent()
         folder = content.searchIndex.FindByInventoryPath("/DC0/vm")
         cluster = content.searchIndex.FindByInventoryPath("/DC0/host/DC0_C0")
         config = vim.vm.ConfigSpec(
-            name=name, guestId="otherGuest", files=vim.vm.FileInfo(vmPathName="[LocalDS_0]")
+            name=name,
+            guestId="otherGuest",
+            files=vim.vm.FileInfo(vmPathName="[LocalDS_0]"),
+            instanceUuid=uuid,
         )
         task = folder.CreateVM_Task(config=config, pool=cluster.resourcePool)
         WaitForTask(task)
@@ -184,16 +189,19 @@ async def test_vms_and_domains_carry_tags_read_back_and_the_clusters_tag_goes_wi
         ("k8s-zone", "eu-b"),
     }
 
-    # a VM that lost its extraConfig marks but still carries the cluster's tag is swept too
+    # a VM that lost its extraConfig marks but still carries the cluster's tag and the
+    # instance UUID kubegate gives that node is swept too; one someone else tagged is not
     cluster_tag = rest.tag_id("kubegate", "cluster:tagged")
     assert cluster_tag == state.owner_tag
-    stray = plant_vm(sim, "tagged-stray")
-    rest.call(
-        "POST",
-        f"/com/vmware/cis/tagging/tag-association/id:{cluster_tag}",
-        {"object_id": {"type": "VirtualMachine", "id": stray}},
-        action="attach",
-    )
+    stray = plant_vm(sim, "tagged-stray", uuid=instance_uuid("cluster/tagged", "tagged-stray"))
+    innocent = plant_vm(sim, "tagged-innocent")
+    for vm in (stray, innocent):
+        rest.call(
+            "POST",
+            f"/com/vmware/cis/tagging/tag-association/id:{cluster_tag}",
+            {"object_id": {"type": "VirtualMachine", "id": vm}},
+            action="attach",
+        )
     # (and one carrying no tag stays)
     plant_vm(sim, "tagged-foreign")
 
@@ -205,6 +213,7 @@ async def test_vms_and_domains_carry_tags_read_back_and_the_clusters_tag_goes_wi
     assert "deleted" in deleted.detail, deleted.detail
     assert not vm_exists(sim, "tagged-stray")
     assert vm_exists(sim, "tagged-foreign")
+    assert vm_exists(sim, "tagged-innocent")  # a tag alone never gets a VM destroyed
     assert rest.tag_id("kubegate", "cluster:tagged") is None
     # shared tags stay: pools, the gateway, the spec's, the domains' region and zone
     remaining = set(rest.names().values())
