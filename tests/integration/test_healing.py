@@ -202,6 +202,17 @@ async def test_drift_is_repaired_or_reported_on_demand(
     assert health.repairs_made == 2
     assert [f.kind for f in health.findings] == ["foreign"]
 
+    # removed from the inventory only (its files stay on the datastore): made again too
+    def unregister(content: Any) -> None:
+        vm = find_vm(content, f"{folder}/{w1}")
+        WaitForTask(vm.PowerOffVM_Task())
+        vm.UnregisterVM()
+
+    on_vcenter(sim, unregister)
+    health = await kubegate.reconcile_cluster("heal-a")
+    assert health.repairs_made == 3, health.findings
+    assert vm_facts(sim, f"{folder}/{w1}") is not None
+
     destroy(sim, f"{folder}/not-a-node")  # (a foreign VM keeps the folder: delete would say so)
     await kubegate.delete_cluster("heal-a")
     await until(kubegate, "heal-a", ClusterStatus.DELETED)
