@@ -503,6 +503,7 @@ def gateway_reconcile(
     """Compare the gateway's own nodes' VMs with their record now and repair them (a VM
     removed or powered off outside kubegate, a node whose guest stopped reporting). Exit 1
     if a repair is given up or vCenter could not be read."""
+    _check_name(name)
     health = _call(lambda c: c.reconcile_gateway(name, retry_given_up))
     if output is Output.json:
         out.print_json(health.model_dump_json())

@@ -378,6 +378,9 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         # not a terminal (CliRunner) and no --yes: nothing is started without a confirmation
         (["audit", "--clean"], "--clean: asks for confirmation"),
         (["audit", "-o", "yaml"], "--output"),
+        (["gateway", "reconcile", "Lab_1"], "NAME"),
+        (["cluster", "reconcile", "demo", "-o", "yaml"], "--output"),
+        (["cluster", "remediation", "pause", "demo", "-o", "yaml"], "--output"),
     ],
 )
 def test_bad_options_are_refused(args: list[str], expected: str) -> None:
