@@ -93,8 +93,25 @@ def show_version() -> None:
     _print_version(True)
 
 
-out = Console()
-err = Console(stderr=True)
+#: stdout is a terminal: tables fit it; otherwise (a pipe, a file) nothing is wrapped or cut
+TERMINAL = sys.stdout.isatty()
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that prints data verbatim: no emoji codes (a thumbprint's `:AB:` stays as it
+    is), no highlighting; outside a terminal, no wrapping (a line as long as it is)."""
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(
+        stderr=stderr,
+        emoji=False,
+        highlight=False,
+        soft_wrap=not tty,
+        width=None if tty else 100_000,
+    )
+
+
+out = _console()
+err = _console(stderr=True)
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -270,7 +287,10 @@ class _Progress:
 
 
 def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    """Text cut to `width` in a terminal; whole outside one (a pipe can be copied from)."""
+    if not TERMINAL or len(text) <= width:
+        return text
+    return text[: width - 1] + "…"
 
 
 def _call(fn: Any) -> Any:
