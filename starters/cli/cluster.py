@@ -183,6 +183,43 @@ def cluster_list(
     out.print(table)
 
 
+_WAIT_GOALS = {
+    "running": (ClusterStatus.RUNNING, ClusterStatus.DEGRADED),
+    "deleted": (ClusterStatus.DELETED,),
+}
+
+
+@cluster_app.command("wait")
+def cluster_wait(
+    name: NameArg,
+    for_: Annotated[
+        str,
+        typer.Option("--for", help="running (Running or Degraded) or deleted.", show_default=True),
+    ] = "running",
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait at most (then exit 1).", min=1)
+    ] = 3600.0,
+    output: OutputOption = Output.table,
+) -> None:
+    """Follow a cluster (each step as it happens) until it is Running or Deleted; re-attach
+    to a deploy, change or delete after Ctrl-C. Exit 1 when it fails or the time runs out."""
+    goal = _WAIT_GOALS.get(for_)
+    if goal is None:
+        _bad_input(f"--for: {for_!r} must be one of {', '.join(_WAIT_GOALS)}")
+    ends = {*goal, ClusterStatus.FAILED, ClusterStatus.DELETED}
+
+    async def run() -> ClusterState:
+        client = await KubegateClient.connect()
+        return await client.wait_cluster(
+            name, lambda s: s.status in ends, on_change=_Progress(), timeout=timeout
+        )
+
+    state: ClusterState = _run(run())
+    _show_cluster(state, output, describe=False)
+    if state.status not in goal:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @cluster_app.command("abort")
 def cluster_abort(
     name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table

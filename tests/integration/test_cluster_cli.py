@@ -178,6 +178,9 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert "Create VMs" in output and "cli-cp-0" in output and "Running" in output
     assert sim.password not in output
 
+    code, output = await run_cli(settings, "cluster", "wait", "cli", "--for", "running")
+    assert code == 0 and "status Running" in output, output
+
     code, output = await run_cli(settings, "cluster", "describe", "cli", "-o", "json")
     assert code == 0, output
     described = json.loads(output)
@@ -257,6 +260,10 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert "Deleted" in output
     code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")
     assert json.loads(output)["status"] == "Deleted"
+    code, output = await run_cli(settings, "cluster", "wait", "cli", "--for", "deleted")
+    assert code == 0 and "Deleted" in output, output
+    code, output = await run_cli(settings, "cluster", "wait", "cli", "--timeout", "5")
+    assert code == 1 and "Deleted" in output, output  # it ended, not Running
     code, output = await run_cli(settings, "cluster", "get", "nope")
     assert code == 2 and "does not exist" in output, output
     code, output = await run_cli(settings, "account", "list", "-o", "json")

@@ -379,6 +379,8 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["audit", "--clean"], "--clean: asks for confirmation"),
         (["audit", "-o", "yaml"], "--output"),
         (["gateway", "reconcile", "Lab_1"], "NAME"),
+        (["cluster", "wait", "demo", "--for", "sideways"], "--for: 'sideways' must be one of"),
+        (["cluster", "wait", "demo", "--timeout", "0"], "--timeout"),
         (["cluster", "reconcile", "demo", "-o", "yaml"], "--output"),
         (["cluster", "remediation", "pause", "demo", "-o", "yaml"], "--output"),
     ],
