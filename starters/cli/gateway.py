@@ -469,6 +469,15 @@ def gateway_reset(
 ) -> None:
     """Reset a stuck or failed gateway: remove what the attempt made, back to Pending."""
     state, code = _call(lambda c: c.reset_gateway(name))
+    if output is Output.json:  # JSON alone, the new pairing code in it
+        if wait:
+            state = _follow(state.name, _settled)
+        data = json.loads(_gateway_json(state))
+        data["pairing_code"] = code or None
+        out.print_json(json.dumps(data))
+        if wait and state.status is not GatewayStatus.PENDING:
+            raise typer.Exit(EXIT_FAILED)
+        return
     if code:
         out.print(f"new pairing code: [bold]{code[:5]}-{code[5:]}[/bold]", highlight=False)
     _finish(state, wait, output, GatewayStatus.PENDING)

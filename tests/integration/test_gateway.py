@@ -487,8 +487,11 @@ async def test_reset_after_a_failed_provisioning(
 
         # the operator removes the foreign VM, resets, and configures again
         destroy_vm(gsim, "/DC0/vm/rgw-pcg/rgw-pcg-cp-0")
-        code_cli, out = await run_cli(settings, "gateway", "reset", name, "--wait")
+        code_cli, out = await run_cli(settings, "gateway", "reset", name, "--wait", "-o", "json")
         assert code_cli == 0, out
+        # (the progress goes to stderr; stdout is the JSON alone, any new pairing code in it)
+        reset = json.loads(out[out.index("\n{") + 1 :] if not out.startswith("{") else out)
+        assert reset["status"] == "Pending" and "pairing_code" in reset, reset
         state = await kubegate.gateway_state(name)
         assert state.status is GatewayStatus.PENDING and state.agent is not None
         assert state.config is None and state.nodes is None and not state.accounts
