@@ -221,8 +221,8 @@ kubegate cluster delete demo --wait
 say "kubegate ippool list   (every address of the cluster back in its pool)"
 kubegate ippool list
 
-say "kubegate gateway logs lab -o $home/lab-logs.tgz"
-kubegate gateway logs lab -o "$home/lab-logs.tgz"
+say "kubegate gateway logs lab --output-file $home/lab-logs.tgz"
+kubegate gateway logs lab --output-file "$home/lab-logs.tgz"
 
 echo
 echo "Every step above is in the Temporal Web UI ($ui):"

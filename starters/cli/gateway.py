@@ -688,7 +688,8 @@ def gateway_policy(
 @gateway_app.command("logs")
 def gateway_logs(
     name: GatewayArg,
-    output_file: Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.tgz).")],
+    output_file: Annotated[Path, typer.Option("--output-file", help="Bundle to write (.tgz).")],
+    output: OutputOption = Output.table,
 ) -> None:
     """A support bundle: the agent's logs, the step history, recent vCenter events and tasks."""
     from starters.logs import agent_log_files, write_bundle
@@ -724,6 +725,15 @@ def gateway_logs(
         events=events,
         notes=notes,
     )
+    if output is Output.json:
+        document = {
+            "path": str(summary.path),
+            "size": summary.size,
+            "members": list(summary.members),
+            "notes": list(summary.notes),
+        }
+        out.print_json(json.dumps(document))
+        return
     out.print(
         f"wrote {summary.path} ({summary.size} bytes): {', '.join(summary.members)}",
         highlight=False,

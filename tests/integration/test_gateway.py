@@ -416,7 +416,9 @@ async def test_gateway_story(
 
         # the logs bundle (the agent runs in this process: its log file is not there)
         bundle = tmp_path / "gw1.tgz"
-        code_cli, out = await run_cli(settings, "gateway", "logs", name, "-o", str(bundle))
+        code_cli, out = await run_cli(
+            settings, "gateway", "logs", name, "--output-file", str(bundle)
+        )
         outputs.append(out)
         assert code_cli == 0, out
         with tarfile.open(bundle) as tar:

@@ -381,6 +381,7 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["gateway", "reconcile", "Lab_1"], "NAME"),
         (["cluster", "wait", "demo", "--for", "sideways"], "--for: 'sideways' must be one of"),
         (["cluster", "wait", "demo", "--timeout", "0"], "--timeout"),
+        (["gateway", "logs", "lab", "-o", "x.tgz"], "--output"),  # -o is a format everywhere
         (["cluster", "reconcile", "demo", "-o", "yaml"], "--output"),
         (["cluster", "remediation", "pause", "demo", "-o", "yaml"], "--output"),
     ],
