@@ -71,6 +71,10 @@ PROVISIONING_STATES = (ClusterStatus.QUEUED, ClusterStatus.PROVISIONING)
 NOT_QUEUED = "not-queued-unless-queued"
 
 
+#: patch: an aborted cluster is Deleting (reason "aborting") from the moment abort is accepted,
+#: not once the cancelled steps have ended
+ABORTING_AT_ONCE = "aborting-shown-at-once"
+
 #: patch: a day-2 change's Update returns its operation number once accepted; the change runs
 #: in the main loop (before it, the Update ran the whole change)
 CHANGES_ARE_OPERATIONS = "changes-are-operations"
@@ -501,10 +505,13 @@ class ClusterWorkflow:
 
     @workflow.update
     async def abort(self) -> ClusterState:
-        """Stop provisioning and remove everything created so far; returns at once."""
+        """Stop provisioning and remove everything created so far; returns at once, the
+        cluster `Deleting` (reason `aborting`) from that moment."""
         self.aborting = True
         if self.provisioning is not None:
             self.provisioning.cancel()
+        if not self.queued and workflow.patched(ABORTING_AT_ONCE):
+            self._set_status(ClusterStatus.DELETING, "aborting")
         return self.state
 
     @abort.validator

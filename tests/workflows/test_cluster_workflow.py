@@ -181,7 +181,8 @@ async def test_requests_the_status_does_not_allow_are_refused_and_abort_cleans_u
             await run.update(handle, ClusterWorkflow.retry)
         assert "only a Failed cluster" in str(refused.value.cause)
 
-        await run.update(handle, ClusterWorkflow.abort)
+        aborting = await run.update(handle, ClusterWorkflow.abort)
+        assert aborting.status is ClusterStatus.DELETING and aborting.reason == "aborting"
         state = await run.until(name, ClusterStatus.DELETED)
         assert state.reason == "aborted"
         assert [op for op, _, _ in operations(state.steps)] == ["deploy", "abort"]
