@@ -102,6 +102,7 @@ from domain.lifecycle import (
     ClusterSummary,
     ClusterUpgradeRequest,
     DeleteRequest,
+    Node,
     RemovePoolRequest,
     Rollout,
     ScaleRequest,
@@ -420,7 +421,7 @@ class KubegateClient:
                         name=state.name,
                         status=state.status.value,
                         gateway=state.gateway,
-                        nodes=len(state.nodes),
+                        nodes=len(existing(state)),
                         step=step.title if step else "",
                     )
                 )
@@ -1264,6 +1265,11 @@ class KubegateClient:
 
 
 S = TypeVar("S", ClusterState, GatewayState, AuditState)
+
+
+def existing(state: ClusterState) -> list[Node]:
+    """The nodes whose VM exists (a count shows what is, not what was planned)."""
+    return [n for n in state.nodes if n.vm and n.phase not in ("deleted", "planned")]
 
 
 async def _poll(

@@ -736,8 +736,8 @@ class NodeSet:
             await self._create_node(first, start=True)
             others = [n for n in pending if n is not first]
             await run_all([self._create_node(n, start=True) for n in others])
-        step.objects = [n.vm for n in self.record.nodes if n.vm]
-        step.detail = f"{len(step.objects)} VMs"
+        step.objects = [n.vm for n in pending if n.vm]  # (what this step made, not all)
+        step.detail = f"{len(step.objects)} VM(s) made"
 
     async def _ready(self, step: Step) -> None:
         """Start the nodes that wait for the first one, then wait until every node is ready."""

@@ -50,7 +50,7 @@ from starters.cli.common import (
     print_report,
     show_health,
 )
-from starters.client import KubegateClient
+from starters.client import KubegateClient, existing
 
 NameArg = Annotated[str, typer.Argument(help="Cluster name.")]
 
@@ -682,7 +682,7 @@ def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
             if state.reason and state.status in (ClusterStatus.DELETED, ClusterStatus.DEGRADED)
             else ""
         )
-        + f"  gateway {state.gateway}  nodes {len(state.nodes)}"
+        + f"  gateway {state.gateway}  nodes {len(existing(state))}"
         + (f"  VIP {state.vip}" if state.vip else ""),
         highlight=False,
     )
