@@ -135,15 +135,15 @@ else
     say "kubegate gateway reset lab --wait   (its configuration failed: configure it again)"
     kubegate gateway reset lab --wait >/dev/null
   elif [ "$state" = Failed ]; then
-    say "kubegate gateway delete lab --wait   (it failed after it ran: start over)"
-    kubegate gateway delete lab --wait >/dev/null
+    say "kubegate gateway delete lab --wait --yes   (it failed after it ran: start over)"
+    kubegate gateway delete lab --wait --yes >/dev/null
   fi
   read -r state paired ran < <(lab_state)
   if [ "$state" = Pending ] && [ "$paired" = unpaired ]; then
     # the installer may still hold its code (stopped before pairing); else start over
     if ! start_agent_from_installer; then
-      say "the installer of lab is gone: kubegate gateway delete lab --wait, and create it again"
-      kubegate gateway delete lab --wait >/dev/null
+      say "the installer of lab is gone: kubegate gateway delete lab --wait --yes, and create it again"
+      kubegate gateway delete lab --wait --yes >/dev/null
       state=None
     fi
   fi
@@ -190,7 +190,7 @@ if kubegate cluster get demo >/dev/null 2>&1; then
     say "cluster demo is left from an earlier demo ($cluster): deleting it first"
     if [ "$cluster" = "Provisioning" ] || [ "$cluster" = "Queued" ]; then
       kubegate cluster abort demo --wait >/dev/null
-    else kubegate cluster delete demo --wait >/dev/null; fi
+    else kubegate cluster delete demo --wait --yes >/dev/null; fi
   fi
 fi
 
@@ -215,8 +215,8 @@ kubegate account list
 say "kubegate ippool list"
 kubegate ippool list
 
-say "kubegate cluster delete demo --wait"
-kubegate cluster delete demo --wait
+say "kubegate cluster delete demo --wait --yes"
+kubegate cluster delete demo --wait --yes
 
 say "kubegate ippool list   (every address of the cluster back in its pool)"
 kubegate ippool list

@@ -38,6 +38,7 @@ from starters.cli.common import (
     Output,
     OutputOption,
     WaitOption,
+    YesOption,
     _bad_input,
     _invalid_fields,
     _Progress,
@@ -45,6 +46,7 @@ from starters.cli.common import (
     _short,
     app,
     cluster_app,
+    confirm,
     load_spec,
     out,
     print_report,
@@ -230,9 +232,14 @@ def cluster_abort(
 
 @cluster_app.command("delete")
 def cluster_delete(
-    name: NameArg, wait: WaitOption = False, output: OutputOption = Output.table
+    name: NameArg,
+    wait: WaitOption = False,
+    yes: YesOption = False,
+    output: OutputOption = Output.table,
 ) -> None:
-    """Delete a Running or Failed cluster: its VMs, addresses and folder."""
+    """Delete a Running or Failed cluster: its VMs, addresses and folder (asks first on a
+    terminal; --yes does not ask)."""
+    confirm(f"Delete cluster {name}, its VMs, addresses and folder?", yes)
     _lifecycle(
         name, lambda c: c.delete_cluster(name), "delete", ClusterStatus.DELETED, wait, output
     )
@@ -349,9 +356,12 @@ def cluster_remove_pool(
     name: NameArg,
     pool: Annotated[str, typer.Argument(help="Worker pool name.")],
     wait: ChangeWaitOption = True,
+    yes: YesOption = False,
     output: OutputOption = Output.table,
 ) -> None:
-    """Remove a worker pool: its VMs and addresses."""
+    """Remove a worker pool: its VMs and addresses (asks first on a terminal; --yes does not
+    ask)."""
+    confirm(f"Remove worker pool {pool} of cluster {name}, its VMs and addresses?", yes)
     _change(name, lambda c: c.remove_pool(name, pool, wait=wait), output)
 
 

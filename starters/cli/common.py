@@ -367,3 +367,21 @@ def show_health(health: ClusterHealth) -> None:
     for f in health.findings:
         table.add_row(f.kind, f.node, f.vm.partition(":")[2], f.detail)
     out.print(table)
+
+
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask before something destructive, on a terminal; without one `--yes` is needed (exit 2,
+    nothing started). Declined: exit 0, nothing started."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        _bad_input(
+            f"--yes: this asks for confirmation on a terminal ({question}); pass --yes to go "
+            "on without asking (nothing was started)"
+        )
+    if not typer.confirm(question, err=True):
+        err.print("not confirmed: nothing was started")
+        raise typer.Exit(0)

@@ -33,12 +33,14 @@ from starters.cli.common import (
     OutputOption,
     PairingCodeFileOption,
     WaitOption,
+    YesOption,
     _bad_input,
     _call,
     _failed,
     _Progress,
     _run,
     _short,
+    confirm,
     err,
     gateway_app,
     load_spec,
@@ -552,11 +554,14 @@ def gateway_delete(
             "gateway deleted already."
         ),
     ] = None,
+    yes: YesOption = False,
     output: OutputOption = Output.table,
 ) -> None:
     """Delete a gateway: refused while any of its clusters is not deleted. A configured gateway
-    removes its installer VM itself; one that never got vCenter credentials needs --vcenter."""
+    removes its installer VM itself; one that never got vCenter credentials needs --vcenter.
+    Asks first on a terminal (--yes does not ask)."""
     _check_name(name)
+    confirm(f"Delete gateway {name}, its nodes, addresses and installer VM?", yes)
     spec = load_spec(vcenter, InstallFile) if vcenter is not None else None
     password = read_password(spec.vcenter, vcenter.parent) if spec and vcenter else None
     state = _call(lambda c: c.gateway_state(name))

@@ -255,7 +255,7 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert state.status.value == "Failed"
     assert [p.name for p in state.spec.workers] == ["w"]
 
-    code, output = await run_cli(settings, "cluster", "delete", "cli", "--wait")
+    code, output = await run_cli(settings, "cluster", "delete", "cli", "--wait", "--yes")
     assert code == 0, output
     assert "Deleted" in output
     code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")

@@ -332,7 +332,7 @@ async def test_gateway_story(
         assert [(c.name, c.status) for c in state.clusters] == [("gwc1", "Running")]
 
         # refusals: delete while a cluster lives; its account while used; shrink; same size
-        code_cli, out = await run_cli(settings, "gateway", "delete", name)
+        code_cli, out = await run_cli(settings, "gateway", "delete", name, "--yes")
         outputs.append(out)
         assert code_cli == 2 and "gwc1" in out, out
         with pytest.raises(RequestRefused, match="used by cluster"):
@@ -710,18 +710,18 @@ async def test_delete_removes_the_installer_in_every_state(
         assert vm_power(gsim, installed.inventory_path) == "poweredOn"
         # without --vcenter: deleted, and told that the installer stays
         if not paired:
-            status, out = await run_cli(settings, "gateway", "delete", name, "--wait")
+            status, out = await run_cli(settings, "gateway", "delete", name, "--wait", "--yes")
             assert status == 0 and "--vcenter install.yaml" in " ".join(out.split()), out
             assert vm_power(gsim, installed.inventory_path) == "poweredOn"
         # with it (also once the gateway is deleted): the installer goes
         status, out = await run_cli(
-            settings, "gateway", "delete", name, "--vcenter", str(install_yaml), "--wait"
+            settings, "gateway", "delete", name, "--vcenter", str(install_yaml), "--wait", "-y"
         )
         assert status == 0, out
         assert f"installer VM {installed.inventory_path} removed" in " ".join(out.split()), out
         assert vm_power(gsim, installed.inventory_path) is None
         assert (await kubegate.gateway_state(name)).status is GatewayStatus.DELETED
         status, out = await run_cli(
-            settings, "gateway", "delete", name, "--vcenter", str(install_yaml)
+            settings, "gateway", "delete", name, "--vcenter", str(install_yaml), "--yes"
         )
         assert status == 0 and "no installer VM to remove" in out, out

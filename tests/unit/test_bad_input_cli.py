@@ -382,6 +382,10 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["cluster", "wait", "demo", "--for", "sideways"], "--for: 'sideways' must be one of"),
         (["cluster", "wait", "demo", "--timeout", "0"], "--timeout"),
         (["gateway", "logs", "lab", "-o", "x.tgz"], "--output"),  # -o is a format everywhere
+        # destructive: no terminal and no --yes, nothing is started
+        (["cluster", "delete", "demo"], "--yes: this asks for confirmation"),
+        (["cluster", "remove-pool", "demo", "w"], "--yes: this asks for confirmation"),
+        (["gateway", "delete", "lab"], "--yes: this asks for confirmation"),
         (["cluster", "reconcile", "demo", "-o", "yaml"], "--output"),
         (["cluster", "remediation", "pause", "demo", "-o", "yaml"], "--output"),
     ],
