@@ -1098,6 +1098,25 @@ class KubegateClient:
     def pool_handle(self, gateway: str, pool: str) -> WorkflowHandle[Any, Any]:
         return self.client.get_workflow_handle(names.ippool_workflow_id(gateway, pool))
 
+    async def pool_gateway(self, pool: str, gateway: str | None, default: str) -> str:
+        """The gateway of the pool named: `gateway` when given; else the one gateway that has
+        a pool of that name, else `default`. Refused (RequestRefused) when several have one."""
+        if gateway:
+            return gateway
+        query = "KubegateKind = 'ippool' AND ExecutionStatus = 'Running'"
+        found = sorted(
+            {
+                execution.id.split("/")[1]
+                async for execution in self.client.list_workflows(query)
+                if execution.id.count("/") == 2 and execution.id.endswith(f"/{pool}")
+            }
+        )
+        if len(found) > 1:
+            raise RequestRefused(
+                f"--gateway: IP pool {pool} exists on gateways {', '.join(found)}; say which"
+            )
+        return found[0] if found else default
+
     async def list_pools(
         self, gateway: str | None = None, strict: bool = False
     ) -> list[PoolStatus]:

@@ -105,10 +105,10 @@ def ippool_get(
     output: OutputOption = Output.table,
 ) -> None:
     """A pool's definition and its allocations."""
-    gw = gateway or Settings().gateway
 
     async def run() -> tuple[PoolStatus, list[Allocation]]:
         client = await KubegateClient.connect()
+        gw = await client.pool_gateway(name, gateway, Settings().gateway)
         status = await client.pool_status(gw, name)
         return status, await client.pool_allocations(gw, name, owner)
 
@@ -151,10 +151,12 @@ def ippool_delete(
     gateway: GatewayOption = None,
 ) -> None:
     """Delete a pool; refused while any address is allocated."""
-    gw = gateway or Settings().gateway
 
-    async def run() -> PoolStatus:
-        return await (await KubegateClient.connect()).delete_pool(gw, name)
+    async def run() -> str:
+        client = await KubegateClient.connect()
+        gw = await client.pool_gateway(name, gateway, Settings().gateway)
+        await client.delete_pool(gw, name)
+        return gw
 
-    _run(run())
+    gw = _run(run())
     out.print(f"deleted IP pool {name} of gateway {gw}", highlight=False)

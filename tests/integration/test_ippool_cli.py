@@ -53,6 +53,9 @@ async def test_create_list_get_delete(
     code, output = await run_cli(settings, "ippool", "get", "lab-pool", "-g", gw, "-o", "json")
     data = json.loads(output)
     assert {a["slot"] for a in data["allocations"]} == {"vip", "cp-0"}
+    # without -g: the one gateway that has a pool of that name (as `list` shows them all)
+    code, output = await run_cli(settings, "ippool", "get", "lab-pool", "-o", "json")
+    assert code == 0 and json.loads(output)["gateway"] == gw, output
 
     code, output = await run_cli(settings, "ippool", "delete", "lab-pool", "-g", gw)
     assert code == 2
