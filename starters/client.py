@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
@@ -655,6 +655,38 @@ class KubegateClient:
         signing key (`kubegate operator key` prints it)."""
         return AgentKey.load_or_create(self.settings.home / "operator.key")
 
+    async def in_flight(self, name: str) -> list[InFlight]:
+        """What a cluster's workflow is waiting on right now: each activity in flight, its
+        attempt, its last heartbeat (the stage, the vCenter task, the VM, what it waits for)
+        and its last failure, as Temporal has them."""
+        described = await self.cluster_handle(name).describe()
+        found = []
+        for pending in described.raw_description.pending_activities:
+            heartbeat: Any = None
+            if pending.HasField("heartbeat_details") and pending.heartbeat_details.payloads:
+                with contextlib.suppress(Exception):  # (an undecodable beat says nothing)
+                    values = await self.client.data_converter.decode(
+                        pending.heartbeat_details.payloads
+                    )
+                    heartbeat = values[0] if values else None
+            seen = (
+                pending.last_heartbeat_time.ToDatetime(tzinfo=UTC)
+                if pending.HasField("last_heartbeat_time")
+                else None
+            )
+            found.append(
+                InFlight(
+                    activity=pending.activity_type.name,
+                    attempt=pending.attempt,
+                    heartbeat=heartbeat if isinstance(heartbeat, dict) else None,
+                    heartbeat_at=seen,
+                    last_failure=pending.last_failure.message
+                    if pending.HasField("last_failure")
+                    else "",
+                )
+            )
+        return found
+
     async def wait_cluster(
         self,
         name: str,
@@ -1284,6 +1316,21 @@ class KubegateClient:
 
 
 S = TypeVar("S", ClusterState, GatewayState, AuditState)
+
+
+class InFlight(BaseModel):
+    """An activity a lifecycle waits on right now (KubegateClient.in_flight)."""
+
+    activity: str
+    attempt: int
+    heartbeat: dict[str, Any] | None = None
+    heartbeat_at: datetime | None = None
+    last_failure: str = ""
+
+    def said(self) -> str:
+        """Its last heartbeat in words: 'stage=guest task=Task:task-12 waiting=[...]'."""
+        beat = self.heartbeat or {}
+        return " ".join(f"{k}={v}" for k, v in beat.items() if v not in (None, "", 0, []))
 
 
 def existing(state: ClusterState) -> list[Node]:

@@ -52,7 +52,7 @@ from starters.cli.common import (
     print_report,
     show_health,
 )
-from starters.client import KubegateClient, existing
+from starters.client import InFlight, KubegateClient, existing
 
 NameArg = Annotated[str, typer.Argument(help="Cluster name.")]
 
@@ -156,9 +156,35 @@ def cluster_get(name: NameArg, output: OutputOption = Output.table) -> None:
 
 @cluster_app.command("describe")
 def cluster_describe(name: NameArg, output: OutputOption = Output.table) -> None:
-    """A cluster's step history (with durations) and its nodes."""
-    _, state = _get(name)
+    """A cluster's step history (with durations), its nodes, and what it waits on now (each
+    activity in flight with its last heartbeat: the vCenter task, the VM, what it waits for)."""
+
+    async def run() -> tuple[ClusterState, list[InFlight]]:
+        client = await KubegateClient.connect()
+        state = await client.cluster_state(name)
+        try:
+            flying = await client.in_flight(name)
+        except Exception:  # (Temporal's description is extra: the state is the answer)
+            flying = []
+        return state, flying
+
+    state, flying = _run(run())
+    if output is Output.json:
+        data = json.loads(_state_json(state))
+        data["in_flight"] = [f.model_dump(mode="json") for f in flying]
+        out.print_json(json.dumps(data))
+        return
     _show_cluster(state, output, describe=True)
+    if flying:
+        table = Table(title="In flight")
+        for column in ("activity", "attempt", "last heartbeat", "says", "last failure"):
+            table.add_column(column)
+        for f in flying:
+            at = f"{f.heartbeat_at:%H:%M:%S}" if f.heartbeat_at else ""
+            table.add_row(
+                f.activity, str(f.attempt), at, _short(f.said(), 80), _short(f.last_failure, 60)
+            )
+        out.print(table)
 
 
 @cluster_app.command("list")

@@ -105,6 +105,15 @@ async def test_abort_during_first_clone(
         lambda s: any(n.name == "ab-during-cp-0" and n.phase == "creating" for n in s.nodes),
     )
     await asyncio.sleep(0.5)  # the clone task is in flight in vCenter
+    # what it waits on, as `cluster describe` shows it: the create, its stage and vCenter task
+    for _ in range(50):
+        flying = [f for f in await kubegate.in_flight("ab-during") if f.activity == "vm_create"]
+        if any((f.heartbeat or {}).get("task") for f in flying):
+            break
+        await asyncio.sleep(0.1)
+    beat = next(f for f in flying if (f.heartbeat or {}).get("task"))
+    assert beat.heartbeat is not None and str(beat.heartbeat["task"]).startswith("Task:")
+    assert "stage=" in beat.said() and beat.attempt >= 1
     await kubegate.abort_cluster("ab-during")
     await assert_nothing_left(kubegate, slow, "ab-during", pool.name)
     state = await kubegate.cluster_state("ab-during")
