@@ -147,9 +147,42 @@ def _get(name: str) -> tuple[KubegateClient, ClusterState]:
     return result
 
 
+WatchOption = Annotated[
+    bool,
+    typer.Option(
+        "--watch", "-w", help="Print it again at every change, until it is Deleted or Ctrl-C."
+    ),
+]
+
+
+def _watch(name: str, show: Any) -> None:
+    """Print the cluster at every change (status, step, step state or detail) until it is
+    Deleted; Ctrl-C ends it (exit 0)."""
+
+    async def run() -> ClusterState:
+        client = await KubegateClient.connect()
+        return await client.wait_cluster(
+            name,
+            lambda s: s.status is ClusterStatus.DELETED,
+            on_change=show,
+            timeout=10.0**9,
+            interval=1.0,
+        )
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
 @cluster_app.command("get")
-def cluster_get(name: NameArg, output: OutputOption = Output.table) -> None:
-    """A cluster's status, current step and nodes count."""
+def cluster_get(
+    name: NameArg, watch: WatchOption = False, output: OutputOption = Output.table
+) -> None:
+    """A cluster's status, current step and nodes count (--watch: again at every change)."""
+    if watch:
+        _watch(name, lambda state: _show_cluster(state, output, describe=False))
+        return
     _, state = _get(name)
     _show_cluster(state, output, describe=False)
 

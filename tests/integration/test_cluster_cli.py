@@ -260,6 +260,8 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert "Deleted" in output
     code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")
     assert json.loads(output)["status"] == "Deleted"
+    code, output = await run_cli(settings, "cluster", "get", "cli", "--watch")
+    assert code == 0 and "status Deleted" in output, output  # (nothing more to watch)
     code, output = await run_cli(settings, "cluster", "wait", "cli", "--for", "deleted")
     assert code == 0 and "Deleted" in output, output
     code, output = await run_cli(settings, "cluster", "wait", "cli", "--timeout", "5")
