@@ -655,6 +655,11 @@ class KubegateClient:
         signing key (`kubegate operator key` prints it)."""
         return AgentKey.load_or_create(self.settings.home / "operator.key")
 
+    async def cluster_events(self, name: str) -> EventsResult:
+        """Recent vCenter events and tasks of a cluster's VMs and folder (by its agent)."""
+        result: EventsResult = await self._cluster_update(name, ClusterWorkflow.collect_events)
+        return result
+
     async def in_flight(self, name: str) -> list[InFlight]:
         """What a cluster's workflow is waiting on right now: each activity in flight, its
         attempt, its last heartbeat (the stage, the vCenter task, the VM, what it waits for)

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import errors, names
     from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
     from domain.cluster import ClusterSpec, NodeHealth, WorkerPool, plan_nodes
+    from domain.events import EventsRequest, EventsResult
     from domain.gateway import ClusterChanged
     from domain.health import (
         CHECKS_PER_RUN,
@@ -846,6 +847,39 @@ class ClusterWorkflow:
             raise invalid_state(
                 f"cluster {self.state.name} is {self.state.status}: only a Running or Degraded "
                 "cluster reconciles"
+            )
+
+    @workflow.update
+    async def collect_events(self) -> EventsResult:
+        """Recent vCenter events and tasks of the cluster's VMs and folder (`cluster
+        events`), read by the gateway's agent; changes nothing."""
+        nodes = self.nodes
+        if nodes.account.credentials is None:
+            await nodes.refresh_account()
+        if nodes.account.credentials is None:
+            raise invalid_state(f"cluster {self.state.name}: no credentials to read vCenter")
+        objects = [n.vm for n in self.state.nodes if n.vm]
+        if self.state.folder_ref:
+            objects.append(self.state.folder_ref)
+        return await nodes.agent(
+            "vm_events",
+            EventsRequest(
+                credentials=nodes.account.current,
+                datacenter=self.state.spec.placement.datacenter,
+                objects=objects,
+                folder=self.state.folder,
+                limit=500,
+            ),
+            EventsResult,
+            f"Collect vCenter events of cluster {self.state.name}",
+            deadline=_KUBECONFIG_DEADLINE,
+        )
+
+    @collect_events.validator
+    def _events_ok(self) -> None:
+        if self.state.status in (ClusterStatus.QUEUED, ClusterStatus.DELETED):
+            raise invalid_state(
+                f"cluster {self.state.name} is {self.state.status}: it has no VMs to ask about"
             )
 
     @workflow.update

@@ -9,7 +9,7 @@ import getpass
 import json
 import os
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from domain.cluster import MAX_POOL_NODES, ClusterProfile, ClusterSpec, ProfileFile, WorkerPool
 from domain.errors import field_errors
+from domain.events import EventsResult
 from domain.kubeconfig import MAX_TTL_SECONDS, MIN_TTL_SECONDS, USER
 from domain.lifecycle import (
     ChangeResult,
@@ -47,6 +48,7 @@ from starters.cli.common import (
     app,
     cluster_app,
     confirm,
+    err,
     load_spec,
     out,
     print_report,
@@ -279,6 +281,49 @@ def cluster_wait(
     _show_cluster(state, output, describe=False)
     if state.status not in goal:
         raise typer.Exit(EXIT_FAILED)
+
+
+@cluster_app.command("events")
+def cluster_events(name: NameArg, output: OutputOption = Output.table) -> None:
+    """What happened to a cluster, newest last: its steps, and the vCenter events and tasks
+    of its VMs and folder (read by the gateway's agent)."""
+
+    async def run() -> tuple[ClusterState, EventsResult]:
+        client = await KubegateClient.connect()
+        state = await client.cluster_state(name)
+        return state, await client.cluster_events(name)
+
+    state, events = _run(run())
+    rows: list[tuple[datetime, str, str, str]] = []
+    for step in state.steps:
+        if step.started is not None:
+            what = f"{step.title} ({step.state.value})"
+            rows.append((step.started, "step", step.operation, what + _tail(step)))
+    for event in events.events:
+        rows.append((event.time, "event", event.object_name or event.object, event.message))
+    for task in events.tasks:
+        what = f"{task.name} {task.state}" + (f": {task.error}" if task.error else "")
+        rows.append((task.time, "task", task.object_name or task.object, what))
+    rows.sort(key=lambda r: r[0])
+    if output is Output.json:
+        document = [
+            {"time": t.isoformat(), "kind": k, "object": o, "what": w} for t, k, o, w in rows
+        ]
+        out.print_json(json.dumps(document))
+        return
+    table = Table(title=f"cluster {name}: steps, vCenter events and tasks, newest last")
+    for column in ("time", "kind", "object", "what"):
+        table.add_column(column)
+    for t, k, o, w in rows:
+        table.add_row(f"{t:%Y-%m-%d %H:%M:%S}", k, o, w)
+    out.print(table)
+    if events.missing:
+        err.print(f"no longer in vCenter (skipped): {', '.join(events.missing)}")
+
+
+def _tail(step: Any) -> str:
+    said = step.error or step.detail
+    return f": {_short(said, 80)}" if said else ""
 
 
 @cluster_app.command("abort")

@@ -180,6 +180,13 @@ async def test_deploy_describe_scale_delete_through_the_cli(
 
     code, output = await run_cli(settings, "cluster", "wait", "cli", "--for", "running")
     assert code == 0 and "status Running" in output, output
+    code, output = await run_cli(settings, "cluster", "events", "cli", "-o", "json")
+    assert code == 0, output
+    happened = json.loads(output)
+    kinds = {row["kind"] for row in happened}
+    assert {"step", "event"} <= kinds, output
+    assert [row["time"] for row in happened] == sorted(row["time"] for row in happened)
+    assert any(row["object"] == "cli-cp-0" for row in happened if row["kind"] == "event")
 
     code, output = await run_cli(settings, "cluster", "describe", "cli", "-o", "json")
     assert code == 0, output
