@@ -115,5 +115,16 @@ def tool_path(name: str) -> Path:
     return Path(sys.executable).parent / name
 
 
+#: where `make setup` builds the simulator: the checkout's own .kubegate/bin
+CHECKOUT_VCSIM = Path(__file__).resolve().parents[1] / ".kubegate" / "bin" / "vcsim"
+
+
 def vcsim_binary(settings: Settings) -> Path:
-    return settings.vcsim_binary or settings.home / "bin" / "vcsim"
+    """KUBEGATE_VCSIM_BINARY, else the home's bin/vcsim, else the one `make setup` built in
+    this checkout (a KUBEGATE_HOME outside the checkout has none of its own)."""
+    if settings.vcsim_binary is not None:
+        return settings.vcsim_binary
+    own = settings.home / "bin" / "vcsim"
+    if not own.exists() and CHECKOUT_VCSIM.exists():
+        return CHECKOUT_VCSIM
+    return own

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -353,6 +354,12 @@ class DevStack:
             temporal += ["--ui-codec-endpoint", s.ui_codec_endpoint]
         for key in names.SEARCH_ATTRIBUTES:
             temporal += ["--search-attribute", f"{key.name}=Keyword"]
+        try:
+            options = shlex.split(s.vcsim_options)  # (quoted values may hold spaces)
+        except ValueError as exc:
+            raise DevStackError(
+                f"KUBEGATE_VCSIM_OPTIONS: {exc} (quote values with spaces)"
+            ) from None
         vcsim = [
             str(vcsim_binary(s).resolve()),
             "-listen",
@@ -367,7 +374,7 @@ class DevStack:
             str(self.cert_file),
             "-tls-key",
             str(self.key_file),
-            *s.vcsim_options.split(),
+            *options,
         ]
         agent_queue = names.gateway_task_queue(s.gateway)
         return [
