@@ -125,13 +125,32 @@ class DevStack:
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         password = self._sim_password()
         self._sim_certificate()
-        outcome = []
-        for component in self.components(password):
-            if component.name != "gateway-agent":  # it pairs first: see _system_gateway
-                outcome.append((component.name, await self._start(component, timeout)))
-        self._write_dev_account()
-        outcome += await self._system_gateway(password, timeout)
+        outcome: list[tuple[str, str]] = []
+        try:
+            for component in self.components(password):
+                if component.name != "gateway-agent":  # it pairs first: see _system_gateway
+                    outcome.append((component.name, await self._start(component, timeout)))
+            self._write_dev_account()
+            outcome += await self._system_gateway(password, timeout)
+        except BaseException:
+            # failed half-way: stop what this call started (what ran before stays), newest
+            # first, so a second `dev up` starts from where the first began
+            for name, how in reversed(outcome):
+                if how == "started":
+                    self._stop(name)
+            raise
         return outcome
+
+    def _stop(self, name: str) -> bool:
+        """Stop one recorded process; True when it was running."""
+        pidfile = self.pids / f"{name}.pid"
+        if not pidfile.exists():
+            return False
+        pid = self._pid(name)
+        if pid is not None:
+            _terminate(pid)
+        pidfile.unlink(missing_ok=True)
+        return pid is not None
 
     async def agent(
         self,
@@ -300,14 +319,8 @@ class DevStack:
         newest first."""
         outcome = []
         for name in [*reversed(self._agent_names()), *reversed(self._names())]:
-            pidfile = self.pids / f"{name}.pid"
-            if not pidfile.exists():
-                continue
-            pid = self._pid(name)
-            if pid is not None:
-                _terminate(pid)
-            outcome.append((name, "stopped" if pid is not None else "not running"))
-            pidfile.unlink(missing_ok=True)
+            if (self.pids / f"{name}.pid").exists():
+                outcome.append((name, "stopped" if self._stop(name) else "not running"))
         return outcome
 
     def status(self) -> list[dict[str, str]]:

@@ -307,3 +307,28 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert {row["state"] for row in DevStack(settings).status()} == {"stopped"}
+
+
+def test_dev_up_failing_half_way_stops_what_it_started(tmp_path: Path) -> None:
+    """The simulator cannot start (no binary there): `dev up` fails, and the Temporal server
+    it had started is stopped again (its pid file gone, its port free)."""
+    temporal_port = free_port()
+    env = {
+        **os.environ,
+        "KUBEGATE_HOME": str(tmp_path / "home"),
+        "KUBEGATE_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal_port}",
+        "KUBEGATE_UI_PORT": str(free_port()),
+        "KUBEGATE_VCSIM_ADDRESS": f"127.0.0.1:{free_port()}",
+        "KUBEGATE_VCSIM_BINARY": str(tmp_path / "no-such-vcsim"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "starters.cli", "dev", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert not (tmp_path / "home" / "pids" / "temporal.pid").exists()
+    with socket.socket() as probe:  # nothing listens on Temporal's port any more
+        assert probe.connect_ex(("127.0.0.1", temporal_port)) != 0
