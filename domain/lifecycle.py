@@ -340,6 +340,8 @@ class ClusterSummary(BaseModel):
     gateway: str
     nodes: int
     step: str = ""
+    version: str = Field(default="", description="The Kubernetes version of its spec.")
+    created_at: datetime | None = None
 
 
 class ScaleRequest(BaseModel):

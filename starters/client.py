@@ -423,6 +423,8 @@ class KubegateClient:
                         gateway=state.gateway,
                         nodes=len(existing(state)),
                         step=step.title if step else "",
+                        version=state.spec.kubernetes_version(),
+                        created_at=state.created_at,
                     )
                 )
         return sorted(out, key=lambda c: c.name)

@@ -9,7 +9,7 @@ import getpass
 import json
 import os
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -239,10 +239,19 @@ def cluster_list(
         out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
         return
     table = Table()
-    for column in ("name", "status", "gateway", "nodes", "step"):
+    for column in ("name", "status", "version", "gateway", "nodes", "age", "step"):
         table.add_column(column)
+    now = datetime.now(UTC)
     for row in rows:
-        table.add_row(row.name, row.status, row.gateway, str(row.nodes), row.step)
+        table.add_row(
+            row.name,
+            row.status,
+            row.version,
+            row.gateway,
+            str(row.nodes),
+            age(now - row.created_at) if row.created_at else "",
+            row.step,
+        )
     out.print(table)
 
 
@@ -319,6 +328,15 @@ def cluster_events(name: NameArg, output: OutputOption = Output.table) -> None:
     out.print(table)
     if events.missing:
         err.print(f"no longer in vCenter (skipped): {', '.join(events.missing)}")
+
+
+def age(span: timedelta) -> str:
+    """An age as kubectl prints it: 45s, 12m, 5h, 3d."""
+    seconds = max(int(span.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _tail(step: Any) -> str:

@@ -197,6 +197,10 @@ async def test_deploy_describe_scale_delete_through_the_cli(
 
     code, output = await run_cli(settings, "cluster", "list", "-o", "json")
     assert code == 0 and "cli" in [c["name"] for c in json.loads(output)], output
+    listed = next(c for c in json.loads(output) if c["name"] == "cli")
+    assert listed["version"] and listed["created_at"] and listed["nodes"] == 2, listed
+    code, output = await run_cli(settings, "cluster", "list")
+    assert code == 0 and "version" in output and "age" in output, output
 
     # apply --dry-run prints the plan and changes nothing; a field that cannot change: exit 2
     edited = base("cli-pool")

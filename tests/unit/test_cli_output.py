@@ -28,3 +28,17 @@ def test_outside_a_terminal_nothing_is_wrapped_or_cut(capsys: pytest.CaptureFixt
     printed = capsys.readouterr().out
     assert f"line {long}\n" in printed
     assert long in printed and "…" not in printed
+
+
+def test_ages_read_as_kubectl_prints_them() -> None:
+    from datetime import timedelta
+
+    from starters.cli.cluster import age
+
+    assert [age(timedelta(seconds=s)) for s in (0, 45, 60, 7200, 3 * 86400 + 5)] == [
+        "0s",
+        "45s",
+        "1m",
+        "2h",
+        "3d",
+    ]
