@@ -54,11 +54,13 @@ def sims_policy(gateway: str, operators: bool = False) -> Any:
     with `operators`, the tests' operators' kubeconfigs)."""
     from domain.trust import AgentPolicy, PolicyVCenter
 
+    # (a port a stopped simulator had may be another's now: the newest one on it counts)
+    newest = {sim.info["port"]: sim for sim in STARTED}
     return AgentPolicy(
         gateway=gateway,
         vcenters=[
-            PolicyVCenter(server="127.0.0.1", port=sim.info["port"], thumbprint=sim.thumbprint)
-            for sim in STARTED
+            PolicyVCenter(server="127.0.0.1", port=port, thumbprint=sim.thumbprint)
+            for port, sim in newest.items()
         ],
         operators=list(OPERATORS) if operators else [],
     )
@@ -131,6 +133,10 @@ class Vcsim:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+        if self in STARTED:  # its port may be the next simulator's: no longer trusted
+            STARTED.remove(self)
+            for path, gateway, operators in POLICIES:
+                write_policy(path, sims_policy(gateway, operators))
 
     @property
     def address(self) -> str:
