@@ -459,8 +459,8 @@ async def test_gateway_story(
         assert gsim.password not in history_text(history), workflow_id
     assert all(gsim.password not in out for out in outputs)
     assert caplog.records and gsim.password not in caplog.text
-    await record_history(kubegate.client, "gateway/gw1", "gateway_story")
-    await record_history(kubegate.client, "cluster/gwc2", "cluster_queued_by_gateway")
+    await record_history(kubegate.client, "gateway/gw1", "gateway_story_healing")
+    await record_history(kubegate.client, "cluster/gwc2", "cluster_queued_by_gateway_healing")
 
 
 async def test_reset_after_a_failed_provisioning(
