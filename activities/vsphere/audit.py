@@ -32,7 +32,13 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
+from activities.vsphere.inventory import (
+    find_by_path,
+    from_ref,
+    ref,
+    retrieve,
+    retrieve_all_vms,
+)
 from activities.vsphere.ovf import vapp_properties
 from activities.vsphere.rest import RestSession
 from activities.vsphere.session import (
@@ -374,27 +380,8 @@ _VM_PATHS = ["name", "config.annotation", "config.files.vmPathName", "runtime.po
 
 
 def _all_vms(session: VSphereSession, datacenter: Any) -> dict[str, dict[str, Any]]:
-    """Every VM of the datacenter with _VM_PATHS: a container view, one paged read."""
-    view = session.content.viewManager.CreateContainerView(datacenter, [vim.VirtualMachine], True)
-    try:
-        spec = PC.FilterSpec(
-            objectSet=[
-                PC.ObjectSpec(
-                    obj=view,
-                    skip=True,
-                    selectSet=[
-                        PC.TraversalSpec(
-                            name="view", type=vim.view.ContainerView, path="view", skip=False
-                        )
-                    ],
-                )
-            ],
-            propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_VM_PATHS)],
-        )
-        return retrieve_spec(session, spec)
-    finally:
-        with contextlib.suppress(Exception):  # best effort
-            view.DestroyView()
+    """Every VM of the datacenter with _VM_PATHS (one paged read)."""
+    return retrieve_all_vms(session, datacenter, _VM_PATHS)
 
 
 def _marked(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pyVmomi import VmomiSupport, vmodl
+from pyVmomi import VmomiSupport, vim, vmodl
 
 from activities.vsphere.session import VSphereSession
 
@@ -77,3 +78,31 @@ def retrieve_spec(
             break
         result = collector.ContinueRetrievePropertiesEx(result.token)
     return found
+
+
+def retrieve_all_vms(
+    session: VSphereSession, container: Any, paths: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Every VM below a container (a datacenter, a folder) with these property paths: a
+    container view and one paged read; the view destroyed after."""
+    pc = vmodl.query.PropertyCollector
+    view = session.content.viewManager.CreateContainerView(container, [vim.VirtualMachine], True)
+    try:
+        spec = pc.FilterSpec(
+            objectSet=[
+                pc.ObjectSpec(
+                    obj=view,
+                    skip=True,
+                    selectSet=[
+                        pc.TraversalSpec(
+                            name="view", type=vim.view.ContainerView, path="view", skip=False
+                        )
+                    ],
+                )
+            ],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=list(paths))],
+        )
+        return retrieve_spec(session, spec)
+    finally:
+        with contextlib.suppress(Exception):  # best effort
+            view.DestroyView()

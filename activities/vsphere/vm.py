@@ -31,7 +31,14 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from activities.kube import wait_kubernetes_ready
 from activities.secrets import open_cluster_secrets
 from activities.vsphere.calls import call_vcenter
-from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve, retrieve_spec
+from activities.vsphere.inventory import (
+    find_by_path,
+    from_ref,
+    ref,
+    retrieve,
+    retrieve_all_vms,
+    retrieve_spec,
+)
 from activities.vsphere.ovf import read_properties
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from activities.vsphere.tags import tagged_objects
@@ -1380,26 +1387,7 @@ def _marked_vms(
     datacenter = find_by_path(session, f"/{dc}")
     if not isinstance(datacenter, vim.Datacenter):
         return []  # no such datacenter: nothing of the cluster's can be in it
-    view = session.content.viewManager.CreateContainerView(datacenter, [vim.VirtualMachine], True)
-    try:
-        spec = PC.FilterSpec(
-            objectSet=[
-                PC.ObjectSpec(
-                    obj=view,
-                    skip=True,
-                    selectSet=[
-                        PC.TraversalSpec(
-                            name="view", type=vim.view.ContainerView, path="view", skip=False
-                        )
-                    ],
-                )
-            ],
-            propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=["config.annotation"])],
-        )
-        everything = retrieve_spec(session, spec)
-    finally:
-        with contextlib.suppress(Exception):  # best effort
-            view.DestroyView()
+    everything = retrieve_all_vms(session, datacenter, ["config.annotation"])
     needle = f"{MARK_CLUSTER}={cluster_id}\n"
     candidates = [
         from_ref(session, key)
