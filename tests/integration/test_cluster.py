@@ -662,10 +662,10 @@ async def test_a_kubeconfig_is_minted_from_the_cluster_ca_and_only_its_requester
         assert "client-key-data" not in seen
 
     # a signed request is answered once: sent again (as anyone could, from the history), refused
-    handle = kubegate.cluster_handle("kc")
-    history = await handle.fetch_history()
+    # (any run: the cluster may have continued as new since, after a reconcile)
     (sent,) = [
         e.workflow_execution_update_accepted_event_attributes.accepted_request
+        for history in await all_runs(kubegate.client, "cluster/kc")
         for e in history.events
         if e.HasField("workflow_execution_update_accepted_event_attributes")
         and e.workflow_execution_update_accepted_event_attributes.accepted_request.input.name
