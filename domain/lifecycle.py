@@ -342,6 +342,11 @@ class ClusterSummary(BaseModel):
     step: str = ""
     version: str = Field(default="", description="The Kubernetes version of its spec.")
     created_at: datetime | None = None
+    account: str = ""
+    vip: str | None = None
+    control_plane: int = Field(default=0, description="Control-plane nodes of its spec.")
+    workers: int = Field(default=0, description="Worker nodes of its spec (every pool).")
+    reason: str = Field(default="", description="Why it is in its status, when it says.")
 
 
 class ScaleRequest(BaseModel):

@@ -1,12 +1,32 @@
-"""Settings from the environment (KUBEGATE_*), shared by the CLI, workers and tests."""
+"""Settings from the environment (KUBEGATE_*), shared by the CLI, workers and tests; the
+context in use (plumbing/contexts.py) gives defaults that the environment overrides."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from plumbing.contexts import active_context
+
+
+class ContextSource(PydanticBaseSettingsSource):
+    """The values of the context in use (KUBEGATE_CONTEXT or the file's current-context)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        active = active_context()
+        return {} if active is None else active[1].settings()
 
 
 class Settings(BaseSettings):
@@ -24,6 +44,10 @@ class Settings(BaseSettings):
     temporal_tls_server_name: str | None = Field(default=None)
     temporal_api_key: str | None = Field(default=None, description="API key (Temporal Cloud).")
     ui_port: int = Field(default=8233, description="Temporal Web UI port of the dev stack.")
+    ui_url: str | None = Field(
+        default=None,
+        description="The Web UI's address for links; default http://<Temporal host>:<ui_port>.",
+    )
     vcsim_address: str = Field(default="127.0.0.1:8989", description="Simulator listen address.")
     vcsim_binary: Path | None = Field(
         default=None, description="Simulator binary; default <home>/bin/vcsim."
@@ -86,8 +110,22 @@ class Settings(BaseSettings):
         default=128, ge=1, description="Concurrent clones per datastore (vCenter's limit: 128)."
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then KUBEGATE_* variables, then the context in use, then defaults."""
+        return init_settings, env_settings, ContextSource(settings_cls)
+
     @property
     def ui_address(self) -> str:
+        if self.ui_url:
+            return self.ui_url
         host = self.temporal_address.rsplit(":", 1)[0]
         return f"http://{host}:{self.ui_port}"
 

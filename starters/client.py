@@ -425,6 +425,11 @@ class KubegateClient:
                         step=step.title if step else "",
                         version=state.spec.kubernetes_version(),
                         created_at=state.created_at,
+                        account=state.account,
+                        vip=state.vip,
+                        control_plane=state.spec.control_plane.size,
+                        workers=sum(p.size for p in state.spec.workers),
+                        reason=state.error or state.reason,
                     )
                 )
         return sorted(out, key=lambda c: c.name)

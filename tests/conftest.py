@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,10 @@ from workers.control import build_worker
 from workers.gateway_agent import build_agent, load_key
 
 GATEWAY = "test"
+
+# the tests never read the config file of whoever runs them (plumbing/contexts.py)
+os.environ["KUBEGATE_CONFIG"] = "/nonexistent/kubegate-tests/config.yaml"
+os.environ.pop("KUBEGATE_CONTEXT", None)
 
 #: Users the shared simulator accepts besides the administrator.
 RESTRICTED = ("restricted@vsphere.local", "restricted-pw-7f3a")

@@ -18,6 +18,7 @@ with workflow.unsafe.imports_passed_through():
     from domain import errors, names
     from domain.bootstrap import SHARED_SECRETS_PURPOSE as SHARED
     from domain.cluster import ClusterSpec, NodeHealth, WorkerPool, plan_nodes
+    from domain.details import steps_table, text_table, trouble
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import ClusterChanged
     from domain.health import (
@@ -1380,34 +1381,37 @@ def _upgrade_title(request: ClusterUpgradeRequest) -> str:
 
 
 def render_details(state: ClusterState) -> str:
-    """Markdown for the Web UI: status, steps with durations, nodes."""
+    """Markdown for the Web UI's first screen: status, what is wrong, the current step, then
+    steps with durations, nodes and the last reconcile's findings as text tables."""
     step = state.current_step()
+    troubled = state.status in (ClusterStatus.FAILED, ClusterStatus.DEGRADED)
     lines = [
         f"## Cluster `{state.name}` — {state.status.value}",
         "",
+        *trouble(
+            state.status is ClusterStatus.FAILED,
+            state.steps,
+            state.error,
+            state.reason if troubled else "",
+        ),
         f"Current step: **{step.title if step else '-'}**"
         + (f" — {step.detail}" if step and step.detail else ""),
     ]
-    if state.error:
+    if state.error and state.status is not ClusterStatus.FAILED:
         lines += ["", f"Error: {state.error}"]
-    lines += [
-        "",
-        "| step | state | seconds | attempts | error |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for s in state.steps:
-        secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
-        lines.append(f"| {s.title} | {s.state.value} | {secs} | {s.attempts} | {s.error or ''} |")
-    lines += ["", "| node | pool | VM | address | phase |", "| --- | --- | --- | --- | --- |"]
-    for n in state.nodes:
-        lines.append(f"| {n.name} | {n.pool} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
+    lines += ["", "Steps", ""]
+    lines += steps_table(state.steps)
+    lines += ["", "Nodes", ""]
+    lines += text_table(
+        ["node", "pool", "VM", "address", "phase"],
+        [[n.name, n.pool, n.vm or "", n.address or "", n.phase] for n in state.nodes],
+    )
     health = state.health
     if health.findings or health.error:
-        lines += ["", f"Reconcile ({health.checks} so far): {health.error or ''}"]
-        lines += ["", "| finding | node | detail |", "| --- | --- | --- |"]
-        for f in health.findings:  # (VM names come from vCenter: no table breaks)
-            detail = f.detail.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {f.kind} | {f.node} | {detail} |")
+        lines += ["", f"Reconcile ({health.checks} so far): {health.error or ''}", ""]
+        lines += text_table(
+            ["finding", "node", "detail"], [[f.kind, f.node, f.detail] for f in health.findings]
+        )
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         is_audit_id,
     )
     from domain.cluster import Healing
+    from domain.details import steps_table, text_table, trouble
     from domain.events import EventsRequest, EventsResult
     from domain.gateway import (
         GATEWAY_NODES_SUFFIX,
@@ -1886,35 +1887,31 @@ class GatewayWorkflow:
 
 
 def render_details(gw: GatewayState) -> str:
-    """Markdown for the Web UI: status, agent, steps, nodes, accounts, clusters, queue."""
-    lines = [f"## Gateway `{gw.name}` — {gw.status.value}", "", gw.reason]
+    """Markdown for the Web UI's first screen: status, what is wrong, agent, version, then
+    steps and nodes as text tables, accounts, clusters, queue."""
+    shown = gw.shown_status
+    lines = [f"## Gateway `{gw.name}` — {shown}", ""]
+    lines += trouble(gw.status is GatewayStatus.FAILED, gw.steps, gw.error, "")
+    if gw.reason:
+        lines += [gw.reason, ""]
     if gw.overdue:
-        lines += ["", "**Overdue**: the installer has not registered. Check:"]
+        lines += ["**Overdue**: the installer has not registered. Check:"]
         lines += [f"- {hint}" for hint in gw.hints]
-    if gw.error:
-        lines += ["", f"Error: {gw.error}"]
+        lines += [""]
+    if gw.error and gw.status is not GatewayStatus.FAILED:
+        lines += [f"Error: {gw.error}", ""]
     if gw.agent:
-        lines += ["", f"Agent key {gw.agent.key_id} on {gw.agent.host or '?'}"]
-    lines += [
-        "",
-        f"Version {gw.version}" + (f" → {gw.target_version}" if gw.target_version else ""),
-    ]
-    steps = gw.steps
-    if steps:
-        lines += [
-            "",
-            "| step | state | seconds | attempts | error |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for s in steps:
-            secs = f"{s.seconds:.1f}" if s.seconds is not None else ""
-            lines.append(
-                f"| {s.title} | {s.state.value} | {secs} | {s.attempts} | {s.error or ''} |"
-            )
+        lines += [f"Agent key {gw.agent.key_id} on {gw.agent.host or '?'}", ""]
+    lines += [f"Version {gw.version}" + (f" → {gw.target_version}" if gw.target_version else "")]
+    if gw.steps:
+        lines += ["", "Steps", ""]
+        lines += steps_table(gw.steps)
     if gw.nodes and gw.nodes.nodes:
-        lines += ["", "| node | VM | address | phase |", "| --- | --- | --- | --- |"]
-        for n in gw.nodes.nodes:
-            lines.append(f"| {n.name} | {n.vm or ''} | {n.address or ''} | {n.phase} |")
+        lines += ["", "Nodes", ""]
+        lines += text_table(
+            ["node", "VM", "address", "phase"],
+            [[n.name, n.vm or "", n.address or "", n.phase] for n in gw.nodes.nodes],
+        )
     if gw.accounts:
         lines += ["", "Cloud accounts: " + ", ".join(a.name for a in gw.accounts)]
     if gw.clusters:

@@ -5,7 +5,8 @@ Laid out one module per noun, with no import cycle:
 - `common.py`: the typer apps (the root app and one per noun), the consoles, the output
   enum, the shared options and helpers, the `version` command and `main()`. It imports no
   other module of this package.
-- `account.py`, `audit.py` (`audit`), `cluster.py`, `codec.py` (`codec-server`), `dev.py`,
+- `account.py`, `audit.py` (`audit`), `cluster.py`, `codec.py` (`codec-server`), `config.py`,
+  `dev.py`,
   `gateway.py`, `ippool.py`, `worker.py`: each registers its commands on the apps of
   `common.py`, the only module of this package it imports.
 - this module imports every noun module, so that their commands are registered, and
@@ -17,7 +18,7 @@ kubegate could not carry it out; 2 bad input or refused (nothing was started or 
 
 from __future__ import annotations
 
-from starters.cli import account, audit, cluster, codec, dev, gateway, ippool, worker
+from starters.cli import account, audit, cluster, codec, config, dev, gateway, ippool, worker
 from starters.cli.common import app, main
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "audit",
     "cluster",
     "codec",
+    "config",
     "dev",
     "gateway",
     "ippool",

@@ -32,6 +32,7 @@ from starters.cli.common import (
     first_line,
     load_spec,
     out,
+    print_data,
     print_report,
     read_password,
 )
@@ -52,14 +53,14 @@ def account_validate(
         client = await KubegateClient.connect()
         return await client.validate_account(spec, password, workflow_id=workflow_id)
 
-    if output is Output.table:
+    if not output.data:
         err.print(f"preflight {workflow_id} on gateway {spec.gateway} …", highlight=False)
     report: PreflightReport = _run(run())
-    if output is Output.json:
+    if output.data:
         data = report.model_dump(mode="json")
         data["passed"] = report.passed
         data["workflow_id"] = workflow_id
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
     else:
         print_report(report, workflow_id)
     raise typer.Exit(0 if report.passed else EXIT_FAILED)
@@ -74,8 +75,8 @@ def account_create(
     spec = load_spec(file, CloudAccountSpec)
     password = read_password(spec.vcenter, file.parent)
     summary = _call(lambda c: c.create_account(spec, password))
-    if output is Output.json:
-        out.print_json(summary.model_dump_json())
+    if output.data:
+        print_data(output, summary.model_dump_json())
         return
     out.print(
         f"cloud account {summary.name} on gateway {summary.gateway}: {summary.username} @ "
@@ -115,8 +116,8 @@ def account_rotate(
     if not password:
         _bad_input("password: empty")
     summary = _call(lambda c: c.rotate_account(name, password, gateway))
-    if output is Output.json:
-        out.print_json(summary.model_dump_json())
+    if output.data:
+        print_data(output, summary.model_dump_json())
         return
     out.print(f"cloud account {summary.name}: new password checked and kept", highlight=False)
 
@@ -130,8 +131,8 @@ def account_list(
 ) -> None:
     """Cloud accounts of every gateway (or one), and the clusters using them."""
     accounts = _call(lambda c: c.list_accounts(gateway))
-    if output is Output.json:
-        out.print_json(json.dumps([a.model_dump(mode="json") for a in accounts]))
+    if output.data:
+        print_data(output, json.dumps([a.model_dump(mode="json") for a in accounts]))
         return
     table = Table()
     for column in ("account", "gateway", "vCenter", "user", "default", "clusters"):

@@ -27,6 +27,7 @@ from starters.cli.common import (
     app,
     err,
     out,
+    print_data,
     workflow_link,
 )
 
@@ -69,7 +70,7 @@ def audit(
         if clean:
             err.print("nothing to clean")
         raise typer.Exit(EXIT_FAILED if failed else 0)
-    if output is Output.table:
+    if not output.data:
         _print(audits, output, {})
     elif not yes:  # (what is asked about, beside the JSON that follows the clean)
         _table(audits, {}, to=err)
@@ -78,7 +79,7 @@ def audit(
         err.print("nothing removed")
         raise typer.Exit(0)
     results: dict[str, CleanResult] = _call(lambda c: _clean(c, audits))
-    if output is Output.json:
+    if output.data:
         _print(audits, output, results)
     else:
         for workflow_id, result in results.items():
@@ -122,7 +123,7 @@ async def _clean(client: Any, audits: list[AuditState]) -> dict[str, CleanResult
 
 
 def _print(audits: list[AuditState], output: Output, results: dict[str, CleanResult]) -> None:
-    if output is Output.json:
+    if output.data:
         data = []
         for state in audits:
             entry: dict[str, Any] = {
@@ -138,7 +139,7 @@ def _print(audits: list[AuditState], output: Output, results: dict[str, CleanRes
                 entry["removed"] = result.removed
                 entry["kept"] = result.kept
             data.append(entry)
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
         return
     _table(audits, results, to=out)
 

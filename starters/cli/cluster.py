@@ -5,15 +5,18 @@ Registers on the `cluster` app of starters/cli/common.py. Exit codes as there.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import os
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
@@ -45,23 +48,25 @@ from starters.cli.common import (
     _Progress,
     _run,
     _short,
+    age,
     app,
     cluster_app,
     confirm,
     err,
     load_spec,
     out,
+    print_data,
     print_report,
     show_health,
 )
-from starters.client import InFlight, KubegateClient, existing
+from starters.client import InFlight, KubegateClient, KubegateError, RequestRefused, existing
 
 NameArg = Annotated[str, typer.Argument(help="Cluster name.")]
 
 
 def load_cluster(path: Path) -> ClusterSpec:
     """A cluster spec with its profile file resolved (relative to the spec); exits 2 if bad."""
-    spec = load_spec(path, ClusterSpec)
+    spec = load_spec(path, ClusterSpec, from_get=True)
     if isinstance(spec.profile, ProfileFile):
         profile_path = Path(spec.profile.file)
         if not profile_path.is_absolute():
@@ -94,7 +99,9 @@ def _settled(state: ClusterState) -> bool:
 
 
 def _state_json(state: ClusterState) -> str:
-    return state.model_dump_json(exclude={"spec"})
+    """The state as JSON; its `spec` is the cluster's spec as a file gives it (`apply -f` and
+    `deploy -f` take this document whole, as kubectl's apply takes `get -o yaml`)."""
+    return state.model_dump_json()
 
 
 @cluster_app.command("deploy")
@@ -129,8 +136,8 @@ def cluster_deploy(
 
     client, state = _run(start())
     if not wait:
-        if output is Output.json:
-            out.print_json(_state_json(state))
+        if output.data:
+            print_data(output, _state_json(state))
         else:
             out.print(f"cluster {spec.name}: {state.status.value}", highlight=False)
         return
@@ -190,9 +197,15 @@ def cluster_get(
 
 
 @cluster_app.command("describe")
-def cluster_describe(name: NameArg, output: OutputOption = Output.table) -> None:
+def cluster_describe(
+    name: NameArg, watch: WatchOption = False, output: OutputOption = Output.table
+) -> None:
     """A cluster's step history (with durations), its nodes, and what it waits on now (each
-    activity in flight with its last heartbeat: the vCenter task, the VM, what it waits for)."""
+    activity in flight with its last heartbeat: the vCenter task, the VM, what it waits for).
+    --watch: again at every change."""
+    if watch:
+        _watch(name, lambda state: _show_cluster(state, output, describe=True))
+        return
 
     async def run() -> tuple[ClusterState, list[InFlight]]:
         client = await KubegateClient.connect()
@@ -204,10 +217,10 @@ def cluster_describe(name: NameArg, output: OutputOption = Output.table) -> None
         return state, flying
 
     state, flying = _run(run())
-    if output is Output.json:
+    if output.data:
         data = json.loads(_state_json(state))
         data["in_flight"] = [f.model_dump(mode="json") for f in flying]
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
         return
     _show_cluster(state, output, describe=True)
     if flying:
@@ -235,15 +248,19 @@ def cluster_list(
         return await client.list_clusters(gateway, include_deleted=all_)
 
     rows: list[ClusterSummary] = _run(run())
-    if output is Output.json:
-        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+    if output.data:
+        print_data(output, json.dumps([r.model_dump(mode="json") for r in rows]))
         return
+    wide = output is Output.wide
     table = Table()
-    for column in ("name", "status", "version", "gateway", "nodes", "age", "step"):
+    columns = ["name", "status", "version", "gateway", "nodes", "age", "step"]
+    if wide:  # (kubectl's -o wide: more columns, same rows)
+        columns += ["account", "VIP", "spec (cp+workers)", "reason"]
+    for column in columns:
         table.add_column(column)
     now = datetime.now(UTC)
     for row in rows:
-        table.add_row(
+        cells = [
             row.name,
             row.status,
             row.version,
@@ -251,7 +268,15 @@ def cluster_list(
             str(row.nodes),
             age(now - row.created_at) if row.created_at else "",
             row.step,
-        )
+        ]
+        if wide:
+            cells += [
+                row.account,
+                row.vip or "",
+                f"{row.control_plane}+{row.workers}",
+                _short(row.reason, 60),
+            ]
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -292,10 +317,56 @@ def cluster_wait(
         raise typer.Exit(EXIT_FAILED)
 
 
+EventRow = tuple[datetime, str, str, str]
+
+
+def _event_rows(state: ClusterState, events: EventsResult | None) -> list[EventRow]:
+    """The cluster's steps and its VMs' vCenter events and tasks, oldest first."""
+    rows: list[EventRow] = []
+    for step in state.steps:
+        if step.started is not None:
+            what = f"{step.title} ({step.state.value})"
+            rows.append((step.started, "step", step.operation, what + _tail(step)))
+    for event in events.events if events else []:
+        rows.append((event.time, "event", event.object_name or event.object, event.message))
+    for task in events.tasks if events else []:
+        what = f"{task.name} {task.state}" + (f": {task.error}" if task.error else "")
+        rows.append((task.time, "task", task.object_name or task.object, what))
+    rows.sort(key=lambda r: r[0])
+    return rows
+
+
+def _event_data(row: EventRow) -> dict[str, str]:
+    t, k, o, w = row
+    return {"time": t.isoformat(), "kind": k, "object": o, "what": w}
+
+
 @cluster_app.command("events")
-def cluster_events(name: NameArg, output: OutputOption = Output.table) -> None:
+def cluster_events(
+    name: NameArg,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Then print each new one as it comes, until the cluster is Deleted or Ctrl-C.",
+        ),
+    ] = False,
+    vcenter_every: Annotated[
+        float,
+        typer.Option(
+            help="With --watch: seconds between reads of vCenter's events (each is one read "
+            "by the agent, kept in the cluster's history); steps are followed every second.",
+            min=5,
+        ),
+    ] = 30.0,
+    output: OutputOption = Output.table,
+) -> None:
     """What happened to a cluster, newest last: its steps, and the vCenter events and tasks
     of its VMs and folder (read by the gateway's agent)."""
+    if watch:
+        _watch_events(name, vcenter_every, output)
+        return
 
     async def run() -> tuple[ClusterState, EventsResult]:
         client = await KubegateClient.connect()
@@ -303,22 +374,9 @@ def cluster_events(name: NameArg, output: OutputOption = Output.table) -> None:
         return state, await client.cluster_events(name)
 
     state, events = _run(run())
-    rows: list[tuple[datetime, str, str, str]] = []
-    for step in state.steps:
-        if step.started is not None:
-            what = f"{step.title} ({step.state.value})"
-            rows.append((step.started, "step", step.operation, what + _tail(step)))
-    for event in events.events:
-        rows.append((event.time, "event", event.object_name or event.object, event.message))
-    for task in events.tasks:
-        what = f"{task.name} {task.state}" + (f": {task.error}" if task.error else "")
-        rows.append((task.time, "task", task.object_name or task.object, what))
-    rows.sort(key=lambda r: r[0])
-    if output is Output.json:
-        document = [
-            {"time": t.isoformat(), "kind": k, "object": o, "what": w} for t, k, o, w in rows
-        ]
-        out.print_json(json.dumps(document))
+    rows = _event_rows(state, events)
+    if output.data:
+        print_data(output, [_event_data(r) for r in rows])
         return
     table = Table(title=f"cluster {name}: steps, vCenter events and tasks, newest last")
     for column in ("time", "kind", "object", "what"):
@@ -330,13 +388,47 @@ def cluster_events(name: NameArg, output: OutputOption = Output.table) -> None:
         err.print(f"no longer in vCenter (skipped): {', '.join(events.missing)}")
 
 
-def age(span: timedelta) -> str:
-    """An age as kubectl prints it: 45s, 12m, 5h, 3d."""
-    seconds = max(int(span.total_seconds()), 0)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+def _watch_events(name: str, vcenter_every: float, output: Output) -> None:
+    """`events --watch`: what is there, then each new row as it comes, one line each (a JSON
+    object a line with -o json, a YAML document each with -o yaml), until Deleted or Ctrl-C."""
+    printed: set[EventRow] = set()
+
+    def emit(rows: list[EventRow]) -> None:
+        for row in rows:
+            if row in printed:
+                continue
+            printed.add(row)
+            if output is Output.json:
+                sys.stdout.write(json.dumps(_event_data(row)) + "\n")
+            elif output is Output.yaml:
+                sys.stdout.write("---\n" + yaml.safe_dump(_event_data(row), sort_keys=False))
+            else:
+                t, k, o, w = row
+                sys.stdout.write(f"{t:%Y-%m-%d %H:%M:%S}  {k:<5}  {o:<28}  {w}\n")
+            sys.stdout.flush()
+
+    async def run() -> None:
+        client = await KubegateClient.connect()
+        events: EventsResult | None = None
+        read_at = -vcenter_every
+        loop = asyncio.get_running_loop()
+        while True:
+            state = await client.cluster_state(name)
+            if loop.time() - read_at >= vcenter_every and state.status is not ClusterStatus.DELETED:
+                read_at = loop.time()
+                try:
+                    events = await client.cluster_events(name)
+                except (KubegateError, RequestRefused) as exc:  # (e.g. no agent: steps go on)
+                    err.print(f"vCenter events not read: {exc}", markup=False, highlight=False)
+            emit(_event_rows(state, events))
+            if state.status is ClusterStatus.DELETED:
+                return
+            await asyncio.sleep(1.0)
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 def _tail(step: Any) -> str:
@@ -381,8 +473,8 @@ def _lifecycle(
     """Send abort/delete/retry; with --wait follow it and exit 1 unless it reaches `goal`."""
     client, state = _update(name, call)
     if not wait:
-        if output is Output.json:
-            out.print_json(_state_json(state))
+        if output.data:
+            print_data(output, _state_json(state))
         else:
             out.print(f"cluster {name}: {verb} accepted", highlight=False)
         return
@@ -410,14 +502,15 @@ def _update(name: str, call: Any) -> tuple[KubegateClient, Any]:
 def _change(name: str, call: Any, output: Output) -> None:
     _, result = _update(name, call)
     _, state = _get(name)
-    if output is Output.json:
-        out.print_json(
+    if output.data:
+        print_data(
+            output,
             json.dumps(
                 {
                     "change": result.model_dump(mode="json"),
                     "cluster": json.loads(_state_json(state)),
                 }
-            )
+            ),
         )
         return
     if result.status == ClusterStatus.UPDATING.value:  # --no-wait
@@ -508,8 +601,8 @@ def cluster_apply(
         return await (await KubegateClient.connect()).plan_apply(spec)
 
     plan: ChangePlan = _run(plan_it())
-    if output is Output.json and (dry_run or plan.refused or plan.empty):
-        out.print_json(plan.model_dump_json())
+    if output.data and (dry_run or plan.refused or plan.empty):
+        print_data(output, plan.model_dump_json())
     else:
         _show_plan(spec.name, plan)
     if plan.refused:
@@ -522,8 +615,8 @@ def cluster_apply(
         return await client.apply_cluster(spec, plan=plan, wait=wait)
 
     result: ChangeResult = _run(apply_it())
-    if output is Output.json:
-        out.print_json(result.model_dump_json())
+    if output.data:
+        print_data(output, result.model_dump_json())
         return
     if result.status == ClusterStatus.UPDATING.value:
         out.print(
@@ -573,8 +666,8 @@ def cluster_upgrade(
         return spec, await client.plan_apply(spec)
 
     _, plan = _run(plan_it())
-    if output is Output.json and (dry_run or plan.refused):
-        out.print_json(plan.model_dump_json())
+    if output.data and (dry_run or plan.refused):
+        print_data(output, plan.model_dump_json())
     else:
         _show_plan(name, plan)
     if plan.refused:
@@ -597,8 +690,8 @@ cluster_app.add_typer(rollout_app, name="rollout")
 
 def _rollout(name: str, call: Any, verb: str, output: Output) -> None:
     _, rollout = _update(name, call)
-    if output is Output.json:
-        out.print_json(rollout.model_dump_json())
+    if output.data:
+        print_data(output, rollout.model_dump_json())
         return
     done = f"{len(rollout.replaced)} of {rollout.total} replaced"
     out.print(
@@ -648,8 +741,8 @@ def cluster_reconcile(
     policy repairs; prints what it found. Exit 1 if Degraded or vCenter could not be read."""
     _, health = _update(name, lambda c: c.reconcile_cluster(name, retry_given_up))
     _, state = _get(name)
-    if output is Output.json:
-        out.print_json(health.model_dump_json())
+    if output.data:
+        print_data(output, health.model_dump_json())
     else:
         out.print(
             f"cluster {name}: {state.status.value}; {len(health.findings)} finding(s); "
@@ -671,8 +764,8 @@ cluster_app.add_typer(remediation_app, name="remediation")
 
 def _remediation(name: str, call: Any, output: Output) -> None:
     _, health = _update(name, call)
-    if output is Output.json:
-        out.print_json(health.model_dump_json())
+    if output.data:
+        print_data(output, health.model_dump_json())
         return
     word = "paused: unhealthy nodes are reported" if health.remediation_paused else "on"
     out.print(f"cluster {name}: remediation {word}", highlight=False, markup=False)
@@ -697,12 +790,12 @@ def _deploy_dry_run(spec: ClusterSpec, output: Output) -> None:
         return await (await KubegateClient.connect()).plan_deploy(spec)
 
     plan, report, workflow_id = _run(check())
-    if output is Output.json:
+    if output.data:
         document = {
             "plan": plan.model_dump(mode="json"),
             "preflight": report.model_dump(mode="json"),
         }
-        out.print_json(json.dumps(document))
+        print_data(output, json.dumps(document))
     else:
         _show_plan(spec.name, plan)
         print_report(report, workflow_id)
@@ -773,8 +866,8 @@ def cluster_kubeconfig(
         _bad_input(f"--output-file: {target} is a directory")
     _, (text, issue) = _update(name, lambda c: c.kubeconfig(name, who, lifetime))
     write_private(target, text)
-    if output is Output.json:
-        out.print_json(json.dumps({"file": str(target), **issue.model_dump(mode="json")}))
+    if output.data:
+        print_data(output, json.dumps({"file": str(target), **issue.model_dump(mode="json")}))
         return
     out.print(
         f"wrote {target}: cluster {name}, user {issue.user} ({', '.join(issue.groups)}), "
@@ -803,8 +896,8 @@ def write_private(path: Path, text: str) -> None:
 
 
 def _show_cluster(state: ClusterState, output: Output, describe: bool) -> None:
-    if output is Output.json:
-        out.print_json(_state_json(state))
+    if output.data:
+        print_data(output, _state_json(state))
         return
     step = state.current_step()
     out.print(

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import logging
 import os
 import sys
 import traceback
 import urllib.parse
+from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+import yaml
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
@@ -36,6 +39,7 @@ from domain.health import ClusterHealth
 from domain.lifecycle import ClusterState
 from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
+from plumbing.contexts import CONTEXT_ENV, SOURCE_ENV, ContextError, active_context
 from plumbing.settings import Settings
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.yamlfile import YamlFileError, read_yaml
@@ -59,6 +63,11 @@ ippool_app = typer.Typer(
 cluster_app = typer.Typer(
     help="Kubernetes clusters: deploy, watch, change and delete.", no_args_is_help=True
 )
+config_app = typer.Typer(
+    help="Contexts: named Temporal endpoints in ~/.config/kubegate/config.yaml.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
 app.add_typer(account_app, name="account")
 app.add_typer(dev_app, name="dev")
 app.add_typer(worker_app, name="worker")
@@ -83,8 +92,23 @@ def _main(
             "--version", callback=_print_version, is_eager=True, help="Print the version."
         ),
     ] = False,
+    context: Annotated[
+        str | None,
+        typer.Option(
+            "--context",
+            help="The context of the config file to use (default KUBEGATE_CONTEXT, else its "
+            "current-context).",
+        ),
+    ] = None,
 ) -> None:
     """kubegate: Kubernetes clusters on vSphere through private cloud gateways."""
+    if context is not None:
+        os.environ[CONTEXT_ENV] = context  # (every Settings() of this command reads it)
+        os.environ[SOURCE_ENV] = "--context"
+    try:
+        active_context()
+    except ContextError as exc:
+        _bad_input(str(exc))
 
 
 @app.command("version")
@@ -118,11 +142,33 @@ EXIT_BAD_INPUT = 2
 
 
 class Output(StrEnum):
+    """What `-o` asks for: a table (wide: with more columns), or the data as JSON or YAML."""
+
     table = "table"
+    wide = "wide"
     json = "json"
+    yaml = "yaml"
+
+    @property
+    def data(self) -> bool:
+        """JSON or YAML: the data alone, nothing else on stdout."""
+        return self in (Output.json, Output.yaml)
 
 
-OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table or json.")]
+OutputOption = Annotated[Output, typer.Option("--output", "-o", help="table, wide, json or yaml.")]
+
+
+def print_data(output: Output, data: Any) -> None:
+    """The data as `-o` asks, verbatim on stdout: `data` is JSON text or JSON-able values."""
+    value = json.loads(data) if isinstance(data, str | bytes) else data
+    if output is Output.yaml:
+        text = yaml.safe_dump(value, sort_keys=False, allow_unicode=True, width=1_000_000)
+    else:
+        text = json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 PairingCodeFileOption = Annotated[
     Path | None,
     typer.Option(
@@ -169,8 +215,9 @@ def _failed(message: str) -> NoReturn:
     raise typer.Exit(EXIT_FAILED)
 
 
-def load_spec(path: Path, model: type[M]) -> M:
-    """Read a YAML spec; bad input exits 2 naming the field and the rule."""
+def load_spec(path: Path, model: type[M], *, from_get: bool = False) -> M:
+    """Read a YAML spec; bad input exits 2 naming the field and the rule. `from_get`: a
+    document `get -o json|yaml` printed (its `spec` and `status`) gives its `spec`."""
     try:
         data = read_yaml(path)
     except YamlFileError as exc:
@@ -182,6 +229,8 @@ def load_spec(path: Path, model: type[M]) -> M:
             f"{path}: expected a mapping of fields at the top level, not a "
             f"{'list' if isinstance(data, list) else 'single value'}"
         )
+    if from_get and isinstance(data.get("spec"), dict) and "status" in data:
+        data = data["spec"]
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -230,9 +279,12 @@ def _run(coro: Any) -> Any:
         _failed(f"Temporal refused the request ({exc.status.name}): {exc.message}")
     except RuntimeError as exc:
         if "connect" in str(exc).lower():
+            active = active_context()
+            where = f" (context {active[0]})" if active else ""
             _failed(
-                f"cannot reach Temporal at {Settings().temporal_address}: start it "
-                "(kubegate dev up) or set KUBEGATE_TEMPORAL_ADDRESS"
+                f"cannot reach Temporal at {Settings().temporal_address}{where}: start it "
+                "(kubegate dev up), or set KUBEGATE_TEMPORAL_ADDRESS or a context "
+                "(kubegate config use-context)"
             )
         raise
 
@@ -291,6 +343,15 @@ def _short(text: str, width: int) -> str:
     if not TERMINAL or len(text) <= width:
         return text
     return text[: width - 1] + "…"
+
+
+def age(span: timedelta) -> str:
+    """An age as kubectl prints it: 45s, 12m, 5h, 3d."""
+    seconds = max(int(span.total_seconds()), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _call(fn: Any) -> Any:

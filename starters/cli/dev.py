@@ -21,6 +21,7 @@ from starters.cli.common import (
     _failed,
     dev_app,
     out,
+    print_data,
     read_code_file,
 )
 
@@ -64,8 +65,8 @@ def dev_status(output: OutputOption = Output.table) -> None:
     from starters.dev import DevStack
 
     rows = DevStack().status()
-    if output is Output.json:
-        out.print_json(json.dumps(rows))
+    if output.data:
+        print_data(output, json.dumps(rows))
         return
     table = Table()
     for column in ("component", "state", "pid", "address", "log"):

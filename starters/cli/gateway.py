@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,11 +41,13 @@ from starters.cli.common import (
     _Progress,
     _run,
     _short,
+    age,
     confirm,
     err,
     gateway_app,
     load_spec,
     out,
+    print_data,
     read_code_file,
     read_password,
     show_health,
@@ -73,8 +76,8 @@ def _gateway_json(state: GatewayState) -> str:
 
 
 def _show(state: GatewayState, output: Output, describe: bool) -> None:
-    if output is Output.json:
-        out.print_json(_gateway_json(state))
+    if output.data:
+        print_data(output, _gateway_json(state))
         return
     out.print(
         f"gateway [bold]{escape(state.name)}[/bold]: {state.shown_status}"
@@ -251,11 +254,11 @@ def gateway_create(
         lambda c: c.create_gateway(name, system=system, fingerprint=fingerprint, timing=timing)
     )
     ova = _ova_path()
-    if output is Output.json:
+    if output.data:
         data = json.loads(_gateway_json(state))
         data["pairing_code"] = code
         data["installer_ova"] = str(ova)
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
         return
     out.print(f"gateway {name}: {state.status.value}", highlight=False)
     out.print(
@@ -355,8 +358,8 @@ def gateway_install(
         _failed(str(exc))
     except Exception as exc:  # every vCenter failure, classified for the user
         _failed(_vcenter_failure(exc, endpoint.address))
-    if output is Output.json:
-        out.print_json(result.model_dump_json())
+    if output.data:
+        print_data(output, result.model_dump_json())
         return
     out.print(
         f"installer {result.inventory_path} ({result.vm}): {result.power_state}"
@@ -432,14 +435,18 @@ def gateway_describe(name: GatewayArg, output: OutputOption = Output.table) -> N
 def gateway_list(output: OutputOption = Output.table) -> None:
     """Every gateway that is not deleted."""
     states: list[GatewayState] = _call(lambda c: c.list_gateways())
-    if output is Output.json:
-        out.print_json(json.dumps([json.loads(_gateway_json(s)) for s in states]))
+    if output.data:
+        print_data(output, json.dumps([json.loads(_gateway_json(s)) for s in states]))
         return
+    wide = output is Output.wide
     table = Table()
-    for column in ("gateway", "status", "version", "nodes", "accounts", "clusters", "queued"):
+    columns = ["gateway", "status", "version", "nodes", "accounts", "clusters", "queued"]
+    if wide:
+        columns += ["vCenter", "agent", "agent last seen"]
+    for column in columns:
         table.add_column(column)
     for s in states:
-        table.add_row(
+        cells = [
             s.name,
             s.shown_status + (" (overdue)" if s.overdue else ""),
             s.version,
@@ -447,7 +454,15 @@ def gateway_list(output: OutputOption = Output.table) -> None:
             str(len(s.accounts)),
             str(len(s.clusters)),
             str(len(s.queue)),
-        )
+        ]
+        if wide:
+            agent = s.agent
+            cells += [
+                s.config.credentials.endpoint.server if s.config else "",
+                f"{agent.host} {agent.version}".strip() if agent else "",
+                age(datetime.now(UTC) - s.agent_seen_at) + " ago" if s.agent_seen_at else "",
+            ]
+        table.add_row(*cells)
     out.print(table)
 
 
@@ -471,12 +486,12 @@ def gateway_reset(
 ) -> None:
     """Reset a stuck or failed gateway: remove what the attempt made, back to Pending."""
     state, code = _call(lambda c: c.reset_gateway(name))
-    if output is Output.json:  # JSON alone, the new pairing code in it
+    if output.data:  # JSON alone, the new pairing code in it
         if wait:
             state = _follow(state.name, _settled)
         data = json.loads(_gateway_json(state))
         data["pairing_code"] = code or None
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
         if wait and state.status is not GatewayStatus.PENDING:
             raise typer.Exit(EXIT_FAILED)
         return
@@ -516,8 +531,8 @@ def gateway_reconcile(
     if a repair is given up or vCenter could not be read."""
     _check_name(name)
     health = _call(lambda c: c.reconcile_gateway(name, retry_given_up))
-    if output is Output.json:
-        out.print_json(health.model_dump_json())
+    if output.data:
+        print_data(output, health.model_dump_json())
     else:
         out.print(
             f"gateway {name}: {len(health.findings)} finding(s); {health.repairs_made} "
@@ -730,14 +745,14 @@ def gateway_logs(
         events=events,
         notes=notes,
     )
-    if output is Output.json:
+    if output.data:
         document = {
             "path": str(summary.path),
             "size": summary.size,
             "members": list(summary.members),
             "notes": list(summary.notes),
         }
-        out.print_json(json.dumps(document))
+        print_data(output, json.dumps(document))
         return
     out.print(
         f"wrote {summary.path} ({summary.size} bytes): {', '.join(summary.members)}",

@@ -22,6 +22,7 @@ from starters.cli.common import (
     ippool_app,
     load_spec,
     out,
+    print_data,
 )
 from starters.client import KubegateClient, RequestRefused
 
@@ -59,8 +60,8 @@ def ippool_create(
         return await client.create_pool(spec)
 
     status: PoolStatus = _run(run())
-    if output is Output.json:
-        out.print_json(json.dumps(_pool_row(status)))
+    if output.data:
+        print_data(output, json.dumps(_pool_row(status)))
     else:
         out.print(
             f"created IP pool {spec.name} ({spec.describe_range()}) on gateway "
@@ -77,8 +78,8 @@ def ippool_list(gateway: GatewayOption = None, output: OutputOption = Output.tab
         return await (await KubegateClient.connect()).list_pools(gateway)
 
     rows = [_pool_row(s) for s in _run(run())]
-    if output is Output.json:
-        out.print_json(json.dumps(rows))
+    if output.data:
+        print_data(output, json.dumps(rows))
         return
     table = Table()
     for column in ("name", "gateway", "addresses", "prefix", "used", "free", "restricted"):
@@ -113,13 +114,13 @@ def ippool_get(
         return status, await client.pool_allocations(gw, name, owner)
 
     status, allocations = _run(run())
-    if output is Output.json:
+    if output.data:
         data = {
             **_pool_row(status),
             "spec": status.spec.model_dump(mode="json"),
             "allocations": [a.model_dump(mode="json") for a in allocations],
         }
-        out.print_json(json.dumps(data))
+        print_data(output, json.dumps(data))
         return
     spec = status.spec
     out.print(

@@ -15,7 +15,15 @@ from domain.version import VERSION
 from plumbing.connect import connect
 from plumbing.settings import Settings
 from plumbing.versioning import BUILD_ID, DeploymentVersion, promote, versions
-from starters.cli.common import Output, OutputOption, _bad_input, _run, out, worker_app
+from starters.cli.common import (
+    Output,
+    OutputOption,
+    _bad_input,
+    _run,
+    out,
+    print_data,
+    worker_app,
+)
 
 DeploymentOption = Annotated[
     str | None,
@@ -57,8 +65,8 @@ def worker_versions(
         {"build_id": v.build_id, "status": v.status, "drainage": v.drainage, "current": v.current}
         for v in found
     ]
-    if output is Output.json:
-        out.print_json(json.dumps(rows))
+    if output.data:
+        print_data(output, json.dumps(rows))
         return
     table = Table()
     for column in ("build id", "status", "drainage"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,18 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert listed["version"] and listed["created_at"] and listed["nodes"] == 2, listed
     code, output = await run_cli(settings, "cluster", "list")
     assert code == 0 and "version" in output and "age" in output, output
+    code, output = await run_cli(settings, "cluster", "list", "-o", "wide")
+    assert code == 0 and "cliacct" in output and "1+1" in output, output
+
+    # -o yaml is the data alone, and its spec is what apply takes back: no change to make
+    code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "yaml")
+    assert code == 0, output
+    got = yaml.safe_load(output)
+    assert got["status"] == "Running" and got["spec"]["name"] == "cli"
+    got_path = tmp_path / "got.yaml"
+    got_path.write_text(output)
+    code, output = await run_cli(settings, "cluster", "apply", "-f", str(got_path), "--dry-run")
+    assert code == 0 and "create:" not in output and "asks for no change" in output, output
 
     # apply --dry-run prints the plan and changes nothing; a field that cannot change: exit 2
     edited = base("cli-pool")
@@ -266,9 +279,25 @@ async def test_deploy_describe_scale_delete_through_the_cli(
     assert state.status.value == "Failed"
     assert [p.name for p in state.spec.workers] == ["w"]
 
+    # followers started before the delete print it as it goes and end when it is Deleted
+    events_watch = asyncio.create_task(
+        run_cli(settings, "cluster", "events", "cli", "--watch", "--vcenter-every", "5")
+    )
+    describe_watch = asyncio.create_task(run_cli(settings, "cluster", "describe", "cli", "-w"))
+    await asyncio.sleep(2)
     code, output = await run_cli(settings, "cluster", "delete", "cli", "--wait", "--yes")
     assert code == 0, output
     assert "Deleted" in output
+    code, output = await asyncio.wait_for(events_watch, 60)
+    assert code == 0, output
+    lines = output.splitlines()
+    assert any("step" in line and "Create VMs (done)" in line for line in lines), output
+    assert any("step" in line and "Destroy the VMs (done)" in line for line in lines), output
+    assert any("  event  cli-cp-0" in line for line in lines), output
+    # each once, though vCenter was read several times
+    assert sum("Created virtual machine cli-cp-0" in line for line in lines) == 1, output
+    code, output = await asyncio.wait_for(describe_watch, 60)
+    assert code == 0 and "status Deleted" in output and "Destroy the VMs" in output, output
     code, output = await run_cli(settings, "cluster", "get", "cli", "-o", "json")
     assert json.loads(output)["status"] == "Deleted"
     code, output = await run_cli(settings, "cluster", "get", "cli", "--watch")

@@ -377,7 +377,7 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["audit", "--yes"], "--yes: only with --clean"),
         # not a terminal (CliRunner) and no --yes: nothing is started without a confirmation
         (["audit", "--clean"], "--clean: asks for confirmation"),
-        (["audit", "-o", "yaml"], "--output"),
+        (["audit", "-o", "xml"], "--output"),
         (["gateway", "reconcile", "Lab_1"], "NAME"),
         (["cluster", "wait", "demo", "--for", "sideways"], "--for: 'sideways' must be one of"),
         (["cluster", "wait", "demo", "--timeout", "0"], "--timeout"),
@@ -386,8 +386,8 @@ def test_a_broken_profile_file_is_refused(tmp_path: Path, content: bytes) -> Non
         (["cluster", "delete", "demo"], "--yes: this asks for confirmation"),
         (["cluster", "remove-pool", "demo", "w"], "--yes: this asks for confirmation"),
         (["gateway", "delete", "lab"], "--yes: this asks for confirmation"),
-        (["cluster", "reconcile", "demo", "-o", "yaml"], "--output"),
-        (["cluster", "remediation", "pause", "demo", "-o", "yaml"], "--output"),
+        (["cluster", "reconcile", "demo", "-o", "xml"], "--output"),
+        (["cluster", "remediation", "pause", "demo", "-o", "text"], "--output"),
     ],
 )
 def test_bad_options_are_refused(args: list[str], expected: str) -> None:
