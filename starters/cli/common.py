@@ -299,7 +299,10 @@ def workflow_link(workflow_id: str) -> str:
 GatewayOption = Annotated[
     str | None,
     typer.Option(
-        "--gateway", "-g", help="Gateway the pool is linked to (default: KUBEGATE_GATEWAY)."
+        "--gateway",
+        "-g",
+        help="Gateway. Lists: every gateway without it; one object: the gateway holding it, "
+        "else the default gateway (the context's, else KUBEGATE_GATEWAY).",
     ),
 ]
 
