@@ -33,6 +33,9 @@ from domain import errors
 
 CONFIG_ENV = "KUBEGATE_CONFIG"
 CONTEXT_ENV = "KUBEGATE_CONTEXT"
+#: KUBEGATE_CONTEXT=none (`--context none`): no context, whatever the file says (the dev
+#: stack runs so: its processes are this machine's, never a context's endpoint)
+NO_CONTEXT = "none"
 #: (set by the CLI with --context: errors name the option rather than the variable)
 SOURCE_ENV = "KUBEGATE_CONTEXT_SOURCE"
 #: a context's name: what `use-context` takes (a DNS-label-like word, dots allowed)
@@ -112,6 +115,8 @@ class ConfigFile(BaseModel):
         for name in contexts:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"context name {name!r} must match {NAME_PATTERN}")
+            if name == NO_CONTEXT:
+                raise ValueError(f"context name {NO_CONTEXT!r} is kept for 'no context'")
         return contexts
 
     def dump(self) -> dict[str, Any]:
@@ -182,7 +187,7 @@ def active_context() -> tuple[str, Context] | None:
     path = config_path()
     config = load_config(path)
     name = context_name(config)
-    if not name:
+    if not name or name == NO_CONTEXT:
         return None
     if name not in config.contexts:
         known = ", ".join(sorted(config.contexts)) or "none"

@@ -39,7 +39,13 @@ from domain.health import ClusterHealth
 from domain.lifecycle import ClusterState
 from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
-from plumbing.contexts import CONTEXT_ENV, SOURCE_ENV, ContextError, active_context
+from plumbing.contexts import (
+    CONTEXT_ENV,
+    NO_CONTEXT,
+    SOURCE_ENV,
+    ContextError,
+    active_context,
+)
 from plumbing.settings import Settings
 from starters.client import KubegateClient, KubegateError, RequestRefused
 from starters.yamlfile import YamlFileError, read_yaml
@@ -55,6 +61,24 @@ account_app = typer.Typer(
 dev_app = typer.Typer(
     help="The local stack: Temporal, vCenter simulator, workers.", no_args_is_help=True
 )
+
+
+@dev_app.callback()
+def _dev() -> None:
+    """The local stack: Temporal, vCenter simulator, workers (this machine's, whatever
+    context is current: `dev` commands and the processes they start use no context)."""
+    active = active_context()
+    os.environ[CONTEXT_ENV] = NO_CONTEXT
+    if active is not None:
+        err.print(
+            f"note: context {active[0]} is not used by the dev stack (it runs on this machine);"
+            " other commands still use it: kubegate --context none …, or a context for the "
+            "stack (kubegate config set-context dev --address 127.0.0.1:7233 --use)",
+            markup=False,
+            highlight=False,
+        )
+
+
 worker_app = typer.Typer(help="Run worker processes.", no_args_is_help=True)
 gateway_app = typer.Typer(help="Private cloud gateways.", no_args_is_help=True)
 ippool_app = typer.Typer(

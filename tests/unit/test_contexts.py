@@ -145,3 +145,17 @@ def test_get_output_round_trips_to_apply(tmp_path: Path) -> None:
         document = tmp_path / f"got.{suffix}"
         document.write_text(dump(json.loads(state.model_dump_json())))
         assert load_cluster(document) == spec
+
+
+def test_the_dev_stack_uses_no_context(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dev` commands run this machine's stack whatever context is current, and say so."""
+    kubegate("config", "set-context", "lab", "--address", "temporal.lab:7233")
+    monkeypatch.setenv("KUBEGATE_HOME", str(config.parent / "home"))
+    code, out, err = kubegate("dev", "status", "-o", "json")
+    assert code == 0, out + err
+    assert "context lab is not used by the dev stack" in err
+    assert json.loads(out)  # the data alone on stdout
+    monkeypatch.setenv(CONTEXT_ENV, "none")
+    assert Settings().temporal_address == "127.0.0.1:7233"
+    code, _, err = kubegate("config", "set-context", "none", "--address", "x:1")
+    assert code == 2 and "kept for 'no context'" in err
