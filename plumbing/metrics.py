@@ -12,36 +12,62 @@ docs/operations.md#metrics-traces-and-logs lists every metric and the queries th
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from temporalio.common import MetricMeter
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+)
 
 from domain.names import STEP_DURATION_METRIC
 from plumbing.errors import KubegateError
+from plumbing.settings import Settings
 
 #: buckets of the step duration histogram (recorded by the workflows), in seconds
 STEP_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
 
-def metrics_runtime(address: str) -> Runtime:
-    """A Temporal runtime serving Prometheus metrics on `address` (HOST:PORT, /metrics);
-    kubegate's instruments record through it from now on."""
-    try:
-        runtime = Runtime(
-            telemetry=TelemetryConfig(
-                metrics=PrometheusConfig(
-                    bind_address=address,
-                    histogram_bucket_overrides={STEP_DURATION_METRIC: list(STEP_BUCKETS)},
-                )
-            )
+def metrics_runtime(address: str | None, *, forward_logs: bool = False) -> Runtime:
+    """A Temporal runtime serving Prometheus metrics on `address` (HOST:PORT, /metrics), if
+    given (kubegate's instruments record through it from now on); with `forward_logs`, the
+    SDK core's own log lines go through Python's logging (e.g. as JSON) instead of straight
+    to stdout."""
+    logs = LoggingConfig.default
+    if forward_logs:
+        logs = LoggingConfig(
+            filter=logs.filter,
+            forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
         )
+    metrics = None
+    if address is not None:
+        metrics = PrometheusConfig(
+            bind_address=address,
+            histogram_bucket_overrides={STEP_DURATION_METRIC: list(STEP_BUCKETS)},
+        )
+    try:
+        runtime = Runtime(telemetry=TelemetryConfig(logging=logs, metrics=metrics))
     except Exception as exc:  # the SDK raises a plain error for a port in use
         raise KubegateError(f"metrics address {address}: {exc}") from None
-    use_meter(runtime.metric_meter)
+    if address is not None:
+        use_meter(runtime.metric_meter)
     return runtime
+
+
+def process_runtime(settings: Settings) -> Runtime | None:
+    """The runtime a worker or agent process connects with: one serving its metrics
+    (KUBEGATE_METRICS_ADDRESS) and, with JSON logs, forwarding the SDK core's log lines;
+    None (the SDK's default runtime) when neither is asked for."""
+    json_logs = settings.log_format == "json"
+    if settings.metrics_address is None and not json_logs:
+        return None
+    return metrics_runtime(settings.metrics_address, forward_logs=json_logs)
 
 
 class Instruments:

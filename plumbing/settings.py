@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     max_ops_per_datastore: int = Field(
         default=128, ge=1, description="Concurrent clones per datastore (vCenter's limit: 128)."
     )
+
+    @field_validator("metrics_address", "otel_endpoint", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """An empty variable (e.g. compose's `${KUBEGATE_OTEL_ENDPOINT:-}`) means unset."""
+        return None if value == "" else value
 
     @property
     def ui_address(self) -> str:

@@ -16,7 +16,7 @@ from domain.names import CONTROL_TASK_QUEUE
 from plumbing.connect import connect
 from plumbing.errors import KubegateError
 from plumbing.logformat import setup_logging
-from plumbing.metrics import metrics_runtime
+from plumbing.metrics import process_runtime
 from plumbing.settings import Settings, settings_with
 from plumbing.versioning import deployment_config, promote_if_first
 from workers.census import census_running
@@ -73,13 +73,12 @@ def build_worker(
 async def serve(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     log = logging.getLogger("kubegate")
-    runtime = None
+    runtime = process_runtime(settings)
     if settings.metrics_address:
-        runtime = metrics_runtime(settings.metrics_address)
         log.info("metrics on http://%s/metrics", settings.metrics_address)
     client = await connect(settings, worker=True, runtime=runtime, service="kubegate-control")
     async with contextlib.AsyncExitStack() as running:
-        if runtime is not None:
+        if settings.metrics_address:
             await running.enter_async_context(census_running(client, settings))
         await _serve(client, settings, log)
 

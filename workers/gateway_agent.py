@@ -46,7 +46,7 @@ from domain.sealing import AgentKey
 from plumbing import logformat
 from plumbing.connect import connect
 from plumbing.errors import KubegateError, RequestRefused
-from plumbing.metrics import metrics_runtime
+from plumbing.metrics import process_runtime
 from plumbing.settings import Settings, settings_with
 from starters.client import KubegateClient
 from workers.run import run_until_signalled
@@ -198,8 +198,7 @@ async def serve(
         load_policy(policy)
     except PolicyError as exc:
         log.warning("%s: every vSphere task is refused until the policy is written", exc)
-    runtime = metrics_runtime(settings.metrics_address) if settings.metrics_address else None
-    client = await connect(settings, runtime=runtime, service="kubegate-agent")
+    client = await connect(settings, runtime=process_runtime(settings), service="kubegate-agent")
     state = await KubegateClient(client, settings).register_agent(
         gateway,
         key,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -196,7 +198,7 @@ async def test_the_control_worker_serves_metrics_and_logs_json(
         *CLI,
         *argv,
         env={**process_env(settings, tmp_path), "KUBEGATE_METRICS_INTERVAL": "0.5"},
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -210,7 +212,8 @@ async def test_the_control_worker_serves_metrics_and_logs_json(
         assert samples(text, "temporal_worker_task_slots_available")
     finally:
         worker.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(worker.communicate(), timeout=30)
+        stdout, stderr = await asyncio.wait_for(worker.communicate(), timeout=30)
+    json_lines(stdout.decode())  # (the SDK core's lines, if any, are forwarded as JSON)
     entries = json_lines(stderr.decode())
     messages = [str(e["message"]) for e in entries]
     assert any(m.startswith("control worker polling kubegate-control") for m in messages)
@@ -222,18 +225,26 @@ def scrape(address: str) -> str:
         return str(answer.read().decode())
 
 
-def test_the_agent_logs_json_to_stderr_and_its_file(settings: Settings, tmp_path: Path) -> None:
-    """An agent of a gateway that does not exist stops at pairing: its lines say so as JSON,
-    in its log file too."""
-    done = subprocess.run(
-        [*CLI, "gateway", "agent", "nowhere", "--log-format", "json"],
+async def test_the_agent_logs_json_to_stderr_and_its_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """An agent of a gateway that does not exist stops at pairing: its lines say so as JSON
+    (the refusal too, exit 2), in its log file too."""
+    agent = await asyncio.create_subprocess_exec(
+        *CLI,
+        *("gateway", "agent", "nowhere", "--log-format", "json"),
         env=process_env(settings, tmp_path),
-        capture_output=True,
-        timeout=60,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    assert done.returncode != 0
-    logged = json_lines(done.stderr.decode())
+    _, stderr = await asyncio.wait_for(agent.communicate(), timeout=60)
+    assert agent.returncode == 2
+    logged = json_lines(stderr.decode())
     assert any("connecting to" in str(e["message"]) for e in logged)
+    stopped = [e for e in logged if e["level"] == "ERROR"]
+    assert [e["message"] for e in stopped] == [
+        "gateway agent nowhere stopped: gateway nowhere does not exist"
+    ]
     in_file = json_lines((tmp_path / "agents" / "nowhere" / "agent.log").read_text())
     assert any("key fingerprint" in str(e["message"]) for e in in_file)
 
@@ -246,3 +257,45 @@ def test_bad_metrics_address_is_refused() -> None:
     )
     assert done.returncode == 2
     assert "--metrics-address" in done.stderr.decode()
+
+
+async def test_a_command_sends_its_spans_to_the_otlp_endpoint(
+    settings: Settings, tmp_path: Path, sessions: object
+) -> None:
+    """With KUBEGATE_OTEL_ENDPOINT set the CLI's client is traced, and its spans leave (over
+    OTLP/HTTP) before the command ends."""
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        command = await asyncio.create_subprocess_exec(  # (the workers answer meanwhile)
+            *CLI,
+            "gateway",
+            "get",
+            GATEWAY,
+            env={
+                **process_env(settings, tmp_path),
+                "KUBEGATE_OTEL_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            },
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, stderr = await asyncio.wait_for(command.communicate(), timeout=60)
+    finally:
+        server.shutdown()
+    assert command.returncode == 0, stderr
+    assert [path for path, _ in received] == ["/v1/traces"]
+    body = received[0][1]
+    assert b"QueryWorkflow:state" in body and b"kubegate" in body  # span, service name

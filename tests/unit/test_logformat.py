@@ -50,3 +50,11 @@ def test_each_line_is_one_object_with_the_sdk_context() -> None:
 def test_text_stays_the_default_format() -> None:
     assert not isinstance(formatter("text"), JsonFormatter)
     assert isinstance(formatter("json"), JsonFormatter)
+
+
+def test_empty_metrics_and_tracing_settings_mean_unset() -> None:
+    from plumbing.settings import Settings
+
+    settings = Settings(metrics_address="", otel_endpoint="")
+    assert (settings.metrics_address, settings.otel_endpoint) == (None, None)
+    assert Settings(metrics_address="[::1]:9464").metrics_address == "[::1]:9464"
