@@ -90,7 +90,7 @@ class Instruments:
             "Slots of a host or datastore (KUBEGATE_MAX_OPS_PER_HOST / _PER_DATASTORE).",
         )
         self.lifecycles = meter.create_gauge(
-            "kubegate_lifecycles", "Open lifecycles (workflows) by kind and status."
+            "kubegate_lifecycles", "Open lifecycles (workflows) by kind, status and gateway."
         )
         self.pool_capacity = meter.create_gauge(
             "kubegate_ip_pool_capacity", "Addresses an IP pool can hand out."

@@ -34,7 +34,7 @@ class Census:
 
     def __init__(self, client: Client, settings: Settings) -> None:
         self.kubegate = KubegateClient(client, settings)
-        self._statuses: set[tuple[str, str]] = set()
+        self._statuses: set[tuple[str, str, str]] = set()
         self._pools: set[tuple[str, str]] = set()
         self._gateways: set[str] = set()
 
@@ -42,15 +42,17 @@ class Census:
         await asyncio.gather(self.lifecycles(), self.pools(), self.agents())
 
     async def lifecycles(self) -> None:
-        counts: Counter[tuple[str, str]] = Counter()
+        counts: Counter[tuple[str, str, str]] = Counter()
         async for execution in self.kubegate.client.list_workflows(OPEN):
             attributes = execution.typed_search_attributes
             kind = attributes.get(names.KIND)
             if kind:
-                counts[(kind, attributes.get(names.STATUS) or "unknown")] += 1
+                status = attributes.get(names.STATUS) or "unknown"
+                counts[(kind, status, attributes.get(names.GATEWAY) or "")] += 1
         gauge = metrics.instruments().lifecycles
-        for kind, status in self._statuses | set(counts):
-            gauge.set(counts.get((kind, status), 0), {"kind": kind, "status": status})
+        for kind, status, gateway in self._statuses | set(counts):
+            labels = {"kind": kind, "status": status, "gateway": gateway}
+            gauge.set(counts.get((kind, status, gateway), 0), labels)
         self._statuses |= set(counts)
 
     async def pools(self) -> None:
