@@ -28,6 +28,7 @@ COPY workers workers
 COPY starters starters
 # read at run time: the installer OVA's builder and its descriptor template
 COPY tools/installer tools/installer
-RUN uv sync --frozen --no-dev && ln -s /app/.venv/bin/kubegate /usr/local/bin/kubegate
+# with the tracing extra: traces go out once KUBEGATE_OTEL_ENDPOINT is set
+RUN uv sync --frozen --no-dev --extra tracing && ln -s /app/.venv/bin/kubegate /usr/local/bin/kubegate
 ENV KUBEGATE_HOME=/var/lib/kubegate
 ENTRYPOINT ["kubegate"]

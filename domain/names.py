@@ -92,3 +92,7 @@ def gateway_workflow_id(gateway: str) -> str:
 
 #: owners of IP addresses that are lifecycles: only they (or their end) give them back
 LIFECYCLE_PREFIXES = ("cluster/", "gateway/")
+
+
+#: the histogram of step durations: recorded by the workflows, bucketed by the runtime
+STEP_DURATION_METRIC = "kubegate_step_duration_seconds"

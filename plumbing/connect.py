@@ -5,18 +5,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from temporalio.client import Client, TLSConfig
+from temporalio.client import Client, Interceptor, TLSConfig
+from temporalio.runtime import Runtime
 
 from plumbing.codec import CodecKeyError, ReadableMetadata, settings_data_converter
 from plumbing.errors import KubegateError
 from plumbing.settings import Settings
+from plumbing.tracing import tracing_interceptor
 
 
-async def connect(settings: Settings | None = None, *, worker: bool = False) -> Client:
+async def connect(
+    settings: Settings | None = None,
+    *,
+    worker: bool = False,
+    runtime: Runtime | None = None,
+    service: str = "kubegate",
+) -> Client:
     """Connect to Temporal with the project's data converter (payloads encrypted with the
     configured codec keys, see plumbing/codec.py) and TLS settings. A worker's converter
-    passes a payload it cannot decrypt on unopened (its workflows refuse it)."""
+    passes a payload it cannot decrypt on unopened (its workflows refuse it).
+
+    `runtime`: the SDK runtime (a worker's serves its metrics: plumbing/metrics.py); traces
+    go out as `service` when tracing is on (plumbing/tracing.py)."""
     settings = settings or Settings()
+    interceptors: list[Interceptor] = [ReadableMetadata()]
+    tracing = tracing_interceptor(settings, service)
+    if tracing is not None:
+        interceptors.append(tracing)
     try:
         converter = settings_data_converter(settings, strict=not worker)
     except CodecKeyError as exc:
@@ -33,9 +48,10 @@ async def connect(settings: Settings | None = None, *, worker: bool = False) -> 
         settings.temporal_address,
         namespace=settings.temporal_namespace,
         data_converter=converter,
-        interceptors=[ReadableMetadata()],
+        interceptors=interceptors,
         tls=tls,
         api_key=settings.temporal_api_key,
+        runtime=runtime,
     )
 
 

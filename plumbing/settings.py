@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -103,6 +103,33 @@ class Settings(BaseSettings):
         description="Codec server the dev stack's Web UI decodes payloads with "
         "(--ui-codec-endpoint of the dev server), e.g. http://127.0.0.1:8234.",
     )
+    metrics_address: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]*):[0-9]{1,5}$",
+        description="HOST:PORT where a worker or agent serves Prometheus metrics (/metrics): "
+        "the Temporal SDK's and kubegate's own; unset: none.",
+    )
+    dev_metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="First metrics port of the dev stack's processes: the control worker, the "
+        "system gateway's agent, then `dev agent` agents on the next free ones; 0: free ports.",
+    )
+    metrics_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between the control worker's counts of lifecycles, IP pools and "
+        "agents for its metrics.",
+    )
+    otel_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint traces are sent to (e.g. http://collector:4318); unset: "
+        "OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing. Needs the `tracing` extra.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text, or one JSON object per line."
+    )
     max_ops_per_host: int = Field(
         default=8, ge=1, description="Concurrent VM operations per ESXi host (vCenter: 8-16 units)."
     )
@@ -121,6 +148,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Arguments, then KUBEGATE_* variables, then the context in use, then defaults."""
         return init_settings, env_settings, ContextSource(settings_cls)
+
+    @field_validator("metrics_address", "otel_endpoint", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        """An empty variable (e.g. compose's `${KUBEGATE_OTEL_ENDPOINT:-}`) means unset."""
+        return None if value == "" else value
 
     @property
     def ui_address(self) -> str:
@@ -146,6 +179,11 @@ class Settings(BaseSettings):
 
     def agent_log_path(self, gateway: str) -> Path:
         return self.agent_dir(gateway) / "agent.log"
+
+
+def settings_with(**overrides: Any) -> Settings:
+    """The settings, with the overrides that are not None (command-line options) winning."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def tool_path(name: str) -> Path:

@@ -76,11 +76,23 @@ class Component:
     ready: Callable[[int], Awaitable[bool]]  # given the pid of the process started
     address: str
     log: Path | None = None  # default <home>/logs/<name>.log
+    #: serves Prometheus metrics (a worker or agent): on a port `up` picks, see metrics_address
+    metrics: bool = False
 
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def _free_port(port: int) -> int | None:
+    """`port` if nothing listens on it on the loopback (0: a free port), else None."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+        return int(probe.getsockname()[1])
 
 
 def _port_open(address: str) -> bool:
@@ -338,6 +350,7 @@ class DevStack:
                     "state": "running" if alive else "stopped",
                     "pid": str(pid) if alive else "",
                     "address": component.address,
+                    "metrics": (self.metrics_address(component.name) or "") if alive else "",
                     "log": str(self._log(component)),
                 }
             )
@@ -398,12 +411,14 @@ class DevStack:
                 [*_cli(), "worker", "control"],
                 lambda pid: self._polling(names.CONTROL_TASK_QUEUE, True, pid),
                 names.CONTROL_TASK_QUEUE,
+                metrics=True,
             ),
             Component(
                 "gateway-agent",
                 [*_cli(), "gateway", "agent", s.gateway],
                 lambda pid: self._polling(agent_queue, False, pid),
                 agent_queue,
+                metrics=True,
             ),
         ]
 
@@ -421,6 +436,7 @@ class DevStack:
             lambda pid: self._polling(queue, False, pid),
             queue,
             log=self.settings.agent_dir(gateway).resolve() / "agent.out",
+            metrics=True,
         )
 
     def thumbprint(self) -> str | None:
@@ -624,6 +640,32 @@ class DevStack:
         """Agents `agent` recorded (pid files agent-<gateway>.pid)."""
         return sorted(p.stem for p in self.pids.glob(f"{AGENT_PREFIX}*.pid"))
 
+    def metrics_address(self, name: str) -> str | None:
+        """Where a running worker or agent of the stack serves its metrics (HOST:PORT)."""
+        if not self._alive(name):
+            return None
+        try:
+            return (self.pids / f"{name}.metrics").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _pick_metrics_address(self, name: str) -> str:
+        """The control worker on the first port (KUBEGATE_DEV_METRICS_PORT), the system
+        gateway's agent on the next, demo agents on the next free ones; 0: any free port."""
+        base = self.settings.dev_metrics_port
+        if base == 0:
+            return f"127.0.0.1:{_free_port(0)}"
+        first = {"control-worker": base, "gateway-agent": base + 1}.get(name, base + 2)
+        taken = {
+            self.metrics_address(other)
+            for other in [*self._names(), *self._agent_names()]
+            if other != name
+        }
+        for port in range(first, min(first + 100, 65536)):
+            if f"127.0.0.1:{port}" not in taken and _free_port(port) == port:
+                return f"127.0.0.1:{port}"
+        return f"127.0.0.1:{_free_port(0)}"
+
     def _log(self, component: Component) -> Path:
         return component.log or self.logs / f"{component.name}.log"
 
@@ -650,12 +692,19 @@ class DevStack:
         environ["KUBEGATE_HOME"] = str(self.home)
         if self.codec_key_file.exists():
             environ["KUBEGATE_CODEC_KEY_FILE"] = str(self.codec_key_file)
+        environ["KUBEGATE_LOG_FORMAT"] = self.settings.log_format
         environ.update(env or {})
+        argv = list(component.argv)
+        if component.metrics:
+            address = self._pick_metrics_address(component.name)
+            argv += ["--metrics-address", address]
+            self.pids.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _write_private(self.pids / f"{component.name}.metrics", address + "\n")
         path = self._log(component)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         log = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         process = subprocess.Popen(
-            component.argv,
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from temporalio.client import Client
@@ -13,8 +14,12 @@ from activities.ipam import IpamActivities
 from activities.lifecycles import LifecycleActivities
 from domain.names import CONTROL_TASK_QUEUE
 from plumbing.connect import connect
-from plumbing.settings import Settings
+from plumbing.errors import KubegateError
+from plumbing.logformat import setup_logging
+from plumbing.metrics import process_runtime
+from plumbing.settings import Settings, settings_with
 from plumbing.versioning import deployment_config, promote_if_first
+from workers.census import census_running
 from workers.run import run_until_signalled
 from workflows.audit import AuditWorkflow
 from workflows.cluster import ClusterWorkflow
@@ -29,7 +34,10 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     """The sandbox, with `cryptography` passed through: workflows verify the agent's
     signatures with it, and its native module can be loaded only once per process."""
     return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("cryptography")
+        # opentelemetry: the tracing interceptor's spans, when tracing is on
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            "cryptography", "opentelemetry"
+        )
     )
 
 
@@ -64,10 +72,20 @@ def build_worker(
 
 async def serve(settings: Settings | None = None) -> None:
     settings = settings or Settings()
-    client = await connect(settings, worker=True)
+    log = logging.getLogger("kubegate")
+    runtime = process_runtime(settings)
+    if settings.metrics_address:
+        log.info("metrics on http://%s/metrics", settings.metrics_address)
+    client = await connect(settings, worker=True, runtime=runtime, service="kubegate-control")
+    async with contextlib.AsyncExitStack() as running:
+        if settings.metrics_address:
+            await running.enter_async_context(census_running(client, settings))
+        await _serve(client, settings, log)
+
+
+async def _serve(client: Client, settings: Settings, log: logging.Logger) -> None:
     config = deployment_config(settings)
     worker = build_worker(client, deployment=config)
-    log = logging.getLogger("kubegate")
     log.info("control worker polling %s", CONTROL_TASK_QUEUE)
     if config is None:
         await run_until_signalled(worker)
@@ -93,9 +111,15 @@ async def serve(settings: Settings | None = None) -> None:
     await run_until_signalled(worker, started=started)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve())
+def main(metrics_address: str | None = None, log_format: str | None = None) -> None:
+    """Run the control worker; the CLI's options win over the settings."""
+    settings = settings_with(metrics_address=metrics_address, log_format=log_format)
+    setup_logging(settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except KubegateError as exc:
+        logging.getLogger("kubegate").error("control worker stopped: %s", exc)
+        raise
 
 
 if __name__ == "__main__":

@@ -43,9 +43,11 @@ from activities.vsphere.tags import TagActivities
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue, presence_task_queue
 from domain.sealing import AgentKey
+from plumbing import logformat
 from plumbing.connect import connect
-from plumbing.errors import RequestRefused
-from plumbing.settings import Settings
+from plumbing.errors import KubegateError, RequestRefused
+from plumbing.metrics import process_runtime
+from plumbing.settings import Settings, settings_with
 from starters.client import KubegateClient
 from workers.run import run_until_signalled
 
@@ -191,12 +193,12 @@ async def serve(
     settings = settings or Settings()
     key = load_key(settings, gateway)
     policy = policy_path(settings, gateway)
-    show_fingerprint(gateway, key)
+    show_fingerprint(gateway, key, console=settings.log_format == "text")
     try:
         load_policy(policy)
     except PolicyError as exc:
         log.warning("%s: every vSphere task is refused until the policy is written", exc)
-    client = await connect(settings)
+    client = await connect(settings, runtime=process_runtime(settings), service="kubegate-agent")
     state = await KubegateClient(client, settings).register_agent(
         gateway,
         key,
@@ -235,10 +237,12 @@ async def serve(
             sessions.close_all()
 
 
-def show_fingerprint(gateway: str, key: AgentKey) -> None:
-    """The fingerprint the operator approves, on the console and in the log."""
+def show_fingerprint(gateway: str, key: AgentKey, console: bool = True) -> None:
+    """The fingerprint the operator approves, on the console (unless it takes JSON lines
+    only) and in the log."""
     line = f"gateway agent {gateway}: key fingerprint {key.fingerprint}"
-    print(line, file=sys.stderr, flush=True)
+    if console:
+        print(line, file=sys.stderr, flush=True)
     log.info("%s (approve: kubegate gateway approve %s %s)", line, gateway, key.fingerprint)
 
 
@@ -246,19 +250,29 @@ def setup_logging(settings: Settings, gateway: str) -> None:
     """Log to stderr and to the agent's log file (what `gateway logs` bundles)."""
     path = settings.agent_log_path(gateway)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     to_file = logging.handlers.RotatingFileHandler(path, maxBytes=5_000_000, backupCount=3)
-    to_file.setFormatter(fmt)
-    to_stderr = logging.StreamHandler()
-    to_stderr.setFormatter(fmt)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    root.handlers[:] = [to_stderr, to_file]
+    logformat.setup_logging(settings.log_format, to_file)
 
 
-def main(gateway: str, temporal_address: str | None = None, **kwargs: str | None) -> None:
-    """Run the agent; `temporal_address` (the installer's console endpoint) wins over settings."""
-    settings = Settings(temporal_address=temporal_address) if temporal_address else Settings()
+def main(
+    gateway: str,
+    temporal_address: str | None = None,
+    *,
+    metrics_address: str | None = None,
+    log_format: str | None = None,
+    **kwargs: str | None,
+) -> None:
+    """Run the agent; `temporal_address` (the installer's console endpoint) and the CLI's
+    options win over settings."""
+    settings = settings_with(
+        temporal_address=temporal_address, metrics_address=metrics_address, log_format=log_format
+    )
     setup_logging(settings, gateway)
+    if settings.metrics_address:
+        log.info("metrics on http://%s/metrics", settings.metrics_address)
     log.info("gateway agent %s connecting to %s", gateway, settings.temporal_address)
-    asyncio.run(serve(gateway, settings, **kwargs))
+    try:
+        asyncio.run(serve(gateway, settings, **kwargs))
+    except KubegateError as exc:  # (its log file says why it stopped)
+        log.error("gateway agent %s stopped: %s", gateway, exc)
+        raise

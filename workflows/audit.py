@@ -50,6 +50,7 @@ with workflow.unsafe.imports_passed_through():
     from domain.ipam import ReleaseAddresses, ReleaseResult
     from domain.lifecycle import Step, StepState
     from domain.tags import CATEGORY
+    from workflows.metrics import record_step
     from workflows.nodes import decoded, verify_result
 
 T = TypeVar("T")
@@ -471,9 +472,11 @@ class AuditWorkflow:
             await body(step)
         except (ActivityError, ApplicationError) as exc:
             step.state, step.error, step.ended = StepState.FAILED, _message(exc), workflow.now()
+            record_step(step)
             self.publish()
             raise _StepFailed(f"{name}: {step.error}") from None
         step.state, step.ended = StepState.DONE, workflow.now()
+        record_step(step)
         self.publish()
 
     async def _agent(self, activity: str, arg: Any, result_type: type[T], summary: str) -> T:

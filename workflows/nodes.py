@@ -130,6 +130,7 @@ with workflow.unsafe.imports_passed_through():
         VmInfo,
         instance_uuid,
     )
+    from workflows.metrics import record_step
 
 T = TypeVar("T")
 
@@ -429,6 +430,7 @@ class NodeSet:
             raise StepFailed(f"{title}: {step.error}") from None
         finally:
             step.ended = workflow.now()
+            record_step(step)
             self.host.publish()
 
     async def validate(self, step: Step) -> None:

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from activities.vsphere.session import PinnedHTTPSConnection, meter_add, ssl_context
 from domain.account import VCenterEndpoint
+from plumbing import metrics
 
 T = TypeVar("T")
 
@@ -86,12 +87,20 @@ class RestSession:
         data = None if body is None else json.dumps(body).encode()
         if data is not None:
             sent["Content-Type"] = "application/json"
+        counted = _counted_as(method, path, action)
         with self._lock:
             self.requests += 1
             meter_add(1)
-            status, text = self._exchange(method, url, data, sent)
+            try:
+                status, text = self._exchange(method, url, data, sent)
+            except Exception as exc:
+                metrics.vcenter_request(self.endpoint.server, counted, fault=type(exc).__name__)
+                raise
         if not 200 <= status < 300:
-            raise _error(status, text)
+            error = _error(status, text)
+            metrics.vcenter_request(self.endpoint.server, counted, fault=error.kind)
+            raise error
+        metrics.vcenter_request(self.endpoint.server, counted)
         if not text.strip():
             return None
         try:
@@ -147,6 +156,12 @@ class RestSession:
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+def _counted_as(method: str, path: str, action: str | None) -> str:
+    """The method label of a vAPI request: verb and path with the ids left out (bounded)."""
+    template = "/".join("{id}" if part.startswith("id:") else part for part in path.split("/"))
+    return f"{method} {template}" + (f" {action}" if action else "")
 
 
 def _error(status: int, text: str) -> RestError:

@@ -31,6 +31,7 @@ from pyVmomi.SoapAdapter import SoapStubAdapter
 from pyVmomi.VmomiSupport import GetServiceVersions
 
 from domain.account import VCenterEndpoint
+from plumbing import metrics
 
 T = TypeVar("T")
 
@@ -157,11 +158,19 @@ def open_session(
     session = VSphereSession(endpoint=endpoint, username=username, stub=stub, content=None, key="")
     session.requests = 1  # the version discovery
     _meter_add(1)
+    metrics.vcenter_request(endpoint.server, "versions")
     original = stub.InvokeMethod
 
-    def counted_invoke(*args: Any, **kwargs: Any) -> Any:
+    def counted_invoke(mo: Any, info: Any, *args: Any, **kwargs: Any) -> Any:
         _count(session)
-        return original(*args, **kwargs)
+        method = str(getattr(info, "wsdlName", None) or "unknown")
+        try:
+            result = original(mo, info, *args, **kwargs)
+        except Exception as exc:
+            metrics.vcenter_request(endpoint.server, method, fault=type(exc).__name__)
+            raise
+        metrics.vcenter_request(endpoint.server, method)
+        return result
 
     stub.InvokeMethod = counted_invoke  # type: ignore[method-assign]
     session.content = session.service_instance.RetrieveContent()

@@ -72,6 +72,7 @@ from domain.vm import (
     VmInfo,
     instance_uuid,
 )
+from plumbing import metrics
 
 T = TypeVar("T")
 PC = vmodl.query.PropertyCollector
@@ -228,7 +229,8 @@ class VmActivities:
             if _cancelled():
                 raise CancelledError(f"cancelled while queued for {obj}")
         try:
-            yield
+            with metrics.task_in_flight(kind, server, obj, limit):
+                yield
         finally:
             semaphore.release()
 

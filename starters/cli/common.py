@@ -39,6 +39,7 @@ from domain.health import ClusterHealth
 from domain.lifecycle import ClusterState
 from domain.preflight import CheckStatus, PreflightReport
 from domain.version import VERSION, accepted_agents
+from plumbing import tracing
 from plumbing.contexts import (
     CONTEXT_ENV,
     NO_CONTEXT,
@@ -193,6 +194,45 @@ def print_data(output: Output, data: Any) -> None:
     sys.stdout.flush()
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+MetricsAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        help="HOST:PORT to serve Prometheus metrics on (/metrics): the Temporal SDK's and "
+        "kubegate's; default KUBEGATE_METRICS_ADDRESS, else none.",
+    ),
+]
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(help="Log lines as text or JSON (one object a line); default KUBEGATE_LOG_FORMAT"),
+]
+
+
+def process_stopped(exc: KubegateError, log_format: str | None) -> NoReturn:
+    """A worker or agent stopped on an error it logged: say it on the console too, unless
+    the console takes JSON lines only; exit 2 if it was refused, else 1."""
+    code = EXIT_BAD_INPUT if isinstance(exc, RequestRefused) else EXIT_FAILED
+    if (log_format or Settings().log_format) != "json":
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+    raise typer.Exit(code)
+
+
+def process_options(metrics_address: str | None, log_format: LogFormat | None) -> dict[str, Any]:
+    """A worker's or agent's --metrics-address and --log-format, checked (exit 2 if bad)."""
+    if metrics_address is not None:
+        host, sep, port = metrics_address.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:
+            _bad_input(f"--metrics-address: {metrics_address!r} must be HOST:PORT")
+    return {
+        "metrics_address": metrics_address,
+        "log_format": log_format.value if log_format is not None else None,
+    }
+
+
 PairingCodeFileOption = Annotated[
     Path | None,
     typer.Option(
@@ -221,7 +261,9 @@ def main() -> None:
 
 
 def exit_now(code: int) -> NoReturn:
-    """Flush what was written and end the process without interpreter teardown."""
+    """Flush what was written (logs, spans) and end the process without interpreter teardown."""
+    with contextlib.suppress(Exception):
+        tracing.flush()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

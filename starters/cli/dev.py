@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from plumbing.settings import Settings
+from plumbing.settings import Settings, settings_with
 from starters.cli.common import (
+    LogFormatOption,
     Output,
     OutputOption,
     PairingCodeFileOption,
@@ -27,11 +28,12 @@ from starters.cli.common import (
 
 
 @dev_app.command("up")
-def dev_up() -> None:
-    """Start the local stack (idempotent)."""
+def dev_up(log_format: LogFormatOption = None) -> None:
+    """Start the local stack (idempotent). Its control worker and agents serve Prometheus
+    metrics from KUBEGATE_DEV_METRICS_PORT (9464) on: see `dev status`."""
     from starters.dev import DevStack, DevStackError
 
-    stack = DevStack()
+    stack = DevStack(settings_with(log_format=log_format.value if log_format else None))
     try:
         outcome = asyncio.run(stack.up())
     except DevStackError as exc:
@@ -47,6 +49,10 @@ def dev_up() -> None:
         f"vCenter sim   https://{settings.vcsim_address}/sdk  thumbprint {stack.thumbprint()}"
     )
     out.print(f"account file  {stack.account_file}")
+    for name in ("control-worker", "gateway-agent"):
+        address = stack.metrics_address(name)
+        if address:
+            out.print(f"metrics       http://{address}/metrics  ({name})", highlight=False)
     out.print("stop with     make down  (or kubegate dev down)")
 
 
@@ -69,7 +75,7 @@ def dev_status(output: OutputOption = Output.table) -> None:
         print_data(output, json.dumps(rows))
         return
     table = Table()
-    for column in ("component", "state", "pid", "address", "log"):
+    for column in ("component", "state", "pid", "address", "metrics", "log"):
         table.add_column(column)
     for row in rows:
         table.add_row(*row.values())
@@ -111,6 +117,9 @@ def dev_agent(
         _failed(str(exc))
     component = stack.agent_component(name)
     out.print(f"{component.name:15} {state}  (log {component.log})", highlight=False)
+    address = stack.metrics_address(component.name)
+    if address:
+        out.print(f"{'':15} metrics http://{address}/metrics", highlight=False)
     fingerprint = stack.agent_key(name).fingerprint
     if approved:
         out.print(f"{'':15} key fingerprint {fingerprint} (approved)", highlight=False)

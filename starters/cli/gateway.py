@@ -30,6 +30,8 @@ from domain.sealing import normalize_fingerprint
 from plumbing.settings import Settings
 from starters.cli.common import (
     EXIT_FAILED,
+    LogFormatOption,
+    MetricsAddressOption,
     Output,
     OutputOption,
     PairingCodeFileOption,
@@ -48,12 +50,14 @@ from starters.cli.common import (
     load_spec,
     out,
     print_data,
+    process_options,
+    process_stopped,
     read_code_file,
     read_password,
     show_health,
     workflow_link,
 )
-from starters.client import KubegateClient, KubegateError, RequestRefused
+from starters.client import KubegateClient, KubegateError
 
 GatewayArg = Annotated[str, typer.Argument(help="Gateway name.")]
 
@@ -627,12 +631,15 @@ def gateway_agent(
         Path | None,
         typer.Option(help="Cloud account YAML whose vcenter block reaches the installer VM."),
     ] = None,
+    metrics_address: MetricsAddressOption = None,
+    log_format: LogFormatOption = None,
 ) -> None:
     """Run a gateway agent: pairs once, shows its key fingerprint for the operator to approve,
     then polls the gateway's task queue. Its policy (policy.yaml beside its key) decides what
     it may do: see docs/security.md."""
     if not names.is_dns_label(name):
         _bad_input(f"NAME: {name!r} must be a DNS label")
+    options = process_options(metrics_address, log_format)
     code_file = pairing_code_file or Settings().pairing_code_file
     pairing_code = read_code_file(code_file) if code_file is not None else None
     temporal_address = None
@@ -651,11 +658,10 @@ def gateway_agent(
             temporal_address=temporal_address,
             pairing_code=pairing_code,
             installer_vm=installer_vm,
+            **options,
         )
-    except RequestRefused as exc:
-        _bad_input(str(exc))
     except KubegateError as exc:
-        _failed(str(exc))
+        process_stopped(exc, options["log_format"])
 
 
 @gateway_app.command("rekey")

@@ -13,15 +13,20 @@ from rich.table import Table
 
 from domain.version import VERSION
 from plumbing.connect import connect
+from plumbing.errors import KubegateError
 from plumbing.settings import Settings
 from plumbing.versioning import BUILD_ID, DeploymentVersion, promote, versions
 from starters.cli.common import (
+    LogFormatOption,
+    MetricsAddressOption,
     Output,
     OutputOption,
     _bad_input,
     _run,
     out,
     print_data,
+    process_options,
+    process_stopped,
     worker_app,
 )
 
@@ -32,12 +37,18 @@ DeploymentOption = Annotated[
 
 
 @worker_app.command("control")
-def worker_control() -> None:
+def worker_control(
+    metrics_address: MetricsAddressOption = None, log_format: LogFormatOption = None
+) -> None:
     """Run the control worker (all workflows); a version of KUBEGATE_WORKER_DEPLOYMENT
     when it is set."""
     from workers import control
 
-    control.main()
+    options = process_options(metrics_address, log_format)
+    try:
+        control.main(**options)
+    except KubegateError as exc:
+        process_stopped(exc, options["log_format"])
 
 
 def _deployment(name: str | None) -> str:

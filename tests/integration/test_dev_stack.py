@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -112,6 +113,16 @@ def test_vcsim_reads_its_password_from_a_file(tmp_path: Path) -> None:
     assert both.returncode == 1 and "not both" in both.stderr
 
 
+def assert_serves_metrics(address: str | None, wanted: str) -> None:
+    """The endpoint serves the SDK's metrics and, within seconds, `wanted`."""
+    text, deadline = "", time.monotonic() + 20
+    while wanted not in text and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        time.sleep(0.5)
+    assert wanted in text and "temporal_worker_task_slots_available{" in text, text[-2000:]
+
+
 def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -120,6 +131,8 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         "KUBEGATE_UI_PORT": str(free_port()),
         "KUBEGATE_VCSIM_ADDRESS": f"127.0.0.1:{free_port()}",
         "KUBEGATE_VCSIM_BINARY": str(ensure_vcsim_built()),
+        "KUBEGATE_DEV_METRICS_PORT": str(free_port()),
+        "KUBEGATE_METRICS_INTERVAL": "1",
         "COLUMNS": "200",
         # secrets `dev up` must not hand to the processes it starts
         **INHERITED_SECRETS,
@@ -166,6 +179,14 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
         assert "agent policy    written: <home>/agents/local/policy.yaml" in up.stdout
         assert_policy_allows_simulator(home, "local", stack)
         assert not (home / "agents" / "local" / "pairing-code").exists()
+        # the worker and the agent serve metrics, each on its own port, as `up` printed
+        served = {n: stack.metrics_address(n) for n in ("control-worker", "gateway-agent")}
+        first = int(env["KUBEGATE_DEV_METRICS_PORT"])
+        assert served["control-worker"] == f"127.0.0.1:{first}", served
+        for name, address in served.items():
+            assert f"metrics       http://{address}/metrics  ({name})" in up.stdout, up.stdout
+        assert_serves_metrics(served["control-worker"], "kubegate_lifecycles{")
+        assert_serves_metrics(served["gateway-agent"], "kubegate_vcenter_requests_total{")
 
         again = kubegate("dev", "up")  # idempotent: nothing started twice, nothing paired again
         assert again.returncode == 0, again.stdout + again.stderr
@@ -241,6 +262,10 @@ def test_dev_stack_up_validate_status_down(tmp_path: Path) -> None:
             "gateway-agent": "running",
             "agent-side": "running",
         }
+        metrics = {row["component"]: row["metrics"] for row in status}
+        workers = ("control-worker", "gateway-agent", "agent-side")
+        assert len({metrics[n] for n in workers}) == 3 and all(metrics[n] for n in workers)
+        assert metrics["temporal"] == metrics["vcsim"] == ""
         logs = home / "logs"
         assert (logs / "gateway-agent.log").exists()
         agent_log = home / "agents" / "local" / "agent.log"

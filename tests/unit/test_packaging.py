@@ -73,3 +73,30 @@ def test_compose_runs_a_supported_server_after_its_schema_job_and_keeps_the_simu
     assert "-tls-cert=/vcsim/tls.pem" in flags
     assert any(str(v).startswith("vcsim:") for v in vcsim["volumes"])
     assert 'if not (home / "tls.pem").exists()' in services["vcsim-init"]["command"][0]
+
+
+def test_compose_prometheus_scrapes_the_workers_the_agent_and_the_server() -> None:
+    """Every scrape target is a service of the compose file listening where it is scraped."""
+    import yaml
+
+    services = yaml.safe_load(ROOT.joinpath("docker-compose.yml").read_text())["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:")
+    mount = "./deploy/compose/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    assert mount in prometheus["volumes"]
+    config = yaml.safe_load(ROOT.joinpath("deploy/compose/prometheus.yml").read_text())
+    targets = {
+        job["job_name"]: target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    listening = {
+        "control-worker": services["control-worker"]["environment"]["KUBEGATE_METRICS_ADDRESS"],
+        "gateway-agent": services["gateway-agent"]["environment"]["KUBEGATE_METRICS_ADDRESS"],
+        "temporal": services["temporal"]["environment"]["PROMETHEUS_ENDPOINT"],
+    }
+    assert set(targets) == {"kubegate-control", "kubegate-agent", "temporal-server"}
+    for target in targets.values():
+        service, _, port = target.partition(":")
+        assert listening[service] == f"0.0.0.0:{port}", (target, listening)
