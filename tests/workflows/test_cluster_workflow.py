@@ -515,10 +515,16 @@ async def test_a_node_not_ready_in_kubernetes_is_replaced_after_its_timeout_in_o
         found = {f.node: f for f in health.findings}
         assert "Kubernetes: Ready=Unknown" in found[worker].detail
         assert found[worker].kind == "unhealthy"
-        await asyncio.sleep(5)
         before = len(run.world.requests)
+        await asyncio.sleep(5)
+        # (the reconcile scheduled for the end of its timeout may come first and replace it:
+        # either way the worker is replaced once, and this reconcile returns after it)
         health = await run.update(handle, ClusterWorkflow.reconcile, ReconcileRequest())
-        assert health.repairs_made == 1, health.findings
+        run.world.not_ready.pop(worker)  # its new VM reports Ready
+        state = await run.until(name, ClusterStatus.RUNNING)
+        assert [s.title.split(":")[0] for s in state.steps if s.name == "repair"] == [
+            f"Replace {worker}"
+        ], health.findings
         # cp-1 and cp-2 are NotReady: cp-0 alone does not keep quorum, nothing is done to them
         members = [f for f in health.findings if f.node.startswith(f"{name}-cp")]
         assert len(members) == 2 and all("etcd needs 2" in f.detail for f in members), members
@@ -538,10 +544,6 @@ async def test_a_node_not_ready_in_kubernetes_is_replaced_after_its_timeout_in_o
         assert drain.drain_timeout_seconds == 0
         create = next(r for a, r in run.world.requests[before:] if a == "vm_create")
         assert create.network.address == address
-        state = await run.until(name, ClusterStatus.RUNNING)
-        assert [s.title.split(":")[0] for s in state.steps if s.name == "repair"] == [
-            f"Replace {worker}"
-        ]
 
 
 async def test_tags_are_best_effort_and_the_clusters_tag_goes_after_its_vms(
