@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,8 +93,8 @@ PROFILE: dict[str, Any] = {
 }
 
 
-def cluster_spec(name: str) -> ClusterSpec:
-    """3 control-plane nodes on DC0_C0, 3 workers over DC0_C0 and DC0_C1; static addresses."""
+def cluster_spec(name: str, workers: int = 3) -> ClusterSpec:
+    """3 control-plane nodes on DC0_C0, `workers` over DC0_C0 and DC0_C1; static addresses."""
 
     def domain(cluster: str) -> dict[str, str]:
         return {
@@ -119,7 +120,7 @@ def cluster_spec(name: str) -> ClusterSpec:
             "workers": [
                 {
                     "name": "workers",
-                    "size": 3,
+                    "size": workers,
                     "cpu": 4,
                     "memory_gb": 8,
                     "disk_gb": 60,
@@ -471,6 +472,7 @@ async def run_phase(
     bound: float | None,
     delete: bool,
     old_bound: float = 0.0,
+    spec: Callable[[str], ClusterSpec] = cluster_spec,
 ) -> tuple[Phase, list[str]]:
     """Deploy (or delete) the clusters at once and wait until each is Running (Deleted)."""
     client = stack.client
@@ -489,7 +491,7 @@ async def run_phase(
         if delete:
             await client.delete_cluster(name)
         else:
-            await client.deploy_cluster(cluster_spec(name), gateway=GATEWAY)
+            await client.deploy_cluster(spec(name), gateway=GATEWAY)
         return await client.wait_cluster(
             name, lambda s: s.status in (want, ClusterStatus.FAILED), timeout=900, interval=1.0
         )

@@ -12,6 +12,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.ipam import IpamActivities
 from activities.lifecycles import LifecycleActivities
 from domain.names import CONTROL_TASK_QUEUE
+from plumbing import profiling
 from plumbing.connect import connect
 from plumbing.settings import Settings
 from plumbing.versioning import deployment_config, promote_if_first
@@ -95,6 +96,7 @@ async def serve(settings: Settings | None = None) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    profiling.start("control")
     asyncio.run(serve())
 
 
