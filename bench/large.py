@@ -36,6 +36,8 @@ from plumbing.settings import Settings
 
 #: the simulator's inventory (bench.vcproxy.start_simulator): 2 compute clusters x 3 hosts
 HOSTS = 6
+#: an agent whose waits held threads had this many (KUBEGATE_AGENT_THREADS before issue 14)
+THREADS_BEFORE = 32
 DELAYS = (
     "clone=10000,reconfigure=300,customize=300,poweron=500,poweronmulti=500,"
     "poweroff=500,destroy=500"
@@ -55,7 +57,7 @@ def most_in_flight(starts: list[float], seconds: float) -> int:
 async def main(nodes: int, delays: dict[str, int], keep: bool, as_json: bool) -> int:
     work = Path(tempfile.mkdtemp(prefix="kubegate-bench-large-"))
     per_host = Settings().max_ops_per_host
-    threads = Settings().agent_threads
+    threads = THREADS_BEFORE
     clone = delays.get("CloneVM_Task", 0) / 1000
     node_tasks = clone + delays.get("ReconfigVM_Task", 0) / 1000
     tail = (delays.get("PowerOnVM_Task", 0) + delays.get("PowerOnMultiVM_Task", 0)) / 1000
@@ -68,7 +70,7 @@ async def main(nodes: int, delays: dict[str, int], keep: bool, as_json: bool) ->
         "delays_ms": delays,
         "hosts": HOSTS,
         "max_ops_per_host": per_host,
-        "agent_threads": threads,
+        "thread_bound_threads": threads,
         "host_limited_bound_seconds": bound,
         "thread_limited_bound_seconds": thread_bound,
     }

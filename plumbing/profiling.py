@@ -1,11 +1,12 @@
 """CPU profiles of a worker process, for benchmarks: `KUBEGATE_PROFILE=DIR`.
 
-Off unless the variable is set. When set, every Python thread of the process is profiled
-(cProfile; the event loop's and each executor or workflow thread's) and, when the process
-exits, DIR/<name>-<pid>.prof holds their merged statistics and DIR/<name>-<pid>.threads
-the CPU seconds of each OS thread (from /proc: Temporal's core threads are Rust, named
-`tokio-runtime-w`, and invisible to cProfile). Profiling slows the process: measure CPU in
-runs without it.
+Off unless the variable is set. When set, every Python thread of the process is profiled by
+CPU time (cProfile with `time.thread_time`: the event loop's, each executor and workflow
+thread's) and, when the process exits, DIR/<name>-<pid>.prof holds their merged statistics
+and DIR/<name>-<pid>.threads the CPU seconds of each live OS thread (from /proc: Temporal's
+core threads are Rust, named `tokio-runtime-w`, and invisible to cProfile). Profiling slows
+the process: measure CPU in runs without it. The worker calls `finish()` when it is done
+(the CLI ends with os._exit).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import os
 import pstats
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 _profiles: list[cProfile.Profile] = []
 _guard = threading.Lock()
+_to: list[Path] = []
 
 
 def start(name: str) -> None:
@@ -31,11 +34,18 @@ def start(name: str) -> None:
         return
     threading.setprofile(_in_new_thread)
     _enable()
-    atexit.register(_dump, Path(directory) / f"{name}-{os.getpid()}")
+    _to.append(Path(directory) / f"{name}-{os.getpid()}")
+    atexit.register(finish)
+
+
+def finish() -> None:
+    """Write the profile (once) if this process is profiled."""
+    if _to:
+        _dump(_to.pop())
 
 
 def _enable() -> None:
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.thread_time)  # CPU, not waits (nor the GIL's)
     with _guard:
         _profiles.append(profile)
     profile.enable()

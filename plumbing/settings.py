@@ -57,10 +57,16 @@ class Settings(BaseSettings):
         description="Build id of this control worker in its deployment; default the release.",
     )
     agent_threads: int = Field(
-        default=32,
+        default=8,
         ge=1,
         description="Threads for the agent's vCenter requests and short activities; waits on "
-        "vCenter hold none.",
+        "vCenter hold none (more threads only contend for the interpreter with the event loop "
+        "that waits and heartbeats).",
+    )
+    workflow_sandbox: bool = Field(
+        default=True,
+        description="Run workflows in Temporal's sandbox (the control worker). Off, the worker "
+        "spends less CPU per workflow task but nothing stops a non-deterministic call.",
     )
     agent_max_tasks: int = Field(
         default=256,

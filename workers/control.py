@@ -6,7 +6,12 @@ import asyncio
 import logging
 
 from temporalio.client import Client
-from temporalio.worker import Worker, WorkerDeploymentConfig
+from temporalio.worker import (
+    UnsandboxedWorkflowRunner,
+    Worker,
+    WorkerDeploymentConfig,
+    WorkflowRunner,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ipam import IpamActivities
@@ -26,9 +31,16 @@ from workflows.preflight import PreflightWorkflow
 WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow, AuditWorkflow]
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner(sandbox: bool = True) -> WorkflowRunner:
     """The sandbox, with `cryptography` passed through: workflows verify the agent's
-    signatures with it, and its native module can be loaded only once per process."""
+    signatures with it, and its native module can be loaded only once per process.
+
+    Without the sandbox (`KUBEGATE_WORKFLOW_SANDBOX=false`) the worker spends much less CPU
+    per workflow task (the SDK enters the sandbox for every payload it converts) but nothing
+    stops a non-deterministic call at run time: the tests run every workflow in the sandbox
+    and replay the kept histories, which is what keeps that safe."""
+    if not sandbox:
+        return UnsandboxedWorkflowRunner()
     return SandboxedWorkflowRunner(
         restrictions=SandboxRestrictions.default.with_passthrough_modules("cryptography")
     )
@@ -38,6 +50,7 @@ def build_worker(
     client: Client,
     task_queue: str = CONTROL_TASK_QUEUE,
     deployment: WorkerDeploymentConfig | None = None,
+    sandbox: bool = True,
 ) -> Worker:
     """The control worker on its task queue (tests pass their own queue), a version of a
     worker deployment when `deployment` is given."""
@@ -47,7 +60,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        workflow_runner=workflow_runner(),
+        workflow_runner=workflow_runner(sandbox),
         activities=[
             ipam.allocate_addresses,
             ipam.release_addresses,
@@ -67,7 +80,7 @@ async def serve(settings: Settings | None = None) -> None:
     settings = settings or Settings()
     client = await connect(settings, worker=True)
     config = deployment_config(settings)
-    worker = build_worker(client, deployment=config)
+    worker = build_worker(client, deployment=config, sandbox=settings.workflow_sandbox)
     log = logging.getLogger("kubegate")
     log.info("control worker polling %s", CONTROL_TASK_QUEUE)
     if config is None:
@@ -97,7 +110,10 @@ async def serve(settings: Settings | None = None) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     profiling.start("control")
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        profiling.finish()
 
 
 if __name__ == "__main__":

@@ -295,4 +295,7 @@ def main(gateway: str, temporal_address: str | None = None, **kwargs: str | None
     setup_logging(settings, gateway)
     profiling.start("agent")
     log.info("gateway agent %s connecting to %s", gateway, settings.temporal_address)
-    asyncio.run(serve(gateway, settings, **kwargs))
+    try:
+        asyncio.run(serve(gateway, settings, **kwargs))
+    finally:
+        profiling.finish()

@@ -48,6 +48,7 @@ from activities.vsphere.calls import (
 from activities.vsphere.inventory import (
     find_by_path,
     from_ref,
+    inventory_paths,
     ref,
     retrieve,
     retrieve_all_vms,
@@ -1300,7 +1301,7 @@ def _resolve_placement(
     template = find_by_path(session, template_path)
     if not isinstance(template, vim.VirtualMachine):
         raise _not_found("VM template", template_path)
-    paths = _inventory_paths(session, datacenter, dc)
+    paths = inventory_paths(session, datacenter, dc)
     domains = []
     for cluster, pool, datastore, network in request.domains:
         where = Placement(
@@ -1320,64 +1321,6 @@ def _resolve_placement(
             refs[role] = ref(obj)
         domains.append(DomainRefs(**refs))
     return PlacementRefs(template=ref(template), domains=domains)
-
-
-def _inventory_paths(session: VSphereSession, datacenter: Any, dc: str) -> dict[str, Any]:
-    """Inventory path -> object for every folder, cluster, pool, datastore and network of the
-    datacenter (not VMs, not hosts): one RetrievePropertiesEx with a traversal."""
-
-    def ts(name: str, kind: type, path: str, *nxt: str) -> Any:
-        return PC.TraversalSpec(
-            name=name,
-            type=kind,
-            path=path,
-            skip=False,
-            selectSet=[PC.SelectionSpec(name=n) for n in nxt],
-        )
-
-    select = [
-        ts("dcHost", vim.Datacenter, "hostFolder", "folder"),
-        ts("dcDatastore", vim.Datacenter, "datastoreFolder", "folder"),
-        ts("dcNetwork", vim.Datacenter, "networkFolder", "folder"),
-        ts("folder", vim.Folder, "childEntity", "folder", "clusterPool"),
-        ts("clusterPool", vim.ClusterComputeResource, "resourcePool", "pool"),
-        ts("pool", vim.ResourcePool, "resourcePool", "pool"),
-    ]
-    kinds = [
-        vim.Folder,
-        vim.ClusterComputeResource,
-        vim.ResourcePool,
-        vim.Datastore,
-        vim.Network,
-        vim.dvs.DistributedVirtualPortgroup,
-    ]
-    spec = PC.FilterSpec(
-        objectSet=[PC.ObjectSpec(obj=datacenter, skip=True, selectSet=select)],
-        propSet=[PC.PropertySpec(type=k, pathSet=["name", "parent"]) for k in kinds],
-    )
-    found = retrieve_spec(session, spec)
-    objects = {key: from_ref(session, key) for key in found}
-    dc_ref = ref(datacenter)
-    paths: dict[str, Any] = {}
-
-    def path_of(key: str, depth: int = 0) -> str | None:
-        props = found.get(key)
-        if props is None or depth > 64:
-            return None
-        parent = props.get("parent")
-        name = str(props.get("name", "")).replace("/", "%2f")
-        if parent is None:
-            return None
-        if ref(parent) == dc_ref:
-            return f"/{dc}/{name}"
-        above = path_of(ref(parent), depth + 1)
-        return None if above is None else f"{above}/{name}"
-
-    for key in found:
-        path = path_of(key)
-        if path is not None:
-            paths[path] = objects[key]
-    return paths
 
 
 # --- readiness -------------------------------------------------------------------------------

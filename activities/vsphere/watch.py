@@ -50,10 +50,18 @@ class TaskWatcher:
     """One property collector and one thread watching the recent tasks of a session."""
 
     def __init__(
-        self, session: VSphereSession, *, max_wait_seconds: int = 10, idle_stop: float = 60.0
+        self,
+        session: VSphereSession,
+        *,
+        max_wait_seconds: int = 10,
+        idle_stop: float = 60.0,
+        settle: float = 0.025,
     ) -> None:
         self.session = session
         self.max_wait_seconds = max_wait_seconds
+        #: after a change, the next long poll waits this long: the changes of a burst (a
+        #: cluster's clones ending together) come in one answer, not one each
+        self.settle = settle
         self.idle_stop = idle_stop
         self.requests = 0
         self.turns = 0
@@ -120,6 +128,8 @@ class TaskWatcher:
                     if idle and idle > self.idle_stop:
                         self._stopped = True
                         return
+                if update is not None and self.settle:
+                    time.sleep(self.settle)
         except BaseException as exc:  # the session died or vCenter went away
             with self._cond:
                 self.error = exc
