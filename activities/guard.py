@@ -526,8 +526,19 @@ class GuardInterceptor(Interceptor):
         return _Guarded(next, self.guard)
 
 
-#: how often the agent tells Temporal a task is alive, whatever the activity does meanwhile
-KEEPALIVE_SECONDS = 1.0
+#: how often the agent tells Temporal a task is alive, whatever the activity does meanwhile:
+#: a quarter of the task's heartbeat timeout, within these bounds (Temporal's client sends at
+#: most one heartbeat per 0.8 x the timeout anyway; each local one costs the agent CPU)
+KEEPALIVE_SECONDS = (1.0, 5.0)
+
+
+def beat_period(info: activity.Info) -> float:
+    """Seconds between the heartbeats of a task that has nothing new to say."""
+    low, high = KEEPALIVE_SECONDS
+    timeout = info.heartbeat_timeout
+    if timeout is None:
+        return low
+    return min(high, max(low, timeout.total_seconds() / 4))
 
 
 class _Guarded(ActivityInboundInterceptor):
@@ -557,9 +568,10 @@ class _Guarded(ActivityInboundInterceptor):
         its last attempt left (a vCenter task's ref): a short heartbeat timeout then finds a
         dead agent quickly and a retry still re-attaches. Once the activity heartbeats itself
         it is judged by its own heartbeats (a hung wait is not kept alive)."""
+        period = beat_period(activity.info())
         while self.beats is not None and not self.beats.own:
             self.beats.again()
-            await asyncio.sleep(KEEPALIVE_SECONDS)
+            await asyncio.sleep(period)
 
 
 class _Beats(ActivityOutboundInterceptor):

@@ -36,6 +36,7 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.guard import beat_period
 from activities.kube import wait_kubernetes_ready
 from activities.secrets import open_cluster_secrets
 from activities.vsphere.calls import (
@@ -166,6 +167,14 @@ class _Progress:
         )
 
 
+def _beat_every() -> float:
+    """Seconds between a waiting activity's heartbeats (cancellation wakes it sooner)."""
+    try:
+        return max(2.0, beat_period(activity.info()))
+    except RuntimeError:  # not in an activity
+        return 2.0
+
+
 def _cancelled() -> bool:
     """The workflow cancelled this activity (an abort); not the agent stopping."""
     return activity.is_cancelled() and not activity.is_worker_shutdown()
@@ -257,7 +266,9 @@ class VmActivities:
                 stop = stop_signal()
                 if stop is not None and not stop.done():
                     waits.add(stop)
-                await asyncio.wait(waits, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waits, timeout=_beat_every(), return_when=asyncio.FIRST_COMPLETED
+                )
                 if taking.done():
                     taking.result()
                     break
@@ -288,6 +299,7 @@ class VmActivities:
                 io=self._io,
                 cancelled=lambda: _cancelled() or _stopping(),
                 stop=stop_signal(),
+                beat_every=_beat_every(),
             )
         except CancelRequested:
             if _stopping():  # never cancel vCenter's work because the agent stops
