@@ -259,7 +259,7 @@ class VmActivities:
         if limit is None:
             limit = self.max_ops_per_host if kind == "host" else self.max_ops_per_datastore
         held = slots(kind, server, obj, limit)
-        taking = asyncio.ensure_future(held.acquire_async())
+        taking = asyncio.ensure_future(held.acquire())
         try:
             while True:
                 waits: set[asyncio.Future[Any]] = {taking}
