@@ -134,8 +134,15 @@ def refuse(kind: str, message: str) -> ApplicationError:
     return ApplicationError(message, type=kind, non_retryable=True)
 
 
+class Walked(tuple[Any, ...]):
+    """Every model inside a task's arguments, walked once (`walk` of it yields them)."""
+
+
 def walk(value: Any) -> Iterator[Any]:
     """Every pydantic model inside value (itself included), depth first."""
+    if isinstance(value, Walked):
+        yield from value
+        return
     if isinstance(value, BaseModel):
         yield value
         for name in type(value).model_fields:
@@ -392,7 +399,8 @@ class AgentGuard:
                 errors.POLICY_REFUSED,
                 f"the agent's policy is for gateway {policy.gateway}, not {self.gateway}",
             )
-        problems = policy_problems(policy, args)
+        models = Walked(walk(args))  # (every check below reads them: walk the task once)
+        problems = policy_problems(policy, models)
         if problems:
             raise refuse(
                 errors.POLICY_REFUSED,
@@ -400,13 +408,13 @@ class AgentGuard:
             )
         workflow_id = info.workflow_id or ""
         try:
-            await self._authorized(info, args, await self.authorization())
+            await self._authorized(info, args, models, await self.authorization())
         except ApplicationError as exc:
             if exc.type not in (errors.NOT_AUTHORIZED, errors.STALE_CREDENTIALS):
                 raise
             # a cached answer may predate what the gateway just started: ask again, once
             self._auth = None
-            await self._authorized(info, args, await self.authorization())
+            await self._authorized(info, args, models, await self.authorization())
         if workflow_id != self.gateway_id:
             parent = await self._parent(workflow_id, info.workflow_run_id or "")
             if parent != self.gateway_id:
@@ -415,13 +423,13 @@ class AgentGuard:
                     f"{info.activity_type}: workflow {workflow_id} was not started by gateway "
                     f"{self.gateway} (its parent: {parent or 'none'})",
                 )
-        alive = await self._owners_gone(args)
+        alive = await self._owners_gone(models)
         if alive:  # (what the audit says is gone, the agent asks Temporal itself)
             raise refuse(
                 errors.NOT_AUTHORIZED,
                 f"{info.activity_type}: refused, its owner is not gone: " + "; ".join(alive),
             )
-        for model in walk(args):  # a sweep only of the caller's own VMs
+        for model in walk(models):  # a sweep only of the caller's own VMs
             if isinstance(model, SweepRequest) and model.cluster_id != workflow_id:
                 raise refuse(
                     errors.NOT_AUTHORIZED,
@@ -429,7 +437,9 @@ class AgentGuard:
                     f"{model.cluster_id}'s",
                 )
 
-    async def _authorized(self, info: activity.Info, args: Any, auth: AgentAuthorization) -> None:
+    async def _authorized(
+        self, info: activity.Info, args: Any, models: Walked, auth: AgentAuthorization
+    ) -> None:
         """Refuse unless the gateway authorizes this workflow, this agent and these credentials."""
         workflow_id = info.workflow_id or ""
         if auth.agent_key_id != self.key.key_id or (
@@ -447,10 +457,10 @@ class AgentGuard:
                 type=errors.NOT_AUTHORIZED,
                 non_retryable=True,
             )
-        for model in walk(args):
+        for model in walk(models):
             if isinstance(model, VCenterCredentials):
                 self._check_credentials(model, workflow_id, auth, args)
-        problems = removal_problems(auth, args)
+        problems = removal_problems(auth, models)
         if problems:
             raise ApplicationError(
                 f"{info.activity_type}: " + "; ".join(problems),
@@ -516,8 +526,19 @@ class GuardInterceptor(Interceptor):
         return _Guarded(next, self.guard)
 
 
-#: how often the agent tells Temporal a task is alive, whatever the activity does meanwhile
-KEEPALIVE_SECONDS = 1.0
+#: how often the agent tells Temporal a task is alive, whatever the activity does meanwhile:
+#: a quarter of the task's heartbeat timeout, within these bounds (Temporal's client sends at
+#: most one heartbeat per 0.8 x the timeout anyway; each local one costs the agent CPU)
+KEEPALIVE_SECONDS = (1.0, 5.0)
+
+
+def beat_period(info: activity.Info) -> float:
+    """Seconds between the heartbeats of a task that has nothing new to say."""
+    low, high = KEEPALIVE_SECONDS
+    timeout = info.heartbeat_timeout
+    if timeout is None:
+        return low
+    return min(high, max(low, timeout.total_seconds() / 4))
 
 
 class _Guarded(ActivityInboundInterceptor):
@@ -547,9 +568,10 @@ class _Guarded(ActivityInboundInterceptor):
         its last attempt left (a vCenter task's ref): a short heartbeat timeout then finds a
         dead agent quickly and a retry still re-attaches. Once the activity heartbeats itself
         it is judged by its own heartbeats (a hung wait is not kept alive)."""
+        period = beat_period(activity.info())
         while self.beats is not None and not self.beats.own:
             self.beats.again()
-            await asyncio.sleep(KEEPALIVE_SECONDS)
+            await asyncio.sleep(period)
 
 
 class _Beats(ActivityOutboundInterceptor):

@@ -7,6 +7,8 @@ an answer, not an error. Only a secret the agent cannot open, or a bug, raises.
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from typing import Any, TypeVar
 
 from pyVmomi import vim, vmodl
@@ -16,7 +18,14 @@ from temporalio.exceptions import ApplicationError
 from activities.secrets import open_password
 from activities.vsphere.calls import shielded
 from activities.vsphere.faults import classify
-from activities.vsphere.inventory import find_by_path, from_ref, ref, retrieve_mixed, retrieve_spec
+from activities.vsphere.inventory import (
+    find_by_path,
+    from_ref,
+    inventory_paths,
+    ref,
+    retrieve_mixed,
+    retrieve_spec,
+)
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from domain import errors
 from domain.account import VCenterCredentials
@@ -52,12 +61,22 @@ _EXPECTED_TYPES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: how long a user's privileges found complete are believed (HasPrivilegeOnEntities is the
+#: costliest answer of a deploy to read: every privilege of both roles on every object)
+PRIVILEGES_TTL = 60.0
+
+
 class PreflightActivities:
     """The preflight activities of one gateway agent (its key opens sealed passwords)."""
 
     def __init__(self, key: AgentKey, sessions: SessionPool) -> None:
         self.key = key
         self.sessions = sessions
+        #: (vCenter, port, user, objects) -> (read at, granted): complete answers only, so a
+        #: missing privilege is asked again at every check (and a fix is seen at once)
+        self._privileges: dict[tuple[str, int, str, tuple[str, ...]], tuple[float, Granted]] = {}
+        self._privileges_locks: dict[tuple[str, int, str, tuple[str, ...]], threading.Lock] = {}
+        self._privileges_guard = threading.Lock()
 
     def password(self, credentials: VCenterCredentials) -> str:
         return open_password(self.key, credentials)
@@ -148,9 +167,18 @@ class PreflightActivities:
         batch = InventoryBatch()
 
         def check(session: VSphereSession) -> None:
+            # each datacenter found, then its folders, clusters, pools, datastores and
+            # networks in one traversal; any other path (VMs, hosts, what the traversal did
+            # not find) is looked up by itself
+            known: dict[str, Any] = {}
+            for path, role in roles.items():
+                if role == "datacenter":
+                    known[path] = found = find_by_path(session, path)
+                    if isinstance(found, vim.Datacenter):
+                        known.update(inventory_paths(session, found, path.strip("/")))
             objects: dict[str, Any] = {}
             for path, role in roles.items():
-                obj = find_by_path(session, path)
+                obj = known[path] if path in known else find_by_path(session, path)
                 kinds, word = _EXPECTED_TYPES[role]
                 if obj is None:
                     batch.results.append(_missing(role, word, path))
@@ -194,12 +222,25 @@ class PreflightActivities:
                 if role in ROLE_OF_OBJECT:
                     entities[path] = (role, from_ref(session, value))
             distinct = {ref(e): e for _, e in entities.values()}
-            granted = _granted(session, list(distinct.values()))
-            for path, (role, entity) in entities.items():
-                role_name = ROLE_OF_OBJECT[role]
-                have = granted.get(ref(entity), set())
-                missing = [p for p in privilege_ids(role_name) if p not in have]
-                batch.results.append(_privilege_result(role, path, role_name, user, missing))
+            endpoint = request.credentials.endpoint
+            key = (endpoint.server.lower(), endpoint.port, user.lower(), tuple(sorted(distinct)))
+            with self._privileges_guard:
+                lock = self._privileges_locks.setdefault(key, threading.Lock())
+            with lock:  # (concurrent deploys through one account ask once)
+                cached = self._privileges.get(key)
+                fresh = cached is not None and time.monotonic() - cached[0] < PRIVILEGES_TTL
+                granted = cached[1] if cached is not None and fresh else None
+                if granted is None:
+                    granted = _granted(session, list(distinct.values()))
+                complete = True
+                for path, (role, entity) in entities.items():
+                    role_name = ROLE_OF_OBJECT[role]
+                    have = granted.get(ref(entity), set())
+                    missing = [p for p in privilege_ids(role_name) if p not in have]
+                    complete = complete and not missing
+                    batch.results.append(_privilege_result(role, path, role_name, user, missing))
+                if complete and not fresh:
+                    self._privileges[key] = (time.monotonic(), granted)
 
         return self._guarded(request.credentials, check, batch)
 
@@ -371,7 +412,11 @@ def _host_names(hosts: list[Any], props: dict[str, dict[str, Any]]) -> dict[str,
     return {ref(h): props.get(ref(h), {}).get("name", h._moId) for h in hosts}
 
 
-def _granted(session: VSphereSession, entities: list[Any]) -> dict[str, set[str]]:
+#: object ref -> the privileges the user holds on it
+Granted = dict[str, set[str]]
+
+
+def _granted(session: VSphereSession, entities: list[Any]) -> Granted:
     """One request: which of our privileges the session's user holds on each entity."""
     answers = session.content.authorizationManager.HasPrivilegeOnEntities(
         entity=entities, sessionId=session.key, privId=all_privilege_ids()

@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,9 @@ POOL = "bench-pool"
 CHAIN = ["CloneVM_Task", "ReconfigVM_Task", "CustomizeVM_Task", "PowerOnVM_Task"]
 #: vCenter task methods with a configured run time
 TASKS = {*CHAIN, "PowerOnMultiVM_Task", "PowerOffVM_Task", "Destroy_Task"}
+#: how often the harness reads each cluster's state (a query: a workflow task on the control
+#: worker, so its CPU counts there; wall times come from the state's updated_at, not from it)
+POLL_SECONDS = [1.0]
 #: requests that wait rather than work (not counted as call time on the path)
 LONG_POLLS = {"WaitForUpdatesEx", "WaitForUpdates"}
 
@@ -92,8 +96,8 @@ PROFILE: dict[str, Any] = {
 }
 
 
-def cluster_spec(name: str) -> ClusterSpec:
-    """3 control-plane nodes on DC0_C0, 3 workers over DC0_C0 and DC0_C1; static addresses."""
+def cluster_spec(name: str, workers: int = 3) -> ClusterSpec:
+    """3 control-plane nodes on DC0_C0, `workers` over DC0_C0 and DC0_C1; static addresses."""
 
     def domain(cluster: str) -> dict[str, str]:
         return {
@@ -119,7 +123,7 @@ def cluster_spec(name: str) -> ClusterSpec:
             "workers": [
                 {
                     "name": "workers",
-                    "size": 3,
+                    "size": workers,
                     "cpu": 4,
                     "memory_gb": 8,
                     "disk_gb": 60,
@@ -471,6 +475,7 @@ async def run_phase(
     bound: float | None,
     delete: bool,
     old_bound: float = 0.0,
+    spec: Callable[[str], ClusterSpec] = cluster_spec,
 ) -> tuple[Phase, list[str]]:
     """Deploy (or delete) the clusters at once and wait until each is Running (Deleted)."""
     client = stack.client
@@ -489,9 +494,12 @@ async def run_phase(
         if delete:
             await client.delete_cluster(name)
         else:
-            await client.deploy_cluster(cluster_spec(name), gateway=GATEWAY)
+            await client.deploy_cluster(spec(name), gateway=GATEWAY)
         return await client.wait_cluster(
-            name, lambda s: s.status in (want, ClusterStatus.FAILED), timeout=900, interval=1.0
+            name,
+            lambda s: s.status in (want, ClusterStatus.FAILED),
+            timeout=900,
+            interval=POLL_SECONDS[0],
         )
 
     start = datetime.now(UTC)
@@ -821,5 +829,13 @@ if __name__ == "__main__":
         "--keep", action="store_true", help="skip the delete phases (the stack still stops)"
     )
     parser.add_argument("--json", action="store_true", help="JSON on stdout (table on stderr)")
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=1.0,
+        help="seconds between the harness's reads of a cluster's state (each is a query the "
+        "control worker answers; wall times do not depend on it)",
+    )
     args = parser.parse_args()
+    POLL_SECONDS[0] = args.poll
     sys.exit(asyncio.run(main(args.clusters, parse_delays(args.delays), args.keep, args.json)))

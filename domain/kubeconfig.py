@@ -11,6 +11,7 @@ import base64
 import hashlib
 import re
 from datetime import datetime
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, Field
@@ -158,4 +159,6 @@ def kubeconfig_file(
         "current-context": context,
         "preferences": {},
     }
-    return str(yaml.safe_dump(document, sort_keys=False))
+    # libyaml's emitter where PyYAML has it (the same text; the agent renders one per node)
+    dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return str(yaml.dump(document, Dumper=dumper, sort_keys=False))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import pydantic_core
@@ -299,28 +299,38 @@ def result_statement(
     return "\n".join(parts).encode()
 
 
+#: a statement, or how to make it (made only when its signature is checked)
+Statement = bytes | Callable[[], bytes]
+
+
 def verified_body(
     signed: SignedResult,
     signing_key_b64: str | None,
-    statement: bytes,
-    compact: bytes | None = None,
-    released: bytes | None = None,
+    statement: Statement,
+    compact: Statement | None = None,
+    released: Statement | None = None,
 ) -> str | None:
     """The result's JSON when the signature is the agent's over this statement (or its
     compact signature over the `compact` statement, or its full one over the `released`
-    statement: the request as 0.1.0 agents knew it), else None."""
+    statement: the request as 0.1.0 agents knew it), else None. A statement given as a
+    callable is made only if the checks before it failed (a current agent's compact
+    signature spares the workflow serializing the whole request)."""
     if not signing_key_b64:
         return None
     if (
         compact is not None
         and signed.compact_signature
-        and verify_signature(signing_key_b64, compact, signed.compact_signature)
+        and verify_signature(signing_key_b64, _made(compact), signed.compact_signature)
     ):
         return signed.body
     for full in (statement, released):
-        if full is not None and verify_signature(signing_key_b64, full, signed.signature):
+        if full is not None and verify_signature(signing_key_b64, _made(full), signed.signature):
             return signed.body
     return None
+
+
+def _made(statement: Statement) -> bytes:
+    return statement() if callable(statement) else statement
 
 
 # -- facts the deciding workflows ask for -------------------------------------------------------

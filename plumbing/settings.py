@@ -80,7 +80,24 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,62}$",  # plumbing.versioning.BUILD_ID
         description="Build id of this control worker in its deployment; default the release.",
     )
-    agent_threads: int = Field(default=32, description="Threads for vSphere activities.")
+    agent_threads: int = Field(
+        default=8,
+        ge=1,
+        description="Threads for the agent's vCenter requests and short activities; waits on "
+        "vCenter hold none (more threads only contend for the interpreter with the event loop "
+        "that waits and heartbeats).",
+    )
+    workflow_sandbox: bool = Field(
+        default=True,
+        description="Run workflows in Temporal's sandbox (the control worker). Off, the worker "
+        "spends less CPU per workflow task but nothing stops a non-deterministic call.",
+    )
+    agent_max_tasks: int = Field(
+        default=256,
+        ge=1,
+        description="Tasks an agent runs at once (its global cap; vCenter's per-host and "
+        "per-datastore limits apply within it).",
+    )
     agent_shutdown_grace: float = Field(
         default=10.0,
         ge=0,

@@ -7,12 +7,18 @@ import contextlib
 import logging
 
 from temporalio.client import Client
-from temporalio.worker import Worker, WorkerDeploymentConfig
+from temporalio.worker import (
+    UnsandboxedWorkflowRunner,
+    Worker,
+    WorkerDeploymentConfig,
+    WorkflowRunner,
+)
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ipam import IpamActivities
 from activities.lifecycles import LifecycleActivities
 from domain.names import CONTROL_TASK_QUEUE
+from plumbing import profiling
 from plumbing.connect import connect
 from plumbing.errors import KubegateError
 from plumbing.logformat import setup_logging
@@ -30,9 +36,16 @@ from workflows.preflight import PreflightWorkflow
 WORKFLOWS = [PreflightWorkflow, IpPoolWorkflow, ClusterWorkflow, GatewayWorkflow, AuditWorkflow]
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner(sandbox: bool = True) -> WorkflowRunner:
     """The sandbox, with `cryptography` passed through: workflows verify the agent's
-    signatures with it, and its native module can be loaded only once per process."""
+    signatures with it, and its native module can be loaded only once per process.
+
+    Without the sandbox (`KUBEGATE_WORKFLOW_SANDBOX=false`) the worker spends much less CPU
+    per workflow task (the SDK enters the sandbox for every payload it converts) but nothing
+    stops a non-deterministic call at run time: the tests run every workflow in the sandbox
+    and replay the kept histories, which is what keeps that safe."""
+    if not sandbox:
+        return UnsandboxedWorkflowRunner()
     return SandboxedWorkflowRunner(
         # opentelemetry: the tracing interceptor's spans, when tracing is on
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
@@ -45,6 +58,7 @@ def build_worker(
     client: Client,
     task_queue: str = CONTROL_TASK_QUEUE,
     deployment: WorkerDeploymentConfig | None = None,
+    sandbox: bool = True,
 ) -> Worker:
     """The control worker on its task queue (tests pass their own queue), a version of a
     worker deployment when `deployment` is given."""
@@ -54,7 +68,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        workflow_runner=workflow_runner(),
+        workflow_runner=workflow_runner(sandbox),
         activities=[
             ipam.allocate_addresses,
             ipam.release_addresses,
@@ -85,7 +99,7 @@ async def serve(settings: Settings | None = None) -> None:
 
 async def _serve(client: Client, settings: Settings, log: logging.Logger) -> None:
     config = deployment_config(settings)
-    worker = build_worker(client, deployment=config)
+    worker = build_worker(client, deployment=config, sandbox=settings.workflow_sandbox)
     log.info("control worker polling %s", CONTROL_TASK_QUEUE)
     if config is None:
         await run_until_signalled(worker)
@@ -115,11 +129,14 @@ def main(metrics_address: str | None = None, log_format: str | None = None) -> N
     """Run the control worker; the CLI's options win over the settings."""
     settings = settings_with(metrics_address=metrics_address, log_format=log_format)
     setup_logging(settings.log_format)
+    profiling.start("control")
     try:
         asyncio.run(serve(settings))
     except KubegateError as exc:
         logging.getLogger("kubegate").error("control worker stopped: %s", exc)
         raise
+    finally:
+        profiling.finish()
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import logging
 import logging.handlers
 import socket
 import sys
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -43,7 +46,7 @@ from activities.vsphere.tags import TagActivities
 from activities.vsphere.vm import VmActivities
 from domain.names import gateway_task_queue, presence_task_queue
 from domain.sealing import AgentKey
-from plumbing import logformat
+from plumbing import logformat, profiling
 from plumbing.connect import connect
 from plumbing.errors import KubegateError, RequestRefused
 from plumbing.metrics import process_runtime
@@ -109,7 +112,12 @@ def build_agent(
     max_ops_per_datastore: int = 128,
 ) -> AgentWorkers:
     """The agent's workers: every vSphere activity, on the gateway's task queue, behind the
-    guard (policy, gateway authorization, signed results)."""
+    guard (policy, gateway authorization, signed results).
+
+    `max_concurrent` is the agent's cap on tasks at once (KUBEGATE_AGENT_MAX_TASKS). The
+    activities that wait on vCenter are coroutines: a wait holds no thread, their requests
+    run on `executor` (KUBEGATE_AGENT_THREADS) beside the short synchronous activities, so
+    the cap may exceed the threads (tasks beyond the cap wait in Temporal's queue)."""
     key.gateway = gateway
     policy_file = PolicyFile(policy)
     key.policy = policy_file.current
@@ -121,6 +129,7 @@ def build_agent(
         sessions,
         max_ops_per_host=max_ops_per_host,
         max_ops_per_datastore=max_ops_per_datastore,
+        executor=executor,
     )
     events = EventActivities(key, sessions)
     drift = DriftActivities(key, sessions)
@@ -136,33 +145,56 @@ def build_agent(
         interceptors=[GuardInterceptor(guard)],
         graceful_shutdown_timeout=timedelta(seconds=shutdown_grace),
     )
-    work = Worker(
+    with warnings.catch_warnings():
+        # (the SDK warns when the executor has fewer threads than the cap: intended here)
+        warnings.filterwarnings("ignore", message="Worker max_concurrent_activities is")
+        work = _work_worker(
+            client,
+            task_queue or gateway_task_queue(gateway),
+            [
+                preflight.connection,
+                preflight.inventory,
+                preflight.privileges,
+                preflight.hosts,
+                preflight.all_checks,
+                bootstrap.secrets,
+                bootstrap.render,
+                bootstrap.kubeconfig,
+                *vms.all(),
+                *tags.all(),
+                *events.all(),
+                drift.inspect,
+                *audit.all(),
+                *kube.all(),
+            ],
+            executor,
+            max_concurrent,
+            GuardInterceptor(guard),
+            shutdown_grace,
+        )
+    return AgentWorkers(work, presence)
+
+
+def _work_worker(
+    client: Client,
+    task_queue: str,
+    activities: list[Callable[..., Any]],
+    executor: ThreadPoolExecutor,
+    max_concurrent: int,
+    guard: GuardInterceptor,
+    shutdown_grace: float,
+) -> Worker:
+    return Worker(
         client,
-        task_queue=task_queue or gateway_task_queue(gateway),
-        activities=[
-            preflight.connection,
-            preflight.inventory,
-            preflight.privileges,
-            preflight.hosts,
-            preflight.all_checks,
-            bootstrap.secrets,
-            bootstrap.render,
-            bootstrap.kubeconfig,
-            *vms.all(),
-            *tags.all(),
-            *events.all(),
-            drift.inspect,
-            *audit.all(),
-            *kube.all(),
-        ],
+        task_queue=task_queue,
+        activities=activities,
         activity_executor=executor,
         max_concurrent_activities=max_concurrent,
-        interceptors=[GuardInterceptor(guard)],
+        interceptors=[guard],
         # SIGTERM: running activities stop waiting at once and leave vCenter's tasks running
         # (activities/vsphere/vm.py); short ones may finish meanwhile
         graceful_shutdown_timeout=timedelta(seconds=shutdown_grace),
     )
-    return AgentWorkers(work, presence)
 
 
 class AgentWorkers:
@@ -224,7 +256,7 @@ async def serve(
             key,
             sessions,
             executor,
-            settings.agent_threads,
+            settings.agent_max_tasks,
             policy=policy,
             shutdown_grace=settings.agent_shutdown_grace,
             max_ops_per_host=settings.max_ops_per_host,
@@ -270,9 +302,12 @@ def main(
     setup_logging(settings, gateway)
     if settings.metrics_address:
         log.info("metrics on http://%s/metrics", settings.metrics_address)
+    profiling.start("agent")
     log.info("gateway agent %s connecting to %s", gateway, settings.temporal_address)
     try:
         asyncio.run(serve(gateway, settings, **kwargs))
     except KubegateError as exc:  # (its log file says why it stopped)
         log.error("gateway agent %s stopped: %s", gateway, exc)
         raise
+    finally:
+        profiling.finish()

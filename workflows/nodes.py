@@ -188,10 +188,13 @@ def verify_result(
         return None
     info = workflow.info()
     call = (info.workflow_id, info.run_id, activity_id, activity)
-    statement = result_statement(*call, canonical_json([arg]), signed.body)
-    compact = result_statement(*call, compact_request([arg]), signed.body, compact=True)
-    released = result_statement(*call, released_request([arg]), signed.body)
-    body = verified_body(signed, signing_key, statement, compact, released)
+    body = verified_body(
+        signed,
+        signing_key,
+        lambda: result_statement(*call, canonical_json([arg]), signed.body),
+        lambda: result_statement(*call, compact_request([arg]), signed.body, compact=True),
+        lambda: result_statement(*call, released_request([arg]), signed.body),
+    )
     if body is None:
         return None
     try:

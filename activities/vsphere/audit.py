@@ -32,6 +32,7 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.vsphere.calls import run_blocking
 from activities.vsphere.inventory import (
     find_by_path,
     from_ref,
@@ -222,7 +223,7 @@ class AuditActivities:
             why = self._tag_problem(request.credentials, item.tag, item.owner, {item.id})
             if why:
                 return f"{why}: left alone"
-        self.vms._destroy_vm(session, vm, props, progress)
+        run_blocking(lambda: self.vms._destroy_vm(session, vm, props, progress))
         return "removed"
 
     def _tag_problem(
@@ -287,7 +288,8 @@ class AuditActivities:
         if props.get("runtime.powerState") != ON:
             return "gone"  # off already
         with contextlib.suppress(vim.fault.InvalidPowerState):
-            self.vms._await(session, vm.PowerOffVM_Task(), progress)
+            task = vm.PowerOffVM_Task()
+            run_blocking(lambda: self.vms._await(session, task, progress))
         return "removed"
 
     def _remove_directory(
@@ -309,9 +311,8 @@ class AuditActivities:
             return f"{item.path}: its .vmx is now {owner or 'unmarked'}: left alone"
         manager = session.content.fileManager
         try:
-            self.vms._await(
-                session, manager.DeleteDatastoreFile_Task(item.path, datacenter), progress
-            )
+            task = manager.DeleteDatastoreFile_Task(item.path, datacenter)
+            run_blocking(lambda: self.vms._await(session, task, progress))
         except (vim.fault.FileNotFound, vim.fault.NotFound):
             return "gone"
         return "removed"
@@ -342,7 +343,8 @@ class AuditActivities:
         if problem or datacenter != request.datacenter.strip("/"):
             return f"{path}: {problem or 'not in the audited datacenter'}: left alone"
         try:
-            self.vms._await(session, folder.Destroy_Task(), progress)
+            task = folder.Destroy_Task()
+            run_blocking(lambda: self.vms._await(session, task, progress))
         except vmodl.fault.ManagedObjectNotFound:
             return "gone"
         return "removed"

@@ -106,3 +106,62 @@ def retrieve_all_vms(
     finally:
         with contextlib.suppress(Exception):  # best effort
             view.DestroyView()
+
+
+def inventory_paths(session: VSphereSession, datacenter: Any, dc: str) -> dict[str, Any]:
+    """Inventory path -> object for every folder, cluster, pool, datastore and network of the
+    datacenter (not VMs, not hosts): one RetrievePropertiesEx with a traversal."""
+    PC = vmodl.query.PropertyCollector
+
+    def ts(name: str, kind: type, path: str, *nxt: str) -> Any:
+        return PC.TraversalSpec(
+            name=name,
+            type=kind,
+            path=path,
+            skip=False,
+            selectSet=[PC.SelectionSpec(name=n) for n in nxt],
+        )
+
+    select = [
+        ts("dcHost", vim.Datacenter, "hostFolder", "folder"),
+        ts("dcDatastore", vim.Datacenter, "datastoreFolder", "folder"),
+        ts("dcNetwork", vim.Datacenter, "networkFolder", "folder"),
+        ts("folder", vim.Folder, "childEntity", "folder", "clusterPool"),
+        ts("clusterPool", vim.ClusterComputeResource, "resourcePool", "pool"),
+        ts("pool", vim.ResourcePool, "resourcePool", "pool"),
+    ]
+    kinds = [
+        vim.Folder,
+        vim.ClusterComputeResource,
+        vim.ResourcePool,
+        vim.Datastore,
+        vim.Network,
+        vim.dvs.DistributedVirtualPortgroup,
+    ]
+    spec = PC.FilterSpec(
+        objectSet=[PC.ObjectSpec(obj=datacenter, skip=True, selectSet=select)],
+        propSet=[PC.PropertySpec(type=k, pathSet=["name", "parent"]) for k in kinds],
+    )
+    found = retrieve_spec(session, spec)
+    objects = {key: from_ref(session, key) for key in found}
+    dc_ref = ref(datacenter)
+    paths: dict[str, Any] = {}
+
+    def path_of(key: str, depth: int = 0) -> str | None:
+        props = found.get(key)
+        if props is None or depth > 64:
+            return None
+        parent = props.get("parent")
+        name = str(props.get("name", "")).replace("/", "%2f")
+        if parent is None:
+            return None
+        if ref(parent) == dc_ref:
+            return f"/{dc}/{name}"
+        above = path_of(ref(parent), depth + 1)
+        return None if above is None else f"{above}/{name}"
+
+    for key in found:
+        path = path_of(key)
+        if path is not None:
+            paths[path] = objects[key]
+    return paths

@@ -1,26 +1,34 @@
-"""The VM activities of the cluster lifecycle; run on the gateway agent's thread pool.
+"""The VM activities of the cluster lifecycle: coroutines on the gateway agent's event loop.
 
 Every activity is idempotent (DESIGN §5): a VM is found by its deterministic instance UUID
 before anything is created, deletes treat "not found" as done, and power operations accept
 the wanted state. `vm_create` heartbeats the stage and the vCenter task it waits on, so a
 retry re-attaches to a clone in flight instead of starting a second one. Task waits go
-through the session's shared TaskWatcher (watch.py): no request of their own.
+through the session's shared TaskWatcher (watch.py): no request of their own, and no thread:
+an activity that waits on vCenter is an `async def` whose requests run on the agent's executor
+(`in_thread`) and whose waits are futures the watcher resolves. A thread is held for a
+request, never for a wait, so the agent's concurrency is bounded by vCenter's limits and the
+agent's cap (`KUBEGATE_AGENT_MAX_TASKS`), not by its threads.
 
-Concurrency is bounded per datastore (around a clone) and per host (operations on a VM)
-by process-wide semaphores: vCenter's provisioning limits are 8 (6.x) / 16 (7.x) cost
-units per host, a clone costing 1-4, and 128 per datastore (REFERENCE.md, vCenter limits).
+Concurrency is bounded per datastore (around a clone) and per host (a clone to a chosen host,
+and operations on a VM) by process-wide slots (limits.py): vCenter's provisioning limits are
+8 (6.x) / 16 (7.x) cost units per host, a clone costing 1-4, and 128 per datastore
+(REFERENCE.md, vCenter limits).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import http.client
 import ipaddress
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from concurrent.futures import Executor
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,21 +36,30 @@ from pyVmomi import vim, vmodl
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 
+from activities.guard import beat_period
 from activities.kube import wait_kubernetes_ready
 from activities.secrets import open_cluster_secrets
-from activities.vsphere.calls import call_vcenter
+from activities.vsphere.calls import (
+    call_vcenter,
+    call_vcenter_async,
+    in_thread,
+    stop_signal,
+    uninterrupted,
+)
 from activities.vsphere.inventory import (
     find_by_path,
     from_ref,
+    inventory_paths,
     ref,
     retrieve,
     retrieve_all_vms,
     retrieve_spec,
 )
+from activities.vsphere.limits import slots
 from activities.vsphere.ovf import read_properties
 from activities.vsphere.session import SessionPool, VSphereSession, request_meter
 from activities.vsphere.tags import tagged_objects
-from activities.vsphere.watch import CancelRequested, await_task
+from activities.vsphere.watch import CancelRequested, await_task_async
 from domain import errors
 from domain.account import Placement, VCenterCredentials
 from domain.bootstrap import digest, rendered
@@ -124,21 +141,6 @@ def _extra(options: Any) -> dict[str, str]:
     return {o.key: str(o.value) for o in options or []}
 
 
-# --- process-wide concurrency limits -------------------------------------------------------
-
-_slots_guard = threading.Lock()
-_slots: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
-
-
-def _semaphore(kind: str, server: str, obj: str, limit: int) -> threading.BoundedSemaphore:
-    """One semaphore per (kind, vCenter, object, limit) in this process."""
-    with _slots_guard:
-        key = (kind, server.lower(), obj, limit)
-        if key not in _slots:
-            _slots[key] = threading.BoundedSemaphore(limit)
-        return _slots[key]
-
-
 # --- heartbeats ------------------------------------------------------------------------------
 
 
@@ -164,6 +166,14 @@ class _Progress:
         activity.heartbeat(
             {"stage": self.stage, "task": self.task, "vm": self.vm, "progress": progress}
         )
+
+
+def _beat_every() -> float:
+    """Seconds between a waiting activity's heartbeats (cancellation wakes it sooner)."""
+    try:
+        return max(2.0, beat_period(activity.info()))
+    except RuntimeError:  # not in an activity
+        return 2.0
 
 
 def _cancelled() -> bool:
@@ -196,12 +206,15 @@ class VmActivities:
         *,
         max_ops_per_host: int = 8,
         max_ops_per_datastore: int = 128,
+        executor: Executor | None = None,
     ) -> None:
         self.key = key
         self.sessions = sessions
+        #: where the waiting activities' requests run (None: the loop's default executor)
+        self.executor = executor
         self.max_ops_per_host = max_ops_per_host
         self.max_ops_per_datastore = max_ops_per_datastore
-        self._facts: dict[tuple[str, str, str], tuple[float, _TemplateFacts]] = {}
+        self._facts: dict[tuple[str, str, str, str], tuple[float, _TemplateFacts]] = {}
         self._facts_guard = threading.Lock()
         #: (vCenter, compute cluster, datastore) -> (read at, usable hosts by name; None: DRS)
         self._hosts: dict[tuple[str, str, str], tuple[float, list[str] | None]] = {}
@@ -214,43 +227,101 @@ class VmActivities:
         """Run call with a live session; classify whatever vCenter raises."""
         return call_vcenter(self.key, self.sessions, credentials, context, call)
 
-    @contextmanager
-    def _slot(self, kind: str, server: str, obj: str | None, progress: _Progress) -> Iterator[None]:
-        """Hold one of the per-host / per-datastore slots, heartbeating while queued."""
+    async def _call_async(
+        self,
+        credentials: VCenterCredentials,
+        context: str,
+        call: Callable[[VSphereSession], Awaitable[T]],
+    ) -> T:
+        """`_call` for the waiting activities: requests in the executor, waits on the loop."""
+        return await call_vcenter_async(
+            self.key, self.sessions, credentials, context, call, self.executor
+        )
+
+    async def _io(self, call: Callable[[], T]) -> T:
+        """One blocking step (vCenter requests, no wait) on the executor."""
+        return await in_thread(self.executor, call)
+
+    @asynccontextmanager
+    async def _slot(
+        self,
+        kind: str,
+        server: str,
+        obj: str | None,
+        progress: _Progress,
+        *,
+        limit: int | None = None,
+    ) -> AsyncIterator[None]:
+        """Hold one of the per-host / per-datastore (/ per-cluster) slots, heartbeating while
+        queued."""
         if obj is None:
             yield
             return
-        limit = self.max_ops_per_host if kind == "host" else self.max_ops_per_datastore
-        semaphore = _semaphore(kind, server, obj, limit)
-        while not semaphore.acquire(timeout=2.0):
-            progress.beat()
-            if _stopping():
-                raise _stopped(f"the wait for {obj}")
-            if _cancelled():
-                raise CancelledError(f"cancelled while queued for {obj}")
+        if limit is None:
+            limit = self.max_ops_per_host if kind == "host" else self.max_ops_per_datastore
+        held = slots(kind, server, obj, limit)
+        taking = asyncio.ensure_future(held.acquire())
+        try:
+            while True:
+                waits: set[asyncio.Future[Any]] = {taking}
+                stop = stop_signal()
+                if stop is not None and not stop.done():
+                    waits.add(stop)
+                await asyncio.wait(
+                    waits, timeout=_beat_every(), return_when=asyncio.FIRST_COMPLETED
+                )
+                if taking.done():
+                    taking.result()
+                    break
+                progress.beat()
+                if _stopping():
+                    raise _stopped(f"the wait for {obj}")
+                if _cancelled():
+                    raise CancelledError(f"cancelled while queued for {obj}")
+        except BaseException:
+            taking.cancel()
+            with contextlib.suppress(BaseException):
+                await taking  # (a slot handed over meanwhile is passed on)
+            raise
         try:
             with metrics.task_in_flight(kind, server, obj, limit):
                 yield
         finally:
-            semaphore.release()
+            held.release()
 
-    def _await(self, session: VSphereSession, task: Any, progress: _Progress) -> Any:
+    async def _await(self, session: VSphereSession, task: Any, progress: _Progress) -> Any:
         """Wait for a task with heartbeats; on cancellation cancel it, await it, re-raise."""
         progress.task = task if isinstance(task, str) else ref(task)
         progress.beat()
         try:
-            result = await_task(
-                session, progress.task, progress.beat, cancelled=lambda: _cancelled() or _stopping()
+            result = await await_task_async(
+                session,
+                progress.task,
+                progress.beat,
+                io=self._io,
+                cancelled=lambda: _cancelled() or _stopping(),
+                stop=stop_signal(),
+                beat_every=_beat_every(),
             )
         except CancelRequested:
             if _stopping():  # never cancel vCenter's work because the agent stops
                 progress.beat()
                 raise _stopped(progress.stage) from None
-            _cancel_and_await(session, progress.task, progress.beat)
+            await self._cancel_and_await(session, progress.task, progress.beat)
             progress.task = None
             raise CancelledError(f"cancelled during {progress.stage}") from None
         progress.task = None
         return result
+
+    async def _cancel_and_await(
+        self, session: VSphereSession, task: str, beat: Callable[[int], None]
+    ) -> None:
+        """Cancel a task (if it still runs) and wait until it has ended, whatever its outcome."""
+        obj = from_ref(session, task)
+        await self._io(lambda: _cancel_task(obj))
+        # RequestCanceled, or the task's own fault, or it is gone: it has ended either way
+        with contextlib.suppress(vmodl.MethodFault):
+            await await_task_async(session, obj, beat, io=self._io)
 
     def _guestinfo(self, request: CreateVmRequest) -> dict[str, str]:
         """guestinfo.* extraConfig entries (they hold secrets: never log them)."""
@@ -317,15 +388,15 @@ class VmActivities:
         return result
 
     @activity.defn(name="vm_remove_folder")
-    def remove_folder(self, request: FolderRequest) -> FolderResult:
+    async def remove_folder(self, request: FolderRequest) -> FolderResult:
         """Destroy the cluster's folder if it is empty; not found = done."""
         path = _folder_path(request)
         progress = _Progress(stage="remove-folder")
 
-        def remove(session: VSphereSession) -> FolderResult:
+        def look(session: VSphereSession) -> Any:
             folder = find_by_path(session, path)
             if folder is None:
-                return FolderResult(ref="", path=path)
+                return None
             children = list(
                 retrieve(session, [folder], ["childEntity"]).get(ref(folder), {}).get("childEntity")
                 or []
@@ -337,38 +408,47 @@ class VmActivities:
                     type=errors.INVALID_STATE,
                     non_retryable=True,
                 )
-            with activity.shield_thread_cancel_exception():
-                self._await(session, folder.Destroy_Task(), progress)
+            return folder
+
+        async def remove(session: VSphereSession) -> FolderResult:
+            folder = await self._io(lambda: look(session))
+            if folder is None:
+                return FolderResult(ref="", path=path)
+            await self._await(session, await self._io(folder.Destroy_Task), progress)
             return FolderResult(ref=ref(folder), path=path)
 
         with request_meter() as meter:
-            result = self._call(request.credentials, f"remove folder {path}", remove)
+            result = await uninterrupted(
+                self._call_async(request.credentials, f"remove folder {path}", remove)
+            )
         result.vcenter_requests = meter[0]
         return result
 
     # --- create -----------------------------------------------------------------------------
 
     @activity.defn(name="vm_create")
-    def create(self, request: CreateVmRequest) -> VmInfo:
+    async def create(self, request: CreateVmRequest) -> VmInfo:
         """The node's VM: found by instance UUID or cloned (marked, placed, sized, customized
         in the clone spec), then the disk grown and anything else fixed by one reconfigure,
         then powered on and, with `wait_guest`, waited for until its guest reports the node's
         hostname and address (NotReady after `guest_timeout_seconds`). Every step is skipped
         when already done."""
         progress = _Progress.resume()
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
-            extra = self._guestinfo(request)
-            info = self._call(
-                request.credentials,
-                f"create VM {request.name}",
-                lambda s: self._create(s, request, progress, extra),
+        with request_meter() as meter:
+            extra = await self._io(lambda: self._guestinfo(request))
+            info = await uninterrupted(
+                self._call_async(
+                    request.credentials,
+                    f"create VM {request.name}",
+                    lambda s: self._create(s, request, progress, extra),
+                )
             )
         info.vcenter_requests = meter[0]
         info.attempt = activity.info().attempt
         info.bootstrap_digest = digest(extra) if extra else None
         return info
 
-    def _create(
+    async def _create(
         self,
         session: VSphereSession,
         request: CreateVmRequest,
@@ -380,26 +460,50 @@ class VmActivities:
             # an earlier attempt (or this one, before a re-login) left a task: re-attach
             # if it failed or is gone, look for the VM and clone again if needed
             with contextlib.suppress(vmodl.MethodFault):
-                self._await(session, progress.task, progress)
+                await self._await(session, progress.task, progress)
         search = session.content.searchIndex
-        vm = search.FindByUuid(None, request.instance_uuid, True, True)
-        if vm is None:
-            vm = self._clone(session, request, progress, extra)
-        progress.vm = ref(vm)
-        props = retrieve(session, [vm], _VM_PATHS)[ref(vm)]
-        _check_owner(props, request)
-        host = props.get("runtime.host")
-        state = props.get("runtime.powerState")
-        with self._slot("host", server, ref(host) if host is not None else None, progress):
+        vm = await self._io(lambda: search.FindByUuid(None, request.instance_uuid, True, True))
+        # A clone holds a slot through its reconfigure and power-on, so a host's operations go
+        # in waves of whole nodes: its host's when the agent chooses the host, else (DRS
+        # places it) one of its compute cluster's, max_ops_per_host per host of the cluster.
+        async with AsyncExitStack() as cluster_slot, AsyncExitStack() as held:
+            target: str | None = None
+            if vm is None:
+                facts = await self._io(lambda: self._template_facts(session, request))
+                host_obj = await self._io(lambda: self._spread_host(session, request))
+                target = ref(host_obj) if host_obj is not None else None
+                if target is None and facts.cluster_hosts:
+                    await cluster_slot.enter_async_context(
+                        self._slot(
+                            "cluster",
+                            server,
+                            request.domain.compute_cluster,
+                            progress,
+                            limit=self.max_ops_per_host * facts.cluster_hosts,
+                        )
+                    )
+                await held.enter_async_context(self._slot("host", server, target, progress))
+                vm = await self._clone(session, request, progress, extra, facts, host_obj)
+            progress.vm = ref(vm)
+            props = (await self._io(lambda: retrieve(session, [vm], _VM_PATHS)))[ref(vm)]
+            _check_owner(props, request)
+            host = props.get("runtime.host")
+            state = props.get("runtime.powerState")
+            on = ref(host) if host is not None else None
+            if on != target:  # (placed elsewhere than asked: that host's slot instead)
+                await held.aclose()
+                await held.enter_async_context(self._slot("host", server, on, progress))
             if state != ON:
-                spec = self._fix_spec(session, request, props, extra)
+                spec = await self._io(lambda: self._fix_spec(session, request, props, extra))
                 if spec is not None:
                     progress.stage = "reconfigure"
-                    self._await(session, vm.ReconfigVM_Task(spec), progress)
+                    await self._await(
+                        session, await self._io(lambda: vm.ReconfigVM_Task(spec)), progress
+                    )
             if request.power_on and state != ON:
                 progress.stage = "power-on"
                 with contextlib.suppress(vim.fault.InvalidPowerState):  # already on
-                    self._await(session, vm.PowerOnVM_Task(), progress)
+                    await self._await(session, await self._io(vm.PowerOnVM_Task), progress)
                 state = ON
         if request.wait_guest and request.power_on:
             progress.stage = "guest"
@@ -407,7 +511,7 @@ class VmActivities:
             node = (ref(vm), request.name, address)
             # already on when read: what was read is current; else one read after power-on
             seen = {ref(vm): props} if props.get("runtime.powerState") == ON else None
-            guest = _await_guests(
+            guest = await self._await_guests(
                 session,
                 [node],
                 request.guest_timeout_seconds,
@@ -429,14 +533,15 @@ class VmActivities:
             hostname=props.get("guest.hostName") or None,
         )
 
-    def _clone(
+    async def _clone(
         self,
         session: VSphereSession,
         request: CreateVmRequest,
         progress: _Progress,
         extra: dict[str, str],
+        facts: _TemplateFacts,
+        host: Any | None,
     ) -> Any:
-        facts = self._template_facts(session, request)
         domain = request.domain
         config = vim.vm.ConfigSpec(
             instanceUuid=request.instance_uuid,
@@ -458,7 +563,7 @@ class VmActivities:
                 folder=from_ref(session, request.folder),
                 pool=from_ref(session, domain.resource_pool),
                 datastore=from_ref(session, domain.datastore),
-                host=self._spread_host(session, request),
+                host=host,
             ),
             config=config,
             customization=_customization(request),
@@ -467,14 +572,18 @@ class VmActivities:
         )
         template = from_ref(session, request.template)
         folder = from_ref(session, request.folder)
-        with self._slot("datastore", session.endpoint.server, domain.datastore, progress):
+        async with self._slot("datastore", session.endpoint.server, domain.datastore, progress):
             progress.stage = "clone"
-            task = template.CloneVM_Task(folder=folder, name=request.name, spec=spec)
+            task = await self._io(
+                lambda: template.CloneVM_Task(folder=folder, name=request.name, spec=spec)
+            )
             try:
-                return self._await(session, task, progress)
+                return await self._await(session, task, progress)
             except vim.fault.DuplicateName as fault:
-                found = session.content.searchIndex.FindByUuid(
-                    None, request.instance_uuid, True, True
+                found = await self._io(
+                    lambda: session.content.searchIndex.FindByUuid(
+                        None, request.instance_uuid, True, True
+                    )
                 )
                 if found is not None:
                     return found
@@ -518,22 +627,22 @@ class VmActivities:
         return from_ref(session, hosts[request.host_slot % len(hosts)])
 
     def _template_facts(self, session: VSphereSession, request: CreateVmRequest) -> _TemplateFacts:
-        key = (session.endpoint.server.lower(), request.template, request.domain.network)
+        key = _facts_key(session, request)
         now = time.monotonic()
         with self._facts_guard:
             cached = self._facts.get(key)
             if cached is not None and now - cached[0] < _FACTS_TTL:
                 return cached[1]
-        facts = _read_template_facts(session, request.template, request.domain.network)
+        facts = _read_template_facts(
+            session, request.template, request.domain.network, request.domain.compute_cluster
+        )
         with self._facts_guard:
             self._facts[key] = (now, facts)
         return facts
 
     def _forget_facts(self, session: VSphereSession, request: CreateVmRequest) -> None:
         with self._facts_guard:
-            self._facts.pop(
-                (session.endpoint.server.lower(), request.template, request.domain.network), None
-            )
+            self._facts.pop(_facts_key(session, request), None)
 
     def _fix_spec(
         self,
@@ -576,41 +685,43 @@ class VmActivities:
     # --- power-on and readiness -------------------------------------------------------------
 
     @activity.defn(name="vm_power_on")
-    def power_on(self, request: PowerOnRequest) -> ReadinessResult:
+    async def power_on(self, request: PowerOnRequest) -> ReadinessResult:
         """Power on every listed VM at once (already on = done) and, with `wait_guest`, wait
         until each guest reports its hostname and address. One read of the VMs (and of their
         datacenter), one PowerOnMultiVM_Task for several VMs of one datacenter (else one
         PowerOnVM_Task each), one read after; then, if a guest is not up yet, one private
         property collector until they all are."""
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
-            result = self._call(
-                request.credentials,
-                f"power on {len(request.nodes)} VM(s)",
-                lambda s: self._power_on(s, request),
+        with request_meter() as meter:
+            result = await uninterrupted(
+                self._call_async(
+                    request.credentials,
+                    f"power on {len(request.nodes)} VM(s)",
+                    lambda s: self._power_on(s, request),
+                )
             )
         result.vcenter_requests = meter[0]
         return result
 
-    def _power_on(self, session: VSphereSession, request: PowerOnRequest) -> ReadinessResult:
+    async def _power_on(self, session: VSphereSession, request: PowerOnRequest) -> ReadinessResult:
         progress = _Progress(stage="power-on")
         names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
         vms = [from_ref(session, vm_ref) for vm_ref in names]
         if not vms:
             return ReadinessResult(nodes=[])
-        before, datacenter = _read_with_datacenter(session, vms)
+        before, datacenter = await self._io(lambda: _read_with_datacenter(session, vms))
         off = [vm for vm in vms if before.get(ref(vm), {}).get("runtime.powerState") != ON]
         if off:
             hosts = {before.get(ref(vm), {}).get("runtime.host") for vm in off}
             server = session.endpoint.server
-            with ExitStack() as held:
+            async with AsyncExitStack() as held:
                 # one slot per host, taken in a fixed order (no deadlock between callers)
                 for host in sorted(ref(h) for h in hosts if h is not None):
-                    held.enter_context(self._slot("host", server, host, progress))
-                self._power_on_all(session, datacenter, off, progress)
-        after = retrieve(session, vms, _GUEST_PATHS) if off else before
+                    await held.enter_async_context(self._slot("host", server, host, progress))
+                await self._power_on_all(session, datacenter, off, progress)
+        after = await self._io(lambda: retrieve(session, vms, _GUEST_PATHS)) if off else before
         if request.wait_guest:
             progress.stage = "guest"
-            after = _await_guests(
+            after = await self._await_guests(
                 session,
                 request.nodes,
                 request.timeout_seconds,
@@ -621,15 +732,14 @@ class VmActivities:
             nodes=[_vm_info(ref(vm), after.get(ref(vm), {}), names[ref(vm)]) for vm in vms]
         )
 
-    def _power_on_all(
+    async def _power_on_all(
         self, session: VSphereSession, datacenter: Any | None, vms: list[Any], progress: _Progress
     ) -> None:
         """Start every VM's power-on, then wait for them all (the tasks run concurrently)."""
         if datacenter is not None and len(vms) > 1:
             option = vim.option.OptionValue(key="OverrideAutomationLevel", value=True)
-            result = self._await(
-                session, datacenter.PowerOnMultiVM_Task(vm=vms, option=[option]), progress
-            )
+            multi = await self._io(lambda: datacenter.PowerOnMultiVM_Task(vm=vms, option=[option]))
+            result = await self._await(session, multi, progress)
             # vCenter: the per-VM tasks it started, and the VMs it did not try (with why)
             for skipped in getattr(result, "notAttempted", None) or []:
                 if not isinstance(skipped.fault, vim.fault.InvalidPowerState):
@@ -639,27 +749,34 @@ class VmActivities:
             tasks = []
             for vm in vms:
                 with contextlib.suppress(vim.fault.InvalidPowerState):  # already on
-                    tasks.append(vm.PowerOnVM_Task())
+                    tasks.append(await self._io(vm.PowerOnVM_Task))
         for task in tasks:
             with contextlib.suppress(vim.fault.InvalidPowerState):
-                self._await(session, task, progress)
+                await self._await(session, task, progress)
 
     @activity.defn(name="vm_wait_ready")
-    def wait_ready(self, request: ReadinessRequest) -> ReadinessResult:
+    async def wait_ready(self, request: ReadinessRequest) -> ReadinessResult:
         """mode guest: every VM reports its expected address and hostname (one property
         filter over all of them). mode kubernetes: the API server's /readyz answers 200 on
         the VIP; with the cluster's secrets, from a server of the cluster's CA, and then
         every listed node is Ready (activities/kube.py)."""
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
+        with request_meter() as meter:
             if request.mode == "kubernetes" and request.secrets is not None and request.vip:
                 secrets = open_cluster_secrets(self.key, request.secrets)
-                wait_kubernetes_ready(request, secrets)
+                # (HTTP to the cluster, not vCenter: it waits in a thread of its own)
+                await uninterrupted(
+                    in_thread(None, lambda: wait_kubernetes_ready(request, secrets))
+                )
                 result = ReadinessResult(nodes=[])
             elif request.mode == "kubernetes":
-                result = _wait_kubernetes(request)
+                result = await uninterrupted(in_thread(None, lambda: _wait_kubernetes(request)))
             else:
-                result = self._call(
-                    request.credentials, "wait for guests", lambda s: _wait_guests(s, request)
+                result = await uninterrupted(
+                    self._call_async(
+                        request.credentials,
+                        "wait for guests",
+                        lambda s: self._wait_guests(s, request),
+                    )
                 )
         result.vcenter_requests = meter[0]
         return result
@@ -667,15 +784,13 @@ class VmActivities:
     # --- destroy and sweep ------------------------------------------------------------------
 
     @activity.defn(name="vm_destroy")
-    def destroy(self, request: DestroyVmRequest) -> DestroyResult:
+    async def destroy(self, request: DestroyVmRequest) -> DestroyResult:
         """Cancel and await the listed tasks, then power off and destroy the node's VM (found
         by instance UUID, or by name in the folder if it carries our mark); not found = done."""
         progress = _Progress(stage="destroy")
         result = DestroyResult()
 
-        def run(session: VSphereSession) -> None:
-            for task in request.tasks:
-                _cancel_and_await(session, task, progress.beat)
+        def find(session: VSphereSession) -> tuple[Any, dict[str, Any]] | None:
             vm = session.content.searchIndex.FindByUuid(None, request.instance_uuid, True, True)
             props: dict[str, Any] | None = None
             if vm is None and request.folder:
@@ -690,73 +805,93 @@ class VmActivities:
                         session, [vm], ["config.extraConfig", "runtime.powerState", "runtime.host"]
                     ).get(ref(vm), {})
                     if _extra(props.get("config.extraConfig")).get(MARK_NODE) != request.name:
-                        return  # same name, not ours: leave it alone
+                        return None  # same name, not ours: leave it alone
             if vm is None:
-                return
+                return None
             if props is None:
                 props = retrieve(session, [vm], ["runtime.powerState", "runtime.host"]).get(
                     ref(vm), {}
                 )
-            self._destroy_vm(session, vm, props, progress)
+            return vm, props
+
+        async def run(session: VSphereSession) -> None:
+            for task in request.tasks:
+                await self._cancel_and_await(session, task, progress.beat)
+            found = await self._io(lambda: find(session))
+            if found is None:
+                return
+            vm, props = found
+            await self._destroy_vm(session, vm, props, progress)
             result.destroyed.append(ref(vm))
 
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
-            self._call(request.credentials, f"destroy VM {request.name}", run)
+        with request_meter() as meter:
+            await uninterrupted(
+                self._call_async(request.credentials, f"destroy VM {request.name}", run)
+            )
         result.vcenter_requests = meter[0]
         return result
 
-    def _destroy_vm(
+    async def _destroy_vm(
         self, session: VSphereSession, vm: Any, props: dict[str, Any], progress: _Progress
     ) -> None:
         host = props.get("runtime.host")
         progress.vm = ref(vm)
-        with self._slot(
+        async with self._slot(
             "host", session.endpoint.server, ref(host) if host is not None else None, progress
         ):
             try:
                 if props.get("runtime.powerState") == ON:
                     progress.stage = "power-off"
                     with contextlib.suppress(vim.fault.InvalidPowerState):  # already off
-                        self._await(session, vm.PowerOffVM_Task(), progress)
+                        await self._await(session, await self._io(vm.PowerOffVM_Task), progress)
                 progress.stage = "destroy"
-                self._await(session, vm.Destroy_Task(), progress)
+                await self._await(session, await self._io(vm.Destroy_Task), progress)
             except vmodl.fault.ManagedObjectNotFound:
                 return  # gone meanwhile
 
     @activity.defn(name="vm_sweep")
-    def sweep(self, request: SweepRequest) -> SweepResult:
+    async def sweep(self, request: SweepRequest) -> SweepResult:
         """Every VM in the datacenter marked as the cluster's; destroyed unless dry_run."""
         result = SweepResult()
         progress = _Progress(stage="sweep")
 
         tagged: set[str] = set()  # VMs carrying the cluster's tag (read first, over vAPI)
 
-        def run(session: VSphereSession) -> None:
-            marked = _marked_vms(session, request.datacenter.strip("/"), request.cluster_id, tagged)
+        async def run(session: VSphereSession) -> None:
+            marked = await self._io(
+                lambda: _marked_vms(
+                    session, request.datacenter.strip("/"), request.cluster_id, tagged
+                )
+            )
             result.vms = [info for info, _ in marked]
             if request.dry_run:
                 return
             for info, props in marked:
                 vm = from_ref(session, info.ref)
-                self._destroy_vm(session, vm, props, progress)
+                await self._destroy_vm(session, vm, props, progress)
                 result.destroyed.append(info.ref)
 
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
+        with request_meter() as meter:
             if request.tag_id:
+                tag_id = request.tag_id
                 tagged = set(
-                    tagged_objects(self.key, self.sessions, request.credentials, request.tag_id)
+                    await self._io(
+                        lambda: tagged_objects(self.key, self.sessions, request.credentials, tag_id)
+                    )
                 )
-            self._call(request.credentials, f"sweep VMs of {request.cluster_id}", run)
+            await uninterrupted(
+                self._call_async(request.credentials, f"sweep VMs of {request.cluster_id}", run)
+            )
         result.vcenter_requests = meter[0]
         return result
 
     @activity.defn(name="vm_installer")
-    def installer(self, request: InstallerVmRequest) -> InstallerVmResult:
+    async def installer(self, request: InstallerVmRequest) -> InstallerVmResult:
         """Power off (or destroy) the gateway's installer VM; not found = done."""
         progress = _Progress(stage=request.action)
         result = InstallerVmResult(found=False)
 
-        def run(session: VSphereSession) -> None:
+        def look(session: VSphereSession) -> tuple[Any, dict[str, Any]] | None:
             if request.vm.startswith("VirtualMachine:"):
                 vm = from_ref(session, request.vm)
             else:
@@ -770,41 +905,55 @@ class VmActivities:
             except vmodl.fault.ManagedObjectNotFound:
                 props = None
             if vm is None or props is None:
-                return
+                return None
             owner = read_properties(session, vm).get("kubegate.installer_name")
             if owner != request.installer_name:
                 result.note = (
                     f"{request.vm} is not gateway {request.installer_name}'s installer "
                     f"(installer_name {owner!r}): left alone"
                 )
+                return None
+            return vm, props
+
+        async def run(session: VSphereSession) -> None:
+            found = await self._io(lambda: look(session))
+            if found is None:
                 return
+            vm, props = found
             result.found, result.ref = True, ref(vm)
             if request.action == "destroy":
-                self._destroy_vm(session, vm, props, progress)
+                await self._destroy_vm(session, vm, props, progress)
                 return
             if props.get("runtime.powerState") == ON:
                 with contextlib.suppress(vim.fault.InvalidPowerState):
-                    self._await(session, vm.PowerOffVM_Task(), progress)
+                    await self._await(session, await self._io(vm.PowerOffVM_Task), progress)
             result.power_state = "poweredOff"
-            if clear_pairing_code(session, vm):
-                self._await(session, clear_pairing_code(session, vm, apply=True), progress)
+            if await self._io(lambda: clear_pairing_code(session, vm)):
+                task = await self._io(lambda: clear_pairing_code(session, vm, apply=True))
+                await self._await(session, task, progress)
                 result.note = "pairing code removed from its properties"
 
-        with request_meter() as meter, activity.shield_thread_cancel_exception():
-            self._call(request.credentials, f"{request.action} installer {request.vm}", run)
+        with request_meter() as meter:
+            await uninterrupted(
+                self._call_async(
+                    request.credentials, f"{request.action} installer {request.vm}", run
+                )
+            )
         result.vcenter_requests = meter[0]
         return result
 
     @activity.defn(name="vm_keep_apart")
-    def keep_apart(self, request: KeepApartRequest) -> KeepApartResult:
+    async def keep_apart(self, request: KeepApartRequest) -> KeepApartResult:
         """Make the compute cluster's anti-affinity rule `rule` hold exactly these VMs (add,
         edit or, for fewer than two, remove it); idempotent."""
         progress = _Progress(stage="keep-apart")
         wanted = sorted(set(request.vms))
 
-        def run(session: VSphereSession) -> KeepApartResult:
+        async def run(session: VSphereSession) -> KeepApartResult:
             cluster = from_ref(session, request.compute_cluster)
-            config = retrieve(session, [cluster], ["configurationEx"]).get(ref(cluster), {})
+            config = (
+                await self._io(lambda: retrieve(session, [cluster], ["configurationEx"]))
+            ).get(ref(cluster), {})
             info = config.get("configurationEx")
             drs = bool(info and info.drsConfig and info.drsConfig.enabled)
             rules = list(info.rule or []) if info is not None else []
@@ -828,14 +977,93 @@ class VmActivities:
                     operation="edit" if found is not None else "add", info=rule
                 )
             change = vim.cluster.ConfigSpecEx(rulesSpec=[spec])
-            self._await(session, cluster.ReconfigureComputeResource_Task(change, True), progress)
+            task = await self._io(lambda: cluster.ReconfigureComputeResource_Task(change, True))
+            await self._await(session, task, progress)
             vms = wanted if len(wanted) >= 2 else []
             return KeepApartResult(rule=request.rule, vms=vms, drs=drs, changed=True)
 
         with request_meter() as meter:
-            result = self._call(request.credentials, f"keep apart ({request.rule})", run)
+            result = await uninterrupted(
+                self._call_async(request.credentials, f"keep apart ({request.rule})", run)
+            )
         result.vcenter_requests = meter[0]
         return result
+
+    async def _wait_guests(
+        self, session: VSphereSession, request: ReadinessRequest
+    ) -> ReadinessResult:
+        """vm_wait_ready in guest mode: _await_guests over every listed VM."""
+        names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
+        seen = await self._await_guests(
+            session,
+            request.nodes,
+            request.timeout_seconds,
+            lambda waiting: activity.heartbeat({"stage": "guest", "waiting": waiting}),
+        )
+        return ReadinessResult(nodes=[_vm_info(r, seen[r], names[r]) for r in names])
+
+    async def _await_guests(
+        self,
+        session: VSphereSession,
+        nodes: Sequence[Node],
+        timeout_seconds: float,
+        beat: Callable[[list[str]], None],
+        *,
+        seen: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Each VM's _GUEST_PATHS once every guest reports its expected hostname and address
+        (any address when None).
+
+        First one read of the VMs (none if the caller passes what it has just read, `seen`):
+        guests already up cost nothing more. Otherwise one private collector with one filter
+        over the VMs is waited on (WaitForUpdatesEx, ≤ 5 s a turn, `beat(waiting names)` after
+        each) and destroyed afterwards. Cancellation raises CancelledError; the timeout a
+        retryable NotReady naming what each waiting guest reports.
+        """
+        expected = {vm_ref: (hostname, address) for vm_ref, hostname, address in nodes}
+        if seen is None:
+            seen = await self._io(
+                lambda: retrieve(session, [from_ref(session, r) for r in expected], _GUEST_PATHS)
+            )
+        state = {r: dict(seen.get(r, {})) for r in expected}
+        deadline = time.monotonic() + timeout_seconds
+
+        def waiting() -> list[str]:
+            return [r for r in expected if not _guest_ready(state[r], *expected[r])]
+
+        left = waiting()
+        beat([expected[r][0] for r in left])
+        if not left:
+            return state
+        watch = _GuestWatch(session, list(expected))
+        try:
+            await self._io(watch.open)
+            while left:
+                if _stopping():
+                    raise _stopped("the wait for guests")
+                if _cancelled():
+                    raise CancelledError("cancelled while waiting for guests")
+                if time.monotonic() > deadline:
+                    report = "; ".join(
+                        f"{expected[r][0]} reports address "
+                        f"{state[r].get('guest.ipAddress') or 'none'}"
+                        f", hostname {state[r].get('guest.hostName') or 'none'}"
+                        f", power {state[r].get('runtime.powerState') or 'unknown'}"
+                        for r in left
+                    )
+                    raise ApplicationError(
+                        f"{len(left)} node(s) not ready after {timeout_seconds}s: {report}",
+                        type=errors.NOT_READY,
+                    )
+                wait = max(1, min(5, int(deadline - time.monotonic())))
+                changed = await self._io(functools.partial(watch.turn, wait))
+                for vm_ref, changes in changed.items():
+                    state.setdefault(vm_ref, {}).update(changes)
+                left = waiting()
+                beat([expected[r][0] for r in left])
+        finally:
+            await self._io(watch.close)
+        return state
 
     def all(self) -> list[Callable[..., Any]]:
         """Every activity, for the agent's worker."""
@@ -938,29 +1166,37 @@ def _check_owner(props: dict[str, Any], request: CreateVmRequest) -> None:
         )
 
 
-def _cancel_and_await(session: VSphereSession, task: str, beat: Callable[[int], None]) -> None:
-    """Cancel a task (if it still runs) and wait until it has ended, whatever its outcome."""
-    obj = from_ref(session, task)
+def _cancel_task(task: Any) -> None:
+    """Ask vCenter to cancel a task; one that has ended or cannot be cancelled is left."""
     try:
-        obj.CancelTask()
+        task.CancelTask()
     except (vim.fault.InvalidState, vmodl.fault.ManagedObjectNotFound, vmodl.fault.NotSupported):
         pass
     except vmodl.fault.MethodNotFound:
         pass  # a simulator without CancelTask: the task ran synchronously anyway
-    # RequestCanceled, or the task's own fault, or it is gone: it has ended either way
-    with contextlib.suppress(vmodl.MethodFault):
-        await_task(session, obj, beat)
+
+
+def _facts_key(session: VSphereSession, request: CreateVmRequest) -> tuple[str, str, str, str]:
+    domain = request.domain
+    return (
+        session.endpoint.server.lower(),
+        request.template,
+        domain.network,
+        domain.compute_cluster,
+    )
 
 
 @dataclass
 class _TemplateFacts:
-    """What a clone spec needs from the template and the network."""
+    """What a clone spec needs from the template and the network (and how many hosts the
+    compute cluster has: its clone slots)."""
 
     nic: Any | None
     network: Any
     network_name: str = ""
     portgroup_key: str = ""
     switch_uuid: str = ""
+    cluster_hosts: int = 0
 
     def backing(self) -> Any:
         card = vim.vm.device.VirtualEthernetCard
@@ -991,10 +1227,14 @@ class _TemplateFacts:
         return nic
 
 
-def _read_template_facts(session: VSphereSession, template: str, network: str) -> _TemplateFacts:
-    """The template's first NIC and the network's backing details (1 request; 2 for a DVPG)."""
+def _read_template_facts(
+    session: VSphereSession, template: str, network: str, compute_cluster: str
+) -> _TemplateFacts:
+    """The template's first NIC, the network's backing details and the compute cluster's
+    hosts (1 request; 2 for a DVPG)."""
     tpl = from_ref(session, template)
     net = from_ref(session, network)
+    cluster = from_ref(session, compute_cluster) if compute_cluster else None
     if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
         paths = ["key", "config.distributedVirtualSwitch"]
     elif isinstance(net, vim.OpaqueNetwork):
@@ -1005,18 +1245,21 @@ def _read_template_facts(session: VSphereSession, template: str, network: str) -
         )
     else:
         paths = ["name"]
-    spec = PC.FilterSpec(
-        objectSet=[PC.ObjectSpec(obj=tpl, skip=False), PC.ObjectSpec(obj=net, skip=False)],
-        propSet=[
-            PC.PropertySpec(type=vim.VirtualMachine, pathSet=["config.hardware.device"]),
-            PC.PropertySpec(type=type(net), pathSet=paths),
-        ],
-    )
-    found = retrieve_spec(session, spec)
+    objects = [PC.ObjectSpec(obj=tpl, skip=False), PC.ObjectSpec(obj=net, skip=False)]
+    wanted = [
+        PC.PropertySpec(type=vim.VirtualMachine, pathSet=["config.hardware.device"]),
+        PC.PropertySpec(type=type(net), pathSet=paths),
+    ]
+    if cluster is not None:
+        objects.append(PC.ObjectSpec(obj=cluster, skip=False))
+        wanted.append(PC.PropertySpec(type=type(cluster), pathSet=["host"]))
+    found = retrieve_spec(session, PC.FilterSpec(objectSet=objects, propSet=wanted))
     devices = found.get(ref(tpl), {}).get("config.hardware.device") or []
     nic = next((d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)), None)
     props = found.get(ref(net), {})
     facts = _TemplateFacts(nic=nic, network=net, network_name=str(props.get("name") or ""))
+    if cluster is not None:
+        facts.cluster_hosts = len(found.get(ref(cluster), {}).get("host") or [])
     if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
         switch = props.get("config.distributedVirtualSwitch")
         facts.portgroup_key = str(props.get("key") or net._moId)
@@ -1072,7 +1315,7 @@ def _resolve_placement(
     template = find_by_path(session, template_path)
     if not isinstance(template, vim.VirtualMachine):
         raise _not_found("VM template", template_path)
-    paths = _inventory_paths(session, datacenter, dc)
+    paths = inventory_paths(session, datacenter, dc)
     domains = []
     for cluster, pool, datastore, network in request.domains:
         where = Placement(
@@ -1094,150 +1337,46 @@ def _resolve_placement(
     return PlacementRefs(template=ref(template), domains=domains)
 
 
-def _inventory_paths(session: VSphereSession, datacenter: Any, dc: str) -> dict[str, Any]:
-    """Inventory path -> object for every folder, cluster, pool, datastore and network of the
-    datacenter (not VMs, not hosts): one RetrievePropertiesEx with a traversal."""
-
-    def ts(name: str, kind: type, path: str, *nxt: str) -> Any:
-        return PC.TraversalSpec(
-            name=name,
-            type=kind,
-            path=path,
-            skip=False,
-            selectSet=[PC.SelectionSpec(name=n) for n in nxt],
-        )
-
-    select = [
-        ts("dcHost", vim.Datacenter, "hostFolder", "folder"),
-        ts("dcDatastore", vim.Datacenter, "datastoreFolder", "folder"),
-        ts("dcNetwork", vim.Datacenter, "networkFolder", "folder"),
-        ts("folder", vim.Folder, "childEntity", "folder", "clusterPool"),
-        ts("clusterPool", vim.ClusterComputeResource, "resourcePool", "pool"),
-        ts("pool", vim.ResourcePool, "resourcePool", "pool"),
-    ]
-    kinds = [
-        vim.Folder,
-        vim.ClusterComputeResource,
-        vim.ResourcePool,
-        vim.Datastore,
-        vim.Network,
-        vim.dvs.DistributedVirtualPortgroup,
-    ]
-    spec = PC.FilterSpec(
-        objectSet=[PC.ObjectSpec(obj=datacenter, skip=True, selectSet=select)],
-        propSet=[PC.PropertySpec(type=k, pathSet=["name", "parent"]) for k in kinds],
-    )
-    found = retrieve_spec(session, spec)
-    objects = {key: from_ref(session, key) for key in found}
-    dc_ref = ref(datacenter)
-    paths: dict[str, Any] = {}
-
-    def path_of(key: str, depth: int = 0) -> str | None:
-        props = found.get(key)
-        if props is None or depth > 64:
-            return None
-        parent = props.get("parent")
-        name = str(props.get("name", "")).replace("/", "%2f")
-        if parent is None:
-            return None
-        if ref(parent) == dc_ref:
-            return f"/{dc}/{name}"
-        above = path_of(ref(parent), depth + 1)
-        return None if above is None else f"{above}/{name}"
-
-    for key in found:
-        path = path_of(key)
-        if path is not None:
-            paths[path] = objects[key]
-    return paths
-
-
 # --- readiness -------------------------------------------------------------------------------
 
 
-def _wait_guests(session: VSphereSession, request: ReadinessRequest) -> ReadinessResult:
-    """vm_wait_ready in guest mode: _await_guests over every listed VM."""
-    names = {vm_ref: hostname for vm_ref, hostname, _ in request.nodes}
-    seen = _await_guests(
-        session,
-        request.nodes,
-        request.timeout_seconds,
-        lambda waiting: activity.heartbeat({"stage": "guest", "waiting": waiting}),
-    )
-    return ReadinessResult(nodes=[_vm_info(r, seen[r], names[r]) for r in names])
+class _GuestWatch:
+    """A private property collector over some VMs' _GUEST_PATHS (one filter)."""
 
+    def __init__(self, session: VSphereSession, vms: list[str]) -> None:
+        self.session, self.vms = session, vms
+        self.collector: Any | None = None
+        self.version = ""
 
-def _await_guests(
-    session: VSphereSession,
-    nodes: Sequence[Node],
-    timeout_seconds: float,
-    beat: Callable[[list[str]], None],
-    *,
-    seen: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Each VM's _GUEST_PATHS once every guest reports its expected hostname and address
-    (any address when None).
-
-    First one read of the VMs (none if the caller passes what it has just read, `seen`):
-    guests already up cost nothing more. Otherwise one private collector with one filter
-    over the VMs is waited on (WaitForUpdatesEx, ≤ 5 s a turn, `beat(waiting names)` after
-    each) and destroyed afterwards. Cancellation raises CancelledError; the timeout a
-    retryable NotReady naming what each waiting guest reports.
-    """
-    expected = {vm_ref: (hostname, address) for vm_ref, hostname, address in nodes}
-    if seen is None:
-        seen = retrieve(session, [from_ref(session, r) for r in expected], _GUEST_PATHS)
-    state = {r: dict(seen.get(r, {})) for r in expected}
-    deadline = time.monotonic() + timeout_seconds
-
-    def waiting() -> list[str]:
-        return [r for r in expected if not _guest_ready(state[r], *expected[r])]
-
-    left = waiting()
-    beat([expected[r][0] for r in left])
-    if not left:
-        return state
-    collector = session.content.propertyCollector.CreatePropertyCollector()
-    try:
-        collector.CreateFilter(
+    def open(self) -> None:
+        session = self.session
+        self.collector = session.content.propertyCollector.CreatePropertyCollector()
+        self.collector.CreateFilter(
             PC.FilterSpec(
-                objectSet=[PC.ObjectSpec(obj=from_ref(session, r), skip=False) for r in expected],
+                objectSet=[PC.ObjectSpec(obj=from_ref(session, r), skip=False) for r in self.vms],
                 propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=_GUEST_PATHS)],
             ),
             partialUpdates=False,
         )
-        version = ""
-        while left:
-            if _stopping():
-                raise _stopped("the wait for guests")
-            if _cancelled():
-                raise CancelledError("cancelled while waiting for guests")
-            if time.monotonic() > deadline:
-                report = "; ".join(
-                    f"{expected[r][0]} reports address {state[r].get('guest.ipAddress') or 'none'}"
-                    f", hostname {state[r].get('guest.hostName') or 'none'}"
-                    f", power {state[r].get('runtime.powerState') or 'unknown'}"
-                    for r in left
-                )
-                raise ApplicationError(
-                    f"{len(left)} node(s) not ready after {timeout_seconds}s: {report}",
-                    type=errors.NOT_READY,
-                )
-            wait = max(1, min(5, int(deadline - time.monotonic())))
-            update = collector.WaitForUpdatesEx(version, PC.WaitOptions(maxWaitSeconds=wait))
-            if update is not None:
-                version = update.version
-                for filter_set in update.filterSet or []:
-                    for obj_set in filter_set.objectSet or []:
-                        props = state.setdefault(ref(obj_set.obj), {})
-                        for change in obj_set.changeSet or []:
-                            props[change.name] = change.val
-            left = waiting()
-            beat([expected[r][0] for r in left])
-    finally:
-        with contextlib.suppress(Exception):  # best effort; vCenter drops it with the session
-            collector.DestroyPropertyCollector()
-    return state
+
+    def turn(self, wait: int) -> dict[str, dict[str, Any]]:
+        """One WaitForUpdatesEx of at most `wait` seconds: the changed values by VM."""
+        assert self.collector is not None
+        update = self.collector.WaitForUpdatesEx(self.version, PC.WaitOptions(maxWaitSeconds=wait))
+        changed: dict[str, dict[str, Any]] = {}
+        if update is not None:
+            self.version = update.version
+            for filter_set in update.filterSet or []:
+                for obj_set in filter_set.objectSet or []:
+                    props = changed.setdefault(ref(obj_set.obj), {})
+                    for change in obj_set.changeSet or []:
+                        props[change.name] = change.val
+        return changed
+
+    def close(self) -> None:
+        if self.collector is not None:
+            with contextlib.suppress(Exception):  # best effort; vCenter drops it with the session
+                self.collector.DestroyPropertyCollector()
 
 
 def _vm_info(vm_ref: str, props: dict[str, Any], name: str) -> VmInfo:

@@ -3,7 +3,9 @@ and, for heartbeat details and cancellation, through temporalio's ActivityEnviro
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import json
 import threading
 import time
@@ -383,11 +385,18 @@ def simple_request(
     )
 
 
+def run_activity(env: ActivityEnvironment, fn: Any, *args: Any) -> Any:
+    """Run an activity, sync or async (then on a loop of its own), in the environment."""
+    out = env.run(fn, *args)
+    return asyncio.run(out) if inspect.iscoroutine(out) else out
+
+
 def setup(sim: Vcsim, key: AgentKey, pool: SessionPool, folder_name: str) -> tuple[Any, Any, Any]:
     acts = VmActivities(key, pool)
     creds = credentials(sim, key.public_bytes)
     env = ActivityEnvironment()
-    refs = env.run(
+    refs = run_activity(
+        env,
         acts.resolve_placement,
         PlacementRequest(
             credentials=creds,
@@ -396,8 +405,10 @@ def setup(sim: Vcsim, key: AgentKey, pool: SessionPool, folder_name: str) -> tup
             domains=[("DC0_C0", "Resources", "LocalDS_0", "VM Network")],
         ),
     )
-    folder = env.run(
-        acts.ensure_folder, FolderRequest(credentials=creds, datacenter="DC0", name=folder_name)
+    folder = run_activity(
+        env,
+        acts.ensure_folder,
+        FolderRequest(credentials=creds, datacenter="DC0", name=folder_name),
     )
     return acts, creds, (refs, folder.ref)
 
@@ -408,11 +419,14 @@ def test_sweep_finds_marked_vms_only(sim: Vcsim, agent_key: AgentKey) -> None:
     env = ActivityEnvironment()
     try:
         ours = [
-            env.run(acts.create, simple_request(creds, refs, folder, f"sw-{i}", "sweep"))
+            run_activity(env, acts.create, simple_request(creds, refs, folder, f"sw-{i}", "sweep"))
             for i in range(2)
         ]
-        theirs = env.run(acts.create, simple_request(creds, refs, folder, "other-0", "other"))
-        dry = env.run(
+        theirs = run_activity(
+            env, acts.create, simple_request(creds, refs, folder, "other-0", "other")
+        )
+        dry = run_activity(
+            env,
             acts.sweep,
             SweepRequest(
                 credentials=creds, datacenter="DC0", cluster_id="cluster/sweep", dry_run=True
@@ -420,7 +434,8 @@ def test_sweep_finds_marked_vms_only(sim: Vcsim, agent_key: AgentKey) -> None:
         )
         assert sorted(v.ref for v in dry.vms) == sorted(v.ref for v in ours)
         assert dry.destroyed == [] and dry.vcenter_requests <= 6
-        swept: SweepResult = env.run(
+        swept: SweepResult = run_activity(
+            env,
             acts.sweep,
             SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/sweep"),
         )
@@ -434,7 +449,8 @@ def test_sweep_finds_marked_vms_only(sim: Vcsim, agent_key: AgentKey) -> None:
             sim.disconnect(si)
         # the folder still holds the other cluster's VM: not removed, and says what is left
         with pytest.raises(Exception, match="other-0"):
-            env.run(
+            run_activity(
+                env,
                 acts.remove_folder,
                 FolderRequest(credentials=creds, datacenter="DC0", name="sweeptest"),
             )
@@ -461,7 +477,7 @@ def test_retry_reattaches_to_the_clone_in_flight(slow_sim: Vcsim, agent_key: Age
     first.on_heartbeat = crash_once_cloning
     try:
         with pytest.raises(Crash):
-            first.run(acts.create, request)
+            run_activity(first, acts.create, request)
         task = beats[-1]["task"]
         assert beats[-1]["stage"] == "clone" and task.startswith("Task:")
 
@@ -469,7 +485,7 @@ def test_retry_reattaches_to_the_clone_in_flight(slow_sim: Vcsim, agent_key: Age
         second.info = dataclasses.replace(second.info, heartbeat_details=[beats[-1]])
         second_beats: list[dict[str, Any]] = []
         second.on_heartbeat = lambda *d: second_beats.append(d[0])
-        info = second.run(acts.create, request)
+        info = run_activity(second, acts.create, request)
 
         assert second_beats[0]["task"] == task  # re-attached, no second clone
         si = slow_sim.connect()
@@ -492,7 +508,8 @@ def test_retry_reattaches_to_the_clone_in_flight(slow_sim: Vcsim, agent_key: Age
         finally:
             slow_sim.disconnect(si)
         env = ActivityEnvironment()
-        env.run(
+        run_activity(
+            env,
             acts.destroy,
             DestroyVmRequest(
                 credentials=creds, name="ra-0", instance_uuid=request.instance_uuid, folder=folder
@@ -517,14 +534,16 @@ def test_cancel_mid_clone_cancels_the_vcenter_task(slow_sim: Vcsim, agent_key: A
 
     env.on_heartbeat = beat
     try:
+        loop = asyncio.new_event_loop()
         with ThreadPoolExecutor(1) as executor:
-            future = executor.submit(env.run, acts.create, request)
+            future = executor.submit(loop.run_until_complete, env.run(acts.create, request))
             assert cloning.wait(10)
             started = time.monotonic()
-            env.cancel()
+            loop.call_soon_threadsafe(env.cancel)  # (the activity is a coroutine on that loop)
             with pytest.raises(CancelledError):
                 future.result(timeout=20)
             assert time.monotonic() - started < 3.5  # did not sit out the 4 s clone
+        loop.close()
         task = next(b["task"] for b in beats if b.get("task"))
         si = slow_sim.connect()
         try:
@@ -532,7 +551,8 @@ def test_cancel_mid_clone_cancels_the_vcenter_task(slow_sim: Vcsim, agent_key: A
             assert task_obj.info.state == "error" and task_obj.info.cancelled
         finally:
             slow_sim.disconnect(si)
-        result = ActivityEnvironment().run(
+        result = run_activity(
+            ActivityEnvironment(),
             acts.destroy,
             DestroyVmRequest(
                 credentials=creds,
@@ -562,14 +582,16 @@ def test_watcher_dies_with_its_session_and_a_new_one_serves(
     acts, creds, (refs, folder) = setup(sim, agent_key, pool, "watchdeath")
     env = ActivityEnvironment()
     try:
-        env.run(acts.create, simple_request(creds, refs, folder, "wd-0", "watchdeath"))
+        run_activity(env, acts.create, simple_request(creds, refs, folder, "wd-0", "watchdeath"))
         session = pool.get(creds.endpoint, creds.username, sim.password)
         old = watcher_for(session)
         admin = sim.connect()
         admin.content.sessionManager.TerminateSession([session.key])
         sim.disconnect(admin)
 
-        second = env.run(acts.create, simple_request(creds, refs, folder, "wd-1", "watchdeath"))
+        second = run_activity(
+            env, acts.create, simple_request(creds, refs, folder, "wd-1", "watchdeath")
+        )
         assert second.ref.startswith("VirtualMachine:") and pool.logins == 2
         deadline = time.monotonic() + 15
         while old.alive and time.monotonic() < deadline:
@@ -577,7 +599,8 @@ def test_watcher_dies_with_its_session_and_a_new_one_serves(
         assert isinstance(old.error, vim.fault.NotAuthenticated), old.error
         fresh = pool.get(creds.endpoint, creds.username, sim.password)
         assert fresh is not session and watcher_for(fresh) is not old
-        swept = env.run(
+        swept = run_activity(
+            env,
             acts.sweep,
             SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/watchdeath"),
         )
@@ -629,8 +652,8 @@ def test_create_waits_for_the_guest_static_and_dhcp(sim: Vcsim, agent_key: Agent
         dhcp = guest_request(creds, refs, folder, "gw-1", secrets)
         infos: dict[str, VmInfo] = {}
         for request in (static, dhcp):
-            infos[request.name] = env.run(
-                acts.create, request.model_copy(update={"wait_guest": True})
+            infos[request.name] = run_activity(
+                env, acts.create, request.model_copy(update={"wait_guest": True})
             )
         costs = {n: i.vcenter_requests for n, i in infos.items()}
         print(f"\nvm_create(wait_guest) requests: {costs}")
@@ -643,14 +666,15 @@ def test_create_waits_for_the_guest_static_and_dhcp(sim: Vcsim, agent_key: Agent
         assert any(b.get("stage") == "guest" for b in beats)
 
         # found on again: what the first read shows is enough (find + read)
-        again = env.run(acts.create, static.model_copy(update={"wait_guest": True}))
+        again = run_activity(env, acts.create, static.model_copy(update={"wait_guest": True}))
         assert again.ref == infos["gw-0"].ref and again.vcenter_requests <= 2
 
         # the guest never reports the node's hostname: retryable NotReady naming what it says
         wrong = guest_request(creds, refs, folder, "gw-2", secrets, hostname="someone-else")
         started = time.monotonic()
         with pytest.raises(ApplicationError) as caught:
-            env.run(
+            run_activity(
+                env,
                 acts.create,
                 wrong.model_copy(update={"wait_guest": True, "guest_timeout_seconds": 1}),
             )
@@ -659,7 +683,8 @@ def test_create_waits_for_the_guest_static_and_dhcp(sim: Vcsim, agent_key: Agent
         assert "gw-2 reports address 10.20.0." in str(caught.value)
         assert "hostname someone-else, power poweredOn" in str(caught.value)
     finally:
-        env.run(
+        run_activity(
+            env,
             acts.sweep,
             SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/guests"),
         )
@@ -680,7 +705,7 @@ async def test_power_on_several_vms_and_wait_for_their_guests(
             guest_request(creds, refs, folder, "po-2", secrets, "10.30.0.33"),
         ]
         created = [
-            env.run(acts.create, r.model_copy(update={"power_on": i == 0}))
+            await env.run(acts.create, r.model_copy(update={"power_on": i == 0}))
             for i, r in enumerate(requests)
         ]
         assert [c.power_state for c in created] == ["poweredOn", "poweredOff", "poweredOff"]
@@ -707,7 +732,7 @@ async def test_power_on_several_vms_and_wait_for_their_guests(
             assert info.host.startswith("HostSystem:")
 
         # all on already: one read; one off: its own PowerOnVM_Task
-        again = env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes))
+        again = await env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes))
         si = sim.connect()
         try:
             assert any(
@@ -717,7 +742,7 @@ async def test_power_on_several_vms_and_wait_for_their_guests(
             WaitForTask(vm_by_uuid(si, requests[1].instance_uuid).PowerOffVM_Task())
         finally:
             sim.disconnect(si)
-        one = env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes[:2]))
+        one = await env.run(acts.power_on, PowerOnRequest(credentials=creds, nodes=nodes[:2]))
         assert [n.power_state for n in one.nodes] == ["poweredOn", "poweredOn"]
         print(
             f"\nvm_power_on requests: 1 on + 2 off {result.vcenter_requests}, "
@@ -727,7 +752,7 @@ async def test_power_on_several_vms_and_wait_for_their_guests(
         assert one.vcenter_requests <= 3
         assert result.vcenter_requests <= POWER_ON_BUDGET + 3  # the agent may log in first
     finally:
-        env.run(
+        await env.run(
             acts.sweep,
             SweepRequest(credentials=creds, datacenter="DC0", cluster_id="cluster/guests"),
         )

@@ -9,6 +9,7 @@ admin group, the pod garbage collector, etcd's own quorum rule) is in docs/clust
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -783,7 +784,7 @@ def test_readiness_waits_until_the_api_answers_and_every_node_is_ready(
     request = readiness(server, agent.sealed, timeout_seconds=30)
     timer = threading.Timer(0.1, lambda: setattr(cluster, "readyz", True))
     timer.start()
-    result = agent.env.run(VmActivities(agent.key, SessionPool()).wait_ready, request)
+    result = asyncio.run(agent.env.run(VmActivities(agent.key, SessionPool()).wait_ready, request))
     timer.join()
     assert result.nodes == [] and result.vcenter_requests == 0
     stages = [b["stage"] for b in agent.beats]
