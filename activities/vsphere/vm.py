@@ -27,7 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -124,6 +124,8 @@ Node = tuple[str, str, str | None]
 
 #: How long template facts (devices, network backing) are reused across clones.
 _FACTS_TTL = 300.0
+#: guest waits whose long polls run at once (each a thread while its turn lasts, ≤ 5 s)
+GUEST_WAITS = 64
 
 
 def _annotation(owner: OwnerMark) -> str:
@@ -212,6 +214,11 @@ class VmActivities:
         self.sessions = sessions
         #: where the waiting activities' requests run (None: the loop's default executor)
         self.executor = executor
+        #: where guest waits' long polls (≤ 5 s a turn) run: never on the requests' threads,
+        #: which they would hold from every other activity's requests (threads made as needed)
+        self.long_polls: Executor = ThreadPoolExecutor(
+            max_workers=GUEST_WAITS, thread_name_prefix="kubegate-guest-wait"
+        )
         self.max_ops_per_host = max_ops_per_host
         self.max_ops_per_datastore = max_ops_per_datastore
         self._facts: dict[tuple[str, str, str, str], tuple[float, _TemplateFacts]] = {}
@@ -1056,7 +1063,7 @@ class VmActivities:
                         type=errors.NOT_READY,
                     )
                 wait = max(1, min(5, int(deadline - time.monotonic())))
-                changed = await self._io(functools.partial(watch.turn, wait))
+                changed = await in_thread(self.long_polls, functools.partial(watch.turn, wait))
                 for vm_ref, changes in changed.items():
                     state.setdefault(vm_ref, {}).update(changes)
                 left = waiting()
