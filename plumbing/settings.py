@@ -19,12 +19,18 @@ from plumbing.contexts import active_context
 
 
 class ContextSource(PydanticBaseSettingsSource):
-    """The values of the context in use (KUBEGATE_CONTEXT or the file's current-context)."""
+    """The values of the context in use (KUBEGATE_CONTEXT or the file's current-context),
+    unless the Temporal address comes from elsewhere."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return self().get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        # a context is one unit: with the address given otherwise (KUBEGATE_TEMPORAL_ADDRESS,
+        # an argument) none of its values apply — its TLS, API key and namespace are that
+        # endpoint's, never to be sent to another
+        if "temporal_address" in self.current_state:
+            return {}
         active = active_context()
         return {} if active is None else active[1].settings()
 

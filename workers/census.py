@@ -19,14 +19,36 @@ from datetime import UTC, datetime
 from temporalio.client import Client
 
 from domain import names
+from domain.audit import AuditStatus
+from domain.gateway import DEGRADED, DISCONNECTED, GatewayState, GatewayStatus
+from domain.lifecycle import ClusterStatus
 from plumbing import metrics
 from plumbing.settings import Settings
 from starters.client import KubegateClient
 
 log = logging.getLogger("kubegate.census")
 
+#: kubegate's workflow types and the kind each is (the label comes from the type, which
+#: Temporal sets, not from a search attribute anyone starting a workflow may set)
+KINDS = {
+    "ClusterWorkflow": "cluster",
+    "GatewayWorkflow": "gateway",
+    "IpPoolWorkflow": "ippool",
+    "AuditWorkflow": "audit",
+    "PreflightWorkflow": "preflight",
+}
 #: lifecycles that are open (entities and running one-offs): closed ones are history
-OPEN = "KubegateKind IS NOT NULL AND ExecutionStatus = 'Running'"
+OPEN = (
+    "ExecutionStatus = 'Running' AND WorkflowType IN (" + ", ".join(f"'{t}'" for t in KINDS) + ")"
+)
+#: the statuses kubegate's workflows say; any other word (a workflow someone else started
+#: with the attribute set) is counted as `other`: the label sets stay few
+STATUSES = frozenset(
+    {s.value for s in ClusterStatus}
+    | {s.value for s in GatewayStatus}
+    | {s.value for s in AuditStatus}
+    | {DISCONNECTED, DEGRADED, "Active", "Deleted", "Passed", "Failed", "Running"}
+)
 
 
 class Census:
@@ -39,16 +61,23 @@ class Census:
         self._gateways: set[str] = set()
 
     async def count(self) -> None:
-        await asyncio.gather(self.lifecycles(), self.pools(), self.agents())
+        states = await self.kubegate.list_gateways()
+        await asyncio.gather(
+            self.lifecycles({g.name for g in states}), self.pools(), self.agents(states)
+        )
 
-    async def lifecycles(self) -> None:
+    async def lifecycles(self, gateways: set[str]) -> None:
         counts: Counter[tuple[str, str, str]] = Counter()
         async for execution in self.kubegate.client.list_workflows(OPEN):
+            kind = KINDS.get(execution.workflow_type)
+            if kind is None:
+                continue
             attributes = execution.typed_search_attributes
-            kind = attributes.get(names.KIND)
-            if kind:
-                status = attributes.get(names.STATUS) or "unknown"
-                counts[(kind, status, attributes.get(names.GATEWAY) or "")] += 1
+            status = attributes.get(names.STATUS) or "unknown"
+            status = status if status in STATUSES else "other"
+            gateway = attributes.get(names.GATEWAY) or ""
+            gateway = gateway if gateway in gateways else ""  # (only gateways that exist)
+            counts[(kind, status, gateway)] += 1
         gauge = metrics.instruments().lifecycles
         for kind, status, gateway in self._statuses | set(counts):
             labels = {"kind": kind, "status": status, "gateway": gateway}
@@ -66,11 +95,11 @@ class Census:
             instruments.pool_used.set(used, labels)
         self._pools |= set(seen)
 
-    async def agents(self) -> None:
+    async def agents(self, states: list[GatewayState]) -> None:
         now = datetime.now(UTC)
         instruments = metrics.instruments()
         watched = set()
-        for state in await self.kubegate.list_gateways():
+        for state in states:
             if state.agent_connected is None:  # not watched yet (e.g. waiting for pairing)
                 continue
             watched.add(state.name)

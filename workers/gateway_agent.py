@@ -110,26 +110,34 @@ def build_agent(
     shutdown_grace: float = 10.0,
     max_ops_per_host: int = 8,
     max_ops_per_datastore: int = 128,
+    request_threads: int = 8,
 ) -> AgentWorkers:
     """The agent's workers: every vSphere activity, on the gateway's task queue, behind the
     guard (policy, gateway authorization, signed results).
 
     `max_concurrent` is the agent's cap on tasks at once (KUBEGATE_AGENT_MAX_TASKS). The
     activities that wait on vCenter are coroutines: a wait holds no thread, their requests
-    run on `executor` (KUBEGATE_AGENT_THREADS) beside the short synchronous activities, so
-    the cap may exceed the threads (tasks beyond the cap wait in Temporal's queue)."""
+    run on a pool of `request_threads` (KUBEGATE_AGENT_THREADS) of their own, the
+    synchronous activities on `executor`, so the cap may exceed the threads (tasks beyond
+    the cap wait in Temporal's queue)."""
     key.gateway = gateway
     policy_file = PolicyFile(policy)
     key.policy = policy_file.current
     guard = AgentGuard(client, gateway, key, policy_file, pin=policy.parent / PIN_FILE)
     preflight = PreflightActivities(key, sessions)
     bootstrap = BootstrapActivities(key)
+    # the waiting activities' vCenter requests on threads of their own: a synchronous
+    # activity that holds its thread long (a drain, an audit's removal) never delays them
+    requests = ThreadPoolExecutor(
+        max_workers=request_threads, thread_name_prefix="kubegate-vcenter"
+    )
     vms = VmActivities(
         key,
         sessions,
         max_ops_per_host=max_ops_per_host,
         max_ops_per_datastore=max_ops_per_datastore,
-        executor=executor,
+        executor=requests,
+        max_waits=max_concurrent,
     )
     events = EventActivities(key, sessions)
     drift = DriftActivities(key, sessions)
@@ -261,6 +269,7 @@ async def serve(
             shutdown_grace=settings.agent_shutdown_grace,
             max_ops_per_host=settings.max_ops_per_host,
             max_ops_per_datastore=settings.max_ops_per_datastore,
+            request_threads=settings.agent_threads,
         )
         log.info("gateway agent %s polling %s", gateway, gateway_task_queue(gateway))
         try:

@@ -124,8 +124,6 @@ Node = tuple[str, str, str | None]
 
 #: How long template facts (devices, network backing) are reused across clones.
 _FACTS_TTL = 300.0
-#: guest waits whose long polls run at once (each a thread while its turn lasts, ≤ 5 s)
-GUEST_WAITS = 64
 
 
 def _annotation(owner: OwnerMark) -> str:
@@ -179,21 +177,35 @@ def _beat_every() -> float:
 
 
 def _cancelled() -> bool:
-    """The workflow cancelled this activity (an abort); not the agent stopping."""
-    return activity.is_cancelled() and not activity.is_worker_shutdown()
+    """The workflow asked to cancel this activity (an abort): the only case in which its
+    vCenter work is cancelled too. Not the agent stopping, nor an attempt that Temporal ended
+    otherwise (see `_stopping`)."""
+    if not activity.is_cancelled() or activity.is_worker_shutdown():
+        return False
+    details = activity.cancellation_details()
+    return details is None or details.cancel_requested
 
 
 def _stopping() -> bool:
-    """The agent is stopping (SIGTERM): stop waiting, leave vCenter's work running."""
-    return activity.is_worker_shutdown()
+    """Stop waiting and leave vCenter's work running for the next attempt: the agent is
+    stopping (SIGTERM), or Temporal ended this attempt without the workflow asking (its
+    heartbeat timed out, the task is gone, paused or reset), when another attempt — perhaps
+    on another agent — re-attaches to the task its last heartbeat names; cancelling that task
+    would make the other attempt clone again."""
+    if activity.is_worker_shutdown():
+        return True
+    if not activity.is_cancelled():
+        return False
+    details = activity.cancellation_details()
+    return details is not None and not details.cancel_requested
 
 
 def _stopped(what: str) -> ApplicationError:
     """A retryable failure that leaves the vCenter task running: the next attempt, on the
     next agent, re-attaches to it (its ref is in the last heartbeat)."""
     return ApplicationError(
-        f"the gateway agent is stopping during {what}; vCenter's work goes on and the next "
-        "attempt takes it up",
+        f"this attempt stopped during {what} (the gateway agent is stopping, or Temporal gave "
+        "the task to another attempt); vCenter's work goes on and the next attempt takes it up",
         type=errors.AGENT_STOPPING,
     )
 
@@ -209,15 +221,18 @@ class VmActivities:
         max_ops_per_host: int = 8,
         max_ops_per_datastore: int = 128,
         executor: Executor | None = None,
+        max_waits: int = 256,
     ) -> None:
         self.key = key
         self.sessions = sessions
         #: where the waiting activities' requests run (None: the loop's default executor)
         self.executor = executor
-        #: where guest waits' long polls (≤ 5 s a turn) run: never on the requests' threads,
-        #: which they would hold from every other activity's requests (threads made as needed)
+        #: where the waits that hold a thread run — guest waits' long polls (≤ 5 s a turn),
+        #: Kubernetes readiness (its HTTP polls) —: never on the requests' threads, which they
+        #: would hold from every other activity's requests; one thread for each waiting task
+        #: at most (threads are made as needed)
         self.long_polls: Executor = ThreadPoolExecutor(
-            max_workers=GUEST_WAITS, thread_name_prefix="kubegate-guest-wait"
+            max_workers=max_waits, thread_name_prefix="kubegate-wait"
         )
         self.max_ops_per_host = max_ops_per_host
         self.max_ops_per_datastore = max_ops_per_datastore
@@ -770,13 +785,15 @@ class VmActivities:
         with request_meter() as meter:
             if request.mode == "kubernetes" and request.secrets is not None and request.vip:
                 secrets = open_cluster_secrets(self.key, request.secrets)
-                # (HTTP to the cluster, not vCenter: it waits in a thread of its own)
+                # (HTTP to the cluster, not vCenter: it waits in a thread of the waits' pool)
                 await uninterrupted(
-                    in_thread(None, lambda: wait_kubernetes_ready(request, secrets))
+                    in_thread(self.long_polls, lambda: wait_kubernetes_ready(request, secrets))
                 )
                 result = ReadinessResult(nodes=[])
             elif request.mode == "kubernetes":
-                result = await uninterrupted(in_thread(None, lambda: _wait_kubernetes(request)))
+                result = await uninterrupted(
+                    in_thread(self.long_polls, lambda: _wait_kubernetes(request))
+                )
             else:
                 result = await uninterrupted(
                     self._call_async(

@@ -603,8 +603,8 @@ def cluster_apply(
     plan: ChangePlan = _run(plan_it())
     if output.data and (dry_run or plan.refused or plan.empty):
         print_data(output, plan.model_dump_json())
-    else:
-        _show_plan(spec.name, plan)
+    else:  # (before a change's JSON: the plan to stderr, stdout holds the data alone)
+        _show_plan(spec.name, plan, to_stderr=output.data)
     if plan.refused:
         _bad_input("; ".join(plan.refused))
     if plan.empty or dry_run:
@@ -669,7 +669,7 @@ def cluster_upgrade(
     if output.data and (dry_run or plan.refused):
         print_data(output, plan.model_dump_json())
     else:
-        _show_plan(name, plan)
+        _show_plan(name, plan, to_stderr=output.data)
     if plan.refused:
         _bad_input("; ".join(plan.refused))
     if dry_run:
@@ -803,9 +803,10 @@ def _deploy_dry_run(spec: ClusterSpec, output: Output) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
-def _show_plan(name: str, plan: ChangePlan) -> None:
+def _show_plan(name: str, plan: ChangePlan, *, to_stderr: bool = False) -> None:
+    console = err if to_stderr else out
     if plan.empty:
-        out.print(f"cluster {name}: the spec asks for no change", highlight=False, markup=False)
+        console.print(f"cluster {name}: the spec asks for no change", highlight=False, markup=False)
         return
     lines = [f"cluster {name}: plan"]
     lines += [f"  {change}" for change in plan.changes]
@@ -819,7 +820,7 @@ def _show_plan(name: str, plan: ChangePlan) -> None:
         lines.append(f"  addresses: {taken}")
     lines += [f"  refused: {reason}" for reason in plan.refused]
     lines += [f"  warning: {warning}" for warning in plan.warnings]
-    out.print("\n".join(lines), highlight=False, markup=False)
+    console.print("\n".join(lines), highlight=False, markup=False)
 
 
 _TTL = re.compile(r"^([1-9][0-9]{0,5})([smhd])$")

@@ -222,7 +222,11 @@ def process_stopped(exc: KubegateError, log_format: str | None) -> NoReturn:
 
 
 def process_options(metrics_address: str | None, log_format: LogFormat | None) -> dict[str, Any]:
-    """A worker's or agent's --metrics-address and --log-format, checked (exit 2 if bad)."""
+    """A worker's or agent's --metrics-address and --log-format, checked (exit 2 if bad).
+    A long-running process uses a context only when one is named (--context,
+    KUBEGATE_CONTEXT), never merely because it is the operator's current one."""
+    if not os.environ.get(CONTEXT_ENV):
+        os.environ[CONTEXT_ENV] = NO_CONTEXT
     if metrics_address is not None:
         host, sep, port = metrics_address.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536 or " " in host:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,27 @@ from tests.integration.test_cluster import PROFILE, domain, make_pool, sim  # no
 from tests.support import ADMIN, Vcsim, run_cli
 
 pytestmark = pytest.mark.integration
+
+
+async def run_cli_split(settings: Settings, *args: str) -> tuple[int, str, str]:
+    """The CLI with its stdout and stderr apart (`-o json` must leave stdout to the data)."""
+    env = {
+        **os.environ,
+        "KUBEGATE_HOME": str(settings.home),
+        "KUBEGATE_TEMPORAL_ADDRESS": settings.temporal_address,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "starters.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
 
 
 def base(pool: str = "p") -> dict[str, Any]:
@@ -267,6 +290,18 @@ async def test_deploy_describe_scale_delete_through_the_cli(
 
     code, output = await run_cli(settings, "cluster", "scale", "cli", "w", "--size", "2")
     assert code == 0 and "added cli-w-1" in output, output
+
+    # apply -o json: the result alone on stdout (the plan goes to stderr)
+    bigger = base("cli-pool")
+    bigger["workers"][0]["size"] = 3
+    bigger_path = tmp_path / "bigger.yaml"
+    bigger_path.write_text(yaml.safe_dump(bigger))
+    code, stdout, stderr = await run_cli_split(
+        settings, "cluster", "apply", "-f", str(bigger_path), "-o", "json"
+    )
+    assert code == 0, stderr
+    assert json.loads(stdout)["added"] == ["cli-w-2"], stdout
+    assert "create: cli-w-2" in stderr
 
     # a pool whose steps fail is not kept in the spec
     pool_path = tmp_path / "pool.yaml"

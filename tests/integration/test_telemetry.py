@@ -22,12 +22,15 @@ from pathlib import Path
 
 import pytest
 from pyVmomi import vim
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 
 from activities.vsphere.session import open_session
 from domain.account import VCenterEndpoint
 from domain.cluster import ClusterSpec
 from domain.ipam import IpPoolSpec
 from domain.lifecycle import ClusterStatus, Timing
+from domain.names import GATEWAY as GATEWAY_ATTRIBUTE
+from domain.names import KIND, STATUS
 from plumbing.settings import Settings
 from starters.client import KubegateClient
 from tests.conftest import GATEWAY, Telemetry
@@ -158,6 +161,29 @@ async def test_a_deploy_shows_in_the_metrics_and_traces(
     assert value(text, "kubegate_ip_pool_capacity", gateway=GATEWAY, pool=pool.name) == 20
     assert value(text, "kubegate_agent_connected", gateway=GATEWAY) == 1
     assert value(text, "kubegate_agent_last_seen_seconds", gateway=GATEWAY) == 0
+
+    # anyone may start a workflow with kubegate's search attributes set: it is not counted,
+    # and its words never become labels (no forged "Failed" clusters, no unbounded series)
+    forged = await kubegate.client.start_workflow(
+        "ForgedWorkflow",
+        id="forged/census",
+        task_queue="nobody-polls-this",
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(KIND, "cluster"),
+                SearchAttributePair(STATUS, "Forged-42"),
+                SearchAttributePair(GATEWAY_ATTRIBUTE, "no-such-gateway"),
+            ]
+        ),
+    )
+    try:
+        await Census(telemetry.client, settings).count()
+        text = telemetry.scrape()
+        labels = [labels for labels, _ in samples(text, "kubegate_lifecycles")]
+        assert all(seen["status"] != "Forged-42" for seen in labels), labels
+        assert all(seen["gateway"] != "no-such-gateway" for seen in labels), labels
+    finally:
+        await forged.terminate()
 
     # traces: the workflow, its activities on the agent and the control worker; no secret
     spans = telemetry.spans.get_finished_spans()

@@ -73,9 +73,12 @@ def test_contexts_name_endpoints_and_the_environment_still_wins(
     # KUBEGATE_CONTEXT picks another for one shell; a KUBEGATE_* variable beats any context
     monkeypatch.setenv(CONTEXT_ENV, "lab")
     assert Settings().temporal_address == "temporal.lab:7233"
+    monkeypatch.setenv("KUBEGATE_GATEWAY", "other")
+    assert (Settings().temporal_address, Settings().gateway) == ("temporal.lab:7233", "other")
+    monkeypatch.delenv("KUBEGATE_GATEWAY")
     monkeypatch.setenv("KUBEGATE_TEMPORAL_ADDRESS", "127.0.0.1:9999")
     assert Settings().temporal_address == "127.0.0.1:9999"
-    assert Settings().gateway == "lab"
+    assert Settings().gateway == "local"  # another endpoint: nothing of the context applies
 
     rows = json.loads(kubegate("config", "get-contexts", "-o", "json")[1])
     assert [(r["name"], r["current"]) for r in rows] == [("lab", True), ("prod", False)]
@@ -159,3 +162,32 @@ def test_the_dev_stack_uses_no_context(config: Path, monkeypatch: pytest.MonkeyP
     assert Settings().temporal_address == "127.0.0.1:7233"
     code, _, err = kubegate("config", "set-context", "none", "--address", "x:1")
     assert code == 2 and "kept for 'no context'" in err
+
+
+def test_a_context_is_one_unit_and_workers_need_one_named(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An address given otherwise takes none of the context's values (its TLS, API key and
+    namespace belong to its endpoint); a worker or agent uses a context only when named."""
+    key = tmp_path / "api.key"
+    key.write_text("k-cloud\n")
+    kubegate(
+        "config", "set-context", "cloud", "--address", "ns.tmprl.cloud:7233", "--tls",
+        "--namespace", "prod", "--api-key-file", str(key),
+    )  # fmt: skip
+    assert Settings().temporal_api_key == "k-cloud"
+    assert Settings(temporal_address="installer.local:7233").temporal_api_key is None
+    monkeypatch.setenv("KUBEGATE_TEMPORAL_ADDRESS", "127.0.0.1:7233")
+    settings = Settings()
+    assert (settings.temporal_api_key, settings.temporal_tls) == (None, False)
+    assert settings.temporal_namespace == "default"
+    monkeypatch.delenv("KUBEGATE_TEMPORAL_ADDRESS")
+
+    from starters.cli.common import process_options
+
+    monkeypatch.delenv(CONTEXT_ENV, raising=False)
+    process_options(None, None)  # (what `worker control` and `gateway agent` do first)
+    assert Settings().temporal_address == "127.0.0.1:7233"  # the current one is not used
+    monkeypatch.setenv(CONTEXT_ENV, "cloud")  # named: used
+    process_options(None, None)
+    assert Settings().temporal_address == "ns.tmprl.cloud:7233"
