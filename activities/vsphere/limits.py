@@ -3,7 +3,7 @@
 vCenter's provisioning limits (REFERENCE.md) bound how many operations may run at once on an
 ESXi host or a datastore. The agent's waiting activities are coroutines, most on the worker's
 event loop, some on a private loop of their own (the audit's removals, `calls.run_blocking`).
-One `Slots` per (kind, vCenter, object, limit) serves them all, first come first served,
+One `Slots` per (kind, vCenter, object) serves them all, first come first served,
 whatever their loop, so the limit holds in the whole process. A waiting coroutine holds no
 thread; a slot is held across the vCenter task it guards.
 """
@@ -54,10 +54,24 @@ class Slots:
                 self.release()
             raise
 
+    def resize(self, limit: int) -> None:
+        """A new limit: holders keep their slots (fewer are given until below it); more
+        slots go to the queued coroutines at once."""
+        granted = []
+        with self._lock:
+            self.limit = limit
+            while self._queue and self.in_use < self.limit:
+                waiter = self._queue.popleft()
+                waiter.granted = True
+                self.in_use += 1
+                granted.append(waiter)
+        for waiter in granted:
+            waiter.loop.call_soon_threadsafe(_resolve, waiter.future)
+
     def release(self) -> None:
         """Give a slot back; the first queued coroutine gets it."""
         with self._lock:
-            if not self._queue:
+            if not self._queue or self.in_use > self.limit:  # (more held than a new limit)
                 self.in_use -= 1
                 return
             waiter = self._queue.popleft()
@@ -71,13 +85,17 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 _guard = threading.Lock()
-_slots: dict[tuple[str, str, str, int], Slots] = {}
+_slots: dict[tuple[str, str, str], Slots] = {}
 
 
 def slots(kind: str, server: str, obj: str, limit: int) -> Slots:
-    """The process's slots for (kind, vCenter, object, limit)."""
+    """The process's slots for (kind, vCenter, object), with `limit` from now on (a compute
+    cluster's limit follows its number of hosts: the same slots, resized)."""
     with _guard:
-        key = (kind, server.lower(), obj, limit)
-        if key not in _slots:
-            _slots[key] = Slots(limit)
-        return _slots[key]
+        key = (kind, server.lower(), obj)
+        found = _slots.get(key)
+        if found is None:
+            found = _slots[key] = Slots(limit)
+        elif found.limit != limit:
+            found.resize(limit)
+        return found

@@ -338,12 +338,16 @@ class VmActivities:
     async def _cancel_and_await(
         self, session: VSphereSession, task: str, beat: Callable[[int], None]
     ) -> None:
-        """Cancel a task (if it still runs) and wait until it has ended, whatever its outcome."""
+        """Cancel a task (if it still runs) and wait until it has ended, whatever its outcome;
+        an agent that stops meanwhile stops waiting (the cancel was sent; the abort's destroy
+        cancels and awaits the node's tasks again)."""
         obj = from_ref(session, task)
         await self._io(lambda: _cancel_task(obj))
         # RequestCanceled, or the task's own fault, or it is gone: it has ended either way
-        with contextlib.suppress(vmodl.MethodFault):
-            await await_task_async(session, obj, beat, io=self._io)
+        with contextlib.suppress(vmodl.MethodFault, CancelRequested):
+            await await_task_async(
+                session, obj, beat, io=self._io, cancelled=_stopping, beat_every=_beat_every()
+            )
 
     def _guestinfo(self, request: CreateVmRequest) -> dict[str, str]:
         """guestinfo.* extraConfig entries (they hold secrets: never log them)."""

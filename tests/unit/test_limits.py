@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from activities.vsphere.limits import Slots
+from activities.vsphere.limits import Slots, slots
 
 
 async def test_slots_bound_the_holders_and_hand_over_in_order() -> None:
@@ -74,3 +74,19 @@ def test_slots_hold_across_event_loops() -> None:
     assert asyncio.run(take()) >= 0.2
     other.join()
     assert slots.in_use == 0
+
+
+async def test_a_new_limit_resizes_the_same_slots() -> None:
+    """A compute cluster's limit follows its hosts: the slots of (kind, vCenter, object) are
+    the same whatever the limit asked, so old and new holders count together."""
+    first = slots("cluster", "vc.example.com", "DC0_C9", 2)
+    await first.acquire()
+    await first.acquire()
+    assert slots("cluster", "VC.example.com", "DC0_C9", 1) is first  # a host went away
+    waiting = asyncio.ensure_future(first.acquire())
+    first.release()  # 1 held again, and the limit is 1: not handed over
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and first.in_use == 1
+    assert slots("cluster", "vc.example.com", "DC0_C9", 3) is first  # hosts added
+    await asyncio.wait_for(waiting, 1)
+    assert first.in_use == 2
