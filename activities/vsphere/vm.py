@@ -301,9 +301,12 @@ class VmActivities:
                 if _cancelled():
                     raise CancelledError(f"cancelled while queued for {obj}")
         except BaseException:
-            taking.cancel()
-            with contextlib.suppress(BaseException):
-                await taking  # (a slot handed over meanwhile is passed on)
+            if taking.done() and not taking.cancelled() and taking.exception() is None:
+                held.release()  # (taken as this wait ended: given back)
+            else:
+                taking.cancel()
+                with contextlib.suppress(BaseException):
+                    await taking  # (a slot handed over meanwhile is passed on)
             raise
         try:
             with metrics.task_in_flight(kind, server, obj, limit):
