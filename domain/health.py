@@ -176,6 +176,25 @@ class ClusterHealth(BaseModel):
             return ""
         return f"repair given up for {', '.join(given_up)} (see its last step)"
 
+    def rearm_given_up(self) -> None:
+        """Repairs given up get their attempts again (`reconcile --retry-given-up`)."""
+        for record in self.failed.values():
+            if record.given_up:
+                record.given_up, record.attempts, record.failures = False, 0, 0
+
+    def next_reconcile(self, interval: int, since: datetime) -> datetime | None:
+        """When the next scheduled reconcile is due: `interval` seconds after the last one
+        (`since` before the first), or sooner when an unhealthy node's timeout or a repair's
+        backoff falls due; never back to back. None: on demand only, nothing pending."""
+        due = [] if self.next_due is None else [self.next_due]
+        if interval > 0:
+            due.append((self.checked_at or since) + timedelta(seconds=interval))
+        if not due:
+            return None
+        if self.checked_at is None:
+            return min(due)
+        return max(min(due), self.checked_at + MIN_INTERVAL)
+
 
 class NodeFacts(BaseModel):
     """What assess needs of a node record."""

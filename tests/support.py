@@ -271,7 +271,16 @@ async def record_history(client: Any, workflow_id: str, name: str) -> None:
 
 
 async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tuple[int, str]:
-    """Run the CLI without blocking the event loop that hosts the workers."""
+    """Run the CLI without blocking the event loop that hosts the workers (stdout and
+    stderr together, as a terminal shows them)."""
+    code, output, _ = await run_cli_split(settings, *args, stdin=stdin, together=True)
+    return code, output
+
+
+async def run_cli_split(
+    settings: Any, *args: str, stdin: bytes | None = None, together: bool = False
+) -> tuple[int, str, str]:
+    """The CLI with its stdout and stderr apart (`-o json` leaves stdout to the data)."""
     env = {
         **os.environ,
         "KUBEGATE_HOME": str(settings.home),
@@ -285,12 +294,12 @@ async def run_cli(settings: Any, *args: str, stdin: bytes | None = None) -> tupl
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.STDOUT if together else asyncio.subprocess.PIPE,
         env=env,
     )
-    output, _ = await process.communicate(stdin)
+    output, errors = await process.communicate(stdin)
     assert process.returncode is not None
-    return process.returncode, output.decode()
+    return process.returncode, output.decode(), (errors or b"").decode()
 
 
 # -- gateways and cloud accounts for the tests ---------------------------------------------

@@ -23,7 +23,6 @@ with workflow.unsafe.imports_passed_through():
     from domain.gateway import ClusterChanged
     from domain.health import (
         CHECKS_PER_RUN,
-        MIN_INTERVAL,
         ClusterHealth,
         PoolHealth,
         ReconcileRequest,
@@ -349,21 +348,10 @@ class ClusterWorkflow:
         return max(due - workflow.now(), timedelta(seconds=1))
 
     def _next_reconcile(self) -> datetime | None:
-        """When the next scheduled reconcile is due: an interval after the last one, or
-        sooner when an unhealthy node's timeout or a repair's backoff falls due."""
-        health = self.state.health
-        interval = self.state.spec.healing.reconcile_seconds
-        due = []
-        if interval > 0:
-            last = health.checked_at or self.state.updated_at or workflow.now()
-            due.append(last + timedelta(seconds=interval))
-        if health.next_due is not None:
-            due.append(health.next_due)
-        if not due:
-            return None
-        if health.checked_at is None:
-            return min(due)
-        return max(min(due), health.checked_at + MIN_INTERVAL)  # (never back to back)
+        """When the next scheduled reconcile is due (domain/health.py)."""
+        return self.state.health.next_reconcile(
+            self.state.spec.healing.reconcile_seconds, self.state.updated_at or workflow.now()
+        )
 
     def _reconcile_due(self) -> bool:
         if self.reconcile_asked > self.reconcile_served:
@@ -383,9 +371,7 @@ class ClusterWorkflow:
                 return
             if self.retry_given_up:  # asked for: given-up repairs get their attempts again
                 self.retry_given_up = False
-                for record in health.failed.values():
-                    if record.given_up:
-                        record.given_up, record.attempts, record.failures = False, 0, 0
+                health.rearm_given_up()
             spec = self.state.spec
             pools = {"cp": _pool_health(spec.control_plane.health)} | {
                 p.name: _pool_health(p.health) for p in spec.workers

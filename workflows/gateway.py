@@ -82,7 +82,6 @@ with workflow.unsafe.imports_passed_through():
     )
     from domain.health import (
         CHECKS_PER_RUN,
-        MIN_INTERVAL,
         ClusterHealth,
         PoolHealth,
         ReconcileRequest,
@@ -318,19 +317,10 @@ class GatewayWorkflow:
         return self.gw.config.healing if self.gw.config is not None else Healing()
 
     def _next_reconcile(self) -> datetime | None:
-        """An interval after the last reconcile, or sooner when a timeout or backoff falls
-        due; never back to back (None: on demand only, and nothing pending)."""
-        health = self.gw.health
-        interval = self._healing().reconcile_seconds
-        due = [] if health.next_due is None else [health.next_due]
-        if interval > 0:
-            last = health.checked_at or self.gw.updated_at or workflow.now()
-            due.append(last + timedelta(seconds=interval))
-        if not due:
-            return None
-        if health.checked_at is None:
-            return min(due)
-        return max(min(due), health.checked_at + MIN_INTERVAL)
+        """When its nodes' next scheduled reconcile is due (domain/health.py)."""
+        return self.gw.health.next_reconcile(
+            self._healing().reconcile_seconds, self.gw.updated_at or workflow.now()
+        )
 
     def _reconcile_due(self) -> bool:
         if self.reconcile_asked > self.reconcile_served:
@@ -349,9 +339,7 @@ class GatewayWorkflow:
                 return
             if self.retry_given_up:  # asked for: given-up repairs get their attempts again
                 self.retry_given_up = False
-                for failed in health.failed.values():
-                    if failed.given_up:
-                        failed.given_up, failed.attempts, failed.failures = False, 0, 0
+                health.rearm_given_up()
             agent = self.gw.agent  # (what its agent can do: the release it registered with)
             nodes.account = nodes.account.model_copy(
                 update={"agent_release": agent.version if agent is not None else None}

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +15,9 @@ from plumbing.settings import Settings
 from starters.client import KubegateClient
 from tests.conftest import GATEWAY
 from tests.integration.test_cluster import PROFILE, domain, make_pool, sim  # noqa: F401
-from tests.support import ADMIN, Vcsim, run_cli
+from tests.support import ADMIN, Vcsim, run_cli, run_cli_split
 
 pytestmark = pytest.mark.integration
-
-
-async def run_cli_split(settings: Settings, *args: str) -> tuple[int, str, str]:
-    """The CLI with its stdout and stderr apart (`-o json` must leave stdout to the data)."""
-    env = {
-        **os.environ,
-        "KUBEGATE_HOME": str(settings.home),
-        "KUBEGATE_TEMPORAL_ADDRESS": settings.temporal_address,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "starters.cli",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
 
 
 def base(pool: str = "p") -> dict[str, Any]:
