@@ -325,3 +325,21 @@ def test_a_red_heartbeat_counts_as_silent() -> None:
     gray = vm("w-0").model_copy(update={"heartbeat": "gray"})  # no heartbeat reported: fine
     result, _ = run(nodes, {**SEEN_CP, "w-0": gray}, ClusterHealth())
     assert result.repairs == [] and result.findings == []
+
+
+def test_the_next_reconcile_is_an_interval_after_the_last_or_sooner_never_back_to_back() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from domain.health import MIN_INTERVAL, ClusterHealth
+
+    t0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    never = ClusterHealth()
+    assert never.next_reconcile(0, t0) is None  # on demand only, nothing pending
+    assert never.next_reconcile(300, t0) == t0 + timedelta(seconds=300)
+    checked = ClusterHealth(checked_at=t0)
+    assert checked.next_reconcile(300, t0 - timedelta(days=1)) == t0 + timedelta(seconds=300)
+    soon = ClusterHealth(checked_at=t0, next_due=t0 + timedelta(seconds=30))
+    assert soon.next_reconcile(300, t0) == t0 + timedelta(seconds=30)  # a timeout falls due
+    assert soon.next_reconcile(0, t0) == t0 + timedelta(seconds=30)
+    now = ClusterHealth(checked_at=t0, next_due=t0)
+    assert now.next_reconcile(300, t0) == t0 + MIN_INTERVAL  # never back to back
